@@ -1,0 +1,18 @@
+"""The client side: Flower 1.x's ``NumPyClient`` and ``Client``, mods and state."""
+
+from fedhive.client.app import ClientApp, ClientFn, Mod, build_client
+from fedhive.client.client import Client
+from fedhive.client.context import Context
+from fedhive.client.numpy_client import NumPyClient
+from fedhive.client.state import StateStore
+
+__all__ = [
+    "Client",
+    "ClientApp",
+    "ClientFn",
+    "Context",
+    "Mod",
+    "NumPyClient",
+    "StateStore",
+    "build_client",
+]

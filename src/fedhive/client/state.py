@@ -1,0 +1,142 @@
+"""Per-client persistent state for virtual clients.
+
+Virtual clients are rebuilt for every task, so their state lives here between tasks: a
+client's :class:`RecordDict` is kept in memory while small and written to disk (fedhive's
+own array format, never pickle) once its arrays exceed ``memory_limit_bytes``. The whole
+store is part of every checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import threading
+from pathlib import Path
+
+from fedhive.common.errors import SerdeError, StateError
+from fedhive.common.records import RecordDict
+
+__all__ = ["StateStore", "atomic_write_bytes"]
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old or the new file, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _file_name(node_id: str) -> str:
+    digest = hashlib.blake2b(node_id.encode(), digest_size=12).hexdigest()
+    return f"state-{digest}.fhv"
+
+
+class StateStore:
+    """Thread-safe map ``node_id -> RecordDict`` that spills large states to disk.
+
+    ``directory`` is where large states go (a temporary folder when ``None``).
+    Memory: the sum of the small states, plus one large state per task in flight.
+    """
+
+    def __init__(
+        self, directory: str | Path | None = None, memory_limit_bytes: int = 1 << 20
+    ) -> None:
+        if memory_limit_bytes < 0:
+            raise StateError(f"memory_limit_bytes must be >= 0, got {memory_limit_bytes}")
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        if directory is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="fedhive-state-")
+            directory = self._tmp.name
+        self.directory = Path(directory)
+        self.memory_limit_bytes = memory_limit_bytes
+        self._memory: dict[str, RecordDict] = {}
+        self._on_disk: set[str] = set()
+        self._lock = threading.Lock()
+
+    def get(self, node_id: str) -> RecordDict:
+        """The stored state of ``node_id`` (a fresh empty one if it has none)."""
+        from fedhive.common.serde import decode_record_dict
+
+        with self._lock:
+            if node_id in self._memory:
+                return self._memory[node_id]
+            on_disk = node_id in self._on_disk
+        if not on_disk:
+            return RecordDict()
+        path = self.directory / _file_name(node_id)
+        try:
+            return decode_record_dict(bytearray(path.read_bytes()))
+        except (OSError, SerdeError) as exc:
+            raise StateError(f"cannot load the state of client {node_id!r} from {path}: {exc}")
+
+    def put(self, node_id: str, state: RecordDict) -> None:
+        """Store ``state`` for ``node_id``, on disk if its arrays are large."""
+        from fedhive.common.serde import encode_record_dict
+
+        if state.nbytes() <= self.memory_limit_bytes:
+            with self._lock:
+                self._memory[node_id] = state
+                was_on_disk = node_id in self._on_disk
+                self._on_disk.discard(node_id)
+            if was_on_disk:
+                (self.directory / _file_name(node_id)).unlink(missing_ok=True)
+            return
+        atomic_write_bytes(self.directory / _file_name(node_id), encode_record_dict(state))
+        with self._lock:
+            self._memory.pop(node_id, None)
+            self._on_disk.add(node_id)
+
+    def node_ids(self) -> list[str]:
+        with self._lock:
+            return sorted(set(self._memory) | self._on_disk)
+
+    def __len__(self) -> int:
+        return len(self.node_ids())
+
+    def is_on_disk(self, node_id: str) -> bool:
+        with self._lock:
+            return node_id in self._on_disk
+
+    def dump(self, directory: Path) -> None:
+        """Write every non-empty state into ``directory`` (for checkpoints)."""
+        from fedhive.common.serde import encode_record_dict
+
+        directory.mkdir(parents=True, exist_ok=True)
+        index = []
+        for node_id in self.node_ids():
+            state = self.get(node_id)
+            if state.is_empty():
+                continue
+            name = _file_name(node_id)
+            (directory / name).write_bytes(encode_record_dict(state))
+            index.append(f"{name}\t{node_id}")
+        (directory / "index.tsv").write_text("\n".join(index) + ("\n" if index else ""))
+
+    def load(self, directory: Path) -> None:
+        """Replace the store's content with what :meth:`dump` wrote to ``directory``."""
+        from fedhive.common.serde import decode_record_dict
+
+        index_path = directory / "index.tsv"
+        if not index_path.exists():
+            raise StateError(f"no client state index in {directory}")
+        with self._lock:
+            self._memory.clear()
+            self._on_disk.clear()
+        for line in index_path.read_text().splitlines():
+            name, _, node_id = line.partition("\t")
+            if not node_id or name != _file_name(node_id):
+                raise StateError(f"corrupt client state index line {line!r} in {index_path}")
+            try:
+                state = decode_record_dict(bytearray((directory / name).read_bytes()))
+            except (OSError, SerdeError) as exc:
+                raise StateError(f"cannot load the state of client {node_id!r}: {exc}")
+            self.put(node_id, state)

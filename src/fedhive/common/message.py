@@ -1,0 +1,108 @@
+"""Messages between the engine and clients.
+
+Every message carries where it belongs (run id, round, model version) and what it is
+(``message_type``). Built-in types are ``"fit"``, ``"evaluate"``, ``"get_parameters"`` and
+``"get_properties"``; any other type (for example ``"secagg.share_keys"``) is a custom
+stage whose content is a :class:`~fedhive.common.records.RecordDict`, which client mods
+handle. A reply has the same metadata with ``reply_to`` set; a failed task is answered by
+a reply whose ``error`` says why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+from dataclasses import dataclass, replace
+from typing import Any
+
+__all__ = [
+    "MessageType",
+    "Metadata",
+    "Message",
+    "derive_seed",
+]
+
+_ids = itertools.count(1)
+
+
+class MessageType:
+    """Names of the built-in message types."""
+
+    FIT = "fit"
+    EVALUATE = "evaluate"
+    GET_PARAMETERS = "get_parameters"
+    GET_PROPERTIES = "get_properties"
+
+    BUILTIN = frozenset({FIT, EVALUATE, GET_PARAMETERS, GET_PROPERTIES})
+
+
+def derive_seed(seed: int | None, server_round: int, client_id: str, purpose: str) -> int:
+    """A 63-bit seed derived from (run seed, round, client, purpose).
+
+    Every random choice in a run draws from its own derived seed, so results do not depend
+    on scheduling order or on the number of workers.
+    """
+    text = f"{seed}|{server_round}|{client_id}|{purpose}".encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "little") >> 1
+
+
+@dataclass(frozen=True, slots=True)
+class Metadata:
+    run_id: int
+    message_id: str
+    node_id: str
+    server_round: int
+    model_version: int
+    message_type: str
+    reply_to: str = ""
+    seed: int = 0
+
+
+@dataclass(slots=True)
+class Message:
+    """A task for one client, or its reply.
+
+    ``content`` is ``FitIns``/``FitRes``, ``EvaluateIns``/``EvaluateRes``, ... for built-in
+    types and a ``RecordDict`` for custom stages. ``error`` is set (and ``content`` is
+    ``None``) when the task failed.
+    """
+
+    metadata: Metadata
+    content: Any
+    error: str | None = None
+
+    @classmethod
+    def task(
+        cls,
+        *,
+        run_id: int,
+        node_id: str,
+        server_round: int,
+        model_version: int,
+        message_type: str,
+        content: Any,
+        seed: int = 0,
+    ) -> Message:
+        meta = Metadata(
+            run_id=run_id,
+            message_id=f"{run_id}-{next(_ids)}",
+            node_id=node_id,
+            server_round=server_round,
+            model_version=model_version,
+            message_type=message_type,
+            seed=seed,
+        )
+        return cls(meta, content)
+
+    def reply(self, content: Any) -> Message:
+        """A successful reply to this task."""
+        return Message(replace(self.metadata, reply_to=self.metadata.message_id), content)
+
+    def error_reply(self, reason: str) -> Message:
+        """A reply saying that this task failed, and why."""
+        meta = replace(self.metadata, reply_to=self.metadata.message_id)
+        return Message(meta, None, error=reason)
+
+    @property
+    def has_error(self) -> bool:
+        return self.error is not None

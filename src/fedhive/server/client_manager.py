@@ -1,0 +1,113 @@
+"""Which clients exist, and seeded sampling among them."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from fedhive.common.message import derive_seed
+
+__all__ = ["ClientProxy", "Criterion", "ClientManager", "SimpleClientManager"]
+
+
+@dataclass(frozen=True, slots=True)
+class ClientProxy:
+    """The server's handle on one client; ``cid`` is its id (Flower's attribute name)."""
+
+    cid: str
+
+    @property
+    def node_id(self) -> str:
+        return self.cid
+
+
+class Criterion(Protocol):
+    def select(self, client: ClientProxy) -> bool: ...
+
+
+class ClientManager(Protocol):
+    """What strategies see of the set of clients (Flower's interface)."""
+
+    def num_available(self) -> int: ...
+
+    def all(self) -> dict[str, ClientProxy]: ...
+
+    def sample(
+        self,
+        num_clients: int,
+        min_num_clients: int | None = None,
+        criterion: Criterion | None = None,
+    ) -> list[ClientProxy]: ...
+
+
+class SimpleClientManager:
+    """Holds client ids and samples among them without replacement.
+
+    Sampling is seeded: the engine calls :meth:`set_sampling_seed` with a seed derived from
+    (run seed, round, purpose) before each round's configure step, so the same seed picks
+    the same clients whatever happens elsewhere. ``sample`` returns an empty list when
+    fewer than ``max(num_clients, min_num_clients)`` clients are available, as Flower does.
+    Proxies are created when sampled, so a million registered ids cost only the ids.
+    """
+
+    def __init__(self, client_ids: Iterable[str] = (), seed: int | None = None) -> None:
+        self._ids: list[str] = []
+        self._index: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self._seed = seed
+        self._rng = np.random.default_rng(derive_seed(seed, 0, "", "sample"))
+        for cid in client_ids:
+            self.register(cid)
+
+    def set_sampling_seed(self, seed: int) -> None:
+        self._rng = np.random.default_rng(seed)
+
+    def register(self, cid: str) -> bool:
+        with self._lock:
+            if cid in self._index:
+                return False
+            self._index[cid] = len(self._ids)
+            self._ids.append(cid)
+            return True
+
+    def unregister(self, cid: str) -> None:
+        with self._lock:
+            pos = self._index.pop(cid, None)
+            if pos is None:
+                return
+            last = self._ids.pop()
+            if pos < len(self._ids):
+                self._ids[pos] = last
+                self._index[last] = pos
+
+    def num_available(self) -> int:
+        with self._lock:
+            return len(self._ids)
+
+    def all(self) -> dict[str, ClientProxy]:
+        with self._lock:
+            return {cid: ClientProxy(cid) for cid in self._ids}
+
+    def wait_for(self, num_clients: int, timeout: float = 0.0) -> bool:
+        return self.num_available() >= num_clients
+
+    def sample(
+        self,
+        num_clients: int,
+        min_num_clients: int | None = None,
+        criterion: Criterion | None = None,
+    ) -> list[ClientProxy]:
+        needed = max(num_clients, min_num_clients or 0)
+        with self._lock:
+            ids = list(self._ids)
+        ids.sort()  # registration order must not change who is picked
+        if criterion is not None:
+            ids = [cid for cid in ids if criterion.select(ClientProxy(cid))]
+        if num_clients <= 0 or len(ids) < needed:
+            return []
+        picked = self._rng.choice(len(ids), size=num_clients, replace=False)
+        return [ClientProxy(ids[i]) for i in picked]

@@ -1,0 +1,194 @@
+"""``start_simulation``: many virtual clients on one machine, Flower's signature.
+
+Backends:
+
+- ``"thread"`` (default): worker threads in this process. PyTorch and numpy release the
+  GIL in their kernels, so threads use every core for real training while sharing one
+  copy of the data set and costing no serialization; each worker runs torch single-
+  threaded. Best for PyTorch/numpy clients (see ``benchmarks/backends.py``).
+- ``"process"``: a pool of worker processes (spawned) for pure-Python clients that hold
+  the GIL. ``client_fn`` and everything it returns must be picklable.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import secrets
+from collections.abc import Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor
+from multiprocessing.reduction import ForkingPickler
+from pathlib import Path
+from typing import Any
+
+from fedhive.client.app import ClientApp, ClientFn, Mod
+from fedhive.client.state import StateStore
+from fedhive.common.errors import ConfigError
+from fedhive.common.records import Scalar
+from fedhive.server.checkpoint import Checkpointer
+from fedhive.server.client_manager import ClientManager, SimpleClientManager
+from fedhive.server.clock import Clock
+from fedhive.server.config import ServerConfig
+from fedhive.server.engine import Engine, FitWorkflow, RoundCallback
+from fedhive.server.history import History
+from fedhive.server.strategy import FedAvg, Strategy
+from fedhive.simulation.runner import VirtualClientRunner, init_worker_process
+from fedhive.transport.inprocess import InProcessTransport
+
+__all__ = ["start_simulation", "BACKENDS"]
+
+log = logging.getLogger("fedhive")
+
+BACKENDS = ("thread", "process")
+_FLOWER_ONLY = ("server", "ray_init_args", "actor_type", "actor_kwargs")
+
+
+def _client_ids(num_clients: int | None, clients_ids: Sequence[str] | None) -> list[str]:
+    if clients_ids is not None:
+        ids = [str(c) for c in clients_ids]
+        if len(set(ids)) != len(ids):
+            raise ConfigError("clients_ids must be unique")
+        if num_clients is not None and num_clients != len(ids):
+            raise ConfigError(
+                f"num_clients={num_clients} but {len(ids)} clients_ids were given"
+            )
+        return ids
+    if num_clients is None or isinstance(num_clients, bool) or num_clients < 1:
+        raise ConfigError(f"num_clients must be an int >= 1, got {num_clients!r}")
+    return [str(i) for i in range(num_clients)]
+
+
+def _num_workers(num_workers: int | None, client_resources: dict[str, float] | None) -> int:
+    if num_workers is not None:
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
+            raise ConfigError(f"num_workers must be an int >= 1, got {num_workers!r}")
+        return num_workers
+    cpus = float((client_resources or {}).get("num_cpus", 1) or 1)
+    if cpus <= 0:
+        raise ConfigError(f"client_resources['num_cpus'] must be > 0, got {cpus!r}")
+    return max(1, int((os.cpu_count() or 1) // cpus))
+
+
+def _check_picklable(app: ClientApp) -> None:
+    try:
+        ForkingPickler.dumps(app)
+    except Exception as exc:
+        raise ConfigError(
+            "backend='process' sends client_fn and mods to worker processes, so they must "
+            f"be picklable (define them at module level): {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _executor(backend: str, workers: int, app: ClientApp) -> Executor | None:
+    if backend == "thread":
+        return None
+    if backend == "process":
+        _check_picklable(app)
+        return ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=init_worker_process,
+        )
+    raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+
+
+class _TorchThreads:
+    """One torch thread per worker while a threaded simulation runs (then restored)."""
+
+    def __init__(self, active: bool) -> None:
+        self.active = active
+        self.previous: int | None = None
+
+    def __enter__(self) -> None:
+        torch: Any = __import__("sys").modules.get("torch")
+        if self.active and torch is not None:
+            self.previous = torch.get_num_threads()
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc: object) -> None:
+        torch: Any = __import__("sys").modules.get("torch")
+        if self.previous is not None and torch is not None:
+            torch.set_num_threads(self.previous)
+
+
+def start_simulation(
+    *,
+    client_fn: ClientFn,
+    num_clients: int | None = None,
+    clients_ids: Sequence[str] | None = None,
+    client_resources: dict[str, float] | None = None,
+    config: ServerConfig | None = None,
+    strategy: Strategy | None = None,
+    client_manager: ClientManager | None = None,
+    keep_initialised: bool = False,
+    actor_scheduling: str = "DEFAULT",
+    backend: str = "thread",
+    num_workers: int | None = None,
+    seed: int | None = None,
+    mods: Sequence[Mod] = (),
+    callbacks: Sequence[RoundCallback] = (),
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    run_config: dict[str, Scalar] | None = None,
+    state_dir: str | Path | None = None,
+    state_memory_limit: int = 1 << 20,
+    clock: Clock | None = None,
+    fit_workflow: FitWorkflow | None = None,
+    **flower_only: Any,
+) -> History:
+    """Simulate ``num_clients`` virtual clients and return the run's :class:`History`.
+
+    ``client_fn`` takes ``context: Context`` (``context.node_config["partition-id"]``,
+    ``context.node_config["num-partitions"]``, ``context.state``) or, as in old Flower,
+    ``cid: str``, and returns a :class:`~fedhive.client.NumPyClient` or
+    :class:`~fedhive.client.Client`. Clients are built only when sampled.
+
+    fedhive's additions: ``backend`` (``"thread"``/``"process"``), ``num_workers``
+    (default: cores / ``client_resources["num_cpus"]``), ``seed`` (drawn at random and
+    recorded in the history when ``None``), client ``mods``, round ``callbacks``,
+    ``checkpoint_dir`` with ``resume``, and where large client state goes.
+    """
+    unknown = set(flower_only) - set(_FLOWER_ONLY)
+    if unknown:
+        raise TypeError(f"start_simulation() got unexpected arguments: {sorted(unknown)}")
+    if flower_only.get("server") is not None:
+        raise ConfigError("a custom `server` object is not supported; pass strategy= instead")
+    ids = _client_ids(num_clients, clients_ids)
+    workers = _num_workers(num_workers, client_resources)
+    if seed is None:
+        seed = secrets.randbits(31)
+    app = ClientApp(client_fn, mods)
+    store = StateStore(state_dir, memory_limit_bytes=state_memory_limit)
+    node_configs: dict[str, dict[str, Scalar]] = {
+        cid: {"partition-id": i, "num-partitions": len(ids)} for i, cid in enumerate(ids)
+    }
+    executor = _executor(backend, workers, app)
+    runner = VirtualClientRunner(app, store, node_configs, dict(run_config or {}), executor)
+    transport = InProcessTransport(runner, num_workers=workers)
+    manager = client_manager or SimpleClientManager(ids, seed=seed)
+    checkpointer = Checkpointer(checkpoint_dir, store) if checkpoint_dir is not None else None
+    engine = Engine(
+        strategy=strategy or FedAvg(),
+        transport=transport,
+        client_manager=manager,
+        config=config or ServerConfig(),
+        seed=seed,
+        clock=clock,
+        callbacks=callbacks,
+        fit_workflow=fit_workflow,
+        checkpointer=checkpointer,
+    )
+    engine.history.config = {"seed": seed, "num_clients": len(ids), "backend": backend}
+    if resume and checkpointer is not None and checkpointer.restore(engine):
+        log.info("resumed from round %d", engine.current_round)
+    try:
+        with _TorchThreads(backend == "thread"):
+            history = engine.run()
+        if checkpointer is not None:
+            checkpointer.save_final(engine)
+        return history
+    finally:
+        transport.close()
+        if executor is not None:
+            executor.shutdown(wait=True, cancel_futures=True)

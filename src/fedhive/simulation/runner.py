@@ -1,0 +1,81 @@
+"""Virtual clients: built when a task arrives, with their state restored from the store."""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import Executor
+from dataclasses import dataclass, replace
+from typing import Any
+
+from fedhive.client.app import ClientApp
+from fedhive.client.context import Context
+from fedhive.client.state import StateStore
+from fedhive.common.message import Message
+from fedhive.common.records import EvaluateIns, FitIns, Parameters, RecordDict, Scalar
+
+__all__ = ["VirtualClientRunner", "private_copy"]
+
+
+def private_copy(message: Message) -> Message:
+    """The task with its own copy of the model, so a client cannot change the global one."""
+    content = message.content
+    if isinstance(content, FitIns | EvaluateIns):
+        arrays = [a.copy() for a in content.parameters.arrays]
+        content = replace(content, parameters=Parameters(arrays=arrays), config=dict(content.config))
+        return Message(message.metadata, content, message.error)
+    return message
+
+
+def _handle_in_worker(
+    app: ClientApp, task: Message, context: Context
+) -> tuple[Message, RecordDict]:
+    reply = app.handle(task, context)
+    return reply, context.state
+
+
+def init_worker_process() -> None:
+    """One torch thread per worker process: the workers share the cores."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.set_num_threads(1)
+
+
+@dataclass
+class VirtualClientRunner:
+    """Runs one task for one virtual client.
+
+    The client is built from ``app.client_fn`` for this task only; its
+    :class:`~fedhive.client.context.Context` carries the partition (``node_config``), the
+    task's derived seed and the persistent state, which is stored back after the task.
+    With an ``executor`` (a process pool) the task runs there instead of in this thread.
+    """
+
+    app: ClientApp
+    store: StateStore
+    node_configs: dict[str, dict[str, Scalar]]
+    run_config: dict[str, Scalar]
+    executor: Executor | None = None
+
+    def __call__(self, task: Message) -> Message:
+        node_id = task.metadata.node_id
+        if node_id not in self.node_configs:
+            return task.error_reply(f"no virtual client with id {node_id!r}")
+        context = Context(
+            node_id=node_id,
+            node_config=dict(self.node_configs[node_id]),
+            state=self.store.get(node_id),
+            run_config=dict(self.run_config),
+            seed=task.metadata.seed,
+        )
+        state: Any
+        if self.executor is None:
+            reply = self.app.handle(private_copy(task), context)
+            state = context.state
+        else:
+            reply, state = self.executor.submit(_handle_in_worker, self.app, task, context).result()
+        if isinstance(state, RecordDict):
+            self.store.put(node_id, state)
+        return reply

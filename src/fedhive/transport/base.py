@@ -1,0 +1,58 @@
+"""The one interface between the engine and its clients.
+
+A transport has one method, :meth:`Transport.send`: it takes tasks and, as each client
+answers, puts exactly one reply per task into the :class:`Replies` mailbox it was given
+(an error reply when the client failed). ``send`` returns at once; the engine reads
+replies as they arrive, on its own clock, and may call ``send`` again on the same
+mailbox (asynchronous aggregation keeps a pool of clients busy that way).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+from fedhive.common.message import Message
+from fedhive.server.clock import Clock, SystemClock
+
+__all__ = ["Replies", "Transport"]
+
+
+class Replies:
+    """A thread-safe mailbox for the replies to one or more ``send`` calls."""
+
+    def __init__(self, clock: Clock | None = None) -> None:
+        self.clock = clock or SystemClock()
+        self._mailbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
+        self._cancelled = threading.Event()
+
+    def put(self, reply: Message) -> None:
+        self._mailbox.put(reply)
+
+    def get(self, deadline: float | None = None) -> Message | None:
+        """The next reply, or ``None`` once ``deadline`` (engine clock time) has passed."""
+        try:
+            return self.clock.wait(self._mailbox, deadline)
+        except queue.Empty:
+            return None
+
+    def cancel(self) -> None:
+        """Tell the transport that replies are no longer wanted (tasks not started are dropped)."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+
+class Transport(ABC):
+    """Delivers tasks to clients and their replies back."""
+
+    @abstractmethod
+    def send(self, messages: Sequence[Message], replies: Replies) -> None:
+        """Start delivering ``messages``; each reply goes into ``replies`` when it comes."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release workers and connections."""
