@@ -314,6 +314,12 @@ def test_bad_scalar_and_record_values() -> None:
         encode_record_dict(RecordDict(metric_records=text_metric))
     with pytest.raises(SerdeError):
         encode_record_dict(RecordDict({"r": {"x": np.array([None], dtype=object)}}))
+    int_name: Any = {1: {"k": 1}}
+    with pytest.raises(SerdeError, match="record names"):
+        encode_record_dict(RecordDict(config_records=int_name))
+    int_key_arrays: Any = {"r": {1: np.zeros(1)}}
+    with pytest.raises(SerdeError, match="keys of array record"):
+        encode_record_dict(RecordDict(int_key_arrays))
 
 
 # ----------------------------------------------------------------------------- decode errors

@@ -41,9 +41,11 @@ def _takes_cid(client_fn: Callable[..., Any]) -> bool:
     return first.name == "cid"
 
 
-def build_client(client_fn: ClientFn, context: Context) -> Client:
+def build_client(client_fn: ClientFn, context: Context, takes_cid: bool | None = None) -> Client:
     """Call ``client_fn`` with the argument it expects and return a low-level client."""
-    built = client_fn(context.node_id) if _takes_cid(client_fn) else client_fn(context)
+    if takes_cid is None:
+        takes_cid = _takes_cid(client_fn)
+    built = client_fn(context.node_id) if takes_cid else client_fn(context)
     if isinstance(built, NumPyClient):
         client = built.to_client()
     elif isinstance(built, Client):
@@ -90,10 +92,11 @@ class ClientApp:
             raise TypeError(f"client_fn must be callable, got {type(client_fn).__name__}")
         self.client_fn = client_fn
         self.mods = tuple(mods)
+        self._takes_cid = _takes_cid(client_fn)
 
     def __call__(self, message: Message, context: Context) -> Message:
         def innermost(msg: Message, ctx: Context) -> Message:
-            return _dispatch(build_client(self.client_fn, ctx), msg)
+            return _dispatch(build_client(self.client_fn, ctx, self._takes_cid), msg)
 
         handler: Handler = innermost
         for mod in reversed(self.mods):

@@ -114,7 +114,7 @@ class _NumPyClientAdapter(Client):
     def __init__(self, numpy_client: NumPyClient) -> None:
         self.numpy_client = numpy_client
 
-    @property  # type: ignore[override]
+    @property
     def context(self) -> Context:
         return self.numpy_client.context
 
@@ -127,16 +127,12 @@ class _NumPyClientAdapter(Client):
         return GetPropertiesRes(Status(), check_scalar_mapping(props, "get_properties result"))
 
     def get_parameters(self, ins: GetParametersIns) -> GetParametersRes:
-        arrays = _check_arrays(
-            self.numpy_client.get_parameters(dict(ins.config)), "get_parameters"
-        )
+        arrays = _check_arrays(self.numpy_client.get_parameters(dict(ins.config)), "get_parameters")
         return GetParametersRes(Status(), ndarrays_to_parameters(arrays))
 
     def fit(self, ins: FitIns) -> FitRes:
         arrays = parameters_to_ndarrays(ins.parameters)
-        params, num, metrics = _check_triple(
-            self.numpy_client.fit(arrays, dict(ins.config)), "fit"
-        )
+        params, num, metrics = _check_triple(self.numpy_client.fit(arrays, dict(ins.config)), "fit")
         return FitRes(
             Status(),
             ndarrays_to_parameters(_check_arrays(params, "fit")),

@@ -76,7 +76,9 @@ class StateStore:
         try:
             return decode_record_dict(bytearray(path.read_bytes()))
         except (OSError, SerdeError) as exc:
-            raise StateError(f"cannot load the state of client {node_id!r} from {path}: {exc}")
+            raise StateError(
+                f"cannot load the state of client {node_id!r} from {path}: {exc}"
+            ) from exc
 
     def put(self, node_id: str, state: RecordDict) -> None:
         """Store ``state`` for ``node_id``, on disk if its arrays are large."""
@@ -94,6 +96,12 @@ class StateStore:
         with self._lock:
             self._memory.pop(node_id, None)
             self._on_disk.add(node_id)
+
+    def close(self) -> None:
+        """Delete the temporary folder, if the store made one (its states are gone)."""
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
 
     def node_ids(self) -> list[str]:
         with self._lock:
@@ -138,5 +146,5 @@ class StateStore:
             try:
                 state = decode_record_dict(bytearray((directory / name).read_bytes()))
             except (OSError, SerdeError) as exc:
-                raise StateError(f"cannot load the state of client {node_id!r}: {exc}")
+                raise StateError(f"cannot load the state of client {node_id!r}: {exc}") from exc
             self.put(node_id, state)

@@ -15,6 +15,9 @@ The array header is ``{"codec": int, "arrays": [{"name", "dtype", "shape", "offs
 of 64; ``nbytes == prod(shape) * itemsize``. Buffers never overlap and the payload ends
 exactly at the end of the last buffer (``max(offset + nbytes)``; D when there is no data).
 ``codec`` is an opaque id in ``[0, 65535]`` (0 = raw) kept for layers that compress.
+Zero-size arrays get offset 0. A RecordDict header adds ``"records": {"array_records":
+[[name, n_arrays], ...], "config_records": [[name, scalars], ...], "metric_records": ...}``
+and names its arrays ``"<record index>/<key>"``, in record order.
 
 Scalars are ``[key, tag, value]`` triples with tag ``bool`` (JSON bool), ``int`` (hex
 string, any size), ``float`` (``repr`` string, incl. ``nan``/``inf``/``-0.0``), ``str``
@@ -361,9 +364,12 @@ def encode_record_dict(rd: RecordDict) -> bytes:
     arrays: list[Any] = []
     names: list[str] = []
     layout: list[list[Any]] = []
+    groups = (rd.array_records, rd.config_records, rd.metric_records)
+    if not all(isinstance(name, str) for group in groups for name in group):
+        _fail(f"record names must be str, got {[list(group) for group in groups]!r}")
     for i, (rec_name, record) in enumerate(rd.array_records.items()):
-        if not isinstance(rec_name, str) or not all(isinstance(k, str) for k in record):
-            _fail(f"array record names and keys must be str, got {rec_name!r}: {list(record)}")
+        if not all(isinstance(k, str) for k in record):
+            _fail(f"keys of array record {rec_name!r} must be str, got {list(record)!r}")
         layout.append([rec_name, len(record)])
         names += [f"{i}/{key}" for key in record]
         arrays += list(record.values())

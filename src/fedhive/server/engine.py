@@ -114,9 +114,7 @@ class Engine:
         checkpointer: Callable[[Engine], None] | None = None,
     ) -> None:
         if not isinstance(strategy, Strategy):
-            raise ConfigError(
-                f"strategy must be a fedhive Strategy, got {type(strategy).__name__}"
-            )
+            raise ConfigError(f"strategy must be a fedhive Strategy, got {type(strategy).__name__}")
         self.strategy = strategy
         self.transport = transport
         self.client_manager = client_manager or SimpleClientManager(seed=seed)
@@ -258,7 +256,9 @@ class Engine:
         if not clients:
             raise ConfigError("no initial_parameters and no client available to provide them")
         self._refused = []
-        (reply,) = self.exchange(0, MessageType.GET_PARAMETERS, [(clients[0], GetParametersIns({}))])
+        (reply,) = self.exchange(
+            0, MessageType.GET_PARAMETERS, [(clients[0], GetParametersIns({}))]
+        )
         if reply.error is not None or not isinstance(reply.content, GetParametersRes):
             raise ClientFailure(clients[0].cid, 0, MessageType.GET_PARAMETERS, str(reply.error))
         return reply.content.parameters
@@ -416,4 +416,3 @@ def default_fit_workflow(driver: RoundDriver) -> None:
         fit["note"] = "the strategy returned no parameters; the model is unchanged"
         return
     driver.update_parameters(params)
-

@@ -50,9 +50,7 @@ def _client_ids(num_clients: int | None, clients_ids: Sequence[str] | None) -> l
         if len(set(ids)) != len(ids):
             raise ConfigError("clients_ids must be unique")
         if num_clients is not None and num_clients != len(ids):
-            raise ConfigError(
-                f"num_clients={num_clients} but {len(ids)} clients_ids were given"
-            )
+            raise ConfigError(f"num_clients={num_clients} but {len(ids)} clients_ids were given")
         return ids
     if num_clients is None or isinstance(num_clients, bool) or num_clients < 1:
         raise ConfigError(f"num_clients must be an int >= 1, got {num_clients!r}")
@@ -159,11 +157,11 @@ def start_simulation(
     if seed is None:
         seed = secrets.randbits(31)
     app = ClientApp(client_fn, mods)
+    executor = _executor(backend, workers, app)
     store = StateStore(state_dir, memory_limit_bytes=state_memory_limit)
     node_configs: dict[str, dict[str, Scalar]] = {
         cid: {"partition-id": i, "num-partitions": len(ids)} for i, cid in enumerate(ids)
     }
-    executor = _executor(backend, workers, app)
     runner = VirtualClientRunner(app, store, node_configs, dict(run_config or {}), executor)
     transport = InProcessTransport(runner, num_workers=workers)
     manager = client_manager or SimpleClientManager(ids, seed=seed)
@@ -180,9 +178,9 @@ def start_simulation(
         checkpointer=checkpointer,
     )
     engine.history.config = {"seed": seed, "num_clients": len(ids), "backend": backend}
-    if resume and checkpointer is not None and checkpointer.restore(engine):
-        log.info("resumed from round %d", engine.current_round)
     try:
+        if resume and checkpointer is not None and checkpointer.restore(engine):
+            log.info("resumed from round %d", engine.current_round)
         with _TorchThreads(backend == "thread"):
             history = engine.run()
         if checkpointer is not None:
@@ -190,5 +188,6 @@ def start_simulation(
         return history
     finally:
         transport.close()
+        store.close()
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)

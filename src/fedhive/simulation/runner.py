@@ -21,7 +21,9 @@ def private_copy(message: Message) -> Message:
     content = message.content
     if isinstance(content, FitIns | EvaluateIns):
         arrays = [a.copy() for a in content.parameters.arrays]
-        content = replace(content, parameters=Parameters(arrays=arrays), config=dict(content.config))
+        content = replace(
+            content, parameters=Parameters(arrays=arrays), config=dict(content.config)
+        )
         return Message(message.metadata, content, message.error)
     return message
 

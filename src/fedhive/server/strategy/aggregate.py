@@ -32,10 +32,14 @@ _NUMERIC_KINDS = frozenset("biuf")
 
 
 def is_finite(array: NDArray) -> bool:
-    """True when no element is NaN or +-Inf (a float64 sum first, the full check if needed)."""
+    """True when no element is NaN or +-Inf.
+
+    A finite sum proves it (NaN and Inf propagate); only when the sum is not finite, which
+    overflow can also cause, is every element checked.
+    """
     if array.dtype.kind != "f" or array.size == 0:
         return True
-    if np.isfinite(np.add.reduce(array, axis=None, dtype=np.float64)):
+    if np.isfinite(np.add.reduce(array, axis=None)):
         return True
     return bool(np.isfinite(array).all())
 
@@ -81,10 +85,17 @@ class WeightedMean:
         self.count = 0
 
     def add(
-        self, arrays: Sequence[NDArray], weight: float, *, client_id: str, server_round: int
+        self,
+        arrays: Sequence[NDArray],
+        weight: float,
+        *,
+        client_id: str,
+        server_round: int,
+        check: bool = True,
     ) -> None:
-        """Validate, then fold ``weight * arrays`` into the running sum."""
-        check_update(arrays, self.reference, client_id=client_id, server_round=server_round)
+        """Validate (unless the caller already did: ``check=False``), then fold."""
+        if check:
+            check_update(arrays, self.reference, client_id=client_id, server_round=server_round)
         if not np.isfinite(weight) or weight < 0:
             raise InvalidUpdate(client_id, server_round, "fit", f"invalid weight {weight!r}")
         for acc, arr in zip(self._acc, arrays, strict=True):
@@ -95,11 +106,15 @@ class WeightedMean:
         self.count += 1
 
     def result(self) -> NDArrays | None:
-        """The weighted mean, in the model's dtypes; ``None`` when the total weight is 0."""
+        """The weighted mean, in the model's dtypes; ``None`` when the total weight is 0.
+
+        Ends the aggregation: the accumulator is divided in place.
+        """
         if self.total_weight <= 0:
             return None
         out = []
         for acc, ref in zip(self._acc, self.reference, strict=True):
-            mean = acc / self.total_weight
-            out.append(mean.astype(ref.dtype, copy=False) if ref.dtype.kind == "f" else mean)
+            np.divide(acc, self.total_weight, out=acc)
+            out.append(acc.astype(ref.dtype) if ref.dtype.kind == "f" else acc)
+        self._acc = []
         return out

@@ -27,7 +27,7 @@ from fedhive.server.client_manager import ClientManager, ClientProxy
 __all__ = [
     "Aggregator",
     "BufferingAggregator",
-        "FitResults",
+    "FitResults",
     "EvaluateResults",
     "Strategy",
 ]
@@ -136,7 +136,7 @@ class Strategy(ABC):
         """What this strategy keeps across rounds (empty for stateless strategies)."""
         return RecordDict()
 
-    def load_state_dict(self, state: RecordDict) -> None:
+    def load_state_dict(self, state: RecordDict) -> None:  # noqa: B027 - stateless default
         """Restore what :meth:`state_dict` returned."""
 
 
@@ -146,4 +146,3 @@ def weighted_loss_avg(results: list[tuple[int, float]]) -> float:
     if total == 0:
         return float("nan")
     return sum(n * loss for n, loss in results) / total
-

@@ -156,6 +156,8 @@ class FedAvg(Strategy):
         return min(num_examples, self.max_num_examples)
 
     def fit_aggregator(self, server_round: int, parameters: Parameters) -> Aggregator:
+        # The list-based path also casts to the global model's dtypes, so remember them.
+        self._reference: NDArrays | None = parameters_to_ndarrays(parameters)
         if type(self).aggregate_fit is not FedAvg.aggregate_fit:
             return super().fit_aggregator(server_round, parameters)
         return _StreamingFedAvg(self, server_round, parameters_to_ndarrays(parameters))
@@ -169,7 +171,9 @@ class FedAvg(Strategy):
         """Flower's list-based aggregation (O(clients x model) memory); see fit_aggregator."""
         if not results or (failures and not self.accept_failures):
             return None, {}
-        reference = parameters_to_ndarrays(results[0][1].parameters)
+        reference = getattr(self, "_reference", None)
+        if reference is None:
+            reference = parameters_to_ndarrays(results[0][1].parameters)
         mean = WeightedMean(reference)
         for client, res in results:
             mean.add(
@@ -234,6 +238,7 @@ class _StreamingFedAvg:
             self.strategy.weight(result.num_examples),
             client_id=client.cid,
             server_round=self.server_round,
+            check=False,  # the engine validated the reply against the global model
         )
         self.metrics.append((result.num_examples, result.metrics))
 

@@ -1,0 +1,94 @@
+"""Checkpoints after every round; resuming gives exactly the uninterrupted history."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import initial, noisy_client_fn
+from fedhive.common import CheckpointError
+from fedhive.server import RoundCallback, ServerConfig, load_npz
+from fedhive.server.strategy import FedAvg
+from fedhive.simulation import start_simulation
+
+
+def strategy():
+    return FedAvg(
+        fraction_fit=0.5,
+        fraction_evaluate=0.5,
+        min_fit_clients=2,
+        min_evaluate_clients=2,
+        initial_parameters=initial((6,)),
+        evaluate_fn=lambda rnd, params, cfg: (float(np.abs(params[0]).sum()), {"r": rnd}),
+    )
+
+
+def go(directory, rounds, resume=False, callbacks=(), seed=11, workers=2):
+    return start_simulation(
+        client_fn=noisy_client_fn,
+        num_clients=8,
+        config=ServerConfig(num_rounds=rounds),
+        strategy=strategy(),
+        seed=seed,
+        num_workers=workers,
+        checkpoint_dir=directory,
+        resume=resume,
+        callbacks=callbacks,
+    )
+
+
+class StopAfter(RoundCallback):
+    def __init__(self, rnd):
+        self.rnd = rnd
+
+    def on_round_end(self, engine, record):
+        if record["round"] == self.rnd:
+            raise KeyboardInterrupt
+
+
+def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path):
+    full = go(tmp_path / "full", 5)
+    with pytest.raises(KeyboardInterrupt):
+        go(tmp_path / "cut", 5, callbacks=[StopAfter(2)])
+    assert (tmp_path / "cut" / "LATEST").read_text() == "round-000002"
+    resumed = go(tmp_path / "cut", 5, resume=True, workers=1)
+    assert resumed.without_timings() == full.without_timings()
+    assert resumed.losses_centralized == full.losses_centralized
+    for a, b in zip(
+        load_npz(tmp_path / "full" / "final.npz"),
+        load_npz(tmp_path / "cut" / "final.npz"),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(a, b)
+    assert (tmp_path / "cut" / "best.npz").exists()
+
+
+def test_client_state_is_part_of_the_checkpoint(tmp_path):
+    go(tmp_path, 3)
+    latest = tmp_path / (tmp_path / "LATEST").read_text()
+    index = (latest / "clients" / "index.tsv").read_text().splitlines()
+    assert index and all("\t" in line for line in index)
+    # only the newest rounds are kept
+    assert sorted(p.name for p in tmp_path.glob("round-*")) == ["round-000002", "round-000003"]
+
+
+def test_resume_with_another_seed_is_refused(tmp_path):
+    go(tmp_path, 2)
+    with pytest.raises(CheckpointError, match="seed"):
+        go(tmp_path, 3, resume=True, seed=12)
+
+
+def test_corrupt_checkpoint_gives_a_clear_error(tmp_path):
+    go(tmp_path, 1)
+    (tmp_path / "round-000001" / "parameters.fhv").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="cannot resume"):
+        go(tmp_path, 2, resume=True)
+    (tmp_path / "LATEST").write_text("round-000099")
+    with pytest.raises(CheckpointError, match="incomplete or missing"):
+        go(tmp_path, 2, resume=True)
+
+
+def test_resume_of_a_finished_run_runs_nothing_more(tmp_path):
+    first = go(tmp_path, 2)
+    again = go(tmp_path, 2, resume=True)
+    assert again.without_timings() == first.without_timings()

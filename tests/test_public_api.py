@@ -1,0 +1,78 @@
+"""The public surface is pinned: changing it must be a deliberate edit here."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import fedhive
+import fedhive.client
+import fedhive.common
+import fedhive.server
+import fedhive.server.strategy
+import fedhive.simulation
+
+EXPECTED = {
+    fedhive.client: [
+        "Client",
+        "ClientApp",
+        "ClientFn",
+        "Context",
+        "Mod",
+        "NumPyClient",
+        "StateStore",
+        "build_client",
+    ],
+    fedhive.server.strategy: [
+        "Aggregator",
+        "BufferingAggregator",
+        "FedAvg",
+        "Strategy",
+        "WeightedMean",
+        "check_update",
+    ],
+    fedhive.simulation: ["start_simulation"],
+}
+
+
+def test_export_lists_are_pinned():
+    for module, names in EXPECTED.items():
+        assert sorted(module.__all__) == sorted(names), module.__name__
+        for name in names:
+            assert hasattr(module, name)
+
+
+def test_flower_layout_is_reachable_from_the_top():
+    import fedhive as fl
+
+    assert fl.client.NumPyClient is fedhive.client.NumPyClient
+    assert fl.server.strategy.FedAvg is fedhive.server.strategy.FedAvg
+    assert fl.server.ServerConfig(num_rounds=3).num_rounds == 3
+    assert callable(fl.simulation.start_simulation)
+    assert callable(fl.common.ndarrays_to_parameters)
+    assert callable(fl.common.parameters_to_ndarrays)
+    for name in fedhive.common.__all__:
+        assert hasattr(fedhive.common, name)
+
+
+def test_errors_share_one_root():
+    for name in fedhive.common.errors.__all__:
+        assert issubclass(getattr(fedhive, name), fedhive.FedhiveError)
+
+
+def test_import_is_light_and_fast():
+    code = (
+        "import sys, time; t = time.perf_counter(); import fedhive; "
+        "import fedhive.client, fedhive.server, fedhive.simulation; "
+        "print(time.perf_counter() - t); "
+        "print(sorted(m for m in ('torch', 'matplotlib', 'sklearn', 'mnist1d', 'grpc') "
+        "if m in sys.modules))"
+    )
+    times = []
+    for _ in range(3):
+        out = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout.split("\n")
+        times.append(float(out[0]))
+        assert out[1] == "[]"
+    assert min(times) < 0.5
