@@ -55,12 +55,12 @@ def test_resume_after_interrupt_equals_uninterrupted_run(tmp_path):
     assert resumed.without_timings() == full.without_timings()
     assert resumed.losses_centralized == full.losses_centralized
     for a, b in zip(
-        load_npz(tmp_path / "full" / "final.npz"),
-        load_npz(tmp_path / "cut" / "final.npz"),
+        load_npz(tmp_path / "full" / "final_model.npz"),
+        load_npz(tmp_path / "cut" / "final_model.npz"),
         strict=True,
     ):
         np.testing.assert_array_equal(a, b)
-    assert (tmp_path / "cut" / "best.npz").exists()
+    assert (tmp_path / "cut" / "best_model.npz").exists()
 
 
 def test_client_state_is_part_of_the_checkpoint(tmp_path):

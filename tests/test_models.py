@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import pytest
@@ -101,7 +102,7 @@ def test_full_batch_and_max_steps() -> None:
 def test_proximal_term_pulls_toward_global() -> None:
     x, y = blobs()
     start = numpy_lr.init_params(5, 3, seed=0)
-    kwargs = {"epochs": 3, "batch_size": 16, "lr": 0.1, "seed": 0}
+    kwargs: dict[str, Any] = {"epochs": 3, "batch_size": 16, "lr": 0.1, "seed": 0}
     free, _ = numpy_lr.train(start, x, y, **kwargs)
     prox, _ = numpy_lr.train(start, x, y, proximal_mu=1.0, **kwargs)
     assert flat_distance(prox, start) < 0.8 * flat_distance(free, start)
@@ -120,10 +121,10 @@ def test_proximal_term_pulls_toward_global() -> None:
         {"max_steps": -2},
     ],
 )
-def test_train_bad_arguments(kwargs: dict[str, float]) -> None:
+def test_train_bad_arguments(kwargs: dict[str, Any]) -> None:
     x, y = blobs(n=20)
     params = numpy_lr.init_params(5, 3, seed=0)
-    full = {"epochs": 1, "batch_size": 4, "lr": 0.1, "seed": 0, **kwargs}
+    full: dict[str, Any] = {"epochs": 1, "batch_size": 4, "lr": 0.1, "seed": 0, **kwargs}
     with pytest.raises(ConfigError):
         numpy_lr.train(params, x, y, **full)
 

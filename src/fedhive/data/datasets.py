@@ -180,22 +180,30 @@ def from_arrays(
     )
 
 
-def from_torch_dataset(
-    train_ds: Iterable[Any], test_ds: Iterable[Any], name: str = "torch"
-) -> Dataset:
-    """Stack the ``(x, y)`` items of two map-style or iterable torch data sets into numpy.
+def from_torch_dataset(train_ds: Any, test_ds: Any, name: str = "torch") -> Dataset:
+    """Stack the ``(x, y)`` items of two torch data sets into numpy arrays.
 
-    Tensors are moved to the CPU and copied; the whole data set must fit in memory.
+    Map-style data sets (with ``__len__`` and ``__getitem__``) are read by index
+    ``0 .. len - 1``; others are iterated. Tensors are moved to the CPU and copied; the
+    whole data set must fit in memory. torch itself is not imported.
     """
     x_train, y_train = _stack_items(train_ds, "train_ds")
     x_test, y_test = _stack_items(test_ds, "test_ds")
     return from_arrays(x_train, y_train, x_test, y_test, name=name)
 
 
-def _stack_items(dataset: Iterable[Any], what: str) -> tuple[FloatArray, LabelArray]:
+def _items(dataset: Any) -> Iterable[Any]:
+    if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
+        return (dataset[i] for i in range(len(dataset)))
+    if hasattr(dataset, "__iter__"):
+        return iter(dataset)
+    raise ConfigError(f"expected a torch data set, got {type(dataset).__name__}")
+
+
+def _stack_items(dataset: Any, what: str) -> tuple[FloatArray, LabelArray]:
     xs: list[np.ndarray] = []
     ys: list[int] = []
-    for item in dataset:
+    for item in _items(dataset):
         if not isinstance(item, tuple | list) or len(item) != 2:
             raise ConfigError(f"{what} must yield (x, y) pairs, got {type(item).__name__}")
         xs.append(_to_numpy(item[0]))

@@ -8,8 +8,10 @@ Layout of a checkpoint directory::
         parameters.fhv      global model (fedhive array format)
         strategy.fhv        strategy state (server optimizer moments, ...)
         clients/            per-client persistent state (index.tsv + one file per client)
-    best.npz                model with the lowest loss so far (centralized, else distributed)
-    final.npz               model after the last round
+    best_model.npz          model with the lowest loss so far (centralized, else distributed)
+    final_model.npz         model after the last round
+
+(the two models go to ``model_dir`` when one is given).
 
 A checkpoint directory is written in full under a temporary name, then renamed, then
 ``LATEST`` is switched to it: a crash at any point leaves the previous checkpoint intact.
@@ -59,9 +61,14 @@ class Checkpointer:
     """Saves the engine after every round; :meth:`restore` resumes from the newest save."""
 
     def __init__(
-        self, directory: str | Path, state_store: StateStore | None = None, keep: int = 2
+        self,
+        directory: str | Path,
+        state_store: StateStore | None = None,
+        keep: int = 2,
+        model_dir: str | Path | None = None,
     ) -> None:
         self.directory = Path(directory)
+        self.model_dir = Path(model_dir) if model_dir is not None else self.directory
         self.state_store = state_store
         self.keep = max(1, keep)
         self._best_loss = math.inf
@@ -105,10 +112,10 @@ class Checkpointer:
             loss = (record.get("distributed") or {}).get("loss")
         if loss is not None and math.isfinite(loss) and loss < self._best_loss:
             self._best_loss = loss
-            save_npz(self.directory / "best.npz", list(engine.parameters.arrays))
+            save_npz(self.model_dir / "best_model.npz", list(engine.parameters.arrays))
 
     def save_final(self, engine: Engine) -> Path:
-        path = self.directory / "final.npz"
+        path = self.model_dir / "final_model.npz"
         save_npz(path, list(engine.parameters.arrays))
         return path
 

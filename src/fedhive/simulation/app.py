@@ -128,6 +128,7 @@ def start_simulation(
     callbacks: Sequence[RoundCallback] = (),
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
+    model_dir: str | Path | None = None,
     run_config: dict[str, Scalar] | None = None,
     state_dir: str | Path | None = None,
     state_memory_limit: int = 1 << 20,
@@ -145,7 +146,9 @@ def start_simulation(
     fedhive's additions: ``backend`` (``"thread"``/``"process"``), ``num_workers``
     (default: cores / ``client_resources["num_cpus"]``), ``seed`` (drawn at random and
     recorded in the history when ``None``), client ``mods``, round ``callbacks``,
-    ``checkpoint_dir`` with ``resume``, and where large client state goes.
+    ``checkpoint_dir`` (a checkpoint after every round) with ``resume``, ``model_dir``
+    (where ``final_model.npz`` and ``best_model.npz`` go; default ``checkpoint_dir``),
+    and where large client state goes.
     """
     unknown = set(flower_only) - set(_FLOWER_ONLY)
     if unknown:
@@ -165,7 +168,11 @@ def start_simulation(
     runner = VirtualClientRunner(app, store, node_configs, dict(run_config or {}), executor)
     transport = InProcessTransport(runner, num_workers=workers)
     manager = client_manager or SimpleClientManager(ids, seed=seed)
-    checkpointer = Checkpointer(checkpoint_dir, store) if checkpoint_dir is not None else None
+    checkpointer = (
+        Checkpointer(checkpoint_dir, store, model_dir=model_dir)
+        if checkpoint_dir is not None
+        else None
+    )
     engine = Engine(
         strategy=strategy or FedAvg(),
         transport=transport,

@@ -1,0 +1,277 @@
+"""Build and run the experiment a config describes: data, partition, model, clients."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedhive.cli.config import ExperimentConfig
+from fedhive.client.context import Context
+from fedhive.client.numpy_client import NumPyClient
+from fedhive.common.errors import ConfigError
+from fedhive.common.records import Config, NDArrays, Scalar, ndarrays_to_parameters
+from fedhive.data import Dataset, Partition, load_dataset
+from fedhive.data import partition as partitioners
+from fedhive.server.config import ServerConfig
+from fedhive.server.engine import RoundCallback
+from fedhive.server.history import History
+from fedhive.server.strategy.fedavg import FedAvg
+
+__all__ = ["Experiment", "build_experiment", "run_experiment"]
+
+
+def load_data(cfg: ExperimentConfig) -> Dataset:
+    data = cfg.data
+    if data.dataset == "mnist1d":
+        return load_dataset("mnist1d", num_samples=data.num_samples, seed=cfg.seed)
+    if data.dataset == "digits":
+        return load_dataset("digits", seed=cfg.seed)
+    if data.dataset == "synthetic":
+        return load_dataset("synthetic", alpha=1.0, beta=1.0, seed=cfg.seed)
+    if not data.path:
+        raise ConfigError("data.dataset = 'folder' needs data.path (a folder of .npz/.csv)")
+    return load_dataset("folder", path=data.path)
+
+
+def make_partition(cfg: ExperimentConfig, dataset: Dataset) -> Partition:
+    data, k, seed = cfg.data, cfg.num_clients, cfg.seed
+    y = dataset.y_train
+    if data.partition == "iid":
+        return partitioners.iid(len(y), k, seed)
+    if data.partition == "dirichlet":
+        return partitioners.dirichlet(y, k, data.alpha, seed, min_size=data.min_size)
+    if data.partition == "shards":
+        return partitioners.shards(y, k, shards_per_client=data.shards_per_client, seed=seed)
+    if data.partition == "quantity_skew":
+        return partitioners.quantity_skew(len(y), k, seed, sigma=data.sigma)
+    if dataset.client_ids_train is None:
+        raise ConfigError(
+            f"data.partition = 'natural' needs a data set with client ids, "
+            f"and {dataset.name!r} has none (use dataset = 'synthetic')"
+        )
+    part = partitioners.natural(dataset.client_ids_train)
+    if len(part.indices) != k:
+        raise ConfigError(
+            f"num_clients = {k}, but the natural partition of {dataset.name!r} has "
+            f"{len(part.indices)} clients"
+        )
+    return part
+
+
+@dataclass
+class ModelSpec:
+    """What model to build; the torch model is cached per worker thread."""
+
+    name: str
+    in_dim: int
+    num_classes: int
+    hidden: int
+    _local: threading.local = field(default_factory=threading.local, repr=False)
+
+    def initial(self, seed: int) -> NDArrays:
+        if self.name == "logreg":
+            from fedhive.models import numpy_lr
+
+            return numpy_lr.init_params(self.in_dim, self.num_classes, seed)
+        from fedhive.models.torch_models import get_weights
+
+        return get_weights(self._build(seed))
+
+    def _build(self, seed: int | None) -> Any:
+        from fedhive.models.torch_models import CNN1D, MLP
+
+        if self.name == "cnn1d":
+            return CNN1D(self.num_classes, length=self.in_dim, seed=seed)
+        return MLP(self.in_dim, self.hidden, self.num_classes, seed=seed)
+
+    def torch_model(self) -> Any:
+        """This thread's model instance (weights are always overwritten before use)."""
+        model = getattr(self._local, "model", None)
+        if model is None:
+            import torch
+
+            with torch.device("meta"):
+                model = self._build(None)  # no RNG is touched on the meta device
+            model = model.to_empty(device="cpu")
+            self._local.model = model
+        return model
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_local"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+
+def train_eval(
+    spec: ModelSpec, parameters: NDArrays, x: np.ndarray, y: np.ndarray, config: Config, seed: int
+) -> tuple[NDArrays, dict[str, float | int]]:
+    """One client's local training with the reference loops."""
+    epochs, batch = int(config["local_epochs"]), int(config["batch_size"])
+    lr, momentum = float(config["lr"]), float(config["momentum"])
+    if spec.name == "logreg":
+        from fedhive.models import numpy_lr
+
+        return numpy_lr.train(
+            parameters, x, y, epochs=epochs, batch_size=batch, lr=lr, seed=seed, momentum=momentum
+        )
+    from fedhive.models.torch_models import get_weights, set_weights, train_torch
+
+    model = spec.torch_model()
+    set_weights(model, parameters)
+    info = train_torch(
+        model, x, y, epochs=epochs, batch_size=batch, lr=lr, momentum=momentum, seed=seed
+    )
+    return get_weights(model), info
+
+
+def evaluate_params(
+    spec: ModelSpec, parameters: NDArrays, x: np.ndarray, y: np.ndarray
+) -> tuple[float, float]:
+    if spec.name == "logreg":
+        from fedhive.models import numpy_lr
+
+        return numpy_lr.evaluate(parameters, x, y)
+    from fedhive.models.torch_models import evaluate_torch, set_weights
+
+    model = spec.torch_model()
+    set_weights(model, parameters)
+    return evaluate_torch(model, x, y)
+
+
+class SimClient(NumPyClient):
+    """A simulated participant: local SGD on its own shard, evaluation on its held-out part."""
+
+    def __init__(self, spec: ModelSpec, train: tuple[Any, Any], val: tuple[Any, Any]) -> None:
+        self.spec = spec
+        self.train, self.val = train, val
+
+    def fit(self, parameters: NDArrays, config: Config) -> tuple[NDArrays, int, dict[str, Scalar]]:
+        seed = self.context.seed if self._context is not None else 0
+        new, info = train_eval(self.spec, parameters, *self.train, config, seed)
+        return new, len(self.train[1]), {"loss": float(info["loss"])}
+
+    def evaluate(
+        self, parameters: NDArrays, config: Config
+    ) -> tuple[float, int, dict[str, Scalar]]:
+        if len(self.val[1]) == 0:
+            raise ConfigError("this client holds no evaluation data (data.val_fraction = 0)")
+        loss, acc = evaluate_params(self.spec, parameters, *self.val)
+        return loss, len(self.val[1]), {"accuracy": acc}
+
+
+@dataclass
+class ClientFactory:
+    """``client_fn``: picklable, so the process backend can use it too."""
+
+    spec: ModelSpec
+    x: np.ndarray
+    y: np.ndarray
+    splits: list[tuple[np.ndarray, np.ndarray]]
+
+    def __call__(self, context: Context) -> SimClient:
+        train_idx, val_idx = self.splits[int(context.node_config["partition-id"])]
+        train = (self.x[train_idx], self.y[train_idx])
+        val = (self.x[val_idx], self.y[val_idx])
+        return SimClient(self.spec, train, val)
+
+
+def split_clients(
+    partition: Partition, val_fraction: float, seed: int
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each client's indices cut into (train, held-out evaluation) parts, seeded."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for idx in partition.indices:
+        shuffled = rng.permutation(idx)
+        n_val = round(len(idx) * val_fraction)
+        out.append((np.sort(shuffled[n_val:]), np.sort(shuffled[:n_val])))
+    return out
+
+
+def weighted_average(metrics: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
+    """Example-weighted mean of every numeric metric the clients report."""
+    total = sum(n for n, _ in metrics)
+    if total == 0:
+        return {}
+    keys = {k for _, m in metrics for k, v in m.items() if isinstance(v, int | float)}
+    return {k: sum(n * float(m[k]) for n, m in metrics if k in m) / total for k in sorted(keys)}
+
+
+@dataclass
+class Experiment:
+    cfg: ExperimentConfig
+    dataset: Dataset
+    partition: Partition
+    client_fn: ClientFactory
+    strategy: FedAvg
+
+
+def build_experiment(cfg: ExperimentConfig) -> Experiment:
+    dataset = load_data(cfg)
+    partition = make_partition(cfg, dataset)
+    in_dim = int(np.prod(dataset.x_train.shape[1:]))
+    spec = ModelSpec(cfg.model.name, in_dim, dataset.num_classes, cfg.model.hidden)
+    splits = split_clients(partition, cfg.data.val_fraction, cfg.seed)
+    client_fn = ClientFactory(spec, dataset.x_train, dataset.y_train, splits)
+    train = cfg.train
+    fit_config: Config = {
+        "local_epochs": train.local_epochs,
+        "batch_size": train.batch_size,
+        "lr": train.lr,
+        "momentum": train.momentum,
+    }
+
+    def evaluate_fn(
+        server_round: int, parameters: NDArrays, config: dict[str, Scalar]
+    ) -> tuple[float, dict[str, Scalar]]:
+        loss, acc = evaluate_params(spec, parameters, dataset.x_test, dataset.y_test)
+        return loss, {"accuracy": acc}
+
+    st = cfg.strategy
+    strategy = FedAvg(
+        fraction_fit=st.fraction_fit,
+        fraction_evaluate=st.fraction_evaluate,
+        min_fit_clients=st.min_fit_clients,
+        min_evaluate_clients=st.min_evaluate_clients,
+        min_available_clients=min(cfg.num_clients, max(st.min_fit_clients, 1)),
+        evaluate_fn=evaluate_fn if st.centralized_eval else None,
+        on_fit_config_fn=lambda rnd: dict(fit_config),
+        initial_parameters=ndarrays_to_parameters(spec.initial(cfg.seed)),
+        fit_metrics_aggregation_fn=weighted_average,
+        evaluate_metrics_aggregation_fn=weighted_average,
+    )
+    return Experiment(cfg, dataset, partition, client_fn, strategy)
+
+
+def run_experiment(
+    exp: Experiment,
+    *,
+    callbacks: Sequence[RoundCallback] = (),
+    checkpoint_dir: Path | None = None,
+    model_dir: Path | None = None,
+    resume: bool = False,
+) -> History:
+    from fedhive.simulation import start_simulation
+
+    cfg = exp.cfg
+    sim = cfg.simulation
+    return start_simulation(
+        client_fn=exp.client_fn,
+        num_clients=cfg.num_clients,
+        config=ServerConfig(num_rounds=cfg.rounds, round_timeout=sim.round_timeout),
+        strategy=exp.strategy,
+        backend=sim.backend,
+        num_workers=sim.num_workers or None,
+        seed=cfg.seed,
+        callbacks=callbacks,
+        checkpoint_dir=checkpoint_dir,
+        model_dir=model_dir,
+        resume=resume,
+    )
