@@ -50,7 +50,7 @@ def test_bad_value_names_key_value_and_rule():
         validate({"data": {"alpha": -1}}, "exp.toml")
     text = str(info.value)
     assert "data.alpha = -1" in text and "greater than 0" in text
-    with pytest.raises(ConfigError, match="model.name = 'resnet'"):
+    with pytest.raises(ConfigError, match=r"model\.name = 'resnet'"):
         validate({"model": {"name": "resnet"}})
     with pytest.raises(ConfigError, match="not valid TOML"):
         from fedhive.cli.config import load_config
