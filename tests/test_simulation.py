@@ -274,3 +274,42 @@ def test_process_backend_refuses_unpicklable_client_fn():
         start_simulation(
             client_fn=lambda cid: AddClient(0), num_clients=2, backend="process", num_workers=1
         )
+
+
+def test_round_deadline_on_the_engines_manual_clock(release):
+    from fedhive.server.clock import ManualClock
+
+    clock = ManualClock()
+
+    class Hang(fl.client.NumPyClient):
+        def __init__(self, cid):
+            self.cid = cid
+
+        def fit(self, parameters, config):
+            if self.cid == "1":
+                clock.advance(61.0)  # the "slow" client makes virtual time pass
+                release.wait(30)
+            return [p + 1 for p in parameters], 1, {}
+
+    strategy = FedAvg(
+        min_fit_clients=3, min_available_clients=3, fraction_evaluate=0.0,
+        initial_parameters=initial((2,)),
+    )  # fmt: skip
+    hist = start_simulation(
+        client_fn=Hang, num_clients=3, strategy=strategy, clock=clock, seed=0,
+        config=ServerConfig(num_rounds=1, round_timeout=60.0), num_workers=3,
+    )  # fmt: skip
+    record = hist.rounds[-1]
+    assert [f["client_id"] for f in record["failures"]] == ["1"]
+    assert record["fit"]["num_results"] == 2
+
+
+def test_overriding_evaluate_replaces_centralized_evaluation():
+    class MyEval(FedAvg):
+        def evaluate(self, server_round, parameters):
+            return float(server_round), {"custom": True}
+
+    strategy = MyEval(min_fit_clients=3, min_available_clients=3, fraction_evaluate=0.0)
+    hist = run(strategy, rounds=2)
+    assert hist.losses_centralized == [(0, 0.0), (1, 1.0), (2, 2.0)]
+    assert hist.metrics_centralized["custom"] == [(0, True), (1, True), (2, True)]

@@ -1,0 +1,162 @@
+"""Every transport must pass this suite (in-process now; network transports join later)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from fedhive.common import FitIns, Message, MessageType, ndarrays_to_parameters
+from fedhive.server.clock import ManualClock
+from fedhive.transport import InProcessTransport, Replies, Transport
+
+
+def echo_runner(task: Message) -> Message:
+    if task.metadata.node_id == "boom":
+        raise RuntimeError("runner exploded")
+    return task.reply(task.metadata.node_id)
+
+
+def make_in_process(runner: Callable[[Message], Message]) -> Transport:
+    return InProcessTransport(runner, num_workers=2)
+
+
+def make_in_process_single(runner: Callable[[Message], Message]) -> Transport:
+    return InProcessTransport(runner, num_workers=1, window=1)
+
+
+TRANSPORTS = [make_in_process, make_in_process_single]
+
+
+def tasks(nodes, rnd=1):
+    params = ndarrays_to_parameters([np.zeros(2)])
+    return [
+        Message.task(
+            run_id=9, node_id=n, server_round=rnd, model_version=0,
+            message_type=MessageType.FIT, content=FitIns(params, {}),
+        )
+        for n in nodes
+    ]  # fmt: skip
+
+
+def drain(replies: Replies, count: int, timeout: float = 5.0) -> list[Message]:
+    deadline = time.monotonic() + timeout
+    out = []
+    while len(out) < count:
+        reply = replies.get(deadline)
+        assert reply is not None, f"only {len(out)} of {count} replies arrived"
+        out.append(reply)
+    return out
+
+
+@pytest.fixture(params=TRANSPORTS, ids=lambda f: f.__name__)
+def make(request):
+    made = []
+
+    def factory(runner=echo_runner):
+        transport = request.param(runner)
+        made.append(transport)
+        return transport
+
+    yield factory
+    for transport in made:
+        transport.close()
+
+
+def test_exactly_one_reply_per_task_with_matching_metadata(make):
+    transport = make()
+    sent = tasks([str(i) for i in range(20)])
+    replies = Replies()
+    transport.send(sent, replies)
+    got = drain(replies, 20)
+    assert sorted(r.metadata.reply_to for r in got) == sorted(t.metadata.message_id for t in sent)
+    for reply in got:
+        assert reply.content == reply.metadata.node_id
+        assert reply.metadata.run_id == 9 and reply.metadata.server_round == 1
+    assert replies.get(time.monotonic() + 0.05) is None  # nothing extra
+
+
+def test_runner_failure_becomes_an_error_reply(make):
+    transport = make()
+    replies = Replies()
+    transport.send(tasks(["a", "boom", "b"]), replies)
+    got = {r.metadata.node_id: r for r in drain(replies, 3)}
+    assert got["boom"].error and "runner exploded" in got["boom"].error
+    assert got["a"].error is None and got["b"].error is None
+
+
+def test_several_sends_share_one_mailbox(make):
+    transport = make()
+    replies = Replies()
+    transport.send(tasks(["a", "b"]), replies)
+    transport.send(tasks(["c"], rnd=2), replies)
+    assert sorted(r.metadata.node_id for r in drain(replies, 3)) == ["a", "b", "c"]
+
+
+def test_cancel_drops_tasks_not_started(make):
+    gate = threading.Event()
+    started = []
+
+    def slow(task):
+        started.append(task.metadata.node_id)
+        gate.wait(5)
+        return task.reply(None)
+
+    transport = make(slow)
+    replies = Replies()
+    transport.send(tasks([str(i) for i in range(10)]), replies)
+    time.sleep(0.1)
+    replies.cancel()
+    gate.set()
+    time.sleep(0.2)
+    assert len(started) <= 2  # only the tasks already running went on
+
+
+def test_deadline_on_a_manual_clock():
+    clock = ManualClock()
+    gate = threading.Event()
+    transport = InProcessTransport(lambda t: (gate.wait(5), t.reply(None))[1], num_workers=1)
+    replies = Replies(clock)
+    try:
+        transport.send(tasks(["slow"]), replies)
+        result: list[Message | None] = []
+        waiter = threading.Thread(target=lambda: result.append(replies.get(deadline=10.0)))
+        waiter.start()
+        time.sleep(0.05)
+        assert waiter.is_alive()  # real time passes, the manual clock does not
+        clock.advance(10.0)
+        waiter.join(2)
+        assert result == [None]
+    finally:
+        gate.set()
+        transport.close()
+
+
+def test_window_bounds_how_far_ahead_tasks_start():
+    running = []
+    peak_ahead = []
+    lock = threading.Lock()
+    done: set[int] = set()
+
+    def runner(task):
+        index = int(task.metadata.node_id)
+        with lock:
+            oldest = min(set(range(40)) - done)
+            peak_ahead.append(index - oldest)
+            running.append(index)
+        time.sleep(0.002 if index % 5 else 0.02)
+        with lock:
+            done.add(index)
+        return task.reply(None)
+
+    transport = InProcessTransport(runner, num_workers=2, window=4)
+    replies = Replies()
+    try:
+        transport.send(tasks([str(i) for i in range(40)]), replies)
+        drain(replies, 40)
+    finally:
+        transport.close()
+    assert max(peak_ahead) < 4
