@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC
 
-from fedhive.client.context import Context
+from fedhive.client.context import HasContext
 from fedhive.common.records import (
     Code,
     EvaluateIns,
@@ -22,30 +22,12 @@ from fedhive.common.records import (
 __all__ = ["Client"]
 
 
-class Client(ABC):  # noqa: B024 - every method has a default, as in Flower
+class Client(HasContext, ABC):
     """A client that speaks in ``FitIns``/``FitRes``, ``EvaluateIns``/``EvaluateRes``.
 
     Override what the client supports; the defaults answer "not implemented" with the
     matching status code, which the engine records as a failure of that client.
     """
-
-    _context: Context | None = None
-
-    @property
-    def context(self) -> Context:
-        if self._context is None:
-            raise AttributeError("the client has no context until the runtime sets one")
-        return self._context
-
-    @context.setter
-    def context(self, value: Context) -> None:
-        self._context = value
-
-    def get_context(self) -> Context:
-        return self.context
-
-    def set_context(self, context: Context) -> None:
-        self.context = context
 
     def get_properties(self, ins: GetPropertiesIns) -> GetPropertiesRes:
         status = Status(Code.GET_PROPERTIES_NOT_IMPLEMENTED, "get_properties not implemented")

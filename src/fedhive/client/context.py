@@ -8,7 +8,7 @@ import numpy as np
 
 from fedhive.common.records import RecordDict, Scalar
 
-__all__ = ["Context"]
+__all__ = ["Context", "HasContext"]
 
 
 @dataclass
@@ -32,3 +32,25 @@ class Context:
     def rng(self) -> np.random.Generator:
         """A fresh generator seeded with this task's seed."""
         return np.random.default_rng(self.seed)
+
+
+class HasContext:
+    """The ``context`` attribute of clients, set by the runtime before each task."""
+
+    _context: Context | None = None
+
+    @property
+    def context(self) -> Context:
+        if self._context is None:
+            raise AttributeError("the client has no context until the runtime sets one")
+        return self._context
+
+    @context.setter
+    def context(self, value: Context) -> None:
+        self._context = value
+
+    def get_context(self) -> Context:
+        return self.context
+
+    def set_context(self, context: Context) -> None:
+        self.context = context

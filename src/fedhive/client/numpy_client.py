@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from fedhive.client.client import Client
-from fedhive.client.context import Context
+from fedhive.client.context import Context, HasContext
 from fedhive.common.errors import ProtocolError
 from fedhive.common.records import (
     Config,
@@ -30,7 +30,7 @@ from fedhive.common.records import (
 __all__ = ["NumPyClient"]
 
 
-class NumPyClient:
+class NumPyClient(HasContext):
     """Subclass and override ``get_parameters``, ``fit`` and ``evaluate``.
 
     Example::
@@ -46,24 +46,6 @@ class NumPyClient:
     ``fit`` returns ``(parameters, num_examples, metrics)`` and ``evaluate`` returns
     ``(loss, num_examples, metrics)``. The arrays a client receives are its own copies.
     """
-
-    _context: Context | None = None
-
-    @property
-    def context(self) -> Context:
-        if self._context is None:
-            raise AttributeError("the client has no context until the runtime sets one")
-        return self._context
-
-    @context.setter
-    def context(self, value: Context) -> None:
-        self._context = value
-
-    def get_context(self) -> Context:
-        return self.context
-
-    def set_context(self, context: Context) -> None:
-        self.context = context
 
     def get_properties(self, config: Config) -> dict[str, Scalar]:
         return {}
