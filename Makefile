@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedhive-installed
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test lint bench clean proto
 
 setup: $(STAMP)
 
@@ -29,3 +29,8 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Regenerate the gRPC modules from src/fedhive/transport/proto/fleet.proto.
+proto: setup
+	$(BIN)/python -m grpc_tools.protoc -Isrc --python_out=src --grpc_python_out=src --pyi_out=src \
+		src/fedhive/transport/proto/fleet.proto

@@ -22,6 +22,8 @@ EXPECTED = {
         "NumPyClient",
         "StateStore",
         "build_client",
+        "start_client",
+        "start_numpy_client",
     ],
     fedhive.server.strategy: [
         "Aggregator",

@@ -277,7 +277,7 @@ def test_process_backend_refuses_unpicklable_client_fn():
 
 
 def test_round_deadline_on_the_engines_manual_clock(release):
-    from fedhive.server.clock import ManualClock
+    from fedhive.common.clock import ManualClock
 
     clock = ManualClock()
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fedhive.common import FitIns, Message, MessageType, ndarrays_to_parameters
-from fedhive.server.clock import ManualClock
+from fedhive.common.clock import ManualClock
 from fedhive.transport import InProcessTransport, Replies, Transport
 
 

@@ -12,6 +12,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from fedhive.common.errors import (
+    AuthenticationError,
     CheckpointError,
     ClientFailure,
     ConfigError,
@@ -28,6 +29,7 @@ from fedhive.common.errors import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuthenticationError",
     "CheckpointError",
     "ClientFailure",
     "ConfigError",

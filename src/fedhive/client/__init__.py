@@ -4,6 +4,7 @@ from fedhive.client.app import ClientApp, ClientFn, Mod, build_client
 from fedhive.client.client import Client
 from fedhive.client.context import Context
 from fedhive.client.numpy_client import NumPyClient
+from fedhive.client.start import start_client, start_numpy_client
 from fedhive.client.state import StateStore
 
 __all__ = [
@@ -15,4 +16,6 @@ __all__ = [
     "NumPyClient",
     "StateStore",
     "build_client",
+    "start_client",
+    "start_numpy_client",
 ]

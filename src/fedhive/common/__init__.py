@@ -1,6 +1,7 @@
 """Records, messages, serialization and errors shared by server and clients."""
 
 from fedhive.common.errors import (
+    AuthenticationError,
     CheckpointError,
     ClientFailure,
     ConfigError,
@@ -39,6 +40,7 @@ from fedhive.common.records import (
 )
 
 __all__ = [
+    "AuthenticationError",
     "CheckpointError",
     "ClientFailure",
     "Code",

@@ -6,6 +6,7 @@
     ├── ConfigError            bad configuration (names the field, the value and what is allowed)
     ├── SerdeError             malformed bytes, unsupported dtypes, inconsistent headers
     ├── TransportError         a transport failed to deliver a message
+    │   └── AuthenticationError  the server refused this client (unknown, bad token)
     ├── ProtocolError          a message for another run or round, or of an unexpected type
     ├── ClientFailure          one client failed one task (carries client id, round and stage)
     │   └── InvalidUpdate      a reply with NaN/Inf, a wrong shape or a non-numeric dtype
@@ -21,6 +22,7 @@ catches all failures that fedhive raises on purpose.
 from __future__ import annotations
 
 __all__ = [
+    "AuthenticationError",
     "CheckpointError",
     "ClientFailure",
     "ConfigError",
@@ -49,6 +51,10 @@ class SerdeError(FedhiveError, ValueError):
 
 class TransportError(FedhiveError):
     """A message could not be delivered or its reply not received."""
+
+
+class AuthenticationError(TransportError):
+    """The server refused this client: not enrolled, wrong token or certificate."""
 
 
 class ProtocolError(FedhiveError):

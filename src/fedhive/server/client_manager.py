@@ -50,14 +50,18 @@ class SimpleClientManager:
     Sampling is seeded: the engine calls :meth:`set_sampling_seed` with a seed derived from
     (run seed, round, purpose) before each round's configure step, so the same seed picks
     the same clients whatever happens elsewhere. ``sample`` returns an empty list when
-    fewer than ``max(num_clients, min_num_clients)`` clients are available, as Flower does.
-    Proxies are created when sampled, so a million registered ids cost only the ids.
+    fewer than ``max(num_clients, min_num_clients)`` clients are available after waiting
+    up to ``wait_timeout`` seconds for them (0 in simulation, where all are there), as
+    Flower does. Proxies are created when sampled, so a million ids cost only the ids.
     """
 
-    def __init__(self, client_ids: Iterable[str] = (), seed: int | None = None) -> None:
+    def __init__(
+        self, client_ids: Iterable[str] = (), seed: int | None = None, wait_timeout: float = 0.0
+    ) -> None:
         self._ids: list[str] = []
         self._index: dict[str, int] = {}
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
+        self.wait_timeout = wait_timeout
         self._seed = seed
         self._rng = np.random.default_rng(derive_seed(seed, 0, "", "sample"))
         for cid in client_ids:
@@ -72,6 +76,7 @@ class SimpleClientManager:
                 return False
             self._index[cid] = len(self._ids)
             self._ids.append(cid)
+            self._lock.notify_all()
             return True
 
     def unregister(self, cid: str) -> None:
@@ -93,7 +98,9 @@ class SimpleClientManager:
             return {cid: ClientProxy(cid) for cid in self._ids}
 
     def wait_for(self, num_clients: int, timeout: float = 0.0) -> bool:
-        return self.num_available() >= num_clients
+        """Wait up to ``timeout`` seconds until ``num_clients`` are available."""
+        with self._lock:
+            return self._lock.wait_for(lambda: len(self._ids) >= num_clients, timeout)
 
     def sample(
         self,
@@ -102,6 +109,8 @@ class SimpleClientManager:
         criterion: Criterion | None = None,
     ) -> list[ClientProxy]:
         needed = max(num_clients, min_num_clients or 0)
+        if self.wait_timeout > 0:
+            self.wait_for(needed, self.wait_timeout)
         with self._lock:
             ids = list(self._ids)
         ids.sort()  # registration order must not change who is picked

@@ -3,7 +3,7 @@
 One round is: sample -> configure -> dispatch -> stream results into the strategy's
 aggregator -> finalize -> centralized and federated evaluation. The engine reaches
 clients only through a :class:`~fedhive.transport.base.Transport`, measures deadlines on
-its own :class:`~fedhive.server.clock.Clock`, and checks that every reply belongs to this
+its own :class:`~fedhive.common.clock.Clock`, and checks that every reply belongs to this
 run, round and task before anything is folded.
 
 Rounds are run by a *fit workflow*; the default one is Flower's single exchange. A
@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from fedhive.common.clock import Clock, SystemClock
 from fedhive.common.errors import ClientFailure, ConfigError, InvalidUpdate
 from fedhive.common.message import Message, MessageType, derive_seed
 from fedhive.common.records import (
@@ -31,7 +32,6 @@ from fedhive.common.records import (
     parameters_to_ndarrays,
 )
 from fedhive.server.client_manager import ClientManager, ClientProxy, SimpleClientManager
-from fedhive.server.clock import Clock, SystemClock
 from fedhive.server.config import ServerConfig
 from fedhive.server.history import History
 from fedhive.server.strategy.aggregate import check_update

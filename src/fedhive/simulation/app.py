@@ -24,11 +24,11 @@ from typing import Any
 
 from fedhive.client.app import ClientApp, ClientFn, Mod
 from fedhive.client.state import StateStore
+from fedhive.common.clock import Clock
 from fedhive.common.errors import ConfigError
 from fedhive.common.records import Scalar
 from fedhive.server.checkpoint import Checkpointer
 from fedhive.server.client_manager import ClientManager, SimpleClientManager
-from fedhive.server.clock import Clock
 from fedhive.server.config import ServerConfig
 from fedhive.server.engine import Engine, FitWorkflow, RoundCallback
 from fedhive.server.history import History

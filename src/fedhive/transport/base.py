@@ -14,8 +14,8 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
+from fedhive.common.clock import Clock, SystemClock
 from fedhive.common.message import Message
-from fedhive.server.clock import Clock, SystemClock
 
 __all__ = ["Replies", "Transport"]
 

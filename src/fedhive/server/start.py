@@ -1,0 +1,93 @@
+"""``start_server``: Flower's entry point for a real federation over gRPC."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from fedhive.common.errors import ConfigError
+from fedhive.server.checkpoint import Checkpointer
+from fedhive.server.client_manager import SimpleClientManager
+from fedhive.server.config import ServerConfig
+from fedhive.server.engine import Engine, RoundCallback
+from fedhive.server.history import History
+from fedhive.server.strategy import FedAvg, Strategy
+
+__all__ = ["start_server"]
+
+log = logging.getLogger("fedhive.server")
+
+
+def start_server(
+    *,
+    server_address: str = "[::]:8080",
+    config: ServerConfig | None = None,
+    strategy: Strategy | None = None,
+    client_manager: SimpleClientManager | None = None,
+    certificates: tuple[bytes, bytes, bytes] | None = None,
+    grpc_max_message_length: int | None = None,
+    require_client_auth: bool = False,
+    auth_tokens: Mapping[str, str] | None = None,
+    wait_timeout: float = 24 * 3600.0,
+    seed: int | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    callbacks: Sequence[RoundCallback] = (),
+    heartbeat_timeout: float = 30.0,
+    on_started: object = None,
+) -> History:
+    """Serve a federation and run ``config.num_rounds`` rounds of ``strategy``.
+
+    As in Flower: ``certificates=(ca_cert, server_cert, server_key)`` (PEM bytes) turns on
+    TLS; without it the server is insecure and says so in the log. Rounds wait for
+    ``min_available_clients`` to connect (up to ``wait_timeout`` seconds).
+    ``grpc_max_message_length`` caps the size of one message from a client (arrays are
+    streamed in chunks, so the model itself may be of any size).
+
+    fedhive adds ``require_client_auth`` (mutual TLS), ``auth_tokens`` (``node_id ->
+    token`` of enrolled clients; others are refused before they receive anything),
+    ``checkpoint_dir``/``resume`` (a server killed at any moment loses no finished round),
+    ``seed`` and ``callbacks``. ``on_started(server)`` is called once the port is open.
+    """
+    from fedhive.transport.grpc_server import GrpcServer, ServerSecurity
+
+    if certificates is None:
+        log.warning("serving WITHOUT TLS: pass certificates=(ca, cert, key) to encrypt")
+    if require_client_auth and certificates is None:
+        raise ConfigError("require_client_auth needs certificates=(ca, cert, key)")
+    manager = client_manager or SimpleClientManager(seed=seed, wait_timeout=wait_timeout)
+    security = ServerSecurity(certificates, require_client_auth, auth_tokens)
+    limit = grpc_max_message_length or (1 << 40)
+    server = GrpcServer(
+        server_address,
+        client_manager=manager,
+        security=security,
+        max_message_bytes=limit,
+        heartbeat_timeout=heartbeat_timeout,
+    ).start()
+    log.info("fedhive server listening on port %s", server.port)
+    if callable(on_started):
+        on_started(server)
+    checkpointer = Checkpointer(checkpoint_dir) if checkpoint_dir is not None else None
+    engine = Engine(
+        strategy=strategy or FedAvg(),
+        transport=server,
+        client_manager=manager,
+        config=config or ServerConfig(),
+        seed=seed if seed is not None else secrets.randbits(31),
+        run_id=secrets.randbits(62),
+        callbacks=callbacks,
+        checkpointer=checkpointer,
+    )
+    try:
+        if resume and checkpointer is not None and checkpointer.restore(engine):
+            engine.run_id = secrets.randbits(62)  # results sent before the restart are stale
+            log.info("resumed after round %d", engine.current_round)
+        history = engine.run()
+        if checkpointer is not None:
+            checkpointer.save_final(engine)
+        return history
+    finally:
+        server.finish_run()

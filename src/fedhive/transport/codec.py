@@ -1,0 +1,233 @@
+"""Messages as bytes (never pickle).
+
+Wire layout: ``[u64 LE length of meta][meta][content]``. ``meta`` is a fedhive scalar
+payload with the metadata and the error; ``content`` is a fedhive record payload whose
+config record ``"kind"`` names the content type, arrays in ``array_records`` and configs
+and metrics in ``config_records``. The content is encoded apart from the metadata, so a
+model sent to many clients is encoded once. Decoding validates the kind and every field
+it reads; anything malformed raises :class:`~fedhive.common.errors.SerdeError`.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from fedhive.common.errors import SerdeError
+from fedhive.common.message import Message, Metadata
+from fedhive.common.records import (
+    Code,
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    GetParametersIns,
+    GetParametersRes,
+    GetPropertiesIns,
+    GetPropertiesRes,
+    NDArray,
+    Parameters,
+    RecordDict,
+    Scalar,
+    Status,
+    check_scalar_mapping,
+)
+
+__all__ = [
+    "decode_message",
+    "decode_wire",
+    "encode_content",
+    "encode_message",
+    "encode_meta",
+    "encode_wire",
+]
+
+_META_FIELDS: dict[str, type] = {
+    "run_id": int,
+    "message_id": str,
+    "node_id": str,
+    "server_round": int,
+    "model_version": int,
+    "message_type": str,
+    "reply_to": str,
+    "seed": int,
+}
+_CUSTOM_PREFIX = "c/"
+
+
+def _params_record(parameters: Parameters) -> dict[str, NDArray]:
+    return {str(i): a for i, a in enumerate(parameters.arrays)}
+
+
+def _params_from(rd: RecordDict) -> Parameters:
+    record = rd.array_records.get("parameters", {})
+    if list(record) != [str(i) for i in range(len(record))]:
+        raise SerdeError("parameters record must hold arrays named 0, 1, 2, ... in order")
+    return Parameters(arrays=list(record.values()))
+
+
+def _status(res: Any) -> dict[str, Scalar]:
+    return {"status_code": int(res.status.code), "status_message": res.status.message}
+
+
+def _status_from(res: dict[str, Scalar]) -> Status:
+    code = _field(res, "status_code", int)
+    try:
+        return Status(Code(code), str(_field(res, "status_message", str)))
+    except ValueError:
+        raise SerdeError(f"unknown status code {code}") from None
+
+
+def _field(record: dict[str, Scalar], key: str, kind: type) -> Any:
+    if key not in record:
+        raise SerdeError(f"missing field {key!r}")
+    value = record[key]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise SerdeError(f"field {key!r} must be {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _encode_content(content: Any, rd: RecordDict) -> str:
+    cfg = rd.config_records
+    if isinstance(content, FitIns | EvaluateIns):
+        rd.array_records["parameters"] = _params_record(content.parameters)
+        cfg["config"] = dict(content.config)
+        return type(content).__name__
+    if isinstance(content, FitRes):
+        rd.array_records["parameters"] = _params_record(content.parameters)
+        cfg["metrics"] = dict(content.metrics)
+        cfg["res"] = {"num_examples": content.num_examples, **_status(content)}
+        return "FitRes"
+    if isinstance(content, EvaluateRes):
+        cfg["metrics"] = dict(content.metrics)
+        cfg["res"] = {
+            "loss": float(content.loss),
+            "num_examples": content.num_examples,
+            **_status(content),
+        }
+        return "EvaluateRes"
+    if isinstance(content, GetParametersIns | GetPropertiesIns):
+        cfg["config"] = dict(content.config)
+        return type(content).__name__
+    if isinstance(content, GetParametersRes):
+        rd.array_records["parameters"] = _params_record(content.parameters)
+        cfg["res"] = _status(content)
+        return "GetParametersRes"
+    if isinstance(content, GetPropertiesRes):
+        cfg["config"] = dict(content.properties)
+        cfg["res"] = _status(content)
+        return "GetPropertiesRes"
+    if isinstance(content, RecordDict):
+        for name, arrays in content.array_records.items():
+            rd.array_records[_CUSTOM_PREFIX + name] = arrays
+        for name, values in content.config_records.items():
+            cfg[_CUSTOM_PREFIX + name] = values
+        for name, numbers in content.metric_records.items():
+            rd.metric_records[_CUSTOM_PREFIX + name] = numbers
+        return "RecordDict"
+    if content is None:
+        return "None"
+    raise SerdeError(f"cannot send content of type {type(content).__name__}")
+
+
+def _custom(rd: RecordDict) -> RecordDict:
+    def strip(group: dict[str, Any]) -> dict[str, Any]:
+        return {k[len(_CUSTOM_PREFIX) :]: v for k, v in group.items() if k.startswith("c/")}
+
+    return RecordDict(strip(rd.array_records), strip(rd.config_records), strip(rd.metric_records))
+
+
+def _config(rd: RecordDict, name: str) -> dict[str, Scalar]:
+    return check_scalar_mapping(rd.config_records.get(name, {}), name)
+
+
+_DECODERS: dict[str, Callable[[RecordDict], Any]] = {
+    "FitIns": lambda rd: FitIns(_params_from(rd), _config(rd, "config")),
+    "EvaluateIns": lambda rd: EvaluateIns(_params_from(rd), _config(rd, "config")),
+    "FitRes": lambda rd: FitRes(
+        _status_from(_config(rd, "res")),
+        _params_from(rd),
+        _field(_config(rd, "res"), "num_examples", int),
+        _config(rd, "metrics"),
+    ),
+    "EvaluateRes": lambda rd: EvaluateRes(
+        _status_from(_config(rd, "res")),
+        _field(_config(rd, "res"), "loss", float),
+        _field(_config(rd, "res"), "num_examples", int),
+        _config(rd, "metrics"),
+    ),
+    "GetParametersIns": lambda rd: GetParametersIns(_config(rd, "config")),
+    "GetPropertiesIns": lambda rd: GetPropertiesIns(_config(rd, "config")),
+    "GetParametersRes": lambda rd: GetParametersRes(
+        _status_from(_config(rd, "res")), _params_from(rd)
+    ),
+    "GetPropertiesRes": lambda rd: GetPropertiesRes(
+        _status_from(_config(rd, "res")), _config(rd, "config")
+    ),
+    "RecordDict": _custom,
+    "None": lambda rd: None,
+}
+
+
+_LEN = struct.Struct("<Q")
+
+
+def encode_content(content: Any) -> bytes:
+    """The content part of a message (shareable between messages with equal content)."""
+    from fedhive.common.serde import encode_record_dict
+
+    rd = RecordDict()
+    rd.config_records["kind"] = {"kind": _encode_content(content, rd)}
+    return encode_record_dict(rd)
+
+
+def encode_meta(message: Message) -> bytes:
+    from fedhive.common.serde import encode_scalars
+
+    meta: dict[str, Scalar] = {k: getattr(message.metadata, k) for k in _META_FIELDS}
+    if message.error is not None:
+        meta["error"] = message.error
+    return encode_scalars(meta)
+
+
+def encode_wire(message: Message, content: bytes | None = None) -> list[bytes]:
+    """The message as byte pieces (length prefix, meta, content); see the module doc."""
+    meta = encode_meta(message)
+    body = content if content is not None else encode_content(message.content)
+    return [_LEN.pack(len(meta)), meta, body]
+
+
+def decode_wire(data: bytearray | memoryview) -> Message:
+    """Rebuild a message; arrays are views into ``data`` when it is writable."""
+    from fedhive.common.serde import decode_record_dict, decode_scalars
+
+    view = memoryview(data)
+    if len(view) < _LEN.size:
+        raise SerdeError("message shorter than its length prefix")
+    (meta_len,) = _LEN.unpack_from(view)
+    if meta_len > len(view) - _LEN.size:
+        raise SerdeError(f"meta part of {meta_len} bytes overruns a {len(view)}-byte message")
+    meta = decode_scalars(view[_LEN.size : _LEN.size + meta_len])
+    rd = decode_record_dict(view[_LEN.size + meta_len :])
+    fields = {k: _field(meta, k, kind) for k, kind in _META_FIELDS.items()}
+    kind = _field(_config(rd, "kind"), "kind", str)
+    decoder = _DECODERS.get(kind)
+    if decoder is None:
+        raise SerdeError(f"unknown content kind {kind!r}")
+    error = meta.get("error")
+    if error is not None and not isinstance(error, str):
+        raise SerdeError("field 'error' must be str")
+    return Message(Metadata(**fields), decoder(rd), error)
+
+
+def encode_message(message: Message) -> bytes:
+    """The whole message as one bytes object."""
+    return b"".join(encode_wire(message))
+
+
+def decode_message(data: bytes | bytearray | memoryview) -> Message:
+    """Decode :func:`encode_message` output (``bytes`` are copied once to stay writable)."""
+    return decode_wire(bytearray(data) if isinstance(data, bytes) else data)

@@ -1,0 +1,209 @@
+"""The client side of fedhive's gRPC transport: one session with a server."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from fedhive.common.errors import AuthenticationError, SerdeError, TransportError
+from fedhive.common.message import Message
+from fedhive.transport.codec import decode_wire, encode_wire
+from fedhive.transport.frames import (
+    DEFAULT_CHUNK_BYTES,
+    PROTOCOL_VERSION,
+    Assembler,
+    message_frames,
+)
+from fedhive.transport.proto import fleet_pb2_grpc
+from fedhive.transport.proto.fleet_pb2 import Frame
+
+__all__ = ["AuditLog", "ClientSecurity", "ClientSession", "Retryable", "SessionEnd"]
+
+log = logging.getLogger("fedhive.client")
+
+
+@dataclass(frozen=True)
+class ClientSecurity:
+    """How a client proves who it is and checks the server.
+
+    ``root_certificates`` verifies the server (TLS); ``certificate_chain`` and
+    ``private_key`` present a client certificate (mutual TLS); ``token`` is the secret
+    enrolled for this node on the server. ``insecure=True`` uses a plaintext channel.
+    """
+
+    insecure: bool = False
+    root_certificates: bytes | None = None
+    certificate_chain: bytes | None = None
+    private_key: bytes | None = None
+    token: str = ""
+
+    def channel(self, address: str, options: list[tuple[str, Any]]) -> grpc.Channel:
+        if self.insecure:
+            return grpc.insecure_channel(address, options=options)
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=self.root_certificates,
+            private_key=self.private_key,
+            certificate_chain=self.certificate_chain,
+        )
+        return grpc.secure_channel(address, creds, options=options)
+
+
+class AuditLog:
+    """Appends one JSON line per message that leaves the site: time, kind, size, hash."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+
+    def record(self, message: Message, pieces: list[bytes]) -> None:
+        digest = hashlib.sha256()
+        for piece in pieces:
+            digest.update(piece)
+        entry = {
+            "time": time.time(),
+            "kind": message.metadata.message_type,
+            "round": message.metadata.server_round,
+            "error": message.error is not None,
+            "size": sum(len(p) for p in pieces),
+            "sha256": digest.hexdigest(),
+        }
+        with self._lock, self.path.open("a") as fh:
+            fh.write(json.dumps(entry) + "\n")
+
+
+@dataclass(frozen=True)
+class SessionEnd:
+    """Why a session ended normally: the server said BYE (``reason``)."""
+
+    reason: str
+
+
+class ClientSession:
+    """One connection: HELLO, then tasks in and replies out until BYE or a failure.
+
+    ``handle(task) -> reply`` does the client's work. Raises
+    :class:`AuthenticationError` if refused, :class:`TransportError` if the connection
+    fails (the caller may retry), and returns :class:`SessionEnd` after a BYE.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        node_id: str,
+        handle: Callable[[Message], Message],
+        *,
+        security: ClientSecurity,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        max_message_bytes: int = 1 << 40,
+        heartbeat_interval: float = 5.0,
+        audit: AuditLog | None = None,
+        protocol_version: int = PROTOCOL_VERSION,
+    ) -> None:
+        self.address = address
+        self.node_id = node_id
+        self.handle = handle
+        self.security = security
+        self.chunk_bytes = chunk_bytes
+        self.max_message_bytes = max_message_bytes
+        self.heartbeat_interval = heartbeat_interval
+        self.audit = audit
+        self.protocol_version = protocol_version
+        self._outbox: queue.SimpleQueue[Frame | None] = queue.SimpleQueue()
+        self._stop = threading.Event()
+
+    def _requests(self) -> Iterator[Frame]:
+        while True:
+            frame = self._outbox.get()
+            if frame is None:
+                return
+            yield frame
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.heartbeat_interval):
+            self._outbox.put(Frame(kind=Frame.HEARTBEAT))
+
+    def run(self) -> SessionEnd:
+        options = [
+            ("grpc.max_receive_message_length", self.chunk_bytes + (1 << 16)),
+            ("grpc.max_send_message_length", self.chunk_bytes + (1 << 16)),
+        ]
+        channel = self.security.channel(self.address, options)
+        beat = threading.Thread(target=self._heartbeat, daemon=True)
+        try:
+            responses = fleet_pb2_grpc.FleetStub(channel).Join(self._requests())
+            self._outbox.put(
+                Frame(
+                    kind=Frame.HELLO,
+                    protocol_version=self.protocol_version,
+                    node_id=self.node_id,
+                    token=self.security.token,
+                )
+            )
+            self._welcome(responses)
+            beat.start()
+            return self._serve(responses)
+        except grpc.RpcError as exc:
+            raise self._translate(exc) from None
+        finally:
+            self._stop.set()
+            self._outbox.put(None)
+            channel.close()
+
+    def _welcome(self, responses: Iterator[Frame]) -> None:
+        first = next(responses)
+        if first.kind == Frame.ERROR:
+            raise TransportError(f"the server refused this client: {first.text}")
+        if first.kind != Frame.WELCOME:
+            raise TransportError(f"expected WELCOME from the server, got frame kind {first.kind}")
+        log.info("joined %s as %s", self.address, self.node_id)
+
+    def _serve(self, responses: Iterator[Frame]) -> SessionEnd:
+        assembler = Assembler(self.max_message_bytes)
+        for frame in responses:
+            if frame.kind == Frame.BYE:
+                return SessionEnd(frame.text or "the server ended the run")
+            if frame.kind == Frame.ERROR:
+                raise TransportError(f"the server reported an error: {frame.text}")
+            if frame.kind != Frame.MESSAGE:
+                continue
+            try:
+                done = assembler.add(frame)
+                if done is None:
+                    continue
+                task = decode_wire(done[1])
+            except SerdeError as exc:
+                log.warning("dropped a malformed task from the server: %s", exc)
+                continue
+            self._reply(self.handle(task))
+        raise Retryable("the server closed the connection")
+
+    def _reply(self, reply: Message) -> None:
+        pieces = encode_wire(reply)
+        if self.audit is not None:
+            self.audit.record(reply, pieces)
+        for frame in message_frames(reply.metadata.message_id, pieces, self.chunk_bytes):
+            self._outbox.put(frame)
+
+    def _translate(self, exc: grpc.RpcError) -> Exception:
+        code = exc.code() if hasattr(exc, "code") else None
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            return AuthenticationError(f"the server refused this client: {details}")
+        if code == grpc.StatusCode.FAILED_PRECONDITION:
+            return TransportError(f"the server refused the connection: {details}")
+        return Retryable(f"connection to {self.address} failed ({code}): {details}")
+
+
+class Retryable(TransportError):
+    """A connection failure worth retrying (server down, network glitch)."""

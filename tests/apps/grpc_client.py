@@ -1,0 +1,78 @@
+"""A client process for the gRPC tests: written against the Flower 1.x API."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+import fedhive as fl
+
+
+class AddClient(fl.client.NumPyClient):
+    def __init__(self, pid: int, mode: str) -> None:
+        self.pid = pid
+        self.mode = mode
+
+    def get_parameters(self, config):
+        return [np.zeros(4, np.float32)]
+
+    def fit(self, parameters, config):
+        if self.mode == "die":
+            os._exit(3)  # the process dies mid-round
+        if self.mode == "hang":
+            time.sleep(60)
+        if self.mode == "nan":
+            return [np.full_like(parameters[0], np.nan)], 1, {}
+        return [p + 1.0 + self.pid for p in parameters], 1 + self.pid, {"pid": self.pid}
+
+    def evaluate(self, parameters, config):
+        return float(parameters[0].mean()), 1, {"pid": self.pid}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--address", required=True)
+    parser.add_argument("--pid", type=int, default=0)
+    parser.add_argument("--mode", default="good")
+    parser.add_argument("--node-id", default=None)
+    parser.add_argument("--token", default="")
+    parser.add_argument("--ca", default=None)
+    parser.add_argument("--cert", default=None)
+    parser.add_argument("--key", default=None)
+    parser.add_argument("--audit", default=None)
+    args = parser.parse_args()
+    client = AddClient(args.pid, args.mode)
+    if not (args.node_id or args.token or args.ca):
+        # exactly the Flower 1.x call
+        fl.client.start_numpy_client(server_address=args.address, client=client)
+        return 0
+    kwargs = {}
+    if args.cert:
+        kwargs = {
+            "certificate_chain": Path(args.cert).read_bytes(),
+            "private_key": Path(args.key).read_bytes(),
+        }
+    try:
+        fl.client.start_client(
+            server_address=args.address,
+            client=client.to_client(),
+            root_certificates=Path(args.ca).read_bytes() if args.ca else None,
+            node_id=args.node_id,
+            auth_token=args.token,
+            audit_log=args.audit,
+            max_retries=3,
+            **kwargs,
+        )
+    except fl.FedhiveError as exc:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
