@@ -45,9 +45,13 @@ def main() -> int:
     parser.add_argument("--cert", default=None)
     parser.add_argument("--key", default=None)
     parser.add_argument("--audit", default=None)
+    parser.add_argument("--persistent", action="store_true")
+    parser.add_argument("--sessions", type=int, default=1, help="clients in this process")
     args = parser.parse_args()
     client = AddClient(args.pid, args.mode)
-    if not (args.node_id or args.token or args.ca):
+    if args.sessions > 1:
+        return many(args)
+    if not (args.node_id or args.token or args.ca or args.persistent):
         # exactly the Flower 1.x call
         fl.client.start_numpy_client(server_address=args.address, client=client)
         return 0
@@ -65,13 +69,41 @@ def main() -> int:
             node_id=args.node_id,
             auth_token=args.token,
             audit_log=args.audit,
-            max_retries=3,
+            max_retries=40 if args.persistent else 3,
+            persistent=args.persistent,
             **kwargs,
         )
     except fl.FedhiveError as exc:
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def many(args) -> int:
+    """Many clients in one process, each with its own connection."""
+    import threading
+
+    errors = []
+
+    def one(i: int) -> None:
+        try:
+            fl.client.start_numpy_client(
+                server_address=args.address,
+                client=AddClient(i % 3, "good"),
+                node_id=f"{args.node_id or 'c'}-{i}",
+                max_retries=20,
+            )
+        except fl.FedhiveError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(args.sessions)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for exc in errors:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+    return 2 if errors else 0
 
 
 if __name__ == "__main__":
