@@ -15,7 +15,6 @@ import time
 
 import numpy as np
 import pytest
-from grpc_helpers import ROOT, ServerThread, client_process, finish
 
 import fedhive as fl
 from fedhive.common import Message, MessageType, RecordDict, ndarrays_to_parameters
@@ -28,6 +27,7 @@ from fedhive.transport.grpc_client import ClientSecurity, ClientSession
 from fedhive.transport.grpc_server import GrpcServer
 from fedhive.transport.proto import fleet_pb2_grpc
 from fedhive.transport.proto.fleet_pb2 import Frame
+from grpc_helpers import ROOT, ServerThread, client_process, finish
 
 SERVER = ROOT / "tests" / "apps" / "grpc_server.py"
 
