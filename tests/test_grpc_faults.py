@@ -137,17 +137,30 @@ def test_abusive_frames_are_refused_and_everyone_else_is_served():
             outbox.put(frame)
         time.sleep(0.2)
         assert mailbox.get(time.monotonic() + 5).error == "reply carried another node's id"
-        outbox.put(Frame(kind=Frame.MESSAGE, message_id="x2", total_size=10**9, data=b"a"))
-        outbox.put(Frame(kind=Frame.MESSAGE, message_id="x3", total_size=10, offset=5, data=b"a"))
-        outbox.put(Frame(kind=Frame.WELCOME))
-        for frame in message_frames("x4", [b"\x05" * 200], 64):
-            outbox.put(frame)
+
+        def abuse(*frames):
+            server.send([_task("evil")], Replies())  # a task, so an upload is expected
+            time.sleep(0.1)
+            for frame in frames:
+                outbox.put(frame)
+            time.sleep(0.1)
+
+        abuse(Frame(kind=Frame.MESSAGE, message_id="x2", total_size=10**9, data=b"a"))
+        abuse(Frame(kind=Frame.MESSAGE, message_id="x3", total_size=10, offset=5, data=b"a"))
+        abuse(Frame(kind=Frame.WELCOME))
+        abuse(*message_frames("x4", [b"\x05" * 200], 64))
+        outbox2, _r2, channel2 = raw_stream(address, "evil2")  # no task was given to it
+        for frame in message_frames("x6", [b"\x00" * 100], 64):
+            outbox2.put(frame)
         time.sleep(0.5)
         reasons = " | ".join(server.refused)
         for expected in ("not given", "over the limit", "does not follow", "unexpected frame",
-                         "malformed", "claims to come from"):  # fmt: skip
+                         "malformed", "claims to come from", "without a task"):  # fmt: skip
             assert expected in reasons, expected
-        assert all("'evil'" in r for r in server.refused)
+        assert all("'evil'" in r or "'evil2'" in r for r in server.refused)
+        assert any("'evil2': upload without a task" in r for r in server.refused)
+        outbox2.put(None)
+        channel2.close()
         # the good client is still served
         replies = Replies()
         server.send([_task("good")], replies)
@@ -173,23 +186,30 @@ def test_fuzzed_frames_never_stop_the_server():
     try:
         _good_session(address, "good")
         outbox, _responses, channel = raw_stream(address, "fuzzer")
-        valid = b"".join(encode_wire(_task("fuzzer").reply(RecordDict())))
-        for i in range(300):
-            data = bytearray(valid)
+        for i in range(150):
+            task = _task("fuzzer")
+            mailbox = Replies()
+            server.send([task], mailbox)  # the fuzzer may upload one reply to this task
+            data = bytearray(b"".join(encode_wire(task.reply(RecordDict()))))
             for _ in range(rng.randint(1, 8)):
                 data[rng.randrange(len(data))] = rng.randrange(256)
             if rng.random() < 0.3:
                 data = data[: rng.randrange(len(data))]
-            outbox.put(
-                Frame(
-                    kind=rng.choice([Frame.MESSAGE] * 8 + [0, 1, 2, 4, 5, 6, 7]),
-                    message_id=f"m{i % 7}",
-                    total_size=rng.choice([len(data), rng.randrange(10_000)]),
-                    offset=rng.choice([0, 0, 0, rng.randrange(100)]),
-                    data=bytes(data),
-                    last=rng.random() < 0.8,
+            if rng.random() < 0.2:  # a junk frame of any kind
+                outbox.put(
+                    Frame(
+                        kind=rng.choice([0, 1, 2, 3, 4, 5, 6, 7]),
+                        message_id=f"j{i}",
+                        total_size=rng.randrange(10_000),
+                        offset=rng.choice([0, rng.randrange(100)]),
+                        data=bytes(data[:50]),
+                        last=rng.random() < 0.5,
+                    )
                 )
-            )
+            for frame in message_frames(task.metadata.message_id, [bytes(data)], 97):
+                outbox.put(frame)
+            mailbox.get(time.monotonic() + 0.2)
+            mailbox.cancel()
         time.sleep(1.0)
         assert server.refused
         replies = Replies()

@@ -36,6 +36,7 @@ def start_server(
     resume: bool = False,
     callbacks: Sequence[RoundCallback] = (),
     heartbeat_timeout: float = 30.0,
+    max_staged_uploads: int = 2,
     on_started: object = None,
 ) -> History:
     """Serve a federation and run ``config.num_rounds`` rounds of ``strategy``.
@@ -49,7 +50,9 @@ def start_server(
     fedhive adds ``require_client_auth`` (mutual TLS), ``auth_tokens`` (``node_id ->
     token`` of enrolled clients; others are refused before they receive anything),
     ``checkpoint_dir``/``resume`` (a server killed at any moment loses no finished round),
-    ``seed`` and ``callbacks``. ``on_started(server)`` is called once the port is open.
+    ``seed`` and ``callbacks``, and ``max_staged_uploads`` (client uploads held in memory
+    at once; more wait in flow control). Uploads are folded as they arrive (deployment
+    does not promise bit-reproducible sums). ``on_started(server)`` runs once listening.
     """
     from fedhive.transport.grpc_server import GrpcServer, ServerSecurity
 
@@ -66,6 +69,7 @@ def start_server(
         security=security,
         max_message_bytes=limit,
         heartbeat_timeout=heartbeat_timeout,
+        max_staged_uploads=max_staged_uploads,
     ).start()
     log.info("fedhive server listening on port %s", server.port)
     if callable(on_started):
@@ -80,6 +84,7 @@ def start_server(
         run_id=secrets.randbits(62),
         callbacks=callbacks,
         checkpointer=checkpointer,
+        ordered=False,  # fold uploads as they arrive: no reorder buffer of client models
     )
     try:
         if resume and checkpointer is not None and checkpointer.restore(engine):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from fedhive.common.clock import Clock, SystemClock
 from fedhive.common.message import Message
@@ -25,22 +25,45 @@ class Replies:
 
     def __init__(self, clock: Clock | None = None) -> None:
         self.clock = clock or SystemClock()
-        self._mailbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
+        self._mailbox: queue.SimpleQueue[tuple[Message, Callable[[], None] | None]] = (
+            queue.SimpleQueue()
+        )
         self._cancelled = threading.Event()
 
-    def put(self, reply: Message) -> None:
-        self._mailbox.put(reply)
+    def put(self, reply: Message, on_taken: Callable[[], None] | None = None) -> None:
+        """Deliver a reply; ``on_taken`` runs when the engine takes it (to free staging).
+
+        After :meth:`cancel` nobody will take it, so it is dropped at once.
+        """
+        if self.cancelled:
+            if on_taken is not None:
+                on_taken()
+            return
+        self._mailbox.put((reply, on_taken))
 
     def get(self, deadline: float | None = None) -> Message | None:
         """The next reply, or ``None`` once ``deadline`` (engine clock time) has passed."""
         try:
-            return self.clock.wait(self._mailbox, deadline)
+            reply, on_taken = self.clock.wait(self._mailbox, deadline)
         except queue.Empty:
             return None
+        if on_taken is not None:
+            on_taken()
+        return reply
 
     def cancel(self) -> None:
-        """Tell the transport that replies are no longer wanted (tasks not started are dropped)."""
+        """Tell the transport that replies are no longer wanted (tasks not started are dropped).
+
+        Replies already delivered but not taken are released.
+        """
         self._cancelled.set()
+        while True:
+            try:
+                _, on_taken = self._mailbox.get_nowait()
+            except queue.Empty:
+                return
+            if on_taken is not None:
+                on_taken()
 
     @property
     def cancelled(self) -> bool:

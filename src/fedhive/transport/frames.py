@@ -54,6 +54,16 @@ class Assembler:
         self.max_open = max_open
         self._open: dict[str, tuple[bytearray, int]] = {}
 
+    def is_open(self, message_id: str) -> bool:
+        return message_id in self._open
+
+    @property
+    def open_count(self) -> int:
+        return len(self._open)
+
+    def clear(self) -> None:
+        self._open.clear()
+
     def add(self, frame: Frame) -> tuple[str, bytearray] | None:
         """Add one frame; ``(message_id, bytes)`` when a message is complete."""
         mid = frame.message_id

@@ -12,6 +12,11 @@ only from the connection of the node the task was sent to. A client that disconn
 stops sending heartbeats fails its pending tasks at once, so the round goes on without it.
 Malformed, oversized or unexpected frames are logged with the node's id and dropped; the
 server keeps serving everyone else.
+
+Memory: at most ``max_staged_uploads`` client uploads are held at once (being received
+or waiting for the engine to fold them); further uploads wait in gRPC flow control, so
+server memory stays near global model + aggregate + the cap, whatever the number of
+clients.
 """
 
 from __future__ import annotations
@@ -85,6 +90,7 @@ class _Connection:
     outbox: asyncio.Queue[list[Frame] | None]
     pending: dict[str, _Pending] = field(default_factory=dict)
     last_seen: float = 0.0
+    waiting: bool = False  # held back by the staging cap, not silent
 
 
 class GrpcServer(Transport):
@@ -100,6 +106,7 @@ class GrpcServer(Transport):
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         heartbeat_timeout: float = 30.0,
         protocol_version: int = PROTOCOL_VERSION,
+        max_staged_uploads: int = 2,
     ) -> None:
         self.address = address
         self.client_manager = client_manager or SimpleClientManager(wait_timeout=0.0)
@@ -108,6 +115,10 @@ class GrpcServer(Transport):
         self.chunk_bytes = chunk_bytes
         self.heartbeat_timeout = heartbeat_timeout
         self.protocol_version = protocol_version
+        if max_staged_uploads < 1:
+            raise TransportError(f"max_staged_uploads must be >= 1, got {max_staged_uploads}")
+        self.max_staged_uploads = max_staged_uploads
+        self._staging: asyncio.Semaphore | None = None
         self.port: int | None = None
         self._connections: dict[str, _Connection] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -159,6 +170,7 @@ class GrpcServer(Transport):
         if port == 0:
             raise TransportError(f"could not bind {self.address}")
         await server.start()
+        self._staging = asyncio.Semaphore(self.max_staged_uploads)
         self._server = server
         self.port = port
         self._watchdog = asyncio.get_running_loop().create_task(self._watch_heartbeats())
@@ -248,22 +260,35 @@ class GrpcServer(Transport):
         log.info("client %s left: %s", conn.node_id, reason)
 
     def _deliver(self, conn: _Connection, data: bytearray) -> None:
+        """Hand a complete upload to the engine; its staging slot frees when it is taken."""
         try:
             reply = decode_wire(data)
         except SerdeError as exc:
+            self._unstage()
             self._refuse(conn, f"malformed message: {exc}")
             self._fail_only_task(conn, f"its reply was malformed: {exc}")
             return
         meta = reply.metadata
         pending = conn.pending.pop(meta.reply_to, None)
         if pending is None:
+            self._unstage()
             self._refuse(conn, f"reply to a task it was not given ({meta.reply_to!r})")
             return
         if meta.node_id != conn.node_id:
+            self._unstage()
             pending.replies.put(pending.task.error_reply("reply carried another node's id"))
             self._refuse(conn, f"reply claims to come from {meta.node_id!r}")
             return
-        pending.replies.put(reply)
+        pending.replies.put(reply, on_taken=self._unstage_from_engine)
+
+    def _unstage(self) -> None:
+        if self._staging is not None:
+            self._staging.release()
+
+    def _unstage_from_engine(self) -> None:
+        loop = self._loop
+        if loop is not None and loop.is_running():
+            loop.call_soon_threadsafe(self._unstage)
 
     def _fail_only_task(self, conn: _Connection, reason: str) -> None:
         """A refused reply answers the task when the client had only one."""
@@ -283,7 +308,7 @@ class GrpcServer(Transport):
             await asyncio.sleep(min(1.0, self.heartbeat_timeout / 4))
             now = loop.time()
             for conn in list(self._connections.values()):
-                if now - conn.last_seen > self.heartbeat_timeout:
+                if not conn.waiting and now - conn.last_seen > self.heartbeat_timeout:
                     self._drop(conn, f"no heartbeat for {self.heartbeat_timeout:.0f} s")
                     conn.outbox.put_nowait(None)
 
@@ -332,6 +357,17 @@ class _Servicer(fleet_pb2_grpc.FleetServicer):
             reader.cancel()
             server._drop(conn, "the client disconnected")
 
+    async def _stage(self, conn: _Connection) -> None:
+        staging = self.server._staging
+        if staging is None:
+            return
+        conn.waiting = True
+        try:
+            await staging.acquire()
+        finally:
+            conn.waiting = False
+            conn.last_seen = asyncio.get_running_loop().time()
+
     async def _read(self, conn: _Connection, context: aio.ServicerContext) -> None:
         server = self.server
         assembler = Assembler(server.max_message_bytes)
@@ -347,9 +383,16 @@ class _Servicer(fleet_pb2_grpc.FleetServicer):
                 if frame.kind != Frame.MESSAGE:
                     server._refuse(conn, f"unexpected frame kind {frame.kind}")
                     continue
+                if not assembler.is_open(frame.message_id):
+                    if assembler.open_count >= len(conn.pending):
+                        server._refuse(conn, "upload without a task waiting for it")
+                        continue
+                    await self._stage(conn)  # backpressure: at most N uploads held at once
                 try:
                     done = assembler.add(frame)
                 except SerdeError as exc:
+                    if not assembler.is_open(frame.message_id):
+                        server._unstage()
                     server._refuse(conn, str(exc))
                     server._fail_only_task(conn, f"its reply was refused: {exc}")
                     continue
@@ -357,5 +400,9 @@ class _Servicer(fleet_pb2_grpc.FleetServicer):
                     server._deliver(conn, done[1])
         except (aio.AioRpcError, asyncio.CancelledError):
             pass
+        finally:
+            for _ in range(assembler.open_count):  # abandoned uploads free their slots
+                server._unstage()
+            assembler.clear()
         server._drop(conn, "the client disconnected")
         conn.outbox.put_nowait(None)
