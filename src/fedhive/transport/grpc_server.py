@@ -25,7 +25,7 @@ import asyncio
 import hmac
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,7 +87,7 @@ class _Pending:
 @dataclass
 class _Connection:
     node_id: str
-    outbox: asyncio.Queue[list[Frame] | None]
+    outbox: asyncio.Queue[Iterable[Frame] | None]
     pending: dict[str, _Pending] = field(default_factory=dict)
     last_seen: float = 0.0
     waiting: bool = False  # held back by the staging cap, not silent
@@ -218,7 +218,8 @@ class GrpcServer(Transport):
                 replies.put(task.error_reply("the client is not connected"))
                 continue
             conn.pending[task.metadata.message_id] = _Pending(task, replies)
-            frames = list(message_frames(task.metadata.message_id, pieces, self.chunk_bytes))
+            # lazily chunked: one chunk copy at a time, the encoded model shared by all
+            frames = message_frames(task.metadata.message_id, pieces, self.chunk_bytes)
             conn.outbox.put_nowait(frames)
 
     # -- connections -------------------------------------------------------------------------
