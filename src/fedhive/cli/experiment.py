@@ -12,6 +12,7 @@ import numpy as np
 
 from fedhive.cli.config import ExperimentConfig
 from fedhive.client.context import Context
+from fedhive.client.mods import scaffold_correction
 from fedhive.client.numpy_client import NumPyClient
 from fedhive.common.errors import ConfigError
 from fedhive.common.records import Config, NDArrays, Scalar, ndarrays_to_parameters
@@ -110,23 +111,52 @@ class ModelSpec:
 
 
 def train_eval(
-    spec: ModelSpec, parameters: NDArrays, x: np.ndarray, y: np.ndarray, config: Config, seed: int
+    spec: ModelSpec,
+    parameters: NDArrays,
+    x: np.ndarray,
+    y: np.ndarray,
+    config: Config,
+    seed: int,
+    correction: NDArrays | None = None,
 ) -> tuple[NDArrays, dict[str, float | int]]:
-    """One client's local training with the reference loops."""
+    """One client's local training with the reference loops.
+
+    Reads ``"proximal_mu"`` (FedProx) from ``config`` when present; ``correction`` is
+    SCAFFOLD's ``c - c_i``, added to every gradient.
+    """
     epochs, batch = int(config["local_epochs"]), int(config["batch_size"])
     lr, momentum = float(config["lr"]), float(config["momentum"])
+    mu = float(config.get("proximal_mu", 0.0))
     if spec.name == "logreg":
         from fedhive.models import numpy_lr
 
         return numpy_lr.train(
-            parameters, x, y, epochs=epochs, batch_size=batch, lr=lr, seed=seed, momentum=momentum
+            parameters,
+            x,
+            y,
+            epochs=epochs,
+            batch_size=batch,
+            lr=lr,
+            seed=seed,
+            momentum=momentum,
+            proximal_mu=mu,
+            correction=correction,
         )
     from fedhive.models.torch_models import get_weights, set_weights, train_torch
 
     model = spec.torch_model()
     set_weights(model, parameters)
     info = train_torch(
-        model, x, y, epochs=epochs, batch_size=batch, lr=lr, momentum=momentum, seed=seed
+        model,
+        x,
+        y,
+        epochs=epochs,
+        batch_size=batch,
+        lr=lr,
+        momentum=momentum,
+        seed=seed,
+        proximal_mu=mu,
+        correction=correction,
     )
     return get_weights(model), info
 
@@ -146,7 +176,12 @@ def evaluate_params(
 
 
 class SimClient(NumPyClient):
-    """A simulated participant: local SGD on its own shard, evaluation on its held-out part."""
+    """A simulated participant: local SGD on its own shard, evaluation on its held-out part.
+
+    Follows FedProx's ``"proximal_mu"`` fit config, reports ``"num_steps"`` (FedNova,
+    SCAFFOLD) and ``"loss"``, and applies SCAFFOLD's correction when run with
+    ``fedhive.client.mods.scaffold_mod``.
+    """
 
     def __init__(self, spec: ModelSpec, train: tuple[Any, Any], val: tuple[Any, Any]) -> None:
         self.spec = spec
@@ -154,8 +189,18 @@ class SimClient(NumPyClient):
 
     def fit(self, parameters: NDArrays, config: Config) -> tuple[NDArrays, int, dict[str, Scalar]]:
         seed = self.context.seed if self._context is not None else 0
-        new, info = train_eval(self.spec, parameters, *self.train, config, seed)
-        return new, len(self.train[1]), {"loss": float(info["loss"])}
+        correction = scaffold_correction(self.context) if self._context is not None else None
+        if config.get("scaffold") and correction is None:
+            raise ConfigError(
+                "this fit is a SCAFFOLD round but no control variate correction was found: "
+                "run the clients with mods=[fedhive.client.mods.scaffold_mod]"
+            )
+        new, info = train_eval(self.spec, parameters, *self.train, config, seed, correction)
+        metrics: dict[str, Scalar] = {
+            "loss": float(info["loss"]),
+            "num_steps": int(info["num_steps"]),
+        }
+        return new, len(self.train[1]), metrics
 
     def evaluate(
         self, parameters: NDArrays, config: Config

@@ -187,6 +187,22 @@ def _momentum_step(
         state[i] = state[i] - lr * velocity[i]
 
 
+def _correction(
+    correction: NDArrays | None, weights: Float64, bias: Float64
+) -> list[Float64] | None:
+    if correction is None:
+        return None
+    if len(correction) != 2:
+        raise ConfigError(f"correction must be [dW, db], got {len(correction)} arrays")
+    shift = [np.asarray(c, dtype=np.float64) for c in correction]
+    if shift[0].shape != weights.shape or shift[1].shape != bias.shape:
+        raise ConfigError(
+            f"correction shapes {[c.shape for c in shift]} differ from the model's "
+            f"{[weights.shape, bias.shape]}"
+        )
+    return shift
+
+
 def train(
     params: NDArrays,
     x: npt.ArrayLike,
@@ -201,6 +217,7 @@ def train(
     global_params: NDArrays | None = None,
     max_steps: int | None = None,
     l2: float = 0.0,
+    correction: NDArrays | None = None,
 ) -> tuple[NDArrays, dict[str, float | int]]:
     """Local SGD on ``(x, y)`` starting from ``params`` (which are not modified).
 
@@ -211,6 +228,8 @@ def train(
     ``proximal_mu > 0`` adds FedProx's ``mu/2 ||w - w_global||^2`` (Li et al. 2020) where
     ``w_global`` is ``global_params``, by default the starting ``params``. Training stops
     after ``max_steps`` steps if given (partial local work, as FedProx allows).
+    ``correction`` (``[dW, db]``) is added to every gradient: SCAFFOLD's ``c - c_i``
+    (Karimireddy et al. 2020; see ``fedhive.client.mods.scaffold_correction``).
 
     Returns:
         The new ``[W, b]`` (input dtypes) and ``{"loss": mean minibatch loss,
@@ -224,6 +243,7 @@ def train(
     anchor = _unpack(global_params) if global_params is not None else (weights, bias)
     if anchor[0].shape != weights.shape or anchor[1].shape != bias.shape:
         raise ConfigError("global_params must have the same shapes as params")
+    shift = _correction(correction, weights, bias)
     state = [weights.copy(), bias.copy()]
     velocity = [np.zeros_like(weights), np.zeros_like(bias)]
     steps, seen, loss_sum = 0, 0, 0.0
@@ -234,6 +254,8 @@ def train(
         if proximal_mu > 0:
             pull = zip(grads, state, anchor, strict=True)
             grads = [g + proximal_mu * (w - a) for g, w, a in pull]
+        if shift is not None:
+            grads = [g + s for g, s in zip(grads, shift, strict=True)]
         _momentum_step(state, velocity, grads, lr=lr, momentum=momentum)
         steps, seen, loss_sum = steps + 1, seen + len(batch), loss_sum + loss
     new_params: list[NDArray] = [state[0].astype(params[0].dtype), state[1].astype(params[1].dtype)]

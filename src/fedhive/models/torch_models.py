@@ -234,6 +234,7 @@ def _sgd_loop(
     *,
     proximal_mu: float,
     anchor: list[torch.Tensor],
+    shift: list[tuple[torch.Tensor, torch.Tensor]],
 ) -> tuple[int, int, float]:
     """Run the optimizer over ``batches``; returns (steps, samples seen, summed loss)."""
     steps, seen, loss_sum = 0, 0, 0.0
@@ -243,10 +244,40 @@ def _sgd_loop(
         loss = nn.functional.cross_entropy(model(xt[batch]), yt[batch])
         total = loss + 0.5 * proximal_mu * _proximal_term(model, anchor) if proximal_mu else loss
         total.backward()
+        for param, extra in shift:
+            if param.grad is None:
+                param.grad = extra.clone()
+            else:
+                param.grad.add_(extra)
         optimizer.step()
         steps, seen = steps + 1, seen + len(batch)
         loss_sum += float(loss.detach()) * len(batch)
     return steps, seen, loss_sum
+
+
+def _gradient_shift(
+    model: nn.Module, correction: Sequence[npt.ArrayLike] | None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(trainable parameter, tensor added to its gradient) pairs from ``correction``."""
+    if correction is None:
+        return []
+    entries = model.state_dict(keep_vars=True)
+    if len(correction) != len(entries):
+        raise ConfigError(
+            f"correction has {len(correction)} arrays but the model has {len(entries)} "
+            "weight tensors (one per get_weights entry)"
+        )
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for (key, tensor), value in zip(entries.items(), correction, strict=True):
+        array = np.asarray(value)
+        if tuple(array.shape) != tuple(tensor.shape):
+            raise ConfigError(
+                f"correction for {key!r} has shape {array.shape}, expected {tuple(tensor.shape)}"
+            )
+        if isinstance(tensor, nn.Parameter) and tensor.requires_grad:
+            extra = torch.as_tensor(array).to(dtype=tensor.dtype, device=tensor.device)
+            pairs.append((tensor, extra))
+    return pairs
 
 
 def train_torch(
@@ -262,6 +293,7 @@ def train_torch(
     proximal_mu: float = 0.0,
     weight_decay: float = 0.0,
     max_steps: int | None = None,
+    correction: Sequence[npt.ArrayLike] | None = None,
 ) -> dict[str, float | int]:
     """Train ``model`` in place with SGD and cross-entropy on ``(x, y)``.
 
@@ -270,7 +302,10 @@ def train_torch(
     :class:`torch.Generator` seeded with ``seed``; ``batch_size <= 0`` takes one
     full-batch step per epoch (FedSGD). ``proximal_mu > 0`` adds FedProx's
     ``mu/2 ||w - w_global||^2`` with ``w_global`` the weights at the start of the call
-    (Li et al. 2020). Training stops after ``max_steps`` steps if given.
+    (Li et al. 2020). Training stops after ``max_steps`` steps if given. ``correction``
+    (one array per :func:`get_weights` entry) is added to the gradient of every trainable
+    parameter at every step, SCAFFOLD's ``c - c_i`` (Karimireddy et al. 2020); entries for
+    buffers are ignored.
 
     Returns:
         ``{"loss": mean cross-entropy over the samples seen, "num_examples": len(x)
@@ -281,6 +316,7 @@ def train_torch(
     batches = _minibatches(len(yt), epochs, batch_size, torch.Generator().manual_seed(seed))
     batches = itertools.islice(batches, max_steps)
     anchor = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    shift = _gradient_shift(model, correction)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay
     )
@@ -288,7 +324,14 @@ def train_torch(
     model.train()
     try:
         steps, seen, loss_sum = _sgd_loop(
-            model, optimizer, xt, yt, batches, proximal_mu=proximal_mu, anchor=anchor
+            model,
+            optimizer,
+            xt,
+            yt,
+            batches,
+            proximal_mu=proximal_mu,
+            anchor=anchor,
+            shift=shift,
         )
     finally:
         model.train(was_training)

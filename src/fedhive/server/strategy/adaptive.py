@@ -1,0 +1,167 @@
+"""Strategies that differ from FedAvg only in their server optimizer.
+
+Each is a :class:`~fedhive.server.strategy.composed.ComposedStrategy` of FedAvg's sampling,
+the streaming weighted mean (O(model) memory) and a server optimizer from
+:mod:`fedhive.server.strategy.optimizers` applied to the pseudo-gradient
+``delta = mean - x``. The optimizer state (momentum, moments, step count) is part of
+:meth:`state_dict`, so a run resumed from a checkpoint continues identically.
+"""
+
+from __future__ import annotations
+
+from typing import Unpack, final
+
+from fedhive.common.errors import ConfigError
+from fedhive.server.strategy.composed import ComposedStrategy, FedAvgArgs, MeanRule
+from fedhive.server.strategy.fedavg import FedAvg
+from fedhive.server.strategy.optimizers import Adaptive, ServerSGD, check_positive
+
+__all__ = ["FedAdagrad", "FedAdam", "FedAvgM", "FedYogi"]
+
+
+@final
+class FedAvgM(ComposedStrategy):
+    """FedAvg with server momentum.
+
+    Hsu, Qi, Brown. "Measuring the Effects of Non-Identical Data Distribution for
+    Federated Visual Classification." arXiv:1909.06335, 2019.
+
+    ``v <- server_momentum * v + delta``, ``x <- x + server_learning_rate * v`` with
+    ``delta`` the weighted mean minus the global model. With ``server_momentum=0`` and
+    ``server_learning_rate=1`` this is FedAvg. ``server_momentum`` must be in [0, 1) and
+    ``server_learning_rate > 0``. Memory: O(model) for the mean and one float64 copy of
+    the model for the momentum.
+
+    Example::
+
+        strategy = FedAvgM(server_learning_rate=1.0, server_momentum=0.9)
+    """
+
+    def __init__(
+        self,
+        *,
+        server_learning_rate: float = 1.0,
+        server_momentum: float = 0.0,
+        **fedavg: Unpack[FedAvgArgs],
+    ) -> None:
+        optimizer = ServerSGD(server_learning_rate, server_momentum)
+        self.server_learning_rate = optimizer.lr
+        self.server_momentum = optimizer.momentum
+        super().__init__(sampling=FedAvg(**fedavg), rule=MeanRule(), server_optimizer=optimizer)
+
+
+def _adaptive_sampling(name: str, fedavg: FedAvgArgs, eta_l: float) -> FedAvg:
+    check_positive("eta_l", eta_l)
+    if fedavg.get("initial_parameters") is None:
+        raise ConfigError(
+            f"{name} needs initial_parameters (as in Flower): the server optimizer works on "
+            "the global model from the first round on"
+        )
+    return FedAvg(**fedavg)
+
+
+@final
+class FedAdam(ComposedStrategy):
+    """FedAvg with server-side Adam on the pseudo-gradient.
+
+    Reddi, Charles, Zaheer, Garrett, Rush, Konečný, Kumar, McMahan. "Adaptive Federated
+    Optimization." ICLR 2021 (FedAdam, Algorithm 2)::
+
+        m <- beta_1 m + (1 - beta_1) delta
+        v <- beta_2 v + (1 - beta_2) delta^2
+        x <- x + eta * m / (sqrt(v) + tau)
+
+    ``m`` starts at 0 and ``v`` at ``tau^2`` as in the paper. fedhive follows the paper
+    and applies no bias correction by default, whereas recent Flower versions scale
+    ``eta`` by Adam's bias correction; pass ``bias_correction=True`` for that behaviour.
+    ``eta_l`` (the clients' learning rate) is recorded as in Flower but not sent: set the
+    clients' learning rate with ``on_fit_config_fn``. ``initial_parameters`` is required.
+    Memory: O(model) for the mean plus two float64 copies of the model (m and v).
+
+    Example::
+
+        strategy = FedAdam(initial_parameters=params, eta=0.01, tau=1e-3)
+    """
+
+    def __init__(
+        self,
+        *,
+        eta: float = 1e-1,
+        eta_l: float = 1e-1,
+        beta_1: float = 0.9,
+        beta_2: float = 0.99,
+        tau: float = 1e-9,
+        bias_correction: bool = False,
+        **fedavg: Unpack[FedAvgArgs],
+    ) -> None:
+        sampling = _adaptive_sampling("FedAdam", fedavg, eta_l)
+        optimizer = Adaptive(
+            "adam", eta=eta, beta_1=beta_1, beta_2=beta_2, tau=tau, bias_correction=bias_correction
+        )
+        self.eta, self.eta_l, self.tau = optimizer.eta, float(eta_l), optimizer.tau
+        self.beta_1, self.beta_2 = optimizer.beta_1, optimizer.beta_2
+        super().__init__(sampling=sampling, rule=MeanRule(), server_optimizer=optimizer)
+
+
+@final
+class FedYogi(ComposedStrategy):
+    """FedAvg with server-side Yogi on the pseudo-gradient.
+
+    Reddi et al. "Adaptive Federated Optimization." ICLR 2021 (FedYogi, Algorithm 2):
+    as FedAdam but ``v <- v - (1 - beta_2) delta^2 sign(v - delta^2)``, so the
+    effective learning rate changes more gently. ``m`` starts at 0, ``v`` at ``tau^2``;
+    no bias correction. ``eta_l`` is recorded, not sent. ``initial_parameters`` is
+    required. Memory: O(model) plus two float64 copies of the model.
+
+    Example::
+
+        strategy = FedYogi(initial_parameters=params, eta=0.01, tau=1e-3)
+    """
+
+    def __init__(
+        self,
+        *,
+        eta: float = 1e-2,
+        eta_l: float = 0.0316,
+        beta_1: float = 0.9,
+        beta_2: float = 0.99,
+        tau: float = 1e-3,
+        **fedavg: Unpack[FedAvgArgs],
+    ) -> None:
+        sampling = _adaptive_sampling("FedYogi", fedavg, eta_l)
+        optimizer = Adaptive("yogi", eta=eta, beta_1=beta_1, beta_2=beta_2, tau=tau)
+        self.eta, self.eta_l, self.tau = optimizer.eta, float(eta_l), optimizer.tau
+        self.beta_1, self.beta_2 = optimizer.beta_1, optimizer.beta_2
+        super().__init__(sampling=sampling, rule=MeanRule(), server_optimizer=optimizer)
+
+
+@final
+class FedAdagrad(ComposedStrategy):
+    """FedAvg with server-side Adagrad on the pseudo-gradient.
+
+    Reddi et al. "Adaptive Federated Optimization." ICLR 2021 (FedAdagrad, Algorithm 2):
+    ``v <- v + delta^2``, ``x <- x + eta * m / (sqrt(v) + tau)`` with
+    ``m <- beta_1 m + (1 - beta_1) delta``. ``beta_1`` defaults to 0 (``m = delta``, the
+    form Flower implements); the paper allows momentum, so fedhive accepts ``beta_1``.
+    ``v`` starts at ``tau^2``. ``eta_l`` is recorded, not sent. ``initial_parameters`` is
+    required. Memory: O(model) plus two float64 copies of the model.
+
+    Example::
+
+        strategy = FedAdagrad(initial_parameters=params, eta=0.1, tau=1e-3)
+    """
+
+    def __init__(
+        self,
+        *,
+        eta: float = 1e-1,
+        eta_l: float = 1e-1,
+        tau: float = 1e-9,
+        beta_1: float = 0.0,
+        **fedavg: Unpack[FedAvgArgs],
+    ) -> None:
+        sampling = _adaptive_sampling("FedAdagrad", fedavg, eta_l)
+        optimizer = Adaptive("adagrad", eta=eta, beta_1=beta_1, beta_2=0.0, tau=tau)
+        self.eta, self.eta_l, self.tau = optimizer.eta, float(eta_l), optimizer.tau
+        self.beta_1 = optimizer.beta_1
+        super().__init__(sampling=sampling, rule=MeanRule(), server_optimizer=optimizer)

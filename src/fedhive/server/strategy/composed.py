@@ -1,0 +1,329 @@
+"""Strategies built from parts: sampling, an aggregation rule and a server optimizer.
+
+:class:`ComposedStrategy` is the one concrete shape behind FedAvgM, FedProx, FedAdam,
+FedYogi, FedAdagrad, QFedAvg, FedNova, the robust rules and SCAFFOLD. Each round:
+
+1. **sampling** (a :class:`~fedhive.server.strategy.fedavg.FedAvg` instance, used for its
+   client selection, configs, evaluation and metrics) picks clients and writes the
+   :class:`~fedhive.common.records.FitIns`; ``fit_config`` entries are added to every
+   client's config (FedProx's ``"proximal_mu"``);
+2. the **rule** folds the replies into an aggregate model: a streaming weighted mean
+   (O(model) memory) or a buffering robust rule (O(clients x model), see ``robust.py``);
+3. the **server optimizer** (if any) moves the global model ``x`` along the
+   pseudo-gradient ``aggregate - x`` (SGD with momentum, Adam, Yogi, Adagrad); without
+   one the aggregate is the next model.
+
+Example, Krum selection followed by server-side Adam::
+
+    from fedhive.server.strategy import ComposedStrategy, FedAvg
+    from fedhive.server.strategy.optimizers import Adaptive
+    from fedhive.server.strategy.robust import KrumRule
+
+    strategy = ComposedStrategy(
+        sampling=FedAvg(min_fit_clients=10, min_available_clients=10),
+        rule=KrumRule(num_malicious_clients=2),
+        server_optimizer=Adaptive("adam", eta=0.01, beta_1=0.9, beta_2=0.99, tau=1e-3),
+    )
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Protocol, TypedDict
+
+import numpy as np
+
+from fedhive.common.errors import ConfigError, InvalidUpdate, SerdeError
+from fedhive.common.records import (
+    Config,
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    NDArray,
+    NDArrays,
+    Parameters,
+    RecordDict,
+    Scalar,
+    check_scalar_mapping,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from fedhive.server.client_manager import ClientManager, ClientProxy
+from fedhive.server.strategy.aggregate import WeightedMean, check_update
+from fedhive.server.strategy.base import Aggregator, EvaluateResults, FitResults, Strategy
+from fedhive.server.strategy.fedavg import EvaluateFn, FedAvg, MetricsAggregationFn
+from fedhive.server.strategy.optimizers import ServerOptimizer
+
+__all__ = [
+    "AggregationRule",
+    "ComposedStrategy",
+    "FedAvgArgs",
+    "Fold",
+    "MeanRule",
+    "cast_like",
+]
+
+
+class FedAvgArgs(TypedDict, total=False):
+    """FedAvg's keyword arguments, which every composed strategy accepts and passes on."""
+
+    fraction_fit: float
+    fraction_evaluate: float
+    min_fit_clients: int
+    min_evaluate_clients: int
+    min_available_clients: int
+    evaluate_fn: EvaluateFn | None
+    on_fit_config_fn: Callable[[int], Config] | None
+    on_evaluate_config_fn: Callable[[int], Config] | None
+    accept_failures: bool
+    initial_parameters: Parameters | None
+    fit_metrics_aggregation_fn: MetricsAggregationFn | None
+    evaluate_metrics_aggregation_fn: MetricsAggregationFn | None
+    inplace: bool
+    max_num_examples: int | None
+
+
+class Fold(Protocol):
+    """One round of an aggregation rule.
+
+    ``add`` receives a reply already checked against the global model (count, shapes,
+    finite values). It may raise :class:`InvalidUpdate` (a missing metric, say) and must
+    then leave the fold unchanged. ``result`` returns the aggregate model (any float
+    dtype; it is cast to the model's dtypes later) or ``None`` when there is none.
+    """
+
+    def add(self, client_id: str, arrays: NDArrays, result: FitRes) -> None: ...
+
+    def result(self) -> NDArrays | None: ...
+
+
+class AggregationRule(Protocol):
+    """Starts a :class:`Fold` for a round; ``weight`` maps ``num_examples`` to a weight."""
+
+    def start(
+        self, server_round: int, reference: NDArrays, weight: Callable[[int], float]
+    ) -> Fold: ...
+
+
+def cast_like(arrays: Sequence[NDArray], reference: Sequence[NDArray]) -> NDArrays:
+    """Float layers back to the model's dtype; integer and bool layers stay float64.
+
+    The same rule as :class:`~fedhive.server.strategy.aggregate.WeightedMean`.
+    """
+    out = []
+    for arr, ref in zip(arrays, reference, strict=True):
+        dtype = ref.dtype if ref.dtype.kind == "f" else np.float64
+        out.append(np.asarray(arr).astype(dtype, copy=False))
+    return out
+
+
+class MeanRule:
+    """Weighted mean of the models, weights ``num_examples`` (FedAvg's rule).
+
+    Memory: O(model), a float64 accumulator plus one scratch layer.
+    """
+
+    def __repr__(self) -> str:
+        return "MeanRule()"
+
+    def start(self, server_round: int, reference: NDArrays, weight: Callable[[int], float]) -> Fold:
+        return _MeanFold(server_round, reference, weight)
+
+
+class _MeanFold:
+    def __init__(
+        self, server_round: int, reference: NDArrays, weight: Callable[[int], float]
+    ) -> None:
+        self.server_round = server_round
+        self.mean = WeightedMean(reference)
+        self.weight = weight
+
+    def add(self, client_id: str, arrays: NDArrays, result: FitRes) -> None:
+        self.mean.add(
+            arrays,
+            self.weight(result.num_examples),
+            client_id=client_id,
+            server_round=self.server_round,
+            check=False,
+        )
+
+    def result(self) -> NDArrays | None:
+        return self.mean.result()
+
+
+class ComposedStrategy(Strategy):
+    """A strategy made of sampling, an aggregation rule and an optional server optimizer.
+
+    ``sampling`` is a :class:`FedAvg` used for everything but fit aggregation: client
+    selection, fit/evaluate configs, ``accept_failures``, example weights
+    (``max_num_examples``), centralized evaluation and metrics aggregation. Its options
+    are readable as ``strategy.sampling.fraction_fit`` and so on.
+
+    ``fit_config`` entries are added to every fit config after ``on_fit_config_fn`` has
+    run (so they win); the caller's dicts are never modified.
+
+    State (:meth:`state_dict`) is the server optimizer's; stateless without one.
+    """
+
+    #: The engine checks each reply against the global model before the rule sees it.
+    #: Strategies whose replies carry extra arrays (SCAFFOLD) set this to False and check
+    #: the replies themselves.
+    validate_fit_results = True
+
+    def __init__(
+        self,
+        *,
+        sampling: FedAvg,
+        rule: AggregationRule,
+        server_optimizer: ServerOptimizer | None = None,
+        fit_config: Mapping[str, Scalar] | None = None,
+    ) -> None:
+        if not isinstance(sampling, FedAvg):
+            raise ConfigError(f"sampling must be a FedAvg, got {type(sampling).__name__}")
+        self.sampling = sampling
+        self.rule = rule
+        self.server_optimizer = server_optimizer
+        try:
+            self.fit_config = check_scalar_mapping(fit_config or {}, "fit_config")
+        except SerdeError as exc:
+            raise ConfigError(str(exc)) from exc
+        self._current: Parameters | None = None
+
+    def __repr__(self) -> str:
+        parts = [f"rule={self.rule!r}"]
+        if self.server_optimizer is not None:
+            parts.append(f"server_optimizer={self.server_optimizer!r}")
+        if self.fit_config:
+            parts.append(f"fit_config={self.fit_config!r}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+    # -- everything but fit aggregation comes from the sampling part ----------------------
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        return self.sampling.initialize_parameters(client_manager)
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        self._current = parameters
+        instructions = self.sampling.configure_fit(server_round, parameters, client_manager)
+        if not self.fit_config:
+            return instructions
+        return [
+            (client, FitIns(ins.parameters, {**ins.config, **self.fit_config}))
+            for client, ins in instructions
+        ]
+
+    def configure_evaluate(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        return self.sampling.configure_evaluate(server_round, parameters, client_manager)
+
+    def aggregate_evaluate(
+        self,
+        server_round: int,
+        results: EvaluateResults,
+        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        return self.sampling.aggregate_evaluate(server_round, results, failures)
+
+    def evaluate(
+        self, server_round: int, parameters: Parameters
+    ) -> tuple[float, dict[str, Scalar]] | None:
+        return self.sampling.evaluate(server_round, parameters)
+
+    # -- fit aggregation ------------------------------------------------------------------
+
+    def fit_aggregator(self, server_round: int, parameters: Parameters) -> Aggregator:
+        reference = parameters_to_ndarrays(parameters)
+        return ComposedRound(self, server_round, reference, check=not self.validate_fit_results)
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: FitResults,
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Flower's list-based call: the global model is the one last given to configure_fit."""
+        if self._current is None:
+            raise ConfigError(
+                f"{type(self).__name__}.aggregate_fit needs the current global model: call "
+                "configure_fit first (the engine uses fit_aggregator instead)"
+            )
+        aggregator = self.fit_aggregator(server_round, self._current)
+        if isinstance(aggregator, ComposedRound):
+            aggregator.check = True  # nobody validated these results
+        for client, res in results:
+            aggregator.add(client, res)
+        for failure in failures:
+            aggregator.add_failure(failure)  # type: ignore[arg-type]
+        params, metrics = aggregator.finalize()
+        return params, metrics
+
+    def apply(self, reference: NDArrays, aggregate: NDArrays) -> NDArrays:
+        """The next global model from the current one and this round's aggregate."""
+        if self.server_optimizer is None:
+            return cast_like(aggregate, reference)
+        delta = [
+            np.asarray(a, dtype=np.float64) - np.asarray(x, dtype=np.float64)
+            for a, x in zip(aggregate, reference, strict=True)
+        ]
+        return cast_like(self.server_optimizer.step(reference, delta), reference)
+
+    def state_dict(self) -> RecordDict:
+        if self.server_optimizer is None:
+            return RecordDict()
+        return self.server_optimizer.state_dict()
+
+    def load_state_dict(self, state: RecordDict) -> None:
+        if self.server_optimizer is not None:
+            self.server_optimizer.load_state_dict(state)
+
+
+class ComposedRound:
+    """The aggregator of one round of a :class:`ComposedStrategy`.
+
+    With ``check=True`` every reply is validated here (the engine did not).
+    """
+
+    def __init__(
+        self, strategy: ComposedStrategy, server_round: int, reference: NDArrays, *, check: bool
+    ) -> None:
+        self.strategy = strategy
+        self.server_round = server_round
+        self.reference = reference
+        self.check = check
+        self.fold = strategy.rule.start(server_round, reference, strategy.sampling.weight)
+        self.metrics: list[tuple[int, dict[str, Scalar]]] = []
+        self.failures: list[Any] = []
+
+    def add(self, client: ClientProxy, result: FitRes) -> None:
+        if not isinstance(result, FitRes):
+            raise InvalidUpdate(client.cid, self.server_round, "fit", "reply is not a FitRes")
+        self.add_arrays(client.cid, parameters_to_ndarrays(result.parameters), result)
+
+    def add_arrays(self, client_id: str, arrays: NDArrays, result: FitRes) -> None:
+        """Fold a model (already split from any extra arrays the reply carried)."""
+        if self.check:
+            check_update(
+                arrays, self.reference, client_id=client_id, server_round=self.server_round
+            )
+        self.fold.add(client_id, arrays, result)
+        self.metrics.append((result.num_examples, result.metrics))
+
+    def add_failure(self, failure: BaseException) -> None:
+        self.failures.append(failure)
+
+    def finalize(self) -> tuple[Parameters | None, dict[str, Scalar]]:
+        sampling = self.strategy.sampling
+        if not self.metrics or (self.failures and not sampling.accept_failures):
+            return None, {}
+        aggregate = self.fold.result()
+        if aggregate is None:
+            return None, {}
+        new = self.strategy.apply(self.reference, aggregate)
+        metrics: dict[str, Scalar] = {}
+        if sampling.fit_metrics_aggregation_fn is not None:
+            metrics = sampling.fit_metrics_aggregation_fn(self.metrics)
+        return ndarrays_to_parameters(new), metrics

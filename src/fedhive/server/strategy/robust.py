@@ -1,0 +1,252 @@
+"""Byzantine-robust aggregation rules: they need every update at once.
+
+Each rule buffers the round's models and reduces them at the end, so memory is
+O(clients x model) for the buffer, plus O(clients x largest layer) float64 scratch while
+one layer is reduced; Krum and Bulyan also keep a clients x clients distance matrix and
+take O(clients^2 x model) time to fill it. Updates are unweighted: a Byzantine client
+could otherwise claim a huge ``num_examples``.
+
+Before reducing, the buffer is sorted by client id (string order), so every rule gives the
+same result for any arrival order, and ties (equal Krum scores) go to the smallest id.
+
+The rules reduce models, not differences to the global model; the two are equivalent for
+all of them (a common shift commutes with medians, trimmed means and distances).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from fedhive.common.errors import ConfigError
+from fedhive.common.records import FitRes, NDArray, NDArrays
+from fedhive.server.strategy.composed import Fold
+
+__all__ = [
+    "BulyanRule",
+    "KrumRule",
+    "MedianRule",
+    "TrimmedMeanRule",
+    "check_count",
+    "krum_select",
+    "pairwise_sq_distances",
+]
+
+Reduce = Callable[[list[str], list[NDArrays]], NDArrays]
+
+
+def check_count(name: str, value: int, minimum: int = 0) -> int:
+    """``value``, or :class:`ConfigError` unless it is an int >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
+class _BufferFold:
+    """Keeps (client id, model) pairs; reduces them, sorted by client id, at the end."""
+
+    def __init__(self, reduce: Reduce) -> None:
+        self.reduce = reduce
+        self.updates: list[tuple[str, NDArrays]] = []
+
+    def add(self, client_id: str, arrays: NDArrays, result: FitRes) -> None:
+        self.updates.append((client_id, arrays))
+
+    def result(self) -> NDArrays | None:
+        if not self.updates:
+            return None
+        ordered = sorted(self.updates, key=lambda pair: pair[0])
+        return self.reduce([cid for cid, _ in ordered], [arrays for _, arrays in ordered])
+
+
+def _layer(updates: Sequence[NDArrays], index: int) -> NDArray:
+    """Layer ``index`` of every update, stacked as a float64 (clients, size) matrix."""
+    return np.stack([np.ravel(u[index]) for u in updates]).astype(np.float64, copy=False)
+
+
+def _layerwise(updates: Sequence[NDArrays], reduce: Callable[[NDArray], NDArray]) -> NDArrays:
+    """Apply ``reduce`` (clients, size) -> (size,) to each layer; reshape back."""
+    first = updates[0]
+    return [reduce(_layer(updates, i)).reshape(first[i].shape) for i in range(len(first))]
+
+
+def _mean_of(updates: Sequence[NDArrays]) -> NDArrays:
+    return _layerwise(updates, lambda stack: stack.mean(axis=0))
+
+
+class MedianRule:
+    """Coordinate-wise median (Yin et al. 2018); the mean of the middle two for even n."""
+
+    def __repr__(self) -> str:
+        return "MedianRule()"
+
+    def start(self, server_round: int, reference: NDArrays, weight: Callable[[int], float]) -> Fold:
+        return _BufferFold(lambda cids, ups: _layerwise(ups, lambda s: np.median(s, axis=0)))
+
+
+class TrimmedMeanRule:
+    """Coordinate-wise trimmed mean (Yin et al. 2018).
+
+    For each coordinate the ``int(beta * n)`` largest and as many smallest values are
+    dropped and the rest averaged. ``0 <= beta < 0.5``.
+    """
+
+    def __init__(self, beta: float) -> None:
+        if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0 <= beta < 0.5:
+            raise ConfigError(
+                f"beta (the fraction trimmed at each end) must be in [0, 0.5), got {beta!r}"
+            )
+        self.beta = float(beta)
+
+    def __repr__(self) -> str:
+        return f"TrimmedMeanRule(beta={self.beta})"
+
+    def start(self, server_round: int, reference: NDArrays, weight: Callable[[int], float]) -> Fold:
+        return _BufferFold(lambda cids, ups: _layerwise(ups, self._trimmed))
+
+    def _trimmed(self, stack: NDArray) -> NDArray:
+        n = stack.shape[0]
+        cut = int(self.beta * n)
+        ordered = np.sort(stack, axis=0)
+        return ordered[cut : n - cut].mean(axis=0)
+
+
+def pairwise_sq_distances(updates: Sequence[NDArrays]) -> NDArray:
+    """Squared Euclidean distances between whole models, (n, n), float64, symmetric."""
+    n = len(updates)
+    dist = np.zeros((n, n))
+    # A huge (finite) Byzantine update may overflow to inf: that only means "far away".
+    with np.errstate(over="ignore", invalid="ignore"):
+        for index in range(len(updates[0]) if updates else 0):
+            stack = _layer(updates, index)
+            for i in range(n - 1):
+                diff = stack[i + 1 :] - stack[i]
+                d = np.einsum("ij,ij->i", diff, diff)
+                dist[i, i + 1 :] += d
+                dist[i + 1 :, i] += d
+    return dist
+
+
+def _scores(dist: NDArray, members: Sequence[int], f: int) -> dict[int, float]:
+    """Krum scores: sum of squared distances to the ``len(members) - f - 2`` nearest.
+
+    At least one neighbour counts (Bulyan's last selections run Krum on fewer than
+    2f + 3 models); a single member scores 0.
+    """
+    k = min(max(len(members) - f - 2, 1), len(members) - 1)
+    out = {}
+    for i in members:
+        others = np.sort([dist[i, j] for j in members if j != i])
+        out[i] = float(others[:k].sum())
+    return out
+
+
+def krum_select(dist: NDArray, cids: Sequence[str], members: Sequence[int], f: int) -> list[int]:
+    """``members`` ordered by Krum score, ties broken by client id (best first)."""
+    scores = _scores(dist, members, f)
+    return sorted(members, key=lambda i: (scores[i], cids[i]))
+
+
+def _check_krum_size(rule: str, n: int, f: int, minimum: int) -> None:
+    if n < minimum:
+        raise ConfigError(
+            f"{rule} with num_malicious_clients={f} needs at least {minimum} results in a "
+            f"round, got {n}; sample more clients (raise min_fit_clients and "
+            "min_available_clients) or lower num_malicious_clients"
+        )
+
+
+class KrumRule:
+    """Krum and Multi-Krum (Blanchard, El Mhamdi, Guerraoui, Stainer, NeurIPS 2017).
+
+    Each model's score is the sum of squared distances to its ``n - f - 2`` nearest
+    neighbours; needs ``n >= 2f + 3``. Krum returns the best-scoring model; Multi-Krum
+    averages the ``m`` best (unweighted). ``num_clients_to_keep`` is ``m``; 0 means 1
+    (Krum) unless ``multi=True``, where 0 means ``n - f``.
+    """
+
+    def __init__(
+        self, num_malicious_clients: int = 0, num_clients_to_keep: int = 0, *, multi: bool = False
+    ) -> None:
+        self.f = check_count("num_malicious_clients", num_malicious_clients)
+        self.m = check_count("num_clients_to_keep", num_clients_to_keep)
+        self.multi = multi
+
+    def __repr__(self) -> str:
+        name = "Multi-Krum" if self.multi else "Krum"
+        return f"KrumRule({name}, num_malicious_clients={self.f}, num_clients_to_keep={self.m})"
+
+    def min_results(self) -> int:
+        return max(2 * self.f + 3, self.m)
+
+    def start(self, server_round: int, reference: NDArrays, weight: Callable[[int], float]) -> Fold:
+        return _BufferFold(self._reduce)
+
+    def _reduce(self, cids: list[str], updates: list[NDArrays]) -> NDArrays:
+        n = len(updates)
+        _check_krum_size("Krum", n, self.f, 2 * self.f + 3)
+        m = self.m or (n - self.f if self.multi else 1)
+        if m > n:
+            raise ConfigError(f"num_clients_to_keep={m} but only {n} results arrived")
+        best = krum_select(pairwise_sq_distances(updates), cids, range(n), self.f)[:m]
+        return _mean_of([updates[i] for i in sorted(best)])
+
+
+class BulyanRule:
+    """Bulyan (El Mhamdi, Guerraoui, Rouault, ICML 2018); needs ``n >= 4f + 3``.
+
+    1. Select ``theta = n - 2f`` models one at a time: run Krum on those not yet selected
+       and take the best (with ``to_keep > 0``: average the ``to_keep`` best, Multi-Krum,
+       and take the remaining model nearest to that average).
+    2. For each coordinate, average the ``beta = theta - 2f`` selected values nearest to
+       their median.
+    """
+
+    def __init__(self, num_malicious_clients: int = 0, to_keep: int = 0) -> None:
+        self.f = check_count("num_malicious_clients", num_malicious_clients)
+        self.to_keep = check_count("to_keep", to_keep)
+
+    def __repr__(self) -> str:
+        return f"BulyanRule(num_malicious_clients={self.f}, to_keep={self.to_keep})"
+
+    def min_results(self) -> int:
+        return 4 * self.f + 3
+
+    def start(self, server_round: int, reference: NDArrays, weight: Callable[[int], float]) -> Fold:
+        return _BufferFold(self._reduce)
+
+    def _reduce(self, cids: list[str], updates: list[NDArrays]) -> NDArrays:
+        n = len(updates)
+        _check_krum_size("Bulyan", n, self.f, 4 * self.f + 3)
+        chosen = self._select(cids, updates, n - 2 * self.f)
+        beta = len(chosen) - 2 * self.f
+        return _layerwise([updates[i] for i in chosen], lambda s: _nearest_to_median(s, beta))
+
+    def _select(self, cids: list[str], updates: list[NDArrays], theta: int) -> list[int]:
+        dist = pairwise_sq_distances(updates)
+        remaining = list(range(len(updates)))
+        chosen: list[int] = []
+        while len(chosen) < theta:
+            ranked = krum_select(dist, cids, remaining, self.f)
+            pick = ranked[0]
+            if self.to_keep:
+                centre = _mean_of([updates[i] for i in sorted(ranked[: self.to_keep])])
+                pick = min(remaining, key=lambda i: (_sq_distance(updates[i], centre), cids[i]))
+            remaining.remove(pick)
+            chosen.append(pick)
+        return sorted(chosen)
+
+
+def _sq_distance(a: NDArrays, b: NDArrays) -> float:
+    return float(
+        sum(np.sum((np.asarray(x, np.float64) - y) ** 2) for x, y in zip(a, b, strict=True))
+    )
+
+
+def _nearest_to_median(stack: NDArray, beta: int) -> NDArray:
+    """Per column: the mean of the ``beta`` values nearest to the column's median."""
+    ordered = np.sort(stack, axis=0)
+    median = np.median(ordered, axis=0)
+    nearest = np.argsort(np.abs(ordered - median), axis=0, kind="stable")[:beta]
+    return np.take_along_axis(ordered, nearest, axis=0).mean(axis=0)
