@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from typing import Any
@@ -28,20 +29,26 @@ def private_copy(message: Message) -> Message:
     return message
 
 
-def _handle_in_worker(
-    app: ClientApp, task: Message, context: Context
-) -> tuple[Message, RecordDict]:
-    reply = app.handle(task, context)
+_WORKER_APP: ClientApp | None = None
+
+
+def _handle_in_worker(task: Message, context: Context) -> tuple[Message, RecordDict]:
+    if _WORKER_APP is None:
+        return task.error_reply("the worker process was not initialised"), context.state
+    reply = _WORKER_APP.handle(task, context)
     return reply, context.state
 
 
-def init_worker_process() -> None:
-    """One torch thread per worker process: the workers share the cores."""
+def init_worker_process(app: ClientApp | None = None) -> None:
+    """Keep the client app in the worker (sent once, not with every task); one torch
+    thread per worker process, since the workers share the cores."""
+    global _WORKER_APP
+    _WORKER_APP = app
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    try:
-        import torch
-    except ImportError:
+    if "torch" not in sys.modules:  # only clients that use torch pay for importing it
         return
+    import torch
+
     torch.set_num_threads(1)
 
 
@@ -77,7 +84,7 @@ class VirtualClientRunner:
             reply = self.app.handle(private_copy(task), context)
             state = context.state
         else:
-            reply, state = self.executor.submit(_handle_in_worker, self.app, task, context).result()
+            reply, state = self.executor.submit(_handle_in_worker, task, context).result()
         if isinstance(state, RecordDict):
             self.store.put(node_id, state)
         return reply
