@@ -27,6 +27,15 @@ def _fmt(value: Any) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def _privacy(record: dict[str, Any]) -> str:
+    """``"  eps 1.23"`` when a DP strategy reported epsilon this round, else ``""``."""
+    metrics = (record.get("fit") or {}).get("metrics") or {}
+    if "epsilon" not in metrics:
+        return ""
+    flag = " NOT PRIVATE" if metrics.get("dp_not_private") else ""
+    return f"  eps {float(metrics['epsilon']):.3g}{flag}"
+
+
 def _accuracy_and_loss(record: dict[str, Any]) -> tuple[Any, Any]:
     central = record.get("centralized") or {}
     dist = record.get("distributed") or {}
@@ -45,7 +54,7 @@ class ProgressBar(RoundCallback):
             TextColumn("[bold]round"),
             MofNCompleteColumn(),
             BarColumn(),
-            TextColumn("acc {task.fields[acc]}  loss {task.fields[loss]}"),
+            TextColumn("acc {task.fields[acc]}  loss {task.fields[loss]}{task.fields[eps]}"),
             TimeElapsedColumn(),
             TextColumn("eta"),
             TimeRemainingColumn(),
@@ -53,16 +62,12 @@ class ProgressBar(RoundCallback):
             transient=False,
         )
         self.task_id: Any = None
+        self.eps = ""
 
     def on_run_start(self, engine: Engine) -> None:
-        acc, loss = (
-            _accuracy_and_loss(engine.history.rounds[-1])
-            if engine.history.rounds
-            else (
-                None,
-                None,
-            )
-        )
+        last = engine.history.rounds[-1] if engine.history.rounds else {}
+        acc, loss = _accuracy_and_loss(last)
+        self.eps = _privacy(last)
         self.progress.start()
         self.task_id = self.progress.add_task(
             "rounds",
@@ -70,12 +75,18 @@ class ProgressBar(RoundCallback):
             completed=engine.current_round,
             acc=_fmt(acc),
             loss=_fmt(loss),
+            eps=self.eps,
         )
 
     def on_round_end(self, engine: Engine, record: dict[str, Any]) -> None:
         acc, loss = _accuracy_and_loss(record)
+        self.eps = _privacy(record) or self.eps  # no DP release this round: keep the last
         self.progress.update(
-            self.task_id, completed=record["round"], acc=_fmt(acc), loss=_fmt(loss)
+            self.task_id,
+            completed=record["round"],
+            acc=_fmt(acc),
+            loss=_fmt(loss),
+            eps=self.eps,
         )
 
     def on_run_end(self, engine: Engine, history: History) -> None:

@@ -1,0 +1,778 @@
+"""Central differential privacy: strategy wrappers that clip, noise and account.
+
+DP-FedAvg (McMahan, Ramage, Talwar, Zhang. "Learning Differentially Private Recurrent
+Language Models." ICLR 2018): every client's update (its new model minus the global one)
+is clipped to L2 norm ``C``; the updates are summed with equal weights and divided by a
+fixed denominator ``m`` (the expected cohort size, ``num_sampled_clients``), so one user
+moves the mean by at most ``C / m``; Gaussian noise with standard deviation
+``sigma = z * C / m`` is added to that mean. The inner strategy then receives every
+client's result (its ``num_examples`` and metrics) with the noisy mean in place of its
+parameters, so a mean-based inner strategy computes the noisy mean again, and whatever it
+does with it (FedAvg takes it as is; a server optimizer steps on it) is post-processing
+and keeps the guarantee. Client-reported metrics are not covered by the guarantee.
+
+Adaptive clipping (Andrew, Thakkar, McMahan, Ramaswamy. "Differentially Private Learning
+with Adaptive Clipping." NeurIPS 2021) also releases a noisy count of unclipped updates,
+``sum(b_i - 1/2) + N(0, sigma_b^2)`` (sensitivity 1/2), and moves ``C`` geometrically
+towards the target quantile. The noise is split as in the paper,
+``z_update = (z^-2 - (2 sigma_b)^-2)^-1/2``, so that the update and the count together
+are one Gaussian mechanism with multiplier ``z``: the epsilon reported for ``z`` holds for
+the whole release.
+
+Server-side wrappers clip on the server. Client-side wrappers send ``C`` to the clients in
+the fit config (key ``"dp_clipping_norm"``) and expect :func:`fixedclipping_mod` or
+:func:`adaptiveclipping_mod` to clip there, which is what secure aggregation needs; when
+the server can see individual updates it still refuses one that exceeds ``C``.
+
+Every round's fit metrics carry ``"epsilon"`` (user-level, at ``accounting.delta``),
+``"delta"`` and the noise settings; see :mod:`fedhive.privacy.accounting` for which
+sampling gives which guarantee.
+
+Memory: one float64 sum the size of the model plus one float64 update being folded:
+O(model), whatever the number of clients.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, final
+
+import numpy as np
+
+from fedhive.common.errors import (
+    ConfigError,
+    InvalidUpdate,
+    PrivacyBudgetExceeded,
+    ProtocolError,
+)
+from fedhive.common.message import derive_seed
+from fedhive.common.records import (
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    NDArray,
+    NDArrays,
+    Parameters,
+    RecordDict,
+    Scalar,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from fedhive.privacy.accounting import Accounting, PrivacyAccountant, Release
+from fedhive.privacy.clipping import clip_update, l2_norm, model_update, next_clipping_norm
+from fedhive.privacy.noise import NoiseSource, SecureGaussian, SeededGaussian
+from fedhive.privacy.sampling import CohortManager, poisson_cohort
+from fedhive.server.client_manager import ClientManager, ClientProxy
+from fedhive.server.strategy.base import Aggregator, EvaluateResults, FitResults, Strategy
+
+__all__ = [
+    "CLIPPING_NORM_KEY",
+    "NORM_BIT_KEY",
+    "DP_INCOMPATIBLE",
+    "DifferentialPrivacyClientSideAdaptiveClipping",
+    "DifferentialPrivacyClientSideFixedClipping",
+    "DifferentialPrivacyServerSideAdaptiveClipping",
+    "DifferentialPrivacyServerSideFixedClipping",
+    "check_dp_compatible",
+]
+
+log = logging.getLogger("fedhive.privacy")
+
+CLIPPING_NORM_KEY = "dp_clipping_norm"
+NORM_BIT_KEY = "dp_norm_bit"
+_INNER = "inner/"
+_WRAPPER_RECORD = "dp.wrapper"
+
+#: Strategies and aggregation rules whose output can move by more than ``C / m`` when one
+#: client changes (medians, trimming, selection, reweighting by local steps or losses,
+#: control variates). Matched by class name so that rules written elsewhere are caught.
+DP_INCOMPATIBLE = frozenset(
+    {"FedMedian", "FedTrimmedAvg", "Krum", "MultiKrum", "Bulyan", "QFedAvg", "FedNova", "Scaffold"}
+    | {"MedianRule", "TrimmedMeanRule", "KrumRule", "BulyanRule", "NovaRule", "QFFLRule"}
+)
+
+
+def check_dp_compatible(strategy: object) -> None:
+    """Raise :class:`ConfigError` unless ``strategy`` can sit inside a DP wrapper.
+
+    A strategy opts out with the class attribute ``dp_compatible = False``; the known
+    robust and reweighting rules (:data:`DP_INCOMPATIBLE`) are refused by class name,
+    also in subclasses.
+    """
+    if not isinstance(strategy, Strategy):
+        raise ConfigError(f"strategy must be a fedhive Strategy, got {type(strategy).__name__}")
+    if isinstance(strategy, _DpStrategy):
+        raise ConfigError(
+            f"{type(strategy).__name__} is already a DP wrapper; wrap the plain strategy once"
+        )
+    parts = [strategy, getattr(strategy, "rule", None)]  # a composed strategy's rule too
+    names = {cls.__name__ for part in parts if part is not None for cls in type(part).__mro__}
+    clash = sorted(names & DP_INCOMPATIBLE)
+    opted_out = [p for p in parts if p is not None and getattr(p, "dp_compatible", True) is False]
+    if opted_out or clash:
+        rule = clash[0] if clash else type(opted_out[0]).__name__
+        raise ConfigError(
+            f"{rule} cannot be wrapped for differential privacy: its aggregate can move by "
+            "more than C/m when one client changes, so the noise would not cover it. Use "
+            "FedAvg or another mean-based strategy (FedAvgM, FedAdam, FedYogi, FedProx)"
+        )
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _positive(name: str, value: Any) -> float:
+    number = _number(name, value)
+    if number <= 0:
+        raise ConfigError(f"{name} must be > 0, got {value!r}")
+    return number
+
+
+def _non_negative(name: str, value: Any, hint: str = "") -> float:
+    number = _number(name, value)
+    if number < 0:
+        raise ConfigError(f"{name} must be >= 0, got {value!r}{hint}")
+    return number
+
+
+def _seed(name: str, value: Any) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{name} must be an int or None, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class _Adaptive:
+    target_quantile: float
+    lr: float
+    count_stddev: float
+
+
+def _adaptive(
+    noise_multiplier: float,
+    num_sampled_clients: int,
+    target_clipped_quantile: float,
+    clip_norm_lr: float,
+    clipped_count_stddev: float | None,
+) -> _Adaptive:
+    target = _number("target_clipped_quantile", target_clipped_quantile)
+    if not 0.0 <= target <= 1.0:
+        raise ConfigError(f"target_clipped_quantile must be in [0, 1], got {target!r}")
+    lr = _non_negative("clip_norm_lr", clip_norm_lr)
+    if clipped_count_stddev is None:
+        # Andrew et al. suggest m / 20; without update noise there is nothing to match.
+        stddev = num_sampled_clients / 20.0 if noise_multiplier > 0 else 0.0
+    else:
+        stddev = _non_negative("clipped_count_stddev", clipped_count_stddev)
+    if noise_multiplier > 0 and not 2.0 * stddev > noise_multiplier:
+        raise ConfigError(
+            f"clipped_count_stddev = {stddev:g} is too small for noise_multiplier = "
+            f"{noise_multiplier:g}: the count takes a share z_b = 2 * stddev of the noise, "
+            f"which must exceed z for the update noise (z^-2 - (2 stddev)^-2)^-1/2 to exist; "
+            f"pass clipped_count_stddev > {noise_multiplier / 2:g} (Andrew et al. use m/20)"
+        )
+    return _Adaptive(target, lr, stddev)
+
+
+class _DpStrategy(Strategy, ABC):
+    """What the four DP wrappers share; they differ in where clipping happens."""
+
+    @property
+    @abstractmethod
+    def clip_on_client(self) -> bool:
+        """True when clients clip (client mods) and the server only adds noise."""
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        noise_multiplier: float,
+        num_sampled_clients: int,
+        clipping_norm: float,
+        adaptive: _Adaptive | None,
+        accounting: Accounting,
+        noise_seed: int | None,
+        sampling_seed: int | None,
+        weighting: str,
+    ) -> None:
+        check_dp_compatible(strategy)
+        if not isinstance(accounting, Accounting):
+            raise ConfigError(
+                f"accounting must be a fedhive.privacy.Accounting, got {type(accounting).__name__}"
+            )
+        if weighting != "uniform":
+            raise ConfigError(
+                f"weighting={weighting!r} is not allowed with differential privacy: weights "
+                "by num_examples let one client (who reports its own count) move the mean by "
+                "more than C/m. DP wrappers give every clipped update the same weight and "
+                "divide by the fixed num_sampled_clients; use weighting='uniform'"
+            )
+        self.strategy = strategy
+        self.noise_multiplier = noise_multiplier
+        self.num_sampled_clients = num_sampled_clients
+        self.clipping_norm = clipping_norm
+        self.adaptive = adaptive
+        self.accounting = accounting
+        self.noise_seed = _seed("noise_seed", noise_seed)
+        self.sampling_seed = _seed("sampling_seed", sampling_seed)
+        self.accountant = PrivacyAccountant(accounting.sampling, accounting.method)
+        self.exhausted_reason: str | None = None
+        self._parameters: Parameters | None = None
+        self._warned_delta = False
+        if self.noise_seed is not None:
+            log.warning(
+                "%s: noise_seed=%d makes the DP noise replayable; this run is NOT private "
+                "(fit metrics carry dp_not_private=True). Use it for tests only.",
+                type(self).__name__,
+                self.noise_seed,
+            )
+        if noise_multiplier == 0:
+            log.warning("%s: noise_multiplier=0 adds no noise; epsilon is infinite", self)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({self.strategy!r}, noise_multiplier={self.noise_multiplier}, "
+            f"clipping_norm={self.clipping_norm}, num_sampled_clients={self.num_sampled_clients})"
+        )
+
+    # -- noise -------------------------------------------------------------------------
+
+    @property
+    def private(self) -> bool:
+        """False when noise is seeded (test mode): the noise can then be replayed."""
+        return self.noise_seed is None
+
+    def noise_split(self) -> tuple[float, float]:
+        """(noise multiplier of the update, standard deviation of the clipped count)."""
+        z = self.noise_multiplier
+        if self.adaptive is None:
+            return z, 0.0
+        stddev = self.adaptive.count_stddev
+        if z == 0:
+            return 0.0, stddev
+        return (z**-2 - (2.0 * stddev) ** -2) ** -0.5, stddev
+
+    def noise_source(self, server_round: int) -> NoiseSource:
+        if self.noise_seed is None:
+            return SecureGaussian()
+        return SeededGaussian(derive_seed(self.noise_seed, server_round, "", "dp-noise"))
+
+    # -- sampling and budget ----------------------------------------------------------------
+
+    def _release(self, num_available: int, cohort: int) -> Release:
+        z, sampling = self.noise_multiplier, self.accounting.sampling
+        if sampling == "poisson":
+            return Release(z, sampling_rate=min(1.0, self.num_sampled_clients / num_available))
+        if sampling == "fixed":
+            return Release(z, population=num_available, cohort=cohort)
+        return Release(z)
+
+    def _check_budget(self, server_round: int, release: Release) -> bool:
+        limit = self.accounting.max_epsilon
+        if limit is None:
+            return True
+        delta = self.accounting.delta
+        after = self.accountant.epsilon(delta, extra=release)
+        if after <= limit:
+            return True
+        now = self.accountant.epsilon(delta)
+        reason = (
+            f"privacy budget exhausted: round {server_round} would raise epsilon from "
+            f"{now:.4g} to {after:.4g} (delta={delta:g}), above max_epsilon={limit:g}; "
+            f"training stopped after {self.accountant.rounds} private rounds"
+        )
+        if self.accounting.on_exhausted == "raise":
+            raise PrivacyBudgetExceeded(reason)
+        if self.exhausted_reason is None:  # keep (and log) the round that stopped training
+            log.warning("%s", reason)
+            self.exhausted_reason = reason
+        return False
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        self._parameters = parameters
+        available = client_manager.num_available()
+        if available < 1:
+            return []
+        if not self._warned_delta and self.accounting.delta >= 1.0 / available:
+            self._warned_delta = True
+            log.warning(
+                "delta=%g is not below 1/N = %g for N=%d clients: a mechanism that publishes "
+                "one user's data at random would meet it; choose delta << 1/N",
+                self.accounting.delta,
+                1.0 / available,
+                available,
+            )
+        if self.accounting.sampling == "poisson":
+            release = self._release(available, 0)
+            if not self._check_budget(server_round, release):
+                return []
+            cohort = poisson_cohort(
+                client_manager, release.sampling_rate, server_round, self.sampling_seed
+            )
+            manager: ClientManager = CohortManager(client_manager, cohort)
+            instructions = self.strategy.configure_fit(server_round, parameters, manager)
+            # The sampling happened, so the round is charged even if the cohort is empty.
+            self.accountant.record(release)
+        else:
+            instructions = self.strategy.configure_fit(server_round, parameters, client_manager)
+            if not instructions:
+                return []
+            release = self._release(available, len(instructions))
+            if not self._check_budget(server_round, release):
+                return []
+            self.accountant.record(release)
+            if len(instructions) != self.num_sampled_clients:
+                log.info(
+                    "round %d: the inner strategy sampled %d clients; the noise is calibrated "
+                    "to num_sampled_clients=%d and the accountant uses the actual cohort",
+                    server_round,
+                    len(instructions),
+                    self.num_sampled_clients,
+                )
+        if self.clip_on_client:
+            instructions = self._send_clipping_norm(instructions)
+        return instructions
+
+    def _send_clipping_norm(
+        self, instructions: list[tuple[ClientProxy, FitIns]]
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        out = []
+        for client, ins in instructions:
+            config = {**ins.config, CLIPPING_NORM_KEY: self.clipping_norm}
+            out.append((client, FitIns(ins.parameters, config)))
+        return out
+
+    # -- aggregation ------------------------------------------------------------------------
+
+    def fit_aggregator(self, server_round: int, parameters: Parameters) -> Aggregator:
+        return _DpAggregator(self, server_round, parameters)
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: FitResults,
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Flower's list API: needs the model sent by the last ``configure_fit``."""
+        if self._parameters is None:
+            raise ProtocolError(
+                "aggregate_fit needs the global model of this round; call configure_fit "
+                "first (or use fit_aggregator(round, parameters))"
+            )
+        aggregator = self.fit_aggregator(server_round, self._parameters)
+        for failure in failures:
+            aggregator.add_failure(failure)  # type: ignore[arg-type]
+        for client, res in results:
+            try:
+                aggregator.add(client, res)
+            except InvalidUpdate as exc:
+                aggregator.add_failure(exc)
+        return aggregator.finalize()
+
+    def _adapt(self, unclipped_fraction: float) -> None:
+        if self.adaptive is not None:
+            self.clipping_norm = next_clipping_norm(
+                self.clipping_norm,
+                unclipped_fraction,
+                self.adaptive.target_quantile,
+                self.adaptive.lr,
+            )
+
+    def privacy_metrics(self) -> dict[str, Scalar]:
+        """What every round reports: epsilon so far, delta and the noise settings."""
+        metrics: dict[str, Scalar] = {
+            "epsilon": self.accountant.epsilon(self.accounting.delta),
+            "delta": self.accounting.delta,
+            "dp_rounds": self.accountant.rounds,
+            "dp_noise_multiplier": self.noise_multiplier,
+        }
+        if not self.private:
+            metrics["dp_not_private"] = True
+        return metrics
+
+    # -- delegated ----------------------------------------------------------------------------
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        return self.strategy.initialize_parameters(client_manager)
+
+    def configure_evaluate(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        return self.strategy.configure_evaluate(server_round, parameters, client_manager)
+
+    def evaluate_aggregator(self, server_round: int, parameters: Parameters) -> Aggregator:
+        return self.strategy.evaluate_aggregator(server_round, parameters)
+
+    def aggregate_evaluate(
+        self,
+        server_round: int,
+        results: EvaluateResults,
+        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        return self.strategy.aggregate_evaluate(server_round, results, failures)
+
+    def evaluate(
+        self, server_round: int, parameters: Parameters
+    ) -> tuple[float, dict[str, Scalar]] | None:
+        return self.strategy.evaluate(server_round, parameters)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def state_dict(self) -> RecordDict:
+        """The privacy ledger, the current clip norm and the inner strategy's state."""
+        state = self.accountant.state_dict()
+        state.config_records[_WRAPPER_RECORD] = {"clipping_norm": self.clipping_norm}
+        inner = self.strategy.state_dict()
+        state.array_records.update({_INNER + k: v for k, v in inner.array_records.items()})
+        state.config_records.update({_INNER + k: v for k, v in inner.config_records.items()})
+        state.metric_records.update({_INNER + k: v for k, v in inner.metric_records.items()})
+        return state
+
+    def load_state_dict(self, state: RecordDict) -> None:
+        def inner_name(name: str) -> str | None:
+            return name[len(_INNER) :] if name.startswith(_INNER) else None
+
+        inner = RecordDict(
+            {n: v for k, v in state.array_records.items() if (n := inner_name(k)) is not None},
+            {n: v for k, v in state.config_records.items() if (n := inner_name(k)) is not None},
+            {n: v for k, v in state.metric_records.items() if (n := inner_name(k)) is not None},
+        )
+        self.accountant.load_state_dict(state)
+        wrapper = state.config_records.get(_WRAPPER_RECORD)
+        if wrapper is not None:
+            norm = wrapper["clipping_norm"]
+            if isinstance(norm, bool) or not isinstance(norm, int | float) or not norm > 0:
+                raise ConfigError(f"the saved clip norm must be a positive number, got {norm!r}")
+            self.clipping_norm = float(norm)
+        self.strategy.load_state_dict(inner)
+
+
+def _released_dtype(reference: NDArray) -> np.dtype[Any]:
+    return reference.dtype if reference.dtype.kind == "f" else np.dtype(np.float64)
+
+
+class _DpAggregator:
+    """Clips (or checks) each update, folds it into a float64 sum; noise at the end."""
+
+    def __init__(self, strategy: _DpStrategy, server_round: int, parameters: Parameters) -> None:
+        self.strategy = strategy
+        self.server_round = server_round
+        self.parameters = parameters
+        self.reference = parameters_to_ndarrays(parameters)
+        self.clipping_norm = strategy.clipping_norm
+        self.sum = [np.zeros(r.shape, np.float64) for r in self.reference]
+        self.count = 0
+        self.unclipped = 0
+        self.clients: list[tuple[str, int, dict[str, Scalar]]] = []
+        self.failures: list[Any] = []
+
+    def _refuse(self, client: ClientProxy, reason: str) -> InvalidUpdate:
+        return InvalidUpdate(client.cid, self.server_round, "fit", reason)
+
+    def _client_clipped(self, client: ClientProxy, res: FitRes, update: NDArrays) -> bool:
+        """Check a client-clipped update; return its norm bit."""
+        new = parameters_to_ndarrays(res.parameters)
+        slack = self.clipping_norm * 1e-9 + sum(
+            float(np.finfo(a.dtype).eps) * l2_norm([a]) for a in new if a.dtype.kind == "f"
+        )
+        norm = l2_norm(update)
+        if norm > self.clipping_norm + slack:
+            raise self._refuse(
+                client,
+                f"update norm {norm:.6g} exceeds the clip norm {self.clipping_norm:.6g}: the "
+                "client did not clip (add fixedclipping_mod or adaptiveclipping_mod to its "
+                "ClientApp)",
+            )
+        if self.strategy.adaptive is None:
+            return True
+        bit = res.metrics.get(NORM_BIT_KEY)
+        if isinstance(bit, bool) or bit not in (0, 1):
+            raise self._refuse(
+                client,
+                f"metrics[{NORM_BIT_KEY!r}] must be 0 or 1, got {bit!r}: adaptive client-side "
+                "clipping needs adaptiveclipping_mod on every client",
+            )
+        return bool(bit)
+
+    def add(self, client: ClientProxy, result: FitRes) -> None:
+        if not isinstance(result, FitRes):
+            raise self._refuse(client, "reply is not a FitRes")
+        update = model_update(parameters_to_ndarrays(result.parameters), self.reference)
+        if self.strategy.clip_on_client:
+            unclipped = self._client_clipped(client, result, update)
+            clip_update(update, self.clipping_norm)  # rounding only; the check passed
+        else:
+            _, norm = clip_update(update, self.clipping_norm)
+            unclipped = norm <= self.clipping_norm
+        for acc, arr in zip(self.sum, update, strict=True):
+            acc += arr
+        self.count += 1
+        self.unclipped += int(unclipped)
+        metrics = {k: v for k, v in result.metrics.items() if k != NORM_BIT_KEY}
+        self.clients.append((client.cid, result.num_examples, metrics))
+
+    def add_failure(self, failure: BaseException) -> None:
+        self.failures.append(failure)
+
+    def finalize(self) -> tuple[Parameters | None, dict[str, Scalar]]:
+        strategy = self.strategy
+        if self.count == 0:
+            return None, {}
+        m = strategy.num_sampled_clients
+        z_update, count_stddev = strategy.noise_split()
+        stddev = z_update * self.clipping_norm / m
+        noise = strategy.noise_source(self.server_round)
+        released = []
+        for acc, ref in zip(self.sum, self.reference, strict=True):
+            acc /= m
+            if stddev > 0:
+                acc += stddev * noise.standard_normal(acc.shape)
+            acc += ref
+            released.append(acc.astype(_released_dtype(ref)))
+        metrics = strategy.privacy_metrics()
+        metrics["dp_clipping_norm"] = self.clipping_norm
+        metrics["dp_noise_stddev"] = stddev
+        if strategy.adaptive is not None:
+            centred = self.unclipped - self.count / 2.0
+            if count_stddev > 0:
+                centred += count_stddev * float(noise.standard_normal((1,))[0])
+            unclipped_fraction = centred / m + 0.5
+            strategy._adapt(unclipped_fraction)
+            metrics["dp_unclipped_fraction"] = unclipped_fraction
+            metrics["dp_next_clipping_norm"] = strategy.clipping_norm
+        params, inner_metrics = self._inner_step(released)
+        return params, {**inner_metrics, **metrics}
+
+    def _inner_step(self, released: NDArrays) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Hand the noisy mean to the inner strategy (post-processing).
+
+        Every client's result reaches the inner aggregator with its own ``num_examples``
+        and metrics but with the noisy mean as parameters (one shared array list, no
+        copies), so a mean-based inner strategy gets the noisy mean back and its metrics
+        aggregation sees the real clients.
+        """
+        noisy_mean = ndarrays_to_parameters(released)
+        aggregator = self.strategy.strategy.fit_aggregator(self.server_round, self.parameters)
+        for failure in self.failures:
+            aggregator.add_failure(failure)
+        for cid, num_examples, metrics in self.clients:
+            aggregator.add(ClientProxy(cid), FitRes(Status(), noisy_mean, num_examples, metrics))
+        params, metrics = aggregator.finalize()
+        return params, dict(metrics)
+
+
+def _checked_common(noise_multiplier: float, num_sampled_clients: int) -> tuple[float, int]:
+    z = _non_negative(
+        "noise_multiplier", noise_multiplier, " (negative noise is meaningless; 0 = no privacy)"
+    )
+    if (
+        isinstance(num_sampled_clients, bool)
+        or not isinstance(num_sampled_clients, int)
+        or num_sampled_clients < 1
+    ):
+        raise ConfigError(
+            f"num_sampled_clients must be an int >= 1 (the expected cohort size m), "
+            f"got {num_sampled_clients!r}"
+        )
+    return z, num_sampled_clients
+
+
+@final
+class DifferentialPrivacyServerSideFixedClipping(_DpStrategy):
+    """DP-FedAvg with a fixed clip norm, clipping on the server (McMahan et al. 2018).
+
+    Each update is clipped to ``clipping_norm``; the mean uses the fixed denominator
+    ``num_sampled_clients`` and gets Gaussian noise with std
+    ``noise_multiplier * clipping_norm / num_sampled_clients``. ``accounting`` says how
+    cohorts are sampled and whether a budget stops training; ``noise_seed`` (tests only)
+    makes the noise replayable and marks every round ``dp_not_private``.
+
+    Example::
+
+        strategy = DifferentialPrivacyServerSideFixedClipping(
+            FedAvg(fraction_fit=0.1), noise_multiplier=1.0, clipping_norm=0.5,
+            num_sampled_clients=10, accounting=Accounting(delta=1e-5, max_epsilon=8.0),
+        )
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        noise_multiplier: float,
+        clipping_norm: float,
+        num_sampled_clients: int,
+        *,
+        accounting: Accounting | None = None,
+        noise_seed: int | None = None,
+        sampling_seed: int | None = None,
+        weighting: str = "uniform",
+    ) -> None:
+        z, m = _checked_common(noise_multiplier, num_sampled_clients)
+        super().__init__(
+            strategy,
+            z,
+            m,
+            _positive("clipping_norm", clipping_norm),
+            None,
+            accounting or Accounting(),
+            noise_seed,
+            sampling_seed,
+            weighting,
+        )
+
+    @property
+    def clip_on_client(self) -> bool:
+        return False
+
+
+@final
+class DifferentialPrivacyClientSideFixedClipping(_DpStrategy):
+    """DP-FedAvg with a fixed clip norm applied by the clients (McMahan et al. 2018).
+
+    The clip norm travels in the fit config; clients run :func:`fixedclipping_mod`. The
+    server adds the noise, and refuses any update it can see whose norm exceeds the clip
+    norm. Use this when secure aggregation hides individual updates from the server.
+
+    Example::
+
+        strategy = DifferentialPrivacyClientSideFixedClipping(
+            FedAvg(), noise_multiplier=1.0, clipping_norm=0.5, num_sampled_clients=10
+        )
+        app = ClientApp(client_fn, mods=[fixedclipping_mod])
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        noise_multiplier: float,
+        clipping_norm: float,
+        num_sampled_clients: int,
+        *,
+        accounting: Accounting | None = None,
+        noise_seed: int | None = None,
+        sampling_seed: int | None = None,
+        weighting: str = "uniform",
+    ) -> None:
+        z, m = _checked_common(noise_multiplier, num_sampled_clients)
+        super().__init__(
+            strategy,
+            z,
+            m,
+            _positive("clipping_norm", clipping_norm),
+            None,
+            accounting or Accounting(),
+            noise_seed,
+            sampling_seed,
+            weighting,
+        )
+
+    @property
+    def clip_on_client(self) -> bool:
+        return True
+
+
+@final
+class DifferentialPrivacyServerSideAdaptiveClipping(_DpStrategy):
+    """DP-FedAvg with adaptive clipping on the server (Andrew et al. 2021).
+
+    The clip norm starts at ``initial_clipping_norm`` and follows the
+    ``target_clipped_quantile`` of update norms with learning rate ``clip_norm_lr``,
+    driven by a noisy count of unclipped updates (std ``clipped_count_stddev``, default
+    ``num_sampled_clients / 20``). ``noise_multiplier`` covers update and count together.
+
+    Example::
+
+        strategy = DifferentialPrivacyServerSideAdaptiveClipping(
+            FedAvg(), noise_multiplier=1.0, num_sampled_clients=100
+        )
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        noise_multiplier: float,
+        num_sampled_clients: int,
+        initial_clipping_norm: float = 0.1,
+        target_clipped_quantile: float = 0.5,
+        clip_norm_lr: float = 0.2,
+        clipped_count_stddev: float | None = None,
+        *,
+        accounting: Accounting | None = None,
+        noise_seed: int | None = None,
+        sampling_seed: int | None = None,
+        weighting: str = "uniform",
+    ) -> None:
+        z, m = _checked_common(noise_multiplier, num_sampled_clients)
+        super().__init__(
+            strategy,
+            z,
+            m,
+            _positive("initial_clipping_norm", initial_clipping_norm),
+            _adaptive(z, m, target_clipped_quantile, clip_norm_lr, clipped_count_stddev),
+            accounting or Accounting(),
+            noise_seed,
+            sampling_seed,
+            weighting,
+        )
+
+    @property
+    def clip_on_client(self) -> bool:
+        return False
+
+
+@final
+class DifferentialPrivacyClientSideAdaptiveClipping(_DpStrategy):
+    """Adaptive clipping (Andrew et al. 2021) with clipping on the clients.
+
+    Clients run :func:`adaptiveclipping_mod`: they clip to the norm in the fit config and
+    report whether their update was unclipped (metrics key ``"dp_norm_bit"``, removed
+    before metrics are aggregated). The server adds noise to the mean and the count.
+
+    Example::
+
+        strategy = DifferentialPrivacyClientSideAdaptiveClipping(
+            FedAvg(), noise_multiplier=1.0, num_sampled_clients=100
+        )
+        app = ClientApp(client_fn, mods=[adaptiveclipping_mod])
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        noise_multiplier: float,
+        num_sampled_clients: int,
+        initial_clipping_norm: float = 0.1,
+        target_clipped_quantile: float = 0.5,
+        clip_norm_lr: float = 0.2,
+        clipped_count_stddev: float | None = None,
+        *,
+        accounting: Accounting | None = None,
+        noise_seed: int | None = None,
+        sampling_seed: int | None = None,
+        weighting: str = "uniform",
+    ) -> None:
+        z, m = _checked_common(noise_multiplier, num_sampled_clients)
+        super().__init__(
+            strategy,
+            z,
+            m,
+            _positive("initial_clipping_norm", initial_clipping_norm),
+            _adaptive(z, m, target_clipped_quantile, clip_norm_lr, clipped_count_stddev),
+            accounting or Accounting(),
+            noise_seed,
+            sampling_seed,
+            weighting,
+        )
+
+    @property
+    def clip_on_client(self) -> bool:
+        return True
