@@ -9,6 +9,8 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from fedhive.cli import deploy
+from fedhive.cli.privacy import privacy_command
 from fedhive.common.errors import FedhiveError
 
 app = typer.Typer(
@@ -155,6 +157,11 @@ def _run(
     write_plot(out_dir / "accuracy.png", history)
     console.print(summary_table(history, str(out_dir)))
     return 0
+
+
+app.command("privacy")(privacy_command)
+app.command("server")(deploy.server)
+app.command("client")(deploy.client)
 
 
 def main() -> None:

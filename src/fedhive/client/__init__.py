@@ -4,6 +4,7 @@ from fedhive.client.app import ClientApp, ClientFn, Mod, build_client
 from fedhive.client.client import Client
 from fedhive.client.context import Context
 from fedhive.client.numpy_client import NumPyClient
+from fedhive.client.policy import SitePolicy, policy_mod
 from fedhive.client.start import start_client, start_numpy_client
 from fedhive.client.state import StateStore
 
@@ -14,8 +15,10 @@ __all__ = [
     "Context",
     "Mod",
     "NumPyClient",
+    "SitePolicy",
     "StateStore",
     "build_client",
+    "policy_mod",
     "start_client",
     "start_numpy_client",
 ]

@@ -191,7 +191,12 @@ class GrpcServer(Transport):
             await conn.outbox.put([Frame(kind=Frame.BYE, text=reason)])
             await conn.outbox.put(None)
         if self._server is not None:
-            await self._server.stop(grace=2.0)
+            await self._server.stop(grace=1.0)
+        current = asyncio.current_task()
+        leftovers = [t for t in asyncio.all_tasks() if t is not current]
+        for task in leftovers:
+            task.cancel()
+        await asyncio.gather(*leftovers, return_exceptions=True)
 
     def finish_run(self, reason: str = "the run is finished") -> None:
         """Tell every connected client that the run ended (BYE), then stop serving."""
@@ -252,13 +257,13 @@ class GrpcServer(Transport):
         return node_id
 
     def _drop(self, conn: _Connection, reason: str) -> None:
-        if self._connections.get(conn.node_id) is conn:
-            del self._connections[conn.node_id]
-            self.client_manager.unregister(conn.node_id)
         for pending in conn.pending.values():
             pending.replies.put(pending.task.error_reply(reason))
         conn.pending.clear()
-        log.info("client %s left: %s", conn.node_id, reason)
+        if self._connections.get(conn.node_id) is conn:
+            del self._connections[conn.node_id]
+            self.client_manager.unregister(conn.node_id)
+            log.info("client %s left: %s", conn.node_id, reason)
 
     def _deliver(self, conn: _Connection, data: bytearray) -> None:
         """Hand a complete upload to the engine; its staging slot frees when it is taken."""
