@@ -99,7 +99,7 @@ def fold_by_hand(model: NDArrays, pool: list[NDArrays], clients: int) -> NDArray
                 raise ValueError(f"client {i} sent NaN or Inf")
         for a, layer in zip(acc, update, strict=True):
             buf = scratch[: layer.size].reshape(layer.shape)
-            np.multiply(layer, weight, out=buf)
+            np.multiply(layer, weight, out=buf, dtype=np.float64)
             np.add(a, buf, out=a)
         total += weight
     out = []

@@ -154,6 +154,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--per-round", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plot", default=None, help="write accuracy against epsilon here")
     args = parser.parse_args(argv)
     if args.quick:
         setup = Setup(100, 20, 4, 4000, lr=0.1, clip=1.0, seed=args.seed)
@@ -179,8 +180,41 @@ def main(argv: list[str]) -> int:
             f"{setting.name:<24} {z:>5} {eps_text:>9} {acc:>9.4f} {acc / base:>7.3f} "
             f"{seconds:>7.1f}"
         )
-    print(f"\nReproduce: {shlex.join([sys.executable, *sys.argv])}")
+    private = [(eps, acc) for setting, acc, eps, _ in rows if setting.noise and eps <= 8]
+    best = max((acc for _, acc in private), default=float("nan"))
+    verdict = "PASS" if base - best <= 0.10 else "FAIL"
+    print(
+        f"\npass rule (best setting with epsilon <= 8 within 10 points of non-private): "
+        f"best {best:.4f} vs {base:.4f} -> {verdict}"
+    )
+    if args.plot:
+        plot(rows, base, args.plot)
+        print(f"plot: {args.plot}")
+    print(f"\nReproduce: {shlex.join(['.venv/bin/python', *sys.argv])}")
     return 0
+
+
+def plot(rows: list[tuple[Setting, float, float, float]], base: float, path: str) -> None:
+    """Test accuracy against epsilon, with the non-private baseline as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    points = [(eps, acc, s.name) for s, acc, eps, _ in rows if s.noise and np.isfinite(eps)]
+    for eps, acc, name in points:
+        ax.scatter(eps, acc)
+        ax.annotate(name, (eps, acc), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.axhline(base, linestyle="--", color="gray", label="non-private FedAvg")
+    ax.set_xscale("log")
+    ax.set_xlabel("user-level epsilon")
+    ax.set_ylabel("test accuracy")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ def start_server(
     callbacks: Sequence[RoundCallback] = (),
     heartbeat_timeout: float = 30.0,
     max_staged_uploads: int = 2,
+    chunk_bytes: int | None = None,
     on_started: object = None,
 ) -> History:
     """Serve a federation and run ``config.num_rounds`` rounds of ``strategy``.
@@ -54,6 +55,7 @@ def start_server(
     at once; more wait in flow control). Uploads are folded as they arrive (deployment
     does not promise bit-reproducible sums). ``on_started(server)`` runs once listening.
     """
+    from fedhive.transport.frames import DEFAULT_CHUNK_BYTES
     from fedhive.transport.grpc_server import GrpcServer, ServerSecurity
 
     if certificates is None:
@@ -70,6 +72,7 @@ def start_server(
         max_message_bytes=limit,
         heartbeat_timeout=heartbeat_timeout,
         max_staged_uploads=max_staged_uploads,
+        chunk_bytes=chunk_bytes or DEFAULT_CHUNK_BYTES,
     ).start()
     log.info("fedhive server listening on port %s", server.port)
     if callable(on_started):

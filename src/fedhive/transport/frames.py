@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
+
 from fedhive.common.errors import SerdeError
 from fedhive.transport.proto.fleet_pb2 import Frame
 
@@ -52,7 +54,7 @@ class Assembler:
     def __init__(self, max_message_bytes: int, max_open: int = 4) -> None:
         self.max_message_bytes = max_message_bytes
         self.max_open = max_open
-        self._open: dict[str, tuple[bytearray, int]] = {}
+        self._open: dict[str, tuple[memoryview, int]] = {}
 
     def is_open(self, message_id: str) -> bool:
         return message_id in self._open
@@ -64,18 +66,19 @@ class Assembler:
     def clear(self) -> None:
         self._open.clear()
 
-    def add(self, frame: Frame) -> tuple[str, bytearray] | None:
+    def add(self, frame: Frame) -> tuple[str, memoryview] | None:
         """Add one frame; ``(message_id, bytes)`` when a message is complete."""
         mid = frame.message_id
         if mid not in self._open:
             self._start(mid, frame.total_size)
         buffer, filled = self._open[mid]
+        data = frame.data  # read once: each access may copy the bytes
         if frame.total_size != len(buffer):
             raise self._fail(mid, "total_size changed between chunks")
-        if frame.offset != filled or filled + len(frame.data) > len(buffer):
+        if frame.offset != filled or filled + len(data) > len(buffer):
             raise self._fail(mid, f"chunk at offset {frame.offset} does not follow byte {filled}")
-        buffer[filled : filled + len(frame.data)] = frame.data
-        filled += len(frame.data)
+        buffer[filled : filled + len(data)] = data
+        filled += len(data)
         if frame.last != (filled == len(buffer)):
             raise self._fail(mid, "last flag does not match the declared size")
         if not frame.last:
@@ -94,7 +97,8 @@ class Assembler:
             )
         if len(self._open) >= self.max_open:
             raise SerdeError(f"more than {self.max_open} messages in progress at once")
-        self._open[mid] = (bytearray(total), 0)
+        # uninitialised: every byte is written before the message is complete
+        self._open[mid] = (memoryview(np.empty(total, np.uint8)), 0)  # type: ignore[arg-type]
 
     def _fail(self, mid: str, reason: str) -> SerdeError:
         self._open.pop(mid, None)

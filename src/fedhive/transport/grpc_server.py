@@ -14,9 +14,9 @@ Malformed, oversized or unexpected frames are logged with the node's id and drop
 server keeps serving everyone else.
 
 Memory: at most ``max_staged_uploads`` client uploads are held at once (being received
-or waiting for the engine to fold them); further uploads wait in gRPC flow control, so
-server memory stays near global model + aggregate + the cap, whatever the number of
-clients.
+or waiting for the engine), plus the one the engine is folding; further uploads wait in
+gRPC flow control, so server memory stays near global model + aggregate + the cap,
+whatever the number of clients.
 """
 
 from __future__ import annotations
@@ -265,7 +265,7 @@ class GrpcServer(Transport):
             self.client_manager.unregister(conn.node_id)
             log.info("client %s left: %s", conn.node_id, reason)
 
-    def _deliver(self, conn: _Connection, data: bytearray) -> None:
+    def _deliver(self, conn: _Connection, data: memoryview) -> None:
         """Hand a complete upload to the engine; its staging slot frees when it is taken."""
         try:
             reply = decode_wire(data)
@@ -404,6 +404,7 @@ class _Servicer(fleet_pb2_grpc.FleetServicer):
                     continue
                 if done is not None:
                     server._deliver(conn, done[1])
+                    done = None  # the upload now belongs to the engine; keep no reference
         except (aio.AioRpcError, asyncio.CancelledError):
             pass
         finally:

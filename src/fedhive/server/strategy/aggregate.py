@@ -100,7 +100,7 @@ class WeightedMean:
             raise InvalidUpdate(client_id, server_round, "fit", f"invalid weight {weight!r}")
         for acc, arr in zip(self._acc, arrays, strict=True):
             scratch = self._scratch[: arr.size].reshape(arr.shape)
-            np.multiply(arr, weight, out=scratch, casting="unsafe")
+            np.multiply(arr, weight, out=scratch, dtype=np.float64)
             np.add(acc, scratch, out=acc)
         self.total_weight += weight
         self.count += 1
