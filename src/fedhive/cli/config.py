@@ -12,24 +12,42 @@ A TOML file has up to six tables, every key optional (defaults give the default 
     [model]      name ("cnn1d" | "mlp" | "logreg"), hidden
     [train]      local_epochs, batch_size, lr, momentum
     [strategy]   name, fraction_fit, fraction_evaluate, min_fit_clients,
-                 min_evaluate_clients, centralized_eval
+                 min_evaluate_clients, centralized_eval, and the chosen strategy's own
+                 parameters under Flower's names (see ``STRATEGY_PARAMETERS``)
     [simulation] backend, num_workers, round_timeout
 
 An unknown key or a bad value stops the run with a message naming the key, the value and
-what is allowed.
+what is allowed. So does a strategy parameter that the chosen strategy does not take
+(``server_momentum`` with ``name = "fedprox"``), a missing required one (FedProx's
+``proximal_mu``), or a robust rule whose ``num_malicious_clients`` needs more clients per
+round than the sampling gives.
+
+Example::
+
+    [strategy]
+    name = "fedadam"
+    eta = 0.01
+    tau = 0.001
 """
 
 from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from fedhive.common.errors import ConfigError
 
-__all__ = ["ExperimentConfig", "load_config", "apply_overrides"]
+__all__ = [
+    "STRATEGY_PARAMETERS",
+    "ExperimentConfig",
+    "StrategyConfig",
+    "apply_overrides",
+    "load_config",
+]
 
 
 class _Section(BaseModel):
@@ -60,13 +78,192 @@ class TrainConfig(_Section):
     momentum: float = Field(0.9, ge=0, lt=1)
 
 
+StrategyName = Literal[
+    "fedavg",
+    "fedprox",
+    "fedavgm",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+    "qfedavg",
+    "fedmedian",
+    "fedtrimmedavg",
+    "krum",
+    "multikrum",
+    "bulyan",
+    "scaffold",
+    "fednova",
+]
+
+#: Each strategy's own parameters (beyond FedAvg's sampling keys), under the argument
+#: names of its ``fedhive.server.strategy`` class (Flower's names). Unset ones take the
+#: class defaults, except where :class:`StrategyConfig` says otherwise.
+STRATEGY_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "fedavg": (),
+    "fedprox": ("proximal_mu",),
+    "fedavgm": ("server_learning_rate", "server_momentum"),
+    "fedadam": ("eta", "beta_1", "beta_2", "tau", "bias_correction"),
+    "fedyogi": ("eta", "beta_1", "beta_2", "tau"),
+    "fedadagrad": ("eta", "beta_1", "tau"),
+    "qfedavg": ("q_param", "qffl_learning_rate"),
+    "fedmedian": (),
+    "fedtrimmedavg": ("beta",),
+    "krum": ("num_malicious_clients", "num_clients_to_keep"),
+    "multikrum": ("num_malicious_clients", "num_clients_to_keep"),
+    "bulyan": ("num_malicious_clients", "to_keep"),
+    "scaffold": ("server_learning_rate",),
+    "fednova": ("server_learning_rate", "local_momentum"),
+}
+
+#: Parameters a strategy cannot do without (its class has no default for them).
+REQUIRED_PARAMETERS: dict[str, tuple[str, ...]] = {"fedprox": ("proximal_mu",)}
+
+#: Flower arguments the CLI refuses, with the reason.
+_REFUSED: dict[str, str] = {
+    "eta_l": "the clients' learning rate is train.lr (Flower's eta_l is only recorded)",
+}
+
+
 class StrategyConfig(_Section):
-    name: Literal["fedavg"] = "fedavg"
+    """``[strategy]``: which strategy, FedAvg's sampling keys, and the strategy's parameters.
+
+    The parameter fields are all optional; a model validator accepts only those that the
+    chosen ``name`` takes (:data:`STRATEGY_PARAMETERS`). Two defaults differ from the
+    classes' so that the server and the CLI's clients agree: q-FedAvg's
+    ``qffl_learning_rate`` defaults to ``train.lr`` and FedNova's ``local_momentum`` to
+    ``train.momentum``.
+    """
+
+    name: StrategyName = "fedavg"
     fraction_fit: float = Field(0.1, ge=0, le=1)
     fraction_evaluate: float = Field(0.05, ge=0, le=1)
     min_fit_clients: int = Field(2, ge=0)
     min_evaluate_clients: int = Field(2, ge=0)
     centralized_eval: bool = True
+    # -- strategy parameters (Flower's argument names) -------------------------------------
+    proximal_mu: float | None = Field(
+        None, ge=0, allow_inf_nan=False, description="FedProx: weight of the proximal term"
+    )
+    server_learning_rate: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="FedAvgM, Scaffold, FedNova: server step size"
+    )
+    server_momentum: float | None = Field(
+        None, ge=0, lt=1, allow_inf_nan=False, description="FedAvgM: momentum"
+    )
+    eta: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="FedAdam/FedYogi/FedAdagrad: server learning rate",
+    )
+    beta_1: float | None = Field(
+        None, ge=0, lt=1, allow_inf_nan=False, description="adaptive: first moment decay"
+    )
+    beta_2: float | None = Field(
+        None, ge=0, lt=1, allow_inf_nan=False, description="adaptive: second moment decay"
+    )
+    tau: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="adaptive: adaptivity degree"
+    )
+    bias_correction: bool | None = Field(None, description="FedAdam: Adam's bias correction")
+    q_param: float | None = Field(
+        None, ge=0, allow_inf_nan=False, description="q-FedAvg: fairness q"
+    )
+    qffl_learning_rate: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="q-FedAvg: clients' learning rate (1/L)"
+    )
+    beta: float | None = Field(
+        None,
+        ge=0,
+        lt=0.5,
+        allow_inf_nan=False,
+        description="FedTrimmedAvg: fraction trimmed at each end",
+    )
+    num_malicious_clients: int | None = Field(
+        None, ge=0, description="Krum, MultiKrum, Bulyan: f, the Byzantine clients tolerated"
+    )
+    num_clients_to_keep: int | None = Field(
+        None, ge=0, description="Krum, MultiKrum: models averaged (0 = the rule's default)"
+    )
+    to_keep: int | None = Field(None, ge=0, description="Bulyan: Multi-Krum width per step")
+    local_momentum: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        allow_inf_nan=False,
+        description="FedNova: the clients' heavy-ball momentum",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_flower_only(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key, reason in _REFUSED.items():
+                if key in data:
+                    raise PydanticCustomError(
+                        "strategy_parameter",
+                        "{reason}",
+                        {"field": key, "value": data[key], "reason": reason},
+                    )
+        return data
+
+    @model_validator(mode="after")
+    def _check_parameters(self) -> Self:
+        allowed = STRATEGY_PARAMETERS[self.name]
+        for key in _parameter_fields():
+            value = getattr(self, key)
+            if value is not None and key not in allowed:
+                owners = [n for n, keys in STRATEGY_PARAMETERS.items() if key in keys]
+                takes = ", ".join(allowed) if allowed else "none (only FedAvg's sampling keys)"
+                raise PydanticCustomError(
+                    "strategy_parameter",
+                    "not a parameter of strategy '{name}'; its parameters: {takes}; "
+                    "{key} belongs to {owners}",
+                    {
+                        "field": key,
+                        "value": value,
+                        "name": self.name,
+                        "takes": takes,
+                        "key": key,
+                        "owners": ", ".join(owners),
+                    },
+                )
+        for key in REQUIRED_PARAMETERS.get(self.name, ()):
+            if getattr(self, key) is None:
+                raise PydanticCustomError(
+                    "strategy_parameter",
+                    "strategy '{name}' needs {key} (e.g. {key} = 0.01 under [strategy])",
+                    {"field": key, "name": self.name, "key": key},
+                )
+        return self
+
+    def parameters(self) -> dict[str, Any]:
+        """The strategy's own parameters that are set, as keyword arguments."""
+        return {
+            key: getattr(self, key)
+            for key in STRATEGY_PARAMETERS[self.name]
+            if getattr(self, key) is not None
+        }
+
+    def sample_size(self, num_clients: int) -> int:
+        """Clients sampled per fit round out of ``num_clients`` (FedAvg's rule)."""
+        return max(int(num_clients * self.fraction_fit), self.min_fit_clients)
+
+
+def _parameter_fields() -> list[str]:
+    sampling = {"name", "fraction_fit", "fraction_evaluate", "min_fit_clients"}
+    sampling |= {"min_evaluate_clients", "centralized_eval"}
+    return [k for k in StrategyConfig.model_fields if k not in sampling]
+
+
+def _min_results(st: StrategyConfig) -> int:
+    """Results a robust rule needs per round (0: no constraint)."""
+    f = st.num_malicious_clients or 0
+    if st.name in ("krum", "multikrum"):
+        return max(2 * f + 3, st.num_clients_to_keep or 0)
+    if st.name == "bulyan":
+        return 4 * f + 3
+    return 0
 
 
 class SimulationConfig(_Section):
@@ -86,10 +283,50 @@ class ExperimentConfig(_Section):
     strategy: StrategyConfig = StrategyConfig()
     simulation: SimulationConfig = SimulationConfig()
 
+    @model_validator(mode="after")
+    def _check_sample_size(self) -> Self:
+        st = self.strategy
+        need = _min_results(st)
+        have = min(st.sample_size(self.num_clients), self.num_clients)
+        if need > have:
+            f = st.num_malicious_clients or 0
+            by_keep = st.name != "bulyan" and (st.num_clients_to_keep or 0) > 2 * f + 3
+            key = "num_clients_to_keep" if by_keep else "num_malicious_clients"
+            rule = "4f + 3" if st.name == "bulyan" else "max(2f + 3, num_clients_to_keep)"
+            raise PydanticCustomError(
+                "strategy_parameter",
+                "{name} needs at least {rule} = {need} clients per round, but "
+                "fraction_fit = {fraction} of num_clients = {clients} (min_fit_clients = "
+                "{min_fit}) samples {have}; raise strategy.fraction_fit or "
+                "strategy.min_fit_clients, or lower strategy.num_malicious_clients",
+                {
+                    "field": key,
+                    "value": getattr(st, key) or 0,
+                    "section": "strategy",
+                    "name": st.name,
+                    "rule": rule,
+                    "need": need,
+                    "fraction": st.fraction_fit,
+                    "clients": self.num_clients,
+                    "min_fit": st.min_fit_clients,
+                    "have": have,
+                },
+            )
+        return self
+
 
 def _describe(error: dict[str, Any], source: str) -> str:
     key = ".".join(str(p) for p in error["loc"])
     value = error.get("input")
+    if error["type"] == "strategy_parameter":
+        ctx = error.get("ctx") or {}
+        parts = [str(p) for p in error["loc"]]
+        if ctx.get("section") and ctx["section"] not in parts:
+            parts.append(ctx["section"])
+        key = ".".join([*parts, str(ctx.get("field", ""))])
+        if "value" not in ctx:
+            return f"{source}: {key} is missing: {error['msg']}"
+        return f"{source}: {key} = {ctx['value']!r}: {error['msg']}"
     if error["type"] == "extra_forbidden":
         section: type[BaseModel] = ExperimentConfig
         for part in error["loc"][:-1]:

@@ -1,4 +1,4 @@
-"""Build and run the experiment a config describes: data, partition, model, clients."""
+"""Build and run the experiment a config describes: data, partition, model, clients, strategy."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ from typing import Any
 
 import numpy as np
 
-from fedhive.cli.config import ExperimentConfig
+from fedhive.cli.config import ExperimentConfig, StrategyConfig
+from fedhive.client.app import Mod
 from fedhive.client.context import Context
-from fedhive.client.mods import scaffold_correction
+from fedhive.client.mods import scaffold_correction, scaffold_mod
 from fedhive.client.numpy_client import NumPyClient
 from fedhive.common.errors import ConfigError
 from fedhive.common.records import Config, NDArrays, Scalar, ndarrays_to_parameters
@@ -21,9 +22,26 @@ from fedhive.data import partition as partitioners
 from fedhive.server.config import ServerConfig
 from fedhive.server.engine import RoundCallback
 from fedhive.server.history import History
-from fedhive.server.strategy.fedavg import FedAvg
+from fedhive.server.strategy import (
+    Bulyan,
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedNova,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+    MultiKrum,
+    QFedAvg,
+    Scaffold,
+    Strategy,
+)
+from fedhive.server.strategy.fednova import local_norm
 
-__all__ = ["Experiment", "build_experiment", "run_experiment"]
+__all__ = ["STRATEGIES", "Experiment", "build_experiment", "build_strategy", "run_experiment"]
 
 
 def load_data(cfg: ExperimentConfig) -> Dataset:
@@ -180,7 +198,12 @@ class SimClient(NumPyClient):
 
     Follows FedProx's ``"proximal_mu"`` fit config, reports ``"num_steps"`` (FedNova,
     SCAFFOLD) and ``"loss"``, and applies SCAFFOLD's correction when run with
-    ``fedhive.client.mods.scaffold_mod``.
+    ``fedhive.client.mods.scaffold_mod``. In a SCAFFOLD round with heavy-ball momentum
+    ``m > 0`` it also reports the effective learning rate ``lr * ||a||_1 / K`` as metric
+    ``"lr"`` (``||a||_1`` is FedNova's ``local_norm(K, m)``: how far ``K`` steps of
+    momentum SGD move along a constant gradient, Wang et al. 2020), so that the mod's
+    Option II variate ``(x - y_i) / (K lr)`` estimates the mean gradient rather than
+    ``1 / (1 - m)`` times it (Karimireddy et al. 2020 analyse plain SGD).
     """
 
     def __init__(self, spec: ModelSpec, train: tuple[Any, Any], val: tuple[Any, Any]) -> None:
@@ -196,10 +219,11 @@ class SimClient(NumPyClient):
                 "run the clients with mods=[fedhive.client.mods.scaffold_mod]"
             )
         new, info = train_eval(self.spec, parameters, *self.train, config, seed, correction)
-        metrics: dict[str, Scalar] = {
-            "loss": float(info["loss"]),
-            "num_steps": int(info["num_steps"]),
-        }
+        steps = int(info["num_steps"])
+        metrics: dict[str, Scalar] = {"loss": float(info["loss"]), "num_steps": steps}
+        momentum = float(config["momentum"])
+        if correction is not None and momentum > 0 and steps > 0:
+            metrics["lr"] = float(config["lr"]) * local_norm(steps, momentum) / steps
         return new, len(self.train[1]), metrics
 
     def evaluate(
@@ -255,7 +279,49 @@ class Experiment:
     dataset: Dataset
     partition: Partition
     client_fn: ClientFactory
-    strategy: FedAvg
+    strategy: Strategy
+    #: Client mods the strategy needs (``scaffold_mod`` for SCAFFOLD).
+    mods: tuple[Mod, ...] = ()
+
+
+#: ``[strategy] name`` -> the class it builds.
+STRATEGIES: dict[str, type[Strategy]] = {
+    "fedavg": FedAvg,
+    "fedprox": FedProx,
+    "fedavgm": FedAvgM,
+    "fedadam": FedAdam,
+    "fedyogi": FedYogi,
+    "fedadagrad": FedAdagrad,
+    "qfedavg": QFedAvg,
+    "fedmedian": FedMedian,
+    "fedtrimmedavg": FedTrimmedAvg,
+    "krum": Krum,
+    "multikrum": MultiKrum,
+    "bulyan": Bulyan,
+    "scaffold": Scaffold,
+    "fednova": FedNova,
+}
+
+
+def build_strategy(
+    st: StrategyConfig, train: Config, fedavg_args: dict[str, Any]
+) -> tuple[Strategy, tuple[Mod, ...]]:
+    """The strategy ``[strategy]`` names, with its parameters, and the client mods it needs.
+
+    ``fedavg_args`` are FedAvg's keyword arguments (sampling, evaluation, configs); the
+    strategy's own parameters come from ``st`` (unset ones keep the class defaults), except
+    that q-FedAvg's ``qffl_learning_rate`` defaults to the clients' ``lr`` and FedNova's
+    ``local_momentum`` to their ``momentum`` (``train``), so server and clients agree.
+    SCAFFOLD (Karimireddy et al. 2020) returns ``(scaffold_mod,)`` as its mods.
+    """
+    params = st.parameters()
+    if st.name == "qfedavg":
+        params.setdefault("qffl_learning_rate", float(train["lr"]))
+    if st.name == "fednova":
+        params.setdefault("local_momentum", float(train["momentum"]))
+    strategy = STRATEGIES[st.name](**fedavg_args, **params)
+    mods: tuple[Mod, ...] = (scaffold_mod,) if st.name == "scaffold" else ()
+    return strategy, mods
 
 
 def build_experiment(cfg: ExperimentConfig) -> Experiment:
@@ -280,19 +346,20 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
         return loss, {"accuracy": acc}
 
     st = cfg.strategy
-    strategy = FedAvg(
-        fraction_fit=st.fraction_fit,
-        fraction_evaluate=st.fraction_evaluate,
-        min_fit_clients=st.min_fit_clients,
-        min_evaluate_clients=st.min_evaluate_clients,
-        min_available_clients=min(cfg.num_clients, max(st.min_fit_clients, 1)),
-        evaluate_fn=evaluate_fn if st.centralized_eval else None,
-        on_fit_config_fn=lambda rnd: dict(fit_config),
-        initial_parameters=ndarrays_to_parameters(spec.initial(cfg.seed)),
-        fit_metrics_aggregation_fn=weighted_average,
-        evaluate_metrics_aggregation_fn=weighted_average,
-    )
-    return Experiment(cfg, dataset, partition, client_fn, strategy)
+    fedavg_args: dict[str, Any] = {
+        "fraction_fit": st.fraction_fit,
+        "fraction_evaluate": st.fraction_evaluate,
+        "min_fit_clients": st.min_fit_clients,
+        "min_evaluate_clients": st.min_evaluate_clients,
+        "min_available_clients": min(cfg.num_clients, max(st.min_fit_clients, 1)),
+        "evaluate_fn": evaluate_fn if st.centralized_eval else None,
+        "on_fit_config_fn": lambda rnd: dict(fit_config),
+        "initial_parameters": ndarrays_to_parameters(spec.initial(cfg.seed)),
+        "fit_metrics_aggregation_fn": weighted_average,
+        "evaluate_metrics_aggregation_fn": weighted_average,
+    }
+    strategy, mods = build_strategy(st, fit_config, fedavg_args)
+    return Experiment(cfg, dataset, partition, client_fn, strategy, mods)
 
 
 def run_experiment(
@@ -315,6 +382,7 @@ def run_experiment(
         backend=sim.backend,
         num_workers=sim.num_workers or None,
         seed=cfg.seed,
+        mods=exp.mods,
         callbacks=callbacks,
         checkpoint_dir=checkpoint_dir,
         model_dir=model_dir,
