@@ -57,6 +57,7 @@ class Setting:
     name: str
     noise: float | None  # None: plain FedAvg
     adaptive: bool = False
+    cohort: int | None = None  # expected clients per round; None: the setup's
 
 
 SETTINGS = [
@@ -66,7 +67,18 @@ SETTINGS = [
     Setting("DP-FedAvg", 1.0),
     Setting("DP-FedAvg", 2.0),
     Setting("DP-FedAvg adaptive", 1.0, adaptive=True),
+    Setting("DP-FedAvg, half cohort", 1.0, cohort=-2),
+    Setting("DP-FedAvg, double cohort", 1.0, cohort=2),
 ]
+
+
+def cohort_of(setting: Setting, setup: Setup) -> int:
+    """Expected cohort size: the setup's, or that times/divided by ``setting.cohort``."""
+    if setting.cohort is None:
+        return setup.per_round
+    if setting.cohort < 0:
+        return max(1, setup.per_round // -setting.cohort)
+    return min(setup.clients, setup.per_round * setting.cohort)
 
 
 class LogRegClient(NumPyClient):
@@ -104,8 +116,9 @@ def build(setup: Setup) -> tuple[object, object, object]:
 
 
 def strategy_for(setting: Setting, setup: Setup, evaluate_fn: object, init: NDArrays) -> Strategy:
+    m = cohort_of(setting, setup)
     inner = FedAvg(
-        fraction_fit=setup.per_round / setup.clients,
+        fraction_fit=m / setup.clients,
         fraction_evaluate=0.0,
         min_fit_clients=1,
         min_available_clients=1,
@@ -119,13 +132,13 @@ def strategy_for(setting: Setting, setup: Setup, evaluate_fn: object, init: NDAr
         return DifferentialPrivacyServerSideAdaptiveClipping(
             inner,
             setting.noise,
-            setup.per_round,
+            m,
             initial_clipping_norm=setup.clip,
-            clipped_count_stddev=max(setup.per_round / 20, setting.noise),
+            clipped_count_stddev=max(m / 20, setting.noise),
             accounting=accounting,
         )
     return DifferentialPrivacyServerSideFixedClipping(
-        inner, setting.noise, setup.clip, setup.per_round, accounting=accounting
+        inner, setting.noise, setup.clip, m, accounting=accounting
     )
 
 
@@ -170,15 +183,17 @@ def main(argv: list[str]) -> int:
         f"per round (q = {q:g}), {setup.rounds} rounds, clip C = {setup.clip}, "
         f"delta = N^-1.1 = {setup.clients**-1.1:.2g} (PLD, Poisson sampling)"
     )
-    header = f"{'path':<24} {'z':>5} {'epsilon':>9} {'accuracy':>9} {'ratio':>7} {'time s':>7}"
+    header = (
+        f"{'path':<26} {'m':>5} {'z':>5} {'epsilon':>9} {'accuracy':>9} {'ratio':>7} {'time s':>7}"
+    )
     print(header)
     print("-" * len(header))
     for setting, acc, eps, seconds in rows:
         z = "-" if setting.noise is None else f"{setting.noise:g}"
         eps_text = "-" if setting.noise is None else f"{eps:.3g}"
         print(
-            f"{setting.name:<24} {z:>5} {eps_text:>9} {acc:>9.4f} {acc / base:>7.3f} "
-            f"{seconds:>7.1f}"
+            f"{setting.name:<26} {cohort_of(setting, setup):>5} {z:>5} {eps_text:>9} "
+            f"{acc:>9.4f} {acc / base:>7.3f} {seconds:>7.1f}"
         )
     private = [(eps, acc) for setting, acc, eps, _ in rows if setting.noise and eps <= 8]
     best = max((acc for _, acc in private), default=float("nan"))

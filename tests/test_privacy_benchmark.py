@@ -25,6 +25,6 @@ def test_privacy_utility_quick_run():
     header = next(line for line in lines if line.startswith("path "))
     assert all(c in header for c in ("z", "epsilon", "accuracy", "ratio"))
     rows = [line for line in lines if line.startswith("DP-FedAvg ")]
-    epsilons = [float(line.split()[2]) for line in rows[:3]]
+    epsilons = [float(line.split()[3]) for line in rows[:3]]  # name, m, z, epsilon
     assert epsilons == sorted(epsilons, reverse=True)  # more noise, less epsilon
     assert "Reproduce:" in proc.stdout
