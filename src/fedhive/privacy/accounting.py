@@ -33,7 +33,7 @@ import functools
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -104,6 +104,8 @@ class Accounting:
     method: str = "rdp"
     max_epsilon: float | None = None
     on_exhausted: str = "stop"
+    #: True when no Accounting was given: deployment then assumes no amplification.
+    implicit: bool = field(default=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         _check_delta(self.delta)

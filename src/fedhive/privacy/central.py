@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 import math
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, final
 
 import numpy as np
@@ -189,6 +189,14 @@ class _DpStrategy(Strategy, ABC):
     @abstractmethod
     def clip_on_client(self) -> bool:
         """True when clients clip (client mods) and the server only adds noise."""
+
+    def assume_no_amplification(self) -> None:
+        """In deployment the server does not control who shows up: unless an Accounting
+        was given explicitly, account every round with sampling rate 1 (no amplification).
+        Called by ``start_server`` before the first round."""
+        if self.accounting.implicit and self.accounting.sampling != "none":
+            self.accounting = replace(self.accounting, sampling="none", implicit=False)
+            self.accountant = PrivacyAccountant("none", self.accounting.method)
 
     def __init__(
         self,
@@ -623,7 +631,7 @@ class DifferentialPrivacyServerSideFixedClipping(_DpStrategy):
             m,
             _positive("clipping_norm", clipping_norm),
             None,
-            accounting or Accounting(),
+            accounting or Accounting(implicit=True),
             noise_seed,
             sampling_seed,
             weighting,
@@ -669,7 +677,7 @@ class DifferentialPrivacyClientSideFixedClipping(_DpStrategy):
             m,
             _positive("clipping_norm", clipping_norm),
             None,
-            accounting or Accounting(),
+            accounting or Accounting(implicit=True),
             noise_seed,
             sampling_seed,
             weighting,
@@ -718,7 +726,7 @@ class DifferentialPrivacyServerSideAdaptiveClipping(_DpStrategy):
             m,
             _positive("initial_clipping_norm", initial_clipping_norm),
             _adaptive(z, m, target_clipped_quantile, clip_norm_lr, clipped_count_stddev),
-            accounting or Accounting(),
+            accounting or Accounting(implicit=True),
             noise_seed,
             sampling_seed,
             weighting,
@@ -767,7 +775,7 @@ class DifferentialPrivacyClientSideAdaptiveClipping(_DpStrategy):
             m,
             _positive("initial_clipping_norm", initial_clipping_norm),
             _adaptive(z, m, target_clipped_quantile, clip_norm_lr, clipped_count_stddev),
-            accounting or Accounting(),
+            accounting or Accounting(implicit=True),
             noise_seed,
             sampling_seed,
             weighting,

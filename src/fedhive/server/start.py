@@ -63,6 +63,9 @@ def start_server(
     if require_client_auth and certificates is None:
         raise ConfigError("require_client_auth needs certificates=(ca, cert, key)")
     manager = client_manager or SimpleClientManager(seed=seed, wait_timeout=wait_timeout)
+    no_amplification = getattr(strategy, "assume_no_amplification", None)
+    if callable(no_amplification):  # DP wrappers: who shows up is not the server's choice
+        no_amplification()
     security = ServerSecurity(certificates, require_client_auth, auth_tokens)
     limit = grpc_max_message_length or (1 << 40)
     server = GrpcServer(
