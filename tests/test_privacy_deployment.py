@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
-from grpc_helpers import ServerThread
 
 from fedhive.common import ndarrays_to_parameters
 from fedhive.privacy import Accounting, DifferentialPrivacyServerSideFixedClipping
 from fedhive.server import ServerConfig
 from fedhive.server.strategy import FedAvg
+from grpc_helpers import ServerThread
 
 
 def wrapper(accounting=None):
