@@ -29,16 +29,16 @@ from fedhive.privacy.accounting import (
     epsilon_for,
     noise_multiplier_for,
 )
-from fedhive.privacy.central import (
+from fedhive.privacy.central import check_dp_compatible
+from fedhive.privacy.gaussian import analytic_gaussian_sigma, classic_gaussian_sigma
+from fedhive.privacy.mods import LocalDpMod, adaptiveclipping_mod, fixedclipping_mod
+from fedhive.privacy.noise import SecureGaussian, SeededGaussian
+from fedhive.privacy.wrappers import (
     DifferentialPrivacyClientSideAdaptiveClipping,
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideAdaptiveClipping,
     DifferentialPrivacyServerSideFixedClipping,
-    check_dp_compatible,
 )
-from fedhive.privacy.gaussian import analytic_gaussian_sigma, classic_gaussian_sigma
-from fedhive.privacy.mods import LocalDpMod, adaptiveclipping_mod, fixedclipping_mod
-from fedhive.privacy.noise import SecureGaussian, SeededGaussian
 
 if TYPE_CHECKING:
     from fedhive.privacy.dpsgd import DpSgdResult, max_client_epsilon, train_dpsgd
