@@ -239,6 +239,8 @@ def test_tls_federation_with_mutual_auth_tokens_and_audit_via_the_clis(tmp_path)
         ]
         base = ["client", "--server", address, *tls, *DEMO, "--max-retries", "3"]
         intruder = fedhive(tmp_path, "mallory", *base, "--node-id", "mallory", "--token", "x")
+        # refused before the others join: the run would otherwise end before it connects
+        assert intruder.wait() == 2, intruder.stderr
         alice = fedhive(
             tmp_path,
             "alice",
@@ -263,7 +265,6 @@ def test_tls_federation_with_mutual_auth_tokens_and_audit_via_the_clis(tmp_path)
         )
         assert server.wait() == 0, server.stderr
         assert [alice.wait(), bob.wait()] == [0, 0], [alice.stderr, bob.stderr]
-        assert intruder.wait() == 2
     finally:
         server.stop()
     assert "AuthenticationError" in intruder.stderr and "not enrolled" in intruder.stderr
