@@ -214,14 +214,15 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join([fmt(headers), fmt(["-" * w for w in widths]), *map(fmt, rows)])
 
 
-def report(setup: Setup, data: Dataset, cells: dict[tuple[str, str], Cell], seeds: int) -> float:
-    """Print the tables; return the IID speedup of FedAvg E=5 B=10 (nan if not run)."""
+def report(
+    setup: Setup, data: Dataset, cells: dict[tuple[str, str], Cell], seeds: int
+) -> tuple[str, float]:
+    """Print the tables; return FedAvg E=5 B=10's IID speedup as text and value (nan: not run)."""
     per_client = data.num_train // setup.num_clients
-    keys = list(dict.fromkeys(k for k, _ in cells))
     parts = list(dict.fromkeys(p for _, p in cells))
-    rows = [r for r in ROWS if r.key in keys]
+    rows = [r for r in ROWS if any(k == r.key for k, _ in cells)]
     head = ["row", "E", "B", "u"] + [f"{p} {c}" for p in parts for c in ("rounds", "speedup")]
-    out, check = [], math.nan
+    out, check = [], ("-", math.nan)
     for row in rows:
         u = row.epochs * (1 if row.batch <= 0 else per_client / row.batch)
         line = [row.name, str(row.epochs), row.name.split("B=")[1], f"{u:g}"]
@@ -230,7 +231,7 @@ def report(setup: Setup, data: Dataset, cells: dict[tuple[str, str], Cell], seed
             text, value = ("-", math.nan) if sgd is None else speedup(setup, sgd, c, row)
             line += [fmt_rounds(c.median, cap(setup, row)), text]
             if (row.key, p) == ("e5b10", "iid"):
-                check = value
+                check = (text, value)
         out.append(line)
     print(
         f"McMahan et al. 2017, Table 2 on MNIST-1D: rounds to {setup.target:.0%} test accuracy, "
@@ -280,14 +281,14 @@ def main(argv: list[str] | None = None) -> int:
         lrs = custom or ((row.lrs[len(row.lrs) // 2],) if args.quick else row.lrs)
         for p in partitions:
             cells[row.key, p] = run_cell(data, setup, row, p, lrs, seeds)
-    measured = report(setup, data, cells, seeds)
+    text, measured = report(setup, data, cells, seeds)
     ok = measured >= PASS_SPEEDUP
     if math.isnan(measured):
         print("\nPASS/FAIL: n/a (needs rows fedsgd and e5b10 on the iid partition)")
     else:
         print(
             f"\n{'PASS' if ok else 'FAIL'}: FedAvg E=5 B=10 needs >= {PASS_SPEEDUP:g}x fewer "
-            f"rounds than FedSGD on IID (measured: {measured:.1f}x, a lower bound if capped)"
+            f"rounds than FedSGD on IID (measured: {text})"
         )
     print(f"Total wall time: {time.perf_counter() - start:.0f} s")
     print(f"\nReproduce: {shlex.join(['.venv/bin/python', *sys.argv])}")
