@@ -527,6 +527,31 @@ class _DpAggregator:
         metrics = {k: v for k, v in result.metrics.items() if k != NORM_BIT_KEY}
         self.clients.append((client.cid, result.num_examples, metrics))
 
+    def add_secure_mean(self, mean: NDArrays, clients: list[tuple[str, dict[str, Scalar]]]) -> None:
+        """Fold the mean of ``len(clients)`` clipped updates that secure aggregation
+        revealed (weight 1 each), instead of each update.
+
+        The server cannot check each client's norm here; the clients' clipping mods
+        (inside the secure aggregation mod) clip before masking. With adaptive clipping
+        each client still reports its norm bit in the clear, as without secure
+        aggregation.
+        """
+        if not self.strategy.clip_on_client:
+            raise ConfigError("secure aggregation needs client-side clipping")
+        update = model_update(mean, self.reference)
+        for acc, arr in zip(self.sum, update, strict=True):
+            acc += arr * len(clients)
+        self.count += len(clients)
+        for cid, metrics in clients:
+            bit = metrics.get(NORM_BIT_KEY)
+            if self.strategy.adaptive is not None and (isinstance(bit, bool) or bit not in (0, 1)):
+                raise InvalidUpdate(
+                    cid, self.server_round, "fit", f"metrics[{NORM_BIT_KEY!r}] must be 0 or 1"
+                )
+            self.unclipped += int(bit == 1)
+            rest = {k: v for k, v in metrics.items() if k != NORM_BIT_KEY}
+            self.clients.append((cid, 1, rest))
+
     def add_failure(self, failure: BaseException) -> None:
         self.failures.append(failure)
 

@@ -1,0 +1,489 @@
+"""The client side of SecAgg+: a mod that answers the protocol's stages.
+
+Put it first in the client's mods (``mods=[secaggplus_mod, ...]``): everything inside it
+(clipping for client-side DP, local DP noise) runs on the update before it is quantized
+and masked, which is the order clip -> noise -> quantize -> mask.
+
+Stages (message types), for round r of run R:
+
+1. ``secagg.advertise``: make two X25519 key pairs (share encryption, mask agreement)
+   and a self-mask seed; reply with the public keys, signed with the client's long-term
+   Ed25519 identity key (kept in its state) so they are bound to the client.
+2. ``secagg.share_keys``: check the neighbours' signed keys; Shamir-share the self-mask
+   seed and the mask secret key among them; each pair of shares travels AES-GCM
+   encrypted under a key only the two of them can derive.
+3. ``fit`` (with ``secagg.*`` config keys): train through the mods inside, then clip,
+   quantize, weight, and add the self mask and one pairwise mask per neighbour.
+4. ``secagg.consistency``: sign the set of survivors the server announced.
+5. ``secagg.unmask``: check that at least t neighbours signed that same set, then reveal
+   self-mask shares of surviving neighbours and mask-key shares of dropped ones; never
+   both for one neighbour, and only once per round.
+
+Any check that fails raises :class:`~fedhive.common.errors.ProtocolError`; the client
+then reveals nothing more in this round. Secrets live in the client's state only for the
+round and are wiped when it unmasks (or when the next round begins).
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+
+from fedhive.client.context import Context
+from fedhive.common.errors import ProtocolError
+from fedhive.common.message import Message, MessageType
+from fedhive.common.records import (
+    FitIns,
+    FitRes,
+    RecordDict,
+    Scalar,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from fedhive.secagg import primitives as p
+
+__all__ = ["SecAggPlusMod", "secaggplus_mod"]
+
+STAGE_ADVERTISE = "secagg.advertise"
+STAGE_SHARE = "secagg.share_keys"
+STAGE_CONSISTENCY = "secagg.consistency"
+STAGE_UNMASK = "secagg.unmask"
+#: The fit config key that marks a masked-input fit; other ``secagg.`` keys carry shares.
+MASK_KEY = "secagg.stage"
+SHARE_PREFIX = "secagg.share."
+PARAMS = "secagg"
+_ROUND_STATE = "secagg.round"
+_PEERS = "secagg.peers"
+_INBOX = "secagg.inbox"
+_IDENTITY = "secagg.identity"
+
+Handler = Callable[[Message, Context], Message]
+
+
+def advert_bytes(run: int, rnd: int, sid: int, node: str, c_pk: bytes, s_pk: bytes) -> bytes:
+    """What a client signs to bind its round keys to its identity."""
+    return b"advert|%d|%d|%d|%s|" % (run, rnd, sid, node.encode()) + c_pk + s_pk
+
+
+def survivors_bytes(run: int, rnd: int, survivors: np.ndarray) -> bytes:
+    """What survivors sign in the consistency check."""
+    return b"survivors|%d|%d|" % (run, rnd) + np.sort(survivors).astype("<i8").tobytes()
+
+
+def share_associated(run: int, rnd: int, sender: int, receiver: int) -> bytes:
+    return b"share|%d|%d|%d|%d" % (run, rnd, sender, receiver)
+
+
+def pair_seed(secret: bytes, peer_public: bytes, run: int, rnd: int) -> bytes:
+    return p.agree(secret, peer_public, b"mask|%d|%d" % (run, rnd))
+
+
+def share_key(secret: bytes, peer_public: bytes, run: int, rnd: int) -> bytes:
+    return p.agree(secret, peer_public, b"share|%d|%d" % (run, rnd))
+
+
+def _int(params: Mapping[str, Scalar], key: str) -> int:
+    value = params.get(key)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError(f"secure aggregation parameter {key!r} missing or not an int")
+    return value
+
+
+def _bytes(params: Mapping[str, Scalar], key: str, size: int | None = None) -> bytes:
+    value = params.get(key)
+    if not isinstance(value, bytes) or (size is not None and len(value) != size):
+        raise ProtocolError(f"secure aggregation field {key!r} missing or malformed")
+    return value
+
+
+class SecAggPlusMod:
+    """The SecAgg+ client mod.
+
+    ``trusted_identities`` (node id -> raw Ed25519 public key) pins peers' identity keys,
+    e.g. from enrollment; without it a client trusts the identity keys the server relays,
+    which protects against a server that lies about survivors but not against one that
+    swaps keys (see docs/secure_aggregation.md). ``timings`` (if given) accumulates the
+    seconds spent per stage part, for benchmarks.
+    """
+
+    def __init__(
+        self,
+        trusted_identities: Mapping[str, bytes] | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> None:
+        self.trusted = dict(trusted_identities or {})
+        self.timings = timings
+
+    def __repr__(self) -> str:
+        return f"SecAggPlusMod(trusted_identities={len(self.trusted)} keys)"
+
+    def _time(self, part: str, start: float) -> None:
+        if self.timings is not None:
+            self.timings[part] = self.timings.get(part, 0.0) + time.perf_counter() - start
+
+    def __call__(self, message: Message, context: Context, call_next: Handler) -> Message:
+        mtype = message.metadata.message_type
+        if mtype == STAGE_ADVERTISE:
+            return message.reply(self._advertise(message, context))
+        if mtype == STAGE_SHARE:
+            return message.reply(self._share_keys(message, context))
+        if mtype == MessageType.FIT and isinstance(message.content, FitIns):
+            if message.content.config.get(MASK_KEY) == "mask":
+                return self._masked_fit(message, context, call_next)
+            return call_next(message, context)
+        if mtype == STAGE_CONSISTENCY:
+            return message.reply(self._consistency(message, context))
+        if mtype == STAGE_UNMASK:
+            return message.reply(self._unmask(message, context))
+        return call_next(message, context)
+
+    # -- state ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _wipe(context: Context) -> None:
+        for name in (_ROUND_STATE, _PEERS, _INBOX):
+            context.state.config_records.pop(name, None)
+
+    @staticmethod
+    def _round_state(message: Message, context: Context, stage: str) -> dict[str, Scalar]:
+        state = context.state.config_records.get(_ROUND_STATE)
+        meta = message.metadata
+        if (
+            state is None
+            or state.get("run") != meta.run_id
+            or state.get("round") != meta.server_round
+        ):
+            raise ProtocolError(
+                f"{stage} for round {meta.server_round} before this client advertised keys "
+                "for it (or after it unmasked)"
+            )
+        return state
+
+    @staticmethod
+    def _advance(state: dict[str, Scalar], expected: str, stage: str) -> None:
+        if state.get("stage") != expected:
+            raise ProtocolError(
+                f"{stage} out of order: this client is at stage {state.get('stage')!r}"
+            )
+        state["stage"] = stage
+
+    def _identity(self, context: Context) -> bytes:
+        record = context.state.config_records.setdefault(_IDENTITY, {})
+        secret = record.get("secret")
+        if not isinstance(secret, bytes):
+            secret = p.new_identity()
+            record["secret"] = secret
+        return secret
+
+    # -- 1. advertise keys ---------------------------------------------------------------
+
+    def _advertise(self, message: Message, context: Context) -> RecordDict:
+        start = time.perf_counter()
+        meta = message.metadata
+        params = _params(message)
+        sid = _int(params, "sid")
+        threshold = _int(params, "threshold")
+        bits, ring = _int(params, "bits"), _int(params, "ring_bits")
+        clip = params.get("clip")
+        if not isinstance(clip, float) or not (math.isfinite(clip) and clip > 0):
+            raise ProtocolError("secure aggregation parameter 'clip' must be a positive float")
+        if ring not in (32, 64) or not 1 <= bits < ring or threshold < 1 or sid < 1:
+            raise ProtocolError(f"invalid secure aggregation parameters {dict(params)!r}")
+        self._wipe(context)
+        c_pair, s_pair = p.KeyPair(), p.KeyPair()
+        identity = self._identity(context)
+        context.state.config_records[_ROUND_STATE] = {
+            **params,
+            "run": meta.run_id,
+            "round": meta.server_round,
+            "stage": STAGE_ADVERTISE,
+            "c_sk": c_pair.secret,
+            "s_sk": s_pair.secret,
+            "seed": secrets.token_bytes(p.SECRET_BYTES),
+        }
+        signed = advert_bytes(
+            meta.run_id, meta.server_round, sid, context.node_id, c_pair.public, s_pair.public
+        )
+        reply = {
+            "c_pk": c_pair.public,
+            "s_pk": s_pair.public,
+            "id_pk": p.identity_public(identity),
+            "sig": p.sign(identity, signed),
+        }
+        self._time("key_agreement", start)
+        return RecordDict(config_records={PARAMS: reply})
+
+    # -- 2. share keys -------------------------------------------------------------------
+
+    def _check_peer(
+        self, meta: Any, sid: int, node: str, advert: Mapping[str, Scalar]
+    ) -> tuple[bytes, bytes, bytes]:
+        c_pk, s_pk = _bytes(advert, "c_pk", 32), _bytes(advert, "s_pk", 32)
+        id_pk = _bytes(advert, "id_pk", 32)
+        pinned = self.trusted.get(node)
+        if pinned is not None and pinned != id_pk:
+            raise ProtocolError(f"client {node!r} presented an identity key that is not enrolled")
+        signed = advert_bytes(meta.run_id, meta.server_round, sid, node, c_pk, s_pk)
+        if not p.verify(id_pk, _bytes(advert, "sig"), signed):
+            raise ProtocolError(f"the keys of client {node!r} carry no valid signature")
+        return c_pk, s_pk, id_pk
+
+    def _share_keys(self, message: Message, context: Context) -> RecordDict:
+        meta = message.metadata
+        state = self._round_state(message, context, STAGE_SHARE)
+        self._advance(state, STAGE_ADVERTISE, STAGE_SHARE)
+        content = _content(message)
+        me = _int(state, "sid")
+        allowed = set(np.frombuffer(_bytes(state, "neighbours"), "<i8").tolist())
+        peers: dict[str, Scalar] = {}
+        seen: set[bytes] = set()
+        start = time.perf_counter()
+        for name, advert in content.config_records.items():
+            if not name.startswith("peer."):
+                continue
+            sid = int(name[len("peer.") :])
+            node = advert.get("node")
+            if sid not in allowed or not isinstance(node, str):
+                raise ProtocolError(f"the server relayed keys of {sid}, not a neighbour")
+            c_pk, s_pk, id_pk = self._check_peer(meta, sid, node, advert)
+            if c_pk in seen or s_pk in seen:
+                raise ProtocolError("two neighbours advertised the same public key")
+            seen.update((c_pk, s_pk))
+            peers[str(sid)] = c_pk + s_pk + id_pk + node.encode()
+        self._time("key_agreement", start)
+        threshold = _int(state, "threshold")
+        if len(peers) < threshold:
+            raise ProtocolError(
+                f"{len(peers)} neighbours advertised keys, fewer than the threshold {threshold}"
+            )
+        context.state.config_records[_PEERS] = peers
+        start = time.perf_counter()
+        xs = [int(s) for s in peers]
+        seed_shares = p.split_secret(_bytes(state, "seed"), xs, threshold)
+        key_shares = p.split_secret(_bytes(state, "s_sk"), xs, threshold)
+        self._time("shamir", start)
+        start = time.perf_counter()
+        c_sk = _bytes(state, "c_sk")
+        out: dict[str, Scalar] = {}
+        for sid_text, packed in peers.items():
+            assert isinstance(packed, bytes)
+            sid = int(sid_text)
+            key = share_key(c_sk, packed[:32], meta.run_id, meta.server_round)
+            plain = seed_shares[sid] + key_shares[sid]
+            ad = share_associated(meta.run_id, meta.server_round, me, sid)
+            out[sid_text] = p.encrypt_share(key, plain, ad)
+        self._time("key_agreement", start)
+        return RecordDict(config_records={"shares": out})
+
+    # -- 3. masked input -----------------------------------------------------------------
+
+    def _masked_fit(self, message: Message, context: Context, call_next: Handler) -> Message:
+        meta = message.metadata
+        state = self._round_state(message, context, "masked input")
+        self._advance(state, STAGE_SHARE, "mask")
+        ins: FitIns = message.content
+        peers = context.state.config_records.get(_PEERS, {})
+        inbox: dict[str, Scalar] = {}
+        config: dict[str, Scalar] = {}
+        for key, value in ins.config.items():
+            if key.startswith(SHARE_PREFIX):
+                sid_text = key[len(SHARE_PREFIX) :]
+                if sid_text not in peers or not isinstance(value, bytes):
+                    raise ProtocolError(f"a share from {sid_text}, who is not a neighbour")
+                inbox[sid_text] = value
+            elif not key.startswith("secagg."):
+                config[key] = value
+        threshold = _int(state, "threshold")
+        if len(inbox) < threshold:
+            raise ProtocolError(
+                f"shares from {len(inbox)} neighbours, fewer than the threshold {threshold}"
+            )
+        context.state.config_records[_INBOX] = inbox
+        inner = Message(meta, FitIns(ins.parameters, config))
+        reply = call_next(inner, context)
+        if reply.error is not None or not isinstance(reply.content, FitRes):
+            return reply
+        start = time.perf_counter()
+        res: FitRes = reply.content
+        vector = self._quantized(ins, res, state)
+        self._time("quantize", start)
+        start = time.perf_counter()
+        ring = _int(state, "ring_bits")
+        vector += p.expand_mask(_bytes(state, "seed"), vector.size, ring)
+        s_sk, me = _bytes(state, "s_sk"), _int(state, "sid")
+        for sid_text in sorted(inbox, key=int):
+            packed = peers[sid_text]
+            assert isinstance(packed, bytes)
+            mask = p.expand_mask(
+                pair_seed(s_sk, packed[32:64], meta.run_id, meta.server_round), vector.size, ring
+            )
+            if me < int(sid_text):
+                vector += mask
+            else:
+                vector -= mask
+        self._time("mask_expansion", start)
+        masked = FitRes(Status(), ndarrays_to_parameters([vector]), 0, dict(res.metrics))
+        return Message(reply.metadata, masked)
+
+    @staticmethod
+    def _quantized(ins: FitIns, res: FitRes, state: Mapping[str, Scalar]) -> np.ndarray:
+        """weight x quantize(clip(update)), then the weight, as one ring vector."""
+        reference = parameters_to_ndarrays(ins.parameters)
+        new = parameters_to_ndarrays(res.parameters)
+        if len(new) != len(reference):
+            raise ProtocolError(f"fit returned {len(new)} arrays, the model has {len(reference)}")
+        size = sum(int(r.size) for r in reference)
+        delta = np.empty(size, np.float64)
+        at = 0
+        for arr, ref in zip(new, reference, strict=True):
+            if arr.shape != ref.shape:
+                raise ProtocolError(f"fit returned shape {arr.shape}, the model has {ref.shape}")
+            np.subtract(arr.reshape(-1), ref.reshape(-1), out=delta[at : at + ref.size])
+            at += ref.size
+        if not np.isfinite(delta).all():
+            raise ProtocolError("the update contains NaN or Inf; nothing was sent")
+        weight = 1
+        if state.get("weighted"):
+            weight = res.num_examples
+            cap = state.get("max_num_examples")
+            if isinstance(cap, int) and cap > 0:
+                weight = min(weight, cap)
+            if not 0 <= weight <= _int(state, "max_weight"):
+                raise ProtocolError(
+                    f"num_examples={weight} is above secure_aggregation.max_weight="
+                    f"{state.get('max_weight')}; raise max_weight (and the ring) on the server"
+                )
+        clip = state["clip"]
+        assert isinstance(clip, float)
+        q = p.quantize(delta, clip, _int(state, "bits"), np.random.default_rng())
+        dtype = p.ring_dtype(_int(state, "ring_bits"))
+        vector = np.empty(size + 1, dtype)
+        np.multiply(q, weight, out=vector[:size], casting="unsafe")
+        vector[size] = weight
+        return vector
+
+    # -- 4. consistency check ------------------------------------------------------------
+
+    def _consistency(self, message: Message, context: Context) -> RecordDict:
+        meta = message.metadata
+        state = self._round_state(message, context, STAGE_CONSISTENCY)
+        self._advance(state, "mask", STAGE_CONSISTENCY)
+        survivors = _survivors(message, "survivors")
+        me = _int(state, "sid")
+        inbox = context.state.config_records.get(_INBOX, {})
+        neighbours = set(np.frombuffer(_bytes(state, "neighbours"), "<i8").tolist())
+        announced = set(survivors.tolist())
+        if me not in announced:
+            raise ProtocolError("the announced survivors leave out this client, who sent input")
+        strangers = (announced & neighbours) - {int(s) for s in inbox}
+        if strangers:
+            raise ProtocolError(
+                f"announced survivors {sorted(strangers)} never shared keys with this client"
+            )
+        if len(announced) < _int(state, "threshold"):
+            raise ProtocolError("fewer survivors than the threshold; refusing to continue")
+        data = survivors_bytes(meta.run_id, meta.server_round, survivors)
+        state["signed"] = data
+        identity = self._identity(context)
+        return RecordDict(config_records={PARAMS: {"sig": p.sign(identity, data)}})
+
+    # -- 5. unmask ------------------------------------------------------------------------
+
+    def _unmask(self, message: Message, context: Context) -> RecordDict:
+        meta = message.metadata
+        state = self._round_state(message, context, STAGE_UNMASK)
+        try:
+            self._advance(state, STAGE_CONSISTENCY, STAGE_UNMASK)
+            return self._reveal(message, context, state)
+        finally:
+            self._wipe(context)  # one unmask per round, whatever happens
+
+    def _reveal(
+        self, message: Message, context: Context, state: dict[str, Scalar]
+    ) -> RecordDict:
+        meta = message.metadata
+        survivors = _survivors(message, "survivors")
+        dropped = set(_survivors(message, "dropped").tolist())
+        data = survivors_bytes(meta.run_id, meta.server_round, survivors)
+        if data != state.get("signed"):
+            raise ProtocolError(
+                "the server announced a different set of survivors than the one this client "
+                "signed; aborting"
+            )
+        alive = set(survivors.tolist())
+        if alive & dropped:
+            raise ProtocolError(
+                f"the server asks for both shares of clients {sorted(alive & dropped)}; refused"
+            )
+        peers = context.state.config_records.get(_PEERS, {})
+        sigs = _content(message).config_records.get("sigs", {})
+        valid = 0
+        for sid_text, sig in sigs.items():
+            packed = peers.get(sid_text)
+            if not isinstance(packed, bytes) or not isinstance(sig, bytes):
+                raise ProtocolError(f"a consistency signature from {sid_text}, not a neighbour")
+            if not p.verify(packed[64:96], sig, data):
+                raise ProtocolError(
+                    f"neighbour {sid_text} signed a different set of survivors: the server "
+                    "is announcing inconsistent views; aborting"
+                )
+            valid += 1
+        threshold = _int(state, "threshold")
+        if valid < threshold:
+            raise ProtocolError(
+                f"{valid} neighbours confirmed the survivors, fewer than the threshold {threshold}"
+            )
+        inbox = context.state.config_records.get(_INBOX, {})
+        c_sk, me = _bytes(state, "c_sk"), _int(state, "sid")
+        seed_shares: dict[str, Scalar] = {}
+        key_shares: dict[str, Scalar] = {}
+        start = time.perf_counter()
+        for sid_text, blob in inbox.items():
+            sid = int(sid_text)
+            if sid not in alive and sid not in dropped:
+                continue
+            packed = peers[sid_text]
+            assert isinstance(packed, bytes) and isinstance(blob, bytes)
+            key = share_key(c_sk, packed[:32], meta.run_id, meta.server_round)
+            plain = p.decrypt_share(key, blob, share_associated(meta.run_id, meta.server_round, sid, me))
+            if sid in alive:
+                seed_shares[sid_text] = plain[: len(plain) // 2]
+            else:
+                key_shares[sid_text] = plain[len(plain) // 2 :]
+        self._time("key_agreement", start)
+        return RecordDict(config_records={"seed_shares": seed_shares, "key_shares": key_shares})
+
+
+def _params(message: Message) -> dict[str, Scalar]:
+    content = _content(message)
+    params = content.config_records.get(PARAMS)
+    if params is None:
+        raise ProtocolError(f"{message.metadata.message_type} carries no secure aggregation record")
+    return dict(params)
+
+
+def _content(message: Message) -> RecordDict:
+    if not isinstance(message.content, RecordDict):
+        raise ProtocolError(
+            f"{message.metadata.message_type} content must be a RecordDict, got "
+            f"{type(message.content).__name__}"
+        )
+    return message.content
+
+
+def _survivors(message: Message, name: str) -> np.ndarray:
+    arrays = _content(message).array_records.get(PARAMS, {})
+    value = arrays.get(name)
+    if not isinstance(value, np.ndarray) or value.dtype.kind not in "iu" or value.ndim != 1:
+        raise ProtocolError(f"{message.metadata.message_type}: {name!r} must be a 1-D int array")
+    return value.astype(np.int64)
+
+
+#: The default instance: peers' identity keys are trusted as relayed.
+secaggplus_mod = SecAggPlusMod()

@@ -1,0 +1,206 @@
+"""SecAgg+ parameters: neighbour graph, threshold, quantization and ring size.
+
+Defaults follow Bell et al. 2020 ("Secure Single-Server Aggregation with
+(Poly)Logarithmic Overhead"): each client talks to k = O(log n) random neighbours, and
+the threshold t sits between the number of neighbours the adversary may hold and the
+number that may drop. :func:`default_degree` picks the smallest even k for which a
+t exists with both failure events (an honest client with >= t corrupted neighbours; a
+client left with < t live neighbours) below ``failure_probability`` for the whole round
+(union bound over the n clients), at the stated corrupted and dropout fractions. When
+that k reaches n - 1 the graph is complete: Bonawitz et al. 2017 ("Practical Secure
+Aggregation for Privacy-Preserving Machine Learning") is the special case.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from functools import lru_cache
+
+from fedhive.common.errors import ConfigError
+
+__all__ = ["SecAggConfig", "default_degree", "default_threshold", "neighbour_graph"]
+
+
+def _binom_tail(k: int, p: float, at_least: int) -> float:
+    """P[Binomial(k, p) >= at_least]."""
+    if at_least <= 0:
+        return 1.0
+    return sum(math.comb(k, i) * p**i * (1 - p) ** (k - i) for i in range(at_least, k + 1))
+
+
+@lru_cache(maxsize=256)
+def _plan(n: int, corrupt: float, dropout: float, failure: float) -> tuple[int, int]:
+    """(degree, threshold) as described in the module docstring."""
+    if n <= 1:
+        return max(n - 1, 0), 1
+    per_client = failure / (2 * n)
+    start = max(2, 2 * math.ceil(math.log2(n)))
+    for k in range(start, n):
+        for t in range(k // 2 + 1, k + 1):  # t > k/2 keeps two disjoint groups from both unmasking
+            too_many_corrupt = _binom_tail(k, corrupt, t)
+            too_many_dropped = _binom_tail(k, dropout, k - t + 1)
+            if too_many_corrupt <= per_client and too_many_dropped <= per_client:
+                return k, t
+    k = n - 1
+    return k, default_threshold(k)
+
+
+def default_degree(
+    n: int, corrupt_fraction: float = 0.1, dropout_fraction: float = 0.1, failure: float = 1e-6
+) -> int:
+    """The neighbour count k for n clients (n - 1 means the complete graph)."""
+    return _plan(n, corrupt_fraction, dropout_fraction, failure)[0]
+
+
+def default_threshold(degree: int) -> int:
+    """Bonawitz et al.'s choice for an actively lying server: t > 2k/3."""
+    return max(1, (2 * degree) // 3 + 1)
+
+
+def neighbour_graph(ids: list[int], degree: int, rng: random.Random) -> dict[int, list[int]]:
+    """A k-regular graph on ``ids``: a Harary graph over a random order of the clients.
+
+    Each client is joined to the k/2 clients on either side of it in a random cycle (for
+    odd k and even n, also to the client opposite). ``degree >= len(ids) - 1`` gives the
+    complete graph. An odd k with an odd number of clients is raised to k + 1.
+    """
+    n = len(ids)
+    if degree >= n - 1:
+        return {i: [j for j in ids if j != i] for i in ids}
+    if degree % 2 and n % 2:
+        degree += 1
+    order = list(ids)
+    rng.shuffle(order)
+    edges: dict[int, set[int]] = {i: set() for i in ids}
+    for pos, i in enumerate(order):
+        for step in range(1, degree // 2 + 1):
+            j = order[(pos + step) % n]
+            edges[i].add(j)
+            edges[j].add(i)
+        if degree % 2:
+            j = order[(pos + n // 2) % n]
+            edges[i].add(j)
+            edges[j].add(i)
+    return {i: sorted(edges[i]) for i in ids}
+
+
+@dataclass(frozen=True)
+class SecAggConfig:
+    """What ``secure_aggregation = { ... }`` in the TOML says, checked at construction.
+
+    - ``threshold``: shares needed to rebuild a client's secrets (default: from the
+      degree, see :func:`default_degree`; with an explicit ``degree``, t > 2k/3).
+    - ``degree``: neighbours per client; ``None`` picks it from n each round,
+      ``"complete"`` (or any k >= n - 1) is the complete graph.
+    - ``bits``: quantization levels 2^bits per element (error <= 2 clip / (2^bits - 1)).
+    - ``clip``: each update element is clipped to [-clip, clip] before quantization.
+    - ``max_weight``: the largest client weight (num_examples); larger ones are refused.
+    - ``max_clients``: the most clients in one round; with ``max_weight`` and ``bits`` it
+      sizes the ring: ``max_clients * max_weight * 2^bits < 2^ring_bits``.
+    - ``ring_bits``: 32 or 64; default the smallest that fits.
+    - ``corrupt_fraction``/``dropout_fraction``/``failure_probability``: the threat
+      model behind the default degree and threshold.
+    """
+
+    threshold: int | None = None
+    degree: int | str | None = None
+    bits: int = 12
+    clip: float = 1.0
+    max_weight: int = 1000
+    max_clients: int = 1000
+    ring_bits: int | None = None
+    corrupt_fraction: float = 0.1
+    dropout_fraction: float = 0.1
+    failure_probability: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _check_int("bits", self.bits, 1, 62)
+        if isinstance(self.clip, bool) or not isinstance(self.clip, int | float):
+            raise ConfigError(f"secure_aggregation.clip must be a number, got {self.clip!r}")
+        if not (math.isfinite(self.clip) and self.clip > 0):
+            raise ConfigError(f"secure_aggregation.clip must be > 0, got {self.clip!r}")
+        _check_int("max_weight", self.max_weight, 1, 2**62)
+        _check_int("max_clients", self.max_clients, 2, 2**40)
+        if self.threshold is not None:
+            _check_int("threshold", self.threshold, 1, 2**40)
+        if isinstance(self.degree, str):
+            if self.degree != "complete":
+                raise ConfigError(
+                    f"secure_aggregation.degree must be an int >= 1, 'complete' or unset, "
+                    f"got {self.degree!r}"
+                )
+        elif self.degree is not None:
+            _check_int("degree", self.degree, 1, 2**40)
+            if self.threshold is not None and self.threshold > self.degree:
+                raise ConfigError(
+                    f"secure_aggregation.threshold={self.threshold} exceeds degree="
+                    f"{self.degree}: a client's secrets are shared among its degree "
+                    "neighbours only"
+                )
+        for name in ("corrupt_fraction", "dropout_fraction"):
+            value = getattr(self, name)
+            if not 0 <= value < 0.5:
+                raise ConfigError(f"secure_aggregation.{name} must be in [0, 0.5), got {value}")
+        if not 0 < self.failure_probability < 1:
+            raise ConfigError("secure_aggregation.failure_probability must be in (0, 1)")
+        need = self.max_clients * self.max_weight * (1 << self.bits)
+        if self.ring_bits is None:
+            ring = 32 if need < 2**32 else 64
+            object.__setattr__(self, "ring_bits", ring)
+        if self.ring_bits not in (32, 64):
+            raise ConfigError(f"secure_aggregation.ring_bits must be 32 or 64, got {self.ring_bits}")
+        if need >= 2 ** int(self.ring_bits):
+            raise ConfigError(
+                f"the ring is too small: max_clients x max_weight x 2^bits = {need} is not "
+                f"below 2^{self.ring_bits}, so sums could wrap around; lower bits, "
+                "max_weight or max_clients"
+            )
+
+    @property
+    def ring(self) -> int:
+        return int(self.ring_bits or 64)
+
+    @property
+    def quantization_error(self) -> float:
+        """The most any element of the secure mean differs from the plain mean of the
+        clipped updates: one quantization step."""
+        return 2.0 * self.clip / ((1 << self.bits) - 1)
+
+    def plan(self, n: int) -> tuple[int, int]:
+        """(degree, threshold) for a round with n clients."""
+        if n > self.max_clients:
+            raise ConfigError(
+                f"{n} clients in a round, more than secure_aggregation.max_clients="
+                f"{self.max_clients} that the ring was sized for"
+            )
+        if self.degree == "complete":
+            degree = n - 1
+        elif self.degree is None:
+            degree = default_degree(
+                n, self.corrupt_fraction, self.dropout_fraction, self.failure_probability
+            )
+        else:
+            degree = min(int(self.degree), n - 1)
+        if self.threshold is not None:
+            threshold = self.threshold
+        elif self.degree is None:
+            threshold = _plan(
+                n, self.corrupt_fraction, self.dropout_fraction, self.failure_probability
+            )[1]
+        else:
+            threshold = default_threshold(degree)
+        if threshold > max(degree, 1):
+            raise ConfigError(
+                f"secure_aggregation.threshold={threshold} exceeds the {degree} neighbours "
+                f"each client has with {n} clients in the round"
+            )
+        return degree, threshold
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(
+            f"secure_aggregation.{name} must be an int in [{low}, {high}], got {value!r}"
+        )

@@ -1,0 +1,220 @@
+"""The cryptographic and arithmetic pieces of SecAgg+.
+
+- Key agreement: X25519 (``cryptography``), with HKDF-SHA256 turning each shared secret
+  into a purpose-bound 32-byte key (share encryption or mask seed).
+- Share transport: AES-256-GCM, the associated data binding (run, round, sender, receiver).
+- Secret sharing: Shamir (1979) over the prime field GF(2^521 - 1), which holds a 32-byte
+  secret in one share, so no chunking is needed.
+- Masks: AES-256-CTR keystreams read as little-endian unsigned integers mod 2^ring. Never
+  numpy's RNG: a mask must be unpredictable without its seed.
+- Quantization: stochastic rounding to integers in [0, 2^bits - 1] (unbiased; each element
+  off by less than one step).
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence
+
+import numpy as np
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from fedhive.common.errors import ProtocolError
+
+__all__ = [
+    "PRIME",
+    "KeyPair",
+    "agree",
+    "combine_shares",
+    "decrypt_share",
+    "dequantize",
+    "encrypt_share",
+    "expand_mask",
+    "quantize",
+    "split_secret",
+]
+
+#: The Mersenne prime 2^521 - 1: larger than any 32-byte secret (2^256).
+PRIME = (1 << 521) - 1
+SECRET_BYTES = 32
+_SHARE_BYTES = 66  # ceil(521 / 8)
+_RAW = serialization.Encoding.Raw
+_RAW_PUB = serialization.PublicFormat.Raw
+_RAW_PRIV = serialization.PrivateFormat.Raw
+_NO_ENC = serialization.NoEncryption()
+
+
+# -- keys ---------------------------------------------------------------------------------
+
+
+class KeyPair:
+    """An X25519 key pair, with raw 32-byte encodings for messages and client state."""
+
+    def __init__(self, private: X25519PrivateKey | None = None) -> None:
+        self.private = private or X25519PrivateKey.generate()
+
+    @classmethod
+    def from_secret(cls, secret: bytes) -> KeyPair:
+        return cls(X25519PrivateKey.from_private_bytes(secret))
+
+    @property
+    def secret(self) -> bytes:
+        return self.private.private_bytes(_RAW, _RAW_PRIV, _NO_ENC)
+
+    @property
+    def public(self) -> bytes:
+        return self.private.public_key().public_bytes(_RAW, _RAW_PUB)
+
+
+def agree(secret: bytes, peer_public: bytes, purpose: bytes) -> bytes:
+    """A 32-byte key shared by two parties: HKDF-SHA256 over their X25519 secret.
+
+    ``purpose`` (e.g. ``b"share|run|round"``) separates keys for different uses.
+    """
+    try:
+        peer = X25519PublicKey.from_public_bytes(peer_public)
+        shared = X25519PrivateKey.from_private_bytes(secret).exchange(peer)
+    except ValueError as exc:
+        raise ProtocolError(f"invalid X25519 key: {exc}") from exc
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"fedhive-secagg|" + purpose)
+    return hkdf.derive(shared)
+
+
+def identity_public(secret: bytes) -> bytes:
+    """The Ed25519 public key of a raw 32-byte identity secret."""
+    key = Ed25519PrivateKey.from_private_bytes(secret)
+    return key.public_key().public_bytes(_RAW, _RAW_PUB)
+
+
+def new_identity() -> bytes:
+    """A fresh raw Ed25519 identity secret."""
+    return Ed25519PrivateKey.generate().private_bytes(_RAW, _RAW_PRIV, _NO_ENC)
+
+
+def sign(secret: bytes, data: bytes) -> bytes:
+    return Ed25519PrivateKey.from_private_bytes(secret).sign(data)
+
+
+def verify(public: bytes, signature: bytes, data: bytes) -> bool:
+    """True when ``signature`` is ``public``'s Ed25519 signature of ``data``."""
+    try:
+        Ed25519PublicKey.from_public_bytes(public).verify(signature, data)
+    except Exception:  # InvalidSignature, or a malformed key/signature
+        return False
+    return True
+
+
+# -- share transport ----------------------------------------------------------------------
+
+
+def encrypt_share(key: bytes, plaintext: bytes, associated: bytes) -> bytes:
+    """AES-256-GCM: a random 12-byte nonce followed by ciphertext and tag."""
+    nonce = secrets.token_bytes(12)
+    return nonce + AESGCM(key).encrypt(nonce, plaintext, associated)
+
+
+def decrypt_share(key: bytes, blob: bytes, associated: bytes) -> bytes:
+    """Undo :func:`encrypt_share`; a tampered or misaddressed blob raises ProtocolError."""
+    if len(blob) < 12 + 16:
+        raise ProtocolError("encrypted share too short")
+    try:
+        return AESGCM(key).decrypt(blob[:12], blob[12:], associated)
+    except Exception as exc:  # InvalidTag
+        raise ProtocolError("encrypted share failed authentication") from exc
+
+
+# -- Shamir secret sharing ----------------------------------------------------------------
+
+
+def split_secret(secret: bytes, xs: Sequence[int], threshold: int) -> dict[int, bytes]:
+    """Shares of ``secret`` for the points ``xs`` (distinct, 1 <= x < PRIME).
+
+    Any ``threshold`` shares rebuild the secret; fewer reveal nothing about it (the
+    polynomial's other coefficients are uniform in the field).
+    """
+    if not 1 <= threshold <= len(xs):
+        raise ValueError(f"threshold {threshold} must be in [1, {len(xs)}]")
+    coefficients = [int.from_bytes(secret, "big")]
+    coefficients += [secrets.randbelow(PRIME) for _ in range(threshold - 1)]
+    shares = {}
+    for x in xs:
+        acc = 0
+        for c in reversed(coefficients):  # Horner
+            acc = (acc * x + c) % PRIME
+        shares[x] = acc.to_bytes(_SHARE_BYTES, "big")
+    return shares
+
+
+def combine_shares(shares: dict[int, bytes], threshold: int) -> bytes:
+    """The secret behind ``threshold`` (or more) shares: Lagrange interpolation at 0."""
+    if len(shares) < threshold:
+        raise ProtocolError(f"{len(shares)} shares, {threshold} needed to reconstruct")
+    points = sorted(shares.items())[:threshold]
+    xs = [x for x, _ in points]
+    secret = 0
+    for j, (xj, share) in enumerate(points):
+        num, den = 1, 1
+        for m, xm in enumerate(xs):
+            if m != j:
+                num = num * xm % PRIME
+                den = den * (xm - xj) % PRIME
+        yj = int.from_bytes(share, "big")
+        secret = (secret + yj * num * pow(den, -1, PRIME)) % PRIME
+    if secret >> (8 * SECRET_BYTES):
+        raise ProtocolError("reconstructed value is not a 32-byte secret (bad shares)")
+    return secret.to_bytes(SECRET_BYTES, "big")
+
+
+# -- masks ----------------------------------------------------------------------------------
+
+
+def ring_dtype(ring_bits: int) -> np.dtype[np.unsignedinteger]:
+    """The unsigned dtype whose wrap-around is arithmetic mod 2^ring_bits."""
+    if ring_bits == 32:
+        return np.dtype("<u4")
+    if ring_bits == 64:
+        return np.dtype("<u8")
+    raise ValueError(f"ring_bits must be 32 or 64, got {ring_bits}")
+
+
+def expand_mask(seed: bytes, length: int, ring_bits: int) -> np.ndarray:
+    """``length`` uniform integers mod 2^ring_bits from a 32-byte seed (AES-256-CTR)."""
+    dtype = ring_dtype(ring_bits)
+    nbytes = length * dtype.itemsize
+    encryptor = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
+    out = bytearray(nbytes + 15)  # update_into wants room for a block
+    written = encryptor.update_into(bytes(nbytes), out)
+    return np.frombuffer(out, dtype=dtype, count=length) if written else np.zeros(0, dtype)
+
+
+# -- quantization ---------------------------------------------------------------------------
+
+
+def quantize(
+    values: np.ndarray, clip: float, bits: int, rng: np.random.Generator
+) -> np.ndarray:
+    """Clip to [-clip, clip], then round stochastically to integers in [0, 2^bits - 1].
+
+    With step = 2 clip / (2^bits - 1), ``dequantize`` of the result is unbiased and each
+    element is within one step of the clipped value.
+    """
+    levels = (1 << bits) - 1
+    scaled = (np.clip(values, -clip, clip) + clip) * (levels / (2.0 * clip))
+    floor = np.floor(scaled)
+    floor += rng.random(scaled.shape) < (scaled - floor)
+    np.clip(floor, 0, levels, out=floor)
+    return floor.astype(np.uint64)
+
+
+def dequantize(total: np.ndarray, weight_sum: int, clip: float, bits: int) -> np.ndarray:
+    """The weighted mean behind ``total`` = sum of weight x quantized values."""
+    step = 2.0 * clip / ((1 << bits) - 1)
+    return total.astype(np.float64) * (step / weight_sum) - clip

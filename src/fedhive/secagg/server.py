@@ -1,0 +1,531 @@
+"""The server side of SecAgg+: a fit workflow that learns only the sum of the updates.
+
+``SecAggPlusWorkflow`` replaces the engine's fit round (``fit_workflow=``): it samples
+clients through the strategy as usual, runs the five stages described in
+:mod:`fedhive.secagg.client`, and hands the strategy the mean it unmasked, as if every
+survivor had sent that mean. Protocol: Bell et al. 2020, "Secure Single-Server
+Aggregation with (Poly)Logarithmic Overhead" (SecAgg+), with Bonawitz et al. 2017,
+"Practical Secure Aggregation for Privacy-Preserving Machine Learning" (SecAgg) as the
+complete-graph case, including its consistency check for a server that lies.
+
+Only strategies whose aggregate is a function of the (weighted) mean can use it: FedAvg,
+FedProx, FedAvgM, FedAdam, FedYogi, FedAdagrad and the client-side clipping DP wrappers
+around them. Rules that need each update (median, trimmed mean, Krum, Bulyan, q-FedAvg,
+FedNova, SCAFFOLD) are refused at the first round with a clear message.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedhive.common.errors import ClientFailure, ConfigError, ProtocolError
+from fedhive.common.message import MessageType, derive_seed
+from fedhive.common.records import (
+    FitIns,
+    FitRes,
+    NDArrays,
+    Parameters,
+    RecordDict,
+    Scalar,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from fedhive.secagg import primitives as p
+from fedhive.secagg.client import (
+    MASK_KEY,
+    PARAMS,
+    SHARE_PREFIX,
+    STAGE_ADVERTISE,
+    STAGE_CONSISTENCY,
+    STAGE_SHARE,
+    STAGE_UNMASK,
+    advert_bytes,
+    pair_seed,
+)
+from fedhive.secagg.config import SecAggConfig, neighbour_graph
+from fedhive.server.client_manager import ClientProxy
+from fedhive.server.engine import RoundDriver, _failure_dict
+from fedhive.server.strategy.base import Strategy
+
+__all__ = ["SecAggPlusWorkflow", "check_secagg_compatible"]
+
+log = logging.getLogger("fedhive.secagg")
+
+
+class RoundAborted(Exception):
+    """The secure round cannot finish; the model stays as it was."""
+
+
+def check_secagg_compatible(strategy: Strategy) -> str:
+    """How clients weigh their updates (``"num_examples"`` or ``"uniform"``), or raise.
+
+    Raises :class:`ConfigError` for strategies that need individual updates.
+    """
+    from fedhive.privacy.central import _DpStrategy
+    from fedhive.server.strategy.composed import ComposedStrategy, MeanRule
+    from fedhive.server.strategy.fedavg import FedAvg
+
+    if getattr(strategy, "secure_aggregation_compatible", None) is True:
+        return "num_examples"
+    if isinstance(strategy, _DpStrategy):
+        if not strategy.clip_on_client:
+            raise ConfigError(
+                f"{type(strategy).__name__} clips on the server, which never sees individual "
+                "updates under secure aggregation; use the client-side clipping wrapper "
+                "(DifferentialPrivacyClientSideFixedClipping or ...AdaptiveClipping)"
+            )
+        check_secagg_compatible(strategy.strategy)
+        return "uniform"
+    if isinstance(strategy, ComposedStrategy) and type(strategy.rule) is MeanRule:
+        return "num_examples"
+    if isinstance(strategy, FedAvg) and not isinstance(strategy, ComposedStrategy):
+        if type(strategy).aggregate_fit is FedAvg.aggregate_fit:
+            return "num_examples"
+    name = type(getattr(strategy, "rule", strategy)).__name__
+    raise ConfigError(
+        f"{type(strategy).__name__} ({name}) needs individual updates, which secure "
+        "aggregation hides: only the sum is revealed. Use a mean-based strategy (FedAvg, "
+        "FedProx, FedAvgM, FedAdam, FedYogi, FedAdagrad) or turn secure aggregation off"
+    )
+
+
+@dataclass
+class _Peer:
+    """What the server knows of one client in this round."""
+
+    cid: str
+    sid: int
+    ins: FitIns
+    neighbours: list[int]
+    advert: dict[str, Scalar] = field(default_factory=dict)
+    shares_out: dict[str, Scalar] = field(default_factory=dict)
+    metrics: dict[str, Scalar] = field(default_factory=dict)
+
+
+class SecAggPlusWorkflow:
+    """The fit round with SecAgg+; keyword arguments are those of :class:`SecAggConfig`.
+
+    ``SecAggPlusWorkflow(threshold=..., degree=..., bits=..., clip=...)`` or
+    ``SecAggPlusWorkflow(config=SecAggConfig(...))``. Clients need
+    :data:`fedhive.secagg.secaggplus_mod` as their first mod.
+
+    Memory on the server: one ring vector (4 or 8 bytes per parameter) for the running
+    masked sum and one for a mask being removed; masked inputs are folded as they arrive.
+    """
+
+    def __init__(self, config: SecAggConfig | None = None, **options: Any) -> None:
+        if config is not None and options:
+            raise ConfigError("pass either a SecAggConfig or keyword options, not both")
+        if config is not None and not isinstance(config, SecAggConfig):
+            raise ConfigError(f"config must be a SecAggConfig, got {type(config).__name__}")
+        try:
+            self.config = config or SecAggConfig(**options)
+        except TypeError as exc:
+            raise ConfigError(f"unknown secure aggregation option: {exc}") from exc
+
+    def __repr__(self) -> str:
+        return f"SecAggPlusWorkflow({self.config!r})"
+
+    def __call__(self, driver: RoundDriver) -> None:
+        engine, rnd = driver.engine, driver.server_round
+        weighting = check_secagg_compatible(engine.strategy)
+        engine._reseed_sampling(rnd, "fit")
+        instructions = engine.strategy.configure_fit(rnd, engine.parameters, engine.client_manager)
+        fit: dict[str, Any] = {"num_clients": len(instructions), "num_results": 0, "metrics": {}}
+        driver.record["fit"] = fit
+        driver.record["failures"] = []
+        if not instructions:
+            fit["updated"] = False
+            fit["note"] = "configure_fit selected no clients; the model is unchanged"
+            return
+        round_ = _SecureRound(self.config, driver, instructions, weighting)
+        try:
+            mean = round_.run()
+        except RoundAborted as exc:
+            fit["updated"] = False
+            fit["note"] = f"secure aggregation aborted: {exc}; the model is unchanged"
+            log.warning("round %d: %s", rnd, fit["note"])
+            return
+        finally:
+            driver.record["failures"] = [_failure_dict(f) for f in round_.failures]
+            fit["num_failures"] = len(round_.failures)
+            fit["secagg"] = round_.stats
+        fit["num_results"] = len(round_.survivors)
+        if len(round_.survivors) < max(1, engine.config.min_fit_results):
+            fit["updated"] = False
+            fit["note"] = (
+                f"{len(round_.survivors)} secure results, fewer than the minimum "
+                f"{engine.config.min_fit_results}; the model is unchanged"
+            )
+            return
+        params, metrics = round_.hand_to_strategy(mean)
+        fit["metrics"] = dict(metrics)
+        fit["updated"] = params is not None
+        if params is None:
+            fit["note"] = "the strategy returned no parameters; the model is unchanged"
+            return
+        driver.update_parameters(params)
+
+
+class _SecureRound:
+    """One round of the protocol, stage by stage."""
+
+    def __init__(
+        self,
+        config: SecAggConfig,
+        driver: RoundDriver,
+        instructions: list[tuple[ClientProxy, FitIns]],
+        weighting: str,
+    ) -> None:
+        self.config = config
+        self.driver = driver
+        self.rnd = driver.server_round
+        self.run_id = driver.engine.run_id
+        self.weighting = weighting
+        self.failures: list[ClientFailure] = []
+        self.survivors: list[_Peer] = []
+        n = len(instructions)
+        self.stats: dict[str, Any] = {"clients": n}
+        if n < 2:
+            raise_config = "secure aggregation needs at least 2 clients in a round"
+            self.degree, self.threshold = 0, 1
+            self.peers: dict[int, _Peer] = {}
+            self._too_few = raise_config
+            return
+        self._too_few = ""
+        self.degree, self.threshold = config.plan(n)
+        rng = random.Random(derive_seed(driver.engine.seed, self.rnd, "", "secagg-graph"))
+        graph = neighbour_graph(list(range(1, n + 1)), self.degree, rng)
+        self.peers = {
+            sid: _Peer(client.cid, sid, ins, graph[sid])
+            for sid, (client, ins) in enumerate(instructions, start=1)
+        }
+        self.stats.update(degree=len(graph[1]), threshold=self.threshold)
+        self.stats["ring_bits"], self.stats["bits"] = config.ring, config.bits
+        self.reference = parameters_to_ndarrays(driver.engine.parameters)
+        self.length = sum(int(r.size) for r in self.reference) + 1
+        self.seconds: dict[str, float] = {}
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def _exchange(
+        self, stage: str, contents: Mapping[int, Any]
+    ) -> Iterable[tuple[_Peer, Any]]:
+        """Send each peer its content; yield (peer, reply content) for good replies."""
+        order = list(contents)
+        sent = [(ClientProxy(self.peers[sid].cid), contents[sid]) for sid in order]
+        for sid, reply in zip(order, self.driver.exchange(stage, sent), strict=True):
+            peer = self.peers[sid]
+            if reply.error is not None:
+                self._fail(peer, stage, reply.error)
+                continue
+            yield peer, reply.content
+
+    def _fail(self, peer: _Peer, stage: str, reason: str) -> None:
+        self.failures.append(ClientFailure(peer.cid, self.rnd, stage, reason))
+
+    def _need(self, alive: Iterable[_Peer], stage: str) -> list[_Peer]:
+        alive = list(alive)
+        self.stats[f"after_{stage.split('.')[-1]}"] = len(alive)
+        if len(alive) < max(2, self.threshold):
+            raise RoundAborted(
+                f"{len(alive)} clients left after {stage}, fewer than the threshold "
+                f"{self.threshold}"
+            )
+        return alive
+
+    def _timed(self, part: str, start: float) -> None:
+        self.seconds[part] = self.seconds.get(part, 0.0) + time.perf_counter() - start
+
+    # -- the stages -----------------------------------------------------------------------
+
+    def run(self) -> NDArrays:
+        if self._too_few:
+            raise RoundAborted(self._too_few)
+        try:
+            u1 = self._need(self._advertise(), STAGE_ADVERTISE)
+            u2 = self._need(self._share_keys(u1), STAGE_SHARE)
+            total, u3 = self._masked_input(u2)
+            u3 = self._need(u3, "masked_input")
+            u4 = self._need(self._consistency(u3), STAGE_CONSISTENCY)
+            u5 = self._need(self._unmask(u2, u3, u4), STAGE_UNMASK)
+            start = time.perf_counter()
+            self._remove_masks(total, u2, u3, u5)
+            self._timed("unmask", start)
+            self.survivors = u3
+            return self._dequantize(total)
+        finally:
+            self.stats["server_seconds"] = dict(self.seconds)
+
+    def _advertise(self) -> list[_Peer]:
+        common: dict[str, Scalar] = {
+            "threshold": self.threshold,
+            "bits": self.config.bits,
+            "ring_bits": self.config.ring,
+            "clip": float(self.config.clip),
+            "max_weight": self.config.max_weight,
+            "weighted": self.weighting == "num_examples",
+        }
+        cap = getattr(getattr(self.driver.strategy, "sampling", self.driver.strategy),
+                      "max_num_examples", None)
+        if isinstance(cap, int):
+            common["max_num_examples"] = cap
+        contents = {
+            sid: RecordDict(
+                config_records={
+                    PARAMS: {
+                        **common,
+                        "sid": sid,
+                        "neighbours": np.asarray(peer.neighbours, "<i8").tobytes(),
+                    }
+                }
+            )
+            for sid, peer in self.peers.items()
+        }
+        alive = []
+        for peer, content in self._exchange(STAGE_ADVERTISE, contents):
+            advert = content.config_records.get(PARAMS) if isinstance(content, RecordDict) else None
+            if not self._valid_advert(peer, advert):
+                self._fail(peer, STAGE_ADVERTISE, "malformed or unsigned key advertisement")
+                continue
+            assert advert is not None
+            peer.advert = dict(advert)
+            alive.append(peer)
+        return alive
+
+    def _valid_advert(self, peer: _Peer, advert: Mapping[str, Scalar] | None) -> bool:
+        if advert is None:
+            return False
+        keys = [advert.get(k) for k in ("c_pk", "s_pk", "id_pk")]
+        sig = advert.get("sig")
+        if not all(isinstance(k, bytes) and len(k) == 32 for k in keys) or not isinstance(
+            sig, bytes
+        ):
+            return False
+        c_pk, s_pk, id_pk = keys
+        assert isinstance(c_pk, bytes) and isinstance(s_pk, bytes) and isinstance(id_pk, bytes)
+        signed = advert_bytes(self.run_id, self.rnd, peer.sid, peer.cid, c_pk, s_pk)
+        return p.verify(id_pk, sig, signed)
+
+    def _share_keys(self, u1: list[_Peer]) -> list[_Peer]:
+        alive = {peer.sid for peer in u1}
+        contents = {}
+        for peer in u1:
+            live = [j for j in peer.neighbours if j in alive]
+            if len(live) < self.threshold:
+                self._fail(
+                    peer,
+                    STAGE_SHARE,
+                    f"{len(live)} neighbours advertised keys, fewer than the threshold",
+                )
+                continue
+            records = {
+                f"peer.{j}": {**self.peers[j].advert, "node": self.peers[j].cid} for j in live
+            }
+            contents[peer.sid] = RecordDict(config_records=records)
+        out = []
+        for peer, content in self._exchange(STAGE_SHARE, contents):
+            shares = content.config_records.get("shares") if isinstance(content, RecordDict) else None
+            expected = {str(j) for j in peer.neighbours if j in alive}
+            if not isinstance(shares, dict) or set(shares) != expected or not all(
+                isinstance(v, bytes) for v in shares.values()
+            ):
+                self._fail(peer, STAGE_SHARE, "shares missing or addressed to non-neighbours")
+                continue
+            peer.shares_out = dict(shares)
+            out.append(peer)
+        return out
+
+    def _masked_input(self, u2: list[_Peer]) -> tuple[np.ndarray, list[_Peer]]:
+        dtype = p.ring_dtype(self.config.ring)
+        total = np.zeros(self.length, dtype)
+        alive = {peer.sid: peer for peer in u2}
+        contents = {}
+        for peer in u2:
+            config: dict[str, Scalar] = {**peer.ins.config, MASK_KEY: "mask"}
+            for j in peer.neighbours:
+                sender = alive.get(j)
+                if sender is not None:
+                    config[f"{SHARE_PREFIX}{j}"] = sender.shares_out[str(peer.sid)]
+            contents[peer.sid] = FitIns(peer.ins.parameters, config)
+        out = []
+        for peer, res in self._exchange(MessageType.FIT, contents):
+            vector = self._masked_vector(res)
+            if vector is None:
+                self._fail(
+                    peer,
+                    MessageType.FIT,
+                    f"masked input must be one {dtype} vector of length {self.length}",
+                )
+                continue
+            start = time.perf_counter()
+            total += vector
+            self._timed("fold", start)
+            peer.metrics = dict(res.metrics)
+            out.append(peer)
+        return total, out
+
+    def _masked_vector(self, res: Any) -> np.ndarray | None:
+        if not isinstance(res, FitRes):
+            return None
+        try:
+            arrays = parameters_to_ndarrays(res.parameters)
+        except Exception:  # a malformed payload is that client's failure
+            return None
+        if len(arrays) != 1:
+            return None
+        (vector,) = arrays
+        if vector.dtype != p.ring_dtype(self.config.ring) or vector.shape != (self.length,):
+            return None
+        return vector
+
+    def _consistency(self, u3: list[_Peer]) -> list[_Peer]:
+        survivors = np.array(sorted(peer.sid for peer in u3), "<i8")
+        self.survivor_ids = survivors
+        contents = {
+            peer.sid: RecordDict(array_records={PARAMS: {"survivors": survivors}}) for peer in u3
+        }
+        out = []
+        for peer, content in self._exchange(STAGE_CONSISTENCY, contents):
+            record = content.config_records.get(PARAMS) if isinstance(content, RecordDict) else None
+            sig = record.get("sig") if record else None
+            if not isinstance(sig, bytes):
+                self._fail(peer, STAGE_CONSISTENCY, "no consistency signature")
+                continue
+            peer.advert["consistency_sig"] = sig
+            out.append(peer)
+        return out
+
+    def _unmask(self, u2: list[_Peer], u3: list[_Peer], u4: list[_Peer]) -> list[_Peer]:
+        alive3 = {peer.sid for peer in u3}
+        dropped = np.array(sorted(peer.sid for peer in u2 if peer.sid not in alive3), "<i8")
+        self.stats["dropped_after_sharing"] = len(dropped)
+        signers = {peer.sid: peer for peer in u4}
+        contents = {}
+        for peer in u4:
+            sigs = {
+                str(j): signers[j].advert["consistency_sig"]
+                for j in peer.neighbours
+                if j in signers
+            }
+            contents[peer.sid] = RecordDict(
+                array_records={PARAMS: {"survivors": self.survivor_ids, "dropped": dropped}},
+                config_records={"sigs": sigs},
+            )
+        out = []
+        for peer, content in self._exchange(STAGE_UNMASK, contents):
+            if not isinstance(content, RecordDict):
+                self._fail(peer, STAGE_UNMASK, "no shares")
+                continue
+            peer.advert["seed_shares"] = content.config_records.get("seed_shares", {})
+            peer.advert["key_shares"] = content.config_records.get("key_shares", {})
+            out.append(peer)
+        return out
+
+    # -- unmasking ------------------------------------------------------------------------
+
+    def _collect(self, target: _Peer, u5: list[_Peer], kind: str) -> bytes:
+        holders = set(target.neighbours)
+        shares: dict[int, bytes] = {}
+        for peer in u5:
+            if peer.sid in holders:
+                record = peer.advert.get(kind)
+                share = record.get(str(target.sid)) if isinstance(record, dict) else None
+                if isinstance(share, bytes):
+                    shares[peer.sid] = share
+        if len(shares) < self.threshold:
+            raise RoundAborted(
+                f"{len(shares)} shares of client {target.cid!r}'s "
+                f"{'self-mask seed' if kind == 'seed_shares' else 'mask key'}, "
+                f"{self.threshold} needed"
+            )
+        start = time.perf_counter()
+        try:
+            secret = p.combine_shares(shares, self.threshold)
+        except ProtocolError as exc:
+            raise RoundAborted(f"client {target.cid!r}: {exc}") from exc
+        self._timed("shamir", start)
+        return secret
+
+    def _remove_masks(
+        self, total: np.ndarray, u2: list[_Peer], u3: list[_Peer], u5: list[_Peer]
+    ) -> None:
+        ring = self.config.ring
+        alive3 = {peer.sid for peer in u3}
+        for peer in u3:
+            seed = self._collect(peer, u5, "seed_shares")
+            start = time.perf_counter()
+            total -= p.expand_mask(seed, self.length, ring)
+            self._timed("mask_expansion", start)
+        for dead in (peer for peer in u2 if peer.sid not in alive3):
+            secret = self._collect(dead, u5, "key_shares")
+            s_pk = dead.advert["s_pk"]
+            if p.KeyPair.from_secret(secret).public != s_pk:
+                raise RoundAborted(
+                    f"the mask key rebuilt for dropped client {dead.cid!r} does not match the "
+                    "key it advertised (a neighbour revealed a bad share)"
+                )
+            for j in dead.neighbours:
+                if j not in alive3:
+                    continue
+                other = self.peers[j].advert["s_pk"]
+                assert isinstance(other, bytes)
+                start = time.perf_counter()
+                mask = p.expand_mask(pair_seed(secret, other, self.run_id, self.rnd), self.length, ring)
+                # j added +mask if j < dead, else -mask: take j's contribution back out
+                if j < dead.sid:
+                    total -= mask
+                else:
+                    total += mask
+                self._timed("mask_expansion", start)
+
+    def _dequantize(self, total: np.ndarray) -> NDArrays:
+        weight_sum = int(total[-1])
+        levels = (1 << self.config.bits) - 1
+        limit = len(self.survivor_ids) * self.config.max_weight
+        if weight_sum <= 0 or weight_sum > limit or int(total[:-1].max(initial=0)) > levels * weight_sum:
+            raise RoundAborted(
+                "the unmasked sum is out of range (total weight "
+                f"{weight_sum}): a client sent inconsistent masks or shares"
+            )
+        self.stats["total_weight"] = weight_sum
+        flat = p.dequantize(total[:-1], weight_sum, self.config.clip, self.config.bits)
+        out, at = [], 0
+        for ref in self.reference:
+            delta = flat[at : at + ref.size].reshape(ref.shape)
+            at += ref.size
+            new = ref.astype(np.float64) + delta
+            out.append(new.astype(ref.dtype) if ref.dtype.kind == "f" else new)
+        return out
+
+    # -- the strategy ---------------------------------------------------------------------
+
+    def hand_to_strategy(self, mean: NDArrays) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Fold the secure mean into the strategy as every survivor's model.
+
+        A mean-based strategy gets that mean back; its metrics aggregation sees each
+        survivor's metrics. The weights are secret, so each survivor counts once.
+        """
+        from fedhive.privacy.central import _DpStrategy
+
+        strategy = self.driver.strategy
+        parameters = self.driver.engine.parameters
+        shared = ndarrays_to_parameters(mean)
+        aggregator = strategy.fit_aggregator(self.rnd, parameters)
+        for failure in self.failures:
+            aggregator.add_failure(failure)
+        if isinstance(strategy, _DpStrategy):
+            add_mean = getattr(aggregator, "add_secure_mean")
+            add_mean(mean, [(peer.cid, peer.metrics) for peer in self.survivors])
+            return aggregator.finalize()
+        for peer in self.survivors:
+            aggregator.add(ClientProxy(peer.cid), FitRes(Status(), shared, 1, peer.metrics))
+        return aggregator.finalize()
