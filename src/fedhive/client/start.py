@@ -80,6 +80,8 @@ def start_client(
     (the secret enrolled on the server), a client certificate for mutual TLS, client
     ``mods`` (e.g. a site policy), ``persistent`` (stay up and join the next run) and
     ``audit_log`` (a JSON-lines record of every message that leaves this site).
+    The SecAgg+ client mod is put first unless ``mods`` has one: it only answers secure
+    aggregation stages, so the client joins secure rounds when the server runs them.
     """
     if (client is None) == (client_fn is None):
         raise ConfigError("start_client needs exactly one of client= or client_fn=")
@@ -90,7 +92,7 @@ def start_client(
 
     security = _security(insecure, root_certificates, certificate_chain, private_key, auth_token)
     node = node_id or uuid.uuid4().hex
-    app = ClientApp(client_fn if client_fn is not None else _constant(client), mods)
+    app = ClientApp(client_fn if client_fn is not None else _constant(client), _with_secagg(mods))
     context = Context(node_id=node)
 
     def handle(task: Message) -> Message:
@@ -121,6 +123,14 @@ def start_client(
         log.info("run ended: %s", end.reason)
         if not persistent:
             return
+
+
+def _with_secagg(mods: Sequence[Mod]) -> list[Mod]:
+    from fedhive.secagg.client import SecAggPlusMod, secaggplus_mod
+
+    if any(isinstance(mod, SecAggPlusMod) for mod in mods):
+        return list(mods)
+    return [secaggplus_mod, *mods]
 
 
 def start_numpy_client(

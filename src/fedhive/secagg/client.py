@@ -315,14 +315,13 @@ class SecAggPlusMod:
         self._time("quantize", start)
         start = time.perf_counter()
         ring = _int(state, "ring_bits")
-        vector += p.expand_mask(_bytes(state, "seed"), vector.size, ring)
+        masks = p.MaskExpander(vector.size, ring)
+        vector += masks.expand(_bytes(state, "seed"))
         s_sk, me = _bytes(state, "s_sk"), _int(state, "sid")
         for sid_text in sorted(inbox, key=int):
             packed = peers[sid_text]
             assert isinstance(packed, bytes)
-            mask = p.expand_mask(
-                pair_seed(s_sk, packed[32:64], meta.run_id, meta.server_round), vector.size, ring
-            )
+            mask = masks.expand(pair_seed(s_sk, packed[32:64], meta.run_id, meta.server_round))
             if me < int(sid_text):
                 vector += mask
             else:
@@ -357,7 +356,7 @@ class SecAggPlusMod:
             if not 0 <= weight <= _int(state, "max_weight"):
                 raise ProtocolError(
                     f"num_examples={weight} is above secure_aggregation.max_weight="
-                    f"{state.get('max_weight')}; raise max_weight (and the ring) on the server"
+                    f"{_int(state, 'max_weight')}; raise max_weight (and the ring) on the server"
                 )
         clip = state["clip"]
         assert isinstance(clip, float)
@@ -396,7 +395,6 @@ class SecAggPlusMod:
     # -- 5. unmask ------------------------------------------------------------------------
 
     def _unmask(self, message: Message, context: Context) -> RecordDict:
-        meta = message.metadata
         state = self._round_state(message, context, STAGE_UNMASK)
         try:
             self._advance(state, STAGE_CONSISTENCY, STAGE_UNMASK)
@@ -404,9 +402,7 @@ class SecAggPlusMod:
         finally:
             self._wipe(context)  # one unmask per round, whatever happens
 
-    def _reveal(
-        self, message: Message, context: Context, state: dict[str, Scalar]
-    ) -> RecordDict:
+    def _reveal(self, message: Message, context: Context, state: dict[str, Scalar]) -> RecordDict:
         meta = message.metadata
         survivors = _survivors(message, "survivors")
         dropped = set(_survivors(message, "dropped").tolist())
@@ -451,7 +447,9 @@ class SecAggPlusMod:
             packed = peers[sid_text]
             assert isinstance(packed, bytes) and isinstance(blob, bytes)
             key = share_key(c_sk, packed[:32], meta.run_id, meta.server_round)
-            plain = p.decrypt_share(key, blob, share_associated(meta.run_id, meta.server_round, sid, me))
+            plain = p.decrypt_share(
+                key, blob, share_associated(meta.run_id, meta.server_round, sid, me)
+            )
             if sid in alive:
                 seed_shares[sid_text] = plain[: len(plain) // 2]
             else:

@@ -150,7 +150,9 @@ class SecAggConfig:
             ring = 32 if need < 2**32 else 64
             object.__setattr__(self, "ring_bits", ring)
         if self.ring_bits not in (32, 64):
-            raise ConfigError(f"secure_aggregation.ring_bits must be 32 or 64, got {self.ring_bits}")
+            raise ConfigError(
+                f"secure_aggregation.ring_bits must be 32 or 64, got {self.ring_bits}"
+            )
         if need >= 2 ** int(self.ring_bits):
             raise ConfigError(
                 f"the ring is too small: max_clients x max_weight x 2^bits = {need} is not "

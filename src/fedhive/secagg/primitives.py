@@ -37,6 +37,7 @@ __all__ = [
     "decrypt_share",
     "dequantize",
     "encrypt_share",
+    "MaskExpander",
     "expand_mask",
     "quantize",
     "split_secret",
@@ -187,29 +188,46 @@ def ring_dtype(ring_bits: int) -> np.dtype[np.unsignedinteger]:
 
 def expand_mask(seed: bytes, length: int, ring_bits: int) -> np.ndarray:
     """``length`` uniform integers mod 2^ring_bits from a 32-byte seed (AES-256-CTR)."""
-    dtype = ring_dtype(ring_bits)
-    nbytes = length * dtype.itemsize
-    encryptor = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
-    out = bytearray(nbytes + 15)  # update_into wants room for a block
-    written = encryptor.update_into(bytes(nbytes), out)
-    return np.frombuffer(out, dtype=dtype, count=length) if written else np.zeros(0, dtype)
+    return MaskExpander(length, ring_bits).expand(seed).copy()
+
+
+class MaskExpander:
+    """Expands many masks of one length into a reused buffer (no allocation per mask).
+
+    :meth:`expand` returns a view that the next call overwrites.
+    """
+
+    def __init__(self, length: int, ring_bits: int) -> None:
+        self.dtype = ring_dtype(ring_bits)
+        self.length = length
+        nbytes = length * self.dtype.itemsize
+        self._zeros = bytes(nbytes)
+        self._out = bytearray(nbytes + 16)  # update_into wants room for a block
+        self._view = np.frombuffer(self._out, dtype=self.dtype, count=length)
+
+    def expand(self, seed: bytes) -> np.ndarray:
+        encryptor = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
+        encryptor.update_into(self._zeros, self._out)
+        return self._view
 
 
 # -- quantization ---------------------------------------------------------------------------
 
 
-def quantize(
-    values: np.ndarray, clip: float, bits: int, rng: np.random.Generator
-) -> np.ndarray:
+def quantize(values: np.ndarray, clip: float, bits: int, rng: np.random.Generator) -> np.ndarray:
     """Clip to [-clip, clip], then round stochastically to integers in [0, 2^bits - 1].
 
     With step = 2 clip / (2^bits - 1), ``dequantize`` of the result is unbiased and each
-    element is within one step of the clipped value.
+    element is within one step of the clipped value (the rounding draws are float32, so
+    "unbiased" holds to 2^-24 of a step).
     """
     levels = (1 << bits) - 1
-    scaled = (np.clip(values, -clip, clip) + clip) * (levels / (2.0 * clip))
+    scaled = np.clip(values, -clip, clip).astype(np.float64, copy=False)
+    scaled += clip
+    scaled *= levels / (2.0 * clip)
     floor = np.floor(scaled)
-    floor += rng.random(scaled.shape) < (scaled - floor)
+    scaled -= floor  # the fractional part: round up with that probability
+    floor += rng.random(scaled.shape, dtype=np.float32) < scaled
     np.clip(floor, 0, levels, out=floor)
     return floor.astype(np.uint64)
 

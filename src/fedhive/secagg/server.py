@@ -86,9 +86,9 @@ def check_secagg_compatible(strategy: Strategy) -> str:
         return "uniform"
     if isinstance(strategy, ComposedStrategy) and type(strategy.rule) is MeanRule:
         return "num_examples"
-    if isinstance(strategy, FedAvg) and not isinstance(strategy, ComposedStrategy):
-        if type(strategy).aggregate_fit is FedAvg.aggregate_fit:
-            return "num_examples"
+    plain_fedavg = isinstance(strategy, FedAvg) and not isinstance(strategy, ComposedStrategy)
+    if plain_fedavg and type(strategy).aggregate_fit is FedAvg.aggregate_fit:
+        return "num_examples"
     name = type(getattr(strategy, "rule", strategy)).__name__
     raise ConfigError(
         f"{type(strategy).__name__} ({name}) needs individual updates, which secure "
@@ -108,6 +108,8 @@ class _Peer:
     advert: dict[str, Scalar] = field(default_factory=dict)
     shares_out: dict[str, Scalar] = field(default_factory=dict)
     metrics: dict[str, Scalar] = field(default_factory=dict)
+    signature: bytes = b""
+    revealed: dict[str, dict[str, Scalar]] = field(default_factory=dict)
 
 
 class SecAggPlusWorkflow:
@@ -216,9 +218,7 @@ class _SecureRound:
 
     # -- plumbing -------------------------------------------------------------------------
 
-    def _exchange(
-        self, stage: str, contents: Mapping[int, Any]
-    ) -> Iterable[tuple[_Peer, Any]]:
+    def _exchange(self, stage: str, contents: Mapping[int, Any]) -> Iterable[tuple[_Peer, Any]]:
         """Send each peer its content; yield (peer, reply content) for good replies."""
         order = list(contents)
         sent = [(ClientProxy(self.peers[sid].cid), contents[sid]) for sid in order]
@@ -274,8 +274,11 @@ class _SecureRound:
             "max_weight": self.config.max_weight,
             "weighted": self.weighting == "num_examples",
         }
-        cap = getattr(getattr(self.driver.strategy, "sampling", self.driver.strategy),
-                      "max_num_examples", None)
+        cap = getattr(
+            getattr(self.driver.strategy, "sampling", self.driver.strategy),
+            "max_num_examples",
+            None,
+        )
         if isinstance(cap, int):
             common["max_num_examples"] = cap
         contents = {
@@ -333,10 +336,14 @@ class _SecureRound:
             contents[peer.sid] = RecordDict(config_records=records)
         out = []
         for peer, content in self._exchange(STAGE_SHARE, contents):
-            shares = content.config_records.get("shares") if isinstance(content, RecordDict) else None
+            shares = (
+                content.config_records.get("shares") if isinstance(content, RecordDict) else None
+            )
             expected = {str(j) for j in peer.neighbours if j in alive}
-            if not isinstance(shares, dict) or set(shares) != expected or not all(
-                isinstance(v, bytes) for v in shares.values()
+            if (
+                not isinstance(shares, dict)
+                or set(shares) != expected
+                or not all(isinstance(v, bytes) for v in shares.values())
             ):
                 self._fail(peer, STAGE_SHARE, "shares missing or addressed to non-neighbours")
                 continue
@@ -400,7 +407,7 @@ class _SecureRound:
             if not isinstance(sig, bytes):
                 self._fail(peer, STAGE_CONSISTENCY, "no consistency signature")
                 continue
-            peer.advert["consistency_sig"] = sig
+            peer.signature = sig
             out.append(peer)
         return out
 
@@ -411,11 +418,7 @@ class _SecureRound:
         signers = {peer.sid: peer for peer in u4}
         contents = {}
         for peer in u4:
-            sigs = {
-                str(j): signers[j].advert["consistency_sig"]
-                for j in peer.neighbours
-                if j in signers
-            }
+            sigs = {str(j): signers[j].signature for j in peer.neighbours if j in signers}
             contents[peer.sid] = RecordDict(
                 array_records={PARAMS: {"survivors": self.survivor_ids, "dropped": dropped}},
                 config_records={"sigs": sigs},
@@ -425,8 +428,8 @@ class _SecureRound:
             if not isinstance(content, RecordDict):
                 self._fail(peer, STAGE_UNMASK, "no shares")
                 continue
-            peer.advert["seed_shares"] = content.config_records.get("seed_shares", {})
-            peer.advert["key_shares"] = content.config_records.get("key_shares", {})
+            for kind in ("seed_shares", "key_shares"):
+                peer.revealed[kind] = content.config_records.get(kind, {})
             out.append(peer)
         return out
 
@@ -437,8 +440,7 @@ class _SecureRound:
         shares: dict[int, bytes] = {}
         for peer in u5:
             if peer.sid in holders:
-                record = peer.advert.get(kind)
-                share = record.get(str(target.sid)) if isinstance(record, dict) else None
+                share = peer.revealed.get(kind, {}).get(str(target.sid))
                 if isinstance(share, bytes):
                     shares[peer.sid] = share
         if len(shares) < self.threshold:
@@ -458,12 +460,12 @@ class _SecureRound:
     def _remove_masks(
         self, total: np.ndarray, u2: list[_Peer], u3: list[_Peer], u5: list[_Peer]
     ) -> None:
-        ring = self.config.ring
+        masks = p.MaskExpander(self.length, self.config.ring)
         alive3 = {peer.sid for peer in u3}
         for peer in u3:
             seed = self._collect(peer, u5, "seed_shares")
             start = time.perf_counter()
-            total -= p.expand_mask(seed, self.length, ring)
+            total -= masks.expand(seed)
             self._timed("mask_expansion", start)
         for dead in (peer for peer in u2 if peer.sid not in alive3):
             secret = self._collect(dead, u5, "key_shares")
@@ -479,7 +481,7 @@ class _SecureRound:
                 other = self.peers[j].advert["s_pk"]
                 assert isinstance(other, bytes)
                 start = time.perf_counter()
-                mask = p.expand_mask(pair_seed(secret, other, self.run_id, self.rnd), self.length, ring)
+                mask = masks.expand(pair_seed(secret, other, self.run_id, self.rnd))
                 # j added +mask if j < dead, else -mask: take j's contribution back out
                 if j < dead.sid:
                     total -= mask
@@ -491,7 +493,11 @@ class _SecureRound:
         weight_sum = int(total[-1])
         levels = (1 << self.config.bits) - 1
         limit = len(self.survivor_ids) * self.config.max_weight
-        if weight_sum <= 0 or weight_sum > limit or int(total[:-1].max(initial=0)) > levels * weight_sum:
+        if (
+            weight_sum <= 0
+            or weight_sum > limit
+            or int(total[:-1].max(initial=0)) > levels * weight_sum
+        ):
             raise RoundAborted(
                 "the unmasked sum is out of range (total weight "
                 f"{weight_sum}): a client sent inconsistent masks or shares"
@@ -523,9 +529,36 @@ class _SecureRound:
         for failure in self.failures:
             aggregator.add_failure(failure)
         if isinstance(strategy, _DpStrategy):
-            add_mean = getattr(aggregator, "add_secure_mean")
-            add_mean(mean, [(peer.cid, peer.metrics) for peer in self.survivors])
+            aggregator.add_secure_mean(  # type: ignore[attr-defined]
+                mean, [(peer.cid, peer.metrics) for peer in self.survivors]
+            )
             return aggregator.finalize()
         for peer in self.survivors:
             aggregator.add(ClientProxy(peer.cid), FitRes(Status(), shared, 1, peer.metrics))
         return aggregator.finalize()
+
+
+def _record(content: Any, name: str) -> dict[str, Scalar] | None:
+    """A config record of a reply's RecordDict, or None."""
+    return content.config_records.get(name) if isinstance(content, RecordDict) else None
+
+
+def as_workflow(value: Any, strategy: Strategy | None = None) -> SecAggPlusWorkflow:
+    """The workflow for ``secure_aggregation=``: a workflow, a config or a dict of options.
+
+    With ``strategy`` given, its compatibility is checked now, before anything starts.
+    """
+    if isinstance(value, SecAggPlusWorkflow):
+        workflow = value
+    elif isinstance(value, SecAggConfig):
+        workflow = SecAggPlusWorkflow(value)
+    elif isinstance(value, Mapping):
+        workflow = SecAggPlusWorkflow(**dict(value))
+    else:
+        raise ConfigError(
+            "secure_aggregation must be a SecAggPlusWorkflow, a SecAggConfig or a dict of "
+            f"options, got {type(value).__name__}"
+        )
+    if strategy is not None:
+        check_secagg_compatible(strategy)
+    return workflow

@@ -140,6 +140,7 @@ def start_simulation(
     state_memory_limit: int = 1 << 20,
     clock: Clock | None = None,
     fit_workflow: FitWorkflow | None = None,
+    secure_aggregation: Any = None,
     **flower_only: Any,
 ) -> History:
     """Simulate ``num_clients`` virtual clients and return the run's :class:`History`.
@@ -154,7 +155,10 @@ def start_simulation(
     recorded in the history when ``None``), client ``mods``, round ``callbacks``,
     ``checkpoint_dir`` (a checkpoint after every round) with ``resume``, ``model_dir``
     (where ``final_model.npz`` and ``best_model.npz`` go; default ``checkpoint_dir``),
-    and where large client state goes.
+    and where large client state goes. ``secure_aggregation`` (a
+    :class:`~fedhive.secagg.SecAggPlusWorkflow`, a :class:`~fedhive.secagg.SecAggConfig` or
+    a dict such as ``{"threshold": 7, "bits": 12, "clip": 1.0}``) runs every fit round
+    with SecAgg+ and puts :data:`~fedhive.secagg.secaggplus_mod` first in the client mods.
     """
     unknown = set(flower_only) - set(_FLOWER_ONLY)
     if unknown:
@@ -165,6 +169,10 @@ def start_simulation(
     workers = _num_workers(num_workers, client_resources)
     if seed is None:
         seed = secrets.randbits(31)
+    if secure_aggregation is not None:
+        fit_workflow, mods = _with_secure_aggregation(
+            secure_aggregation, strategy, fit_workflow, mods
+        )
     app = ClientApp(client_fn, mods)
     executor = _executor(backend, workers, app)
     store = StateStore(state_dir, memory_limit_bytes=state_memory_limit)
@@ -204,3 +212,18 @@ def start_simulation(
         store.close()
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _with_secure_aggregation(
+    value: Any, strategy: Strategy | None, fit_workflow: FitWorkflow | None, mods: Sequence[Mod]
+) -> tuple[FitWorkflow, list[Mod]]:
+    """The SecAgg+ workflow and the mods with the SecAgg+ client mod first."""
+    from fedhive.secagg import SecAggPlusMod, secaggplus_mod
+    from fedhive.secagg.server import as_workflow
+
+    if fit_workflow is not None:
+        raise ConfigError("pass secure_aggregation or fit_workflow, not both")
+    workflow = as_workflow(value, strategy or FedAvg())
+    if any(isinstance(mod, SecAggPlusMod) for mod in mods):
+        return workflow, list(mods)
+    return workflow, [secaggplus_mod, *mods]
