@@ -6,12 +6,13 @@ import logging
 import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from fedhive.common.errors import ConfigError
 from fedhive.server.checkpoint import Checkpointer
 from fedhive.server.client_manager import SimpleClientManager
 from fedhive.server.config import ServerConfig
-from fedhive.server.engine import Engine, RoundCallback
+from fedhive.server.engine import Engine, FitWorkflow, RoundCallback
 from fedhive.server.history import History
 from fedhive.server.strategy import FedAvg, Strategy
 
@@ -39,6 +40,8 @@ def start_server(
     max_staged_uploads: int = 2,
     chunk_bytes: int | None = None,
     on_started: object = None,
+    fit_workflow: FitWorkflow | None = None,
+    secure_aggregation: Any = None,
 ) -> History:
     """Serve a federation and run ``config.num_rounds`` rounds of ``strategy``.
 
@@ -54,6 +57,10 @@ def start_server(
     ``seed`` and ``callbacks``, and ``max_staged_uploads`` (client uploads held in memory
     at once; more wait in flow control). Uploads are folded as they arrive (deployment
     does not promise bit-reproducible sums). ``on_started(server)`` runs once listening.
+    ``fit_workflow`` replaces the fit round; ``secure_aggregation`` (a
+    :class:`~fedhive.secagg.SecAggPlusWorkflow`, :class:`~fedhive.secagg.SecAggConfig` or
+    dict of options) runs every fit round with SecAgg+ (clients started with
+    ``start_client`` answer it).
     """
     from fedhive.transport.frames import DEFAULT_CHUNK_BYTES
     from fedhive.transport.grpc_server import GrpcServer, ServerSecurity
@@ -62,6 +69,12 @@ def start_server(
         log.warning("serving WITHOUT TLS: pass certificates=(ca, cert, key) to encrypt")
     if require_client_auth and certificates is None:
         raise ConfigError("require_client_auth needs certificates=(ca, cert, key)")
+    if secure_aggregation is not None:
+        from fedhive.secagg.server import as_workflow
+
+        if fit_workflow is not None:
+            raise ConfigError("pass secure_aggregation or fit_workflow, not both")
+        fit_workflow = as_workflow(secure_aggregation, strategy or FedAvg())
     manager = client_manager or SimpleClientManager(seed=seed, wait_timeout=wait_timeout)
     no_amplification = getattr(strategy, "assume_no_amplification", None)
     if callable(no_amplification):  # DP wrappers: who shows up is not the server's choice
@@ -90,6 +103,7 @@ def start_server(
         run_id=secrets.randbits(62),
         callbacks=callbacks,
         checkpointer=checkpointer,
+        fit_workflow=fit_workflow,
         ordered=False,  # fold uploads as they arrive: no reorder buffer of client models
     )
     try:
