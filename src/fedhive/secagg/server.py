@@ -220,10 +220,11 @@ class _SecureRound:
 
     def _exchange(self, stage: str, contents: Mapping[int, Any]) -> Iterable[tuple[_Peer, Any]]:
         """Send each peer its content; yield (peer, reply content) for good replies."""
-        order = list(contents)
-        sent = [(ClientProxy(self.peers[sid].cid), contents[sid]) for sid in order]
-        for sid, reply in zip(order, self.driver.exchange(stage, sent), strict=True):
-            peer = self.peers[sid]
+        by_cid = {self.peers[sid].cid: self.peers[sid] for sid in contents}
+        sent = [(ClientProxy(self.peers[sid].cid), content) for sid, content in contents.items()]
+        # replies may come in any order (deployment folds them as they arrive)
+        for reply in self.driver.exchange(stage, sent):
+            peer = by_cid[reply.metadata.node_id]
             if reply.error is not None:
                 self._fail(peer, stage, reply.error)
                 continue
