@@ -479,3 +479,66 @@ def test_a_client_reveals_shares_once_per_round():
     )
     with pytest.raises(ProtocolError, match="before this client advertised"):
         mod(message, context, lambda m, c: m)
+
+
+# -- differential privacy on top ---------------------------------------------------------------
+
+
+def _dp_run(secure: bool, adaptive: bool):
+    from fedhive.privacy import (
+        DifferentialPrivacyClientSideAdaptiveClipping,
+        DifferentialPrivacyClientSideFixedClipping,
+        adaptiveclipping_mod,
+        fixedclipping_mod,
+    )
+
+    capture = Capture()
+    inner = FedAvg(
+        fraction_evaluate=0.0,
+        initial_parameters=fl.common.ndarrays_to_parameters(
+            [np.zeros(s, np.float32) for s in SHAPES]
+        ),
+        evaluate_fn=capture,
+    )
+    if adaptive:
+        strategy = DifferentialPrivacyClientSideAdaptiveClipping(
+            inner, noise_multiplier=0.5, num_sampled_clients=6, noise_seed=5
+        )
+        clip_mod = adaptiveclipping_mod
+    else:
+        strategy = DifferentialPrivacyClientSideFixedClipping(
+            inner, noise_multiplier=0.5, clipping_norm=0.02, num_sampled_clients=6, noise_seed=5
+        )
+        clip_mod = fixedclipping_mod
+    hist = start_simulation(
+        client_fn=lambda cid: Linear(int(cid)),
+        num_clients=6,
+        strategy=strategy,
+        config=fl.server.ServerConfig(num_rounds=2),
+        mods=[clip_mod],
+        secure_aggregation={"bits": 16, "clip": 0.05} if secure else None,
+        seed=0,
+    )
+    return hist, capture
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_client_side_dp_composes_with_secure_aggregation(adaptive):
+    plain_hist, plain = _dp_run(False, adaptive)
+    secure_hist, secure = _dp_run(True, adaptive)
+    metrics = secure_hist.rounds[-1]["fit"]["metrics"]
+    assert metrics["epsilon"] == plain_hist.rounds[-1]["fit"]["metrics"]["epsilon"]
+    assert metrics["dp_noise_stddev"] > 0
+    bound = 2 * 2 * 0.05 / (2**16 - 1)  # two rounds of quantization error
+    for a, b in zip(plain.models[2], secure.models[2], strict=True):
+        assert np.max(np.abs(a - b)) <= bound + 1e-6
+
+
+def test_server_side_clipping_cannot_use_secure_aggregation():
+    from fedhive.privacy import DifferentialPrivacyServerSideFixedClipping
+
+    strategy = DifferentialPrivacyServerSideFixedClipping(
+        FedAvg(), noise_multiplier=1.0, clipping_norm=1.0, num_sampled_clients=4
+    )
+    with pytest.raises(ConfigError, match="clips on the server"):
+        check_secagg_compatible(strategy)
