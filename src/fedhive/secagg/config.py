@@ -3,7 +3,7 @@
 Defaults follow Bell et al. 2020 ("Secure Single-Server Aggregation with
 (Poly)Logarithmic Overhead"): each client talks to k = O(log n) random neighbours, and
 the threshold t sits between the number of neighbours the adversary may hold and the
-number that may drop. :func:`default_degree` picks the smallest even k for which a
+number that may drop. :func:`default_degree` picks the smallest k for which a
 t exists with both failure events (an honest client with >= t corrupted neighbours; a
 client left with < t live neighbours) below ``failure_probability`` for the whole round
 (union bound over the n clients), at the stated corrupted and dropout fractions. When

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
 from cryptography.hazmat.primitives import hashes, serialization
@@ -159,19 +160,39 @@ def combine_shares(shares: dict[int, bytes], threshold: int) -> bytes:
     if len(shares) < threshold:
         raise ProtocolError(f"{len(shares)} shares, {threshold} needed to reconstruct")
     points = sorted(shares.items())[:threshold]
-    xs = [x for x, _ in points]
-    secret = 0
-    for j, (xj, share) in enumerate(points):
+    weights = _lagrange_at_zero(tuple(x for x, _ in points))
+    pairs = zip(weights, points, strict=True)
+    secret = sum(w * int.from_bytes(share, "big") for w, (_, share) in pairs) % PRIME
+    if secret >> (8 * SECRET_BYTES):
+        raise ProtocolError("reconstructed value is not a 32-byte secret (bad shares)")
+    return secret.to_bytes(SECRET_BYTES, "big")
+
+
+@lru_cache(maxsize=1024)
+def _lagrange_at_zero(xs: tuple[int, ...]) -> list[int]:
+    """Lagrange weights l_j(0) = prod_{m != j} x_m / (x_m - x_j) mod PRIME.
+
+    One modular inversion for all of them (the inverse of the product of denominators,
+    then prefix and suffix products), and cached: the same holders recur across clients.
+    """
+    numerators, denominators = [], []
+    for j, xj in enumerate(xs):
         num, den = 1, 1
         for m, xm in enumerate(xs):
             if m != j:
                 num = num * xm % PRIME
                 den = den * (xm - xj) % PRIME
-        yj = int.from_bytes(share, "big")
-        secret = (secret + yj * num * pow(den, -1, PRIME)) % PRIME
-    if secret >> (8 * SECRET_BYTES):
-        raise ProtocolError("reconstructed value is not a 32-byte secret (bad shares)")
-    return secret.to_bytes(SECRET_BYTES, "big")
+        numerators.append(num)
+        denominators.append(den)
+    prefix = [1]
+    for den in denominators:
+        prefix.append(prefix[-1] * den % PRIME)
+    inverse = pow(prefix[-1], -1, PRIME)
+    weights = [0] * len(xs)
+    for j in range(len(xs) - 1, -1, -1):
+        weights[j] = numerators[j] * inverse * prefix[j] % PRIME
+        inverse = inverse * denominators[j] % PRIME
+    return weights
 
 
 # -- masks ----------------------------------------------------------------------------------
