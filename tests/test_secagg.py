@@ -542,3 +542,29 @@ def test_server_side_clipping_cannot_use_secure_aggregation():
     )
     with pytest.raises(ConfigError, match="clips on the server"):
         check_secagg_compatible(strategy)
+
+
+def test_enrolled_identities_are_checked_against_the_relayed_keys():
+    from types import SimpleNamespace
+
+    from fedhive.secagg.client import advert_bytes
+
+    identity = p.new_identity()
+    c, s = p.KeyPair(), p.KeyPair()
+    meta = SimpleNamespace(run_id=7, server_round=2)
+    advert = {
+        "c_pk": c.public,
+        "s_pk": s.public,
+        "id_pk": p.identity_public(identity),
+        "sig": p.sign(identity, advert_bytes(7, 2, 3, "alice", c.public, s.public)),
+    }
+    pinned = SecAggPlusMod(trusted_identities={"alice": p.identity_public(identity)})
+    assert pinned._check_peer(meta, 3, "alice", advert)[0] == c.public
+    with pytest.raises(ProtocolError, match="not enrolled"):
+        pinned._check_peer(meta, 3, "mallory", advert)
+    with pytest.raises(ProtocolError, match="no valid signature"):
+        pinned._check_peer(meta, 4, "alice", advert)  # signed for another id
+    other = p.new_identity()
+    swapped = {**advert, "id_pk": p.identity_public(other)}
+    with pytest.raises(ProtocolError, match="not enrolled"):
+        pinned._check_peer(meta, 3, "alice", swapped)
