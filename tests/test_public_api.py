@@ -8,6 +8,7 @@ import sys
 import fedhive
 import fedhive.client
 import fedhive.common
+import fedhive.secagg
 import fedhive.server
 import fedhive.server.strategy
 import fedhive.simulation
@@ -50,6 +51,15 @@ EXPECTED = {
         "check_update",
     ],
     fedhive.simulation: ["start_simulation"],
+    fedhive.secagg: [
+        "SecAggConfig",
+        "SecAggPlusMod",
+        "SecAggPlusWorkflow",
+        "check_secagg_compatible",
+        "default_degree",
+        "default_threshold",
+        "secaggplus_mod",
+    ],
 }
 
 

@@ -46,17 +46,29 @@ __all__ = [
     "common",
     "data",
     "models",
+    "privacy",
+    "secagg",
     "server",
     "simulation",
     "transport",
 ]
 
 _SUBPACKAGES = frozenset(
-    {"client", "common", "data", "models", "server", "simulation", "transport"}
+    {"client", "common", "data", "models", "privacy", "secagg", "server", "simulation", "transport"}
 )
 
 if TYPE_CHECKING:
-    from fedhive import client, common, data, models, server, simulation, transport
+    from fedhive import (
+        client,
+        common,
+        data,
+        models,
+        privacy,
+        secagg,
+        server,
+        simulation,
+        transport,
+    )
 
 
 def __getattr__(name: str) -> Any:
