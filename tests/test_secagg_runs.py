@@ -13,7 +13,7 @@ from fedhive.models import numpy_lr
 from fedhive.server import ServerConfig
 from fedhive.server.strategy import FedAvg
 from fedhive.simulation import start_simulation
-from grpc_helpers import ServerThread, client_process, finish
+from grpc_helpers import ROOT, ServerThread, client_process, finish
 
 NUM_CLIENTS = 20
 
@@ -104,3 +104,56 @@ def test_grpc_run_with_secagg_and_a_client_dying_mid_round():
     # deltas 1..4 weighted 1..4: 30 / 10 = 3 per round, within the quantization bound
     step = 2 * 8.0 / (2**16 - 1)
     assert abs(history.losses_centralized[1][1] - 3.0) <= step
+
+
+def _grpc_digits_run(secure_aggregation, num_clients=4):
+    import os
+    import subprocess
+    import sys
+
+    server = ServerThread(
+        config=ServerConfig(num_rounds=8, round_timeout=60),
+        strategy=FedAvg(
+            min_fit_clients=num_clients,
+            min_available_clients=num_clients,
+            fraction_evaluate=0.0,
+            initial_parameters=ndarrays_to_parameters(numpy_lr.init_params(64, 10, seed=0)),
+            evaluate_fn=_accuracy,
+        ),
+        secure_aggregation=secure_aggregation,
+        wait_timeout=60,
+    ).start()
+    app = ROOT / "tests" / "apps" / "digits_client.py"
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(app),
+                "--address",
+                server.address,
+                "--pid",
+                str(i),
+                "--num-clients",
+                str(num_clients),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(num_clients)
+    ]
+    history = server.join(timeout=150)
+    assert [code for code, _ in finish(procs)] == [0] * num_clients
+    return history
+
+
+@pytest.mark.timeout(300)
+def test_grpc_digits_run_with_secagg_reaches_the_plain_accuracy():
+    plain = _grpc_digits_run(None).metrics_centralized["accuracy"][-1][1]
+    secure_hist = _grpc_digits_run({"bits": 16, "clip": 0.5})
+    secure = secure_hist.metrics_centralized["accuracy"][-1][1]
+    assert plain > 0.85
+    assert abs(secure - plain) <= 0.01, (plain, secure)
+    assert all(r["fit"]["updated"] for r in secure_hist.rounds[1:])
