@@ -612,3 +612,20 @@ def test_enrolled_identities_are_checked_against_the_relayed_keys():
     swapped = {**advert, "id_pk": p.identity_public(other)}
     with pytest.raises(ProtocolError, match="not enrolled"):
         pinned._check_peer(meta, 3, "alice", swapped)
+
+
+def test_metrics_aggregation_sees_every_survivor():
+    seen = []
+
+    def agg(pairs):
+        seen.append(sorted(m["pid"] for _, m in pairs))
+        return {"clients": len(pairs)}
+
+    init = fl.common.ndarrays_to_parameters([np.zeros(s, np.float32) for s in SHAPES])
+    strategy = FedAvg(
+        fraction_evaluate=0.0, initial_parameters=init, fit_metrics_aggregation_fn=agg
+    )
+    workflow = SecAggPlusWorkflow(degree="complete", threshold=3, bits=12, clip=0.05)
+    hist, _ = run(5, workflow, strategy=strategy, mods=[dropout_mod({MessageType.FIT: {"4"}})])
+    assert seen == [[0, 1, 2, 3]]
+    assert hist.rounds[-1]["fit"]["metrics"] == {"clients": 4}

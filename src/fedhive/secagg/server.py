@@ -521,19 +521,16 @@ class _SecureRound:
         A mean-based strategy gets that mean back; its metrics aggregation sees each
         survivor's metrics. The weights are secret, so each survivor counts once.
         """
-        from fedhive.privacy.central import _DpStrategy
-
         strategy = self.driver.strategy
         parameters = self.driver.engine.parameters
-        shared = ndarrays_to_parameters(mean)
         aggregator = strategy.fit_aggregator(self.rnd, parameters)
         for failure in self.failures:
             aggregator.add_failure(failure)
-        if isinstance(strategy, _DpStrategy):
-            aggregator.add_secure_mean(  # type: ignore[attr-defined]
-                mean, [(peer.cid, peer.metrics) for peer in self.survivors]
-            )
+        add_secure_mean = getattr(aggregator, "add_secure_mean", None)
+        if callable(add_secure_mean):  # FedAvg, the mean rule, DP wrappers: one fold
+            add_secure_mean(mean, [(peer.cid, peer.metrics) for peer in self.survivors])
             return aggregator.finalize()
+        shared = ndarrays_to_parameters(mean)
         for peer in self.survivors:
             aggregator.add(ClientProxy(peer.cid), FitRes(Status(), shared, 1, peer.metrics))
         return aggregator.finalize()

@@ -45,6 +45,7 @@ from fedhive.common.records import (
     Parameters,
     RecordDict,
     Scalar,
+    Status,
     check_scalar_mapping,
     ndarrays_to_parameters,
     parameters_to_ndarrays,
@@ -311,6 +312,15 @@ class ComposedRound:
             )
         self.fold.add(client_id, arrays, result)
         self.metrics.append((result.num_examples, result.metrics))
+
+    def add_secure_mean(self, mean: NDArrays, clients: list[tuple[str, dict[str, Scalar]]]) -> None:
+        """Fold the mean that secure aggregation revealed for ``clients`` once (only the
+        mean rule accepts it; each client counts once in the metrics aggregation)."""
+        if not isinstance(self.strategy.rule, MeanRule) or not clients:
+            raise InvalidUpdate("", self.server_round, "fit", "this rule needs each update")
+        first = clients[0][0]
+        self.fold.add(first, mean, FitRes(Status(), Parameters(arrays=[]), 1, {}))
+        self.metrics += [(1, metrics) for _, metrics in clients]
 
     def add_failure(self, failure: BaseException) -> None:
         self.failures.append(failure)

@@ -242,6 +242,14 @@ class _StreamingFedAvg:
         )
         self.metrics.append((result.num_examples, result.metrics))
 
+    def add_secure_mean(self, mean: NDArrays, clients: list[tuple[str, dict[str, Scalar]]]) -> None:
+        """Fold the mean that secure aggregation revealed for ``clients`` (their weights
+        are secret: each counts once in the metrics aggregation)."""
+        self.mean.add(
+            mean, 1.0, client_id="secure-aggregate", server_round=self.server_round, check=False
+        )
+        self.metrics += [(1, metrics) for _, metrics in clients]
+
     def add_failure(self, failure: BaseException) -> None:
         self.failures.append(failure)
 
