@@ -46,6 +46,8 @@ __all__ = [
     "ExperimentConfig",
     "StrategyConfig",
     "apply_overrides",
+    "check_round_size",
+    "describe_error",
     "load_config",
 ]
 
@@ -286,36 +288,53 @@ class ExperimentConfig(_Section):
     @model_validator(mode="after")
     def _check_sample_size(self) -> Self:
         st = self.strategy
-        need = _min_results(st)
-        have = min(st.sample_size(self.num_clients), self.num_clients)
-        if need > have:
-            f = st.num_malicious_clients or 0
-            by_keep = st.name != "bulyan" and (st.num_clients_to_keep or 0) > 2 * f + 3
-            key = "num_clients_to_keep" if by_keep else "num_malicious_clients"
-            rule = "4f + 3" if st.name == "bulyan" else "max(2f + 3, num_clients_to_keep)"
-            raise PydanticCustomError(
-                "strategy_parameter",
-                "{name} needs at least {rule} = {need} clients per round, but "
-                "fraction_fit = {fraction} of num_clients = {clients} (min_fit_clients = "
-                "{min_fit}) samples {have}; raise strategy.fraction_fit or "
-                "strategy.min_fit_clients, or lower strategy.num_malicious_clients",
-                {
-                    "field": key,
-                    "value": getattr(st, key) or 0,
-                    "section": "strategy",
-                    "name": st.name,
-                    "rule": rule,
-                    "need": need,
-                    "fraction": st.fraction_fit,
-                    "clients": self.num_clients,
-                    "min_fit": st.min_fit_clients,
-                    "have": have,
-                },
-            )
+        check_round_size(
+            st,
+            min(st.sample_size(self.num_clients), self.num_clients),
+            f"fraction_fit = {st.fraction_fit} of num_clients = {self.num_clients} "
+            f"(min_fit_clients = {st.min_fit_clients})",
+            "raise strategy.fraction_fit or strategy.min_fit_clients, or lower "
+            "strategy.num_malicious_clients",
+        )
         return self
 
 
-def _describe(error: dict[str, Any], source: str) -> str:
+def check_round_size(st: StrategyConfig, have: int, sampling: str, fix: str) -> None:
+    """Refuse a robust rule that needs more results per round than the ``have`` sampled.
+
+    Raised from a model validator, so the message names the key at fault; ``sampling``
+    says how ``have`` comes about and ``fix`` which keys to change. Shared by ``fedhive
+    run`` and ``fedhive server``, whose sampling differs.
+    """
+    need = _min_results(st)
+    if need <= have:
+        return
+    f = st.num_malicious_clients or 0
+    by_keep = st.name != "bulyan" and (st.num_clients_to_keep or 0) > 2 * f + 3
+    key = "num_clients_to_keep" if by_keep else "num_malicious_clients"
+    rule = "4f + 3" if st.name == "bulyan" else "max(2f + 3, num_clients_to_keep)"
+    raise PydanticCustomError(
+        "strategy_parameter",
+        "{name} needs at least {rule} = {need} clients per round, but {sampling} samples "
+        "{have}; {fix}",
+        {
+            "field": key,
+            "value": getattr(st, key) or 0,
+            "section": "strategy",
+            "name": st.name,
+            "rule": rule,
+            "need": need,
+            "sampling": sampling,
+            "have": have,
+            "fix": fix,
+        },
+    )
+
+
+def describe_error(
+    error: dict[str, Any], source: str, root: type[BaseModel] = ExperimentConfig
+) -> str:
+    """One line for one pydantic error of a config whose top-level model is ``root``."""
     key = ".".join(str(p) for p in error["loc"])
     value = error.get("input")
     if error["type"] == "strategy_parameter":
@@ -328,7 +347,7 @@ def _describe(error: dict[str, Any], source: str) -> str:
             return f"{source}: {key} is missing: {error['msg']}"
         return f"{source}: {key} = {ctx['value']!r}: {error['msg']}"
     if error["type"] == "extra_forbidden":
-        section: type[BaseModel] = ExperimentConfig
+        section: type[BaseModel] = root
         for part in error["loc"][:-1]:
             section = section.model_fields[str(part)].annotation  # type: ignore[assignment]
         allowed = ", ".join(section.model_fields)
@@ -341,7 +360,7 @@ def validate(data: dict[str, Any], source: str = "config") -> ExperimentConfig:
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as exc:
-        lines = [_describe(e, source) for e in exc.errors()]  # type: ignore[arg-type]
+        lines = [describe_error(e, source) for e in exc.errors()]  # type: ignore[arg-type]
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
 
 

@@ -1,0 +1,272 @@
+"""``fedhive server``: serve rounds of the configured strategy over gRPC and write the
+run's files (see :mod:`fedhive.cli.deploy` for the config)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+from rich.markup import escape
+
+from fedhive.cli.config import apply_overrides, load_config, parse_override
+from fedhive.cli.deploy_common import console, err, experiment_config, set_log_level
+from fedhive.cli.experiment import (
+    ModelSpec,
+    build_strategy,
+    evaluate_params,
+    load_data,
+    weighted_average,
+)
+from fedhive.cli.server_config import (
+    DeployConfig,
+    load_tokens,
+    server_certificates,
+    validate_server_config,
+)
+from fedhive.client.app import Mod
+from fedhive.common.errors import FedhiveError
+from fedhive.common.records import Config, NDArrays, Scalar, ndarrays_to_parameters
+from fedhive.data import Dataset
+from fedhive.server.engine import Engine, RoundCallback
+from fedhive.server.history import History
+from fedhive.server.strategy import Strategy
+
+__all__ = ["describe_strategy", "server", "server_strategy"]
+
+
+def server_strategy(cfg: DeployConfig) -> tuple[Strategy, tuple[Mod, ...], Dataset]:
+    """The strategy ``[strategy]`` names, the client mods it needs, and the data set that
+    gives the initial model and the centralized evaluation.
+
+    Built by ``fedhive run``'s :func:`~fedhive.cli.experiment.build_strategy`, so both
+    commands take the same names and parameters.
+    """
+    exp = experiment_config(cfg.seed, cfg.data.model_dump(), cfg.model.model_dump(), 1, "server")
+    data = load_data(exp)
+    in_dim = int(np.prod(data.x_train.shape[1:]))
+    spec = ModelSpec(cfg.model.name, in_dim, data.num_classes, cfg.model.hidden)
+    fit_config: Config = dict(cfg.train.model_dump())
+
+    def evaluate_fn(
+        server_round: int, parameters: NDArrays, config: dict[str, Scalar]
+    ) -> tuple[float, dict[str, Scalar]]:
+        loss, acc = evaluate_params(spec, parameters, data.x_test, data.y_test)
+        return loss, {"accuracy": acc}
+
+    st = cfg.strategy
+    fedavg_args: dict[str, Any] = {
+        "fraction_fit": st.fraction_fit,
+        "fraction_evaluate": st.fraction_evaluate,
+        "min_fit_clients": st.min_fit_clients,
+        "min_evaluate_clients": st.min_evaluate_clients,
+        "min_available_clients": st.min_available_clients,
+        "evaluate_fn": evaluate_fn if st.centralized_eval else None,
+        "on_fit_config_fn": lambda rnd: dict(fit_config),
+        "initial_parameters": ndarrays_to_parameters(spec.initial(cfg.seed)),
+        "fit_metrics_aggregation_fn": weighted_average,
+        "evaluate_metrics_aggregation_fn": weighted_average,
+    }
+    strategy, mods = build_strategy(st, fit_config, fedavg_args)
+    return strategy, mods, data
+
+
+def describe_strategy(cfg: DeployConfig, mods: tuple[Mod, ...]) -> str:
+    """``"fedprox (proximal_mu = 1.0)"``, and the client mods the strategy needs."""
+    params = cfg.strategy.parameters()
+    text: str = cfg.strategy.name
+    if params:
+        text += " (" + ", ".join(f"{k} = {v!r}" for k, v in params.items()) + ")"
+    if mods:
+        names = ", ".join(getattr(m, "__name__", repr(m)) for m in mods)
+        text += f"; every client must run fedhive.client.mods.{names} (the demo client does)"
+    return text
+
+
+def server(
+    config_file: Annotated[
+        Path | None, typer.Argument(metavar="[CONFIG.toml]", help="server config (TOML)")
+    ] = None,
+    address: Annotated[
+        str | None, typer.Option(help="HOST:PORT to serve on (default: 0.0.0.0:8080)")
+    ] = None,
+    rounds: Annotated[int | None, typer.Option(help="number of rounds")] = None,
+    out: Annotated[str | None, typer.Option(help="output folder")] = None,
+    insecure: Annotated[
+        bool, typer.Option("--insecure", help="serve WITHOUT TLS (tests on one machine only)")
+    ] = False,
+    ca: Annotated[
+        str | None, typer.Option(help="CA certificate (PEM), for --require-client-auth")
+    ] = None,
+    cert: Annotated[str | None, typer.Option(help="server certificate (PEM)")] = None,
+    key: Annotated[str | None, typer.Option(help="server private key (PEM)")] = None,
+    require_client_auth: Annotated[
+        bool | None,
+        typer.Option(
+            "--require-client-auth", help="mutual TLS: clients present certificates signed by CA"
+        ),
+    ] = None,
+    tokens: Annotated[
+        str | None, typer.Option(help="TOML/JSON file of enrolled clients: node_id -> token")
+    ] = None,
+    checkpoint_dir: Annotated[
+        str | None, typer.Option(help="checkpoint folder (default: OUT/checkpoints)")
+    ] = None,
+    resume: Annotated[
+        bool | None, typer.Option("--resume", help="continue from the newest checkpoint")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="override any config key, e.g. --set strategy.fraction_fit=0.5"),
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="debug|info|warning|error")] = "info",
+) -> None:
+    """Serve a federation over gRPC: rounds of the config's strategy (FedAvg by default;
+    [strategy] name picks another, as in fedhive run) on a reference model (cnn1d, mlp or
+    logreg) of a built-in data set, with centralized evaluation on its test split.
+
+    Requires TLS (--cert/--key, or the tls table of the config) unless --insecure is
+    given.
+    Writes history.json, metrics.csv, accuracy.png, config.toml and final_model.npz to
+    the output folder, and a checkpoint after every round (continue with --resume).
+    """
+    flags = {
+        "address": address,
+        "rounds": rounds,
+        "out": out,
+        "tls.ca": ca,
+        "tls.cert": cert,
+        "tls.key": key,
+        "require_client_auth": require_client_auth,
+        "tokens": tokens,
+        "checkpoint_dir": checkpoint_dir,
+        "resume": resume,
+    }
+    try:
+        code = _serve(config_file, flags, set_ or [], insecure, log_level)
+    except FedhiveError as exc:
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        raise typer.Exit(2) from None
+    raise typer.Exit(code)
+
+
+class _Outputs(RoundCallback):
+    """Files after every round, a line per round on stderr, and the engine for the end."""
+
+    def __init__(self, out_dir: Path, resolved: dict[str, Any], rounds: int) -> None:
+        self.out_dir = out_dir
+        self.resolved = resolved
+        self.rounds = rounds
+        self.engine: Engine | None = None
+
+    def write(self, history: History) -> None:
+        from fedhive.cli.output import write_history, write_metrics_csv
+
+        write_history(self.out_dir / "history.json", history, self.resolved)
+        write_metrics_csv(self.out_dir / "metrics.csv", history)
+
+    def on_run_start(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def on_round_end(self, engine: Engine, record: dict[str, Any]) -> None:
+        self.write(engine.history)
+        central = record.get("centralized") or {}
+        dist = record.get("distributed") or {}
+        fit = record.get("fit") or {}
+        acc = central.get("accuracy", (dist.get("metrics") or {}).get("accuracy"))
+        loss = central.get("loss", dist.get("loss"))
+        parts = [f"round {record['round']}/{self.rounds}:"]
+        if acc is not None:
+            parts.append(f"accuracy {acc:.4f}")
+        if loss is not None:
+            parts.append(f"loss {loss:.4f}")
+        failures = len(record.get("failures", []))
+        parts.append(f"({fit.get('num_results', 0)} fit results, {failures} failures)")
+        err.print(" ".join(parts), highlight=False, markup=False)
+
+
+def _resolve(config_file: Path | None, flags: dict[str, Any], sets: list[str]) -> DeployConfig:
+    """The config file with ``--set`` and the flags applied, validated."""
+    raw = load_config(config_file)
+    overrides = dict(parse_override(s) for s in sets)
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    source = str(config_file) if config_file else "defaults"
+    return validate_server_config(apply_overrides(raw, overrides), source)
+
+
+def _serve(
+    config_file: Path | None,
+    flags: dict[str, Any],
+    sets: list[str],
+    insecure: bool,
+    log_level: str,
+) -> int:
+    from fedhive.cli.output import write_config, write_plot
+    from fedhive.cli.progress import summary_table
+    from fedhive.server.checkpoint import save_npz
+    from fedhive.server.config import ServerConfig
+    from fedhive.server.start import start_server
+
+    cfg = _resolve(config_file, flags, sets)
+    certificates = server_certificates(cfg, insecure)
+    auth_tokens = load_tokens(cfg.tokens) if cfg.tokens else None
+    set_log_level(log_level)
+    if auth_tokens is not None and certificates is None:
+        err.print(
+            "[yellow]warning:[/] client tokens travel in the clear without TLS", highlight=False
+        )
+    strategy, mods, data = server_strategy(cfg)
+    out_dir = Path(cfg.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    resolved = cfg.model_dump()
+    write_config(out_dir / "config.toml", resolved)
+    outputs = _Outputs(out_dir, resolved, cfg.rounds)
+    host = cfg.address.rsplit(":", 1)[0]
+    mode = "mutual TLS" if cfg.require_client_auth else "TLS" if certificates else "INSECURE"
+
+    def started(grpc_server: Any) -> None:
+        err.print(
+            f"fedhive server: listening on {host}:{grpc_server.port} ({mode}); "
+            f"{cfg.model.name} on {data.name}, {cfg.rounds} rounds, waiting for "
+            f"{cfg.strategy.min_available_clients} clients -> {out_dir}",
+            highlight=False,
+            markup=False,
+        )
+        err.print(
+            f"fedhive server: strategy {describe_strategy(cfg, mods)}",
+            highlight=False,
+            markup=False,
+        )
+
+    try:
+        history = start_server(
+            server_address=cfg.address,
+            config=ServerConfig(num_rounds=cfg.rounds, round_timeout=cfg.round_timeout),
+            strategy=strategy,
+            certificates=certificates,
+            require_client_auth=cfg.require_client_auth,
+            auth_tokens=auth_tokens,
+            wait_timeout=cfg.wait_timeout,
+            seed=cfg.seed,
+            checkpoint_dir=cfg.checkpoint_dir or out_dir / "checkpoints",
+            resume=cfg.resume,
+            callbacks=[outputs],
+            on_started=started,
+        )
+    except KeyboardInterrupt:
+        err.print(
+            f"\ninterrupted; the finished rounds are saved in {out_dir}. Continue with the "
+            "same command and --resume",
+            highlight=False,
+            markup=False,
+        )
+        return 130
+    outputs.write(history)
+    if outputs.engine is not None:
+        save_npz(out_dir / "final_model.npz", list(outputs.engine.parameters.arrays))
+    write_plot(out_dir / "accuracy.png", history)
+    table = summary_table(history, str(out_dir))
+    table.title = "fedhive server: summary"
+    console.print(table)
+    return 0

@@ -1,0 +1,163 @@
+"""The config of ``fedhive server``: its TOML tables, validation, tokens and certificates.
+
+The ``[strategy]`` table is ``fedhive run``'s :class:`~fedhive.cli.config.StrategyConfig`
+(a strategy by ``name`` and its parameters, validated the same way) with the defaults of
+a deployment, where every connected site takes part, and ``min_available_clients``.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fedhive.cli.config import (
+    ModelConfig,
+    StrategyConfig,
+    TrainConfig,
+    check_round_size,
+    describe_error,
+)
+from fedhive.cli.deploy_common import read_file
+from fedhive.common.errors import ConfigError
+
+__all__ = [
+    "DeployConfig",
+    "DeployStrategyConfig",
+    "load_tokens",
+    "server_certificates",
+    "validate_server_config",
+]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TlsConfig(_Section):
+    ca: str = Field("", description="CA certificate (PEM); needed for require_client_auth")
+    cert: str = Field("", description="the server's certificate (PEM)")
+    key: str = Field("", description="the server's private key (PEM)")
+
+
+class DeployStrategyConfig(StrategyConfig):
+    """``[strategy]`` of the server: as in ``fedhive run``, but every connected site fits
+    and evaluates by default, and rounds wait for ``min_available_clients`` sites.
+
+    A robust rule must get enough results even when only ``min_available_clients`` sites
+    are connected (Krum ``2f + 3``, Bulyan ``4f + 3``); otherwise the config is refused.
+    """
+
+    fraction_fit: float = Field(1.0, ge=0, le=1)
+    fraction_evaluate: float = Field(1.0, ge=0, le=1)
+    min_available_clients: int = Field(2, ge=1)
+
+    @model_validator(mode="after")
+    def _check_round_size(self) -> Self:
+        check_round_size(
+            self,
+            self.sample_size(self.min_available_clients),
+            f"with min_available_clients = {self.min_available_clients} sites connected, "
+            f"fraction_fit = {self.fraction_fit} (min_fit_clients = {self.min_fit_clients})",
+            "raise strategy.min_available_clients or strategy.min_fit_clients, or lower "
+            "strategy.num_malicious_clients",
+        )
+        return self
+
+
+class DeployDataConfig(_Section):
+    dataset: Literal["mnist1d", "digits", "synthetic", "folder"] = "mnist1d"
+    num_samples: int = Field(20_000, ge=100, description="MNIST-1D samples to generate")
+    path: str = Field("", description="folder of train/test .npz or .csv (dataset = folder)")
+
+
+class DeployConfig(_Section):
+    """The config of ``fedhive server`` (see :mod:`fedhive.cli.deploy`)."""
+
+    address: str = "0.0.0.0:8080"
+    rounds: int = Field(10, ge=0)
+    round_timeout: float | None = Field(None, gt=0)
+    wait_timeout: float = Field(24 * 3600.0, gt=0)
+    seed: int = 0
+    out: str = "runs/server"
+    checkpoint_dir: str = ""
+    resume: bool = False
+    require_client_auth: bool = False
+    tokens: str = ""
+    tls: TlsConfig = TlsConfig()
+    strategy: DeployStrategyConfig = DeployStrategyConfig()
+    model: ModelConfig = ModelConfig()
+    data: DeployDataConfig = DeployDataConfig()
+    train: TrainConfig = TrainConfig()
+
+
+def validate_server_config(data: dict[str, Any], source: str = "config") -> DeployConfig:
+    """Validate a plain dict into a :class:`DeployConfig` (ConfigError if bad)."""
+    try:
+        return DeployConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = [describe_error(e, source, DeployConfig) for e in exc.errors()]  # type: ignore[arg-type]
+        raise ConfigError("invalid server configuration:\n  " + "\n  ".join(lines)) from None
+
+
+def load_tokens(path: str | Path) -> dict[str, str]:
+    """Enrolled clients from a TOML or JSON file (``.json``) of ``node_id = "token"``."""
+    path = Path(path)
+    try:
+        text = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read tokens file {path}: {exc.strerror}") from exc
+    try:
+        data = json.loads(text) if path.suffix.lower() == ".json" else tomllib.loads(text.decode())
+    except (ValueError, UnicodeDecodeError) as exc:  # JSON and TOML errors are ValueErrors
+        kind = "JSON" if path.suffix.lower() == ".json" else "TOML"
+        raise ConfigError(f"tokens file {path} is not valid {kind}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"tokens file {path} must map node ids to tokens, got {type(data)}")
+    for node, token in data.items():
+        if not isinstance(token, str) or not token:
+            raise ConfigError(
+                f"tokens file {path}: the token of {node!r} must be a non-empty string, "
+                f"got {token!r}"
+            )
+    if not data:
+        raise ConfigError(f"tokens file {path} enrolls no client; every client would be refused")
+    return dict(data)
+
+
+_SERVER_NEEDS_TLS = (
+    "fedhive server requires TLS: give --cert SERVER.pem --key SERVER_KEY.pem (and --ca "
+    "CA.pem with --require-client-auth), or the same in the [tls] table of the config; "
+    "pass --insecure to serve without encryption (for tests on one machine only)"
+)
+
+
+def server_certificates(cfg: DeployConfig, insecure: bool) -> tuple[bytes, bytes, bytes] | None:
+    """``(ca, cert, key)`` for ``start_server``, or ``None`` with ``--insecure``.
+
+    Refuses to serve without TLS unless ``insecure``, and refuses contradictions (TLS
+    files with ``--insecure``; mutual TLS without a CA).
+    """
+    tls = cfg.tls
+    given = [f"tls.{k} = {v!r}" for k, v in tls.model_dump().items() if v]
+    if insecure:
+        if given:
+            raise ConfigError(
+                f"--insecure contradicts the TLS settings given ({', '.join(given)}); "
+                "drop one or the other"
+            )
+        if cfg.require_client_auth:
+            raise ConfigError("--require-client-auth needs TLS; it cannot be used with --insecure")
+        return None
+    if not (tls.cert and tls.key):
+        raise ConfigError(_SERVER_NEEDS_TLS)
+    if cfg.require_client_auth and not tls.ca:
+        raise ConfigError(
+            "--require-client-auth needs --ca CA.pem (tls.ca): the CA that signs client "
+            "certificates"
+        )
+    ca = read_file(tls.ca, "CA certificate") if tls.ca else b""
+    return ca, read_file(tls.cert, "server certificate"), read_file(tls.key, "server key")
