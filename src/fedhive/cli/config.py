@@ -15,6 +15,7 @@ A TOML file has up to six tables, every key optional (defaults give the default 
                  min_evaluate_clients, centralized_eval, and the chosen strategy's own
                  parameters under Flower's names (see ``STRATEGY_PARAMETERS``)
     [simulation] backend, num_workers, round_timeout
+    secure_aggregation = { threshold, degree, bits, clip, ... }   (SecAgg+, optional)
 
 An unknown key or a bad value stops the run with a message naming the key, the value and
 what is allowed. So does a strategy parameter that the chosen strategy does not take
@@ -42,8 +43,10 @@ from pydantic_core import PydanticCustomError
 from fedhive.common.errors import ConfigError
 
 __all__ = [
+    "SECURE_AGGREGATION_STRATEGIES",
     "STRATEGY_PARAMETERS",
     "ExperimentConfig",
+    "SecureAggregationConfig",
     "StrategyConfig",
     "apply_overrides",
     "check_round_size",
@@ -274,6 +277,57 @@ class SimulationConfig(_Section):
     round_timeout: float | None = Field(None, gt=0)
 
 
+#: Strategies whose aggregate is a function of the weighted mean: they can run with SecAgg+.
+SECURE_AGGREGATION_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+
+
+class SecureAggregationConfig(_Section):
+    """``secure_aggregation = { ... }``: every fit round runs SecAgg+ (see
+    docs/secure_aggregation.md); the keys are :class:`fedhive.secagg.SecAggConfig`'s."""
+
+    threshold: int | None = Field(None, ge=1)
+    degree: int | Literal["complete"] | None = None
+    bits: int = Field(12, ge=1, le=62)
+    clip: float = Field(1.0, gt=0)
+    max_weight: int = Field(1000, ge=1)
+    max_clients: int = Field(1000, ge=2)
+    ring_bits: Literal[32, 64] | None = None
+    corrupt_fraction: float = Field(0.1, ge=0, lt=0.5)
+    dropout_fraction: float = Field(0.1, ge=0, lt=0.5)
+    failure_probability: float = Field(1e-6, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        from fedhive.secagg import SecAggConfig
+
+        try:
+            SecAggConfig(**self.options())
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments of :class:`fedhive.secagg.SecAggConfig`."""
+        return self.model_dump()
+
+
+def check_secure_strategy(secure: SecureAggregationConfig | None, name: str) -> None:
+    """Refuse SecAgg+ with a strategy that needs individual updates."""
+    if secure is not None and name not in SECURE_AGGREGATION_STRATEGIES:
+        raise PydanticCustomError(
+            "strategy_parameter",
+            "{name} needs individual updates, which secure aggregation hides; use one of "
+            "{allowed}, or drop secure_aggregation",
+            {
+                "field": "name",
+                "value": name,
+                "section": "strategy",
+                "name": name,
+                "allowed": ", ".join(SECURE_AGGREGATION_STRATEGIES),
+            },
+        )
+
+
 class ExperimentConfig(_Section):
     seed: int = 0
     rounds: int = Field(100, ge=0)
@@ -284,10 +338,12 @@ class ExperimentConfig(_Section):
     train: TrainConfig = TrainConfig()
     strategy: StrategyConfig = StrategyConfig()
     simulation: SimulationConfig = SimulationConfig()
+    secure_aggregation: SecureAggregationConfig | None = None
 
     @model_validator(mode="after")
     def _check_sample_size(self) -> Self:
         st = self.strategy
+        check_secure_strategy(self.secure_aggregation, st.name)
         check_round_size(
             st,
             min(st.sample_size(self.num_clients), self.num_clients),
@@ -349,10 +405,18 @@ def describe_error(
     if error["type"] == "extra_forbidden":
         section: type[BaseModel] = root
         for part in error["loc"][:-1]:
-            section = section.model_fields[str(part)].annotation  # type: ignore[assignment]
+            section = _section_model(section.model_fields[str(part)].annotation)
         allowed = ", ".join(section.model_fields)
         return f"{source}: unknown key {key!r} (value {value!r}); allowed keys here: {allowed}"
     return f"{source}: {key} = {value!r}: {error['msg']}"
+
+
+def _section_model(annotation: Any) -> type[BaseModel]:
+    """The model class of a section's annotation (``Section`` or ``Section | None``)."""
+    for member in getattr(annotation, "__args__", (annotation,)):
+        if isinstance(member, type) and issubclass(member, BaseModel):
+            return member
+    raise TypeError(f"{annotation!r} is not a config section")
 
 
 def validate(data: dict[str, Any], source: str = "config") -> ExperimentConfig:

@@ -383,6 +383,9 @@ def run_experiment(
         num_workers=sim.num_workers or None,
         seed=cfg.seed,
         mods=exp.mods,
+        secure_aggregation=(
+            None if cfg.secure_aggregation is None else cfg.secure_aggregation.options()
+        ),
         callbacks=callbacks,
         checkpoint_dir=checkpoint_dir,
         model_dir=model_dir,

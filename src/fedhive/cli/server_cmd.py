@@ -253,6 +253,9 @@ def _serve(
             resume=cfg.resume,
             callbacks=[outputs],
             on_started=started,
+            secure_aggregation=(
+                None if cfg.secure_aggregation is None else cfg.secure_aggregation.options()
+            ),
         )
     except KeyboardInterrupt:
         err.print(

@@ -16,9 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from fedhive.cli.config import (
     ModelConfig,
+    SecureAggregationConfig,
     StrategyConfig,
     TrainConfig,
     check_round_size,
+    check_secure_strategy,
     describe_error,
 )
 from fedhive.cli.deploy_common import read_file
@@ -92,6 +94,12 @@ class DeployConfig(_Section):
     model: ModelConfig = ModelConfig()
     data: DeployDataConfig = DeployDataConfig()
     train: TrainConfig = TrainConfig()
+    secure_aggregation: SecureAggregationConfig | None = None
+
+    @model_validator(mode="after")
+    def _check_secure_strategy(self) -> Self:
+        check_secure_strategy(self.secure_aggregation, self.strategy.name)
+        return self
 
 
 def validate_server_config(data: dict[str, Any], source: str = "config") -> DeployConfig:
