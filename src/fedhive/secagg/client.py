@@ -399,8 +399,10 @@ class SecAggPlusMod:
             raise ProtocolError("fewer survivors than the threshold; refusing to continue")
         data = survivors_bytes(meta.run_id, meta.server_round, survivors)
         state["signed"] = data
-        identity = self._identity(context)
-        return RecordDict(config_records={PARAMS: {"sig": p.sign(identity, data)}})
+        start = time.perf_counter()
+        signature = p.sign(self._identity(context), data)
+        self._time("consistency", start)
+        return RecordDict(config_records={PARAMS: {"sig": signature}})
 
     # -- 5. unmask ------------------------------------------------------------------------
 
@@ -431,6 +433,7 @@ class SecAggPlusMod:
         sigs = _content(message).config_records.get("sigs", {})
         threshold = _int(state, "threshold")
         valid = 0
+        start = time.perf_counter()
         for sid_text, sig in sigs.items():
             if valid >= threshold:
                 break  # t neighbours confirmed this very set: enough (Bonawitz et al.)
@@ -443,6 +446,7 @@ class SecAggPlusMod:
                     "is announcing inconsistent views; aborting"
                 )
             valid += 1
+        self._time("consistency", start)
         if valid < threshold:
             raise ProtocolError(
                 f"{valid} neighbours confirmed the survivors, fewer than the threshold {threshold}"

@@ -246,11 +246,10 @@ def quantize(values: np.ndarray, clip: float, bits: int, rng: np.random.Generato
     scaled = np.clip(values, -clip, clip).astype(np.float64, copy=False)
     scaled += clip
     scaled *= levels / (2.0 * clip)
-    floor = np.floor(scaled)
-    scaled -= floor  # the fractional part: round up with that probability
-    floor += rng.random(scaled.shape, dtype=np.float32) < scaled
-    np.clip(floor, 0, levels, out=floor)
-    return floor.astype(np.uint64)
+    scaled += rng.random(scaled.shape, dtype=np.float32)  # floor(x + u) rounds x up w.p. frac(x)
+    np.floor(scaled, out=scaled)
+    np.clip(scaled, 0, levels, out=scaled)
+    return scaled.astype(np.uint64)
 
 
 def dequantize(total: np.ndarray, weight_sum: int, clip: float, bits: int) -> np.ndarray:

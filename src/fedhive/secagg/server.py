@@ -436,14 +436,14 @@ class _SecureRound:
 
     # -- unmasking ------------------------------------------------------------------------
 
-    def _collect(self, target: _Peer, u5: list[_Peer], kind: str) -> bytes:
-        holders = set(target.neighbours)
+    def _collect(self, target: _Peer, u5: dict[int, _Peer], kind: str) -> bytes:
         shares: dict[int, bytes] = {}
-        for peer in u5:
-            if peer.sid in holders:
-                share = peer.revealed.get(kind, {}).get(str(target.sid))
+        for sid in target.neighbours:
+            holder = u5.get(sid)
+            if holder is not None:
+                share = holder.revealed.get(kind, {}).get(str(target.sid))
                 if isinstance(share, bytes):
-                    shares[peer.sid] = share
+                    shares[sid] = share
         if len(shares) < self.threshold:
             raise RoundAborted(
                 f"{len(shares)} shares of client {target.cid!r}'s "
@@ -463,13 +463,14 @@ class _SecureRound:
     ) -> None:
         masks = p.MaskExpander(self.length, self.config.ring)
         alive3 = {peer.sid for peer in u3}
+        holders = {peer.sid: peer for peer in u5}
         for peer in u3:
-            seed = self._collect(peer, u5, "seed_shares")
+            seed = self._collect(peer, holders, "seed_shares")
             start = time.perf_counter()
             total -= masks.expand(seed)
             self._timed("mask_expansion", start)
         for dead in (peer for peer in u2 if peer.sid not in alive3):
-            secret = self._collect(dead, u5, "key_shares")
+            secret = self._collect(dead, holders, "key_shares")
             s_pk = dead.advert["s_pk"]
             if p.KeyPair.from_secret(secret).public != s_pk:
                 raise RoundAborted(

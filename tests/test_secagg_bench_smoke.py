@@ -1,0 +1,45 @@
+"""Smoke run of ``benchmarks/secagg.py --quick``: it must finish and print its tables.
+
+About a second: tiny models (1k parameters), 6 and 10 clients, one timed round each.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "secagg.py"
+
+
+def test_secagg_benchmark_quick_run() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-W", "error", str(SCRIPT), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    lines = out.splitlines()
+    time_columns = (
+        "config",
+        "plain round s",
+        "SecAgg+ round s",
+        "plain server s",
+        "client s/update",
+    )
+    assert any(all(c in line for c in time_columns) for line in lines), out
+    assert any("SecAgg+ up/client" in line and "up x" in line for line in lines), out
+    assert any("client ms/update: key agr" in line and "mask exp" in line for line in lines), out
+    for config in ("n=6 P=1k default k no drop", "n=10 P=1k default k 10% drop"):
+        assert any(line.startswith(config) for line in lines), out
+    targets = [
+        line for line in lines if line.startswith(("bytes up per", "client overhead", "server vs"))
+    ]
+    assert len(targets) == 4, out
+    assert all(line.rstrip().endswith(("PASS", "ABOVE TARGET")) for line in targets), out
+    assert any(line.startswith("n=6 P=1k complete no drop") for line in lines), out
+    assert "model check: every run matched the exact FedAvg mean" in out
+    assert "Reproduce: .venv/bin/python benchmarks/secagg.py --quick" in out
