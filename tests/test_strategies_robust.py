@@ -236,3 +236,17 @@ def test_robust_strategy_in_simulation_converges_despite_attackers(make):
         callbacks=[Grab()],
     )
     np.testing.assert_allclose(final[0], HONEST_MEAN, atol=0.1)
+
+
+def test_bulyan_takes_flowers_first_aggregation_rule():
+    calls = []
+
+    def coordinate_median(results, num_malicious_clients, scale=1.0):
+        calls.append((len(results), num_malicious_clients, scale))
+        return [np.median(np.stack([r[0][0] for r in results]), axis=0) * scale]
+
+    strategy = Bulyan(num_malicious_clients=1, first_aggregation_rule=coordinate_median, scale=1.0)
+    assert value(strategy, [0, 1, 2, 3, 4, 50, -50]) == 2.0
+    assert calls[0] == (7, 1, 1.0) and len(calls) == 5  # theta = n - 2f selections
+    with pytest.raises(TypeError, match="scale"):
+        Bulyan(num_malicious_clients=1, scale=2.0)

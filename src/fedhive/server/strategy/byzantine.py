@@ -6,9 +6,11 @@ All of them buffer the round's models: O(clients x model) memory (see
 
 from __future__ import annotations
 
-from typing import Unpack, final
+from collections.abc import Callable
+from typing import Any, Unpack, cast, final
 
 from fedhive.common.errors import ConfigError
+from fedhive.common.records import NDArrays
 from fedhive.server.strategy.composed import ComposedStrategy, FedAvgArgs
 from fedhive.server.strategy.fedavg import FedAvg
 from fedhive.server.strategy.robust import BulyanRule, KrumRule, MedianRule, TrimmedMeanRule
@@ -143,6 +145,13 @@ class Bulyan(ComposedStrategy):
     the remaining model nearest to that average is selected; 0 means plain Krum.
     Memory: O(clients x model) plus a clients x clients distance matrix.
 
+    As in Flower, ``first_aggregation_rule`` may replace Krum in the selection step: it is
+    called as ``rule(results, num_malicious_clients=f, **aggregation_rule_kwargs)`` with
+    ``results`` a list of ``(arrays, num_examples)`` of the models not yet selected, and
+    the model nearest to what it returns is selected (its own output if it returns one of
+    them). Keyword arguments that are not FedAvg's are ``aggregation_rule_kwargs``; they
+    are refused without a ``first_aggregation_rule``.
+
     Example::
 
         strategy = Bulyan(num_malicious_clients=1, min_fit_clients=7)
@@ -153,8 +162,16 @@ class Bulyan(ComposedStrategy):
         *,
         num_malicious_clients: int = 0,
         to_keep: int = 0,
-        **fedavg: Unpack[FedAvgArgs],
+        first_aggregation_rule: Callable[..., NDArrays] | None = None,
+        **fedavg: Any,
     ) -> None:
-        rule = BulyanRule(num_malicious_clients, to_keep)
+        names = set(FedAvgArgs.__annotations__)
+        extra = {k: v for k, v in fedavg.items() if k not in names}
+        fedavg_args = cast(FedAvgArgs, {k: v for k, v in fedavg.items() if k in names})
+        if extra and first_aggregation_rule is None:
+            raise TypeError(f"Bulyan() got unexpected keyword arguments {sorted(extra)}")
+        if first_aggregation_rule is not None and not callable(first_aggregation_rule):
+            raise ConfigError("first_aggregation_rule must be callable")
+        rule = BulyanRule(num_malicious_clients, to_keep, first_aggregation_rule, extra)
         self.num_malicious_clients, self.to_keep = rule.f, rule.to_keep
-        super().__init__(sampling=_sampling("Bulyan", fedavg, rule.min_results()), rule=rule)
+        super().__init__(sampling=_sampling("Bulyan", fedavg_args, rule.min_results()), rule=rule)

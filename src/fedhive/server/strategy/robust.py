@@ -16,6 +16,7 @@ all of them (a common shift commutes with medians, trimmed means and distances).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -203,12 +204,21 @@ class BulyanRule:
        their median.
     """
 
-    def __init__(self, num_malicious_clients: int = 0, to_keep: int = 0) -> None:
+    def __init__(
+        self,
+        num_malicious_clients: int = 0,
+        to_keep: int = 0,
+        first_rule: Callable[..., NDArrays] | None = None,
+        rule_kwargs: dict[str, Any] | None = None,
+    ) -> None:
         self.f = check_count("num_malicious_clients", num_malicious_clients)
         self.to_keep = check_count("to_keep", to_keep)
+        self.first_rule = first_rule
+        self.rule_kwargs = dict(rule_kwargs or {})
 
     def __repr__(self) -> str:
-        return f"BulyanRule(num_malicious_clients={self.f}, to_keep={self.to_keep})"
+        first = "" if self.first_rule is None else f", first_rule={self.first_rule!r}"
+        return f"BulyanRule(num_malicious_clients={self.f}, to_keep={self.to_keep}{first})"
 
     def min_results(self) -> int:
         return 4 * self.f + 3
@@ -228,6 +238,11 @@ class BulyanRule:
         remaining = list(range(len(updates)))
         chosen: list[int] = []
         while len(chosen) < theta:
+            if self.first_rule is not None:
+                pick = self._first_rule_pick(cids, updates, remaining)
+                remaining.remove(pick)
+                chosen.append(pick)
+                continue
             ranked = krum_select(dist, cids, remaining, self.f)
             pick = ranked[0]
             if self.to_keep:
@@ -236,6 +251,15 @@ class BulyanRule:
             remaining.remove(pick)
             chosen.append(pick)
         return sorted(chosen)
+
+    def _first_rule_pick(
+        self, cids: list[str], updates: list[NDArrays], remaining: list[int]
+    ) -> int:
+        """The remaining model nearest to what the user's first rule returns."""
+        assert self.first_rule is not None
+        results = [(updates[i], 1) for i in remaining]
+        target = self.first_rule(results, num_malicious_clients=self.f, **self.rule_kwargs)
+        return min(remaining, key=lambda i: (_sq_distance(updates[i], target), cids[i]))
 
 
 def _sq_distance(a: NDArrays, b: NDArrays) -> float:
