@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-import fedhive as fl
+from apps.digits_client import DigitsClient
 from fedhive.common import ndarrays_to_parameters
 from fedhive.models import numpy_lr
 from fedhive.server import ServerConfig
@@ -18,31 +18,13 @@ from grpc_helpers import ROOT, ServerThread, client_process, finish
 NUM_CLIENTS = 20
 
 
-def _digits():
+def _test_split():
     x, y = load_digits(return_X_y=True)
-    x = x / 16.0
     order = np.random.default_rng(0).permutation(len(x))
-    x, y = x[order], y[order]
-    return (x[:1400], y[:1400]), (x[1400:], y[1400:])
+    return x[order][1400:] / 16.0, y[order][1400:]  # the clients share the first 1400
 
 
-(TRAIN, TEST) = _digits()
-
-
-class DigitsClient(fl.client.NumPyClient):
-    def __init__(self, pid: int) -> None:
-        self.x, self.y = TRAIN[0][pid::NUM_CLIENTS], TRAIN[1][pid::NUM_CLIENTS]
-        self.pid = pid
-
-    def fit(self, parameters, config):
-        new, info = numpy_lr.train(
-            parameters, self.x, self.y, epochs=1, batch_size=10, lr=0.1, seed=self.pid
-        )
-        return new, len(self.x), {"loss": info["loss"]}
-
-    def evaluate(self, parameters, config):
-        loss, acc = numpy_lr.evaluate(parameters, self.x, self.y)
-        return loss, len(self.x), {"accuracy": acc}
+TEST = _test_split()
 
 
 def _accuracy(rnd, params, config):
@@ -58,7 +40,7 @@ def _run(secure_aggregation):
         evaluate_fn=_accuracy,
     )
     return start_simulation(
-        client_fn=lambda cid: DigitsClient(int(cid)),
+        client_fn=lambda cid: DigitsClient(int(cid), NUM_CLIENTS),
         num_clients=NUM_CLIENTS,
         strategy=strategy,
         config=ServerConfig(num_rounds=15),
