@@ -1,8 +1,8 @@
 """gRPC round: one FedAvg round of a 100 MB model with 4 client processes, against plain
 grpcio and a raw TCP socket moving the same bytes.
 
-All three paths run on 127.0.0.1 in this script, one after the other, each with 4 fresh
-client processes (``_grpc_bench_client.py``):
+All paths run on 127.0.0.1 in this script, one after the other, each with 4 fresh client
+processes (``_grpc_bench_client.py``):
 
 - fedhive: ``start_server`` (FedAvg, fraction_fit 1.0, evaluation off, no evaluate_fn) in
   this process; clients ``start_numpy_client`` whose fit returns the received parameters
@@ -10,7 +10,10 @@ client processes (``_grpc_bench_client.py``):
   ``elapsed_s``; 1 warm-up round (it includes the clients connecting) + N measured rounds
   in one ``start_server`` call. Every round re-sends the model, streams 4 uploads back,
   decodes, validates and folds them and finalizes the mean; the final model is checked
-  to be bit-identical to the initial one.
+  to be bit-identical to the initial one. Run twice: with the defaults, then "lean":
+  FedAvg's opt-in float32 accumulator (``accumulator = "model"``) and a fixed 1 MiB
+  gRPC flow-control window per client stream (``upload_window_bytes``) instead of gRPC's
+  adaptive one, which on a busy loopback grows to tens of MB per waiting client.
 - plain grpcio: a minimal ``grpc.aio`` service (the server architecture fedhive uses) with
   raw-bytes (identity) serializers and one bidi stream per client: each round the server
   streams the model bytes to every client in 1 MiB chunks and each client streams them
@@ -20,7 +23,10 @@ client processes (``_grpc_bench_client.py``):
 
 Memory: this process's RSS is sampled from /proc every 2 ms; reported is the peak above
 the RSS just before the path starts (for fedhive, the first path, that is the post-import
-baseline), including the model the server holds, as a multiple of the model size.
+baseline), including the model the server holds, as a multiple of the model size. The
+model, the float64 aggregate and one staged upload make 4x (3x with the float32
+accumulator), since an upload is validated whole before any of it is folded; what the
+waiting clients have sent into their flow-control windows comes on top.
 Client processes report their own peak RSS (VmHWM).
 
 Run::
@@ -70,6 +76,7 @@ NUM_ARRAYS = 5
 TARGET_RATIO = 1.3
 TARGET_MEMORY_X = 3.0
 CHUNK = MIB  # fedhive's DEFAULT_CHUNK_BYTES, used by the grpcio baseline too
+LEAN_WINDOW = MIB  # start_server's upload_window_bytes in the lean fedhive path
 
 
 @dataclass
@@ -111,7 +118,13 @@ class _Recorder(RoundCallback):
 
 
 def run_fedhive(
-    num_params: int, clients: int, rounds: int, sampler: RssSampler, base: int, staged: int = 2
+    num_params: int,
+    clients: int,
+    rounds: int,
+    sampler: RssSampler,
+    start_rss: int,
+    staged: int = 2,
+    lean: bool = False,
 ) -> PathResult:
     final = _Recorder()
     procs: list[ClientProcesses] = []
@@ -127,6 +140,8 @@ def run_fedhive(
         # the server holds the only copy: the check below regenerates the model
         initial_parameters=ndarrays_to_parameters(make_model(num_params)),
     )
+    if lean:
+        strategy.accumulator = "model"
     try:
         history = fl.server.start_server(
             server_address="127.0.0.1:0",
@@ -134,6 +149,7 @@ def run_fedhive(
             strategy=strategy,
             wait_timeout=120.0,
             max_staged_uploads=staged,
+            upload_window_bytes=LEAN_WINDOW if lean else None,
             callbacks=[final],
             on_started=started,
         )
@@ -151,7 +167,10 @@ def run_fedhive(
     elapsed = [r["elapsed_s"] for r in history.rounds]
     times = [b - a for a, b in itertools.pairwise(elapsed)]
     cpu = [b - a for a, b in itertools.pairwise(final.cpu)]
-    return PathResult("fedhive start_server + FedAvg", times, cpu, base, peak, reports)
+    name = (
+        "fedhive, float32 accumulator, 1 MiB windows" if lean else "fedhive start_server + FedAvg"
+    )
+    return PathResult(name, times, cpu, start_rss, peak, reports)
 
 
 # -- plain grpcio --------------------------------------------------------------------------
@@ -359,14 +378,17 @@ def main(argv: list[str] | None = None) -> int:
     with RssSampler() as sampler:
         sampler.reset()
         fed = run_fedhive(num_params, clients, rounds, sampler, base, args.staged)
+        lean = run_fedhive(
+            num_params, clients, rounds, sampler, sampler.reset(), args.staged, lean=True
+        )
         plain = run_grpcio(num_params, clients, rounds, sampler)
         tcp = run_tcp(num_params, clients, rounds, sampler)
 
     grpc_s = median(plain.times)
     moved = 2 * clients * model_bytes
     time_rows, memory_rows = [], []
-    for path in (fed, plain, tcp):
-        is_fed = path is fed
+    for path in (fed, lean, plain, tcp):
+        is_fed = path in (fed, lean)
         secs = median(path.times)
         ratio = secs / grpc_s
         time_rows.append(
@@ -423,6 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         "peak RSS = max VmHWM of the client processes"
     )
     print(f"\nfedhive per-round s: {' '.join(f'{t:.3f}' for t in fed.times)}")
+    print(f"fedhive lean per-round s: {' '.join(f'{t:.3f}' for t in lean.times)}")
     print(f"plain grpcio per-round s: {' '.join(f'{t:.3f}' for t in plain.times)}")
     print(f"raw TCP per-round s: {' '.join(f'{t:.3f}' for t in tcp.times)}")
     print(f"\nReproduce: {shlex.join(['.venv/bin/python', *sys.argv])}")

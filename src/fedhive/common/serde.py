@@ -23,9 +23,13 @@ Scalars are ``[key, tag, value]`` triples with tag ``bool`` (JSON bool), ``int``
 string, any size), ``float`` (``repr`` string, incl. ``nan``/``inf``/``-0.0``), ``str``
 or ``bytes`` (base64). A scalar payload has no data section: it ends with the header.
 
-Decoding builds arrays as views into one writable buffer: a ``bytearray`` or writable
-``memoryview`` is used as is (zero copies), ``bytes`` is copied once. Everything in the
-header is validated and any problem raises :class:`~fedhive.common.errors.SerdeError`.
+Encoding can stop short of the final copy: :func:`encode_record_pieces` returns the
+payload as a list of pieces (prefix and header as ``bytes``, then each array's buffer as a
+``memoryview`` of the array itself), so a large model can be streamed without ever being
+copied into one payload. Decoding builds arrays as views into one writable buffer: a
+``bytearray`` or writable ``memoryview`` is used as is (zero copies), ``bytes`` is copied
+once. Everything in the header is validated and any problem raises
+:class:`~fedhive.common.errors.SerdeError`.
 """
 
 from __future__ import annotations
@@ -54,6 +58,7 @@ __all__ = [
     "encode_arrays",
     "encode_parameters",
     "encode_record_dict",
+    "encode_record_pieces",
     "encode_scalars",
 ]
 
@@ -71,6 +76,7 @@ _DTYPES: dict[str, np.dtype[Any]] = {n: np.dtype(n).newbyteorder("<") for n in _
 _ALLOWED = ", ".join(_DTYPE_NAMES)
 _ENTRY_KEYS = frozenset({"name", "dtype", "shape", "offset", "nbytes"})
 _BytesLike = bytes | bytearray | memoryview
+Pieces = list[bytes | memoryview]
 
 
 @dataclass(frozen=True)
@@ -124,27 +130,30 @@ def _frame(magic: bytes, header: dict[str, Any], pad: bool) -> bytes:
 
 def _pack(
     magic: bytes, arrays: Sequence[Any], names: Sequence[str] | None, codec: int, **extra: Any
-) -> bytes:
+) -> Pieces:
+    """The payload as pieces: prefix and header, then padding and array buffers (views)."""
     prepared = [_prepare(a, i) for i, a in enumerate(arrays)]
     table: list[dict[str, Any]] = []
-    pieces: list[Any] = []
+    pieces: Pieces = []
     end = 0  # bytes of the data section written so far
     for name, arr in zip(_check_names(names, len(prepared)), prepared, strict=True):
         offset = _align(end) if arr.nbytes else 0
         entry = {"name": name, "dtype": arr.dtype.name, "shape": list(arr.shape)}
         table.append({**entry, "offset": offset, "nbytes": arr.nbytes})
         if arr.nbytes:
-            pieces += [bytes(offset - end), arr.reshape(-1).view(np.uint8).data]
+            if offset > end:
+                pieces.append(bytes(offset - end))
+            pieces.append(arr.reshape(-1).view(np.uint8).data.toreadonly())
             end = offset + arr.nbytes
     header = {"codec": _expect_int(codec, "codec", _MAX_CODEC), "arrays": table, **extra}
-    return b"".join([_frame(magic, header, pad=True), *pieces])
+    return [_frame(magic, header, pad=True), *pieces]
 
 
 def encode_arrays(
     arrays: Sequence[NDArray], names: Sequence[str] | None = None, *, codec: int = 0
 ) -> bytes:
     """Encode ``arrays`` (default names ``"0"``, ``"1"``, ...) into one payload."""
-    return _pack(ARRAYS_MAGIC, arrays, names, codec)
+    return b"".join(_pack(ARRAYS_MAGIC, arrays, names, codec))
 
 
 def _as_buffer(data: Any) -> memoryview:
@@ -359,8 +368,13 @@ def _metrics_to_json(name: str, record: Mapping[str, Any]) -> list[list[Any]]:
     return _scalars_to_json(_numbers(check_scalar_mapping(record, what), what), what)
 
 
-def encode_record_dict(rd: RecordDict) -> bytes:
-    """Encode all three record groups of ``rd`` (order kept) into one array payload."""
+def encode_record_pieces(rd: RecordDict) -> Pieces:
+    """The payload of :func:`encode_record_dict` as pieces whose concatenation it is.
+
+    Array buffers are not copied: each is a read-only view of the array it encodes (or of
+    a little-endian, C-ordered copy when the array is neither), so the arrays must not
+    change until the pieces have been consumed.
+    """
     arrays: list[Any] = []
     names: list[str] = []
     layout: list[list[Any]] = []
@@ -381,6 +395,11 @@ def encode_record_dict(rd: RecordDict) -> bytes:
         "metric_records": [[n, _metrics_to_json(n, r)] for n, r in rd.metric_records.items()],
     }
     return _pack(RECORDS_MAGIC, arrays, names, 0, records=records)
+
+
+def encode_record_dict(rd: RecordDict) -> bytes:
+    """Encode all three record groups of ``rd`` (order kept) into one array payload."""
+    return b"".join(encode_record_pieces(rd))
 
 
 def _named_items(obj: Any, what: str) -> list[tuple[str, Any]]:

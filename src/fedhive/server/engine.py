@@ -190,6 +190,7 @@ class Engine:
             next_index = 0
             for reply in arriving:
                 buffered[reply.metadata.reply_to] = reply
+                del reply
                 while next_index < len(order) and order[next_index] in buffered:
                     yield buffered.pop(order[next_index])
                     next_index += 1
@@ -199,14 +200,20 @@ class Engine:
     def _receive(
         self, pending: dict[str, Message], replies: Replies, deadline: float | None
     ) -> Iterator[Message]:
-        """Accepted replies as they arrive; then a timeout error for each task left."""
+        """Accepted replies as they arrive; then a timeout error for each task left.
+
+        No reference to a reply outlives its turn: while the next one is awaited, the
+        previous one (perhaps a whole uploaded model) can already be freed.
+        """
         while pending:
             reply = replies.get(deadline)
             if reply is None:
                 break
             accepted = self._accept(reply, pending)
+            del reply
             if accepted is not None:
                 yield accepted
+            del accepted
         for task in list(pending.values()):
             yield task.error_reply(
                 f"no reply within the round timeout of {self.config.round_timeout} s"
@@ -374,7 +381,7 @@ def _fold_fit_reply(
             )
         aggregator.add(ClientProxy(cid), res)
     except InvalidUpdate as exc:
-        return exc
+        return exc.with_traceback(None)  # its frames would keep the refused upload alive
     return None
 
 
@@ -395,6 +402,7 @@ def default_fit_workflow(driver: RoundDriver) -> None:
     contents: list[tuple[ClientProxy, FitIns]] = list(instructions)
     for reply in driver.exchange(MessageType.FIT, contents):
         failure = _fold_fit_reply(driver, reply, aggregator, reference)
+        del reply  # folded: free the upload before the next one is awaited
         if failure is None:
             fit["num_results"] += 1
         else:

@@ -38,6 +38,8 @@ def start_server(
     callbacks: Sequence[RoundCallback] = (),
     heartbeat_timeout: float = 30.0,
     max_staged_uploads: int = 2,
+    max_staged_bytes: int | None = 64 << 20,
+    upload_window_bytes: int | None = None,
     chunk_bytes: int | None = None,
     on_started: object = None,
     fit_workflow: FitWorkflow | None = None,
@@ -54,9 +56,15 @@ def start_server(
     fedhive adds ``require_client_auth`` (mutual TLS), ``auth_tokens`` (``node_id ->
     token`` of enrolled clients; others are refused before they receive anything),
     ``checkpoint_dir``/``resume`` (a server killed at any moment loses no finished round),
-    ``seed`` and ``callbacks``, and ``max_staged_uploads`` (client uploads held in memory
-    at once; more wait in flow control). Uploads are folded as they arrive (deployment
-    does not promise bit-reproducible sums). ``on_started(server)`` runs once listening.
+    ``seed`` and ``callbacks``, and ``max_staged_uploads``/``max_staged_bytes``: client
+    uploads held in memory at once, from their first chunk until they are folded, and
+    (beyond the first) their total size; more wait in flow control. With the defaults a
+    model over 64 MiB is taken in one upload at a time, so the server holds about the
+    global model, the aggregate and one upload. ``upload_window_bytes`` fixes the gRPC
+    flow-control window of each client's stream (default: gRPC's, sized to the link),
+    which bounds what a client waiting for a slot can send ahead. Uploads are folded as
+    they arrive (deployment does not promise bit-reproducible sums).
+    ``on_started(server)`` runs once listening.
     ``fit_workflow`` replaces the fit round; ``secure_aggregation`` (a
     :class:`~fedhive.secagg.SecAggPlusWorkflow`, :class:`~fedhive.secagg.SecAggConfig` or
     dict of options) runs every fit round with SecAgg+ (clients started with
@@ -88,6 +96,8 @@ def start_server(
         max_message_bytes=limit,
         heartbeat_timeout=heartbeat_timeout,
         max_staged_uploads=max_staged_uploads,
+        max_staged_bytes=max_staged_bytes,
+        upload_window_bytes=upload_window_bytes,
         chunk_bytes=chunk_bytes or DEFAULT_CHUNK_BYTES,
     ).start()
     log.info("fedhive server listening on port %s", server.port)

@@ -21,7 +21,14 @@ __all__ = ["Replies", "Transport"]
 
 
 class Replies:
-    """A thread-safe mailbox for the replies to one or more ``send`` calls."""
+    """A thread-safe mailbox for the replies to one or more ``send`` calls.
+
+    One consumer (the engine) takes replies with :meth:`get`. A reply may come with a
+    ``release`` callback, which frees what the transport holds for it (an upload slot);
+    it runs once the consumer is done with that reply: when it asks for the next one, or
+    cancels. A consumer that keeps no reference to the reply by then has freed its memory
+    before the transport is told it may take in another.
+    """
 
     def __init__(self, clock: Clock | None = None) -> None:
         self.clock = clock or SystemClock()
@@ -29,41 +36,54 @@ class Replies:
             queue.SimpleQueue()
         )
         self._cancelled = threading.Event()
+        self._lock = threading.Lock()
+        self._current: Callable[[], None] | None = None
 
-    def put(self, reply: Message, on_taken: Callable[[], None] | None = None) -> None:
-        """Deliver a reply; ``on_taken`` runs when the engine takes it (to free staging).
+    def put(self, reply: Message, release: Callable[[], None] | None = None) -> None:
+        """Deliver a reply; ``release`` runs when the consumer is done with it.
 
         After :meth:`cancel` nobody will take it, so it is dropped at once.
         """
         if self.cancelled:
-            if on_taken is not None:
-                on_taken()
+            if release is not None:
+                release()
             return
-        self._mailbox.put((reply, on_taken))
+        self._mailbox.put((reply, release))
 
     def get(self, deadline: float | None = None) -> Message | None:
-        """The next reply, or ``None`` once ``deadline`` (engine clock time) has passed."""
+        """The next reply, or ``None`` once ``deadline`` (engine clock time) has passed.
+
+        Releases the reply returned by the previous call first.
+        """
+        self._release_current()
         try:
-            reply, on_taken = self.clock.wait(self._mailbox, deadline)
+            reply, release = self.clock.wait(self._mailbox, deadline)
         except queue.Empty:
             return None
-        if on_taken is not None:
-            on_taken()
+        with self._lock:
+            self._current = release
         return reply
+
+    def _release_current(self) -> None:
+        with self._lock:
+            release, self._current = self._current, None
+        if release is not None:
+            release()
 
     def cancel(self) -> None:
         """Tell the transport that replies are no longer wanted (tasks not started are dropped).
 
-        Replies already delivered but not taken are released.
+        The last reply taken and replies delivered but not taken are released.
         """
         self._cancelled.set()
+        self._release_current()
         while True:
             try:
-                _, on_taken = self._mailbox.get_nowait()
+                _, release = self._mailbox.get_nowait()
             except queue.Empty:
                 return
-            if on_taken is not None:
-                on_taken()
+            if release is not None:
+                release()
 
     @property
     def cancelled(self) -> bool:

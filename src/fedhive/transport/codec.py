@@ -4,15 +4,17 @@ Wire layout: ``[u64 LE length of meta][meta][content]``. ``meta`` is a fedhive s
 payload with the metadata and the error; ``content`` is a fedhive record payload whose
 config record ``"kind"`` names the content type, arrays in ``array_records`` and configs
 and metrics in ``config_records``. The content is encoded apart from the metadata, so a
-model sent to many clients is encoded once. Decoding validates the kind and every field
-it reads; anything malformed raises :class:`~fedhive.common.errors.SerdeError`.
+model sent to many clients is encoded once, and as pieces (see
+:func:`~fedhive.common.serde.encode_record_pieces`): the arrays are never copied into it.
+Decoding validates the kind and every field it reads; anything malformed raises
+:class:`~fedhive.common.errors.SerdeError`.
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedhive.common.errors import SerdeError
 from fedhive.common.message import Message, Metadata
@@ -33,6 +35,9 @@ from fedhive.common.records import (
     Status,
     check_scalar_mapping,
 )
+
+if TYPE_CHECKING:
+    from fedhive.common.serde import Pieces
 
 __all__ = [
     "decode_message",
@@ -175,13 +180,17 @@ _DECODERS: dict[str, Callable[[RecordDict], Any]] = {
 _LEN = struct.Struct("<Q")
 
 
-def encode_content(content: Any) -> bytes:
-    """The content part of a message (shareable between messages with equal content)."""
-    from fedhive.common.serde import encode_record_dict
+def encode_content(content: Any) -> Pieces:
+    """The content part of a message as pieces (shareable between messages).
+
+    The pieces view the content's arrays without copying them: keep the arrays unchanged
+    until the pieces have been sent.
+    """
+    from fedhive.common.serde import encode_record_pieces
 
     rd = RecordDict()
     rd.config_records["kind"] = {"kind": _encode_content(content, rd)}
-    return encode_record_dict(rd)
+    return encode_record_pieces(rd)
 
 
 def encode_meta(message: Message) -> bytes:
@@ -193,11 +202,11 @@ def encode_meta(message: Message) -> bytes:
     return encode_scalars(meta)
 
 
-def encode_wire(message: Message, content: bytes | None = None) -> list[bytes]:
-    """The message as byte pieces (length prefix, meta, content); see the module doc."""
+def encode_wire(message: Message, content: Pieces | None = None) -> Pieces:
+    """The message as pieces (length prefix, meta, content pieces); see the module doc."""
     meta = encode_meta(message)
     body = content if content is not None else encode_content(message.content)
-    return [_LEN.pack(len(meta)), meta, body]
+    return [_LEN.pack(len(meta)), meta, *body]
 
 
 def decode_wire(data: bytearray | memoryview) -> Message:

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
 from fedhive.common.errors import SerdeError
 from fedhive.transport.proto.fleet_pb2 import Frame
+from fedhive.transport.wire import WireFrame, message_frame_bytes
 
 __all__ = [
     "Assembler",
+    "BufferPool",
     "DEFAULT_CHUNK_BYTES",
     "PROTOCOL_VERSION",
     "message_frames",
@@ -21,39 +25,85 @@ DEFAULT_CHUNK_BYTES = 1 << 20
 
 
 def message_frames(
-    message_id: str, pieces: list[bytes], chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    message_id: str, pieces: Sequence[bytes | memoryview], chunk_bytes: int = DEFAULT_CHUNK_BYTES
 ) -> Iterator[Frame]:
-    """MESSAGE frames carrying ``pieces`` (concatenated) in chunks of ``chunk_bytes``."""
-    total = sum(len(p) for p in pieces)
-    if total == 0:
-        yield Frame(kind=Frame.MESSAGE, message_id=message_id, total_size=0, last=True)
-        return
-    offset = 0
-    for piece in pieces:
-        view = memoryview(piece)
-        for start in range(0, len(view), chunk_bytes):
-            chunk = view[start : start + chunk_bytes]
-            yield Frame(
-                kind=Frame.MESSAGE,
-                message_id=message_id,
-                total_size=total,
-                offset=offset,
-                data=bytes(chunk),
-                last=offset + len(chunk) == total,
-            )
-            offset += len(chunk)
+    """MESSAGE frames carrying ``pieces`` (concatenated) in chunks of ``chunk_bytes``.
+
+    ``Frame`` objects, for callers that want them; the transport itself sends the
+    serialized frames of :func:`~fedhive.transport.wire.message_frame_bytes`.
+    """
+    for raw in message_frame_bytes(message_id, pieces, chunk_bytes):
+        yield Frame.FromString(raw)
+
+
+class BufferPool:
+    """Recycles the buffers of large messages once nothing views them any more.
+
+    Writing a message into fresh memory costs a page fault per page, which can cost more
+    than copying the bytes. A buffer comes back when the last array viewing it is freed
+    and is reused for the next message of about its size (at most twice smaller). It is
+    kept only while ``keep()`` says another message is coming, and only the ``max_free``
+    most recent idle buffers are kept. Messages under ``min_bytes`` are not pooled. A
+    recycled buffer is overwritten in full before its message is complete, so nothing of
+    an earlier message can be read through it.
+    """
+
+    def __init__(
+        self,
+        max_free: int = 1,
+        min_bytes: int = DEFAULT_CHUNK_BYTES,
+        keep: Callable[[], bool] = lambda: True,
+    ) -> None:
+        self.max_free = max_free
+        self.min_bytes = min_bytes
+        self.keep = keep
+        self._free: list[np.ndarray] = []
+        self._lock = threading.RLock()  # a collection inside take() may give one back
+
+    def take(self, nbytes: int) -> np.ndarray:
+        """An uninitialised ``uint8`` array of ``nbytes``, recycled when possible."""
+        if nbytes < self.min_bytes or self.max_free == 0:
+            return np.empty(nbytes, np.uint8)
+        with self._lock:
+            fits = [i for i, b in enumerate(self._free) if nbytes <= b.size <= 2 * nbytes]
+            best = min(fits, key=lambda i: self._free[i].size, default=None)
+            buffer = self._free.pop(best) if best is not None else None
+        if buffer is None:
+            # room for messages a little longer than this one (ids and metadata vary);
+            # pages that are never written cost no memory
+            buffer = np.empty(-(-nbytes // self.min_bytes) * self.min_bytes, np.uint8)
+        view = buffer[:nbytes]
+        weakref.finalize(view, self._give_back, buffer).atexit = False
+        return view
+
+    def _give_back(self, buffer: np.ndarray) -> None:
+        """Keep ``buffer`` (the most recent ones, when there are too many)."""
+        if not self.keep():
+            return
+        with self._lock:
+            self._free.append(buffer)
+            del self._free[: max(0, len(self._free) - self.max_free)]
+
+    @property
+    def idle_bytes(self) -> int:
+        with self._lock:
+            return sum(b.size for b in self._free)
 
 
 class Assembler:
     """Collects MESSAGE frames into whole messages, refusing anything inconsistent.
 
     At most ``max_message_bytes`` per message and ``max_open`` messages in progress at
-    once (so a peer cannot make the receiver hold more than their product).
+    once (so a peer cannot make the receiver hold more than their product). Message
+    buffers come from ``pool`` when one is given.
     """
 
-    def __init__(self, max_message_bytes: int, max_open: int = 4) -> None:
+    def __init__(
+        self, max_message_bytes: int, max_open: int = 4, pool: BufferPool | None = None
+    ) -> None:
         self.max_message_bytes = max_message_bytes
         self.max_open = max_open
+        self.pool = pool or BufferPool(max_free=0)
         self._open: dict[str, tuple[memoryview, int]] = {}
 
     def is_open(self, message_id: str) -> bool:
@@ -66,7 +116,7 @@ class Assembler:
     def clear(self) -> None:
         self._open.clear()
 
-    def add(self, frame: Frame) -> tuple[str, memoryview] | None:
+    def add(self, frame: Frame | WireFrame) -> tuple[str, memoryview] | None:
         """Add one frame; ``(message_id, bytes)`` when a message is complete."""
         mid = frame.message_id
         if mid not in self._open:
@@ -97,8 +147,11 @@ class Assembler:
             )
         if len(self._open) >= self.max_open:
             raise SerdeError(f"more than {self.max_open} messages in progress at once")
-        # uninitialised: every byte is written before the message is complete
-        self._open[mid] = (memoryview(np.empty(total, np.uint8)), 0)  # type: ignore[arg-type]
+        try:  # uninitialised: every byte is written before the message is complete
+            buffer = self.pool.take(total)
+        except MemoryError:
+            raise SerdeError(f"message {mid!r}: no memory for {total} bytes") from None
+        self._open[mid] = (memoryview(buffer), 0)  # type: ignore[arg-type]
 
     def _fail(self, mid: str, reason: str) -> SerdeError:
         self._open.pop(mid, None)

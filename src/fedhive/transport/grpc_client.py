@@ -8,7 +8,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,14 +18,9 @@ import grpc
 from fedhive.common.errors import AuthenticationError, SerdeError, TransportError
 from fedhive.common.message import Message
 from fedhive.transport.codec import decode_wire, encode_wire
-from fedhive.transport.frames import (
-    DEFAULT_CHUNK_BYTES,
-    PROTOCOL_VERSION,
-    Assembler,
-    message_frames,
-)
-from fedhive.transport.proto import fleet_pb2_grpc
+from fedhive.transport.frames import DEFAULT_CHUNK_BYTES, PROTOCOL_VERSION, Assembler, BufferPool
 from fedhive.transport.proto.fleet_pb2 import Frame
+from fedhive.transport.wire import METHOD, message_frame_bytes, parse_frame, serialize_frame
 
 __all__ = ["AuditLog", "ClientSecurity", "ClientSession", "Retryable", "SessionEnd"]
 
@@ -66,7 +61,7 @@ class AuditLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
 
-    def record(self, message: Message, pieces: list[bytes]) -> None:
+    def record(self, message: Message, pieces: Sequence[bytes | memoryview]) -> None:
         digest = hashlib.sha256()
         for piece in pieces:
             digest.update(piece)
@@ -119,19 +114,20 @@ class ClientSession:
         self.heartbeat_interval = heartbeat_interval
         self.audit = audit
         self.protocol_version = protocol_version
-        self._outbox: queue.SimpleQueue[Frame | None] = queue.SimpleQueue()
+        self._outbox: queue.SimpleQueue[Iterable[Frame | bytes] | None] = queue.SimpleQueue()
         self._stop = threading.Event()
+        self._buffers = BufferPool(max_free=1)
 
-    def _requests(self) -> Iterator[Frame]:
+    def _requests(self) -> Iterator[Frame | bytes]:
         while True:
-            frame = self._outbox.get()
-            if frame is None:
+            frames = self._outbox.get()
+            if frames is None:
                 return
-            yield frame
+            yield from frames
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.heartbeat_interval):
-            self._outbox.put(Frame(kind=Frame.HEARTBEAT))
+            self._outbox.put([Frame(kind=Frame.HEARTBEAT)])
 
     def run(self) -> SessionEnd:
         options = [
@@ -141,15 +137,17 @@ class ClientSession:
         channel = self.security.channel(self.address, options)
         beat = threading.Thread(target=self._heartbeat, daemon=True)
         try:
-            responses = fleet_pb2_grpc.FleetStub(channel).Join(self._requests())
-            self._outbox.put(
-                Frame(
-                    kind=Frame.HELLO,
-                    protocol_version=self.protocol_version,
-                    node_id=self.node_id,
-                    token=self.security.token,
-                )
+            join = channel.stream_stream(
+                METHOD, request_serializer=serialize_frame, response_deserializer=parse_frame
             )
+            responses = join(self._requests())
+            hello = Frame(
+                kind=Frame.HELLO,
+                protocol_version=self.protocol_version,
+                node_id=self.node_id,
+                token=self.security.token,
+            )
+            self._outbox.put([hello])
             self._welcome(responses)
             beat.start()
             return self._serve(responses)
@@ -160,7 +158,7 @@ class ClientSession:
             self._outbox.put(None)
             channel.close()
 
-    def _welcome(self, responses: Iterator[Frame]) -> None:
+    def _welcome(self, responses: Any) -> None:
         first = next(responses)
         if first.kind == Frame.ERROR:
             raise TransportError(f"the server refused this client: {first.text}")
@@ -168,8 +166,8 @@ class ClientSession:
             raise TransportError(f"expected WELCOME from the server, got frame kind {first.kind}")
         log.info("joined %s as %s", self.address, self.node_id)
 
-    def _serve(self, responses: Iterator[Frame]) -> SessionEnd:
-        assembler = Assembler(self.max_message_bytes)
+    def _serve(self, responses: Any) -> SessionEnd:
+        assembler = Assembler(self.max_message_bytes, pool=self._buffers)
         for frame in responses:
             if frame.kind == Frame.BYE:
                 return SessionEnd(frame.text or "the server ended the run")
@@ -185,15 +183,27 @@ class ClientSession:
             except SerdeError as exc:
                 log.warning("dropped a malformed task from the server: %s", exc)
                 continue
-            self._reply(self.handle(task))
+            reply = self.handle(task)
+            del task  # the received model, unless the reply shares it
+            self._reply(reply, responses)
+            del reply
         raise Retryable("the server closed the connection")
 
-    def _reply(self, reply: Message) -> None:
+    def _reply(self, reply: Message, call: Any) -> None:
+        """Send ``reply``, framed lazily, and return once gRPC has taken every frame.
+
+        The frames view the reply's arrays without copying them, so this waits until
+        they have all been serialized: only then may the client change those arrays.
+        If the stream ends first, it returns at once; reading the stream tells why.
+        """
         pieces = encode_wire(reply)
         if self.audit is not None:
             self.audit.record(reply, pieces)
-        for frame in message_frames(reply.metadata.message_id, pieces, self.chunk_bytes):
-            self._outbox.put(frame)
+        sent = threading.Event()
+        frames = message_frame_bytes(reply.metadata.message_id, pieces, self.chunk_bytes)
+        self._outbox.put(_then_set(frames, sent))
+        while not sent.wait(0.5) and call.is_active():
+            pass
 
     def _translate(self, exc: grpc.RpcError) -> Exception:
         code = exc.code() if hasattr(exc, "code") else None
@@ -203,6 +213,14 @@ class ClientSession:
         if code == grpc.StatusCode.FAILED_PRECONDITION:
             return TransportError(f"the server refused the connection: {details}")
         return Retryable(f"connection to {self.address} failed ({code}): {details}")
+
+
+def _then_set(frames: Iterator[bytes], done: threading.Event) -> Iterator[bytes]:
+    """``frames``, then ``done`` is set (also when the generator is closed early)."""
+    try:
+        yield from frames
+    finally:
+        done.set()
 
 
 class Retryable(TransportError):

@@ -2,9 +2,10 @@
 
 One asyncio event loop (in a background thread) serves every client's long-lived
 ``Join`` stream. The engine, in its own thread, calls :meth:`GrpcServer.send`: tasks are
-encoded there (a model shared by many tasks is encoded once) and handed to the loop,
-which streams them in chunks to each client and puts every reply, reassembled and
-validated, into the engine's ``Replies`` mailbox.
+encoded there (a model shared by many tasks is encoded once, as views of its arrays, not
+a copy) and handed to the loop, which streams them in chunks to each client (one copy
+per chunk, made as it is sent) and puts every reply, reassembled and validated, into the
+engine's ``Replies`` mailbox.
 
 A client is admitted only after a HELLO with the right protocol version and, when tokens
 are enrolled, its own token; it never receives anything before that. A reply is accepted
@@ -13,21 +14,28 @@ stops sending heartbeats fails its pending tasks at once, so the round goes on w
 Malformed, oversized or unexpected frames are logged with the node's id and dropped; the
 server keeps serving everyone else.
 
-Memory: at most ``max_staged_uploads`` client uploads are held at once (being received
-or waiting for the engine), plus the one the engine is folding; further uploads wait in
-gRPC flow control, so server memory stays near global model + aggregate + the cap,
-whatever the number of clients.
+Memory: an upload holds a staging slot from its first chunk until the engine is done
+with it (it asks for the next reply). At most ``max_staged_uploads`` uploads hold slots
+at once and, beyond the first, only while their sizes add up to at most
+``max_staged_bytes``; further uploads wait in gRPC flow control. So server memory stays
+near global model + aggregate + the staged uploads, plus what each waiting client may
+send ahead into its flow-control window. gRPC sizes that window to the link's
+bandwidth x delay (megabytes on a long link, more on loopback); ``upload_window_bytes``
+fixes it instead, which bounds that memory and caps one upload's speed at about the
+window per round trip.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
 import threading
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc import aio
@@ -41,12 +49,23 @@ from fedhive.transport.frames import (
     DEFAULT_CHUNK_BYTES,
     PROTOCOL_VERSION,
     Assembler,
-    message_frames,
+    BufferPool,
 )
-from fedhive.transport.proto import fleet_pb2_grpc
 from fedhive.transport.proto.fleet_pb2 import Frame
+from fedhive.transport.wire import (
+    SERVICE,
+    WireFrame,
+    message_frame_bytes,
+    parse_frame,
+    serialize_frame,
+)
 
-__all__ = ["GrpcServer", "ServerSecurity"]
+if TYPE_CHECKING:
+    from fedhive.common.serde import Pieces
+
+__all__ = ["DEFAULT_STAGED_BYTES", "GrpcServer", "ServerSecurity"]
+
+DEFAULT_STAGED_BYTES = 64 << 20
 
 log = logging.getLogger("fedhive.server")
 
@@ -87,10 +106,65 @@ class _Pending:
 @dataclass
 class _Connection:
     node_id: str
-    outbox: asyncio.Queue[Iterable[Frame] | None]
+    outbox: asyncio.Queue[Iterable[Frame | bytes] | None]
     pending: dict[str, _Pending] = field(default_factory=dict)
     last_seen: float = 0.0
     waiting: bool = False  # held back by the staging cap, not silent
+
+
+class _Staging:
+    """Upload slots: at most ``count`` held and, beyond the first, ``budget`` bytes in all.
+
+    Waiters are served in arrival order. Lives on the event loop.
+    """
+
+    def __init__(self, count: int, budget: int | None) -> None:
+        self.count = count
+        self.budget = budget
+        self.held = 0
+        self.bytes = 0
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def _fits(self, nbytes: int) -> bool:
+        if self.held >= self.count:
+            return False
+        return self.held == 0 or self.budget is None or self.bytes + nbytes <= self.budget
+
+    def _take(self, nbytes: int) -> None:
+        self.held += 1
+        self.bytes += nbytes
+
+    async def acquire(self, nbytes: int) -> None:
+        if not self._waiters and self._fits(nbytes):
+            self._take(nbytes)
+            return
+        entry = (nbytes, asyncio.get_running_loop().create_future())
+        self._waiters.append(entry)
+        try:
+            await entry[1]
+        except asyncio.CancelledError:
+            if entry[1].done() and not entry[1].cancelled():
+                self.release(nbytes)  # granted to a reader that is gone
+            elif entry in self._waiters:
+                self._waiters.remove(entry)
+                self._wake()
+            raise
+
+    def release(self, nbytes: int) -> None:
+        self.held -= 1
+        self.bytes -= nbytes
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self._fits(self._waiters[0][0]):
+            nbytes, future = self._waiters.popleft()
+            if not future.done():
+                self._take(nbytes)
+                future.set_result(None)
 
 
 class GrpcServer(Transport):
@@ -107,6 +181,8 @@ class GrpcServer(Transport):
         heartbeat_timeout: float = 30.0,
         protocol_version: int = PROTOCOL_VERSION,
         max_staged_uploads: int = 2,
+        max_staged_bytes: int | None = DEFAULT_STAGED_BYTES,
+        upload_window_bytes: int | None = None,
     ) -> None:
         self.address = address
         self.client_manager = client_manager or SimpleClientManager(wait_timeout=0.0)
@@ -117,8 +193,15 @@ class GrpcServer(Transport):
         self.protocol_version = protocol_version
         if max_staged_uploads < 1:
             raise TransportError(f"max_staged_uploads must be >= 1, got {max_staged_uploads}")
+        if max_staged_bytes is not None and max_staged_bytes < 0:
+            raise TransportError(f"max_staged_bytes must be >= 0, got {max_staged_bytes}")
+        if upload_window_bytes is not None and upload_window_bytes < 1:
+            raise TransportError(f"upload_window_bytes must be >= 1, got {upload_window_bytes}")
         self.max_staged_uploads = max_staged_uploads
-        self._staging: asyncio.Semaphore | None = None
+        self.max_staged_bytes = max_staged_bytes
+        self.upload_window_bytes = upload_window_bytes
+        self._staging: _Staging | None = None
+        self._buffers = BufferPool(max_free=max_staged_uploads, keep=self._uploads_queued)
         self.port: int | None = None
         self._connections: dict[str, _Connection] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -154,14 +237,28 @@ class GrpcServer(Transport):
         loop.run_forever()
         loop.close()
 
-    async def _open(self) -> None:
-        server = aio.server(
-            options=[
-                ("grpc.max_receive_message_length", self.chunk_bytes + (1 << 16)),
-                ("grpc.max_send_message_length", self.chunk_bytes + (1 << 16)),
+    def _options(self) -> list[tuple[str, int]]:
+        options = [
+            ("grpc.max_receive_message_length", self.chunk_bytes + (1 << 16)),
+            ("grpc.max_send_message_length", self.chunk_bytes + (1 << 16)),
+        ]
+        if self.upload_window_bytes is not None:
+            options += [
+                ("grpc.http2.bdp_probe", 0),
+                ("grpc.http2.lookahead_bytes", self.upload_window_bytes),
             ]
-        )
-        fleet_pb2_grpc.add_FleetServicer_to_server(_Servicer(self), server)
+        return options
+
+    async def _open(self) -> None:
+        server = aio.server(options=self._options())
+        handlers = {
+            "Join": grpc.stream_stream_rpc_method_handler(
+                _Servicer(self).Join,
+                request_deserializer=parse_frame,
+                response_serializer=serialize_frame,
+            )
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
         creds = self.security.credentials()
         if creds is None:
             port = server.add_insecure_port(self.address)
@@ -170,7 +267,7 @@ class GrpcServer(Transport):
         if port == 0:
             raise TransportError(f"could not bind {self.address}")
         await server.start()
-        self._staging = asyncio.Semaphore(self.max_staged_uploads)
+        self._staging = _Staging(self.max_staged_uploads, self.max_staged_bytes)
         self._server = server
         self.port = port
         self._watchdog = asyncio.get_running_loop().create_task(self._watch_heartbeats())
@@ -207,7 +304,7 @@ class GrpcServer(Transport):
     def send(self, messages: Sequence[Message], replies: Replies) -> None:
         if self._loop is None:
             raise TransportError("the server is not started")
-        shared: dict[int, bytes] = {}
+        shared: dict[int, Pieces] = {}
         batch = []
         for task in messages:
             key = id(task.content)
@@ -216,20 +313,19 @@ class GrpcServer(Transport):
             batch.append((task, encode_wire(task, shared[key])))
         self._loop.call_soon_threadsafe(self._route, batch, replies)
 
-    def _route(self, batch: list[tuple[Message, list[bytes]]], replies: Replies) -> None:
+    def _route(self, batch: list[tuple[Message, Pieces]], replies: Replies) -> None:
         for task, pieces in batch:
             conn = self._connections.get(task.metadata.node_id)
             if conn is None:
                 replies.put(task.error_reply("the client is not connected"))
                 continue
             conn.pending[task.metadata.message_id] = _Pending(task, replies)
-            # lazily chunked: one chunk copy at a time, the encoded model shared by all
-            frames = message_frames(task.metadata.message_id, pieces, self.chunk_bytes)
+            frames = message_frame_bytes(task.metadata.message_id, pieces, self.chunk_bytes)
             conn.outbox.put_nowait(frames)
 
     # -- connections -------------------------------------------------------------------------
 
-    def _admit(self, hello: Frame) -> str:
+    def _admit(self, hello: WireFrame) -> str:
         """The node id of an acceptable HELLO, else raise with the reason."""
         if hello.kind != Frame.HELLO:
             raise _Refusal(grpc.StatusCode.FAILED_PRECONDITION, "expected HELLO first")
@@ -265,36 +361,52 @@ class GrpcServer(Transport):
             self.client_manager.unregister(conn.node_id)
             log.info("client %s left: %s", conn.node_id, reason)
 
-    def _deliver(self, conn: _Connection, data: memoryview) -> None:
-        """Hand a complete upload to the engine; its staging slot frees when it is taken."""
+    def _deliver(self, conn: _Connection, data: memoryview, staged: int) -> None:
+        """Hand a complete upload to the engine; its ``staged`` bytes free when it is done."""
         try:
             reply = decode_wire(data)
         except SerdeError as exc:
-            self._unstage()
+            self._unstage(staged)
             self._refuse(conn, f"malformed message: {exc}")
             self._fail_only_task(conn, f"its reply was malformed: {exc}")
             return
         meta = reply.metadata
         pending = conn.pending.pop(meta.reply_to, None)
         if pending is None:
-            self._unstage()
+            self._unstage(staged)
             self._refuse(conn, f"reply to a task it was not given ({meta.reply_to!r})")
             return
         if meta.node_id != conn.node_id:
-            self._unstage()
+            self._unstage(staged)
             pending.replies.put(pending.task.error_reply("reply carried another node's id"))
             self._refuse(conn, f"reply claims to come from {meta.node_id!r}")
             return
-        pending.replies.put(reply, on_taken=self._unstage_from_engine)
+        pending.replies.put(reply, release=functools.partial(self._unstage_from_engine, staged))
 
-    def _unstage(self) -> None:
+    async def _stage(self, conn: _Connection, nbytes: int) -> None:
+        """Wait for an upload slot; a client held back here is not silent."""
+        if self._staging is None:
+            return
+        conn.waiting = True
+        try:
+            await self._staging.acquire(nbytes)
+        finally:
+            conn.waiting = False
+            conn.last_seen = asyncio.get_running_loop().time()
+
+    def _uploads_queued(self) -> bool:
+        """Whether an upload waits for a slot: a freed upload buffer is then worth keeping."""
+        staging = self._staging
+        return staging is not None and staging.waiting > 0
+
+    def _unstage(self, nbytes: int) -> None:
         if self._staging is not None:
-            self._staging.release()
+            self._staging.release(nbytes)
 
-    def _unstage_from_engine(self) -> None:
+    def _unstage_from_engine(self, nbytes: int) -> None:
         loop = self._loop
         if loop is not None and loop.is_running():
-            loop.call_soon_threadsafe(self._unstage)
+            loop.call_soon_threadsafe(self._unstage, nbytes)
 
     def _fail_only_task(self, conn: _Connection, reason: str) -> None:
         """A refused reply answers the task when the client had only one."""
@@ -330,7 +442,52 @@ class _Refusal(FedhiveError):
         self.text = text
 
 
-class _Servicer(fleet_pb2_grpc.FleetServicer):
+class _Uploads:
+    """One connection's uploads in progress, each holding a staging slot.
+
+    A complete upload hands its slot on with the reply: it is freed when the engine is
+    done with the reply, or at once if the reply is refused.
+    """
+
+    def __init__(self, server: GrpcServer, conn: _Connection) -> None:
+        self.server = server
+        self.conn = conn
+        self.assembler = Assembler(server.max_message_bytes, pool=server._buffers)
+        self.staged: dict[str, int] = {}
+
+    async def add(self, frame: WireFrame) -> None:
+        """Take one MESSAGE frame; a complete upload goes to the engine."""
+        server, conn, mid = self.server, self.conn, frame.message_id
+        if not self.assembler.is_open(mid):
+            if self.assembler.open_count >= len(conn.pending):
+                server._refuse(conn, "upload without a task waiting for it")
+                return
+            if mid and frame.total_size <= server.max_message_bytes:
+                await server._stage(conn, frame.total_size)  # backpressure
+                self.staged[mid] = frame.total_size
+        try:
+            done = self.assembler.add(frame)
+        except SerdeError as exc:
+            self._abandon(mid)
+            server._refuse(conn, str(exc))
+            server._fail_only_task(conn, f"its reply was refused: {exc}")
+            return
+        if done is not None:
+            server._deliver(conn, done[1], self.staged.pop(mid))
+
+    def _abandon(self, mid: str) -> None:
+        if not self.assembler.is_open(mid) and mid in self.staged:
+            self.server._unstage(self.staged.pop(mid))
+
+    def close(self) -> None:
+        """Free the slots of uploads the client will never finish."""
+        for nbytes in self.staged.values():
+            self.server._unstage(nbytes)
+        self.staged.clear()
+        self.assembler.clear()
+
+
+class _Servicer:
     def __init__(self, server: GrpcServer) -> None:
         self.server = server
 
@@ -363,20 +520,9 @@ class _Servicer(fleet_pb2_grpc.FleetServicer):
             reader.cancel()
             server._drop(conn, "the client disconnected")
 
-    async def _stage(self, conn: _Connection) -> None:
-        staging = self.server._staging
-        if staging is None:
-            return
-        conn.waiting = True
-        try:
-            await staging.acquire()
-        finally:
-            conn.waiting = False
-            conn.last_seen = asyncio.get_running_loop().time()
-
     async def _read(self, conn: _Connection, context: aio.ServicerContext) -> None:
         server = self.server
-        assembler = Assembler(server.max_message_bytes)
+        uploads = _Uploads(server, conn)
         loop = asyncio.get_running_loop()
         try:
             while True:
@@ -389,27 +535,10 @@ class _Servicer(fleet_pb2_grpc.FleetServicer):
                 if frame.kind != Frame.MESSAGE:
                     server._refuse(conn, f"unexpected frame kind {frame.kind}")
                     continue
-                if not assembler.is_open(frame.message_id):
-                    if assembler.open_count >= len(conn.pending):
-                        server._refuse(conn, "upload without a task waiting for it")
-                        continue
-                    await self._stage(conn)  # backpressure: at most N uploads held at once
-                try:
-                    done = assembler.add(frame)
-                except SerdeError as exc:
-                    if not assembler.is_open(frame.message_id):
-                        server._unstage()
-                    server._refuse(conn, str(exc))
-                    server._fail_only_task(conn, f"its reply was refused: {exc}")
-                    continue
-                if done is not None:
-                    server._deliver(conn, done[1])
-                    done = None  # the upload now belongs to the engine; keep no reference
+                await uploads.add(frame)
         except (aio.AioRpcError, asyncio.CancelledError):
             pass
         finally:
-            for _ in range(assembler.open_count):  # abandoned uploads free their slots
-                server._unstage()
-            assembler.clear()
+            uploads.close()
         server._drop(conn, "the client disconnected")
         conn.outbox.put_nowait(None)

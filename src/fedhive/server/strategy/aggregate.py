@@ -2,7 +2,22 @@
 
 :class:`WeightedMean` folds one update at a time into a float64 accumulator, so a round
 costs O(model) memory whatever the number of clients: the accumulator (8 bytes per
-parameter) plus one scratch buffer the size of the largest layer.
+parameter) plus a small scratch buffer. Each product ``weight * value`` is formed in
+float64, where it is exact for float32 values and weights below 2**29, and the mean is
+rounded to the model's dtype once, at the end. Layers are folded in slices of
+:data:`FOLD_ELEMENTS` so the scratch buffer stays in cache; the result is the same, bit
+for bit, as folding whole layers.
+
+``accumulator="model"`` halves the accumulator of float32 layers (other layers keep the
+float64 one): it holds the running weighted mean of each update's difference from the
+global model, in float32, updated in float64 and rounded once per update; the mean is
+global model + that, rounded once. Each update adds at most half a float32 ulp of the
+running mean to the error, and an update's error shrinks as later weight arrives, so
+with ``n`` updates whose largest difference from the global model is ``D`` the result
+differs from the exact weighted mean by at most its final rounding (half an ulp, as with
+the float64 accumulator) plus ``n * 2**-24 * D``. Identical updates give the global
+model back exactly, and updates that are small next to the model lose nearly nothing;
+large updates whose mean nearly cancels lose the most, relative to that mean.
 
 Dtype rules for replies, checked against the current global model:
 
@@ -19,16 +34,22 @@ folded, so the aggregate never holds part of a bad update.
 
 from __future__ import annotations
 
+import math
+import mmap
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from fedhive.common.errors import InvalidUpdate
 from fedhive.common.records import NDArray, NDArrays
 
-__all__ = ["WeightedMean", "check_update", "is_finite"]
+__all__ = ["ACCUMULATORS", "FOLD_ELEMENTS", "WeightedMean", "check_update", "is_finite"]
 
 _NUMERIC_KINDS = frozenset("biuf")
+FOLD_ELEMENTS = 1 << 15
+ACCUMULATORS = ("float64", "model")
+_OWN_PAGES_BYTES = 1 << 20
 
 
 def is_finite(array: NDArray) -> bool:
@@ -70,17 +91,102 @@ def check_update(
             raise refuse(f"array {i} contains NaN or Inf")
 
 
+def _fresh(shape: tuple[int, ...], dtype: np.dtype[Any]) -> NDArray:
+    """A new array of zeros; a large one gets a memory mapping of its own.
+
+    An accumulator or a mean of a round is freed a round later; had it come from the
+    allocator's heap, that memory would often stay with the process (a later, smaller
+    allocation keeps the heap from shrinking). Its own mapping goes back to the system.
+    """
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < _OWN_PAGES_BYTES:
+        return np.zeros(shape, dtype)
+    return np.frombuffer(_mapping(nbytes), dtype=dtype).reshape(shape)
+
+
+def _mapping(nbytes: int) -> mmap.mmap:
+    """Anonymous memory, its pages made present at once where the system can.
+
+    Populating the whole mapping in one call costs about half of faulting its pages in
+    one by one as they are first written.
+    """
+    populate = getattr(mmap, "MAP_POPULATE", 0)
+    if populate and hasattr(mmap, "MAP_ANONYMOUS"):
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate
+        return mmap.mmap(-1, nbytes, flags=flags)
+    return mmap.mmap(-1, nbytes)
+
+
+def _fold(acc: NDArray, values: NDArray, weight: float, scratch: NDArray) -> None:
+    """``acc += weight * values`` in float64, one cache-sized slice at a time."""
+    for start in range(0, values.size, FOLD_ELEMENTS):
+        stop = min(start + FOLD_ELEMENTS, values.size)
+        product = scratch[: stop - start]
+        np.multiply(values[start:stop], weight, out=product, dtype=np.float64)
+        np.add(acc[start:stop], product, out=acc[start:stop])
+
+
+def _fold_difference(
+    mean: NDArray, values: NDArray, model: NDArray, share: float, scratch: NDArray
+) -> None:
+    """``mean = (1 - share) * mean + share * (values - model)`` in float64, rounded once."""
+    diff, kept = scratch[0], scratch[1]
+    for start in range(0, values.size, FOLD_ELEMENTS):
+        stop = min(start + FOLD_ELEMENTS, values.size)
+        d, k = diff[: stop - start], kept[: stop - start]
+        np.subtract(values[start:stop], model[start:stop], out=d, dtype=np.float64)
+        np.multiply(d, share, out=d)
+        np.multiply(mean[start:stop], 1.0 - share, out=k, dtype=np.float64)
+        np.add(k, d, out=mean[start:stop], casting="same_kind")
+
+
+def _add_model(mean: NDArray, model: NDArray) -> NDArray:
+    """``model + mean`` in float64, rounded once, written over ``mean``."""
+    flat_mean, flat_model = mean.reshape(-1), model.reshape(-1)
+    for start in range(0, mean.size, FOLD_ELEMENTS):
+        part = slice(start, start + FOLD_ELEMENTS)
+        np.add(
+            flat_model[part],
+            flat_mean[part],
+            out=flat_mean[part],
+            dtype=np.float64,
+            casting="same_kind",
+        )
+    return mean
+
+
+def _mean(acc: NDArray, total: float, dtype: np.dtype[Any]) -> NDArray:
+    """``acc / total`` rounded once to ``dtype``; divides in place when it is float64."""
+    if dtype == np.float64:
+        return np.divide(acc, total, out=acc)
+    out = _fresh(acc.shape, dtype)
+    flat_out, flat_acc = out.reshape(-1), acc.reshape(-1)
+    for start in range(0, acc.size, FOLD_ELEMENTS):
+        stop = start + FOLD_ELEMENTS
+        np.divide(flat_acc[start:stop], total, out=flat_out[start:stop], casting="same_kind")
+    return out
+
+
 class WeightedMean:
     """Running weighted mean of lists of arrays, one list at a time.
 
-    ``reference`` gives the layout (count, shapes, dtypes) that every update must match.
+    ``reference`` is the global model: it gives the layout (count, shapes, dtypes) that
+    every update must match and, with ``accumulator="model"``, the values the float32
+    layers' differences are taken from (see the module doc).
     """
 
-    def __init__(self, reference: Sequence[NDArray]) -> None:
+    def __init__(self, reference: Sequence[NDArray], *, accumulator: str = "float64") -> None:
+        if accumulator not in ACCUMULATORS:
+            raise ValueError(f"accumulator must be one of {ACCUMULATORS}, got {accumulator!r}")
         self.reference = list(reference)
-        self._acc = [np.zeros(r.shape, dtype=np.float64) for r in self.reference]
+        self.accumulator = accumulator
+        self._compact = [accumulator == "model" and r.dtype == np.float32 for r in reference]
+        self._acc = [
+            _fresh(r.shape, r.dtype if compact else np.dtype(np.float64))
+            for r, compact in zip(self.reference, self._compact, strict=True)
+        ]
         largest = max((r.size for r in self.reference), default=0)
-        self._scratch = np.empty(largest, dtype=np.float64)
+        self._scratch = np.empty((2, min(largest, FOLD_ELEMENTS)), dtype=np.float64)
         self.total_weight = 0.0
         self.count = 0
 
@@ -94,27 +200,47 @@ class WeightedMean:
         check: bool = True,
     ) -> None:
         """Validate (unless the caller already did: ``check=False``), then fold."""
+        if len(self._acc) != len(self.reference):
+            raise RuntimeError("WeightedMean.add after result()")
         if check:
             check_update(arrays, self.reference, client_id=client_id, server_round=server_round)
+        elif [np.shape(a) for a in arrays] != [r.shape for r in self.reference]:
+            raise InvalidUpdate(client_id, server_round, "fit", "arrays do not match the model")
         if not np.isfinite(weight) or weight < 0:
             raise InvalidUpdate(client_id, server_round, "fit", f"invalid weight {weight!r}")
-        for acc, arr in zip(self._acc, arrays, strict=True):
-            scratch = self._scratch[: arr.size].reshape(arr.shape)
-            np.multiply(arr, weight, out=scratch, dtype=np.float64)
-            np.add(acc, scratch, out=acc)
-        self.total_weight += weight
+        total = self.total_weight + weight
+        for acc, arr, ref, compact in zip(
+            self._acc, arrays, self.reference, self._compact, strict=True
+        ):
+            values = np.asarray(arr).reshape(-1)
+            if not compact:
+                _fold(acc.reshape(-1), values, weight, self._scratch[0])
+            elif weight > 0:
+                _fold_difference(
+                    acc.reshape(-1), values, ref.reshape(-1), weight / total, self._scratch
+                )
+        self.total_weight = total
         self.count += 1
 
     def result(self) -> NDArrays | None:
         """The weighted mean, in the model's dtypes; ``None`` when the total weight is 0.
 
-        Ends the aggregation: the accumulator is divided in place.
+        Ends the aggregation: each layer's accumulator is turned into its mean in place
+        where the dtypes allow (float64, and float32 with ``accumulator="model"``), else
+        into a new array before it is dropped, so the mean never coexists with the whole
+        accumulator.
         """
         if self.total_weight <= 0:
             return None
+        if len(self._acc) != len(self.reference):
+            raise RuntimeError("WeightedMean.result() was already called")
         out = []
-        for acc, ref in zip(self._acc, self.reference, strict=True):
-            np.divide(acc, self.total_weight, out=acc)
-            out.append(acc.astype(ref.dtype) if ref.dtype.kind == "f" else acc)
-        self._acc = []
+        for ref, compact in zip(self.reference, self._compact, strict=True):
+            acc = self._acc.pop(0)
+            if compact:
+                out.append(_add_model(acc, ref))
+            else:
+                dtype = ref.dtype if ref.dtype.kind == "f" else acc.dtype
+                out.append(_mean(acc, self.total_weight, dtype))
+            del acc
         return out
