@@ -122,7 +122,7 @@ def cast_like(arrays: Sequence[NDArray], reference: Sequence[NDArray]) -> NDArra
 class MeanRule:
     """Weighted mean of the models, weights ``num_examples`` (FedAvg's rule).
 
-    Memory: O(model), a float64 accumulator plus one scratch layer.
+    Memory: O(model): the accumulator of :class:`WeightedMean` plus a small scratch buffer.
     """
 
     def __repr__(self) -> str:
