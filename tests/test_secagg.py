@@ -629,3 +629,17 @@ def test_metrics_aggregation_sees_every_survivor():
     hist, _ = run(5, workflow, strategy=strategy, mods=[dropout_mod({MessageType.FIT: {"4"}})])
     assert seen == [[0, 1, 2, 3]]
     assert hist.rounds[-1]["fit"]["metrics"] == {"clients": 4}
+
+
+def test_a_round_too_small_for_the_threshold_keeps_the_model_and_says_why():
+    workflow = SecAggPlusWorkflow(threshold=5, bits=12, clip=0.05)
+    hist, capture = run(4, workflow, rounds=2)
+    for record in hist.rounds[1:]:
+        assert not record["fit"]["updated"]
+        assert "threshold=5 exceeds the 3 neighbours" in record["fit"]["note"]
+    assert all(np.all(a == 0) for a in capture.models[2])
+    one = SecAggPlusWorkflow(bits=12, clip=0.05)
+    init = fl.common.ndarrays_to_parameters([np.zeros(s, np.float32) for s in SHAPES])
+    alone = FedAvg(min_fit_clients=1, min_available_clients=1, initial_parameters=init)
+    hist, _ = run(1, one, strategy=alone)
+    assert "at least 2 clients" in hist.rounds[-1]["fit"]["note"]

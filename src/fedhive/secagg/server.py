@@ -196,14 +196,18 @@ class _SecureRound:
         self.survivors: list[_Peer] = []
         n = len(instructions)
         self.stats: dict[str, Any] = {"clients": n}
-        if n < 2:
-            raise_config = "secure aggregation needs at least 2 clients in a round"
-            self.degree, self.threshold = 0, 1
-            self.peers: dict[int, _Peer] = {}
-            self._too_few = raise_config
+        self.peers: dict[int, _Peer] = {}
+        self.seconds: dict[str, float] = {}
+        self.degree, self.threshold = 0, 1
+        # Round sizes are known only now; a size the config cannot serve ends the round.
+        self._unusable = "secure aggregation needs at least 2 clients in a round" if n < 2 else ""
+        if not self._unusable:
+            try:
+                self.degree, self.threshold = config.plan(n)
+            except ConfigError as exc:
+                self._unusable = str(exc)
+        if self._unusable:
             return
-        self._too_few = ""
-        self.degree, self.threshold = config.plan(n)
         rng = random.Random(derive_seed(driver.engine.seed, self.rnd, "", "secagg-graph"))
         graph = neighbour_graph(list(range(1, n + 1)), self.degree, rng)
         self.peers = {
@@ -214,7 +218,6 @@ class _SecureRound:
         self.stats["ring_bits"], self.stats["bits"] = config.ring, config.bits
         self.reference = parameters_to_ndarrays(driver.engine.parameters)
         self.length = sum(int(r.size) for r in self.reference) + 1
-        self.seconds: dict[str, float] = {}
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -249,8 +252,8 @@ class _SecureRound:
     # -- the stages -----------------------------------------------------------------------
 
     def run(self) -> NDArrays:
-        if self._too_few:
-            raise RoundAborted(self._too_few)
+        if self._unusable:
+            raise RoundAborted(self._unusable)
         try:
             u1 = self._need(self._advertise(), STAGE_ADVERTISE)
             u2 = self._need(self._share_keys(u1), STAGE_SHARE)
