@@ -768,8 +768,9 @@ def main(argv: list[str] | None = None) -> int:
         report(complete_table(complete, target_n))
     worst = max(r.secure.error for r in grid + complete)
     report(
-        f"\nmodel check: every run matched the exact FedAvg mean; SecAgg+ max abs error "
-        f"{worst:.2e} (one quantization step = {STEP:.2e})"
+        f"\nmodel check: every run's final model matched the exact FedAvg result; SecAgg+ "
+        f"max abs error {worst:.2e} after all its rounds (bound: one quantization step, "
+        f"{STEP:.2e}, per round)"
     )
     report.finish(sys.argv[1:] if argv is None else argv)
     return 0
