@@ -41,5 +41,5 @@ def test_secagg_benchmark_quick_run() -> None:
     assert len(targets) == 4, out
     assert all(line.rstrip().endswith(("PASS", "ABOVE TARGET")) for line in targets), out
     assert any(line.startswith("n=6 P=1k complete no drop") for line in lines), out
-    assert "model check: every run matched the exact FedAvg mean" in out
+    assert "model check: every run's final model matched the exact FedAvg result" in out
     assert "Reproduce: .venv/bin/python benchmarks/secagg.py --quick" in out
