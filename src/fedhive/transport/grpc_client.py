@@ -116,14 +116,20 @@ class ClientSession:
         self.protocol_version = protocol_version
         self._outbox: queue.SimpleQueue[Iterable[Frame | bytes] | None] = queue.SimpleQueue()
         self._stop = threading.Event()
+        self._requests_started = threading.Event()
+        self._requests_done = threading.Event()
         self._buffers = BufferPool(max_free=1)
 
     def _requests(self) -> Iterator[Frame | bytes]:
-        while True:
-            frames = self._outbox.get()
-            if frames is None:
-                return
-            yield from frames
+        self._requests_started.set()
+        try:
+            while True:
+                frames = self._outbox.get()
+                if frames is None:
+                    return
+                yield from frames
+        finally:
+            self._requests_done.set()
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.heartbeat_interval):
@@ -157,6 +163,18 @@ class ClientSession:
             self._stop.set()
             self._outbox.put(None)
             channel.close()
+            self._quiesce(beat)
+
+    def _quiesce(self, beat: threading.Thread) -> None:
+        """Wait (briefly) for this session's threads to leave gRPC and our generators.
+
+        A thread still inside gRPC while the interpreter shuts down can abort the
+        process ("terminate called without an active exception") after a finished run.
+        """
+        if beat.is_alive():
+            beat.join(timeout=2.0)
+        if self._requests_started.is_set():
+            self._requests_done.wait(timeout=2.0)
 
     def _welcome(self, responses: Any) -> None:
         first = next(responses)
