@@ -110,6 +110,7 @@ class _Connection:
     pending: dict[str, _Pending] = field(default_factory=dict)
     last_seen: float = 0.0
     waiting: bool = False  # held back by the staging cap, not silent
+    closed: asyncio.Event = field(default_factory=asyncio.Event)  # its stream has ended
 
 
 class _Staging:
@@ -284,9 +285,17 @@ class GrpcServer(Transport):
     async def _shutdown(self, reason: str) -> None:
         if self._watchdog is not None:
             self._watchdog.cancel()
-        for conn in list(self._connections.values()):
+        connections = list(self._connections.values())
+        for conn in connections:
             await conn.outbox.put([Frame(kind=Frame.BYE, text=reason)])
             await conn.outbox.put(None)
+        # Let every stream write its BYE before the server stops: a client that misses it
+        # would take the closed connection for a restart and keep reconnecting.
+        waits = [asyncio.ensure_future(conn.closed.wait()) for conn in connections]
+        if waits:
+            await asyncio.wait(waits, timeout=5.0)
+            for wait in waits:
+                wait.cancel()
         if self._server is not None:
             await self._server.stop(grace=1.0)
         current = asyncio.current_task()
@@ -519,6 +528,7 @@ class _Servicer:
         finally:
             reader.cancel()
             server._drop(conn, "the client disconnected")
+            conn.closed.set()
 
     async def _read(self, conn: _Connection, context: aio.ServicerContext) -> None:
         server = self.server
