@@ -95,6 +95,13 @@ def _int(params: Mapping[str, Scalar], key: str) -> int:
     return value
 
 
+def _float(params: Mapping[str, Scalar], key: str) -> float:
+    value = params.get(key)
+    if isinstance(value, bool) or not isinstance(value, float):
+        raise ProtocolError(f"secure aggregation parameter {key!r} missing or not a float")
+    return value
+
+
 def _bytes(params: Mapping[str, Scalar], key: str, size: int | None = None) -> bytes:
     value = params.get(key)
     if not isinstance(value, bytes) or (size is not None and len(value) != size):
@@ -280,8 +287,8 @@ class SecAggPlusMod:
         start = time.perf_counter()
         c_sk = _bytes(state, "c_sk")
         out: dict[str, Scalar] = {}
-        for sid_text, packed in peers.items():
-            assert isinstance(packed, bytes)
+        for sid_text in list(peers):
+            packed = _bytes(peers, sid_text)
             sid = int(sid_text)
             key = share_key(c_sk, packed[:32], meta.run_id, meta.server_round)
             peers[sid_text] = key + packed[32:]  # keep the derived key for unmasking
@@ -329,8 +336,7 @@ class SecAggPlusMod:
         vector += masks.expand(_bytes(state, "seed"))
         s_sk, me = _bytes(state, "s_sk"), _int(state, "sid")
         for sid_text in sorted(inbox, key=int):
-            packed = peers[sid_text]
-            assert isinstance(packed, bytes)
+            packed = _bytes(peers, sid_text)
             mask = masks.expand(pair_seed(s_sk, packed[32:64], meta.run_id, meta.server_round))
             if me < int(sid_text):
                 vector += mask
@@ -368,9 +374,7 @@ class SecAggPlusMod:
                     f"num_examples={weight} is above secure_aggregation.max_weight="
                     f"{_int(state, 'max_weight')}; raise max_weight (and the ring) on the server"
                 )
-        clip = state["clip"]
-        assert isinstance(clip, float)
-        q = p.quantize(delta, clip, _int(state, "bits"), np.random.default_rng())
+        q = p.quantize(delta, _float(state, "clip"), _int(state, "bits"), np.random.default_rng())
         dtype = p.ring_dtype(_int(state, "ring_bits"))
         vector = np.empty(size + 1, dtype)
         np.multiply(q, weight, out=vector[:size], casting="unsafe")
@@ -456,13 +460,12 @@ class SecAggPlusMod:
         seed_shares: dict[str, Scalar] = {}
         key_shares: dict[str, Scalar] = {}
         start = time.perf_counter()
-        for sid_text, blob in inbox.items():
+        for sid_text in inbox:
             sid = int(sid_text)
             if sid not in alive and sid not in dropped:
                 continue
-            packed = peers[sid_text]
-            assert isinstance(packed, bytes) and isinstance(blob, bytes)
-            key = packed[:32]  # derived when sharing keys
+            key = _bytes(peers, sid_text)[:32]  # derived when sharing keys
+            blob = _bytes(inbox, sid_text)
             plain = p.decrypt_share(
                 key, blob, share_associated(meta.run_id, meta.server_round, sid, me)
             )

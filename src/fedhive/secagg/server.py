@@ -108,6 +108,7 @@ class _Peer:
     advert: dict[str, Scalar] = field(default_factory=dict)
     shares_out: dict[str, Scalar] = field(default_factory=dict)
     metrics: dict[str, Scalar] = field(default_factory=dict)
+    s_pk: bytes = b""  # its mask public key, once its advertisement checked out
     signature: bytes = b""
     revealed: dict[str, dict[str, Scalar]] = field(default_factory=dict)
 
@@ -299,28 +300,28 @@ class _SecureRound:
         }
         alive = []
         for peer, content in self._exchange(STAGE_ADVERTISE, contents):
-            advert = content.config_records.get(PARAMS) if isinstance(content, RecordDict) else None
-            if not self._valid_advert(peer, advert):
+            advert = _record(content, PARAMS)
+            s_pk = None if advert is None else self._mask_key(peer, advert)
+            if advert is None or s_pk is None:
                 self._fail(peer, STAGE_ADVERTISE, "malformed or unsigned key advertisement")
                 continue
-            assert advert is not None
-            peer.advert = dict(advert)
+            peer.advert, peer.s_pk = dict(advert), s_pk
             alive.append(peer)
         return alive
 
-    def _valid_advert(self, peer: _Peer, advert: Mapping[str, Scalar] | None) -> bool:
-        if advert is None:
-            return False
-        keys = [advert.get(k) for k in ("c_pk", "s_pk", "id_pk")]
-        sig = advert.get("sig")
-        if not all(isinstance(k, bytes) and len(k) == 32 for k in keys) or not isinstance(
-            sig, bytes
+    def _mask_key(self, peer: _Peer, advert: Mapping[str, Scalar]) -> bytes | None:
+        """The mask public key of a well-formed advertisement signed by its identity key."""
+        c_pk, s_pk, id_pk, sig = (advert.get(k) for k in ("c_pk", "s_pk", "id_pk", "sig"))
+        if not (
+            isinstance(c_pk, bytes)
+            and isinstance(s_pk, bytes)
+            and isinstance(id_pk, bytes)
+            and isinstance(sig, bytes)
+            and len(c_pk) == len(s_pk) == len(id_pk) == 32
         ):
-            return False
-        c_pk, s_pk, id_pk = keys
-        assert isinstance(c_pk, bytes) and isinstance(s_pk, bytes) and isinstance(id_pk, bytes)
+            return None
         signed = advert_bytes(self.run_id, self.rnd, peer.sid, peer.cid, c_pk, s_pk)
-        return p.verify(id_pk, sig, signed)
+        return s_pk if p.verify(id_pk, sig, signed) else None
 
     def _share_keys(self, u1: list[_Peer]) -> list[_Peer]:
         alive = {peer.sid for peer in u1}
@@ -340,9 +341,7 @@ class _SecureRound:
             contents[peer.sid] = RecordDict(config_records=records)
         out = []
         for peer, content in self._exchange(STAGE_SHARE, contents):
-            shares = (
-                content.config_records.get("shares") if isinstance(content, RecordDict) else None
-            )
+            shares = _record(content, "shares")
             expected = {str(j) for j in peer.neighbours if j in alive}
             if (
                 not isinstance(shares, dict)
@@ -406,7 +405,7 @@ class _SecureRound:
         }
         out = []
         for peer, content in self._exchange(STAGE_CONSISTENCY, contents):
-            record = content.config_records.get(PARAMS) if isinstance(content, RecordDict) else None
+            record = _record(content, PARAMS)
             sig = record.get("sig") if record else None
             if not isinstance(sig, bytes):
                 self._fail(peer, STAGE_CONSISTENCY, "no consistency signature")
@@ -474,8 +473,7 @@ class _SecureRound:
             self._timed("mask_expansion", start)
         for dead in (peer for peer in u2 if peer.sid not in alive3):
             secret = self._collect(dead, holders, "key_shares")
-            s_pk = dead.advert["s_pk"]
-            if p.KeyPair.from_secret(secret).public != s_pk:
+            if p.KeyPair.from_secret(secret).public != dead.s_pk:
                 raise RoundAborted(
                     f"the mask key rebuilt for dropped client {dead.cid!r} does not match the "
                     "key it advertised (a neighbour revealed a bad share)"
@@ -483,10 +481,8 @@ class _SecureRound:
             for j in dead.neighbours:
                 if j not in alive3:
                     continue
-                other = self.peers[j].advert["s_pk"]
-                assert isinstance(other, bytes)
                 start = time.perf_counter()
-                mask = masks.expand(pair_seed(secret, other, self.run_id, self.rnd))
+                mask = masks.expand(pair_seed(secret, self.peers[j].s_pk, self.run_id, self.rnd))
                 # j added +mask if j < dead, else -mask: take j's contribution back out
                 if j < dead.sid:
                     total -= mask

@@ -239,7 +239,7 @@ class BulyanRule:
         chosen: list[int] = []
         while len(chosen) < theta:
             if self.first_rule is not None:
-                pick = self._first_rule_pick(cids, updates, remaining)
+                pick = self._first_rule_pick(self.first_rule, cids, updates, remaining)
                 remaining.remove(pick)
                 chosen.append(pick)
                 continue
@@ -253,12 +253,15 @@ class BulyanRule:
         return sorted(chosen)
 
     def _first_rule_pick(
-        self, cids: list[str], updates: list[NDArrays], remaining: list[int]
+        self,
+        rule: Callable[..., NDArrays],
+        cids: list[str],
+        updates: list[NDArrays],
+        remaining: list[int],
     ) -> int:
         """The remaining model nearest to what the user's first rule returns."""
-        assert self.first_rule is not None
         results = [(updates[i], 1) for i in remaining]
-        target = self.first_rule(results, num_malicious_clients=self.f, **self.rule_kwargs)
+        target = rule(results, num_malicious_clients=self.f, **self.rule_kwargs)
         return min(remaining, key=lambda i: (_sq_distance(updates[i], target), cids[i]))
 
 
