@@ -40,8 +40,6 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, replace
 from typing import Any
 
-import numpy as np
-
 from fedhive.common.errors import (
     ConfigError,
     InvalidUpdate,
@@ -54,17 +52,12 @@ from fedhive.common.records import (
     EvaluateRes,
     FitIns,
     FitRes,
-    NDArray,
-    NDArrays,
     Parameters,
     RecordDict,
     Scalar,
-    Status,
-    ndarrays_to_parameters,
-    parameters_to_ndarrays,
 )
 from fedhive.privacy.accounting import Accounting, PrivacyAccountant, Release
-from fedhive.privacy.clipping import clip_update, l2_norm, model_update, next_clipping_norm
+from fedhive.privacy.clipping import next_clipping_norm
 from fedhive.privacy.noise import NoiseSource, SecureGaussian, SeededGaussian
 from fedhive.privacy.sampling import CohortManager, poisson_cohort
 from fedhive.server.client_manager import ClientManager, ClientProxy
@@ -361,7 +354,9 @@ class _DpStrategy(Strategy, ABC):
     # -- aggregation ------------------------------------------------------------------------
 
     def fit_aggregator(self, server_round: int, parameters: Parameters) -> Aggregator:
-        return _DpAggregator(self, server_round, parameters)
+        from fedhive.privacy.aggregator import DpAggregator
+
+        return DpAggregator(self, server_round, parameters)
 
     def aggregate_fit(
         self,
@@ -461,145 +456,6 @@ class _DpStrategy(Strategy, ABC):
                 raise ConfigError(f"the saved clip norm must be a positive number, got {norm!r}")
             self.clipping_norm = float(norm)
         self.strategy.load_state_dict(inner)
-
-
-def _released_dtype(reference: NDArray) -> np.dtype[Any]:
-    return reference.dtype if reference.dtype.kind == "f" else np.dtype(np.float64)
-
-
-class _DpAggregator:
-    """Clips (or checks) each update, folds it into a float64 sum; noise at the end."""
-
-    def __init__(self, strategy: _DpStrategy, server_round: int, parameters: Parameters) -> None:
-        self.strategy = strategy
-        self.server_round = server_round
-        self.parameters = parameters
-        self.reference = parameters_to_ndarrays(parameters)
-        self.clipping_norm = strategy.clipping_norm
-        self.sum = [np.zeros(r.shape, np.float64) for r in self.reference]
-        self.count = 0
-        self.unclipped = 0
-        self.clients: list[tuple[str, int, dict[str, Scalar]]] = []
-        self.failures: list[Any] = []
-
-    def _refuse(self, client: ClientProxy, reason: str) -> InvalidUpdate:
-        return InvalidUpdate(client.cid, self.server_round, "fit", reason)
-
-    def _client_clipped(self, client: ClientProxy, res: FitRes, update: NDArrays) -> bool:
-        """Check a client-clipped update; return its norm bit."""
-        new = parameters_to_ndarrays(res.parameters)
-        slack = self.clipping_norm * 1e-9 + sum(
-            float(np.finfo(a.dtype).eps) * l2_norm([a]) for a in new if a.dtype.kind == "f"
-        )
-        norm = l2_norm(update)
-        if norm > self.clipping_norm + slack:
-            raise self._refuse(
-                client,
-                f"update norm {norm:.6g} exceeds the clip norm {self.clipping_norm:.6g}: the "
-                "client did not clip (add fixedclipping_mod or adaptiveclipping_mod to its "
-                "ClientApp)",
-            )
-        if self.strategy.adaptive is None:
-            return True
-        bit = res.metrics.get(NORM_BIT_KEY)
-        if isinstance(bit, bool) or bit not in (0, 1):
-            raise self._refuse(
-                client,
-                f"metrics[{NORM_BIT_KEY!r}] must be 0 or 1, got {bit!r}: adaptive client-side "
-                "clipping needs adaptiveclipping_mod on every client",
-            )
-        return bool(bit)
-
-    def add(self, client: ClientProxy, result: FitRes) -> None:
-        if not isinstance(result, FitRes):
-            raise self._refuse(client, "reply is not a FitRes")
-        update = model_update(parameters_to_ndarrays(result.parameters), self.reference)
-        if self.strategy.clip_on_client:
-            unclipped = self._client_clipped(client, result, update)
-            clip_update(update, self.clipping_norm)  # rounding only; the check passed
-        else:
-            _, norm = clip_update(update, self.clipping_norm)
-            unclipped = norm <= self.clipping_norm
-        for acc, arr in zip(self.sum, update, strict=True):
-            acc += arr
-        self.count += 1
-        self.unclipped += int(unclipped)
-        metrics = {k: v for k, v in result.metrics.items() if k != NORM_BIT_KEY}
-        self.clients.append((client.cid, result.num_examples, metrics))
-
-    def add_secure_mean(self, mean: NDArrays, clients: list[tuple[str, dict[str, Scalar]]]) -> None:
-        """Fold the mean of ``len(clients)`` clipped updates that secure aggregation
-        revealed (weight 1 each), instead of each update.
-
-        The server cannot check each client's norm here; the clients' clipping mods
-        (inside the secure aggregation mod) clip before masking. With adaptive clipping
-        each client still reports its norm bit in the clear, as without secure
-        aggregation.
-        """
-        if not self.strategy.clip_on_client:
-            raise ConfigError("secure aggregation needs client-side clipping")
-        update = model_update(mean, self.reference)
-        for acc, arr in zip(self.sum, update, strict=True):
-            acc += arr * len(clients)
-        self.count += len(clients)
-        for cid, metrics in clients:
-            bit = metrics.get(NORM_BIT_KEY)
-            if self.strategy.adaptive is not None and (isinstance(bit, bool) or bit not in (0, 1)):
-                raise InvalidUpdate(
-                    cid, self.server_round, "fit", f"metrics[{NORM_BIT_KEY!r}] must be 0 or 1"
-                )
-            self.unclipped += int(bit == 1)
-            rest = {k: v for k, v in metrics.items() if k != NORM_BIT_KEY}
-            self.clients.append((cid, 1, rest))
-
-    def add_failure(self, failure: BaseException) -> None:
-        self.failures.append(failure)
-
-    def finalize(self) -> tuple[Parameters | None, dict[str, Scalar]]:
-        strategy = self.strategy
-        if self.count == 0:
-            return None, {}
-        m = strategy.num_sampled_clients
-        z_update, count_stddev = strategy.noise_split()
-        stddev = z_update * self.clipping_norm / m
-        noise = strategy.noise_source(self.server_round)
-        released = []
-        for acc, ref in zip(self.sum, self.reference, strict=True):
-            acc /= m
-            if stddev > 0:
-                acc += stddev * noise.standard_normal(acc.shape)
-            acc += ref
-            released.append(acc.astype(_released_dtype(ref)))
-        metrics = strategy.privacy_metrics()
-        metrics["dp_clipping_norm"] = self.clipping_norm
-        metrics["dp_noise_stddev"] = stddev
-        if strategy.adaptive is not None:
-            centred = self.unclipped - self.count / 2.0
-            if count_stddev > 0:
-                centred += count_stddev * float(noise.standard_normal((1,))[0])
-            unclipped_fraction = centred / m + 0.5
-            strategy._adapt(unclipped_fraction)
-            metrics["dp_unclipped_fraction"] = unclipped_fraction
-            metrics["dp_next_clipping_norm"] = strategy.clipping_norm
-        params, inner_metrics = self._inner_step(released)
-        return params, {**inner_metrics, **metrics}
-
-    def _inner_step(self, released: NDArrays) -> tuple[Parameters | None, dict[str, Scalar]]:
-        """Hand the noisy mean to the inner strategy (post-processing).
-
-        Every client's result reaches the inner aggregator with its own ``num_examples``
-        and metrics but with the noisy mean as parameters (one shared array list, no
-        copies), so a mean-based inner strategy gets the noisy mean back and its metrics
-        aggregation sees the real clients.
-        """
-        noisy_mean = ndarrays_to_parameters(released)
-        aggregator = self.strategy.strategy.fit_aggregator(self.server_round, self.parameters)
-        for failure in self.failures:
-            aggregator.add_failure(failure)
-        for cid, num_examples, metrics in self.clients:
-            aggregator.add(ClientProxy(cid), FitRes(Status(), noisy_mean, num_examples, metrics))
-        params, metrics = aggregator.finalize()
-        return params, dict(metrics)
 
 
 def _checked_common(noise_multiplier: float, num_sampled_clients: int) -> tuple[float, int]:
