@@ -92,7 +92,11 @@ def start_client(
 
     security = _security(insecure, root_certificates, certificate_chain, private_key, auth_token)
     node = node_id or uuid.uuid4().hex
-    app = ClientApp(client_fn if client_fn is not None else _constant(client), _with_secagg(mods))
+    from fedhive.secagg.client import with_secagg_mod
+
+    app = ClientApp(
+        client_fn if client_fn is not None else _constant(client), with_secagg_mod(mods)
+    )
     context = Context(node_id=node)
 
     def handle(task: Message) -> Message:
@@ -123,14 +127,6 @@ def start_client(
         log.info("run ended: %s", end.reason)
         if not persistent:
             return
-
-
-def _with_secagg(mods: Sequence[Mod]) -> list[Mod]:
-    from fedhive.secagg.client import SecAggPlusMod, secaggplus_mod
-
-    if any(isinstance(mod, SecAggPlusMod) for mod in mods):
-        return list(mods)
-    return [secaggplus_mod, *mods]
 
 
 def start_numpy_client(

@@ -29,11 +29,12 @@ from __future__ import annotations
 import math
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from fedhive.client.app import Mod
 from fedhive.client.context import Context
 from fedhive.common.errors import ProtocolError
 from fedhive.common.message import Message, MessageType
@@ -48,7 +49,7 @@ from fedhive.common.records import (
 )
 from fedhive.secagg import primitives as p
 
-__all__ = ["SecAggPlusMod", "secaggplus_mod"]
+__all__ = ["SecAggPlusMod", "secaggplus_mod", "with_secagg_mod"]
 
 STAGE_ADVERTISE = "secagg.advertise"
 STAGE_SHARE = "secagg.share_keys"
@@ -504,3 +505,10 @@ def _survivors(message: Message, name: str) -> np.ndarray:
 
 #: The default instance: peers' identity keys are trusted as relayed.
 secaggplus_mod = SecAggPlusMod()
+
+
+def with_secagg_mod(mods: Sequence[Mod]) -> list[Mod]:
+    """``mods`` with :data:`secaggplus_mod` first, unless they hold a SecAgg+ mod already."""
+    if any(isinstance(mod, SecAggPlusMod) for mod in mods):
+        return list(mods)
+    return [secaggplus_mod, *mods]

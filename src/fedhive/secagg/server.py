@@ -541,11 +541,16 @@ def _record(content: Any, name: str) -> dict[str, Scalar] | None:
     return content.config_records.get(name) if isinstance(content, RecordDict) else None
 
 
-def as_workflow(value: Any, strategy: Strategy | None = None) -> SecAggPlusWorkflow:
+def as_workflow(
+    value: Any, strategy: Strategy | None = None, fit_workflow: object = None
+) -> SecAggPlusWorkflow:
     """The workflow for ``secure_aggregation=``: a workflow, a config or a dict of options.
 
     With ``strategy`` given, its compatibility is checked now, before anything starts.
+    ``fit_workflow`` is the caller's other workflow argument: both at once is an error.
     """
+    if fit_workflow is not None:
+        raise ConfigError("pass secure_aggregation or fit_workflow, not both")
     if isinstance(value, SecAggPlusWorkflow):
         workflow = value
     elif isinstance(value, SecAggConfig):

@@ -80,9 +80,7 @@ def start_server(
     if secure_aggregation is not None:
         from fedhive.secagg.server import as_workflow
 
-        if fit_workflow is not None:
-            raise ConfigError("pass secure_aggregation or fit_workflow, not both")
-        fit_workflow = as_workflow(secure_aggregation, strategy or FedAvg())
+        fit_workflow = as_workflow(secure_aggregation, strategy or FedAvg(), fit_workflow)
     manager = client_manager or SimpleClientManager(seed=seed, wait_timeout=wait_timeout)
     no_amplification = getattr(strategy, "assume_no_amplification", None)
     if callable(no_amplification):  # DP wrappers: who shows up is not the server's choice

@@ -170,9 +170,11 @@ def start_simulation(
     if seed is None:
         seed = secrets.randbits(31)
     if secure_aggregation is not None:
-        fit_workflow, mods = _with_secure_aggregation(
-            secure_aggregation, strategy, fit_workflow, mods
-        )
+        from fedhive.secagg.client import with_secagg_mod
+        from fedhive.secagg.server import as_workflow
+
+        fit_workflow = as_workflow(secure_aggregation, strategy or FedAvg(), fit_workflow)
+        mods = with_secagg_mod(mods)
     app = ClientApp(client_fn, mods)
     executor = _executor(backend, workers, app)
     store = StateStore(state_dir, memory_limit_bytes=state_memory_limit)
@@ -212,18 +214,3 @@ def start_simulation(
         store.close()
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
-
-
-def _with_secure_aggregation(
-    value: Any, strategy: Strategy | None, fit_workflow: FitWorkflow | None, mods: Sequence[Mod]
-) -> tuple[FitWorkflow, list[Mod]]:
-    """The SecAgg+ workflow and the mods with the SecAgg+ client mod first."""
-    from fedhive.secagg import SecAggPlusMod, secaggplus_mod
-    from fedhive.secagg.server import as_workflow
-
-    if fit_workflow is not None:
-        raise ConfigError("pass secure_aggregation or fit_workflow, not both")
-    workflow = as_workflow(value, strategy or FedAvg())
-    if any(isinstance(mod, SecAggPlusMod) for mod in mods):
-        return workflow, list(mods)
-    return workflow, [secaggplus_mod, *mods]
