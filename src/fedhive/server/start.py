@@ -40,6 +40,8 @@ def start_server(
     max_staged_uploads: int = 2,
     max_staged_bytes: int | None = 64 << 20,
     upload_window_bytes: int | None = None,
+    spill_bytes: int | None = 64 << 20,
+    spill_dir: str | Path | None = None,
     chunk_bytes: int | None = None,
     on_started: object = None,
     fit_workflow: FitWorkflow | None = None,
@@ -56,11 +58,14 @@ def start_server(
     fedhive adds ``require_client_auth`` (mutual TLS), ``auth_tokens`` (``node_id ->
     token`` of enrolled clients; others are refused before they receive anything),
     ``checkpoint_dir``/``resume`` (a server killed at any moment loses no finished round),
-    ``seed`` and ``callbacks``, and ``max_staged_uploads``/``max_staged_bytes``: client
-    uploads held in memory at once, from their first chunk until they are folded, and
-    (beyond the first) their total size; more wait in flow control. With the defaults a
-    model over 64 MiB is taken in one upload at a time, so the server holds about the
-    global model, the aggregate and one upload. ``upload_window_bytes`` fixes the gRPC
+    ``seed`` and ``callbacks``, and options on where uploads wait until they are folded:
+    an upload of ``spill_bytes`` or more (64 MiB by default; ``None``: never) is written
+    to an anonymous temporary file in ``spill_dir`` as it arrives and read back a part at
+    a time, so the server holds about the global model and the aggregate however many
+    large uploads arrive at once. Smaller uploads are held in memory:
+    ``max_staged_uploads``/``max_staged_bytes`` bound how many at once, from their first
+    chunk until they are folded, and (beyond the first) their total size; more wait in
+    flow control. ``upload_window_bytes`` fixes the gRPC
     flow-control window of each client's stream (default: gRPC's, sized to the link),
     which bounds what a client waiting for a slot can send ahead. Uploads are folded as
     they arrive (deployment does not promise bit-reproducible sums).
@@ -96,6 +101,8 @@ def start_server(
         max_staged_uploads=max_staged_uploads,
         max_staged_bytes=max_staged_bytes,
         upload_window_bytes=upload_window_bytes,
+        spill_bytes=spill_bytes,
+        spill_dir=spill_dir,
         chunk_bytes=chunk_bytes or DEFAULT_CHUNK_BYTES,
     ).start()
     log.info("fedhive server listening on port %s", server.port)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -9,6 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 
 from fedhive.common.errors import SerdeError
+from fedhive.common.spill import SpillFile
 from fedhive.transport.proto.fleet_pb2 import Frame
 from fedhive.transport.wire import WireFrame, message_frame_bytes
 
@@ -95,25 +97,42 @@ class Assembler:
 
     At most ``max_message_bytes`` per message and ``max_open`` messages in progress at
     once (so a peer cannot make the receiver hold more than their product). Message
-    buffers come from ``pool`` when one is given.
+    buffers come from ``pool`` when one is given. A message of ``spill_bytes`` or more
+    is written to a temporary file in ``spill_dir`` as it arrives instead of memory
+    (see :mod:`fedhive.common.spill`); ``None`` keeps every message in memory.
     """
 
     def __init__(
-        self, max_message_bytes: int, max_open: int = 4, pool: BufferPool | None = None
+        self,
+        max_message_bytes: int,
+        max_open: int = 4,
+        pool: BufferPool | None = None,
+        *,
+        spill_bytes: int | None = None,
+        spill_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.max_message_bytes = max_message_bytes
         self.max_open = max_open
         self.pool = pool or BufferPool(max_free=0)
-        self._open: dict[str, tuple[memoryview, int]] = {}
+        self.spill_bytes = spill_bytes
+        self.spill_dir = spill_dir
+        self._open: dict[str, tuple[memoryview | SpillFile, int]] = {}
 
     def is_open(self, message_id: str) -> bool:
         return message_id in self._open
+
+    def spills(self, total_size: int) -> bool:
+        """Whether a message of ``total_size`` bytes is staged on disk."""
+        return self.spill_bytes is not None and 0 < self.spill_bytes <= total_size
 
     @property
     def open_count(self) -> int:
         return len(self._open)
 
     def clear(self) -> None:
+        for sink, _ in self._open.values():
+            if isinstance(sink, SpillFile):
+                sink.close()
         self._open.clear()
 
     def add(self, frame: Frame | WireFrame) -> tuple[str, memoryview] | None:
@@ -121,21 +140,33 @@ class Assembler:
         mid = frame.message_id
         if mid not in self._open:
             self._start(mid, frame.total_size)
-        buffer, filled = self._open[mid]
+        sink, filled = self._open[mid]
+        total = sink.nbytes if isinstance(sink, SpillFile) else len(sink)
         data = frame.data  # read once: each access may copy the bytes
-        if frame.total_size != len(buffer):
+        if frame.total_size != total:
             raise self._fail(mid, "total_size changed between chunks")
-        if frame.offset != filled or filled + len(data) > len(buffer):
+        if frame.offset != filled or filled + len(data) > total:
             raise self._fail(mid, f"chunk at offset {frame.offset} does not follow byte {filled}")
-        buffer[filled : filled + len(data)] = data
+        if isinstance(sink, SpillFile):
+            try:
+                sink.write(data)
+            except OSError as exc:
+                raise self._fail(mid, f"could not stage it on disk: {exc}") from None
+        else:
+            sink[filled : filled + len(data)] = data
         filled += len(data)
-        if frame.last != (filled == len(buffer)):
+        if frame.last != (filled == total):
             raise self._fail(mid, "last flag does not match the declared size")
         if not frame.last:
-            self._open[mid] = (buffer, filled)
+            self._open[mid] = (sink, filled)
             return None
         del self._open[mid]
-        return mid, buffer
+        if not isinstance(sink, SpillFile):
+            return mid, sink
+        try:
+            return mid, sink.finish()
+        except OSError as exc:
+            raise SerdeError(f"message {mid!r}: could not map it from disk: {exc}") from None
 
     def _start(self, mid: str, total: int) -> None:
         if not mid:
@@ -147,6 +178,12 @@ class Assembler:
             )
         if len(self._open) >= self.max_open:
             raise SerdeError(f"more than {self.max_open} messages in progress at once")
+        if self.spills(total):
+            try:
+                self._open[mid] = (SpillFile(total, self.spill_dir), 0)
+            except OSError as exc:
+                raise SerdeError(f"message {mid!r}: cannot stage it on disk: {exc}") from None
+            return
         try:  # uninitialised: every byte is written before the message is complete
             buffer = self.pool.take(total)
         except MemoryError:
@@ -154,5 +191,7 @@ class Assembler:
         self._open[mid] = (memoryview(buffer), 0)  # type: ignore[arg-type]
 
     def _fail(self, mid: str, reason: str) -> SerdeError:
-        self._open.pop(mid, None)
+        sink, _ = self._open.pop(mid, (None, 0))
+        if isinstance(sink, SpillFile):
+            sink.close()
         return SerdeError(f"message {mid!r}: {reason}")

@@ -14,11 +14,15 @@ stops sending heartbeats fails its pending tasks at once, so the round goes on w
 Malformed, oversized or unexpected frames are logged with the node's id and dropped; the
 server keeps serving everyone else.
 
-Memory: an upload holds a staging slot from its first chunk until the engine is done
-with it (it asks for the next reply). At most ``max_staged_uploads`` uploads hold slots
-at once and, beyond the first, only while their sizes add up to at most
-``max_staged_bytes``; further uploads wait in gRPC flow control. So server memory stays
-near global model + aggregate + the staged uploads, plus what each waiting client may
+Memory: an upload of ``spill_bytes`` or more (64 MiB by default) is written to an
+anonymous temporary file in ``spill_dir`` as its chunks arrive, and the engine reads it
+back through a memory mapping, dropping each part once it has been validated or folded
+(:mod:`fedhive.common.spill`); any number of such uploads stream in at once. A smaller
+upload is staged in memory and holds a staging slot from its first chunk until the
+engine is done with it (it asks for the next reply). At most ``max_staged_uploads``
+uploads hold slots at once and, beyond the first, only while their sizes add up to at
+most ``max_staged_bytes``; further uploads wait in gRPC flow control. So server memory
+stays near global model + aggregate + the staged uploads, plus what each client may
 send ahead into its flow-control window. gRPC sizes that window to the link's
 bandwidth x delay (megabytes on a long link, more on loopback); ``upload_window_bytes``
 fixes it instead, which bounds that memory and caps one upload's speed at about the
@@ -31,6 +35,7 @@ import asyncio
 import functools
 import hmac
 import logging
+import os
 import threading
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
@@ -184,6 +189,8 @@ class GrpcServer(Transport):
         max_staged_uploads: int = 2,
         max_staged_bytes: int | None = DEFAULT_STAGED_BYTES,
         upload_window_bytes: int | None = None,
+        spill_bytes: int | None = DEFAULT_STAGED_BYTES,
+        spill_dir: str | os.PathLike[str] | None = None,
     ) -> None:
         self.address = address
         self.client_manager = client_manager or SimpleClientManager(wait_timeout=0.0)
@@ -198,9 +205,15 @@ class GrpcServer(Transport):
             raise TransportError(f"max_staged_bytes must be >= 0, got {max_staged_bytes}")
         if upload_window_bytes is not None and upload_window_bytes < 1:
             raise TransportError(f"upload_window_bytes must be >= 1, got {upload_window_bytes}")
+        if spill_bytes is not None and spill_bytes < 1:
+            raise TransportError(f"spill_bytes must be >= 1 or None, got {spill_bytes}")
+        if spill_dir is not None and not os.path.isdir(spill_dir):
+            raise TransportError(f"spill_dir {os.fspath(spill_dir)!r} is not a directory")
         self.max_staged_uploads = max_staged_uploads
         self.max_staged_bytes = max_staged_bytes
         self.upload_window_bytes = upload_window_bytes
+        self.spill_bytes = spill_bytes
+        self.spill_dir = spill_dir
         self._staging: _Staging | None = None
         self._buffers = BufferPool(max_free=max_staged_uploads, keep=self._uploads_queued)
         self.port: int | None = None
@@ -370,8 +383,9 @@ class GrpcServer(Transport):
             self.client_manager.unregister(conn.node_id)
             log.info("client %s left: %s", conn.node_id, reason)
 
-    def _deliver(self, conn: _Connection, data: memoryview, staged: int) -> None:
-        """Hand a complete upload to the engine; its ``staged`` bytes free when it is done."""
+    def _deliver(self, conn: _Connection, data: memoryview, staged: int | None) -> None:
+        """Hand a complete upload to the engine; its staging slot of ``staged`` bytes (none
+        for an upload staged on disk) frees when the engine is done with it."""
         try:
             reply = decode_wire(data)
         except SerdeError as exc:
@@ -408,11 +422,11 @@ class GrpcServer(Transport):
         staging = self._staging
         return staging is not None and staging.waiting > 0
 
-    def _unstage(self, nbytes: int) -> None:
-        if self._staging is not None:
+    def _unstage(self, nbytes: int | None) -> None:
+        if self._staging is not None and nbytes is not None:
             self._staging.release(nbytes)
 
-    def _unstage_from_engine(self, nbytes: int) -> None:
+    def _unstage_from_engine(self, nbytes: int | None) -> None:
         loop = self._loop
         if loop is not None and loop.is_running():
             loop.call_soon_threadsafe(self._unstage, nbytes)
@@ -461,7 +475,12 @@ class _Uploads:
     def __init__(self, server: GrpcServer, conn: _Connection) -> None:
         self.server = server
         self.conn = conn
-        self.assembler = Assembler(server.max_message_bytes, pool=server._buffers)
+        self.assembler = Assembler(
+            server.max_message_bytes,
+            pool=server._buffers,
+            spill_bytes=server.spill_bytes,
+            spill_dir=server.spill_dir,
+        )
         self.staged: dict[str, int] = {}
 
     async def add(self, frame: WireFrame) -> None:
@@ -471,9 +490,10 @@ class _Uploads:
             if self.assembler.open_count >= len(conn.pending):
                 server._refuse(conn, "upload without a task waiting for it")
                 return
-            if mid and frame.total_size <= server.max_message_bytes:
-                await server._stage(conn, frame.total_size)  # backpressure
-                self.staged[mid] = frame.total_size
+            size = frame.total_size
+            if mid and size <= server.max_message_bytes and not self.assembler.spills(size):
+                await server._stage(conn, size)  # backpressure
+                self.staged[mid] = size
         try:
             done = self.assembler.add(frame)
         except SerdeError as exc:
@@ -482,7 +502,7 @@ class _Uploads:
             server._fail_only_task(conn, f"its reply was refused: {exc}")
             return
         if done is not None:
-            server._deliver(conn, done[1], self.staged.pop(mid))
+            server._deliver(conn, done[1], self.staged.pop(mid, None))
 
     def _abandon(self, mid: str) -> None:
         if not self.assembler.is_open(mid) and mid in self.staged:
