@@ -10,10 +10,11 @@ processes (``_grpc_bench_client.py``):
   ``elapsed_s``; 1 warm-up round (it includes the clients connecting) + N measured rounds
   in one ``start_server`` call. Every round re-sends the model, streams 4 uploads back,
   decodes, validates and folds them and finalizes the mean; the final model is checked
-  to be bit-identical to the initial one. Run twice: with the defaults, then "lean":
-  FedAvg's opt-in float32 accumulator (``accumulator = "model"``) and a fixed 1 MiB
-  gRPC flow-control window per client stream (``upload_window_bytes``) instead of gRPC's
-  adaptive one, which on a busy loopback grows to tens of MB per waiting client.
+  to be bit-identical to the initial one. Run twice, each in a fresh process of this
+  script: with the defaults, then "lean": FedAvg's opt-in float32 accumulator
+  (``accumulator = "model"``) and a fixed 1 MiB gRPC flow-control window per client
+  stream (``upload_window_bytes``) instead of gRPC's adaptive one, which on this busy
+  loopback grows to several MB per client while the server's CPU is taken.
 - plain grpcio: a minimal ``grpc.aio`` service (the server architecture fedhive uses) with
   raw-bytes (identity) serializers and one bidi stream per client: each round the server
   streams the model bytes to every client in 1 MiB chunks and each client streams them
@@ -21,13 +22,15 @@ processes (``_grpc_bench_client.py``):
 - raw TCP: one socket per client; the server ``sendall``s the model, each client sends
   it back; a round ends when all 4 uploads are received.
 
-Memory: this process's RSS is sampled from /proc every 2 ms; reported is the peak above
-the RSS just before the path starts (for fedhive, the first path, that is the post-import
-baseline), including the model the server holds, as a multiple of the model size. The
-model, the float64 aggregate and one staged upload make 4x (3x with the float32
-accumulator), since an upload is validated whole before any of it is folded; what the
-waiting clients have sent into their flow-control windows comes on top.
-Client processes report their own peak RSS (VmHWM).
+Memory: the server process's RSS is sampled from /proc every 2 ms; reported is the peak
+above the RSS just before the path starts, including the model the server holds, as a
+multiple of the model size. Each fedhive path runs in a process of its own, so its start
+is the post-import baseline; plain grpcio and raw TCP run afterwards in this process.
+Uploads of 64 MiB or more are staged on disk as they arrive (``spill_bytes``) and read
+back a part at a time, so the server holds the model and the aggregate (float64: 2x the
+model; float32: 1x) plus gRPC's and the allocator's buffers (measured at about 17 MB plus
+4 MB per connected client with a 1 MB model) and what clients have sent into their
+flow-control windows. Client processes report their own peak RSS (VmHWM).
 
 Run::
 
@@ -39,9 +42,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import itertools
+import json
 import shlex
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -356,6 +362,20 @@ def run_tcp(num_params: int, clients: int, rounds: int, sampler: RssSampler) -> 
 # -- report --------------------------------------------------------------------------------
 
 
+def fedhive_in_own_process(path: str, argv: list[str] | None, base: int) -> PathResult:
+    """Run one fedhive path in a fresh process of this script; RSS relative to ``base``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    done = subprocess.run(
+        [sys.executable, __file__, *args, "--path", path], capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"the {path} path failed:\n{done.stderr}")
+    result = PathResult(**json.loads(done.stdout.strip().splitlines()[-1]))
+    result.start_rss += base
+    result.peak_rss += base
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="10 MB model, 1 + 2 rounds, 2 clients")
@@ -365,6 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--staged", type=int, default=2, help="start_server's max_staged_uploads (default 2)"
     )
+    parser.add_argument("--path", choices=["fedhive", "lean"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     quiet_fedhive_logs()
     model_mb = args.mb or (10.0 if args.quick else 100.0)
@@ -374,13 +395,19 @@ def main(argv: list[str] | None = None) -> int:
     clients = args.clients or (2 if args.quick else 4)
     note = machine_note()
     base = rss_bytes()  # post-import baseline
+    if args.path:  # one fedhive path, in a process of its own
+        with RssSampler() as sampler:
+            result = run_fedhive(
+                num_params, clients, rounds, sampler, sampler.reset(), args.staged,
+                lean=args.path == "lean",
+            )  # fmt: skip
+        result.start_rss -= base
+        result.peak_rss -= base
+        print(json.dumps(dataclasses.asdict(result)))
+        return 0
 
+    fed, lean = (fedhive_in_own_process(path, argv, base) for path in ("fedhive", "lean"))
     with RssSampler() as sampler:
-        sampler.reset()
-        fed = run_fedhive(num_params, clients, rounds, sampler, base, args.staged)
-        lean = run_fedhive(
-            num_params, clients, rounds, sampler, sampler.reset(), args.staged, lean=True
-        )
         plain = run_grpcio(num_params, clients, rounds, sampler)
         tcp = run_tcp(num_params, clients, rounds, sampler)
 
@@ -441,8 +468,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table(headers, memory_rows))
     print(
         f"\npeak extra = server-process RSS peak (sampled every 2 ms) above the RSS at path start;"
-        f"\nstart MB = path-start RSS above the post-import baseline ({base / MB:.0f} MB); client "
-        "peak RSS = max VmHWM of the client processes"
+        f"\nstart MB = path-start RSS above the post-import baseline ({base / MB:.0f} MB; fedhive "
+        "paths: their own process's); client peak RSS = max VmHWM of the client processes"
     )
     print(f"\nfedhive per-round s: {' '.join(f'{t:.3f}' for t in fed.times)}")
     print(f"fedhive lean per-round s: {' '.join(f'{t:.3f}' for t in lean.times)}")

@@ -196,3 +196,63 @@ def test_a_scaffold_server_with_demo_clients(tmp_path):
     rounds = json.loads((tmp_path / "out" / "history.json").read_text())["rounds"]
     assert all(r["fit"]["num_results"] == 2 and not r["failures"] for r in rounds[1:])
     assert rounds[-1]["centralized"]["accuracy"] > 0.6
+
+
+# --------------------------------------------------------------------------- [memory]
+
+
+def test_the_memory_table_maps_onto_start_server(tmp_path):
+    cfg = validate_server_config({"memory": {"spill_bytes": 0, "upload_window_bytes": 1 << 20,
+                                             "spill_dir": str(tmp_path)}})  # fmt: skip
+    assert cfg.memory.server_options() == {
+        "spill_bytes": None,  # 0: never spill
+        "spill_dir": str(tmp_path),
+        "max_staged_uploads": 2,
+        "max_staged_bytes": 64 << 20,
+        "upload_window_bytes": 1 << 20,
+    }
+    defaults = validate_server_config({}).memory.server_options()
+    assert defaults["spill_bytes"] == 64 << 20 and defaults["upload_window_bytes"] is None
+
+
+@pytest.mark.parametrize(
+    ("memory", "message"),
+    [
+        ({"accumulator": "float16"}, "memory.accumulator"),
+        ({"spill_dir": "/no/such/dir"}, "is not a directory"),
+        ({"spill_bytes": -1}, "memory.spill_bytes"),
+        ({"spil_bytes": 1}, "memory.spil_bytes"),
+    ],
+)
+def test_bad_memory_tables_are_refused(memory, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_server_config({"memory": memory})
+
+
+def test_the_float32_accumulator_reaches_fedavg_and_is_refused_elsewhere():
+    for table in ({}, {"name": "fedprox", "proximal_mu": 0.1}, {"name": "fedadam"}):
+        cfg = validate_server_config({**SMALL, "strategy": table,
+                                      "memory": {"accumulator": "model"}})  # fmt: skip
+        strategy, _, _ = server_strategy(cfg)
+        holder = getattr(strategy, "rule", strategy)  # composed strategies: their mean rule
+        assert holder.accumulator == "model"
+    assert FedAvg.accumulator == "float64"  # set on the instance only
+    cfg = validate_server_config({**SMALL, "strategy": {"name": "fedmedian"},
+                                  "memory": {"accumulator": "model"}})  # fmt: skip
+    with pytest.raises(ConfigError, match="keeps a float64 aggregate"):
+        server_strategy(cfg)
+
+
+def test_a_server_spilling_every_upload_to_disk(tmp_path):
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    memory = (
+        f'\n[memory]\naccumulator = "model"\nspill_bytes = 1\nspill_dir = "{spill}"\n'
+        "upload_window_bytes = 65536\n"
+    )
+    _, history = _serve_with_echo_clients(tmp_path, memory)
+    assert history["config"]["memory"]["spill_bytes"] == 1
+    assert history["rounds"][-1]["fit"]["num_results"] == 2
+    for step in _model_step(tmp_path):  # every site moved 1
+        np.testing.assert_allclose(step, 1.0, atol=1e-5)
+    assert list(spill.iterdir()) == []

@@ -26,12 +26,13 @@ from fedhive.cli.server_config import (
     validate_server_config,
 )
 from fedhive.client.app import Mod
-from fedhive.common.errors import FedhiveError
+from fedhive.common.errors import ConfigError, FedhiveError
 from fedhive.common.records import Config, NDArrays, Scalar, ndarrays_to_parameters
 from fedhive.data import Dataset
 from fedhive.server.engine import Engine, RoundCallback
 from fedhive.server.history import History
-from fedhive.server.strategy import Strategy
+from fedhive.server.strategy import FedAvg, Strategy
+from fedhive.server.strategy.composed import ComposedStrategy, MeanRule
 
 __all__ = ["describe_strategy", "server", "server_strategy"]
 
@@ -69,7 +70,27 @@ def server_strategy(cfg: DeployConfig) -> tuple[Strategy, tuple[Mod, ...], Datas
         "evaluate_metrics_aggregation_fn": weighted_average,
     }
     strategy, mods = build_strategy(st, fit_config, fedavg_args)
+    if cfg.memory.accumulator != "float64":
+        _set_accumulator(strategy, cfg.memory.accumulator, st.name)
     return strategy, mods, data
+
+
+def _set_accumulator(strategy: Strategy, accumulator: str, name: str) -> None:
+    """Set the weighted mean's accumulator of ``strategy`` (FedAvg, or a composed strategy
+    with FedAvg's rule), or of the strategy a wrapper holds."""
+    inner: object = strategy
+    while not isinstance(inner, FedAvg | ComposedStrategy) and hasattr(inner, "strategy"):
+        inner = inner.strategy
+    if isinstance(inner, ComposedStrategy) and isinstance(inner.rule, MeanRule):
+        inner.rule.accumulator = accumulator
+        return
+    if not isinstance(inner, FedAvg):
+        raise ConfigError(
+            f"memory.accumulator = {accumulator!r} applies to strategies that take a weighted "
+            "mean (FedAvg, FedProx, FedAvgM, FedAdam, ...); "
+            f"strategy {name!r} keeps a float64 aggregate (remove memory.accumulator)"
+        )
+    inner.accumulator = accumulator
 
 
 def describe_strategy(cfg: DeployConfig, mods: tuple[Mod, ...]) -> str:
@@ -256,6 +277,7 @@ def _serve(
             secure_aggregation=(
                 None if cfg.secure_aggregation is None else cfg.secure_aggregation.options()
             ),
+            **cfg.memory.server_options(),
         )
     except KeyboardInterrupt:
         err.print(

@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fedhive.cli.config import (
     ModelConfig,
@@ -29,6 +29,7 @@ from fedhive.common.errors import ConfigError
 __all__ = [
     "DeployConfig",
     "DeployStrategyConfig",
+    "MemoryConfig",
     "load_tokens",
     "server_certificates",
     "validate_server_config",
@@ -76,6 +77,45 @@ class DeployDataConfig(_Section):
     path: str = Field("", description="folder of train/test .npz or .csv (dataset = folder)")
 
 
+class MemoryConfig(_Section):
+    """``[memory]``: where uploads wait until they are folded, and the aggregate's type.
+
+    See docs/deployment.md, "Performance and memory".
+    """
+
+    accumulator: Literal["float64", "model"] = Field(
+        "float64",
+        description='FedAvg-family aggregate: "float64" (exact) or "model" (float32 layers in '
+        "float32: half the memory)",
+    )
+    spill_bytes: int = Field(
+        64 << 20, ge=0, description="uploads this large or larger go to disk; 0 = never"
+    )
+    spill_dir: str = Field("", description="directory for spilled uploads (default: system temp)")
+    max_staged_uploads: int = Field(2, ge=1, description="in-memory uploads held at once")
+    max_staged_bytes: int = Field(64 << 20, ge=0, description="their total size, beyond the first")
+    upload_window_bytes: int = Field(
+        0, ge=0, description="fixed gRPC flow-control window per client; 0 = gRPC's adaptive one"
+    )
+
+    @field_validator("spill_dir")
+    @classmethod
+    def _existing_dir(cls, value: str) -> str:
+        if value and not Path(value).is_dir():
+            raise ValueError(f"{value!r} is not a directory")
+        return value
+
+    def server_options(self) -> dict[str, Any]:
+        """The matching keyword arguments of ``start_server``."""
+        return {
+            "spill_bytes": self.spill_bytes or None,
+            "spill_dir": self.spill_dir or None,
+            "max_staged_uploads": self.max_staged_uploads,
+            "max_staged_bytes": self.max_staged_bytes,
+            "upload_window_bytes": self.upload_window_bytes or None,
+        }
+
+
 class DeployConfig(_Section):
     """The config of ``fedhive server`` (see :mod:`fedhive.cli.deploy`)."""
 
@@ -95,6 +135,7 @@ class DeployConfig(_Section):
     data: DeployDataConfig = DeployDataConfig()
     train: TrainConfig = TrainConfig()
     secure_aggregation: SecureAggregationConfig | None = None
+    memory: MemoryConfig = MemoryConfig()
 
     @model_validator(mode="after")
     def _check_secure_strategy(self) -> Self:

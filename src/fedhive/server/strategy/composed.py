@@ -51,7 +51,7 @@ from fedhive.common.records import (
     parameters_to_ndarrays,
 )
 from fedhive.server.client_manager import ClientManager, ClientProxy
-from fedhive.server.strategy.aggregate import WeightedMean, check_update
+from fedhive.server.strategy.aggregate import ACCUMULATORS, WeightedMean, check_update
 from fedhive.server.strategy.base import Aggregator, EvaluateResults, FitResults, Strategy
 from fedhive.server.strategy.fedavg import EvaluateFn, FedAvg, MetricsAggregationFn
 from fedhive.server.strategy.optimizers import ServerOptimizer
@@ -123,21 +123,37 @@ class MeanRule:
     """Weighted mean of the models, weights ``num_examples`` (FedAvg's rule).
 
     Memory: O(model): the accumulator of :class:`WeightedMean` plus a small scratch buffer.
+    ``accumulator`` is :class:`WeightedMean`'s (``"float64"``, or ``"model"`` to keep
+    float32 layers' accumulator in float32, as ``FedAvg.accumulator``); it may be changed
+    between rounds.
     """
 
+    def __init__(self, accumulator: str = "float64") -> None:
+        if accumulator not in ACCUMULATORS:
+            raise ConfigError(f"accumulator must be one of {ACCUMULATORS}, not {accumulator!r}")
+        self.accumulator = accumulator
+
     def __repr__(self) -> str:
-        return "MeanRule()"
+        return "MeanRule()" if self.accumulator == "float64" else f"MeanRule({self.accumulator!r})"
 
     def start(self, server_round: int, reference: NDArrays, weight: Callable[[int], float]) -> Fold:
-        return _MeanFold(server_round, reference, weight)
+        if self.accumulator not in ACCUMULATORS:
+            raise ConfigError(
+                f"accumulator must be one of {ACCUMULATORS}, not {self.accumulator!r}"
+            )
+        return _MeanFold(server_round, reference, weight, self.accumulator)
 
 
 class _MeanFold:
     def __init__(
-        self, server_round: int, reference: NDArrays, weight: Callable[[int], float]
+        self,
+        server_round: int,
+        reference: NDArrays,
+        weight: Callable[[int], float],
+        accumulator: str = "float64",
     ) -> None:
         self.server_round = server_round
-        self.mean = WeightedMean(reference)
+        self.mean = WeightedMean(reference, accumulator=accumulator)
         self.weight = weight
 
     def add(self, client_id: str, arrays: NDArrays, result: FitRes) -> None:
