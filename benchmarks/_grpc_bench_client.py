@@ -96,6 +96,22 @@ def run_fedhive(args: argparse.Namespace) -> None:
         raise RuntimeError(f"{len(errors)} sessions failed, first: {errors[0]!r}")
 
 
+def run_fedhive_aio(args: argparse.Namespace) -> None:
+    """``--sessions`` fedhive clients on one asyncio loop (``start_clients``)."""
+    import fedhive as fl
+
+    quiet_fedhive_logs()
+    fl.client.start_clients(
+        server_address=args.address,
+        client_fn=lambda context: _bench_client(args.mode).to_client(),
+        node_ids=[f"p{args.index}-s{i}" for i in range(args.sessions)],
+        insecure=True,
+        max_retries=20,
+        chunk_bytes=args.chunk_bytes,
+        heartbeat_interval=args.heartbeat,
+    )
+
+
 def run_grpcio_stream(args: argparse.Namespace) -> None:
     import grpc
 
@@ -211,6 +227,7 @@ def peak_rss_bytes() -> int:
 
 RUNNERS = {
     "fedhive": run_fedhive,
+    "fedhive-aio": run_fedhive_aio,
     "grpcio-stream": run_grpcio_stream,
     "grpcio-pingpong": run_grpcio_pingpong,
     "tcp": run_tcp,

@@ -3,9 +3,11 @@
 ``start_server`` runs in this process; 40 client processes (``_grpc_bench_client.py``)
 host 25 fedhive clients each (``start_numpy_client`` in one thread per client, one
 connection each), whose fit returns ``parameters + 1`` on a 100-parameter float32 model.
-(Fewer, fuller processes measure the client harness instead of the server: a fedhive
-client session costs 3-4 threads, and with 125 sessions per process on this 2-CPU
-machine replies lag the fits by seconds; try ``--procs 8 --sessions 125``.)
+(Fewer, fuller processes of thread-based clients measure the client harness instead of
+the server: such a session costs 3-4 threads, and with 125 sessions per process on this
+2-CPU machine replies lag the fits by seconds; try ``--procs 8 --sessions 125``.)
+``--aio`` hosts the clients with ``start_clients`` instead: all sessions of a process
+on one asyncio loop, so 4 processes of 250 clients (the ``--aio`` default) suffice.
 Evaluation is off. The run has one phase per ``fraction_fit`` (1.0, then 0.1): a warm-up
 round (for the first phase it includes waiting for all clients to connect), then the
 measured rounds. Reported per phase: median seconds per round, rounds per minute, client
@@ -122,6 +124,7 @@ def run(
     sampler: RssSampler,
     staged: int = 2,
     heartbeat: float = 5.0,
+    kind: str = "fedhive",
 ) -> tuple[list[Phase], float, float]:
     """(phases, seconds until every client was connected, warm-up seconds of phase 1)."""
     total = procs * sessions
@@ -151,7 +154,7 @@ def run(
         address = f"127.0.0.1:{server.port}"
         args = ["--mode", "plus1", "--sessions", str(sessions), "--address", address]
         args += ["--heartbeat", str(heartbeat)]
-        groups.append(ClientProcesses("fedhive", procs, *args))
+        groups.append(ClientProcesses(kind, procs, *args))
         threading.Thread(target=watch, daemon=True).start()
 
     try:
@@ -195,10 +198,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--heartbeat", type=float, default=5.0, help="clients' heartbeat_interval (default 5 s)"
     )
+    parser.add_argument(
+        "--aio", action="store_true", help="clients on asyncio (start_clients), 4 x 250"
+    )
     args = parser.parse_args(argv)
     quiet_fedhive_logs()
-    procs = args.procs or (2 if args.quick else 40)
-    sessions = args.sessions or 25
+    procs = args.procs or (2 if args.quick else 4 if args.aio else 40)
+    sessions = args.sessions or (25 if args.quick or not args.aio else 250)
     rounds = args.rounds or (2 if args.quick else 5)
     fractions = [float(f) for f in args.fractions.split(",")]
     total = procs * sessions
@@ -209,8 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     with RssSampler() as sampler:
         sampler.reset()
         phases, connect_s, first_round_s = run(
-            procs, sessions, rounds, fractions, sampler, args.staged, args.heartbeat
-        )
+            procs, sessions, rounds, fractions, sampler, args.staged, args.heartbeat,
+            "fedhive-aio" if args.aio else "fedhive",
+        )  # fmt: skip
         run_peak = sampler.peak
     wall = time.perf_counter() - wall_start
     cpu_total = time.process_time() - cpu_start
@@ -235,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
             ]
         )
     print(
-        f"gRPC many clients: {total:,} clients ({procs} processes x {sessions} sessions) on "
+        f"gRPC many clients: {total:,} clients ({procs} processes x {sessions} sessions"
+        f"{', start_clients on asyncio' if args.aio else ', a thread per client'}) on "
         f"127.0.0.1, FedAvg, {NUM_PARAMS} float32 params, evaluation off, "
         f"max_staged_uploads={args.staged}, heartbeat_interval={args.heartbeat:g} s"
     )

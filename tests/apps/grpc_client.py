@@ -26,6 +26,8 @@ class AddClient(fl.client.NumPyClient):
             os._exit(3)  # the process dies mid-round
         if self.mode == "hang":
             time.sleep(60)
+        if self.mode == "slow":
+            time.sleep(3)  # longer than the server's heartbeat timeout in the test
         if self.mode == "nan":
             return [np.full_like(parameters[0], np.nan)], 1, {}
         return [p + 1.0 + self.pid for p in parameters], 1 + self.pid, {"pid": self.pid}
@@ -47,8 +49,12 @@ def main() -> int:
     parser.add_argument("--audit", default=None)
     parser.add_argument("--persistent", action="store_true")
     parser.add_argument("--sessions", type=int, default=1, help="clients in this process")
+    parser.add_argument("--aio", action="store_true", help="start_clients: one event loop")
+    parser.add_argument("--heartbeat", type=float, default=5.0)
     args = parser.parse_args()
     client = AddClient(args.pid, args.mode)
+    if args.aio:
+        return aio_many(args)
     if args.sessions > 1:
         return many(args)
     if not (args.node_id or args.token or args.ca or args.persistent):
@@ -104,6 +110,30 @@ def many(args) -> int:
     for exc in errors:
         print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
     return 2 if errors else 0
+
+
+def aio_many(args) -> int:
+    """Many clients in one process on one asyncio loop (``start_clients``)."""
+
+    def client_fn(context):
+        index = int(context.node_id.rsplit("-", 1)[1])
+        return AddClient(index % 3, args.mode).to_client()
+
+    nodes = [f"{args.node_id or 'c'}-{i}" for i in range(args.sessions)]
+    try:
+        fl.client.start_clients(
+            server_address=args.address,
+            client_fn=client_fn,
+            node_ids=nodes,
+            insecure=True,
+            auth_tokens={node: args.token for node in nodes} if args.token else None,
+            max_retries=20,
+            heartbeat_interval=args.heartbeat,
+        )
+    except fl.FedhiveError as exc:
+        print(f"{type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from fedhive.client.client import Client
 from fedhive.client.context import Context
 from fedhive.client.numpy_client import NumPyClient
 from fedhive.client.policy import SitePolicy, policy_mod
-from fedhive.client.start import start_client, start_numpy_client
+from fedhive.client.start import start_client, start_clients, start_numpy_client
 from fedhive.client.state import StateStore
 
 __all__ = [
@@ -20,5 +20,6 @@ __all__ = [
     "build_client",
     "policy_mod",
     "start_client",
+    "start_clients",
     "start_numpy_client",
 ]

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedhive.client.app import ClientApp, ClientFn, Mod
 from fedhive.client.client import Client
@@ -16,7 +19,10 @@ from fedhive.client.numpy_client import NumPyClient
 from fedhive.common.errors import ConfigError, TransportError
 from fedhive.common.message import Message
 
-__all__ = ["start_client", "start_numpy_client"]
+__all__ = ["start_client", "start_clients", "start_numpy_client"]
+
+if TYPE_CHECKING:
+    from fedhive.transport.grpc_client import ClientSecurity
 
 log = logging.getLogger("fedhive.client")
 
@@ -27,7 +33,7 @@ def _security(
     certificate_chain: bytes | None,
     private_key: bytes | None,
     token: str,
-) -> object:
+) -> ClientSecurity:
     from fedhive.transport.grpc_client import ClientSecurity
 
     if isinstance(root_certificates, str):
@@ -92,17 +98,7 @@ def start_client(
 
     security = _security(insecure, root_certificates, certificate_chain, private_key, auth_token)
     node = node_id or uuid.uuid4().hex
-    from fedhive.secagg.client import with_secagg_mod
-
-    app = ClientApp(
-        client_fn if client_fn is not None else _constant(client), with_secagg_mod(mods)
-    )
-    context = Context(node_id=node)
-
-    def handle(task: Message) -> Message:
-        context.seed = task.metadata.seed
-        return app.handle(task, context)
-
+    handle = _node_handler(client_fn if client_fn is not None else _constant(client), mods, node)
     session_args = dict(
         security=security,
         chunk_bytes=chunk_bytes or DEFAULT_CHUNK_BYTES,
@@ -145,6 +141,147 @@ def start_numpy_client(
         insecure=insecure,
         **kwargs,  # type: ignore[arg-type]
     )
+
+
+def start_clients(
+    *,
+    server_address: str,
+    client_fn: ClientFn,
+    node_ids: Sequence[str] | int,
+    root_certificates: bytes | str | None = None,
+    insecure: bool | None = None,
+    max_retries: int | None = None,
+    max_wait_time: float | None = None,
+    auth_tokens: Mapping[str, str] | None = None,
+    certificate_chain: bytes | None = None,
+    private_key: bytes | None = None,
+    mods: Sequence[Mod] = (),
+    persistent: bool = False,
+    audit_log: str | Path | None = None,
+    heartbeat_interval: float = 5.0,
+    chunk_bytes: int | None = None,
+    max_workers: int | None = None,
+) -> None:
+    """Run many clients in this process, each a node of its own with its own session,
+    until the run ends.
+
+    For load tests and for hosts that serve many nodes (one per data silo or device
+    emulated): the sessions share one asyncio event loop (a few coroutines each, instead
+    of the three or four threads of :func:`start_client`), and ``client_fn`` (called with
+    each node's own :class:`Context`, as in simulation) does its fit and evaluate work in
+    a pool of ``max_workers`` threads (default: the number of nodes, at most 32).
+
+    ``node_ids`` names the nodes, or gives their number (random names then).
+    ``auth_tokens`` maps node ids to their enrolled tokens. The other options mean what
+    they mean for :func:`start_client` and apply to every node; ``audit_log`` is shared,
+    one line per message with no node id. The first node that fails for good (refused,
+    or out of retries) stops the others and its error is raised, naming the node.
+    """
+    from fedhive.transport.frames import DEFAULT_CHUNK_BYTES
+    from fedhive.transport.grpc_client import AuditLog, ClientSecurity
+
+    nodes = (
+        [f"{uuid.uuid4().hex[:12]}-{i}" for i in range(node_ids)]
+        if isinstance(node_ids, int)
+        else list(node_ids)
+    )
+    if not nodes or len(set(nodes)) != len(nodes):
+        raise ConfigError("start_clients needs at least one node id, and no id twice")
+    base = _security(insecure, root_certificates, certificate_chain, private_key, "")
+    tokens = dict(auth_tokens or {})
+    securities = {
+        node: ClientSecurity(
+            insecure=base.insecure,
+            root_certificates=base.root_certificates,
+            certificate_chain=base.certificate_chain,
+            private_key=base.private_key,
+            token=tokens.get(node, ""),
+        )
+        for node in nodes
+    }
+    audit = AuditLog(audit_log) if audit_log is not None else None
+    workers = max_workers or min(32, len(nodes))
+
+    async def run_all() -> None:
+        with ThreadPoolExecutor(workers, thread_name_prefix="fedhive-client") as executor:
+            tasks = [
+                asyncio.create_task(
+                    _run_node(
+                        server_address,
+                        node,
+                        _node_handler(client_fn, mods, node),
+                        dict(
+                            security=securities[node],
+                            chunk_bytes=chunk_bytes or DEFAULT_CHUNK_BYTES,
+                            heartbeat_interval=heartbeat_interval,
+                            audit=audit,
+                            executor=executor,
+                        ),
+                        _Backoff(max_retries, max_wait_time),
+                        persistent,
+                    )
+                )
+                for node in nodes
+            ]
+            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            for task in tasks:
+                if task in done and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+
+    asyncio.run(run_all())
+
+
+async def _run_node(
+    address: str,
+    node: str,
+    handle: Callable[[Message], Message],
+    session_args: dict[str, object],
+    backoff: _Backoff,
+    persistent: bool,
+) -> None:
+    """One node's sessions on the running loop: :func:`start_client`'s loop, awaited."""
+    from fedhive.transport.grpc_aio_client import AsyncClientSession
+    from fedhive.transport.grpc_client import Retryable
+
+    while True:
+        session = AsyncClientSession(address, node, handle, **session_args)  # type: ignore[arg-type]
+        try:
+            end = await session.run()
+        except Retryable as exc:
+            delay = backoff.next_delay()
+            if delay is None:
+                raise TransportError(
+                    f"node {node!r}: {exc}; giving up after {backoff.attempts} attempts"
+                ) from None
+            log.info("node %s: %s; retrying in %.1f s", node, exc, delay)
+            await asyncio.sleep(delay)
+            continue
+        except TransportError as exc:
+            raise type(exc)(f"node {node!r}: {exc}") from None
+        backoff.reset()
+        log.info("node %s: run ended: %s", node, end.reason)
+        if not persistent:
+            return
+
+
+def _node_handler(
+    client_fn: ClientFn, mods: Sequence[Mod], node: str
+) -> Callable[[Message], Message]:
+    """``handle(task) -> reply`` for one node: its app (the SecAgg+ mod first unless
+    ``mods`` has one) and its own context, kept across tasks."""
+    from fedhive.secagg.client import with_secagg_mod
+
+    app = ClientApp(client_fn, with_secagg_mod(mods))
+    context = Context(node_id=node)
+
+    def handle(task: Message) -> Message:
+        context.seed = task.metadata.seed
+        return app.handle(task, context)
+
+    return handle
 
 
 def _constant(client: Client | None) -> ClientFn:

@@ -22,7 +22,14 @@ from fedhive.transport.frames import DEFAULT_CHUNK_BYTES, PROTOCOL_VERSION, Asse
 from fedhive.transport.proto.fleet_pb2 import Frame
 from fedhive.transport.wire import METHOD, message_frame_bytes, parse_frame, serialize_frame
 
-__all__ = ["AuditLog", "ClientSecurity", "ClientSession", "Retryable", "SessionEnd"]
+__all__ = [
+    "AuditLog",
+    "ClientSecurity",
+    "ClientSession",
+    "Retryable",
+    "SessionEnd",
+    "translate_rpc_error",
+]
 
 log = logging.getLogger("fedhive.client")
 
@@ -158,7 +165,7 @@ class ClientSession:
             beat.start()
             return self._serve(responses)
         except grpc.RpcError as exc:
-            raise self._translate(exc) from None
+            raise translate_rpc_error(exc, self.address) from None
         finally:
             self._stop.set()
             self._outbox.put(None)
@@ -223,14 +230,17 @@ class ClientSession:
         while not sent.wait(0.5) and call.is_active():
             pass
 
-    def _translate(self, exc: grpc.RpcError) -> Exception:
-        code = exc.code() if hasattr(exc, "code") else None
-        details = exc.details() if hasattr(exc, "details") else str(exc)
-        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
-            return AuthenticationError(f"the server refused this client: {details}")
-        if code == grpc.StatusCode.FAILED_PRECONDITION:
-            return TransportError(f"the server refused the connection: {details}")
-        return Retryable(f"connection to {self.address} failed ({code}): {details}")
+
+def translate_rpc_error(exc: grpc.RpcError, address: str) -> Exception:
+    """The fedhive error for a failed ``Join`` stream: refusals are final, the rest
+    :class:`Retryable`."""
+    code = exc.code() if hasattr(exc, "code") else None
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return AuthenticationError(f"the server refused this client: {details}")
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return TransportError(f"the server refused the connection: {details}")
+    return Retryable(f"connection to {address} failed ({code}): {details}")
 
 
 def _then_set(frames: Iterator[bytes], done: threading.Event) -> Iterator[bytes]:

@@ -1,0 +1,184 @@
+"""The client side of fedhive's gRPC transport on asyncio: many sessions, one thread.
+
+:class:`AsyncClientSession` speaks the same protocol as
+:class:`~fedhive.transport.grpc_client.ClientSession` (HELLO, tasks in and replies out,
+heartbeats, BYE) on a ``grpc.aio`` channel, so hundreds of sessions can share one event
+loop. The client's own work (``handle(task) -> reply``: fit, evaluate) runs in an
+executor, so a long fit never stops the session's heartbeats, and the loop only moves
+frames. A session costs a few coroutines instead of three or four threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import Executor
+
+import grpc
+from grpc import aio
+
+from fedhive.common.errors import SerdeError, TransportError
+from fedhive.common.message import Message
+from fedhive.transport.codec import decode_wire, encode_wire
+from fedhive.transport.frames import DEFAULT_CHUNK_BYTES, PROTOCOL_VERSION, Assembler, BufferPool
+from fedhive.transport.grpc_client import (
+    AuditLog,
+    ClientSecurity,
+    Retryable,
+    SessionEnd,
+    translate_rpc_error,
+)
+from fedhive.transport.proto.fleet_pb2 import Frame
+from fedhive.transport.wire import METHOD, WireFrame, message_frame_bytes, parse_frame
+
+__all__ = ["AsyncClientSession", "aio_channel"]
+
+log = logging.getLogger("fedhive.client")
+
+
+def aio_channel(
+    security: ClientSecurity, address: str, options: list[tuple[str, int]]
+) -> aio.Channel:
+    """A ``grpc.aio`` channel to ``address`` with ``security``'s credentials."""
+    if security.insecure:
+        return aio.insecure_channel(address, options=options)
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=security.root_certificates,
+        private_key=security.private_key,
+        certificate_chain=security.certificate_chain,
+    )
+    return aio.secure_channel(address, creds, options=options)
+
+
+def _identity(frame: bytes) -> bytes:
+    return frame
+
+
+class AsyncClientSession:
+    """One connection on the running event loop: HELLO, then tasks in and replies out
+    until BYE or a failure.
+
+    ``handle(task) -> reply`` runs in ``executor`` (the loop's default executor when
+    ``None``). :meth:`run` raises :class:`~fedhive.common.errors.AuthenticationError` if
+    refused, :class:`~fedhive.transport.grpc_client.Retryable` (or another
+    :class:`~fedhive.common.errors.TransportError`) if the connection fails, and returns
+    :class:`~fedhive.transport.grpc_client.SessionEnd` after a BYE.
+    """
+
+    def __init__(
+        self,
+        address: str,
+        node_id: str,
+        handle: Callable[[Message], Message],
+        *,
+        security: ClientSecurity,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        max_message_bytes: int = 1 << 40,
+        heartbeat_interval: float = 5.0,
+        audit: AuditLog | None = None,
+        protocol_version: int = PROTOCOL_VERSION,
+        executor: Executor | None = None,
+    ) -> None:
+        self.address = address
+        self.node_id = node_id
+        self.handle = handle
+        self.security = security
+        self.chunk_bytes = chunk_bytes
+        self.max_message_bytes = max_message_bytes
+        self.heartbeat_interval = heartbeat_interval
+        self.audit = audit
+        self.protocol_version = protocol_version
+        self.executor = executor
+        self._buffers = BufferPool(max_free=1)
+        self._write_lock = asyncio.Lock()
+
+    async def run(self) -> SessionEnd:
+        options = [
+            ("grpc.max_receive_message_length", self.chunk_bytes + (1 << 16)),
+            ("grpc.max_send_message_length", self.chunk_bytes + (1 << 16)),
+        ]
+        channel = aio_channel(self.security, self.address, options)
+        beat: asyncio.Task[None] | None = None
+        try:
+            join = channel.stream_stream(
+                METHOD, request_serializer=_identity, response_deserializer=parse_frame
+            )
+            call = join()
+            hello = Frame(
+                kind=Frame.HELLO,
+                protocol_version=self.protocol_version,
+                node_id=self.node_id,
+                token=self.security.token,
+            )
+            await self._write(call, [hello.SerializeToString()])
+            await self._welcome(call)
+            beat = asyncio.get_running_loop().create_task(self._heartbeat(call))
+            return await self._serve(call)
+        except grpc.RpcError as exc:
+            raise translate_rpc_error(exc, self.address) from None
+        finally:
+            if beat is not None:
+                beat.cancel()
+                await asyncio.gather(beat, return_exceptions=True)
+            await channel.close()
+
+    async def _write(self, call: aio.StreamStreamCall, frames: object) -> None:
+        """Write serialized ``frames`` in order; one writer at a time per stream."""
+        async with self._write_lock:
+            for raw in frames:  # type: ignore[attr-defined]
+                await call.write(raw)
+
+    async def _heartbeat(self, call: aio.StreamStreamCall) -> None:
+        beat = Frame(kind=Frame.HEARTBEAT).SerializeToString()
+        while True:
+            await asyncio.sleep(self.heartbeat_interval)
+            try:
+                await self._write(call, [beat])
+            except (grpc.RpcError, asyncio.InvalidStateError):
+                return  # the stream is over; reading it tells why
+
+    async def _read(self, call: aio.StreamStreamCall) -> WireFrame | None:
+        frame = await call.read()
+        return None if frame is aio.EOF else frame
+
+    async def _welcome(self, call: aio.StreamStreamCall) -> None:
+        first = await self._read(call)
+        if first is None:
+            raise Retryable(f"{self.address} closed the connection before WELCOME")
+        if first.kind == Frame.ERROR:
+            raise TransportError(f"the server refused this client: {first.text}")
+        if first.kind != Frame.WELCOME:
+            raise TransportError(f"expected WELCOME from the server, got frame kind {first.kind}")
+        log.info("joined %s as %s", self.address, self.node_id)
+
+    async def _serve(self, call: aio.StreamStreamCall) -> SessionEnd:
+        assembler = Assembler(self.max_message_bytes, pool=self._buffers)
+        loop = asyncio.get_running_loop()
+        while (frame := await self._read(call)) is not None:
+            if frame.kind == Frame.BYE:
+                return SessionEnd(frame.text or "the server ended the run")
+            if frame.kind == Frame.ERROR:
+                raise TransportError(f"the server reported an error: {frame.text}")
+            if frame.kind != Frame.MESSAGE:
+                continue
+            try:
+                done = assembler.add(frame)
+                if done is None:
+                    continue
+                task = decode_wire(done[1])
+            except SerdeError as exc:
+                log.warning("dropped a malformed task from the server: %s", exc)
+                continue
+            reply = await loop.run_in_executor(self.executor, self.handle, task)
+            del task  # the received model, unless the reply shares it
+            pieces = encode_wire(reply)
+            if self.audit is not None:
+                self.audit.record(reply, pieces)
+            # each frame is cut from the reply's arrays as it is written, so the arrays
+            # are not copied whole and may change again once the last frame is written
+            await self._write(
+                call, message_frame_bytes(reply.metadata.message_id, pieces, self.chunk_bytes)
+            )
+            del reply, pieces
+        raise Retryable("the server closed the connection")
