@@ -26,6 +26,7 @@ EXPECTED = {
         "build_client",
         "policy_mod",
         "start_client",
+        "start_clients",
         "start_numpy_client",
     ],
     fedhive.server.strategy: [
