@@ -136,3 +136,63 @@ def make_certificates(directory: Path) -> dict[str, Path]:
             )
         )
     return paths
+
+
+def engine_over_sessions(
+    model,
+    handler_for,
+    nodes,
+    *,
+    rounds: int = 2,
+    accumulator: str = "float64",
+    chunk_bytes: int = 1 << 16,
+    **server_kwargs,
+):
+    """``rounds`` FedAvg rounds of an ``Engine`` on a ``GrpcServer`` in this process, with
+    one in-process ``ClientSession`` thread per node answering with ``handler_for(node)``.
+
+    Returns ``(history, engine, staged)``: ``staged`` lists the byte size of every upload
+    that took an in-memory staging slot.
+    """
+    from fedhive.common.records import ndarrays_to_parameters
+    from fedhive.server import ServerConfig
+    from fedhive.server.client_manager import SimpleClientManager
+    from fedhive.server.engine import Engine
+    from fedhive.server.strategy import FedAvg
+    from fedhive.transport.grpc_client import ClientSecurity, ClientSession
+    from fedhive.transport.grpc_server import GrpcServer, _Staging
+
+    manager = SimpleClientManager(wait_timeout=20.0)
+    server = GrpcServer(
+        "127.0.0.1:0", client_manager=manager, chunk_bytes=chunk_bytes, **server_kwargs
+    ).start()
+    staged: list[tuple[int, int]] = []  # (bytes, slots held after taking it)
+    take = _Staging._take
+
+    def tracking_take(self: _Staging, nbytes: int) -> None:
+        take(self, nbytes)
+        staged.append((nbytes, self.held))
+
+    _Staging._take = tracking_take
+    try:
+        for node in nodes:
+            session = ClientSession(
+                f"127.0.0.1:{server.port}",
+                node,
+                handler_for(node),
+                security=ClientSecurity(insecure=True),
+                chunk_bytes=chunk_bytes,
+            )
+            threading.Thread(target=session.run, daemon=True).start()
+        strategy = FedAvg(min_fit_clients=len(nodes), min_available_clients=len(nodes),
+                          fraction_evaluate=0.0,
+                          initial_parameters=ndarrays_to_parameters(model))  # fmt: skip
+        strategy.accumulator = accumulator
+        config = ServerConfig(num_rounds=rounds, round_timeout=60)
+        engine = Engine(strategy=strategy, transport=server, client_manager=manager,
+                        config=config, ordered=False)  # fmt: skip
+        history = engine.run()
+    finally:
+        _Staging._take = take
+        server.finish_run()
+    return history, engine, staged

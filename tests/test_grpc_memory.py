@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import threading
 import weakref
 from typing import Any
 
@@ -31,6 +30,7 @@ from fedhive.transport.frames import Assembler, BufferPool, message_frames
 from fedhive.transport.grpc_server import _Staging
 from fedhive.transport.proto.fleet_pb2 import Frame
 from fedhive.transport.wire import message_frame_bytes, parse_frame
+from grpc_helpers import engine_over_sessions
 
 FRAME_FIELDS = ("kind", "message_id", "total_size", "offset", "last", "protocol_version",
                 "node_id", "token", "text")  # fmt: skip
@@ -345,9 +345,6 @@ def test_unchecked_updates_of_the_wrong_shape_are_refused_before_folding() -> No
 
 
 def test_grpc_round_stages_one_large_upload_at_a_time() -> None:
-    from fedhive.transport.grpc_client import ClientSecurity, ClientSession
-    from fedhive.transport.grpc_server import GrpcServer
-
     model = [np.arange(300_000, dtype=np.float32) % 1000, np.ones((40, 25), np.float32)]
     deltas = {"a": 1.0, "b": 2.0, "c": 6.0}
 
@@ -360,41 +357,13 @@ def test_grpc_round_stages_one_large_upload_at_a_time() -> None:
 
         return handle
 
-    manager = SimpleClientManager(wait_timeout=20.0)
-    server = GrpcServer(
-        "127.0.0.1:0", client_manager=manager, chunk_bytes=1 << 16, max_staged_bytes=1 << 20
-    ).start()
-    held: list[int] = []
-    take = _Staging._take
-
-    def tracking_take(self: _Staging, nbytes: int) -> None:
-        take(self, nbytes)
-        held.append(self.held)
-
-    _Staging._take = tracking_take  # type: ignore[method-assign]
-    try:
-        for node in deltas:
-            session = ClientSession(
-                f"127.0.0.1:{server.port}",
-                node,
-                handler(node),
-                security=ClientSecurity(insecure=True),
-                chunk_bytes=1 << 16,
-            )
-            threading.Thread(target=session.run, daemon=True).start()
-        strategy = FedAvg(min_fit_clients=3, min_available_clients=3, fraction_evaluate=0.0,
-                          initial_parameters=ndarrays_to_parameters(model))  # fmt: skip
-        strategy.accumulator = "model"
-        config = ServerConfig(num_rounds=2, round_timeout=60)
-        engine = Engine(strategy=strategy, transport=server, client_manager=manager,
-                        config=config, ordered=False)  # fmt: skip
-        history = engine.run()
-    finally:
-        _Staging._take = take  # type: ignore[method-assign]
-        server.finish_run()
+    history, engine, staged = engine_over_sessions(
+        model, handler, list(deltas), accumulator="model", max_staged_bytes=1 << 20
+    )
     assert [r["fit"]["num_results"] for r in history.rounds] == [3, 3]
     expected = [m + 2 * 3.0 for m in model]  # every round adds the mean delta, 3
     assert all(
         np.array_equal(a, b) for a, b in zip(engine.parameters.arrays, expected, strict=True)
     )
+    held = [slots for _, slots in staged]
     assert held and max(held) == 1  # 1.2 MB uploads, a 1 MiB budget: one at a time

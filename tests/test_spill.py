@@ -23,13 +23,11 @@ from fedhive.common import FitRes, Message, Status
 from fedhive.common.errors import SerdeError, TransportError
 from fedhive.common.records import Code, ndarrays_to_parameters, parameters_to_ndarrays
 from fedhive.common.spill import SpillFile, page_dropper
-from fedhive.server import ServerConfig
-from fedhive.server.client_manager import SimpleClientManager
-from fedhive.server.engine import Engine
-from fedhive.server.strategy import FedAvg, WeightedMean
+from fedhive.server.strategy import WeightedMean
 from fedhive.server.strategy.aggregate import FOLD_ELEMENTS, is_finite
 from fedhive.transport.frames import Assembler, message_frames
-from fedhive.transport.grpc_server import GrpcServer, _Staging
+from fedhive.transport.grpc_server import GrpcServer
+from grpc_helpers import engine_over_sessions
 
 
 def spilled(array: np.ndarray, directory: Path | None = None, pieces: int = 3) -> np.ndarray:
@@ -196,8 +194,6 @@ def test_spill_options_are_checked(tmp_path: Path) -> None:
 
 
 def test_grpc_round_with_every_upload_on_disk_refuses_a_bad_one_whole(tmp_path: Path) -> None:
-    from fedhive.transport.grpc_client import ClientSecurity, ClientSession
-
     model = [np.arange(200_000, dtype=np.float32) % 97, np.ones((30, 20), np.float32)]
     deltas = {"a": 1.0, "b": 5.0, "bad": 100.0}
 
@@ -211,41 +207,9 @@ def test_grpc_round_with_every_upload_on_disk_refuses_a_bad_one_whole(tmp_path: 
 
         return handle
 
-    manager = SimpleClientManager(wait_timeout=20.0)
-    server = GrpcServer(
-        "127.0.0.1:0",
-        client_manager=manager,
-        chunk_bytes=1 << 14,
-        spill_bytes=1,
-        spill_dir=tmp_path,
-    ).start()
-    took: list[int] = []
-    take = _Staging._take
-
-    def tracking_take(self: _Staging, nbytes: int) -> None:
-        take(self, nbytes)
-        took.append(nbytes)
-
-    _Staging._take = tracking_take  # type: ignore[method-assign]
-    try:
-        for node in deltas:
-            session = ClientSession(
-                f"127.0.0.1:{server.port}",
-                node,
-                handler(node),
-                security=ClientSecurity(insecure=True),
-                chunk_bytes=1 << 14,
-            )
-            threading.Thread(target=session.run, daemon=True).start()
-        strategy = FedAvg(min_fit_clients=3, min_available_clients=3, fraction_evaluate=0.0,
-                          initial_parameters=ndarrays_to_parameters(model))  # fmt: skip
-        config = ServerConfig(num_rounds=2, round_timeout=60)
-        engine = Engine(strategy=strategy, transport=server, client_manager=manager,
-                        config=config, ordered=False)  # fmt: skip
-        history = engine.run()
-    finally:
-        _Staging._take = take  # type: ignore[method-assign]
-        server.finish_run()
+    history, engine, staged = engine_over_sessions(
+        model, handler, list(deltas), chunk_bytes=1 << 14, spill_bytes=1, spill_dir=tmp_path
+    )
     assert [r["fit"]["num_results"] for r in history.rounds] == [2, 2]
     assert [[f["client_id"] for f in r["failures"]] for r in history.rounds] == [["bad"]] * 2
     assert all("NaN" in f["reason"] for r in history.rounds for f in r["failures"])
@@ -253,6 +217,6 @@ def test_grpc_round_with_every_upload_on_disk_refuses_a_bad_one_whole(tmp_path: 
     assert all(
         np.array_equal(a, b) for a, b in zip(engine.parameters.arrays, expected, strict=True)
     )
-    assert took == []  # no upload was staged in memory
+    assert staged == []  # no upload was staged in memory
     gc.collect()
     assert os.listdir(tmp_path) == []

@@ -8,7 +8,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -215,8 +215,8 @@ def start_clients(
                             chunk_bytes=chunk_bytes or DEFAULT_CHUNK_BYTES,
                             heartbeat_interval=heartbeat_interval,
                             audit=audit,
-                            executor=executor,
                         ),
+                        executor,
                         _Backoff(max_retries, max_wait_time),
                         persistent,
                     )
@@ -239,6 +239,7 @@ async def _run_node(
     node: str,
     handle: Callable[[Message], Message],
     session_args: dict[str, object],
+    executor: Executor,
     backoff: _Backoff,
     persistent: bool,
 ) -> None:
@@ -248,6 +249,7 @@ async def _run_node(
 
     while True:
         session = AsyncClientSession(address, node, handle, **session_args)  # type: ignore[arg-type]
+        session.executor = executor
         try:
             end = await session.run()
         except Retryable as exc:

@@ -12,21 +12,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from concurrent.futures import Executor
 
 import grpc
 from grpc import aio
 
-from fedhive.common.errors import SerdeError, TransportError
-from fedhive.common.message import Message
-from fedhive.transport.codec import decode_wire, encode_wire
-from fedhive.transport.frames import DEFAULT_CHUNK_BYTES, PROTOCOL_VERSION, Assembler, BufferPool
+from fedhive.transport.codec import encode_wire
+from fedhive.transport.frames import Assembler
 from fedhive.transport.grpc_client import (
-    AuditLog,
     ClientSecurity,
     Retryable,
     SessionEnd,
+    SessionOptions,
+    check_welcome,
+    read_task,
     translate_rpc_error,
 )
 from fedhive.transport.proto.fleet_pb2 import Frame
@@ -55,63 +54,32 @@ def _identity(frame: bytes) -> bytes:
     return frame
 
 
-class AsyncClientSession:
+class AsyncClientSession(SessionOptions):
     """One connection on the running event loop: HELLO, then tasks in and replies out
     until BYE or a failure.
 
-    ``handle(task) -> reply`` runs in ``executor`` (the loop's default executor when
+    ``handle(task) -> reply`` runs in :attr:`executor` (the loop's default executor when
     ``None``). :meth:`run` raises :class:`~fedhive.common.errors.AuthenticationError` if
     refused, :class:`~fedhive.transport.grpc_client.Retryable` (or another
     :class:`~fedhive.common.errors.TransportError`) if the connection fails, and returns
     :class:`~fedhive.transport.grpc_client.SessionEnd` after a BYE.
     """
 
-    def __init__(
-        self,
-        address: str,
-        node_id: str,
-        handle: Callable[[Message], Message],
-        *,
-        security: ClientSecurity,
-        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-        max_message_bytes: int = 1 << 40,
-        heartbeat_interval: float = 5.0,
-        audit: AuditLog | None = None,
-        protocol_version: int = PROTOCOL_VERSION,
-        executor: Executor | None = None,
-    ) -> None:
-        self.address = address
-        self.node_id = node_id
-        self.handle = handle
-        self.security = security
-        self.chunk_bytes = chunk_bytes
-        self.max_message_bytes = max_message_bytes
-        self.heartbeat_interval = heartbeat_interval
-        self.audit = audit
-        self.protocol_version = protocol_version
-        self.executor = executor
-        self._buffers = BufferPool(max_free=1)
+    #: Where ``handle`` runs; ``None``: the event loop's default executor.
+    executor: Executor | None = None
+
+    def _setup(self) -> None:
         self._write_lock = asyncio.Lock()
 
     async def run(self) -> SessionEnd:
-        options = [
-            ("grpc.max_receive_message_length", self.chunk_bytes + (1 << 16)),
-            ("grpc.max_send_message_length", self.chunk_bytes + (1 << 16)),
-        ]
-        channel = aio_channel(self.security, self.address, options)
+        channel = aio_channel(self.security, self.address, self.channel_options())
         beat: asyncio.Task[None] | None = None
         try:
             join = channel.stream_stream(
                 METHOD, request_serializer=_identity, response_deserializer=parse_frame
             )
             call = join()
-            hello = Frame(
-                kind=Frame.HELLO,
-                protocol_version=self.protocol_version,
-                node_id=self.node_id,
-                token=self.security.token,
-            )
-            await self._write(call, [hello.SerializeToString()])
+            await self._write(call, [self.hello().SerializeToString()])
             await self._welcome(call)
             beat = asyncio.get_running_loop().create_task(self._heartbeat(call))
             return await self._serve(call)
@@ -146,29 +114,16 @@ class AsyncClientSession:
         first = await self._read(call)
         if first is None:
             raise Retryable(f"{self.address} closed the connection before WELCOME")
-        if first.kind == Frame.ERROR:
-            raise TransportError(f"the server refused this client: {first.text}")
-        if first.kind != Frame.WELCOME:
-            raise TransportError(f"expected WELCOME from the server, got frame kind {first.kind}")
-        log.info("joined %s as %s", self.address, self.node_id)
+        check_welcome(first, self.address, self.node_id)
 
     async def _serve(self, call: aio.StreamStreamCall) -> SessionEnd:
         assembler = Assembler(self.max_message_bytes, pool=self._buffers)
         loop = asyncio.get_running_loop()
         while (frame := await self._read(call)) is not None:
-            if frame.kind == Frame.BYE:
-                return SessionEnd(frame.text or "the server ended the run")
-            if frame.kind == Frame.ERROR:
-                raise TransportError(f"the server reported an error: {frame.text}")
-            if frame.kind != Frame.MESSAGE:
-                continue
-            try:
-                done = assembler.add(frame)
-                if done is None:
-                    continue
-                task = decode_wire(done[1])
-            except SerdeError as exc:
-                log.warning("dropped a malformed task from the server: %s", exc)
+            task = read_task(frame, assembler)
+            if isinstance(task, SessionEnd):
+                return task
+            if task is None:
                 continue
             reply = await loop.run_in_executor(self.executor, self.handle, task)
             del task  # the received model, unless the reply shares it

@@ -20,7 +20,13 @@ from fedhive.common.message import Message
 from fedhive.transport.codec import decode_wire, encode_wire
 from fedhive.transport.frames import DEFAULT_CHUNK_BYTES, PROTOCOL_VERSION, Assembler, BufferPool
 from fedhive.transport.proto.fleet_pb2 import Frame
-from fedhive.transport.wire import METHOD, message_frame_bytes, parse_frame, serialize_frame
+from fedhive.transport.wire import (
+    METHOD,
+    WireFrame,
+    message_frame_bytes,
+    parse_frame,
+    serialize_frame,
+)
 
 __all__ = [
     "AuditLog",
@@ -28,6 +34,9 @@ __all__ = [
     "ClientSession",
     "Retryable",
     "SessionEnd",
+    "SessionOptions",
+    "check_welcome",
+    "read_task",
     "translate_rpc_error",
 ]
 
@@ -91,13 +100,9 @@ class SessionEnd:
     reason: str
 
 
-class ClientSession:
-    """One connection: HELLO, then tasks in and replies out until BYE or a failure.
-
-    ``handle(task) -> reply`` does the client's work. Raises
-    :class:`AuthenticationError` if refused, :class:`TransportError` if the connection
-    fails (the caller may retry), and returns :class:`SessionEnd` after a BYE.
-    """
+class SessionOptions:
+    """What every client session is given: the server, this node, its work
+    (``handle(task) -> reply``), its credentials and the protocol's sizes and timers."""
 
     def __init__(
         self,
@@ -121,11 +126,40 @@ class ClientSession:
         self.heartbeat_interval = heartbeat_interval
         self.audit = audit
         self.protocol_version = protocol_version
+        self._buffers = BufferPool(max_free=1)
+        self._setup()
+
+    def _setup(self) -> None:
+        """What a kind of session adds to its state at construction."""
+
+    def channel_options(self) -> list[tuple[str, int]]:
+        return [
+            ("grpc.max_receive_message_length", self.chunk_bytes + (1 << 16)),
+            ("grpc.max_send_message_length", self.chunk_bytes + (1 << 16)),
+        ]
+
+    def hello(self) -> Frame:
+        return Frame(
+            kind=Frame.HELLO,
+            protocol_version=self.protocol_version,
+            node_id=self.node_id,
+            token=self.security.token,
+        )
+
+
+class ClientSession(SessionOptions):
+    """One connection: HELLO, then tasks in and replies out until BYE or a failure.
+
+    ``handle(task) -> reply`` does the client's work. Raises
+    :class:`AuthenticationError` if refused, :class:`TransportError` if the connection
+    fails (the caller may retry), and returns :class:`SessionEnd` after a BYE.
+    """
+
+    def _setup(self) -> None:
         self._outbox: queue.SimpleQueue[Iterable[Frame | bytes] | None] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._requests_started = threading.Event()
         self._requests_done = threading.Event()
-        self._buffers = BufferPool(max_free=1)
 
     def _requests(self) -> Iterator[Frame | bytes]:
         self._requests_started.set()
@@ -143,24 +177,14 @@ class ClientSession:
             self._outbox.put([Frame(kind=Frame.HEARTBEAT)])
 
     def run(self) -> SessionEnd:
-        options = [
-            ("grpc.max_receive_message_length", self.chunk_bytes + (1 << 16)),
-            ("grpc.max_send_message_length", self.chunk_bytes + (1 << 16)),
-        ]
-        channel = self.security.channel(self.address, options)
+        channel = self.security.channel(self.address, self.channel_options())
         beat = threading.Thread(target=self._heartbeat, daemon=True)
         try:
             join = channel.stream_stream(
                 METHOD, request_serializer=serialize_frame, response_deserializer=parse_frame
             )
             responses = join(self._requests())
-            hello = Frame(
-                kind=Frame.HELLO,
-                protocol_version=self.protocol_version,
-                node_id=self.node_id,
-                token=self.security.token,
-            )
-            self._outbox.put([hello])
+            self._outbox.put([self.hello()])
             self._welcome(responses)
             beat.start()
             return self._serve(responses)
@@ -184,29 +208,15 @@ class ClientSession:
             self._requests_done.wait(timeout=2.0)
 
     def _welcome(self, responses: Any) -> None:
-        first = next(responses)
-        if first.kind == Frame.ERROR:
-            raise TransportError(f"the server refused this client: {first.text}")
-        if first.kind != Frame.WELCOME:
-            raise TransportError(f"expected WELCOME from the server, got frame kind {first.kind}")
-        log.info("joined %s as %s", self.address, self.node_id)
+        check_welcome(next(responses), self.address, self.node_id)
 
     def _serve(self, responses: Any) -> SessionEnd:
         assembler = Assembler(self.max_message_bytes, pool=self._buffers)
         for frame in responses:
-            if frame.kind == Frame.BYE:
-                return SessionEnd(frame.text or "the server ended the run")
-            if frame.kind == Frame.ERROR:
-                raise TransportError(f"the server reported an error: {frame.text}")
-            if frame.kind != Frame.MESSAGE:
-                continue
-            try:
-                done = assembler.add(frame)
-                if done is None:
-                    continue
-                task = decode_wire(done[1])
-            except SerdeError as exc:
-                log.warning("dropped a malformed task from the server: %s", exc)
+            task = read_task(frame, assembler)
+            if isinstance(task, SessionEnd):
+                return task
+            if task is None:
                 continue
             reply = self.handle(task)
             del task  # the received model, unless the reply shares it
@@ -229,6 +239,33 @@ class ClientSession:
         self._outbox.put(_then_set(frames, sent))
         while not sent.wait(0.5) and call.is_active():
             pass
+
+
+def check_welcome(first: Frame | WireFrame, address: str, node_id: str) -> None:
+    """Raise unless the server's first frame admits this client."""
+    if first.kind == Frame.ERROR:
+        raise TransportError(f"the server refused this client: {first.text}")
+    if first.kind != Frame.WELCOME:
+        raise TransportError(f"expected WELCOME from the server, got frame kind {first.kind}")
+    log.info("joined %s as %s", address, node_id)
+
+
+def read_task(frame: Frame | WireFrame, assembler: Assembler) -> Message | SessionEnd | None:
+    """One frame from the server: a complete task, the end of the run, or ``None`` (more
+    to come, or a malformed task that was dropped with a warning). Raises
+    :class:`TransportError` when the server reports an error."""
+    if frame.kind == Frame.BYE:
+        return SessionEnd(frame.text or "the server ended the run")
+    if frame.kind == Frame.ERROR:
+        raise TransportError(f"the server reported an error: {frame.text}")
+    if frame.kind != Frame.MESSAGE:
+        return None
+    try:
+        done = assembler.add(frame)
+        return None if done is None else decode_wire(done[1])
+    except SerdeError as exc:
+        log.warning("dropped a malformed task from the server: %s", exc)
+        return None
 
 
 def translate_rpc_error(exc: grpc.RpcError, address: str) -> Exception:
