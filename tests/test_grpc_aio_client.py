@@ -18,7 +18,7 @@ from fedhive.common import ConfigError
 from fedhive.common.records import ndarrays_to_parameters
 from fedhive.server import ServerConfig
 from fedhive.server.strategy import FedAvg
-from grpc_helpers import ServerThread, client_process, finish
+from grpc_helpers import ServerThread, client_process, finish, make_certificates
 
 
 def _threads(pid: int) -> int:
@@ -96,6 +96,26 @@ def test_a_refused_node_stops_the_group_with_an_error_naming_it() -> None:
     assert "AuthenticationError: node 't-" in err and "refused" in err
     history = server.join(timeout=60)  # it gave up waiting for enrolled clients
     assert all(r.get("fit", {}).get("num_results", 0) == 0 for r in history.rounds)
+
+
+def test_nodes_over_mutual_tls_with_their_own_tokens(tmp_path) -> None:
+    certs = make_certificates(tmp_path)
+    read = {k: v.read_bytes() for k, v in certs.items()}
+    server = ServerThread(
+        config=ServerConfig(num_rounds=1),
+        strategy=_strategy(3),
+        certificates=(read["ca"], read["server"], read["server_key"]),
+        require_client_auth=True,
+        auth_tokens={f"m-{i}": "tok" for i in range(3)},
+    ).start()
+    tls = ["--ca", str(certs["ca"]), "--cert", str(certs["client"]),
+           "--key", str(certs["client_key"])]  # fmt: skip
+    proc = client_process(server.address, "--aio", "--sessions", "3", "--node-id", "m",
+                          "--token", "tok", *tls)  # fmt: skip
+    history = server.join(timeout=60)
+    ((code, err),) = finish([proc], timeout=30)
+    assert code == 0, err
+    assert history.rounds[-1]["fit"]["num_results"] == 3
 
 
 def test_node_ids_are_checked() -> None:

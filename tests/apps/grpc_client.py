@@ -120,12 +120,19 @@ def aio_many(args) -> int:
         return AddClient(index % 3, args.mode).to_client()
 
     nodes = [f"{args.node_id or 'c'}-{i}" for i in range(args.sessions)]
+    tls = {}
+    if args.ca:
+        tls = {"root_certificates": Path(args.ca).read_bytes()}
+        if args.cert:
+            tls["certificate_chain"] = Path(args.cert).read_bytes()
+            tls["private_key"] = Path(args.key).read_bytes()
     try:
         fl.client.start_clients(
             server_address=args.address,
             client_fn=client_fn,
             node_ids=nodes,
-            insecure=True,
+            insecure=not args.ca,
+            **tls,
             auth_tokens={node: args.token for node in nodes} if args.token else None,
             max_retries=20,
             heartbeat_interval=args.heartbeat,

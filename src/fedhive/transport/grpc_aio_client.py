@@ -40,13 +40,9 @@ def aio_channel(
     security: ClientSecurity, address: str, options: list[tuple[str, int]]
 ) -> aio.Channel:
     """A ``grpc.aio`` channel to ``address`` with ``security``'s credentials."""
-    if security.insecure:
+    creds = security.credentials()
+    if creds is None:
         return aio.insecure_channel(address, options=options)
-    creds = grpc.ssl_channel_credentials(
-        root_certificates=security.root_certificates,
-        private_key=security.private_key,
-        certificate_chain=security.certificate_chain,
-    )
     return aio.secure_channel(address, creds, options=options)
 
 

@@ -58,14 +58,20 @@ class ClientSecurity:
     private_key: bytes | None = None
     token: str = ""
 
-    def channel(self, address: str, options: list[tuple[str, Any]]) -> grpc.Channel:
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        """TLS credentials of a channel; ``None`` when ``insecure``."""
         if self.insecure:
-            return grpc.insecure_channel(address, options=options)
-        creds = grpc.ssl_channel_credentials(
+            return None
+        return grpc.ssl_channel_credentials(
             root_certificates=self.root_certificates,
             private_key=self.private_key,
             certificate_chain=self.certificate_chain,
         )
+
+    def channel(self, address: str, options: list[tuple[str, Any]]) -> grpc.Channel:
+        creds = self.credentials()
+        if creds is None:
+            return grpc.insecure_channel(address, options=options)
         return grpc.secure_channel(address, creds, options=options)
 
 
