@@ -95,6 +95,17 @@ def _check_tls_flags(
         raise ConfigError("mutual TLS needs both --cert and --key")
 
 
+def _secagg_mods(identity: Path | None, peers: Path | None, node_id: str | None) -> list[Any]:
+    """The enrolled SecAgg+ mod, when --secagg-identity and --secagg-peers are given."""
+    if identity is None and peers is None:
+        return []
+    if identity is None or peers is None or not node_id:
+        raise ConfigError("--secagg-identity and --secagg-peers go together, with --node-id")
+    from fedhive.secagg.identity import enrolled_mod, load_identity, load_peers
+
+    return [enrolled_mod(load_identity(identity), load_peers(peers), node_id)]
+
+
 def client(
     server: Annotated[str, typer.Option("--server", help="the server's HOST:PORT")],
     app: Annotated[
@@ -131,6 +142,17 @@ def client(
     ] = None,
     audit_log: Annotated[
         Path | None, typer.Option(help="append a JSON line per message that leaves this site")
+    ] = None,
+    secagg_identity: Annotated[
+        Path | None,
+        typer.Option(
+            help="this site's SecAgg+ identity key (fedhive secagg keygen); needs "
+            "--secagg-peers and --node-id"
+        ),
+    ] = None,
+    secagg_peers: Annotated[
+        Path | None,
+        typer.Option(help="the enrolled identity keys of all sites (TOML [identities])"),
     ] = None,
     persistent: Annotated[
         bool, typer.Option("--persistent", help="stay up after a run and join the next one")
@@ -171,7 +193,7 @@ def client(
             raise ConfigError("give exactly one of --app MODULE:ATTR or --demo")
         _check_tls_flags(insecure, root_certificates, cert, key)
         secret = _token(token, token_file)
-        mods: list[Any] = []
+        mods: list[Any] = _secagg_mods(secagg_identity, secagg_peers, node_id)
         if policy is not None:
             from fedhive.client.policy import SitePolicy, policy_mod
 

@@ -11,6 +11,7 @@ from rich.console import Console
 
 from fedhive.cli import deploy
 from fedhive.cli.privacy import privacy_command
+from fedhive.cli.secagg_cmd import secagg_app
 from fedhive.common.errors import FedhiveError
 
 app = typer.Typer(
@@ -162,6 +163,7 @@ def _run(
 app.command("privacy")(privacy_command)
 app.command("server")(deploy.server)
 app.command("client")(deploy.client)
+app.add_typer(secagg_app)
 
 
 def main() -> None:

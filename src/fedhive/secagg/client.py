@@ -36,7 +36,7 @@ import numpy as np
 
 from fedhive.client.app import Mod
 from fedhive.client.context import Context
-from fedhive.common.errors import ProtocolError
+from fedhive.common.errors import ConfigError, ProtocolError
 from fedhive.common.message import Message, MessageType
 from fedhive.common.records import (
     FitIns,
@@ -114,19 +114,28 @@ class SecAggPlusMod:
     """The SecAgg+ client mod.
 
     ``trusted_identities`` (node id -> raw Ed25519 public key) pins peers' identity keys,
-    e.g. from enrollment; without it a client trusts the identity keys the server relays,
-    which protects against a server that lies about survivors but not against one that
-    swaps keys (see docs/secure_aggregation.md). ``timings`` (if given) accumulates the
-    seconds spent per stage part, for benchmarks.
+    e.g. from enrollment (:mod:`fedhive.secagg.identity`); without it a client trusts the
+    identity keys the server relays, which protects against a server that lies about
+    survivors but not against one that swaps keys (see docs/secure_aggregation.md).
+    ``identity`` is this site's raw Ed25519 identity secret, the one its peers enrolled;
+    without it each client makes one and keeps it in its state. ``timings`` (if given)
+    accumulates the seconds spent per stage part, for benchmarks.
     """
 
     def __init__(
         self,
         trusted_identities: Mapping[str, bytes] | None = None,
         timings: dict[str, float] | None = None,
+        identity: bytes | None = None,
     ) -> None:
         self.trusted = dict(trusted_identities or {})
         self.timings = timings
+        if identity is not None:  # a malformed secret fails here, not in a round
+            try:
+                p.identity_public(identity)
+            except (TypeError, ValueError):
+                raise ConfigError("identity must be a raw 32-byte Ed25519 secret") from None
+        self.identity = identity
 
     def __repr__(self) -> str:
         return f"SecAggPlusMod(trusted_identities={len(self.trusted)} keys)"
@@ -182,6 +191,8 @@ class SecAggPlusMod:
         state["stage"] = stage
 
     def _identity(self, context: Context) -> bytes:
+        if self.identity is not None:
+            return self.identity
         record = context.state.config_records.setdefault(_IDENTITY, {})
         secret = record.get("secret")
         if not isinstance(secret, bytes):
