@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import queue
@@ -117,8 +118,14 @@ def _good_session(address: str, node: str) -> threading.Thread:
     return thread
 
 
-def test_abusive_frames_are_refused_and_everyone_else_is_served():
-    server = GrpcServer("127.0.0.1:0", max_message_bytes=10_000).start()
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 0
+
+
+@pytest.mark.parametrize("spill_bytes", [None, 1], ids=["in-memory", "on-disk"])
+def test_abusive_frames_are_refused_and_everyone_else_is_served(spill_bytes):
+    fds = _open_fds()
+    server = GrpcServer("127.0.0.1:0", max_message_bytes=10_000, spill_bytes=spill_bytes).start()
     address = f"127.0.0.1:{server.port}"
     try:
         _good_session(address, "good")
@@ -170,6 +177,8 @@ def test_abusive_frames_are_refused_and_everyone_else_is_served():
         channel.close()
     finally:
         server.close()
+    gc.collect()
+    assert _open_fds() <= fds + 8  # no spill file left open (gRPC may keep a few)
 
 
 def _replace_node(message: Message, node: str) -> Message:
@@ -179,8 +188,10 @@ def _replace_node(message: Message, node: str) -> Message:
     return message
 
 
-def test_fuzzed_frames_never_stop_the_server():
-    server = GrpcServer("127.0.0.1:0", max_message_bytes=4096).start()
+@pytest.mark.parametrize("spill_bytes", [None, 1], ids=["in-memory", "on-disk"])
+def test_fuzzed_frames_never_stop_the_server(spill_bytes):
+    fds = _open_fds()
+    server = GrpcServer("127.0.0.1:0", max_message_bytes=4096, spill_bytes=spill_bytes).start()
     address = f"127.0.0.1:{server.port}"
     rng = random.Random(1234)
     try:
@@ -220,6 +231,8 @@ def test_fuzzed_frames_never_stop_the_server():
         channel.close()
     finally:
         server.close()
+    gc.collect()
+    assert _open_fds() <= fds + 8  # no spill file left open (gRPC may keep a few)
 
 
 def test_one_hundred_concurrent_clients_complete_rounds():
