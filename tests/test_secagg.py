@@ -90,7 +90,8 @@ def dropout_mod(drops: dict[str, set[str]]):
     return mod
 
 
-def run(n, workflow, *, mods=(), rounds=1, strategy=None, client=Linear, **kw):
+def run(n, workflow, *, mods=(), rounds=1, strategy=None, client=Linear,
+        secagg_mod=secaggplus_mod, **kw):  # fmt: skip
     capture = Capture()
     strategy = strategy or FedAvg(
         fraction_evaluate=0.0,
@@ -104,7 +105,7 @@ def run(n, workflow, *, mods=(), rounds=1, strategy=None, client=Linear, **kw):
         num_clients=n,
         strategy=strategy,
         config=fl.server.ServerConfig(num_rounds=rounds),
-        mods=[*mods, secaggplus_mod],
+        mods=[*mods, secagg_mod],
         fit_workflow=workflow,
         seed=kw.pop("seed", 0),
         num_workers=kw.pop("num_workers", 2),

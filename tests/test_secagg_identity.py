@@ -13,7 +13,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from typer.testing import CliRunner
 
-import fedhive as fl
 from deploy_helpers import DEMO, TINY_SERVER, fedhive, stop_all
 from fedhive.cli import app
 from fedhive.common.errors import ConfigError
@@ -26,9 +25,7 @@ from fedhive.secagg.identity import (
     load_peers,
     write_identity,
 )
-from fedhive.server.strategy import FedAvg
-from fedhive.simulation import start_simulation
-from test_secagg import SHAPES, Capture, Linear, plain_mean
+from test_secagg import plain_mean, run
 
 runner = CliRunner()
 
@@ -117,23 +114,8 @@ def _enrolled_run(n, identities, peers):
     def per_node(message, context, call_next):
         return mods[context.node_id](message, context, call_next)
 
-    capture = Capture()
-    strategy = FedAvg(
-        fraction_evaluate=0.0,
-        initial_parameters=fl.common.ndarrays_to_parameters(
-            [np.zeros(s, np.float32) for s in SHAPES]
-        ),
-        evaluate_fn=capture,
-    )
-    history = start_simulation(
-        client_fn=lambda cid: Linear(int(cid)),
-        num_clients=n,
-        strategy=strategy,
-        config=fl.server.ServerConfig(num_rounds=1),
-        mods=[per_node],
-        fit_workflow=SecAggPlusWorkflow(degree="complete", threshold=3, bits=16, clip=0.05),
-        seed=0,
-    )
+    workflow = SecAggPlusWorkflow(degree="complete", threshold=3, bits=16, clip=0.05)
+    history, capture = run(n, workflow, secagg_mod=per_node)
     return history, capture
 
 
