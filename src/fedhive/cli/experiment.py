@@ -324,6 +324,41 @@ def build_strategy(
     return strategy, mods
 
 
+def model_strategy(
+    st: StrategyConfig,
+    spec: ModelSpec,
+    dataset: Dataset,
+    fit_config: Config,
+    seed: int,
+    *,
+    min_available_clients: int,
+) -> tuple[Strategy, tuple[Mod, ...]]:
+    """:func:`build_strategy` with the FedAvg arguments of ``fedhive run`` and ``fedhive
+    server``: ``[strategy]``'s sampling, ``fit_config`` sent every round, the initial model
+    of ``spec`` for ``seed``, weighted metric averages and (if ``centralized_eval``) the
+    model's loss and accuracy on ``dataset``'s test split."""
+
+    def evaluate_fn(
+        server_round: int, parameters: NDArrays, config: dict[str, Scalar]
+    ) -> tuple[float, dict[str, Scalar]]:
+        loss, acc = evaluate_params(spec, parameters, dataset.x_test, dataset.y_test)
+        return loss, {"accuracy": acc}
+
+    fedavg_args: dict[str, Any] = {
+        "fraction_fit": st.fraction_fit,
+        "fraction_evaluate": st.fraction_evaluate,
+        "min_fit_clients": st.min_fit_clients,
+        "min_evaluate_clients": st.min_evaluate_clients,
+        "min_available_clients": min_available_clients,
+        "evaluate_fn": evaluate_fn if st.centralized_eval else None,
+        "on_fit_config_fn": lambda rnd: dict(fit_config),
+        "initial_parameters": ndarrays_to_parameters(spec.initial(seed)),
+        "fit_metrics_aggregation_fn": weighted_average,
+        "evaluate_metrics_aggregation_fn": weighted_average,
+    }
+    return build_strategy(st, fit_config, fedavg_args)
+
+
 def build_experiment(cfg: ExperimentConfig) -> Experiment:
     dataset = load_data(cfg)
     partition = make_partition(cfg, dataset)
@@ -339,26 +374,14 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
         "momentum": train.momentum,
     }
 
-    def evaluate_fn(
-        server_round: int, parameters: NDArrays, config: dict[str, Scalar]
-    ) -> tuple[float, dict[str, Scalar]]:
-        loss, acc = evaluate_params(spec, parameters, dataset.x_test, dataset.y_test)
-        return loss, {"accuracy": acc}
-
-    st = cfg.strategy
-    fedavg_args: dict[str, Any] = {
-        "fraction_fit": st.fraction_fit,
-        "fraction_evaluate": st.fraction_evaluate,
-        "min_fit_clients": st.min_fit_clients,
-        "min_evaluate_clients": st.min_evaluate_clients,
-        "min_available_clients": min(cfg.num_clients, max(st.min_fit_clients, 1)),
-        "evaluate_fn": evaluate_fn if st.centralized_eval else None,
-        "on_fit_config_fn": lambda rnd: dict(fit_config),
-        "initial_parameters": ndarrays_to_parameters(spec.initial(cfg.seed)),
-        "fit_metrics_aggregation_fn": weighted_average,
-        "evaluate_metrics_aggregation_fn": weighted_average,
-    }
-    strategy, mods = build_strategy(st, fit_config, fedavg_args)
+    strategy, mods = model_strategy(
+        cfg.strategy,
+        spec,
+        dataset,
+        fit_config,
+        cfg.seed,
+        min_available_clients=min(cfg.num_clients, max(cfg.strategy.min_fit_clients, 1)),
+    )
     return Experiment(cfg, dataset, partition, client_fn, strategy, mods)
 
 

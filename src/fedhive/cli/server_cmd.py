@@ -12,13 +12,7 @@ from rich.markup import escape
 
 from fedhive.cli.config import apply_overrides, load_config, parse_override
 from fedhive.cli.deploy_common import console, err, experiment_config, set_log_level
-from fedhive.cli.experiment import (
-    ModelSpec,
-    build_strategy,
-    evaluate_params,
-    load_data,
-    weighted_average,
-)
+from fedhive.cli.experiment import ModelSpec, load_data, model_strategy
 from fedhive.cli.server_config import (
     DeployConfig,
     load_tokens,
@@ -27,7 +21,7 @@ from fedhive.cli.server_config import (
 )
 from fedhive.client.app import Mod
 from fedhive.common.errors import ConfigError, FedhiveError
-from fedhive.common.records import Config, NDArrays, Scalar, ndarrays_to_parameters
+from fedhive.common.records import Config
 from fedhive.data import Dataset
 from fedhive.server.engine import Engine, RoundCallback
 from fedhive.server.history import History
@@ -49,27 +43,10 @@ def server_strategy(cfg: DeployConfig) -> tuple[Strategy, tuple[Mod, ...], Datas
     in_dim = int(np.prod(data.x_train.shape[1:]))
     spec = ModelSpec(cfg.model.name, in_dim, data.num_classes, cfg.model.hidden)
     fit_config: Config = dict(cfg.train.model_dump())
-
-    def evaluate_fn(
-        server_round: int, parameters: NDArrays, config: dict[str, Scalar]
-    ) -> tuple[float, dict[str, Scalar]]:
-        loss, acc = evaluate_params(spec, parameters, data.x_test, data.y_test)
-        return loss, {"accuracy": acc}
-
     st = cfg.strategy
-    fedavg_args: dict[str, Any] = {
-        "fraction_fit": st.fraction_fit,
-        "fraction_evaluate": st.fraction_evaluate,
-        "min_fit_clients": st.min_fit_clients,
-        "min_evaluate_clients": st.min_evaluate_clients,
-        "min_available_clients": st.min_available_clients,
-        "evaluate_fn": evaluate_fn if st.centralized_eval else None,
-        "on_fit_config_fn": lambda rnd: dict(fit_config),
-        "initial_parameters": ndarrays_to_parameters(spec.initial(cfg.seed)),
-        "fit_metrics_aggregation_fn": weighted_average,
-        "evaluate_metrics_aggregation_fn": weighted_average,
-    }
-    strategy, mods = build_strategy(st, fit_config, fedavg_args)
+    strategy, mods = model_strategy(
+        st, spec, data, fit_config, cfg.seed, min_available_clients=st.min_available_clients
+    )
     if cfg.memory.accumulator != "float64":
         _set_accumulator(strategy, cfg.memory.accumulator, st.name)
     return strategy, mods, data
