@@ -29,6 +29,7 @@ from fedhive.server.client_manager import SimpleClientManager
 from fedhive.server.engine import Engine
 from fedhive.server.history import History
 from fedhive.server.strategy import FedAvg
+from grpc_helpers import finish
 
 DELTAS = (2.0, 6.0)
 WEIGHTS = (1, 3)
@@ -93,18 +94,6 @@ def spawn_clients(address: str, num_params: int, chunk_bytes: int | None) -> lis
         )
         for pid in range(2)
     ]
-
-
-def finish(procs: list[Any], timeout: float) -> list[tuple[int, str]]:
-    out = []
-    for proc in procs:
-        try:
-            _, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            _, err = proc.communicate()
-        out.append((proc.returncode, err))
-    return out
 
 
 def check_history(history: History, checks: Checks, results: list[tuple[int, str]]) -> None:

@@ -13,10 +13,9 @@ from typing import Any
 import pytest
 
 import fedhive as fl
-from fedhive.common import ndarrays_to_parameters
 from fedhive.server import ServerConfig
-from fedhive.server.strategy import FedAvg
-from test_grpc_big_model import Checks, finish, make_model, spawn_clients
+from grpc_helpers import finish
+from test_grpc_big_model import Checks, spawn_clients, strategy
 
 NUM_PARAMS = 590_000_000  # 2.2 GiB of float32
 
@@ -25,16 +24,8 @@ NUM_PARAMS = 590_000_000  # 2.2 GiB of float32
 @pytest.mark.timeout(1800)
 def test_model_over_2_gib_round_trips() -> None:
     checks = Checks(NUM_PARAMS)
-    strategy = FedAvg(
-        fraction_fit=1.0,
-        fraction_evaluate=0.0,
-        min_fit_clients=2,
-        min_available_clients=2,
-        evaluate_fn=checks.evaluate,
-        on_fit_config_fn=lambda server_round: {"round": server_round},
-        initial_parameters=ndarrays_to_parameters(make_model(NUM_PARAMS)),
-    )
-    strategy.accumulator = "model"  # float32 sums: exact here (small integers)
+    fedavg = strategy(NUM_PARAMS, checks)
+    fedavg.accumulator = "model"  # float32 sums: exact here (small integers)
     procs: list[Any] = []
 
     def started(server: Any) -> None:
@@ -44,7 +35,7 @@ def test_model_over_2_gib_round_trips() -> None:
         history = fl.server.start_server(
             server_address="127.0.0.1:0",
             config=ServerConfig(num_rounds=1, round_timeout=1200.0),
-            strategy=strategy,
+            strategy=fedavg,
             wait_timeout=300.0,
             on_started=started,
         )
