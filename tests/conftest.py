@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import sys
 import threading
 import time
 
@@ -75,3 +77,18 @@ def release():
     event = threading.Event()
     yield event
     event.set()
+
+
+@pytest.fixture
+def restore_process_state(monkeypatch):
+    """The CLI commands set the fedhive logger's level and put --app-dir on sys.path; the
+    processes a test started are stopped, even when it failed. A module asks for it with
+    ``pytestmark = pytest.mark.usefixtures("restore_process_state")``."""
+    monkeypatch.setattr(sys, "path", sys.path.copy())
+    logger = logging.getLogger("fedhive")
+    level = logger.level
+    yield
+    logger.setLevel(level)
+    from deploy_helpers import stop_all
+
+    stop_all()

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import logging
-import sys
 
 import pytest
 from typer.testing import CliRunner
 
-from deploy_helpers import APPS, DEMO, TINY_SERVER, fedhive, stop_all
+from deploy_helpers import APPS, DEMO, TINY_SERVER, fedhive
 from fedhive.cli import app
 from fedhive.cli.deploy import DeployConfig, load_tokens, validate_server_config
 from fedhive.common import ConfigError
@@ -18,15 +16,7 @@ from grpc_helpers import make_certificates
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def _restore_process_state(monkeypatch):
-    """The commands set the fedhive logger's level and put --app-dir on sys.path."""
-    monkeypatch.setattr(sys, "path", sys.path.copy())
-    logger = logging.getLogger("fedhive")
-    level = logger.level
-    yield
-    logger.setLevel(level)
-    stop_all()  # the processes a test started, even when it failed
+pytestmark = pytest.mark.usefixtures("restore_process_state")
 
 
 def invoke(*args):

@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from typer.testing import CliRunner
 
-from deploy_helpers import DEMO, TINY_SERVER, fedhive, stop_all
+from deploy_helpers import DEMO, TINY_SERVER, fedhive
 from fedhive.cli import app
 from fedhive.common.errors import ConfigError
 from fedhive.secagg import SecAggPlusMod, SecAggPlusWorkflow
@@ -30,10 +30,7 @@ from test_secagg import plain_mean, run
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def _stop_children():
-    yield
-    stop_all()
+pytestmark = pytest.mark.usefixtures("restore_process_state")
 
 
 # -- key files and the peers file ------------------------------------------------------------

@@ -4,14 +4,12 @@ validation as `fedhive run`, refusals in-process, and real federations as proces
 from __future__ import annotations
 
 import json
-import logging
-import sys
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from deploy_helpers import APPS, DEMO, fedhive, stop_all
+from deploy_helpers import APPS, DEMO, TINY_SERVER, fedhive
 from fedhive.cli import app
 from fedhive.cli.deploy import server_strategy, validate_server_config
 from fedhive.cli.experiment import ModelSpec
@@ -21,37 +19,15 @@ from fedhive.server.strategy import FedAdam, FedAvg, FedProx, Krum
 
 runner = CliRunner()
 
-SERVER = """\
-rounds = {rounds}
-round_timeout = 30
-wait_timeout = 30
-out = "out"
-[strategy]
-min_fit_clients = 2
-min_evaluate_clients = 2
-min_available_clients = 2
-{strategy}
-[model]
-name = "logreg"
-[data]
-dataset = "digits"
-[train]
-local_epochs = 1
-lr = 0.1
-"""
+# deploy_helpers' tiny server config with a [strategy] line to fill in
+SERVER = TINY_SERVER.replace(
+    "min_available_clients = 2\n", "min_available_clients = 2\n{strategy}\n"
+)
 
 SMALL = {"model": {"name": "logreg"}, "data": {"dataset": "digits"}}
 
 
-@pytest.fixture(autouse=True)
-def _restore_process_state(monkeypatch):
-    """The commands set the fedhive logger's level and put --app-dir on sys.path."""
-    monkeypatch.setattr(sys, "path", sys.path.copy())
-    logger = logging.getLogger("fedhive")
-    level = logger.level
-    yield
-    logger.setLevel(level)
-    stop_all()
+pytestmark = pytest.mark.usefixtures("restore_process_state")
 
 
 def invoke(*args):
