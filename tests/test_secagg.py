@@ -26,7 +26,7 @@ from fedhive.secagg import primitives as p
 from fedhive.secagg.client import STAGE_ADVERTISE, STAGE_CONSISTENCY, STAGE_SHARE, STAGE_UNMASK
 from fedhive.secagg.config import neighbour_graph
 from fedhive.secagg.server import _SecureRound
-from fedhive.server.strategy import FedAdam, FedAvg, FedMedian, Krum
+from fedhive.server.strategy import FedAdam, FedAvg, FedMedian, Krum, Scaffold
 from fedhive.simulation import start_simulation
 from fedhive.transport.codec import encode_message
 
@@ -247,7 +247,7 @@ def test_strategies_that_need_individual_updates_are_refused():
         )
         == "num_examples"
     )
-    for strategy in (FedMedian(), Krum(num_malicious_clients=1)):
+    for strategy in (FedMedian(), Krum(num_malicious_clients=1), Scaffold()):
         with pytest.raises(ConfigError, match="needs individual updates"):
             check_secagg_compatible(strategy)
     with pytest.raises(ConfigError, match="needs individual updates"):

@@ -25,8 +25,8 @@ from fedhive.common.records import Config
 from fedhive.data import Dataset
 from fedhive.server.engine import Engine, RoundCallback
 from fedhive.server.history import History
-from fedhive.server.strategy import FedAvg, Strategy
-from fedhive.server.strategy.composed import ComposedStrategy, MeanRule
+from fedhive.server.strategy import Strategy
+from fedhive.server.strategy.composed import plain_mean
 
 __all__ = ["describe_strategy", "server", "server_strategy"]
 
@@ -53,21 +53,15 @@ def server_strategy(cfg: DeployConfig) -> tuple[Strategy, tuple[Mod, ...], Datas
 
 
 def _set_accumulator(strategy: Strategy, accumulator: str, name: str) -> None:
-    """Set the weighted mean's accumulator of ``strategy`` (FedAvg, or a composed strategy
-    with FedAvg's rule), or of the strategy a wrapper holds."""
-    inner: object = strategy
-    while not isinstance(inner, FedAvg | ComposedStrategy) and hasattr(inner, "strategy"):
-        inner = inner.strategy
-    if isinstance(inner, ComposedStrategy) and isinstance(inner.rule, MeanRule):
-        inner.rule.accumulator = accumulator
-        return
-    if not isinstance(inner, FedAvg):
+    """Set the accumulator of ``strategy``'s weighted mean (see ``plain_mean``)."""
+    mean = plain_mean(strategy)
+    if mean is None:
         raise ConfigError(
             f"memory.accumulator = {accumulator!r} applies to strategies that take a weighted "
             "mean (FedAvg, FedProx, FedAvgM, FedAdam, ...); "
             f"strategy {name!r} keeps a float64 aggregate (remove memory.accumulator)"
         )
-    inner.accumulator = accumulator
+    mean.accumulator = accumulator
 
 
 def describe_strategy(cfg: DeployConfig, mods: tuple[Mod, ...]) -> str:

@@ -70,8 +70,7 @@ def check_secagg_compatible(strategy: Strategy) -> str:
     Raises :class:`ConfigError` for strategies that need individual updates.
     """
     from fedhive.privacy.central import _DpStrategy
-    from fedhive.server.strategy.composed import ComposedStrategy, MeanRule
-    from fedhive.server.strategy.fedavg import FedAvg
+    from fedhive.server.strategy.composed import plain_mean
 
     if getattr(strategy, "secure_aggregation_compatible", None) is True:
         return "num_examples"
@@ -84,10 +83,7 @@ def check_secagg_compatible(strategy: Strategy) -> str:
             )
         check_secagg_compatible(strategy.strategy)
         return "uniform"
-    if isinstance(strategy, ComposedStrategy) and type(strategy.rule) is MeanRule:
-        return "num_examples"
-    plain_fedavg = isinstance(strategy, FedAvg) and not isinstance(strategy, ComposedStrategy)
-    if plain_fedavg and type(strategy).aggregate_fit is FedAvg.aggregate_fit:
+    if plain_mean(strategy) is not None:
         return "num_examples"
     name = type(getattr(strategy, "rule", strategy)).__name__
     raise ConfigError(

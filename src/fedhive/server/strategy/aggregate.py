@@ -43,11 +43,18 @@ from typing import Any
 
 import numpy as np
 
-from fedhive.common.errors import InvalidUpdate
+from fedhive.common.errors import ConfigError, InvalidUpdate
 from fedhive.common.records import NDArray, NDArrays
 from fedhive.common.spill import DROP_BYTES, page_dropper
 
-__all__ = ["ACCUMULATORS", "FOLD_ELEMENTS", "WeightedMean", "check_update", "is_finite"]
+__all__ = [
+    "ACCUMULATORS",
+    "FOLD_ELEMENTS",
+    "WeightedMean",
+    "check_accumulator",
+    "check_update",
+    "is_finite",
+]
 
 _NUMERIC_KINDS = frozenset("biuf")
 FOLD_ELEMENTS = 1 << 15
@@ -112,6 +119,13 @@ def check_update(
             raise refuse(f"array {i} has shape {arr.shape}, expected {ref.shape}")
         if not is_finite(arr):
             raise refuse(f"array {i} contains NaN or Inf")
+
+
+def check_accumulator(accumulator: str) -> str:
+    """``accumulator`` if it is one of :data:`ACCUMULATORS`, else :class:`ConfigError`."""
+    if accumulator not in ACCUMULATORS:
+        raise ConfigError(f"accumulator must be one of {ACCUMULATORS}, not {accumulator!r}")
+    return accumulator
 
 
 def _fresh(shape: tuple[int, ...], dtype: np.dtype[Any]) -> NDArray:
@@ -207,8 +221,7 @@ class WeightedMean:
     """
 
     def __init__(self, reference: Sequence[NDArray], *, accumulator: str = "float64") -> None:
-        if accumulator not in ACCUMULATORS:
-            raise ValueError(f"accumulator must be one of {ACCUMULATORS}, got {accumulator!r}")
+        check_accumulator(accumulator)
         self.reference = list(reference)
         self.accumulator = accumulator
         self._compact = [accumulator == "model" and r.dtype == np.float32 for r in reference]

@@ -51,7 +51,7 @@ from fedhive.common.records import (
     parameters_to_ndarrays,
 )
 from fedhive.server.client_manager import ClientManager, ClientProxy
-from fedhive.server.strategy.aggregate import ACCUMULATORS, WeightedMean, check_update
+from fedhive.server.strategy.aggregate import WeightedMean, check_accumulator, check_update
 from fedhive.server.strategy.base import Aggregator, EvaluateResults, FitResults, Strategy
 from fedhive.server.strategy.fedavg import EvaluateFn, FedAvg, MetricsAggregationFn
 from fedhive.server.strategy.optimizers import ServerOptimizer
@@ -63,6 +63,7 @@ __all__ = [
     "Fold",
     "MeanRule",
     "cast_like",
+    "plain_mean",
 ]
 
 
@@ -129,18 +130,12 @@ class MeanRule:
     """
 
     def __init__(self, accumulator: str = "float64") -> None:
-        if accumulator not in ACCUMULATORS:
-            raise ConfigError(f"accumulator must be one of {ACCUMULATORS}, not {accumulator!r}")
-        self.accumulator = accumulator
+        self.accumulator = check_accumulator(accumulator)
 
     def __repr__(self) -> str:
         return "MeanRule()" if self.accumulator == "float64" else f"MeanRule({self.accumulator!r})"
 
     def start(self, server_round: int, reference: NDArrays, weight: Callable[[int], float]) -> Fold:
-        if self.accumulator not in ACCUMULATORS:
-            raise ConfigError(
-                f"accumulator must be one of {ACCUMULATORS}, not {self.accumulator!r}"
-            )
         return _MeanFold(server_round, reference, weight, self.accumulator)
 
 
@@ -167,6 +162,26 @@ class _MeanFold:
 
     def result(self) -> NDArrays | None:
         return self.mean.result()
+
+
+def plain_mean(strategy: Strategy) -> FedAvg | MeanRule | None:
+    """The part of ``strategy`` whose fit aggregate is the plain weighted mean of the
+    models (its ``accumulator`` chooses the mean's precision), or ``None``.
+
+    That is FedAvg itself unless a subclass changes its fit aggregation, or the
+    :class:`MeanRule` of a composed strategy (FedProx, FedAvgM, FedAdam, ...) unless the
+    strategy builds its own aggregator (SCAFFOLD's also aggregates control variates).
+    Secure aggregation, which reveals only that mean, needs one.
+    """
+    if isinstance(strategy, ComposedStrategy):
+        plain = type(strategy).fit_aggregator is ComposedStrategy.fit_aggregator
+        return strategy.rule if plain and type(strategy.rule) is MeanRule else None
+    if isinstance(strategy, FedAvg) and all(
+        getattr(type(strategy), name) is getattr(FedAvg, name)
+        for name in ("aggregate_fit", "fit_aggregator")
+    ):
+        return strategy
+    return None
 
 
 class ComposedStrategy(Strategy):

@@ -23,7 +23,7 @@ from fedhive.common.records import (
     parameters_to_ndarrays,
 )
 from fedhive.server.client_manager import ClientManager, ClientProxy
-from fedhive.server.strategy.aggregate import ACCUMULATORS, WeightedMean
+from fedhive.server.strategy.aggregate import WeightedMean, check_accumulator
 from fedhive.server.strategy.base import (
     Aggregator,
     EvaluateResults,
@@ -166,10 +166,7 @@ class FedAvg(Strategy):
         return min(num_examples, self.max_num_examples)
 
     def fit_aggregator(self, server_round: int, parameters: Parameters) -> Aggregator:
-        if self.accumulator not in ACCUMULATORS:
-            raise ConfigError(
-                f"accumulator must be one of {ACCUMULATORS}, not {self.accumulator!r}"
-            )
+        check_accumulator(self.accumulator)  # before the round, not at its end
         if type(self).aggregate_fit is not FedAvg.aggregate_fit:
             # The list-based path also casts to the global model's dtypes: remember them.
             self._reference: NDArrays | None = parameters_to_ndarrays(parameters)
