@@ -2,7 +2,7 @@
 
 Memory: one float64 sum the size of the model plus the update being folded: O(model),
 whatever the number of clients. With secure aggregation the sum arrives as one mean
-(:meth:`DpAggregator.add_secure_mean`).
+(:meth:`DpAggregator.add_mean`).
 """
 
 from __future__ import annotations
@@ -11,25 +11,29 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedhive.common.errors import ConfigError, InvalidUpdate
+from fedhive.common.errors import InvalidUpdate
 from fedhive.common.records import (
     FitRes,
     NDArray,
     NDArrays,
     Parameters,
     Scalar,
-    Status,
-    ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
 from fedhive.privacy.central import NORM_BIT_KEY
 from fedhive.privacy.clipping import clip_update, l2_norm, model_update
 from fedhive.server.client_manager import ClientProxy
+from fedhive.server.strategy.base import MeanClients, fold_mean
 
 if TYPE_CHECKING:
     from fedhive.privacy.central import _DpStrategy
 
 __all__ = ["DpAggregator"]
+
+
+def _public(metrics: dict[str, Scalar]) -> dict[str, Scalar]:
+    """A client's metrics without the norm bit, which only the DP aggregator reads."""
+    return {k: v for k, v in metrics.items() if k != NORM_BIT_KEY}
 
 
 def _released_dtype(reference: NDArray) -> np.dtype[Any]:
@@ -68,12 +72,18 @@ class DpAggregator:
                 "client did not clip (add fixedclipping_mod or adaptiveclipping_mod to its "
                 "ClientApp)",
             )
+        return self._norm_bit(client.cid, res.metrics)
+
+    def _norm_bit(self, cid: str, metrics: dict[str, Scalar]) -> bool:
+        """The norm bit a client reports for adaptive clipping (True without it)."""
         if self.strategy.adaptive is None:
             return True
-        bit = res.metrics.get(NORM_BIT_KEY)
+        bit = metrics.get(NORM_BIT_KEY)
         if isinstance(bit, bool) or bit not in (0, 1):
-            raise self._refuse(
-                client,
+            raise InvalidUpdate(
+                cid,
+                self.server_round,
+                "fit",
                 f"metrics[{NORM_BIT_KEY!r}] must be 0 or 1, got {bit!r}: adaptive client-side "
                 "clipping needs adaptiveclipping_mod on every client",
             )
@@ -93,33 +103,24 @@ class DpAggregator:
             acc += arr
         self.count += 1
         self.unclipped += int(unclipped)
-        metrics = {k: v for k, v in result.metrics.items() if k != NORM_BIT_KEY}
-        self.clients.append((client.cid, result.num_examples, metrics))
+        self.clients.append((client.cid, result.num_examples, _public(result.metrics)))
 
-    def add_secure_mean(self, mean: NDArrays, clients: list[tuple[str, dict[str, Scalar]]]) -> None:
+    def add_mean(self, mean: NDArrays, clients: MeanClients) -> None:
         """Fold the mean of ``len(clients)`` clipped updates that secure aggregation
         revealed (weight 1 each), instead of each update.
 
         The server cannot check each client's norm here; the clients' clipping mods
-        (inside the secure aggregation mod) clip before masking. With adaptive clipping
-        each client still reports its norm bit in the clear, as without secure
-        aggregation.
+        (inside the secure aggregation mod, which only client-side clipping wrappers are
+        allowed with) clip before masking. With adaptive clipping each client still
+        reports its norm bit in the clear, as without secure aggregation.
         """
-        if not self.strategy.clip_on_client:
-            raise ConfigError("secure aggregation needs client-side clipping")
         update = model_update(mean, self.reference)
         for acc, arr in zip(self.sum, update, strict=True):
             acc += arr * len(clients)
         self.count += len(clients)
-        for cid, metrics in clients:
-            bit = metrics.get(NORM_BIT_KEY)
-            if self.strategy.adaptive is not None and (isinstance(bit, bool) or bit not in (0, 1)):
-                raise InvalidUpdate(
-                    cid, self.server_round, "fit", f"metrics[{NORM_BIT_KEY!r}] must be 0 or 1"
-                )
-            self.unclipped += int(bit == 1)
-            rest = {k: v for k, v in metrics.items() if k != NORM_BIT_KEY}
-            self.clients.append((cid, 1, rest))
+        for cid, num_examples, metrics in clients:
+            self.unclipped += int(self._norm_bit(cid, metrics))
+            self.clients.append((cid, num_examples, _public(metrics)))
 
     def add_failure(self, failure: BaseException) -> None:
         self.failures.append(failure)
@@ -156,16 +157,14 @@ class DpAggregator:
     def _inner_step(self, released: NDArrays) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Hand the noisy mean to the inner strategy (post-processing).
 
-        Every client's result reaches the inner aggregator with its own ``num_examples``
-        and metrics but with the noisy mean as parameters (one shared array list, no
-        copies), so a mean-based inner strategy gets the noisy mean back and its metrics
-        aggregation sees the real clients.
+        The noisy mean reaches the inner aggregator as every client's model, with each
+        client's own ``num_examples`` and metrics (:func:`fold_mean`: folded once by a
+        mean-based strategy), so it gets the noisy mean back and its metrics aggregation
+        sees the real clients.
         """
-        noisy_mean = ndarrays_to_parameters(released)
         aggregator = self.strategy.strategy.fit_aggregator(self.server_round, self.parameters)
         for failure in self.failures:
             aggregator.add_failure(failure)
-        for cid, num_examples, metrics in self.clients:
-            aggregator.add(ClientProxy(cid), FitRes(Status(), noisy_mean, num_examples, metrics))
+        fold_mean(aggregator, released, self.clients)
         params, metrics = aggregator.finalize()
         return params, dict(metrics)

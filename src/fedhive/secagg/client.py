@@ -81,11 +81,11 @@ def share_associated(run: int, rnd: int, sender: int, receiver: int) -> bytes:
     return b"share|%d|%d|%d|%d" % (run, rnd, sender, receiver)
 
 
-def pair_seed(secret: bytes, peer_public: bytes, run: int, rnd: int) -> bytes:
+def pair_seed(secret: bytes | p.KeyPair, peer_public: bytes, run: int, rnd: int) -> bytes:
     return p.agree(secret, peer_public, b"mask|%d|%d" % (run, rnd))
 
 
-def share_key(secret: bytes, peer_public: bytes, run: int, rnd: int) -> bytes:
+def share_key(secret: bytes | p.KeyPair, peer_public: bytes, run: int, rnd: int) -> bytes:
     return p.agree(secret, peer_public, b"share|%d|%d" % (run, rnd))
 
 
@@ -297,7 +297,7 @@ class SecAggPlusMod:
         key_shares = p.split_secret(_bytes(state, "s_sk"), xs, threshold)
         self._time("shamir", start)
         start = time.perf_counter()
-        c_sk = _bytes(state, "c_sk")
+        c_sk = p.KeyPair.from_secret(_bytes(state, "c_sk"))  # loaded once for every peer
         out: dict[str, Scalar] = {}
         for sid_text in list(peers):
             packed = _bytes(peers, sid_text)
@@ -346,7 +346,7 @@ class SecAggPlusMod:
         ring = _int(state, "ring_bits")
         masks = p.MaskExpander(vector.size, ring)
         vector += masks.expand(_bytes(state, "seed"))
-        s_sk, me = _bytes(state, "s_sk"), _int(state, "sid")
+        s_sk, me = p.KeyPair.from_secret(_bytes(state, "s_sk")), _int(state, "sid")
         for sid_text in sorted(inbox, key=int):
             packed = _bytes(peers, sid_text)
             mask = masks.expand(pair_seed(s_sk, packed[32:64], meta.run_id, meta.server_round))

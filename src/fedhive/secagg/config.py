@@ -23,26 +23,39 @@ from fedhive.common.errors import ConfigError
 __all__ = ["SecAggConfig", "default_degree", "default_threshold", "neighbour_graph"]
 
 
-def _binom_tail(k: int, p: float, at_least: int) -> float:
-    """P[Binomial(k, p) >= at_least]."""
-    if at_least <= 0:
-        return 1.0
-    return sum(math.comb(k, i) * p**i * (1 - p) ** (k - i) for i in range(at_least, k + 1))
+def _tails(k: int, p: float) -> list[float]:
+    """``tails[j] = P[Binomial(k, p) >= j]`` for j = 0 .. k + 1 (log-space terms, so any k)."""
+    if p <= 0.0:
+        return [1.0] + [0.0] * (k + 1)
+    log_p, log_q = math.log(p), math.log1p(-p)
+    head = math.lgamma(k + 1)
+    pmf = [
+        math.exp(head - math.lgamma(i + 1) - math.lgamma(k - i + 1) + i * log_p + (k - i) * log_q)
+        for i in range(k + 1)
+    ]
+    tails = [0.0] * (k + 2)
+    for i in range(k, -1, -1):  # smallest terms first
+        tails[i] = tails[i + 1] + pmf[i]
+    return tails
 
 
 @lru_cache(maxsize=256)
 def _plan(n: int, corrupt: float, dropout: float, failure: float) -> tuple[int, int]:
-    """(degree, threshold) as described in the module docstring."""
+    """(degree, threshold) as described in the module docstring.
+
+    For each k, the smallest t > k/2 that bounds the corrupted-neighbour event is the only
+    candidate: a larger t only makes the dropout event (fewer than t live) likelier.
+    """
     if n <= 1:
         return max(n - 1, 0), 1
     per_client = failure / (2 * n)
     start = max(2, 2 * math.ceil(math.log2(n)))
     for k in range(start, n):
-        for t in range(k // 2 + 1, k + 1):  # t > k/2 keeps two disjoint groups from both unmasking
-            too_many_corrupt = _binom_tail(k, corrupt, t)
-            too_many_dropped = _binom_tail(k, dropout, k - t + 1)
-            if too_many_corrupt <= per_client and too_many_dropped <= per_client:
-                return k, t
+        corrupted, dropped = _tails(k, corrupt), _tails(k, dropout)
+        # t > k/2 keeps two disjoint groups from both unmasking
+        t = next((t for t in range(k // 2 + 1, k + 1) if corrupted[t] <= per_client), None)
+        if t is not None and dropped[k - t + 1] <= per_client:
+            return k, t
     k = n - 1
     return k, default_threshold(k)
 
@@ -162,6 +175,7 @@ class SecAggConfig:
 
     @property
     def ring(self) -> int:
+        """``ring_bits``, which ``__post_init__`` has always set."""
         return int(self.ring_bits or 64)
 
     @property
@@ -177,22 +191,14 @@ class SecAggConfig:
                 f"{n} clients in a round, more than secure_aggregation.max_clients="
                 f"{self.max_clients} that the ring was sized for"
             )
-        if self.degree == "complete":
-            degree = n - 1
-        elif self.degree is None:
-            degree = default_degree(
+        if self.degree is None:
+            degree, planned = _plan(
                 n, self.corrupt_fraction, self.dropout_fraction, self.failure_probability
             )
         else:
-            degree = min(int(self.degree), n - 1)
-        if self.threshold is not None:
-            threshold = self.threshold
-        elif self.degree is None:
-            threshold = _plan(
-                n, self.corrupt_fraction, self.dropout_fraction, self.failure_probability
-            )[1]
-        else:
-            threshold = default_threshold(degree)
+            degree = n - 1 if self.degree == "complete" else min(int(self.degree), n - 1)
+            planned = default_threshold(degree)
+        threshold = planned if self.threshold is None else self.threshold
         if threshold > max(degree, 1):
             raise ConfigError(
                 f"secure_aggregation.threshold={threshold} exceeds the {degree} neighbours "

@@ -83,14 +83,17 @@ class KeyPair:
         return self.private.public_key().public_bytes(_RAW, _RAW_PUB)
 
 
-def agree(secret: bytes, peer_public: bytes, purpose: bytes) -> bytes:
+def agree(secret: bytes | KeyPair, peer_public: bytes, purpose: bytes) -> bytes:
     """A 32-byte key shared by two parties: HKDF-SHA256 over their X25519 secret.
 
-    ``purpose`` (e.g. ``b"share|run|round"``) separates keys for different uses.
+    ``purpose`` (e.g. ``b"share|run|round"``) separates keys for different uses. Loading
+    a raw secret costs about as much as the exchange itself, so a caller agreeing with
+    many peers passes the loaded :class:`KeyPair`.
     """
     try:
         peer = X25519PublicKey.from_public_bytes(peer_public)
-        shared = X25519PrivateKey.from_private_bytes(secret).exchange(peer)
+        pair = secret if isinstance(secret, KeyPair) else KeyPair.from_secret(secret)
+        shared = pair.private.exchange(peer)
     except ValueError as exc:
         raise ProtocolError(f"invalid X25519 key: {exc}") from exc
     hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=b"fedhive-secagg|" + purpose)

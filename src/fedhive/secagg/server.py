@@ -34,8 +34,6 @@ from fedhive.common.records import (
     Parameters,
     RecordDict,
     Scalar,
-    Status,
-    ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
 from fedhive.secagg import primitives as p
@@ -53,7 +51,7 @@ from fedhive.secagg.client import (
 from fedhive.secagg.config import SecAggConfig, neighbour_graph
 from fedhive.server.client_manager import ClientProxy
 from fedhive.server.engine import RoundDriver, _failure_dict
-from fedhive.server.strategy.base import Strategy
+from fedhive.server.strategy.base import Strategy, fold_mean
 
 __all__ = ["SecAggPlusWorkflow", "check_secagg_compatible"]
 
@@ -468,8 +466,8 @@ class _SecureRound:
             total -= masks.expand(seed)
             self._timed("mask_expansion", start)
         for dead in (peer for peer in u2 if peer.sid not in alive3):
-            secret = self._collect(dead, holders, "key_shares")
-            if p.KeyPair.from_secret(secret).public != dead.s_pk:
+            secret = p.KeyPair.from_secret(self._collect(dead, holders, "key_shares"))
+            if secret.public != dead.s_pk:
                 raise RoundAborted(
                     f"the mask key rebuilt for dropped client {dead.cid!r} does not match the "
                     "key it advertised (a neighbour revealed a bad share)"
@@ -522,13 +520,7 @@ class _SecureRound:
         aggregator = strategy.fit_aggregator(self.rnd, parameters)
         for failure in self.failures:
             aggregator.add_failure(failure)
-        add_secure_mean = getattr(aggregator, "add_secure_mean", None)
-        if callable(add_secure_mean):  # FedAvg, the mean rule, DP wrappers: one fold
-            add_secure_mean(mean, [(peer.cid, peer.metrics) for peer in self.survivors])
-            return aggregator.finalize()
-        shared = ndarrays_to_parameters(mean)
-        for peer in self.survivors:
-            aggregator.add(ClientProxy(peer.cid), FitRes(Status(), shared, 1, peer.metrics))
+        fold_mean(aggregator, mean, [(peer.cid, 1, peer.metrics) for peer in self.survivors])
         return aggregator.finalize()
 
 

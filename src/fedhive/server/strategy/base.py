@@ -10,7 +10,7 @@ which keeps every result (O(clients x model) memory) and hands the full list ove
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeAlias
 
 from fedhive.common.records import (
@@ -18,9 +18,12 @@ from fedhive.common.records import (
     EvaluateRes,
     FitIns,
     FitRes,
+    NDArrays,
     Parameters,
     RecordDict,
     Scalar,
+    Status,
+    ndarrays_to_parameters,
 )
 from fedhive.server.client_manager import ClientManager, ClientProxy
 
@@ -28,12 +31,16 @@ __all__ = [
     "Aggregator",
     "BufferingAggregator",
     "FitResults",
+    "MeanClients",
     "EvaluateResults",
     "Strategy",
+    "fold_mean",
 ]
 
 FitResults: TypeAlias = list[tuple[ClientProxy, FitRes]]
 EvaluateResults: TypeAlias = list[tuple[ClientProxy, EvaluateRes]]
+#: Clients whose model is one shared mean: (id, num_examples, metrics) each.
+MeanClients: TypeAlias = Sequence[tuple[str, int, dict[str, Scalar]]]
 
 
 class Aggregator(Protocol):
@@ -51,6 +58,23 @@ class Aggregator(Protocol):
     def add_failure(self, failure: BaseException) -> None: ...
 
     def finalize(self) -> tuple[Any, dict[str, Scalar]]: ...
+
+
+def fold_mean(aggregator: Aggregator, mean: NDArrays, clients: MeanClients) -> None:
+    """Fold ``mean`` as the model of every one of ``clients`` (id, num_examples, metrics).
+
+    An aggregator that takes a mean whole (``add_mean``: FedAvg, the mean rule, the DP
+    aggregator) folds it once; any other gets it once per client, as that client's
+    result (one shared array list, no copies). Secure aggregation, which reveals only
+    the mean, and the DP wrappers, which hand their noisy mean on, use this.
+    """
+    add_mean = getattr(aggregator, "add_mean", None)
+    if callable(add_mean):
+        add_mean(mean, clients)
+        return
+    shared = ndarrays_to_parameters(mean)
+    for cid, num_examples, metrics in clients:
+        aggregator.add(ClientProxy(cid), FitRes(Status(), shared, num_examples, metrics))
 
 
 class BufferingAggregator:

@@ -52,7 +52,12 @@ from fedhive.common.records import (
 )
 from fedhive.server.client_manager import ClientManager, ClientProxy
 from fedhive.server.strategy.aggregate import WeightedMean, check_accumulator, check_update
-from fedhive.server.strategy.base import Aggregator, EvaluateResults, FitResults, Strategy
+from fedhive.server.strategy.base import (
+    Aggregator,
+    EvaluateResults,
+    FitResults,
+    Strategy,
+)
 from fedhive.server.strategy.fedavg import EvaluateFn, FedAvg, MetricsAggregationFn
 from fedhive.server.strategy.optimizers import ServerOptimizer
 
@@ -344,14 +349,20 @@ class ComposedRound:
         self.fold.add(client_id, arrays, result)
         self.metrics.append((result.num_examples, result.metrics))
 
-    def add_secure_mean(self, mean: NDArrays, clients: list[tuple[str, dict[str, Scalar]]]) -> None:
-        """Fold the mean that secure aggregation revealed for ``clients`` once (only the
-        mean rule accepts it; each client counts once in the metrics aggregation)."""
-        if not isinstance(self.strategy.rule, MeanRule) or not clients:
-            raise InvalidUpdate("", self.server_round, "fit", "this rule needs each update")
-        first = clients[0][0]
-        self.fold.add(first, mean, FitRes(Status(), Parameters(arrays=[]), 1, {}))
-        self.metrics += [(1, metrics) for _, metrics in clients]
+    def add_mean(
+        self, mean: NDArrays, clients: Sequence[tuple[str, int, dict[str, Scalar]]]
+    ) -> None:
+        """Fold ``mean`` as the model of all of ``clients`` (id, num_examples, metrics):
+        once for the mean rule, once per client for any other rule; see
+        :func:`~fedhive.server.strategy.base.fold_mean`."""
+        if type(self.strategy.rule) is MeanRule:
+            self.fold.add("mean", mean, FitRes(Status(), Parameters(arrays=[]), 1, {}))
+            self.metrics += [(num_examples, metrics) for _, num_examples, metrics in clients]
+            return
+        for cid, num_examples, metrics in clients:
+            self.add_arrays(
+                cid, mean, FitRes(Status(), Parameters(arrays=[]), num_examples, metrics)
+            )
 
     def add_failure(self, failure: BaseException) -> None:
         self.failures.append(failure)

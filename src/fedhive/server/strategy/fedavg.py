@@ -28,6 +28,7 @@ from fedhive.server.strategy.base import (
     Aggregator,
     EvaluateResults,
     FitResults,
+    MeanClients,
     Strategy,
     weighted_loss_avg,
 )
@@ -254,13 +255,11 @@ class _StreamingFedAvg:
         )
         self.metrics.append((result.num_examples, result.metrics))
 
-    def add_secure_mean(self, mean: NDArrays, clients: list[tuple[str, dict[str, Scalar]]]) -> None:
-        """Fold the mean that secure aggregation revealed for ``clients`` (their weights
-        are secret: each counts once in the metrics aggregation)."""
-        self.mean.add(
-            mean, 1.0, client_id="secure-aggregate", server_round=self.server_round, check=False
-        )
-        self.metrics += [(1, metrics) for _, metrics in clients]
+    def add_mean(self, mean: NDArrays, clients: MeanClients) -> None:
+        """Fold ``mean`` once, as the model of all of ``clients`` (id, num_examples,
+        metrics); see :func:`~fedhive.server.strategy.base.fold_mean`."""
+        self.mean.add(mean, 1.0, client_id="mean", server_round=self.server_round, check=False)
+        self.metrics += [(num_examples, metrics) for _, num_examples, metrics in clients]
 
     def add_failure(self, failure: BaseException) -> None:
         self.failures.append(failure)
