@@ -234,35 +234,34 @@ class BulyanRule:
         return _layerwise([updates[i] for i in chosen], lambda s: _nearest_to_median(s, beta))
 
     def _select(self, cids: list[str], updates: list[NDArrays], theta: int) -> list[int]:
-        dist = pairwise_sq_distances(updates)
+        first_rule = self.first_rule
+
+        def by_first_rule(remaining: list[int]) -> int:
+            results = [(updates[i], 1) for i in remaining]
+            target = first_rule(results, num_malicious_clients=self.f, **self.rule_kwargs)  # type: ignore[misc]
+            return _nearest(target, remaining, updates, cids)
+
+        def by_krum(remaining: list[int]) -> int:
+            ranked = krum_select(dist, cids, remaining, self.f)
+            if not self.to_keep:
+                return ranked[0]
+            centre = _mean_of([updates[i] for i in sorted(ranked[: self.to_keep])])
+            return _nearest(centre, remaining, updates, cids)
+
+        # the user's first rule needs no distances; Krum's are computed once
+        dist = pairwise_sq_distances(updates) if first_rule is None else np.empty((0, 0))
+        pick = by_krum if first_rule is None else by_first_rule
         remaining = list(range(len(updates)))
         chosen: list[int] = []
         while len(chosen) < theta:
-            if self.first_rule is not None:
-                pick = self._first_rule_pick(self.first_rule, cids, updates, remaining)
-                remaining.remove(pick)
-                chosen.append(pick)
-                continue
-            ranked = krum_select(dist, cids, remaining, self.f)
-            pick = ranked[0]
-            if self.to_keep:
-                centre = _mean_of([updates[i] for i in sorted(ranked[: self.to_keep])])
-                pick = min(remaining, key=lambda i: (_sq_distance(updates[i], centre), cids[i]))
-            remaining.remove(pick)
-            chosen.append(pick)
+            chosen.append(pick(remaining))
+            remaining.remove(chosen[-1])
         return sorted(chosen)
 
-    def _first_rule_pick(
-        self,
-        rule: Callable[..., NDArrays],
-        cids: list[str],
-        updates: list[NDArrays],
-        remaining: list[int],
-    ) -> int:
-        """The remaining model nearest to what the user's first rule returns."""
-        results = [(updates[i], 1) for i in remaining]
-        target = rule(results, num_malicious_clients=self.f, **self.rule_kwargs)
-        return min(remaining, key=lambda i: (_sq_distance(updates[i], target), cids[i]))
+
+def _nearest(target: NDArrays, among: list[int], updates: list[NDArrays], cids: list[str]) -> int:
+    """The index in ``among`` of the update nearest to ``target`` (ties: smaller client id)."""
+    return min(among, key=lambda i: (_sq_distance(updates[i], target), cids[i]))
 
 
 def _sq_distance(a: NDArrays, b: NDArrays) -> float:
