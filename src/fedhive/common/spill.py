@@ -20,11 +20,11 @@ from __future__ import annotations
 import mmap
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
-__all__ = ["DROP_BYTES", "SpillFile", "SpillMap", "page_dropper"]
+__all__ = ["DROP_BYTES", "SpillFile", "SpillMap", "page_dropper", "read_slices"]
 
 #: How much of a spilled array streaming readers go through between drops.
 DROP_BYTES = 4 << 20
@@ -114,3 +114,20 @@ def page_dropper(array: np.ndarray) -> Callable[[int, int], None] | None:
             mapping.madvise(_DONTNEED, first, last - first)
 
     return drop
+
+
+def read_slices(flat: np.ndarray, step: int) -> Iterator[tuple[int, int]]:
+    """``(start, stop)`` of consecutive ``step``-element slices of the 1-D ``flat``, for
+    one pass over it. When ``flat`` is read from a :class:`SpillMap`, the pages of the
+    slices already handed out are dropped every :data:`DROP_BYTES` (and at the end), so
+    the pass keeps only a few megabytes of it resident.
+    """
+    drop = page_dropper(flat)
+    every = max(step, DROP_BYTES // max(flat.itemsize, 1))
+    dropped = 0
+    for start in range(0, flat.size, step):
+        stop = min(start + step, flat.size)
+        yield start, stop
+        if drop is not None and (stop - dropped >= every or stop == flat.size):
+            drop(dropped, stop)
+            dropped = stop

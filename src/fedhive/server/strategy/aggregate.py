@@ -45,7 +45,7 @@ import numpy as np
 
 from fedhive.common.errors import ConfigError, InvalidUpdate
 from fedhive.common.records import NDArray, NDArrays
-from fedhive.common.spill import DROP_BYTES, page_dropper
+from fedhive.common.spill import DROP_BYTES, page_dropper, read_slices
 
 __all__ = [
     "ACCUMULATORS",
@@ -58,7 +58,6 @@ __all__ = [
 
 _NUMERIC_KINDS = frozenset("biuf")
 FOLD_ELEMENTS = 1 << 15
-_DROP_EVERY = FOLD_ELEMENTS * 32  # elements folded between drops of spilled pages
 ACCUMULATORS = ("float64", "model")
 _OWN_PAGES_BYTES = 1 << 20
 
@@ -81,18 +80,11 @@ def is_finite(array: NDArray) -> bool:
     """
     if array.dtype.kind != "f" or array.size == 0:
         return True
-    drop = page_dropper(array)
-    if drop is None:
+    if page_dropper(array) is None:
         return _finite(array)
     flat = array.reshape(-1)
     step = max(1, DROP_BYTES // array.itemsize)
-    for start in range(0, flat.size, step):
-        stop = min(start + step, flat.size)
-        finite = _finite(flat[start:stop])
-        drop(start, stop)
-        if not finite:
-            return False
-    return True
+    return all(_finite(flat[start:stop]) for start, stop in read_slices(flat, step))
 
 
 def check_update(
@@ -157,32 +149,24 @@ def _mapping(nbytes: int) -> mmap.mmap:
 def _fold(acc: NDArray, values: NDArray, weight: float, scratch: NDArray) -> None:
     """``acc += weight * values`` in float64, one cache-sized slice at a time (the pages
     of ``values`` staged on disk are dropped as they are read)."""
-    drop = page_dropper(values)
-    for start in range(0, values.size, FOLD_ELEMENTS):
-        stop = min(start + FOLD_ELEMENTS, values.size)
+    for start, stop in read_slices(values, FOLD_ELEMENTS):
         product = scratch[: stop - start]
         np.multiply(values[start:stop], weight, out=product, dtype=np.float64)
         np.add(acc[start:stop], product, out=acc[start:stop])
-        if drop is not None and (stop % _DROP_EVERY == 0 or stop == values.size):
-            drop(max(0, stop - _DROP_EVERY), stop)
 
 
 def _fold_difference(
     mean: NDArray, values: NDArray, model: NDArray, share: float, scratch: NDArray
 ) -> None:
     """``mean += share * ((values - model) - mean)``, in the float32 of ``mean``."""
-    drop = page_dropper(values)
     factor = mean.dtype.type(share)
-    for start in range(0, values.size, FOLD_ELEMENTS):
-        stop = min(start + FOLD_ELEMENTS, values.size)
+    for start, stop in read_slices(values, FOLD_ELEMENTS):
         part = mean[start:stop]
         d = scratch[: stop - start]
         np.subtract(values[start:stop], model[start:stop], out=d, casting="same_kind")
         np.subtract(d, part, out=d)
         np.multiply(d, factor, out=d)
         np.add(part, d, out=part)
-        if drop is not None and (stop % _DROP_EVERY == 0 or stop == values.size):
-            drop(max(0, stop - _DROP_EVERY), stop)
 
 
 def _add_model(mean: NDArray, model: NDArray) -> NDArray:
