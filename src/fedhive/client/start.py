@@ -9,6 +9,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -111,13 +112,7 @@ def start_client(
         try:
             end = session.run()
         except Retryable as exc:
-            delay = backoff.next_delay()
-            if delay is None:
-                raise TransportError(
-                    f"{exc}; giving up after {backoff.attempts} attempts"
-                ) from None
-            log.info("%s; retrying in %.1f s", exc, delay)
-            time.sleep(delay)
+            time.sleep(backoff.after(exc))
             continue
         backoff.reset()
         log.info("run ended: %s", end.reason)
@@ -177,8 +172,8 @@ def start_clients(
     one line per message with no node id. The first node that fails for good (refused,
     or out of retries) stops the others and its error is raised, naming the node.
     """
-    from fedhive.transport.frames import DEFAULT_CHUNK_BYTES
-    from fedhive.transport.grpc_client import AuditLog, ClientSecurity
+    from fedhive.transport.frames import DEFAULT_CHUNK_BYTES, BufferPool
+    from fedhive.transport.grpc_client import AuditLog
 
     nodes = (
         [f"{uuid.uuid4().hex[:12]}-{i}" for i in range(node_ids)]
@@ -189,18 +184,13 @@ def start_clients(
         raise ConfigError("start_clients needs at least one node id, and no id twice")
     base = _security(insecure, root_certificates, certificate_chain, private_key, "")
     tokens = dict(auth_tokens or {})
-    securities = {
-        node: ClientSecurity(
-            insecure=base.insecure,
-            root_certificates=base.root_certificates,
-            certificate_chain=base.certificate_chain,
-            private_key=base.private_key,
-            token=tokens.get(node, ""),
-        )
-        for node in nodes
-    }
-    audit = AuditLog(audit_log) if audit_log is not None else None
     workers = max_workers or min(32, len(nodes))
+    session_args = dict(
+        chunk_bytes=chunk_bytes or DEFAULT_CHUNK_BYTES,
+        heartbeat_interval=heartbeat_interval,
+        audit=AuditLog(audit_log) if audit_log is not None else None,
+        buffers=BufferPool(max_free=workers),  # one idle buffer per worker, not per node
+    )
 
     async def run_all() -> None:
         with ThreadPoolExecutor(workers, thread_name_prefix="fedhive-client") as executor:
@@ -210,12 +200,7 @@ def start_clients(
                         server_address,
                         node,
                         _node_handler(client_fn, mods, node),
-                        dict(
-                            security=securities[node],
-                            chunk_bytes=chunk_bytes or DEFAULT_CHUNK_BYTES,
-                            heartbeat_interval=heartbeat_interval,
-                            audit=audit,
-                        ),
+                        {**session_args, "security": replace(base, token=tokens.get(node, ""))},
                         executor,
                         _Backoff(max_retries, max_wait_time),
                         persistent,
@@ -253,13 +238,7 @@ async def _run_node(
         try:
             end = await session.run()
         except Retryable as exc:
-            delay = backoff.next_delay()
-            if delay is None:
-                raise TransportError(
-                    f"node {node!r}: {exc}; giving up after {backoff.attempts} attempts"
-                ) from None
-            log.info("node %s: %s; retrying in %.1f s", node, exc, delay)
-            await asyncio.sleep(delay)
+            await asyncio.sleep(backoff.after(exc, f"node {node!r}: "))
             continue
         except TransportError as exc:
             raise type(exc)(f"node {node!r}: {exc}") from None
@@ -308,6 +287,17 @@ class _Backoff:
     def reset(self) -> None:
         self.attempts = 0
         self.started = time.monotonic()
+
+    def after(self, failure: Exception, prefix: str = "") -> float:
+        """Seconds to wait before the next try after ``failure``; :class:`TransportError`
+        (``prefix`` + why) once the tries or the time are used up."""
+        delay = self.next_delay()
+        if delay is None:
+            raise TransportError(
+                f"{prefix}{failure}; giving up after {self.attempts} attempts"
+            ) from None
+        log.info("%s%s; retrying in %.1f s", prefix, failure, delay)
+        return delay
 
     def next_delay(self) -> float | None:
         self.attempts += 1

@@ -92,6 +92,25 @@ class BufferPool:
             return sum(b.size for b in self._free)
 
 
+class _MemorySink:
+    """A message being written into a buffer in memory (what :class:`SpillFile` is on disk)."""
+
+    def __init__(self, buffer: np.ndarray) -> None:
+        self.view = memoryview(buffer)  # type: ignore[arg-type]
+        self.nbytes = len(self.view)
+        self.filled = 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.view[self.filled : self.filled + len(data)] = data
+        self.filled += len(data)
+
+    def finish(self) -> memoryview:
+        return self.view
+
+    def close(self) -> None:
+        """Nothing to release: the buffer goes when nothing views it."""
+
+
 class Assembler:
     """Collects MESSAGE frames into whole messages, refusing anything inconsistent.
 
@@ -116,7 +135,7 @@ class Assembler:
         self.pool = pool or BufferPool(max_free=0)
         self.spill_bytes = spill_bytes
         self.spill_dir = spill_dir
-        self._open: dict[str, tuple[memoryview | SpillFile, int]] = {}
+        self._open: dict[str, _MemorySink | SpillFile] = {}
 
     def is_open(self, message_id: str) -> bool:
         return message_id in self._open
@@ -130,9 +149,8 @@ class Assembler:
         return len(self._open)
 
     def clear(self) -> None:
-        for sink, _ in self._open.values():
-            if isinstance(sink, SpillFile):
-                sink.close()
+        for sink in self._open.values():
+            sink.close()
         self._open.clear()
 
     def add(self, frame: Frame | WireFrame) -> tuple[str, memoryview] | None:
@@ -140,29 +158,23 @@ class Assembler:
         mid = frame.message_id
         if mid not in self._open:
             self._start(mid, frame.total_size)
-        sink, filled = self._open[mid]
-        total = sink.nbytes if isinstance(sink, SpillFile) else len(sink)
+        sink = self._open[mid]
         data = frame.data  # read once: each access may copy the bytes
-        if frame.total_size != total:
+        if frame.total_size != sink.nbytes:
             raise self._fail(mid, "total_size changed between chunks")
-        if frame.offset != filled or filled + len(data) > total:
-            raise self._fail(mid, f"chunk at offset {frame.offset} does not follow byte {filled}")
-        if isinstance(sink, SpillFile):
-            try:
-                sink.write(data)
-            except OSError as exc:
-                raise self._fail(mid, f"could not stage it on disk: {exc}") from None
-        else:
-            sink[filled : filled + len(data)] = data
-        filled += len(data)
-        if frame.last != (filled == total):
+        if frame.offset != sink.filled or sink.filled + len(data) > sink.nbytes:
+            raise self._fail(
+                mid, f"chunk at offset {frame.offset} does not follow byte {sink.filled}"
+            )
+        try:
+            sink.write(data)
+        except OSError as exc:
+            raise self._fail(mid, f"could not stage it on disk: {exc}") from None
+        if frame.last != (sink.filled == sink.nbytes):
             raise self._fail(mid, "last flag does not match the declared size")
         if not frame.last:
-            self._open[mid] = (sink, filled)
             return None
         del self._open[mid]
-        if not isinstance(sink, SpillFile):
-            return mid, sink
         try:
             return mid, sink.finish()
         except OSError as exc:
@@ -180,18 +192,17 @@ class Assembler:
             raise SerdeError(f"more than {self.max_open} messages in progress at once")
         if self.spills(total):
             try:
-                self._open[mid] = (SpillFile(total, self.spill_dir), 0)
+                self._open[mid] = SpillFile(total, self.spill_dir)
             except OSError as exc:
                 raise SerdeError(f"message {mid!r}: cannot stage it on disk: {exc}") from None
             return
         try:  # uninitialised: every byte is written before the message is complete
-            buffer = self.pool.take(total)
+            self._open[mid] = _MemorySink(self.pool.take(total))
         except MemoryError:
             raise SerdeError(f"message {mid!r}: no memory for {total} bytes") from None
-        self._open[mid] = (memoryview(buffer), 0)  # type: ignore[arg-type]
 
     def _fail(self, mid: str, reason: str) -> SerdeError:
-        sink, _ = self._open.pop(mid, (None, 0))
-        if isinstance(sink, SpillFile):
+        sink = self._open.pop(mid, None)
+        if sink is not None:
             sink.close()
         return SerdeError(f"message {mid!r}: {reason}")

@@ -12,15 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterable
 from concurrent.futures import Executor
 
 import grpc
 from grpc import aio
 
-from fedhive.transport.codec import encode_wire
 from fedhive.transport.frames import Assembler
 from fedhive.transport.grpc_client import (
-    ClientSecurity,
     Retryable,
     SessionEnd,
     SessionOptions,
@@ -29,25 +28,11 @@ from fedhive.transport.grpc_client import (
     translate_rpc_error,
 )
 from fedhive.transport.proto.fleet_pb2 import Frame
-from fedhive.transport.wire import METHOD, WireFrame, message_frame_bytes, parse_frame
+from fedhive.transport.wire import METHOD, WireFrame, parse_frame, serialize_frame
 
-__all__ = ["AsyncClientSession", "aio_channel"]
+__all__ = ["AsyncClientSession"]
 
 log = logging.getLogger("fedhive.client")
-
-
-def aio_channel(
-    security: ClientSecurity, address: str, options: list[tuple[str, int]]
-) -> aio.Channel:
-    """A ``grpc.aio`` channel to ``address`` with ``security``'s credentials."""
-    creds = security.credentials()
-    if creds is None:
-        return aio.insecure_channel(address, options=options)
-    return aio.secure_channel(address, creds, options=options)
-
-
-def _identity(frame: bytes) -> bytes:
-    return frame
 
 
 class AsyncClientSession(SessionOptions):
@@ -68,14 +53,14 @@ class AsyncClientSession(SessionOptions):
         self._write_lock = asyncio.Lock()
 
     async def run(self) -> SessionEnd:
-        channel = aio_channel(self.security, self.address, self.channel_options())
+        channel = self.security.aio_channel(self.address, self.channel_options())
         beat: asyncio.Task[None] | None = None
         try:
             join = channel.stream_stream(
-                METHOD, request_serializer=_identity, response_deserializer=parse_frame
+                METHOD, request_serializer=serialize_frame, response_deserializer=parse_frame
             )
             call = join()
-            await self._write(call, [self.hello().SerializeToString()])
+            await self._write(call, [self.hello()])
             await self._welcome(call)
             beat = asyncio.get_running_loop().create_task(self._heartbeat(call))
             return await self._serve(call)
@@ -87,14 +72,14 @@ class AsyncClientSession(SessionOptions):
                 await asyncio.gather(beat, return_exceptions=True)
             await channel.close()
 
-    async def _write(self, call: aio.StreamStreamCall, frames: object) -> None:
-        """Write serialized ``frames`` in order; one writer at a time per stream."""
+    async def _write(self, call: aio.StreamStreamCall, frames: Iterable[Frame | bytes]) -> None:
+        """Write ``frames`` in order; one writer at a time per stream."""
         async with self._write_lock:
-            for raw in frames:  # type: ignore[attr-defined]
+            for raw in frames:
                 await call.write(raw)
 
     async def _heartbeat(self, call: aio.StreamStreamCall) -> None:
-        beat = Frame(kind=Frame.HEARTBEAT).SerializeToString()
+        beat = Frame(kind=Frame.HEARTBEAT)
         while True:
             await asyncio.sleep(self.heartbeat_interval)
             try:
@@ -123,13 +108,8 @@ class AsyncClientSession(SessionOptions):
                 continue
             reply = await loop.run_in_executor(self.executor, self.handle, task)
             del task  # the received model, unless the reply shares it
-            pieces = encode_wire(reply)
-            if self.audit is not None:
-                self.audit.record(reply, pieces)
             # each frame is cut from the reply's arrays as it is written, so the arrays
             # are not copied whole and may change again once the last frame is written
-            await self._write(
-                call, message_frame_bytes(reply.metadata.message_id, pieces, self.chunk_bytes)
-            )
-            del reply, pieces
+            await self._write(call, self.reply_frames(reply))
+            del reply
         raise Retryable("the server closed the connection")

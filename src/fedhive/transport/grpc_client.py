@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import grpc.aio
 
 from fedhive.common.errors import AuthenticationError, SerdeError, TransportError
 from fedhive.common.message import Message
@@ -74,6 +75,13 @@ class ClientSecurity:
             return grpc.insecure_channel(address, options=options)
         return grpc.secure_channel(address, creds, options=options)
 
+    def aio_channel(self, address: str, options: list[tuple[str, Any]]) -> grpc.aio.Channel:
+        """The same channel on ``grpc.aio``, for sessions on an event loop."""
+        creds = self.credentials()
+        if creds is None:
+            return grpc.aio.insecure_channel(address, options=options)
+        return grpc.aio.secure_channel(address, creds, options=options)
+
 
 class AuditLog:
     """Appends one JSON line per message that leaves the site: time, kind, size, hash."""
@@ -108,7 +116,11 @@ class SessionEnd:
 
 class SessionOptions:
     """What every client session is given: the server, this node, its work
-    (``handle(task) -> reply``), its credentials and the protocol's sizes and timers."""
+    (``handle(task) -> reply``), its credentials and the protocol's sizes and timers.
+
+    ``buffers`` recycles the buffers of received messages; sessions of one process may
+    share one (a session's own keeps one idle buffer of a model's size between rounds).
+    """
 
     def __init__(
         self,
@@ -122,6 +134,7 @@ class SessionOptions:
         heartbeat_interval: float = 5.0,
         audit: AuditLog | None = None,
         protocol_version: int = PROTOCOL_VERSION,
+        buffers: BufferPool | None = None,
     ) -> None:
         self.address = address
         self.node_id = node_id
@@ -132,7 +145,7 @@ class SessionOptions:
         self.heartbeat_interval = heartbeat_interval
         self.audit = audit
         self.protocol_version = protocol_version
-        self._buffers = BufferPool(max_free=1)
+        self._buffers = buffers or BufferPool(max_free=1)
         self._setup()
 
     def _setup(self) -> None:
@@ -143,6 +156,14 @@ class SessionOptions:
             ("grpc.max_receive_message_length", self.chunk_bytes + (1 << 16)),
             ("grpc.max_send_message_length", self.chunk_bytes + (1 << 16)),
         ]
+
+    def reply_frames(self, reply: Message) -> Iterator[bytes]:
+        """``reply``'s serialized frames, cut lazily from views of its arrays (recorded
+        in the audit log first, when there is one)."""
+        pieces = encode_wire(reply)
+        if self.audit is not None:
+            self.audit.record(reply, pieces)
+        return message_frame_bytes(reply.metadata.message_id, pieces, self.chunk_bytes)
 
     def hello(self) -> Frame:
         return Frame(
@@ -237,12 +258,8 @@ class ClientSession(SessionOptions):
         they have all been serialized: only then may the client change those arrays.
         If the stream ends first, it returns at once; reading the stream tells why.
         """
-        pieces = encode_wire(reply)
-        if self.audit is not None:
-            self.audit.record(reply, pieces)
         sent = threading.Event()
-        frames = message_frame_bytes(reply.metadata.message_id, pieces, self.chunk_bytes)
-        self._outbox.put(_then_set(frames, sent))
+        self._outbox.put(_then_set(self.reply_frames(reply), sent))
         while not sent.wait(0.5) and call.is_active():
             pass
 

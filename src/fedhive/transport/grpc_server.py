@@ -214,7 +214,7 @@ class GrpcServer(Transport):
         self.upload_window_bytes = upload_window_bytes
         self.spill_bytes = spill_bytes
         self.spill_dir = spill_dir
-        self._staging: _Staging | None = None
+        self._staging = _Staging(max_staged_uploads, max_staged_bytes)
         self._buffers = BufferPool(max_free=max_staged_uploads, keep=self._uploads_queued)
         self.port: int | None = None
         self._connections: dict[str, _Connection] = {}
@@ -281,7 +281,6 @@ class GrpcServer(Transport):
         if port == 0:
             raise TransportError(f"could not bind {self.address}")
         await server.start()
-        self._staging = _Staging(self.max_staged_uploads, self.max_staged_bytes)
         self._server = server
         self.port = port
         self._watchdog = asyncio.get_running_loop().create_task(self._watch_heartbeats())
@@ -408,8 +407,6 @@ class GrpcServer(Transport):
 
     async def _stage(self, conn: _Connection, nbytes: int) -> None:
         """Wait for an upload slot; a client held back here is not silent."""
-        if self._staging is None:
-            return
         conn.waiting = True
         try:
             await self._staging.acquire(nbytes)
@@ -419,11 +416,10 @@ class GrpcServer(Transport):
 
     def _uploads_queued(self) -> bool:
         """Whether an upload waits for a slot: a freed upload buffer is then worth keeping."""
-        staging = self._staging
-        return staging is not None and staging.waiting > 0
+        return self._staging.waiting > 0
 
     def _unstage(self, nbytes: int | None) -> None:
-        if self._staging is not None and nbytes is not None:
+        if nbytes is not None:
             self._staging.release(nbytes)
 
     def _unstage_from_engine(self, nbytes: int | None) -> None:
