@@ -196,3 +196,13 @@ def engine_over_sessions(
         _Staging._take = take
         server.finish_run()
     return history, engine, staged
+
+
+def message_frames(message_id: str, pieces, chunk_bytes: int = 1 << 20):
+    """MESSAGE frames carrying ``pieces`` (concatenated) in chunks of ``chunk_bytes``, as
+    generated ``Frame`` objects (the transport sends ``message_frame_bytes``' bytes)."""
+    from fedhive.transport.proto.fleet_pb2 import Frame
+    from fedhive.transport.wire import message_frame_bytes
+
+    for raw in message_frame_bytes(message_id, pieces, chunk_bytes):
+        yield Frame.FromString(raw)

@@ -334,13 +334,13 @@ def test_a_persistent_client_joins_two_consecutive_runs(tmp_path):
 def test_every_app_form_answers_a_task(attr):
     import numpy as np
 
-    from fedhive.cli.deploy import _client_target, _load_app
+    from fedhive.cli.client_cmd import client_target, load_app
     from fedhive.client import ClientApp, Context
     from fedhive.client.start import _constant
     from fedhive.common import FitIns, ndarrays_to_parameters
     from fedhive.common.message import Message
 
-    target, mods = _client_target(_load_app(f"deploy_app:{attr}", str(APPS)), attr)
+    target, mods = client_target(load_app(f"deploy_app:{attr}", str(APPS)), attr)
     fn = target.get("client_fn") or _constant(target["client"])
     task = Message.task(
         run_id=1,

@@ -23,12 +23,12 @@ from fedhive.server import ServerConfig
 from fedhive.server.strategy import FedAvg
 from fedhive.transport import Replies
 from fedhive.transport.codec import encode_wire
-from fedhive.transport.frames import PROTOCOL_VERSION, message_frames
+from fedhive.transport.frames import PROTOCOL_VERSION
 from fedhive.transport.grpc_client import ClientSecurity, ClientSession
 from fedhive.transport.grpc_server import GrpcServer
 from fedhive.transport.proto import fleet_pb2_grpc
 from fedhive.transport.proto.fleet_pb2 import Frame
-from grpc_helpers import ROOT, ServerThread, client_process, finish
+from grpc_helpers import ROOT, ServerThread, client_process, finish, message_frames
 
 SERVER = ROOT / "tests" / "apps" / "grpc_server.py"
 

@@ -26,11 +26,11 @@ from fedhive.server.engine import Engine
 from fedhive.server.strategy import FedAvg, WeightedMean
 from fedhive.server.strategy.aggregate import FOLD_ELEMENTS
 from fedhive.transport import Replies, Transport
-from fedhive.transport.frames import Assembler, BufferPool, message_frames
+from fedhive.transport.frames import Assembler, BufferPool
 from fedhive.transport.grpc_server import _Staging
 from fedhive.transport.proto.fleet_pb2 import Frame
 from fedhive.transport.wire import message_frame_bytes, parse_frame
-from grpc_helpers import engine_over_sessions
+from grpc_helpers import engine_over_sessions, message_frames
 
 FRAME_FIELDS = ("kind", "message_id", "total_size", "offset", "last", "protocol_version",
                 "node_id", "token", "text")  # fmt: skip

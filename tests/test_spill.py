@@ -25,9 +25,9 @@ from fedhive.common.records import Code, ndarrays_to_parameters, parameters_to_n
 from fedhive.common.spill import SpillFile, page_dropper
 from fedhive.server.strategy import WeightedMean
 from fedhive.server.strategy.aggregate import FOLD_ELEMENTS, is_finite
-from fedhive.transport.frames import Assembler, message_frames
+from fedhive.transport.frames import Assembler
 from fedhive.transport.grpc_server import GrpcServer
-from grpc_helpers import engine_over_sessions
+from grpc_helpers import engine_over_sessions, message_frames
 
 
 def spilled(array: np.ndarray, directory: Path | None = None, pieces: int = 3) -> np.ndarray:

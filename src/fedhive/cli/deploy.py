@@ -42,7 +42,7 @@ The code lives in :mod:`fedhive.cli.server_config` (the config),
 
 from __future__ import annotations
 
-from fedhive.cli.client_cmd import client, client_target, load_app
+from fedhive.cli.client_cmd import client
 from fedhive.cli.demo_client import DemoClient, DemoClientFn, demo_client_fn
 from fedhive.cli.server_cmd import server, server_strategy
 from fedhive.cli.server_config import (
@@ -70,10 +70,3 @@ __all__ = [
     "server_strategy",
     "validate_server_config",
 ]
-
-# the private names of the one-module version, used by tests
-_client_target = client_target
-_load_app = load_app
-_demo_client_fn = demo_client_fn
-_server_strategy = server_strategy
-_server_certificates = server_certificates

@@ -25,6 +25,7 @@ from fedhive.cli.config import (
 )
 from fedhive.cli.deploy_common import read_file
 from fedhive.common.errors import ConfigError
+from fedhive.transport.base import DEFAULT_STAGED_BYTES
 
 __all__ = [
     "DeployConfig",
@@ -89,11 +90,13 @@ class MemoryConfig(_Section):
         "float32: half the memory)",
     )
     spill_bytes: int = Field(
-        64 << 20, ge=0, description="uploads this large or larger go to disk; 0 = never"
+        DEFAULT_STAGED_BYTES, ge=0, description="uploads this large or larger go to disk; 0 = never"
     )
     spill_dir: str = Field("", description="directory for spilled uploads (default: system temp)")
     max_staged_uploads: int = Field(2, ge=1, description="in-memory uploads held at once")
-    max_staged_bytes: int = Field(64 << 20, ge=0, description="their total size, beyond the first")
+    max_staged_bytes: int = Field(
+        DEFAULT_STAGED_BYTES, ge=0, description="their total size, beyond the first"
+    )
     upload_window_bytes: int = Field(
         0, ge=0, description="fixed gRPC flow-control window per client; 0 = gRPC's adaptive one"
     )

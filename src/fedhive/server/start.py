@@ -15,6 +15,7 @@ from fedhive.server.config import ServerConfig
 from fedhive.server.engine import Engine, FitWorkflow, RoundCallback
 from fedhive.server.history import History
 from fedhive.server.strategy import FedAvg, Strategy
+from fedhive.transport.base import DEFAULT_STAGED_BYTES
 
 __all__ = ["start_server"]
 
@@ -38,9 +39,9 @@ def start_server(
     callbacks: Sequence[RoundCallback] = (),
     heartbeat_timeout: float = 30.0,
     max_staged_uploads: int = 2,
-    max_staged_bytes: int | None = 64 << 20,
+    max_staged_bytes: int | None = DEFAULT_STAGED_BYTES,
     upload_window_bytes: int | None = None,
-    spill_bytes: int | None = 64 << 20,
+    spill_bytes: int | None = DEFAULT_STAGED_BYTES,
     spill_dir: str | Path | None = None,
     chunk_bytes: int | None = None,
     on_started: object = None,

@@ -17,7 +17,11 @@ from collections.abc import Callable, Sequence
 from fedhive.common.clock import Clock, SystemClock
 from fedhive.common.message import Message
 
-__all__ = ["Replies", "Transport"]
+__all__ = ["DEFAULT_STAGED_BYTES", "Replies", "Transport"]
+
+#: Default of the server's ``max_staged_bytes`` and ``spill_bytes``: uploads in memory at
+#: once (beyond the first), and the size from which an upload is staged on disk.
+DEFAULT_STAGED_BYTES = 64 << 20
 
 
 class Replies:

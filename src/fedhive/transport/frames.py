@@ -5,37 +5,24 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 
 import numpy as np
 
 from fedhive.common.errors import SerdeError
 from fedhive.common.spill import SpillFile
 from fedhive.transport.proto.fleet_pb2 import Frame
-from fedhive.transport.wire import WireFrame, message_frame_bytes
+from fedhive.transport.wire import WireFrame
 
 __all__ = [
     "Assembler",
     "BufferPool",
     "DEFAULT_CHUNK_BYTES",
     "PROTOCOL_VERSION",
-    "message_frames",
 ]
 
 PROTOCOL_VERSION = 1
 DEFAULT_CHUNK_BYTES = 1 << 20
-
-
-def message_frames(
-    message_id: str, pieces: Sequence[bytes | memoryview], chunk_bytes: int = DEFAULT_CHUNK_BYTES
-) -> Iterator[Frame]:
-    """MESSAGE frames carrying ``pieces`` (concatenated) in chunks of ``chunk_bytes``.
-
-    ``Frame`` objects, for callers that want them; the transport itself sends the
-    serialized frames of :func:`~fedhive.transport.wire.message_frame_bytes`.
-    """
-    for raw in message_frame_bytes(message_id, pieces, chunk_bytes):
-        yield Frame.FromString(raw)
 
 
 class BufferPool:

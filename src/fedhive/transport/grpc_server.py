@@ -48,7 +48,7 @@ from grpc import aio
 from fedhive.common.errors import FedhiveError, SerdeError, TransportError
 from fedhive.common.message import Message
 from fedhive.server.client_manager import SimpleClientManager
-from fedhive.transport.base import Replies, Transport
+from fedhive.transport.base import DEFAULT_STAGED_BYTES, Replies, Transport
 from fedhive.transport.codec import decode_wire, encode_content, encode_wire
 from fedhive.transport.frames import (
     DEFAULT_CHUNK_BYTES,
@@ -70,7 +70,6 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULT_STAGED_BYTES", "GrpcServer", "ServerSecurity"]
 
-DEFAULT_STAGED_BYTES = 64 << 20
 
 log = logging.getLogger("fedhive.server")
 
