@@ -50,7 +50,7 @@ from fedhive.secagg.client import (
 )
 from fedhive.secagg.config import SecAggConfig, neighbour_graph
 from fedhive.server.client_manager import ClientProxy
-from fedhive.server.engine import RoundDriver, _failure_dict
+from fedhive.server.engine import RoundDriver, _failure_dict, begin_fit_round, end_fit_round
 from fedhive.server.strategy.base import Strategy, fold_mean
 
 __all__ = ["SecAggPlusWorkflow", "check_secagg_compatible"]
@@ -132,44 +132,26 @@ class SecAggPlusWorkflow:
         return f"SecAggPlusWorkflow({self.config!r})"
 
     def __call__(self, driver: RoundDriver) -> None:
-        engine, rnd = driver.engine, driver.server_round
-        weighting = check_secagg_compatible(engine.strategy)
-        engine._reseed_sampling(rnd, "fit")
-        instructions = engine.strategy.configure_fit(rnd, engine.parameters, engine.client_manager)
-        fit: dict[str, Any] = {"num_clients": len(instructions), "num_results": 0, "metrics": {}}
-        driver.record["fit"] = fit
+        weighting = check_secagg_compatible(driver.engine.strategy)
         driver.record["failures"] = []
-        if not instructions:
-            fit["updated"] = False
-            fit["note"] = "configure_fit selected no clients; the model is unchanged"
+        begun = begin_fit_round(driver)
+        if begun is None:
             return
+        instructions, fit = begun
         round_ = _SecureRound(self.config, driver, instructions, weighting)
         try:
             mean = round_.run()
         except RoundAborted as exc:
             fit["updated"] = False
             fit["note"] = f"secure aggregation aborted: {exc}; the model is unchanged"
-            log.warning("round %d: %s", rnd, fit["note"])
+            log.warning("round %d: %s", driver.server_round, fit["note"])
             return
         finally:
             driver.record["failures"] = [_failure_dict(f) for f in round_.failures]
             fit["num_failures"] = len(round_.failures)
             fit["secagg"] = round_.stats
         fit["num_results"] = len(round_.survivors)
-        if len(round_.survivors) < max(1, engine.config.min_fit_results):
-            fit["updated"] = False
-            fit["note"] = (
-                f"{len(round_.survivors)} secure results, fewer than the minimum "
-                f"{engine.config.min_fit_results}; the model is unchanged"
-            )
-            return
-        params, metrics = round_.hand_to_strategy(mean)
-        fit["metrics"] = dict(metrics)
-        fit["updated"] = params is not None
-        if params is None:
-            fit["note"] = "the strategy returned no parameters; the model is unchanged"
-            return
-        driver.update_parameters(params)
+        end_fit_round(driver, fit, lambda: round_.hand_to_strategy(mean), "secure results")
 
 
 class _SecureRound:

@@ -29,6 +29,7 @@ from fedhive.common.records import (
     GetParametersIns,
     GetParametersRes,
     Parameters,
+    Scalar,
     parameters_to_ndarrays,
 )
 from fedhive.server.client_manager import ClientManager, ClientProxy, SimpleClientManager
@@ -385,21 +386,58 @@ def _fold_fit_reply(
     return None
 
 
-def default_fit_workflow(driver: RoundDriver) -> None:
-    """Flower's fit round: one exchange, results streamed into the strategy's aggregator."""
-    engine, rnd, record = driver.engine, driver.server_round, driver.record
+def begin_fit_round(
+    driver: RoundDriver,
+) -> tuple[list[tuple[ClientProxy, FitIns]], dict[str, Any]] | None:
+    """Flower's start of a fit round: the strategy's instructions and the round's ``fit``
+    record, or ``None`` (noted in the record) when ``configure_fit`` selected no client."""
+    engine, rnd = driver.engine, driver.server_round
     engine._reseed_sampling(rnd, "fit")
     instructions = engine.strategy.configure_fit(rnd, engine.parameters, engine.client_manager)
     fit: dict[str, Any] = {"num_clients": len(instructions), "num_results": 0, "metrics": {}}
-    record["fit"] = fit
+    driver.record["fit"] = fit
     if not instructions:
         fit["updated"] = False
         fit["note"] = "configure_fit selected no clients; the model is unchanged"
+        return None
+    return list(instructions), fit
+
+
+def end_fit_round(
+    driver: RoundDriver,
+    fit: dict[str, Any],
+    finalize: Callable[[], tuple[Parameters | None, dict[str, Scalar]]],
+    results: str = "successful fit results",
+) -> None:
+    """Flower's end of a fit round with ``fit["num_results"]`` results: too few keep the
+    model; otherwise ``finalize()`` (the strategy's aggregate) gives the next one."""
+    minimum = driver.engine.config.min_fit_results
+    if fit["num_results"] < max(1, minimum):
+        fit["updated"] = False
+        fit["note"] = (
+            f"{fit['num_results']} {results}, fewer than the minimum {minimum}; "
+            "the model is unchanged"
+        )
         return
+    params, metrics = finalize()
+    fit["metrics"] = dict(metrics)
+    fit["updated"] = params is not None
+    if params is None:
+        fit["note"] = "the strategy returned no parameters; the model is unchanged"
+        return
+    driver.update_parameters(params)
+
+
+def default_fit_workflow(driver: RoundDriver) -> None:
+    """Flower's fit round: one exchange, results streamed into the strategy's aggregator."""
+    begun = begin_fit_round(driver)
+    if begun is None:
+        return
+    contents, fit = begun
+    engine, rnd = driver.engine, driver.server_round
     aggregator = engine.strategy.fit_aggregator(rnd, engine.parameters)
     reference = parameters_to_ndarrays(engine.parameters)
     failures: list[ClientFailure] = []
-    contents: list[tuple[ClientProxy, FitIns]] = list(instructions)
     for reply in driver.exchange(MessageType.FIT, contents):
         failure = _fold_fit_reply(driver, reply, aggregator, reference)
         del reply  # folded: free the upload before the next one is awaited
@@ -408,19 +446,6 @@ def default_fit_workflow(driver: RoundDriver) -> None:
         else:
             failures.append(failure)
             aggregator.add_failure(failure)
-    record["failures"] = [_failure_dict(f) for f in failures]
+    driver.record["failures"] = [_failure_dict(f) for f in failures]
     fit["num_failures"] = len(failures)
-    if fit["num_results"] < max(1, engine.config.min_fit_results):
-        fit["updated"] = False
-        fit["note"] = (
-            f"{fit['num_results']} successful fit results, fewer than the minimum "
-            f"{engine.config.min_fit_results}; the model is unchanged"
-        )
-        return
-    params, metrics = aggregator.finalize()
-    fit["metrics"] = dict(metrics)
-    fit["updated"] = params is not None
-    if params is None:
-        fit["note"] = "the strategy returned no parameters; the model is unchanged"
-        return
-    driver.update_parameters(params)
+    end_fit_round(driver, fit, aggregator.finalize)
