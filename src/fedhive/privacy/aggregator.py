@@ -14,7 +14,6 @@ import numpy as np
 from fedhive.common.errors import InvalidUpdate
 from fedhive.common.records import (
     FitRes,
-    NDArray,
     NDArrays,
     Parameters,
     Scalar,
@@ -24,6 +23,7 @@ from fedhive.privacy.central import NORM_BIT_KEY
 from fedhive.privacy.clipping import clip_update, l2_norm, model_update
 from fedhive.server.client_manager import ClientProxy
 from fedhive.server.strategy.base import MeanClients, fold_mean
+from fedhive.server.strategy.composed import cast_like
 
 if TYPE_CHECKING:
     from fedhive.privacy.central import _DpStrategy
@@ -34,10 +34,6 @@ __all__ = ["DpAggregator"]
 def _public(metrics: dict[str, Scalar]) -> dict[str, Scalar]:
     """A client's metrics without the norm bit, which only the DP aggregator reads."""
     return {k: v for k, v in metrics.items() if k != NORM_BIT_KEY}
-
-
-def _released_dtype(reference: NDArray) -> np.dtype[Any]:
-    return reference.dtype if reference.dtype.kind == "f" else np.dtype(np.float64)
 
 
 class DpAggregator:
@@ -139,7 +135,7 @@ class DpAggregator:
             if stddev > 0:
                 acc += stddev * noise.standard_normal(acc.shape)
             acc += ref
-            released.append(acc.astype(_released_dtype(ref)))
+            released.append(acc)
         metrics = strategy.privacy_metrics()
         metrics["dp_clipping_norm"] = self.clipping_norm
         metrics["dp_noise_stddev"] = stddev
@@ -151,7 +147,7 @@ class DpAggregator:
             strategy._adapt(unclipped_fraction)
             metrics["dp_unclipped_fraction"] = unclipped_fraction
             metrics["dp_next_clipping_norm"] = strategy.clipping_norm
-        params, inner_metrics = self._inner_step(released)
+        params, inner_metrics = self._inner_step(cast_like(released, self.reference))
         return params, {**inner_metrics, **metrics}
 
     def _inner_step(self, released: NDArrays) -> tuple[Parameters | None, dict[str, Scalar]]:

@@ -89,6 +89,11 @@ def share_key(secret: bytes | p.KeyPair, peer_public: bytes, run: int, rnd: int)
     return p.agree(secret, peer_public, b"share|%d|%d" % (run, rnd))
 
 
+def _neighbours(state: Mapping[str, Scalar]) -> set[int]:
+    """The secure ids of this client's neighbours, as the server assigned them."""
+    return set(np.frombuffer(_bytes(state, "neighbours"), "<i8").tolist())
+
+
 def _int(params: Mapping[str, Scalar], key: str) -> int:
     value = params.get(key)
     if isinstance(value, bool) or not isinstance(value, int):
@@ -268,7 +273,7 @@ class SecAggPlusMod:
         self._advance(state, STAGE_ADVERTISE, STAGE_SHARE)
         content = _content(message)
         me = _int(state, "sid")
-        allowed = set(np.frombuffer(_bytes(state, "neighbours"), "<i8").tolist())
+        allowed = _neighbours(state)
         peers: dict[str, Scalar] = {}
         seen: set[bytes] = set()
         start = time.perf_counter()
@@ -402,7 +407,7 @@ class SecAggPlusMod:
         survivors = _survivors(message, "survivors")
         me = _int(state, "sid")
         inbox = context.state.config_records.get(_INBOX, {})
-        neighbours = set(np.frombuffer(_bytes(state, "neighbours"), "<i8").tolist())
+        neighbours = _neighbours(state)
         announced = set(survivors.tolist())
         if me not in announced:
             raise ProtocolError("the announced survivors leave out this client, who sent input")

@@ -25,7 +25,9 @@ import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fedhive.common.errors import ConfigError
 from fedhive.secagg import primitives as p
@@ -41,21 +43,13 @@ __all__ = [
 ]
 
 
-def _serialization() -> tuple[Any, Any]:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-
-    return serialization, Ed25519PrivateKey
-
-
 def write_identity(path: str | Path, *, overwrite: bool = False) -> bytes:
     """Make a new identity key at ``path`` (mode 0600); returns its raw public key."""
-    serialization, key_type = _serialization()
     path = Path(path)
     if path.exists() and not overwrite:
         raise ConfigError(f"{path} exists; refusing to replace an identity key")
     secret = p.new_identity()
-    pem = key_type.from_private_bytes(secret).private_bytes(
+    pem = Ed25519PrivateKey.from_private_bytes(secret).private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
@@ -70,7 +64,6 @@ def write_identity(path: str | Path, *, overwrite: bool = False) -> bytes:
 
 def load_identity(path: str | Path) -> bytes:
     """The raw 32-byte Ed25519 secret of the PEM key file at ``path``."""
-    serialization, key_type = _serialization()
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
@@ -79,7 +72,7 @@ def load_identity(path: str | Path) -> bytes:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"{path} is not an unencrypted PEM private key: {exc}") from None
-    if not isinstance(key, key_type):
+    if not isinstance(key, Ed25519PrivateKey):
         raise ConfigError(f"{path} holds a {type(key).__name__}, not an Ed25519 key")
     return key.private_bytes(
         serialization.Encoding.Raw,

@@ -52,6 +52,7 @@ from fedhive.secagg.config import SecAggConfig, neighbour_graph
 from fedhive.server.client_manager import ClientProxy
 from fedhive.server.engine import RoundDriver, _failure_dict, begin_fit_round, end_fit_round
 from fedhive.server.strategy.base import Strategy, fold_mean
+from fedhive.server.strategy.composed import cast_like
 
 __all__ = ["SecAggPlusWorkflow", "check_secagg_compatible"]
 
@@ -301,7 +302,7 @@ class _SecureRound:
 
     def _share_keys(self, u1: list[_Peer]) -> list[_Peer]:
         alive = {peer.sid for peer in u1}
-        contents = {}
+        contents, sent = {}, {}
         for peer in u1:
             live = [j for j in peer.neighbours if j in alive]
             if len(live) < self.threshold:
@@ -315,13 +316,13 @@ class _SecureRound:
                 f"peer.{j}": {**self.peers[j].advert, "node": self.peers[j].cid} for j in live
             }
             contents[peer.sid] = RecordDict(config_records=records)
+            sent[peer.sid] = {str(j) for j in live}
         out = []
         for peer, content in self._exchange(STAGE_SHARE, contents):
             shares = _record(content, "shares")
-            expected = {str(j) for j in peer.neighbours if j in alive}
             if (
                 not isinstance(shares, dict)
-                or set(shares) != expected
+                or set(shares) != sent[peer.sid]
                 or not all(isinstance(v, bytes) for v in shares.values())
             ):
                 self._fail(peer, STAGE_SHARE, "shares missing or addressed to non-neighbours")
@@ -483,11 +484,9 @@ class _SecureRound:
         flat = p.dequantize(total[:-1], weight_sum, self.config.clip, self.config.bits)
         out, at = [], 0
         for ref in self.reference:
-            delta = flat[at : at + ref.size].reshape(ref.shape)
+            out.append(ref.astype(np.float64) + flat[at : at + ref.size].reshape(ref.shape))
             at += ref.size
-            new = ref.astype(np.float64) + delta
-            out.append(new.astype(ref.dtype) if ref.dtype.kind == "f" else new)
-        return out
+        return cast_like(out, self.reference)
 
     # -- the strategy ---------------------------------------------------------------------
 
