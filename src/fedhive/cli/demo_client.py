@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from fedhive.cli.config import TrainConfig
 from fedhive.cli.deploy_common import experiment_config
 from fedhive.cli.experiment import (
@@ -93,8 +91,7 @@ def demo_client_fn(
     data = load_data(cfg)
     parts = make_partition(cfg, data)
     train_idx, val_idx = split_clients(parts, cfg.data.val_fraction, cfg.seed)[partition_id]
-    in_dim = int(np.prod(data.x_train.shape[1:]))
-    spec = ModelSpec(cfg.model.name, in_dim, data.num_classes, cfg.model.hidden)
+    spec = ModelSpec.for_data(cfg.model, data)
     fn = DemoClientFn(
         spec,
         (data.x_train[train_idx], data.y_train[train_idx]),

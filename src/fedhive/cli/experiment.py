@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from fedhive.cli.config import ExperimentConfig, StrategyConfig
+from fedhive.cli.config import ExperimentConfig, ModelConfig, StrategyConfig
 from fedhive.client.app import Mod
 from fedhive.client.context import Context
 from fedhive.client.mods import scaffold_correction, scaffold_mod
@@ -91,6 +91,12 @@ class ModelSpec:
     num_classes: int
     hidden: int
     _local: threading.local = field(default_factory=threading.local, repr=False)
+
+    @classmethod
+    def for_data(cls, model: ModelConfig, dataset: Dataset) -> ModelSpec:
+        """The ``[model]`` table's model for ``dataset``'s inputs and classes."""
+        in_dim = int(np.prod(dataset.x_train.shape[1:]))
+        return cls(model.name, in_dim, dataset.num_classes, model.hidden)
 
     def initial(self, seed: int) -> NDArrays:
         if self.name == "logreg":
@@ -362,8 +368,7 @@ def model_strategy(
 def build_experiment(cfg: ExperimentConfig) -> Experiment:
     dataset = load_data(cfg)
     partition = make_partition(cfg, dataset)
-    in_dim = int(np.prod(dataset.x_train.shape[1:]))
-    spec = ModelSpec(cfg.model.name, in_dim, dataset.num_classes, cfg.model.hidden)
+    spec = ModelSpec.for_data(cfg.model, dataset)
     splits = split_clients(partition, cfg.data.val_fraction, cfg.seed)
     client_fn = ClientFactory(spec, dataset.x_train, dataset.y_train, splits)
     train = cfg.train

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-import numpy as np
 import typer
 from rich.markup import escape
 
@@ -40,8 +39,7 @@ def server_strategy(cfg: DeployConfig) -> tuple[Strategy, tuple[Mod, ...], Datas
     """
     exp = experiment_config(cfg.seed, cfg.data.model_dump(), cfg.model.model_dump(), 1, "server")
     data = load_data(exp)
-    in_dim = int(np.prod(data.x_train.shape[1:]))
-    spec = ModelSpec(cfg.model.name, in_dim, data.num_classes, cfg.model.hidden)
+    spec = ModelSpec.for_data(cfg.model, data)
     fit_config: Config = dict(cfg.train.model_dump())
     st = cfg.strategy
     strategy, mods = model_strategy(

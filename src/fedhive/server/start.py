@@ -86,7 +86,7 @@ def start_server(
     if secure_aggregation is not None:
         from fedhive.secagg.server import as_workflow
 
-        fit_workflow = as_workflow(secure_aggregation, strategy or FedAvg(), fit_workflow)
+        fit_workflow = as_workflow(secure_aggregation, strategy, fit_workflow)
     manager = client_manager or SimpleClientManager(seed=seed, wait_timeout=wait_timeout)
     no_amplification = getattr(strategy, "assume_no_amplification", None)
     if callable(no_amplification):  # DP wrappers: who shows up is not the server's choice

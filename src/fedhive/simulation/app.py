@@ -173,7 +173,7 @@ def start_simulation(
         from fedhive.secagg.client import with_secagg_mod
         from fedhive.secagg.server import as_workflow
 
-        fit_workflow = as_workflow(secure_aggregation, strategy or FedAvg(), fit_workflow)
+        fit_workflow = as_workflow(secure_aggregation, strategy, fit_workflow)
         mods = with_secagg_mod(mods)
     app = ClientApp(client_fn, mods)
     executor = _executor(backend, workers, app)
