@@ -92,3 +92,20 @@ def restore_process_state(monkeypatch):
     from deploy_helpers import stop_all
 
     stop_all()
+
+
+def run_benchmark(name: str, *args: str, timeout: float = 120) -> str:
+    """Run ``benchmarks/NAME`` (warnings are errors) and return its output; it must exit 0."""
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / name
+    proc = subprocess.run(
+        [sys.executable, "-W", "error", str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout

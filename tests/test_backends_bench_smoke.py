@@ -5,31 +5,20 @@ Marked slow: the process-pool configurations spawn workers that import torch (~1
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "backends.py"
+from conftest import run_benchmark
 
 
 @pytest.mark.slow
 def test_backends_benchmark_quick_run() -> None:
     pytest.importorskip("torch")
-    proc = subprocess.run(
-        [sys.executable, "-W", "error", str(SCRIPT), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=110,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
+    out = run_benchmark("backends.py", "--quick", timeout=110)
+    lines = out.splitlines()
     columns = ("workload", "backend", "workers", "median s/round", "speed-up", "start cost s")
     assert any(line.startswith("workload ") and all(c in line for c in columns) for line in lines)
     rows = [line.split()[:3] for line in lines]
     for workload in ("torch", "numpy", "pure-python"):
         for backend, workers in (("thread", "1"), ("thread", "2"), ("process", "2")):
-            assert [workload, backend, workers] in rows, proc.stdout
-    assert "Reproduce:" in proc.stdout
+            assert [workload, backend, workers] in rows, out
+    assert "Reproduce:" in out

@@ -2,28 +2,15 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "mcmahan_table2.py"
+from conftest import run_benchmark
 
 
 @pytest.mark.slow
 def test_mcmahan_table2_quick_run() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-W", "error", str(SCRIPT), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
+    out = run_benchmark("mcmahan_table2.py", "--quick", timeout=300)
     header = ("row", "iid rounds", "iid speedup", "non-iid rounds", "non-iid speedup")
-    lines = proc.stdout.splitlines()
-    assert any(line.startswith("row ") and all(c in line for c in header) for line in lines), (
-        proc.stdout
-    )
-    assert "Reproduce:" in proc.stdout
+    lines = out.splitlines()
+    assert any(line.startswith("row ") and all(c in line for c in header) for line in lines), out
+    assert "Reproduce:" in out

@@ -5,23 +5,11 @@ About a second: tiny models (1k parameters), 6 and 10 clients, one timed round e
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "secagg.py"
+from conftest import run_benchmark
 
 
 def test_secagg_benchmark_quick_run() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-W", "error", str(SCRIPT), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    out = proc.stdout
+    out = run_benchmark("secagg.py", "--quick", timeout=120)
     lines = out.splitlines()
     time_columns = (
         "config",
