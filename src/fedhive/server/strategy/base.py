@@ -26,6 +26,7 @@ from fedhive.common.records import (
     ndarrays_to_parameters,
 )
 from fedhive.server.client_manager import ClientManager, ClientProxy
+from fedhive.server.strategy.traits import StrategyTraits
 
 __all__ = [
     "Aggregator",
@@ -147,6 +148,13 @@ class Strategy(ABC):
     def evaluate(
         self, server_round: int, parameters: Parameters
     ) -> tuple[float, dict[str, Scalar]] | None: ...
+
+    @property
+    def traits(self) -> StrategyTraits:
+        """What this strategy can be combined with (default: a buffering strategy whose
+        aggregate is not known to be a weighted mean; see
+        :mod:`fedhive.server.strategy.traits`)."""
+        return StrategyTraits()
 
     def fit_aggregator(self, server_round: int, parameters: Parameters) -> Aggregator:
         """An aggregator for this round's fit results (default: buffer them all)."""
