@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import shlex
 import statistics
@@ -38,6 +39,7 @@ from fedhive.server.client_manager import ClientManager, ClientProxy
 from fedhive.server.engine import Engine, RoundCallback
 from fedhive.server.strategy import Strategy
 from fedhive.server.strategy.base import Aggregator, EvaluateResults, FitResults
+from fedhive.server.strategy.traits import StrategyTraits, traits_of
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -49,8 +51,9 @@ Edit = Callable[
 
 
 def with_config(ins: FitIns, **entries: Scalar) -> FitIns:
-    """A copy of ``ins`` with ``entries`` added to its config (the original is shared)."""
-    return FitIns(ins.parameters, {**ins.config, **entries})
+    """A copy of ``ins`` with ``entries`` added to its config (the original is shared;
+    its extras, e.g. SCAFFOLD's server variate, go along)."""
+    return dataclasses.replace(ins, config={**ins.config, **entries})
 
 
 class PerClient(Strategy):
@@ -65,8 +68,8 @@ class PerClient(Strategy):
         self.inner, self.edit, self.seed = inner, edit, seed
 
     @property
-    def validate_fit_results(self) -> bool:
-        return bool(getattr(self.inner, "validate_fit_results", True))
+    def traits(self) -> StrategyTraits:
+        return traits_of(self.inner)  # the same strategy, instructions edited
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         return self.inner.initialize_parameters(client_manager)

@@ -147,29 +147,32 @@ def test_buffered_async_folds_without_waiting_for_a_straggler(release):
 # -- replies that do not belong are refused -----------------------------------------------
 
 
-class Forging(InProcessTransport):
-    """Puts four forged replies in front of every real one."""
+def forging(runner):
+    """Answers each task with four forged replies in front of the real one."""
+    from dataclasses import replace
 
-    def send(self, messages, replies):
-        from dataclasses import replace
+    def answer(task):
+        meta = task.reply(None).metadata
+        return [
+            Message(replace(meta, run_id=meta.run_id + 1), None),
+            Message(replace(meta, server_round=meta.server_round + 5), None),
+            Message(replace(meta, reply_to="nope"), None),
+            Message(replace(meta, node_id="intruder"), None),
+            runner(task),
+        ]
 
-        for task in messages:
-            good = task.reply(None)
-            meta = good.metadata
-            replies.put(Message(replace(meta, run_id=meta.run_id + 1), None))
-            replies.put(Message(replace(meta, server_round=meta.server_round + 5), None))
-            replies.put(Message(replace(meta, reply_to="nope"), None))
-            replies.put(Message(replace(meta, node_id="intruder"), None))
-        super().send(messages, replies)
+    return answer
 
 
 def test_foreign_and_stale_replies_are_refused():
+    from fedhive.testing import FakeTransport
+
     store = StateStore()
     ids = ["0", "1"]
     runner = VirtualClientRunner(
         ClientApp(lambda cid: AddClient(int(cid))), store, {c: {} for c in ids}, {}
     )
-    transport = Forging(runner, num_workers=1)
+    transport = FakeTransport(forging(runner))
     engine = Engine(
         strategy=FedAvg(fraction_evaluate=0.0, initial_parameters=initial((4,))),
         transport=transport,

@@ -37,6 +37,7 @@ from fedhive.privacy.clipping import clip_update, l2_norm
 from fedhive.server import ServerConfig
 from fedhive.server.client_manager import ClientProxy
 from fedhive.server.strategy import FedAvg
+from fedhive.server.strategy.traits import StrategyTraits
 from fedhive.simulation import start_simulation
 
 SHAPES = [(4,), (2, 3)]
@@ -338,7 +339,8 @@ def test_fixed_sampling_is_accounted_with_replace_one():
 
 
 class FedMedian(FedAvg):
-    pass
+    # refused for what its traits say, not for its name (see test_traits.py)
+    traits = StrategyTraits(reason="its aggregate is a coordinate-wise median")
 
 
 class MyKrumVariant(FedMedian):
@@ -357,7 +359,7 @@ class OptedOut(FedAvg):
         ({"noise_multiplier": -0.1}, "negative noise"),
         ({"num_sampled_clients": 0}, "num_sampled_clients"),
         ({"strategy": FedMedian()}, "FedMedian cannot be wrapped"),
-        ({"strategy": MyKrumVariant()}, "FedMedian cannot be wrapped"),
+        ({"strategy": MyKrumVariant()}, "MyKrumVariant cannot be wrapped"),
         ({"strategy": OptedOut()}, "OptedOut cannot be wrapped"),
         ({"strategy": fixed()}, "already a DP wrapper"),
         ({"weighting": "num_examples"}, "num_examples"),
@@ -389,15 +391,14 @@ def test_the_real_robust_and_reweighting_strategies_are_refused(name):
 
 def test_a_composed_strategy_with_a_median_rule_is_refused():
     from fedhive.privacy import check_dp_compatible
+    from fedhive.server.strategy import ComposedStrategy
 
-    class MedianRule:
-        pass
+    class MedianRule:  # a user's rule that declares no traits: not known to be a mean
+        def start(self, server_round, reference, weight):
+            raise NotImplementedError
 
-    class Composed(FedAvg):
-        rule = MedianRule()
-
-    with pytest.raises(ConfigError, match="MedianRule cannot be wrapped"):
-        check_dp_compatible(Composed())
+    with pytest.raises(ConfigError, match=r"cannot be wrapped.*MedianRule declares no traits"):
+        check_dp_compatible(ComposedStrategy(sampling=FedAvg(), rule=MedianRule()))
 
 
 def test_server_optimizers_step_on_the_noisy_mean():

@@ -12,8 +12,10 @@ import fedhive.secagg
 import fedhive.server
 import fedhive.server.strategy
 import fedhive.simulation
+import fedhive.testing
 
 EXPECTED = {
+    fedhive.testing: ["DROP", "FakeReply", "FakeTransport", "ManualClock", "VirtualClock"],
     fedhive.client: [
         "Client",
         "ClientApp",
@@ -51,7 +53,14 @@ EXPECTED = {
         "WeightedMean",
         "check_update",
     ],
-    fedhive.simulation: ["start_simulation"],
+    fedhive.simulation: [
+        "Backend",
+        "ClientSetup",
+        "RayOptions",
+        "backend_names",
+        "register_backend",
+        "start_simulation",
+    ],
     fedhive.secagg: [
         "SecAggConfig",
         "SecAggPlusMod",

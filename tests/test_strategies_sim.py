@@ -171,16 +171,20 @@ def test_scaffold_without_the_client_mod_fails_clearly():
 
 
 def test_scaffold_refuses_replies_without_the_variate_delta():
-    from fedhive.common import FitRes, InvalidUpdate, Status
+    from fedhive.common import FitRes, InvalidUpdate, RecordDict, Status
     from fedhive.server.client_manager import ClientProxy
 
     strategy = Scaffold()
     agg = strategy.fit_aggregator(1, ndarrays_to_parameters([np.zeros(2)]))
     with pytest.raises(InvalidUpdate, match="scaffold_mod"):
         agg.add(ClientProxy("0"), FitRes(Status(), ndarrays_to_parameters([np.ones(2)]), 1, {}))
-    bad = ndarrays_to_parameters([np.ones(2), np.full(2, np.inf)])
+    appended = ndarrays_to_parameters([np.ones(2), np.zeros(2)])  # the former wire format
+    with pytest.raises(InvalidUpdate, match="scaffold_mod"):
+        agg.add(ClientProxy("0"), FitRes(Status(), appended, 1, {}))
+    bad = RecordDict({"scaffold": {"0": np.full(2, np.inf)}})
+    model = ndarrays_to_parameters([np.ones(2)])
     with pytest.raises(InvalidUpdate, match="NaN or Inf"):
-        agg.add(ClientProxy("0"), FitRes(Status(), bad, 1, {}))
+        agg.add(ClientProxy("0"), FitRes(Status(), model, 1, {}, extras=bad))
     assert agg.finalize() == (None, {})
     assert strategy.control_variate is None
 

@@ -1,4 +1,9 @@
-"""Every transport must pass this suite (in-process now; network transports join later)."""
+"""Every transport must pass this suite: in-process, every simulation backend, gRPC, the fake.
+
+A simulation backend runs client apps, not bare runners: the runner becomes the app's one
+mod (it answers without building a client). Backends that cannot be made here (Ray
+without its extra) are not listed.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,13 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
+from fedhive.client import ClientApp, Context, StateStore
 from fedhive.common import FitIns, Message, MessageType, RecordDict, ndarrays_to_parameters
-from fedhive.common.clock import ManualClock
+from fedhive.common.clock import ManualClock, VirtualClock
+from fedhive.common.errors import ConfigError, MissingDependency
+from fedhive.simulation import ClientSetup, backend_names
+from fedhive.simulation.backends import Backend, make_backend
+from fedhive.testing import FakeTransport
 from fedhive.transport import InProcessTransport, Replies, Transport
 
 
@@ -70,7 +80,72 @@ class GrpcLoopback(Transport):
             thread.join(5)
 
 
-TRANSPORTS = [make_in_process, make_in_process_single, GrpcLoopback]
+class RunnerMod:
+    """A client mod that answers every task with ``runner`` (picklable if the runner is)."""
+
+    def __init__(self, runner: Callable[[Message], Message]) -> None:
+        self.runner = runner
+
+    def __call__(self, message: Message, context: Context, call_next) -> Message:
+        return self.runner(message)
+
+
+def no_client(context: Context):
+    raise AssertionError("the runner mod answers every task; no client is built")
+
+
+class BackendTransport(Transport):
+    """The transport a registered simulation backend builds, closed with its backend."""
+
+    def __init__(self, name: str, runner: Callable[[Message], Message]) -> None:
+        self.backend: Backend = make_backend(name)
+        self.store = StateStore()
+        setup = ClientSetup(
+            app=ClientApp(no_client, [RunnerMod(runner)]),
+            store=self.store,
+            node_configs={node: {} for node in NODES},
+            run_config={},
+            num_workers=2,
+        )
+        self.inner = self.backend.start(setup)
+
+    def send(self, messages, replies):
+        self.inner.send(messages, replies)
+
+    def close(self):
+        self.backend.close()
+        self.store.close()
+
+
+def _available(name: str) -> bool:
+    try:
+        make_backend(name).close()
+    except (MissingDependency, ConfigError):  # e.g. Ray without its extra
+        return False
+    return True
+
+
+def _backend_factory(name: str):
+    def make_backend_transport(runner):
+        if name != "thread" and runner is not echo_runner:
+            return None  # other processes: only the module-level runner travels there
+        return BackendTransport(name, runner)
+
+    make_backend_transport.__name__ = f"backend_{name}"
+    return make_backend_transport
+
+
+def make_fake(runner: Callable[[Message], Message]) -> Transport:
+    return FakeTransport(runner)
+
+
+TRANSPORTS = [
+    make_in_process,
+    make_in_process_single,
+    *(_backend_factory(name) for name in backend_names() if _available(name)),
+    GrpcLoopback,
+    make_fake,
+]
 
 
 def tasks(nodes, rnd=1):
@@ -100,7 +175,8 @@ def make(request):
 
     def factory(runner=echo_runner):
         transport = request.param(runner)
-        made.append(transport)
+        if transport is not None:
+            made.append(transport)
         return transport
 
     yield factory
@@ -148,8 +224,10 @@ def test_in_process_cancel_drops_tasks_not_started(make):
         return task.reply(RecordDict())
 
     transport = make(slow)
+    if isinstance(transport, BackendTransport):
+        transport = transport.inner
     if not isinstance(transport, InProcessTransport):
-        return  # a network transport has already delivered every task to its client
+        return  # a network or fake transport has already delivered every task
     replies = Replies()
     transport.send(tasks([str(i) for i in range(10)]), replies)
     time.sleep(0.1)
@@ -204,3 +282,17 @@ def test_window_bounds_how_far_ahead_tasks_start():
     finally:
         transport.close()
     assert max(peak_ahead) < 4
+
+
+def test_on_a_virtual_clock_every_reply_arrives_at_once(make):
+    transport = make()
+    if isinstance(transport, GrpcLoopback):
+        return  # replies over a network come in real time; simulated time is for simulation
+    clock = VirtualClock(start=100.0)
+    replies = Replies(clock)
+    sent = tasks([str(i) for i in range(12)])
+    transport.send(sent, replies)
+    got = [replies.get(deadline=100.0) for _ in sent]  # no simulated time passes
+    assert [r.metadata.reply_to for r in got if r] == [t.metadata.message_id for t in sent]
+    assert clock.now() == 100.0
+    assert replies.get(clock.now() + 3600.0) is None and clock.now() == 3700.0

@@ -50,11 +50,23 @@ __all__ = [
     "secagg",
     "server",
     "simulation",
+    "testing",
     "transport",
 ]
 
 _SUBPACKAGES = frozenset(
-    {"client", "common", "data", "models", "privacy", "secagg", "server", "simulation", "transport"}
+    {
+        "client",
+        "common",
+        "data",
+        "models",
+        "privacy",
+        "secagg",
+        "server",
+        "simulation",
+        "testing",
+        "transport",
+    }
 )
 
 if TYPE_CHECKING:
@@ -67,6 +79,7 @@ if TYPE_CHECKING:
         secagg,
         server,
         simulation,
+        testing,
         transport,
     )
 

@@ -203,7 +203,7 @@ def client(
             mods.extend(app_mods)
             what = f"--app {app}"
         else:
-            from fedhive.client.mods import scaffold_mod
+            from fedhive.cli.strategies import required_client_mods
 
             fn, what = demo_client_fn(
                 partition_id=partition_id,
@@ -218,7 +218,9 @@ def client(
                 seed=seed,
             )
             target = {"client_fn": fn}
-            mods.append(scaffold_mod)  # acts on SCAFFOLD rounds only
+            # The demo client does not know the server's strategy: it installs the mods
+            # every registered strategy requires (each acts on its own rounds only).
+            mods.extend(required_client_mods())
         tls: dict[str, Any] = {}
         if cert is not None and key is not None:
             tls = {

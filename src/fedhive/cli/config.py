@@ -13,15 +13,18 @@ A TOML file has up to six tables, every key optional (defaults give the default 
     [train]      local_epochs, batch_size, lr, momentum
     [strategy]   name, fraction_fit, fraction_evaluate, min_fit_clients,
                  min_evaluate_clients, centralized_eval, and the chosen strategy's own
-                 parameters under Flower's names (see ``STRATEGY_PARAMETERS``)
-    [simulation] backend, num_workers, round_timeout
-    secure_aggregation = { threshold, degree, bits, clip, ... }   (SecAgg+, optional)
+                 parameters under Flower's names: one model per strategy, registered
+                 in :mod:`fedhive.cli.strategies` (see ``STRATEGY_PARAMETERS``)
+    [simulation] backend (a registered one), num_workers, round_timeout
+    secure_aggregation = { threshold, degree, bits, clip, ... }   (SecAgg+, optional;
+                 the keys and defaults of ``fedhive.secagg.SecAggConfig``)
 
 An unknown key or a bad value stops the run with a message naming the key, the value and
 what is allowed. So does a strategy parameter that the chosen strategy does not take
 (``server_momentum`` with ``name = "fedprox"``), a missing required one (FedProx's
 ``proximal_mu``), or a robust rule whose ``num_malicious_clients`` needs more clients per
-round than the sampling gives.
+round than the sampling gives, or secure aggregation with a strategy whose traits do not
+declare a weighted mean.
 
 Example::
 
@@ -33,13 +36,30 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, overload
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
+from fedhive.cli.strategies import (
+    FedAvgConfig,
+    RegistryView,
+    StrategyConfig,
+    strategy_model,
+    weighted_mean_strategies,
+)
 from fedhive.common.errors import ConfigError
 
 __all__ = [
@@ -83,222 +103,117 @@ class TrainConfig(_Section):
     momentum: float = Field(0.9, ge=0, lt=1)
 
 
-StrategyName = Literal[
-    "fedavg",
-    "fedprox",
-    "fedavgm",
-    "fedadam",
-    "fedyogi",
-    "fedadagrad",
-    "qfedavg",
-    "fedmedian",
-    "fedtrimmedavg",
-    "krum",
-    "multikrum",
-    "bulyan",
-    "scaffold",
-    "fednova",
-]
-
 #: Each strategy's own parameters (beyond FedAvg's sampling keys), under the argument
-#: names of its ``fedhive.server.strategy`` class (Flower's names). Unset ones take the
-#: class defaults, except where :class:`StrategyConfig` says otherwise.
-STRATEGY_PARAMETERS: dict[str, tuple[str, ...]] = {
-    "fedavg": (),
-    "fedprox": ("proximal_mu",),
-    "fedavgm": ("server_learning_rate", "server_momentum"),
-    "fedadam": ("eta", "beta_1", "beta_2", "tau", "bias_correction"),
-    "fedyogi": ("eta", "beta_1", "beta_2", "tau"),
-    "fedadagrad": ("eta", "beta_1", "tau"),
-    "qfedavg": ("q_param", "qffl_learning_rate"),
-    "fedmedian": (),
-    "fedtrimmedavg": ("beta",),
-    "krum": ("num_malicious_clients", "num_clients_to_keep"),
-    "multikrum": ("num_malicious_clients", "num_clients_to_keep"),
-    "bulyan": ("num_malicious_clients", "to_keep"),
-    "scaffold": ("server_learning_rate",),
-    "fednova": ("server_learning_rate", "local_momentum"),
-}
+#: names of its ``fedhive.server.strategy`` class (Flower's): a live view of the registry
+#: in :mod:`fedhive.cli.strategies`, kept here for compatibility. Unset ones take the
+#: class defaults, except where the strategy's model says otherwise.
+STRATEGY_PARAMETERS: Mapping[str, tuple[str, ...]] = RegistryView(
+    lambda model: model.parameter_names()
+)
 
-#: Parameters a strategy cannot do without (its class has no default for them).
-REQUIRED_PARAMETERS: dict[str, tuple[str, ...]] = {"fedprox": ("proximal_mu",)}
-
-#: Flower arguments the CLI refuses, with the reason.
-_REFUSED: dict[str, str] = {
-    "eta_l": "the clients' learning rate is train.lr (Flower's eta_l is only recorded)",
-}
+#: Parameters a strategy cannot do without (its class has no default for them); a live
+#: view of the registry, kept for compatibility.
+REQUIRED_PARAMETERS: Mapping[str, tuple[str, ...]] = RegistryView(
+    lambda model: tuple(k for k, f in model.model_fields.items() if f.is_required())
+)
 
 
-class StrategyConfig(_Section):
-    """``[strategy]``: which strategy, FedAvg's sampling keys, and the strategy's parameters.
+def _backends() -> tuple[str, ...]:
+    # Imported when a [simulation] table is checked: the simulation package is not needed
+    # to read the rest of a config.
+    from fedhive.simulation.backends import backend_names
 
-    The parameter fields are all optional; a model validator accepts only those that the
-    chosen ``name`` takes (:data:`STRATEGY_PARAMETERS`). Two defaults differ from the
-    classes' so that the server and the CLI's clients agree: q-FedAvg's
-    ``qffl_learning_rate`` defaults to ``train.lr`` and FedNova's ``local_momentum`` to
-    ``train.momentum``.
-    """
-
-    name: StrategyName = "fedavg"
-    fraction_fit: float = Field(0.1, ge=0, le=1)
-    fraction_evaluate: float = Field(0.05, ge=0, le=1)
-    min_fit_clients: int = Field(2, ge=0)
-    min_evaluate_clients: int = Field(2, ge=0)
-    centralized_eval: bool = True
-    # -- strategy parameters (Flower's argument names) -------------------------------------
-    proximal_mu: float | None = Field(
-        None, ge=0, allow_inf_nan=False, description="FedProx: weight of the proximal term"
-    )
-    server_learning_rate: float | None = Field(
-        None, gt=0, allow_inf_nan=False, description="FedAvgM, Scaffold, FedNova: server step size"
-    )
-    server_momentum: float | None = Field(
-        None, ge=0, lt=1, allow_inf_nan=False, description="FedAvgM: momentum"
-    )
-    eta: float | None = Field(
-        None,
-        gt=0,
-        allow_inf_nan=False,
-        description="FedAdam/FedYogi/FedAdagrad: server learning rate",
-    )
-    beta_1: float | None = Field(
-        None, ge=0, lt=1, allow_inf_nan=False, description="adaptive: first moment decay"
-    )
-    beta_2: float | None = Field(
-        None, ge=0, lt=1, allow_inf_nan=False, description="adaptive: second moment decay"
-    )
-    tau: float | None = Field(
-        None, gt=0, allow_inf_nan=False, description="adaptive: adaptivity degree"
-    )
-    bias_correction: bool | None = Field(None, description="FedAdam: Adam's bias correction")
-    q_param: float | None = Field(
-        None, ge=0, allow_inf_nan=False, description="q-FedAvg: fairness q"
-    )
-    qffl_learning_rate: float | None = Field(
-        None, gt=0, allow_inf_nan=False, description="q-FedAvg: clients' learning rate (1/L)"
-    )
-    beta: float | None = Field(
-        None,
-        ge=0,
-        lt=0.5,
-        allow_inf_nan=False,
-        description="FedTrimmedAvg: fraction trimmed at each end",
-    )
-    num_malicious_clients: int | None = Field(
-        None, ge=0, description="Krum, MultiKrum, Bulyan: f, the Byzantine clients tolerated"
-    )
-    num_clients_to_keep: int | None = Field(
-        None, ge=0, description="Krum, MultiKrum: models averaged (0 = the rule's default)"
-    )
-    to_keep: int | None = Field(None, ge=0, description="Bulyan: Multi-Krum width per step")
-    local_momentum: float | None = Field(
-        None,
-        ge=0,
-        lt=1,
-        allow_inf_nan=False,
-        description="FedNova: the clients' heavy-ball momentum",
-    )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _refuse_flower_only(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            for key, reason in _REFUSED.items():
-                if key in data:
-                    raise PydanticCustomError(
-                        "strategy_parameter",
-                        "{reason}",
-                        {"field": key, "value": data[key], "reason": reason},
-                    )
-        return data
-
-    @model_validator(mode="after")
-    def _check_parameters(self) -> Self:
-        allowed = STRATEGY_PARAMETERS[self.name]
-        for key in _parameter_fields():
-            value = getattr(self, key)
-            if value is not None and key not in allowed:
-                owners = [n for n, keys in STRATEGY_PARAMETERS.items() if key in keys]
-                takes = ", ".join(allowed) if allowed else "none (only FedAvg's sampling keys)"
-                raise PydanticCustomError(
-                    "strategy_parameter",
-                    "not a parameter of strategy '{name}'; its parameters: {takes}; "
-                    "{key} belongs to {owners}",
-                    {
-                        "field": key,
-                        "value": value,
-                        "name": self.name,
-                        "takes": takes,
-                        "key": key,
-                        "owners": ", ".join(owners),
-                    },
-                )
-        for key in REQUIRED_PARAMETERS.get(self.name, ()):
-            if getattr(self, key) is None:
-                raise PydanticCustomError(
-                    "strategy_parameter",
-                    "strategy '{name}' needs {key} (e.g. {key} = 0.01 under [strategy])",
-                    {"field": key, "name": self.name, "key": key},
-                )
-        return self
-
-    def parameters(self) -> dict[str, Any]:
-        """The strategy's own parameters that are set, as keyword arguments."""
-        return {
-            key: getattr(self, key)
-            for key in STRATEGY_PARAMETERS[self.name]
-            if getattr(self, key) is not None
-        }
-
-    def sample_size(self, num_clients: int) -> int:
-        """Clients sampled per fit round out of ``num_clients`` (FedAvg's rule)."""
-        return max(int(num_clients * self.fraction_fit), self.min_fit_clients)
-
-
-def _parameter_fields() -> list[str]:
-    sampling = {"name", "fraction_fit", "fraction_evaluate", "min_fit_clients"}
-    sampling |= {"min_evaluate_clients", "centralized_eval"}
-    return [k for k in StrategyConfig.model_fields if k not in sampling]
-
-
-def _min_results(st: StrategyConfig) -> int:
-    """Results a robust rule needs per round (0: no constraint)."""
-    f = st.num_malicious_clients or 0
-    if st.name in ("krum", "multikrum"):
-        return max(2 * f + 3, st.num_clients_to_keep or 0)
-    if st.name == "bulyan":
-        return 4 * f + 3
-    return 0
+    return backend_names()
 
 
 class SimulationConfig(_Section):
-    backend: Literal["thread", "process"] = "thread"
+    backend: str = Field(
+        "thread", description="a registered simulation backend (fedhive.simulation.backend_names)"
+    )
     num_workers: int = Field(0, ge=0, description="0 = one per core")
     round_timeout: float | None = Field(None, gt=0)
 
+    @field_validator("backend")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        known = _backends()
+        if value not in known:
+            raise PydanticCustomError(
+                "literal_error",
+                "Input should be {expected} (the registered backends; register your own "
+                "with fedhive.simulation.register_backend)",
+                {"expected": ", ".join(repr(name) for name in known)},
+            )
+        return value
 
-#: Strategies whose aggregate is a function of the weighted mean: they can run with SecAgg+.
-SECURE_AGGREGATION_STRATEGIES = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
+
+class _SecureNames(Sequence[str]):
+    """The registered strategies whose traits declare a weighted mean, computed on use."""
+
+    @overload
+    def __getitem__(self, index: int) -> str: ...
+    @overload
+    def __getitem__(self, index: slice) -> Sequence[str]: ...
+    def __getitem__(self, index: int | slice) -> str | Sequence[str]:
+        return weighted_mean_strategies()[index]
+
+    def __len__(self) -> int:
+        return len(weighted_mean_strategies())
+
+    def __eq__(self, other: object) -> bool:  # compares like the tuple it replaces
+        return isinstance(other, Sequence) and tuple(self) == tuple(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return repr(weighted_mean_strategies())
+
+
+#: Strategies whose aggregate is a weighted mean (their ``traits``): they can run with
+#: SecAgg+. Derived from the registry on use; kept for compatibility.
+SECURE_AGGREGATION_STRATEGIES: Sequence[str] = _SecureNames()
+
+
+def _secagg_defaults() -> dict[str, Any]:
+    """:class:`fedhive.secagg.SecAggConfig`'s fields and defaults: the one source of both."""
+    # Imported on use: the secagg package loads its cryptography, which a config without
+    # secure_aggregation does not need.
+    from fedhive.secagg.config import SecAggConfig
+
+    return {f.name: f.default for f in dataclasses.fields(SecAggConfig)}
 
 
 class SecureAggregationConfig(_Section):
     """``secure_aggregation = { ... }``: every fit round runs SecAgg+ (see
-    docs/secure_aggregation.md); the keys are :class:`fedhive.secagg.SecAggConfig`'s."""
+    docs/secure_aggregation.md); the keys and defaults are those of
+    :class:`fedhive.secagg.SecAggConfig`, which also checks their combination.
 
-    threshold: int | None = Field(None, ge=1)
-    degree: int | Literal["complete"] | None = None
-    bits: int = Field(12, ge=1, le=62)
-    clip: float = Field(1.0, gt=0)
-    max_weight: int = Field(1000, ge=1)
-    max_clients: int = Field(1000, ge=2)
-    ring_bits: Literal[32, 64] | None = None
-    corrupt_fraction: float = Field(0.1, ge=0, lt=0.5)
-    dropout_fraction: float = Field(0.1, ge=0, lt=0.5)
-    failure_probability: float = Field(1e-6, gt=0, lt=1)
+    The fields carry the bounds, so that a bad value is named at its key; an unset one
+    takes ``SecAggConfig``'s default (filled in before validation, so no default is
+    repeated here; ``tests/test_secagg_cli.py`` checks that both have the same keys).
+    """
+
+    threshold: int | None = Field(ge=1)
+    degree: int | Literal["complete"] | None
+    bits: int = Field(ge=1, le=62)
+    clip: float = Field(gt=0)
+    max_weight: int = Field(ge=1)
+    max_clients: int = Field(ge=2)
+    ring_bits: Literal[32, 64] | None
+    corrupt_fraction: float = Field(ge=0, lt=0.5)
+    dropout_fraction: float = Field(ge=0, lt=0.5)
+    failure_probability: float = Field(gt=0, lt=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {**_secagg_defaults(), **data}
+        return data
 
     @model_validator(mode="after")
     def _check(self) -> Self:
-        from fedhive.secagg import SecAggConfig
+        from fedhive.secagg.config import SecAggConfig
 
         try:
             SecAggConfig(**self.options())
@@ -311,21 +226,37 @@ class SecureAggregationConfig(_Section):
         return self.model_dump()
 
 
-def check_secure_strategy(secure: SecureAggregationConfig | None, name: str) -> None:
-    """Refuse SecAgg+ with a strategy that needs individual updates."""
-    if secure is not None and name not in SECURE_AGGREGATION_STRATEGIES:
-        raise PydanticCustomError(
-            "strategy_parameter",
-            "{name} needs individual updates, which secure aggregation hides; use one of "
-            "{allowed}, or drop secure_aggregation",
-            {
-                "field": "name",
-                "value": name,
-                "section": "strategy",
-                "name": name,
-                "allowed": ", ".join(SECURE_AGGREGATION_STRATEGIES),
-            },
-        )
+def check_secure_strategy(
+    secure: SecureAggregationConfig | None, strategy: StrategyConfig | str
+) -> None:
+    """Refuse SecAgg+ with a strategy whose aggregate is not a weighted mean.
+
+    Asks the traits of the strategy ``strategy`` builds (a name: its registered model's
+    example), never its name.
+    """
+    if secure is None:
+        return
+    st = strategy_model(strategy).example() if isinstance(strategy, str) else strategy
+    traits = st.traits()
+    if traits.weighted_mean:
+        return
+    why = traits.reason or (
+        "it needs individual updates" if traits.individual_updates
+        else "its aggregate is not a weighted mean"
+    )  # fmt: skip
+    raise PydanticCustomError(
+        "strategy_parameter",
+        "{name} cannot run with secure aggregation, which reveals only the weighted mean "
+        "of the updates ({why}); use one of {allowed}, or drop secure_aggregation",
+        {
+            "field": "name",
+            "value": st.name,
+            "section": "strategy",
+            "name": st.name,
+            "why": why,
+            "allowed": ", ".join(weighted_mean_strategies()),
+        },
+    )
 
 
 class ExperimentConfig(_Section):
@@ -336,53 +267,51 @@ class ExperimentConfig(_Section):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
-    strategy: StrategyConfig = StrategyConfig()
+    strategy: SerializeAsAny[StrategyConfig] = FedAvgConfig()
     simulation: SimulationConfig = SimulationConfig()
     secure_aggregation: SecureAggregationConfig | None = None
 
     @model_validator(mode="after")
     def _check_sample_size(self) -> Self:
         st = self.strategy
-        check_secure_strategy(self.secure_aggregation, st.name)
+        check_secure_strategy(self.secure_aggregation, st)
         check_round_size(
             st,
             min(st.sample_size(self.num_clients), self.num_clients),
             f"fraction_fit = {st.fraction_fit} of num_clients = {self.num_clients} "
             f"(min_fit_clients = {st.min_fit_clients})",
-            "raise strategy.fraction_fit or strategy.min_fit_clients, or lower "
-            "strategy.num_malicious_clients",
+            "raise strategy.fraction_fit or strategy.min_fit_clients",
         )
         return self
 
 
 def check_round_size(st: StrategyConfig, have: int, sampling: str, fix: str) -> None:
-    """Refuse a robust rule that needs more results per round than the ``have`` sampled.
+    """Refuse a rule that needs more results per round (its
+    :meth:`~fedhive.cli.strategies.StrategyConfig.min_results`) than the ``have`` sampled.
 
     Raised from a model validator, so the message names the key at fault; ``sampling``
-    says how ``have`` comes about and ``fix`` which keys to change. Shared by ``fedhive
-    run`` and ``fedhive server``, whose sampling differs.
+    says how ``have`` comes about and ``fix`` which sampling keys to change (the message
+    adds lowering the rule's own key). Shared by ``fedhive run`` and ``fedhive server``,
+    whose sampling differs.
     """
-    need = _min_results(st)
-    if need <= have:
+    need = st.min_results()
+    if need is None or need.need <= have:
         return
-    f = st.num_malicious_clients or 0
-    by_keep = st.name != "bulyan" and (st.num_clients_to_keep or 0) > 2 * f + 3
-    key = "num_clients_to_keep" if by_keep else "num_malicious_clients"
-    rule = "4f + 3" if st.name == "bulyan" else "max(2f + 3, num_clients_to_keep)"
     raise PydanticCustomError(
         "strategy_parameter",
         "{name} needs at least {rule} = {need} clients per round, but {sampling} samples "
-        "{have}; {fix}",
+        "{have}; {fix}, or lower strategy.{key}",
         {
-            "field": key,
-            "value": getattr(st, key) or 0,
+            "field": need.key,
+            "value": getattr(st, need.key) or 0,
             "section": "strategy",
             "name": st.name,
-            "rule": rule,
-            "need": need,
+            "rule": need.rule,
+            "need": need.need,
             "sampling": sampling,
             "have": have,
             "fix": fix,
+            "key": need.key,
         },
     )
 
@@ -402,6 +331,8 @@ def describe_error(
         if "value" not in ctx:
             return f"{source}: {key} is missing: {error['msg']}"
         return f"{source}: {key} = {ctx['value']!r}: {error['msg']}"
+    if error["type"] == "unknown_key":  # a strategy table's key no strategy takes
+        return f"{source}: unknown key {key!r} (value {value!r}); {error['msg']}"
     if error["type"] == "extra_forbidden":
         section: type[BaseModel] = root
         for part in error["loc"][:-1]:

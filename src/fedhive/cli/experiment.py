@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fedhive.cli.config import ExperimentConfig, ModelConfig, StrategyConfig
+from fedhive.cli.config import ExperimentConfig, ModelConfig
+from fedhive.cli.strategies import RegistryView, StrategyConfig
 from fedhive.client.app import Mod
 from fedhive.client.context import Context
-from fedhive.client.mods import scaffold_correction, scaffold_mod
+from fedhive.client.mods import scaffold_correction
 from fedhive.client.numpy_client import NumPyClient
 from fedhive.common.errors import ConfigError
 from fedhive.common.records import Config, NDArrays, Scalar, ndarrays_to_parameters
@@ -22,26 +23,17 @@ from fedhive.data import partition as partitioners
 from fedhive.server.config import ServerConfig
 from fedhive.server.engine import RoundCallback
 from fedhive.server.history import History
-from fedhive.server.strategy import (
-    Bulyan,
-    FedAdagrad,
-    FedAdam,
-    FedAvg,
-    FedAvgM,
-    FedMedian,
-    FedNova,
-    FedProx,
-    FedTrimmedAvg,
-    FedYogi,
-    Krum,
-    MultiKrum,
-    QFedAvg,
-    Scaffold,
-    Strategy,
-)
+from fedhive.server.strategy import Strategy
 from fedhive.server.strategy.fednova import local_norm
+from fedhive.server.strategy.traits import traits_of
 
 __all__ = ["STRATEGIES", "Experiment", "build_experiment", "build_strategy", "run_experiment"]
+
+
+def _strategy_class(model: type[StrategyConfig]) -> type[Strategy]:
+    if model.strategy_class is None:  # pragma: no cover - register_strategy refuses it
+        raise ConfigError(f"{model.__name__} names no strategy class")
+    return model.strategy_class
 
 
 def load_data(cfg: ExperimentConfig) -> Dataset:
@@ -290,23 +282,9 @@ class Experiment:
     mods: tuple[Mod, ...] = ()
 
 
-#: ``[strategy] name`` -> the class it builds.
-STRATEGIES: dict[str, type[Strategy]] = {
-    "fedavg": FedAvg,
-    "fedprox": FedProx,
-    "fedavgm": FedAvgM,
-    "fedadam": FedAdam,
-    "fedyogi": FedYogi,
-    "fedadagrad": FedAdagrad,
-    "qfedavg": QFedAvg,
-    "fedmedian": FedMedian,
-    "fedtrimmedavg": FedTrimmedAvg,
-    "krum": Krum,
-    "multikrum": MultiKrum,
-    "bulyan": Bulyan,
-    "scaffold": Scaffold,
-    "fednova": FedNova,
-}
+#: ``[strategy] name`` -> the class it builds: a live view of the registry in
+#: :mod:`fedhive.cli.strategies`, kept for compatibility.
+STRATEGIES: Mapping[str, type[Strategy]] = RegistryView(_strategy_class)
 
 
 def build_strategy(
@@ -315,19 +293,14 @@ def build_strategy(
     """The strategy ``[strategy]`` names, with its parameters, and the client mods it needs.
 
     ``fedavg_args`` are FedAvg's keyword arguments (sampling, evaluation, configs); the
-    strategy's own parameters come from ``st`` (unset ones keep the class defaults), except
-    that q-FedAvg's ``qffl_learning_rate`` defaults to the clients' ``lr`` and FedNova's
-    ``local_momentum`` to their ``momentum`` (``train``), so server and clients agree.
-    SCAFFOLD (Karimireddy et al. 2020) returns ``(scaffold_mod,)`` as its mods.
+    strategy's own parameters come from ``st`` (unset ones keep the class defaults, or
+    follow the clients' ``train`` settings where its model says so: q-FedAvg's
+    ``qffl_learning_rate`` and FedNova's ``local_momentum``). The mods are the built
+    strategy's ``traits.required_mods`` (SCAFFOLD's ``scaffold_mod``, Karimireddy et al.
+    2020).
     """
-    params = st.parameters()
-    if st.name == "qfedavg":
-        params.setdefault("qffl_learning_rate", float(train["lr"]))
-    if st.name == "fednova":
-        params.setdefault("local_momentum", float(train["momentum"]))
-    strategy = STRATEGIES[st.name](**fedavg_args, **params)
-    mods: tuple[Mod, ...] = (scaffold_mod,) if st.name == "scaffold" else ()
-    return strategy, mods
+    strategy = st.build(fedavg_args, train)
+    return strategy, tuple(traits_of(strategy).required_mods)
 
 
 def model_strategy(

@@ -67,7 +67,10 @@ def run(
     workers: Annotated[
         int | None, typer.Option(help="simulation workers (0 = one per core)")
     ] = None,
-    backend: Annotated[str | None, typer.Option(help="simulation backend: thread|process")] = None,
+    backend: Annotated[
+        str | None,
+        typer.Option(help="simulation backend: thread|process, or another registered one"),
+    ] = None,
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", help="override any config key, e.g. --set data.alpha=0.1"),

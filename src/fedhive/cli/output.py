@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fedhive.client.state import atomic_write_bytes
+from fedhive.common.atomic import atomic_write_bytes
 from fedhive.server.history import History
 
 __all__ = ["write_config", "write_history", "write_metrics_csv", "write_plot", "CSV_COLUMNS"]

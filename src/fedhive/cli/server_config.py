@@ -1,8 +1,9 @@
 """The config of ``fedhive server``: its TOML tables, validation, tokens and certificates.
 
-The ``[strategy]`` table is ``fedhive run``'s :class:`~fedhive.cli.config.StrategyConfig`
-(a strategy by ``name`` and its parameters, validated the same way) with the defaults of
-a deployment, where every connected site takes part, and ``min_available_clients``.
+The ``[strategy]`` table is ``fedhive run``'s (a strategy by ``name`` and its parameters,
+one model per strategy in :mod:`fedhive.cli.strategies`, validated the same way) with the
+defaults of a deployment, where every connected site takes part, and
+``min_available_clients`` (:class:`DeployStrategyConfig`).
 """
 
 from __future__ import annotations
@@ -12,7 +13,15 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from fedhive.cli.config import (
     ModelConfig,
@@ -51,9 +60,14 @@ class DeployStrategyConfig(StrategyConfig):
     """``[strategy]`` of the server: as in ``fedhive run``, but every connected site fits
     and evaluates by default, and rounds wait for ``min_available_clients`` sites.
 
-    A robust rule must get enough results even when only ``min_available_clients`` sites
-    are connected (Krum ``2f + 3``, Bulyan ``4f + 3``); otherwise the config is refused.
+    The base of the server's strategy tables: validating it picks the registered model of
+    ``name`` (:mod:`fedhive.cli.strategies`) with these defaults and this key added, so
+    the server takes every strategy ``fedhive run`` takes. A robust rule must get enough
+    results even when only ``min_available_clients`` sites are connected (Krum
+    ``2f + 3``, Bulyan ``4f + 3``); otherwise the config is refused.
     """
+
+    sampling_keys = (*StrategyConfig.sampling_keys, "min_available_clients")
 
     fraction_fit: float = Field(1.0, ge=0, le=1)
     fraction_evaluate: float = Field(1.0, ge=0, le=1)
@@ -66,8 +80,7 @@ class DeployStrategyConfig(StrategyConfig):
             self.sample_size(self.min_available_clients),
             f"with min_available_clients = {self.min_available_clients} sites connected, "
             f"fraction_fit = {self.fraction_fit} (min_fit_clients = {self.min_fit_clients})",
-            "raise strategy.min_available_clients or strategy.min_fit_clients, or lower "
-            "strategy.num_malicious_clients",
+            "raise strategy.min_available_clients or strategy.min_fit_clients",
         )
         return self
 
@@ -133,7 +146,7 @@ class DeployConfig(_Section):
     require_client_auth: bool = False
     tokens: str = ""
     tls: TlsConfig = TlsConfig()
-    strategy: DeployStrategyConfig = DeployStrategyConfig()
+    strategy: SerializeAsAny[DeployStrategyConfig] = DeployStrategyConfig.model_validate({})
     model: ModelConfig = ModelConfig()
     data: DeployDataConfig = DeployDataConfig()
     train: TrainConfig = TrainConfig()
@@ -142,7 +155,7 @@ class DeployConfig(_Section):
 
     @model_validator(mode="after")
     def _check_secure_strategy(self) -> Self:
-        check_secure_strategy(self.secure_aggregation, self.strategy.name)
+        check_secure_strategy(self.secure_aggregation, self.strategy)
         return self
 
 

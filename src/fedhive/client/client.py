@@ -27,6 +27,11 @@ class Client(HasContext, ABC):
 
     Override what the client supports; the defaults answer "not implemented" with the
     matching status code, which the engine records as a failure of that client.
+
+    Beside the model, instructions and replies carry named records (``ins.extras``,
+    ``FitRes(..., extras=...)``; see :class:`~fedhive.common.records.FitRes` for the names
+    fedhive reserves and the layout of a partial model). A
+    :class:`~fedhive.client.NumPyClient` leaves them empty.
     """
 
     def get_properties(self, ins: GetPropertiesIns) -> GetPropertiesRes:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 
@@ -15,11 +16,21 @@ from fedhive.client.app import Handler
 from fedhive.client.context import Context
 from fedhive.common.errors import ProtocolError
 from fedhive.common.message import Message, MessageType
-from fedhive.common.records import Config, FitIns, FitRes, NDArray, NDArrays, Parameters, Scalar
+from fedhive.common.records import (
+    Config,
+    FitIns,
+    FitRes,
+    NDArray,
+    NDArrays,
+    RecordDict,
+    Scalar,
+)
 
 __all__ = ["SCAFFOLD_STATE", "scaffold_correction", "scaffold_mod"]
 
-#: Record of ``context.state.array_records`` holding the client's control variate ``c_i``.
+#: Record of ``context.state.array_records`` holding the client's control variate ``c_i``;
+#: also the name of the ``extras`` array record SCAFFOLD's messages carry (the server
+#: variate ``c`` in ``FitIns.extras``, ``delta c_i`` in ``FitRes.extras``).
 SCAFFOLD_STATE = "scaffold"
 #: Record holding ``c - c_i`` while the client trains (removed afterwards).
 _CORRECTION = "scaffold.correction"
@@ -48,16 +59,31 @@ def _number(value: Scalar | None) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def _split(ins: FitIns) -> tuple[NDArrays, NDArrays]:
-    arrays = ins.parameters.arrays
-    k = ins.config.get("scaffold_num_arrays")
-    if isinstance(k, bool) or not isinstance(k, int) or len(arrays) != 2 * k:
+def _server_variate(ins: FitIns) -> NDArrays:
+    """The server variate ``c`` from ``ins.extras``, checked against the model's layout."""
+    model = ins.parameters.arrays
+    record = ins.extras.array_records.get(SCAFFOLD_STATE)
+    if record is None:
         raise ProtocolError(
-            f"a SCAFFOLD fit carries the model and the server variate (2 x "
-            f"scaffold_num_arrays arrays); got {len(arrays)} arrays and "
-            f"scaffold_num_arrays={k!r}"
+            f"a SCAFFOLD fit carries the server control variate in the extras array record "
+            f"{SCAFFOLD_STATE!r}; this one has none (extras: {ins.extras!r})"
         )
-    return list(arrays[:k]), list(arrays[k:])
+    expected = [str(i) for i in range(len(model))]
+    variate = [np.asarray(c) for c in record.values()]
+    if list(record) != expected or [np.shape(c) for c in variate] != [a.shape for a in model]:
+        raise ProtocolError(
+            f"the SCAFFOLD server variate must hold one array per model array, named 0, 1, "
+            f"... with the model's shapes {[a.shape for a in model]}; got "
+            f"{[(k, np.shape(c)) for k, c in record.items()]}"
+        )
+    for i, c in enumerate(variate):
+        # It goes into every gradient and into the stored c_i: refuse it before training.
+        if c.dtype.kind not in "biuf" or not np.isfinite(c).all():
+            raise ProtocolError(
+                f"the SCAFFOLD server variate's array {i} must be finite numbers, got "
+                f"dtype {c.dtype} with NaN/Inf or non-numeric values"
+            )
+    return variate
 
 
 def _own_variate(context: Context, model: NDArrays) -> NDArrays:
@@ -108,14 +134,15 @@ def scaffold_mod(message: Message, context: Context, call_next: Handler) -> Mess
     Karimireddy, Kale, Mohri, Reddi, Stich, Suresh. "SCAFFOLD: Stochastic Controlled
     Averaging for Federated Learning." ICML 2020.
 
-    For a fit with config ``"scaffold": True`` it strips the server variate ``c`` from the
-    instruction (the client sees only the model ``x``), exposes ``c - c_i`` through
-    :func:`scaffold_correction` while the client trains, then computes
-    ``c_i+ = c_i - c + (x - y_i) / (K lr)`` (Option II) from the reply's
-    ``"num_steps"`` metric ``K`` and the learning rate (metric ``"lr"``, else config
-    ``"lr"``), stores ``c_i+`` in ``context.state`` (record ``"scaffold"``, float64) and
-    appends ``c_i+ - c_i`` to the reply, in the model's float dtypes. Other messages pass
-    through untouched.
+    For a fit with config ``"scaffold": True`` it takes the server variate ``c`` from the
+    instruction's extras (array record ``"scaffold"``; the client sees only the model
+    ``x``), exposes ``c - c_i`` through :func:`scaffold_correction` while the client
+    trains, then computes ``c_i+ = c_i - c + (x - y_i) / (K lr)`` (Option II) from the
+    reply's ``"num_steps"`` metric ``K`` and the learning rate (metric ``"lr"``, else
+    config ``"lr"``), stores ``c_i+`` in ``context.state`` (record ``"scaffold"``, float64)
+    and puts ``c_i+ - c_i``, in the model's float dtypes, in the reply's extras (array
+    record ``"scaffold"``, arrays ``"0"``, ``"1"``, ...). Other messages pass through
+    untouched.
     """
     ins = message.content
     if (
@@ -124,13 +151,20 @@ def scaffold_mod(message: Message, context: Context, call_next: Handler) -> Mess
         or not ins.config.get("scaffold")
     ):
         return call_next(message, context)
-    x, c = _split(ins)
+    x = ins.parameters.arrays
+    c = _server_variate(ins)
     own = _own_variate(context, x)
     context.state.array_records[_CORRECTION] = {
         str(i): np.asarray(ci_server, np.float64) - ci
         for i, (ci_server, ci) in enumerate(zip(c, own, strict=True))
     }
-    task = Message(message.metadata, FitIns(Parameters(arrays=x), dict(ins.config)), message.error)
+    rest = {k: v for k, v in ins.extras.array_records.items() if k != SCAFFOLD_STATE}
+    extras = RecordDict(rest, ins.extras.config_records, ins.extras.metric_records)
+    task = Message(
+        message.metadata,
+        replace(ins, config=dict(ins.config), extras=extras),
+        message.error,
+    )
     try:
         reply = call_next(task, context)
     finally:
@@ -143,9 +177,21 @@ def scaffold_mod(message: Message, context: Context, call_next: Handler) -> Mess
         return message.error_reply(
             f"SCAFFOLD: the client returned {len(y)} arrays for a model of {len(x)}"
         )
+    if SCAFFOLD_STATE in res.extras.array_records:
+        return message.error_reply(
+            f"SCAFFOLD: the client's reply already has an extras record {SCAFFOLD_STATE!r}, "
+            "which is reserved for scaffold_mod's control-variate delta"
+        )
     steps, lr = _steps_and_lr(res, ins.config)
     new = _new_variate(own, c, x, y, steps, lr)
     context.state.array_records[SCAFFOLD_STATE] = {str(i): v for i, v in enumerate(new)}
-    delta = [(n - o).astype(_layer_dtype(a)) for n, o, a in zip(new, own, x, strict=True)]
-    out = FitRes(res.status, Parameters(arrays=[*y, *delta]), res.num_examples, res.metrics)
-    return Message(reply.metadata, out)
+    delta = {
+        str(i): (n - o).astype(_layer_dtype(a))
+        for i, (n, o, a) in enumerate(zip(new, own, x, strict=True))
+    }
+    out_extras = RecordDict(
+        {**res.extras.array_records, SCAFFOLD_STATE: delta},
+        res.extras.config_records,
+        res.extras.metric_records,
+    )
+    return Message(reply.metadata, replace(res, extras=out_extras))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
@@ -17,6 +16,7 @@ from fedhive.client.app import ClientApp, ClientFn, Mod
 from fedhive.client.client import Client
 from fedhive.client.context import Context
 from fedhive.client.numpy_client import NumPyClient
+from fedhive.common.clock import Clock, SystemClock, sleep_async
 from fedhive.common.errors import ConfigError, TransportError
 from fedhive.common.message import Message
 
@@ -76,6 +76,7 @@ def start_client(
     audit_log: str | Path | None = None,
     heartbeat_interval: float = 5.0,
     chunk_bytes: int | None = None,
+    clock: Clock | None = None,
 ) -> None:
     """Connect to a fedhive server and answer its tasks until the run ends.
 
@@ -87,6 +88,8 @@ def start_client(
     (the secret enrolled on the server), a client certificate for mutual TLS, client
     ``mods`` (e.g. a site policy), ``persistent`` (stay up and join the next run) and
     ``audit_log`` (a JSON-lines record of every message that leaves this site).
+    The backoff waits, and ``max_wait_time``, are measured on ``clock`` (default:
+    :class:`~fedhive.common.clock.SystemClock`; a virtual clock makes them pass at once).
     The SecAgg+ client mod is put first unless ``mods`` has one: it only answers secure
     aggregation stages, so the client joins secure rounds when the server runs them.
     """
@@ -106,13 +109,14 @@ def start_client(
         heartbeat_interval=heartbeat_interval,
         audit=AuditLog(audit_log) if audit_log is not None else None,
     )
-    backoff = _Backoff(max_retries, max_wait_time)
+    clock = clock or SystemClock()
+    backoff = _Backoff(max_retries, max_wait_time, clock)
     while True:
         session = ClientSession(server_address, node, handle, **session_args)  # type: ignore[arg-type]
         try:
             end = session.run()
         except Retryable as exc:
-            time.sleep(backoff.after(exc))
+            clock.sleep(backoff.after(exc))
             continue
         backoff.reset()
         log.info("run ended: %s", end.reason)
@@ -156,6 +160,7 @@ def start_clients(
     heartbeat_interval: float = 5.0,
     chunk_bytes: int | None = None,
     max_workers: int | None = None,
+    clock: Clock | None = None,
 ) -> None:
     """Run many clients in this process, each a node of its own with its own session,
     until the run ends.
@@ -169,8 +174,9 @@ def start_clients(
     ``node_ids`` names the nodes, or gives their number (random names then).
     ``auth_tokens`` maps node ids to their enrolled tokens. The other options mean what
     they mean for :func:`start_client` and apply to every node; ``audit_log`` is shared,
-    one line per message with no node id. The first node that fails for good (refused,
-    or out of retries) stops the others and its error is raised, naming the node.
+    one line per message with no node id; ``clock`` times every node's backoff. The first
+    node that fails for good (refused, or out of retries) stops the others and its error
+    is raised, naming the node.
     """
     from fedhive.transport.frames import DEFAULT_CHUNK_BYTES, BufferPool
     from fedhive.transport.grpc_client import AuditLog
@@ -202,7 +208,7 @@ def start_clients(
                         _node_handler(client_fn, mods, node),
                         {**session_args, "security": replace(base, token=tokens.get(node, ""))},
                         executor,
-                        _Backoff(max_retries, max_wait_time),
+                        _Backoff(max_retries, max_wait_time, clock or SystemClock()),
                         persistent,
                     )
                 )
@@ -238,7 +244,7 @@ async def _run_node(
         try:
             end = await session.run()
         except Retryable as exc:
-            await asyncio.sleep(backoff.after(exc, f"node {node!r}: "))
+            await sleep_async(backoff.clock, backoff.after(exc, f"node {node!r}: "))
             continue
         except TransportError as exc:
             raise type(exc)(f"node {node!r}: {exc}") from None
@@ -275,18 +281,21 @@ def _constant(client: Client | None) -> ClientFn:
 
 
 class _Backoff:
-    """Exponential backoff with jitter, capped at 30 s between tries."""
+    """Exponential backoff with jitter, capped at 30 s between tries, on ``clock``."""
 
-    def __init__(self, max_retries: int | None, max_wait_time: float | None) -> None:
+    def __init__(
+        self, max_retries: int | None, max_wait_time: float | None, clock: Clock | None = None
+    ) -> None:
         self.max_retries = max_retries
         self.max_wait_time = max_wait_time
+        self.clock = clock or SystemClock()
         self.attempts = 0
-        self.started = time.monotonic()
+        self.started = self.clock.now()
         self._random = random.Random()
 
     def reset(self) -> None:
         self.attempts = 0
-        self.started = time.monotonic()
+        self.started = self.clock.now()
 
     def after(self, failure: Exception, prefix: str = "") -> float:
         """Seconds to wait before the next try after ``failure``; :class:`TransportError`
@@ -305,7 +314,7 @@ class _Backoff:
             return None
         delay = min(30.0, 0.25 * 2 ** (self.attempts - 1)) * self._random.uniform(0.5, 1.0)
         if self.max_wait_time is not None:
-            left = self.max_wait_time - (time.monotonic() - self.started)
+            left = self.max_wait_time - (self.clock.now() - self.started)
             if left <= 0:
                 return None
             delay = min(delay, left)

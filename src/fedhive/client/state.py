@@ -9,31 +9,16 @@ store is part of every checkpoint.
 from __future__ import annotations
 
 import hashlib
-import os
 import tempfile
 import threading
 from pathlib import Path
 
+from fedhive.common.atomic import atomic_write_bytes
 from fedhive.common.errors import SerdeError, StateError
 from fedhive.common.records import RecordDict
 
+# atomic_write_bytes lives in fedhive.common.atomic; kept importable here for compatibility
 __all__ = ["StateStore", "atomic_write_bytes"]
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old or the new file, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are ordinary files
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _file_name(node_id: str) -> str:

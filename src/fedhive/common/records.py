@@ -2,7 +2,10 @@
 
 Parameters are an ordered list of numpy arrays. Config and metrics values are ``bool``,
 ``bytes``, ``float``, ``int`` or ``str``. The Flower 1.x message classes (``FitIns``,
-``FitRes``, ...) keep their names and fields so that code written for them runs unchanged.
+``FitRes``, ...) keep their names and fields so that code written for them runs unchanged;
+``FitIns``, ``FitRes``, ``EvaluateIns`` and ``EvaluateRes`` add named ``extras`` (a
+:class:`RecordDict`, last and optional) for what travels beside the model (see
+:class:`FitRes` for the reserved names and the layout of partial models).
 
 :class:`Parameters` keeps the arrays themselves while they stay in one process and only
 turns them into bytes when asked (``.tensors``), so simulation never serializes.
@@ -11,6 +14,7 @@ turns them into bytes when asked (``.tensors``), so simulation never serializes.
 from __future__ import annotations
 
 import io
+import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -39,6 +43,10 @@ __all__ = [
     "GetPropertiesIns",
     "GetPropertiesRes",
     "RecordDict",
+    "RESERVED_EXTRAS",
+    "LAYERS_RECORD",
+    "layers_record",
+    "present_layers",
     "ndarrays_to_parameters",
     "parameters_to_ndarrays",
     "ndarray_to_bytes",
@@ -185,56 +193,6 @@ def parameters_to_ndarrays(parameters: Parameters) -> NDArrays:
     return list(parameters.arrays)
 
 
-@dataclass
-class GetPropertiesIns:
-    config: Config
-
-
-@dataclass
-class GetPropertiesRes:
-    status: Status
-    properties: dict[str, Scalar]
-
-
-@dataclass
-class GetParametersIns:
-    config: Config
-
-
-@dataclass
-class GetParametersRes:
-    status: Status
-    parameters: Parameters
-
-
-@dataclass
-class FitIns:
-    parameters: Parameters
-    config: Config
-
-
-@dataclass
-class FitRes:
-    status: Status
-    parameters: Parameters
-    num_examples: int
-    metrics: dict[str, Scalar] = field(default_factory=dict)
-
-
-@dataclass
-class EvaluateIns:
-    parameters: Parameters
-    config: Config
-
-
-@dataclass
-class EvaluateRes:
-    status: Status
-    loss: float
-    num_examples: int
-    metrics: dict[str, Scalar] = field(default_factory=dict)
-
-
 class RecordDict:
     """Typed records for messages and per-client state.
 
@@ -256,15 +214,16 @@ class RecordDict:
         config_records: Mapping[str, Mapping[str, Scalar]] | None = None,
         metric_records: Mapping[str, Mapping[str, int | float]] | None = None,
     ) -> None:
-        self.array_records: dict[str, dict[str, NDArray]] = {
-            k: dict(v) for k, v in (array_records or {}).items()
-        }
-        self.config_records: dict[str, dict[str, Scalar]] = {
-            k: dict(v) for k, v in (config_records or {}).items()
-        }
-        self.metric_records: dict[str, dict[str, int | float]] = {
-            k: dict(v) for k, v in (metric_records or {}).items()
-        }
+        # Every message carries one (``extras``), mostly empty: keep that case cheap.
+        self.array_records: dict[str, dict[str, NDArray]] = (
+            {k: dict(v) for k, v in array_records.items()} if array_records else {}
+        )
+        self.config_records: dict[str, dict[str, Scalar]] = (
+            {k: dict(v) for k, v in config_records.items()} if config_records else {}
+        )
+        self.metric_records: dict[str, dict[str, int | float]] = (
+            {k: dict(v) for k, v in metric_records.items()} if metric_records else {}
+        )
 
     @property
     def parameters_records(self) -> dict[str, dict[str, NDArray]]:
@@ -320,3 +279,140 @@ class RecordDict:
             f"config_records={list(self.config_records)}, "
             f"metric_records={list(self.metric_records)})"
         )
+
+
+@dataclass
+class GetPropertiesIns:
+    config: Config
+
+
+@dataclass
+class GetPropertiesRes:
+    status: Status
+    properties: dict[str, Scalar]
+
+
+@dataclass
+class GetParametersIns:
+    config: Config
+
+
+@dataclass
+class GetParametersRes:
+    status: Status
+    parameters: Parameters
+
+
+#: Names of ``extras`` records reserved for fedhive's own features (name -> feature); a
+#: feature also owns the names ``"<name>.<part>"`` (one record name is declared once, in
+#: one group). A user's own extras should use a prefix of their own (``"myorg.x"``).
+RESERVED_EXTRAS: Mapping[str, str] = {
+    "scaffold": "SCAFFOLD control variates (an array record like the model)",
+    "codec": "encoded (compressed) payloads with their codec id and parameters",
+    "layers": "partial models: which model arrays the reply carries (a config record)",
+}
+#: The config record of ``FitRes.extras`` naming the model arrays a partial reply carries.
+LAYERS_RECORD = "layers"
+
+
+@dataclass
+class FitIns:
+    """A fit instruction: the model, the config and named ``extras`` beside them.
+
+    ``extras`` carries what a strategy sends beside the model (SCAFFOLD's server control
+    variate, record ``"scaffold"``); see :class:`FitRes` for the naming conventions.
+    """
+
+    parameters: Parameters
+    config: Config
+    extras: RecordDict = field(default_factory=RecordDict)
+
+
+@dataclass
+class FitRes:
+    """A fit reply: the trained model arrays, ``num_examples``, metrics and ``extras``.
+
+    The update record is ``parameters`` (the model arrays, in the model's order) plus the
+    named records of ``extras`` (a :class:`RecordDict`). Flower-style clients leave
+    ``extras`` empty; mods and low-level :class:`~fedhive.client.Client` code set it. What
+    a reply must carry is the layout its strategy declares
+    (``strategy.traits.layout``, :class:`~fedhive.server.strategy.UpdateLayout`); the
+    server refuses replies that do not match it, and extras it did not declare.
+
+    Names are reserved per feature (:data:`RESERVED_EXTRAS`); each name is used in one
+    group only:
+
+    - ``array_records["scaffold"]``: SCAFFOLD's control-variate delta, arrays ``"0"``,
+      ``"1"``, ... with the model's shapes (in :class:`FitIns`: the server variate);
+    - ``"codec"`` and ``"codec.<part>"``: an encoded payload, its codec id and
+      parameters (compression);
+    - ``config_records["layers"]``: a partial model. Entry ``str(j)`` is the index in the
+      global model of ``parameters`` array ``j``, for ``j = 0 .. len(parameters) - 1``,
+      indices strictly increasing (build it with :func:`layers_record`, read it with
+      :func:`present_layers`). Layers not named stay with the client.
+    """
+
+    status: Status
+    parameters: Parameters
+    num_examples: int
+    metrics: dict[str, Scalar] = field(default_factory=dict)
+    extras: RecordDict = field(default_factory=RecordDict)
+
+
+@dataclass
+class EvaluateIns:
+    """An evaluate instruction; ``extras`` as in :class:`FitIns`."""
+
+    parameters: Parameters
+    config: Config
+    extras: RecordDict = field(default_factory=RecordDict)
+
+
+@dataclass
+class EvaluateRes:
+    """An evaluate reply; ``extras`` as in :class:`FitRes` (not validated by the server)."""
+
+    status: Status
+    loss: float
+    num_examples: int
+    metrics: dict[str, Scalar] = field(default_factory=dict)
+    extras: RecordDict = field(default_factory=RecordDict)
+
+
+def layers_record(indices: Sequence[int]) -> dict[str, Scalar]:
+    """The ``"layers"`` config record of a reply carrying the model arrays ``indices``.
+
+    Example: a client that keeps layer 1 at home replies with arrays 0 and 2 and
+    ``extras=RecordDict(config_records={LAYERS_RECORD: layers_record([0, 2])})``.
+    """
+    out = [_layer_index(i, j) for j, i in enumerate(indices)]
+    _check_increasing(out)
+    return {str(j): i for j, i in enumerate(out)}
+
+
+def present_layers(extras: RecordDict, num_arrays: int) -> list[int] | None:
+    """The global indices of a reply's ``num_arrays`` model arrays, from its ``"layers"``
+    record; ``None`` when there is none. A malformed record raises :class:`SerdeError`."""
+    record = extras.config_records.get(LAYERS_RECORD)
+    if record is None:
+        return None
+    expected = [str(j) for j in range(num_arrays)]
+    if list(record) != expected:
+        raise SerdeError(
+            f"the {LAYERS_RECORD!r} record must have one entry per model array, named "
+            f"{expected[:4]}{'...' if num_arrays > 4 else ''} in order; got keys {list(record)[:8]}"
+        )
+    out = [_layer_index(v, j) for j, v in enumerate(record.values())]
+    _check_increasing(out)
+    return out
+
+
+def _layer_index(value: object, position: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
+        raise SerdeError(f"layer index {position} must be an int >= 0, got {value!r}")
+    return int(value)
+
+
+def _check_increasing(indices: Sequence[int]) -> None:
+    if any(b <= a for a, b in itertools.pairwise(indices)):
+        raise SerdeError(f"layer indices must be strictly increasing, got {list(indices)}")

@@ -20,7 +20,6 @@ import inspect
 import json
 import os
 import random
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from fedhive.common.atomic import atomic_open
 from fedhive.common.errors import ConfigError, MissingDependency
 from fedhive.data._validate import check_float, check_int
 
@@ -417,22 +417,15 @@ def _read_cache(file: Path) -> dict[str, np.ndarray]:
 
 
 def _write_cache(file: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write atomically (temporary file + rename) so readers never see half a file."""
-    file.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=file.parent, prefix=file.stem, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(
-                handle,
-                x_train=arrays["x_train"],
-                y_train=arrays["y_train"],
-                x_test=arrays["x_test"],
-                y_test=arrays["y_test"],
-            )
-        os.replace(tmp_name, file)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    """Write atomically so that readers (other runs sharing the cache) never see half a file."""
+    with atomic_open(file) as handle:
+        np.savez(
+            handle,
+            x_train=arrays["x_train"],
+            y_train=arrays["y_train"],
+            x_test=arrays["x_test"],
+            y_test=arrays["y_test"],
+        )
 
 
 # --------------------------------------------------------------------------- digits

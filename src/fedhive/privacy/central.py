@@ -62,6 +62,7 @@ from fedhive.privacy.noise import NoiseSource, SecureGaussian, SeededGaussian
 from fedhive.privacy.sampling import CohortManager, poisson_cohort
 from fedhive.server.client_manager import ClientManager, ClientProxy
 from fedhive.server.strategy.base import Aggregator, EvaluateResults, FitResults, Strategy
+from fedhive.server.strategy.traits import StrategyTraits, traits_of
 
 __all__ = [
     "CLIPPING_NORM_KEY",
@@ -77,9 +78,11 @@ NORM_BIT_KEY = "dp_norm_bit"
 _INNER = "inner/"
 _WRAPPER_RECORD = "dp.wrapper"
 
-#: Strategies and aggregation rules whose output can move by more than ``C / m`` when one
-#: client changes (medians, trimming, selection, reweighting by local steps or losses,
-#: control variates). Matched by class name so that rules written elsewhere are caught.
+#: The built-in strategies and aggregation rules whose output can move by more than ``C / m``
+#: when one client changes (medians, trimming, selection, reweighting by local steps or
+#: losses, control variates). Kept for compatibility only: it is no longer consulted;
+#: :func:`check_dp_compatible` asks the strategy's traits, and these all declare that
+#: their aggregate is not a weighted mean.
 DP_INCOMPATIBLE = frozenset(
     {"FedMedian", "FedTrimmedAvg", "Krum", "MultiKrum", "Bulyan", "QFedAvg", "FedNova", "Scaffold"}
     | {"MedianRule", "TrimmedMeanRule", "KrumRule", "BulyanRule", "NovaRule", "QFFLRule"}
@@ -89,9 +92,12 @@ DP_INCOMPATIBLE = frozenset(
 def check_dp_compatible(strategy: object) -> None:
     """Raise :class:`ConfigError` unless ``strategy`` can sit inside a DP wrapper.
 
-    A strategy opts out with the class attribute ``dp_compatible = False``; the known
-    robust and reweighting rules (:data:`DP_INCOMPATIBLE`) are refused by class name,
-    also in subclasses.
+    Asks the strategy's traits (:func:`~fedhive.server.strategy.traits.traits_of`): it
+    is refused unless they declare its aggregate a weighted mean, the only aggregate
+    that one client moves by at most ``C / m``, whatever the strategy is called. The
+    robust and reweighting strategies, SCAFFOLD, a FedAvg subclass with its own
+    ``aggregate_fit`` and a strategy with the legacy flag ``dp_compatible = False`` are
+    refused that way.
     """
     if not isinstance(strategy, Strategy):
         raise ConfigError(f"strategy must be a fedhive Strategy, got {type(strategy).__name__}")
@@ -99,16 +105,13 @@ def check_dp_compatible(strategy: object) -> None:
         raise ConfigError(
             f"{type(strategy).__name__} is already a DP wrapper; wrap the plain strategy once"
         )
-    parts = [strategy, getattr(strategy, "rule", None)]  # a composed strategy's rule too
-    names = {cls.__name__ for part in parts if part is not None for cls in type(part).__mro__}
-    clash = sorted(names & DP_INCOMPATIBLE)
-    opted_out = [p for p in parts if p is not None and getattr(p, "dp_compatible", True) is False]
-    if opted_out or clash:
-        rule = clash[0] if clash else type(opted_out[0]).__name__
+    traits = traits_of(strategy)
+    if not traits.weighted_mean:
         raise ConfigError(
-            f"{rule} cannot be wrapped for differential privacy: its aggregate can move by "
-            "more than C/m when one client changes, so the noise would not cover it. Use "
-            "FedAvg or another mean-based strategy (FedAvgM, FedAdam, FedYogi, FedProx)"
+            f"{type(strategy).__name__} cannot be wrapped for differential privacy: "
+            f"{traits.why_not_mean()}, and only a weighted mean of the updates moves by at "
+            "most C/m when one client changes, so the noise would not cover it. Use FedAvg "
+            "or another mean-based strategy (FedAvgM, FedAdam, FedYogi, FedProx)"
         )
 
 
@@ -235,6 +238,22 @@ class _DpStrategy(Strategy, ABC):
             )
         if noise_multiplier == 0:
             log.warning("%s: noise_multiplier=0 adds no noise; epsilon is infinite", self)
+
+    @property
+    def traits(self) -> StrategyTraits:
+        """The wrapped strategy's traits, passed on: the noisy mean is still a weighted
+        mean, of clipped updates with equal weights (``weighting="uniform"``). A wrapper
+        that clips on the server also needs every update on its own, so a mean revealed
+        whole (secure aggregation) is refused, with the reason."""
+        traits = traits_of(self.strategy).but(weighting="uniform")
+        if self.clip_on_client:
+            return traits
+        return traits.but(
+            individual_updates=True,
+            reason="it clips on the server, which must see every update; use the "
+            "client-side clipping wrapper (DifferentialPrivacyClientSideFixedClipping or "
+            "...AdaptiveClipping)",
+        )
 
     def __repr__(self) -> str:
         return (

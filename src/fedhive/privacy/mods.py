@@ -74,8 +74,8 @@ def _with_update(
             reference, update, parameters_to_ndarrays(res.parameters), strict=True
         )
     ]
-    content = FitRes(res.status, ndarrays_to_parameters(new), res.num_examples, metrics)
-    return dataclasses.replace(reply, content=content)
+    content = dataclasses.replace(res, parameters=ndarrays_to_parameters(new), metrics=metrics)
+    return dataclasses.replace(reply, content=content)  # extras kept
 
 
 def _server_clipping_norm(ins: FitIns) -> float:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from fedhive.common.atomic import atomic_write_bytes
 from fedhive.common.errors import ConfigError
 from fedhive.secagg import primitives as p
 from fedhive.secagg.client import SecAggPlusMod
@@ -54,11 +54,8 @@ def write_identity(path: str | Path, *, overwrite: bool = False) -> bytes:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0)
-    fd = os.open(path, flags, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(pem)
+    # owner-only from its first byte; replaces a link at ``path`` rather than writing through it
+    atomic_write_bytes(path, pem, mode=0o600)
     return p.identity_public(secret)
 
 

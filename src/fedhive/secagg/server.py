@@ -31,7 +31,6 @@ from fedhive.common.records import (
     FitIns,
     FitRes,
     NDArrays,
-    Parameters,
     RecordDict,
     Scalar,
     parameters_to_ndarrays,
@@ -50,8 +49,10 @@ from fedhive.secagg.client import (
 )
 from fedhive.secagg.config import SecAggConfig, neighbour_graph
 from fedhive.server.client_manager import ClientProxy
-from fedhive.server.engine import RoundDriver, _failure_dict, begin_fit_round, end_fit_round
-from fedhive.server.strategy.base import Strategy, fold_mean
+from fedhive.server.engine import RoundDriver, run_pipeline
+from fedhive.server.stages import MEAN, ExchangeStage, FitPipeline, FitSink
+from fedhive.server.stages import RoundAborted as _StageAborted
+from fedhive.server.strategy.base import Strategy
 from fedhive.server.strategy.composed import cast_like
 
 __all__ = ["SecAggPlusWorkflow", "check_secagg_compatible"]
@@ -59,36 +60,37 @@ __all__ = ["SecAggPlusWorkflow", "check_secagg_compatible"]
 log = logging.getLogger("fedhive.secagg")
 
 
-class RoundAborted(Exception):
+class RoundAborted(_StageAborted):
     """The secure round cannot finish; the model stays as it was."""
 
 
 def check_secagg_compatible(strategy: Strategy) -> str:
     """How clients weigh their updates (``"num_examples"`` or ``"uniform"``), or raise.
 
-    Raises :class:`ConfigError` for strategies that need individual updates.
+    Asks the strategy's traits: secure aggregation reveals only the weighted mean, so
+    it raises :class:`ConfigError` unless they declare the aggregate a weighted mean
+    (a server optimizer after the mean is fine: FedAdam) that does not need each update
+    on its own (a DP wrapper that clips on the server does). The weighting is the
+    traits' (``"uniform"`` for the DP wrappers).
     """
-    from fedhive.privacy.central import _DpStrategy
-    from fedhive.server.strategy.composed import plain_mean
+    from fedhive.server.strategy.traits import traits_of
 
-    if getattr(strategy, "secure_aggregation_compatible", None) is True:
-        return "num_examples"
-    if isinstance(strategy, _DpStrategy):
-        if not strategy.clip_on_client:
-            raise ConfigError(
-                f"{type(strategy).__name__} clips on the server, which never sees individual "
-                "updates under secure aggregation; use the client-side clipping wrapper "
-                "(DifferentialPrivacyClientSideFixedClipping or ...AdaptiveClipping)"
-            )
-        check_secagg_compatible(strategy.strategy)
-        return "uniform"
-    if plain_mean(strategy) is not None:
-        return "num_examples"
-    name = type(getattr(strategy, "rule", strategy)).__name__
+    traits = traits_of(strategy)
+    if traits.weighted_mean and not traits.individual_updates:
+        return traits.weighting
+    if traits.weighted_mean:
+        why, fix = traits.reason or "its traits declare individual_updates", ""
+    else:
+        why, fix = (
+            traits.why_not_mean(),
+            (
+                ". Use a mean-based strategy (FedAvg, FedProx, FedAvgM, FedAdam, FedYogi, "
+                "FedAdagrad) or turn secure aggregation off"
+            ),
+        )
     raise ConfigError(
-        f"{type(strategy).__name__} ({name}) needs individual updates, which secure "
-        "aggregation hides: only the sum is revealed. Use a mean-based strategy (FedAvg, "
-        "FedProx, FedAvgM, FedAdam, FedYogi, FedAdagrad) or turn secure aggregation off"
+        f"{type(strategy).__name__} needs individual updates, which secure aggregation "
+        f"hides (only their sum is revealed): {why}{fix}"
     )
 
 
@@ -108,8 +110,13 @@ class _Peer:
     revealed: dict[str, dict[str, Scalar]] = field(default_factory=dict)
 
 
-class SecAggPlusWorkflow:
+class SecAggPlusWorkflow(ExchangeStage):
     """The fit round with SecAgg+; keyword arguments are those of :class:`SecAggConfig`.
+
+    An exchange stage (:mod:`fedhive.server.stages`) that reveals only the mean, so it
+    composes with aggregate stages after it and is refused, when the engine is built, in
+    front of a strategy or stage that needs individual updates. Called with a
+    :class:`~fedhive.server.engine.RoundDriver` it is also a whole fit workflow.
 
     ``SecAggPlusWorkflow(threshold=..., degree=..., bits=..., clip=...)`` or
     ``SecAggPlusWorkflow(config=SecAggConfig(...))``. Clients need
@@ -132,27 +139,30 @@ class SecAggPlusWorkflow:
     def __repr__(self) -> str:
         return f"SecAggPlusWorkflow({self.config!r})"
 
+    name = "secagg+"
+    produces = MEAN
+    results = "secure results"
+
+    def check(self, strategy: Strategy) -> None:
+        check_secagg_compatible(strategy)
+
     def __call__(self, driver: RoundDriver) -> None:
+        run_pipeline(driver, FitPipeline([self]))
+
+    def run_exchange(
+        self, driver: RoundDriver, instructions: list[tuple[ClientProxy, FitIns]], sink: FitSink
+    ) -> None:
         weighting = check_secagg_compatible(driver.engine.strategy)
-        driver.record["failures"] = []
-        begun = begin_fit_round(driver)
-        if begun is None:
-            return
-        instructions, fit = begun
         round_ = _SecureRound(self.config, driver, instructions, weighting)
         try:
             mean = round_.run()
-        except RoundAborted as exc:
-            fit["updated"] = False
-            fit["note"] = f"secure aggregation aborted: {exc}; the model is unchanged"
-            log.warning("round %d: %s", driver.server_round, fit["note"])
-            return
         finally:
-            driver.record["failures"] = [_failure_dict(f) for f in round_.failures]
-            fit["num_failures"] = len(round_.failures)
-            fit["secagg"] = round_.stats
-        fit["num_results"] = len(round_.survivors)
-        end_fit_round(driver, fit, lambda: round_.hand_to_strategy(mean), "secure results")
+            for failure in round_.failures:
+                sink.add_failure(failure)
+            driver.record["fit"]["secagg"] = round_.stats
+        # The weights are secret, so each survivor counts once; a mean-based strategy
+        # gets the mean back and its metrics aggregation sees each survivor's metrics.
+        sink.add_mean(mean, [(peer.cid, 1, peer.metrics) for peer in round_.survivors])
 
 
 class _SecureRound:
@@ -487,22 +497,6 @@ class _SecureRound:
             out.append(ref.astype(np.float64) + flat[at : at + ref.size].reshape(ref.shape))
             at += ref.size
         return cast_like(out, self.reference)
-
-    # -- the strategy ---------------------------------------------------------------------
-
-    def hand_to_strategy(self, mean: NDArrays) -> tuple[Parameters | None, dict[str, Scalar]]:
-        """Fold the secure mean into the strategy as every survivor's model.
-
-        A mean-based strategy gets that mean back; its metrics aggregation sees each
-        survivor's metrics. The weights are secret, so each survivor counts once.
-        """
-        strategy = self.driver.strategy
-        parameters = self.driver.engine.parameters
-        aggregator = strategy.fit_aggregator(self.rnd, parameters)
-        for failure in self.failures:
-            aggregator.add_failure(failure)
-        fold_mean(aggregator, mean, [(peer.cid, 1, peer.metrics) for peer in self.survivors])
-        return aggregator.finalize()
 
 
 def _record(content: Any, name: str) -> dict[str, Scalar] | None:

@@ -1,15 +1,19 @@
-"""The server side: the round engine, strategies, history and checkpoints."""
+"""The server side: the round engine, run policies, round stages, strategies, history
+and checkpoints."""
 
-from fedhive.common.clock import Clock, ManualClock, SystemClock
+from fedhive.common.clock import Clock, ManualClock, SystemClock, VirtualClock
 from fedhive.server import strategy
+from fedhive.server.asynchronous import BufferedAsync
 from fedhive.server.checkpoint import Checkpointer, load_npz, save_npz
 from fedhive.server.client_manager import ClientManager, ClientProxy, SimpleClientManager
 from fedhive.server.config import ServerConfig
 from fedhive.server.engine import Engine, RoundCallback, RoundDriver, default_fit_workflow
 from fedhive.server.history import History
+from fedhive.server.policy import RunPolicy, SyncRounds
 from fedhive.server.start import start_server
 
 __all__ = [
+    "BufferedAsync",
     "Checkpointer",
     "ClientManager",
     "ClientProxy",
@@ -19,9 +23,12 @@ __all__ = [
     "ManualClock",
     "RoundCallback",
     "RoundDriver",
+    "RunPolicy",
     "ServerConfig",
     "SimpleClientManager",
+    "SyncRounds",
     "SystemClock",
+    "VirtualClock",
     "default_fit_workflow",
     "load_npz",
     "save_npz",

@@ -1,115 +1,222 @@
 """Buffered asynchronous aggregation: fold every K results, no round barrier.
 
-The engine keeps ``concurrency`` clients training at all times. Each result is folded
-into the current aggregator as soon as it arrives; after ``buffer_size`` results the
-aggregate becomes the next model version and a new aggregator starts. A client that
-finishes is replaced at once by a newly sampled idle client, which trains on the newest
-model. Every result's *staleness* (model versions published between its dispatch and
-its arrival) is recorded. This is the shape of FedBuff (Nguyen et al., "Federated
-Learning with Buffered Asynchronous Aggregation", AISTATS 2022); staleness weighting and
-server learning rates belong to strategies built on it.
+A run policy (:mod:`fedhive.server.policy`): the engine keeps ``concurrency`` clients
+training at all times. Each result is folded into the current aggregator as soon as it
+arrives; after ``buffer_size`` results the aggregate becomes the next model version and a
+new aggregator starts. A client that finishes is replaced at once by a newly sampled
+idle client, which trains on the newest model. Every result's *staleness* (model
+versions published between its dispatch and its arrival) is recorded. This is the shape
+of FedBuff (Nguyen et al., "Federated Learning with Buffered Asynchronous Aggregation",
+AISTATS 2022); staleness weighting and server learning rates belong to strategies built
+on it.
 
-Results are folded in arrival order, so asynchronous runs are not bit-reproducible.
+Each published version is finished like a synchronous round
+(:meth:`~fedhive.server.engine.Engine.finish_round`): centralized evaluation, federated
+evaluation on idle clients, the history record, the checkpoint and the callbacks. The
+policy's dispatch counter is checkpointed, so a resumed run continues the version and
+seed sequence; tasks in flight at a crash are lost and re-dispatched, as in a
+deployment. Results fold in arrival order: with the real clock runs are not
+bit-reproducible; on a :class:`~fedhive.common.clock.VirtualClock` with simulated
+latencies the arrival order, and so the run, is fixed by the seed.
+
+Example::
+
+    from fedhive.server.asynchronous import BufferedAsync
+
+    history = start_simulation(
+        client_fn=..., num_clients=100, config=ServerConfig(num_rounds=50),
+        policy=BufferedAsync(buffer_size=10, concurrency=20),
+    )  # 50 model versions of 10 results each
 """
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
-from fedhive.common.errors import ConfigError
+from fedhive.common.errors import CheckpointError, ClientFailure, ConfigError
 from fedhive.common.message import Message, MessageType, derive_seed
-from fedhive.common.records import FitIns, parameters_to_ndarrays
-from fedhive.server.client_manager import ClientProxy
-from fedhive.server.engine import Engine, RoundDriver, _failure_dict, _fold_fit_reply
+from fedhive.server.client_manager import ClientManager, ClientProxy, Criterion
+from fedhive.server.engine import Engine, RoundDriver, SharedMailbox, failure_record
 from fedhive.server.history import History
+from fedhive.server.policy import RunPolicy
+from fedhive.server.stages import PlainExchange
+from fedhive.server.strategy.base import Aggregator
 from fedhive.transport.base import Replies
 
 __all__ = ["BufferedAsync"]
 
 
-class _Idle:
-    def __init__(self, busy: set[str]) -> None:
+class _IdleClients:
+    """The engine's clients minus those training now, as a client manager.
+
+    With ``slots`` set, ``sample`` returns up to that many idle clients whatever size the
+    strategy asks for: ``configure_fit`` fills the freed slots, with its own configs.
+    Without, it returns what the strategy asks for, or every idle client when fewer are
+    idle (federated evaluation of a published version runs on idle clients only, so a
+    straggler never holds it up).
+    """
+
+    def __init__(self, manager: ClientManager, busy: set[str], slots: int | None = None) -> None:
+        self.manager = manager
         self.busy = busy
+        self.slots = slots
+
+    def _idle(self) -> list[str]:
+        return [cid for cid in self.manager.all() if cid not in self.busy]
+
+    def num_available(self) -> int:
+        idle = len(self._idle())
+        return idle if self.slots is None else min(idle, self.slots)
+
+    def all(self) -> dict[str, ClientProxy]:
+        return {cid: ClientProxy(cid) for cid in self._idle()}
+
+    def sample(
+        self,
+        num_clients: int,
+        min_num_clients: int | None = None,
+        criterion: Criterion | None = None,
+    ) -> list[ClientProxy]:
+        idle = len(self._idle())
+        wanted = num_clients if self.slots is None else self.slots
+        # min_num_clients counts connected clients, busy ones included; the policy
+        # waited for those already, so only the idle ones limit the sample.
+        return self.manager.sample(min(wanted, idle), criterion=_Both(self.busy, criterion))
+
+
+class _Both:
+    def __init__(self, busy: set[str], criterion: Criterion | None) -> None:
+        self.busy, self.criterion = busy, criterion
 
     def select(self, client: ClientProxy) -> bool:
-        return client.cid not in self.busy
+        if client.cid in self.busy:
+            return False
+        return self.criterion is None or self.criterion.select(client)
 
 
 @dataclass
-class BufferedAsync:
-    """Run ``engine`` asynchronously until ``num_updates`` model versions are published.
+class BufferedAsync(RunPolicy):
+    """Publish a model every ``buffer_size`` results, ``concurrency`` clients training.
 
-    ``buffer_size`` is K (results per new model), ``concurrency`` the number of clients
-    training at once, ``max_staleness`` (optional) refuses results older than that.
+    ``max_staleness`` (optional) refuses results older than that many versions. The
+    run's length is ``config.num_rounds`` model versions. A task has
+    ``config.round_timeout`` seconds (if set) before it becomes a timeout failure and its
+    slot is given to another client. Memory: one aggregator (O(model) for FedAvg) plus
+    the replies in flight.
     """
+
+    name: ClassVar[str] = "buffered-async"
 
     buffer_size: int
     concurrency: int
     max_staleness: int | None = None
+    dispatched: int = field(default=0, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if self.buffer_size < 1:
-            raise ConfigError(f"buffer_size must be >= 1, got {self.buffer_size}")
-        if self.concurrency < 1:
-            raise ConfigError(f"concurrency must be >= 1, got {self.concurrency}")
+        for key in ("buffer_size", "concurrency"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{key} must be an int >= 1, got {value!r}")
+        limit = self.max_staleness
+        bad = isinstance(limit, bool) or not isinstance(limit, int) or limit < 0
+        if limit is not None and bad:
+            raise ConfigError(f"max_staleness must be None or an int >= 0, got {limit!r}")
+
+    def check(self, engine: Engine) -> None:
+        if engine.fit_workflow != engine.pipeline_round:
+            raise ConfigError(
+                "asynchronous aggregation folds each reply as it arrives; a custom "
+                "fit_workflow is a synchronous round and cannot be used with it"
+            )
+        exchange = engine.pipeline.exchange
+        if not isinstance(exchange, PlainExchange):
+            raise ConfigError(
+                f"asynchronous aggregation sends one fit task per client; the exchange stage "
+                f"{exchange.name!r} needs a synchronous round (use the default policy)"
+            )
 
     def run(self, engine: Engine, num_updates: int) -> History:
-        if not engine._started:
-            engine.initialize()
-            engine._started = True
+        """Run ``engine`` with this policy until ``num_updates`` versions are published."""
+        self.check(engine)
+        engine.policy = self
+        return engine.run(num_updates)
+
+    def drive(self, engine: Engine, until: int) -> None:
+        if engine.current_round >= until:
+            return
         state = _AsyncRun(self, engine)
         try:
-            while engine.current_round < num_updates:
+            while engine.current_round < until:
                 state.step()
         finally:
             state.replies.cancel()
-        return engine.history
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"dispatched": self.dispatched}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        value = state.get("dispatched")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise CheckpointError(f"a buffered-async checkpoint needs 'dispatched', got {state!r}")
+        self.dispatched = value
 
 
 class _AsyncRun:
+    """One stretch of an asynchronous run (from start or resume to the end)."""
+
     def __init__(self, policy: BufferedAsync, engine: Engine) -> None:
         self.policy = policy
         self.engine = engine
         self.replies = Replies(engine.clock)
         self.pending: dict[str, Message] = {}
+        self.deadlines: dict[str, float] = {}
         self.busy: set[str] = set()
-        self.dispatched = 0
-        self.start = time.perf_counter()
+        self.stash: list[Message] = []  # fit replies that came during an evaluation
+        self.failed_in_a_row = 0
         self._new_buffer()
         self._dispatch(policy.concurrency)
 
     def _new_buffer(self) -> None:
-        rnd = self.engine.current_round + 1
-        self.driver = RoundDriver(self.engine, rnd, {"round": rnd, "staleness": []})
-        self.aggregator = self.engine.strategy.fit_aggregator(rnd, self.engine.parameters)
-        self.reference = parameters_to_ndarrays(self.engine.parameters)
-        self.folded = 0
-        self.failures: list[dict[str, Any]] = []
+        engine = self.engine
+        rnd = engine.current_round + 1
+        self.driver = RoundDriver(engine, rnd, {"round": rnd, "staleness": []})
+        self.fit: dict[str, Any] = {"num_results": 0, "metrics": {}}
+        self.driver.record["fit"] = self.fit
+        self.aggregator: Aggregator
+        self.aggregator, self.sink = engine.pipeline.prepare(self.driver, self.fit)
 
     def _dispatch(self, count: int) -> None:
         engine = self.engine
-        self.dispatched += 1
-        engine._reseed_sampling(self.dispatched, "async-sample")
-        count = min(count, engine.client_manager.num_available() - len(self.busy))
-        clients = engine.client_manager.sample(count, criterion=_Idle(self.busy))
+        self.policy.dispatched += 1
+        dispatch = self.policy.dispatched
+        engine.reseed_sampling(dispatch, "async-sample")
+        manager = engine.client_manager
+        wait_for = getattr(manager, "wait_for", None)  # Flower's ClientManager has it
+        if callable(wait_for) and manager.num_available() - len(self.busy) < count:
+            # deployment: clients connect over time (simulation: wait_timeout is 0)
+            wait_for(len(self.busy) + count, getattr(manager, "wait_timeout", 0.0))
+        view = _IdleClients(manager, self.busy, slots=count)
+        instructions = engine.strategy.configure_fit(
+            engine.model_version + 1, engine.parameters, view
+        )
         tasks = []
-        for client in clients:
-            config = {}
-            on_fit = getattr(engine.strategy, "on_fit_config_fn", None)
-            if on_fit is not None:
-                config = dict(on_fit(engine.model_version + 1))
+        timeout = engine.config.round_timeout
+        for client, ins in instructions:
+            if client.cid in self.busy:
+                continue  # a strategy that ignored the view; never two tasks at one client
             task = Message.task(
                 run_id=engine.run_id,
                 node_id=client.cid,
                 server_round=engine.model_version,
                 model_version=engine.model_version,
                 message_type=MessageType.FIT,
-                content=FitIns(engine.parameters, config),
-                seed=derive_seed(engine.seed, self.dispatched, client.cid, "async-fit"),
+                content=ins,
+                seed=derive_seed(engine.seed, dispatch, client.cid, "async-fit"),
             )
             self.pending[task.metadata.message_id] = task
+            if timeout is not None:
+                self.deadlines[task.metadata.message_id] = engine.clock.now() + timeout
             self.busy.add(client.cid)
             tasks.append(task)
         if tasks:
@@ -117,48 +224,83 @@ class _AsyncRun:
 
     def step(self) -> None:
         if not self.pending:
+            self._dispatch(self.policy.concurrency)
+        if not self.pending:
             raise ConfigError("no client is available to train; cannot make progress")
-        reply = self.replies.get(None)
-        if reply is None:
+        deadline = min(self.deadlines.values()) if self.deadlines else None
+        if deadline is not None and deadline <= self.engine.clock.now():
+            self._expire()  # also while fast clients keep the mailbox full
             return
-        accepted = self.engine._accept(reply, self.pending)
+        if self.stash:
+            reply: Message | None = self.stash.pop(0)
+        else:
+            reply = self.replies.get(deadline)
+        if reply is None:
+            self._expire()
+            return
+        accepted = self.engine.accept_reply(reply, self.pending)
+        del reply
         if accepted is None:
             return
+        self.deadlines.pop(accepted.metadata.reply_to, None)
         self.busy.discard(accepted.metadata.node_id)
         self._fold(accepted)
-        if self.folded >= self.policy.buffer_size:
+        del accepted
+        # Folded: free what the transport holds for it (an upload slot) before any
+        # evaluation exchange waits on another mailbox.
+        self.replies.done()
+        if self.fit["num_results"] >= self.policy.buffer_size:
             self._publish()
         self._dispatch(1)
+
+    def _expire(self) -> None:
+        now = self.engine.clock.now()
+        late = [mid for mid, at in self.deadlines.items() if at <= now]
+        for mid in late:
+            task = self.pending.pop(mid)
+            del self.deadlines[mid]
+            self.busy.discard(task.metadata.node_id)
+            timeout = self.engine.config.round_timeout
+            self._fold(task.error_reply(f"no reply within the round timeout of {timeout} s"))
+        if late:
+            self._dispatch(len(late))
 
     def _fold(self, reply: Message) -> None:
         staleness = self.engine.model_version - reply.metadata.model_version
         limit = self.policy.max_staleness
         if limit is not None and staleness > limit and reply.error is None:
             reply = reply.error_reply(f"staleness {staleness} exceeds max_staleness {limit}")
-        failure = _fold_fit_reply(self.driver, reply, self.aggregator, self.reference)
-        if failure is not None:
-            self.failures.append(_failure_dict(failure))
+        cid = reply.metadata.node_id
+        if self.sink.add_reply(reply):
+            self.failed_in_a_row = 0
+            self.driver.record["staleness"].append({"client_id": cid, "staleness": staleness})
             return
-        self.folded += 1
-        self.driver.record["staleness"].append(
-            {"client_id": reply.metadata.node_id, "staleness": staleness}
-        )
+        self.failed_in_a_row += 1
+        limit_failures = 10 * max(self.policy.buffer_size, self.policy.concurrency)
+        if self.failed_in_a_row >= limit_failures:
+            last = self.sink.failures[-1]
+            raise ClientFailure(
+                last.client_id,
+                self.driver.server_round,
+                MessageType.FIT,
+                f"the last {self.failed_in_a_row} results all failed (last: {last.reason}); "
+                "the asynchronous run cannot make progress",
+            )
 
     def _publish(self) -> None:
-        engine = self.engine
+        engine, record = self.engine, self.driver.record
         params, metrics = self.aggregator.finalize()
-        record = self.driver.record
-        record["fit"] = {"num_results": self.folded, "metrics": dict(metrics)}
-        record["failures"] = self.failures
+        self.fit["metrics"] = dict(metrics)
+        self.fit["num_failures"] = len(self.sink.failures)
+        self.fit["updated"] = params is not None
+        record["failures"] = [failure_record(f) for f in self.sink.failures]
         if params is not None:
             engine.set_parameters(params)
-        central = engine.strategy.evaluate(self.driver.server_round, engine.parameters)
-        if central is not None:
-            record["centralized"] = {"loss": central[0], **central[1]}
-        record["model_version"] = engine.model_version
-        record["elapsed_s"] = time.perf_counter() - self.start
-        engine.current_round = self.driver.server_round
-        engine.history.add_round(record)
-        for cb in engine.callbacks:
-            cb.on_round_end(engine, record)
+        else:
+            self.fit["note"] = "the strategy returned no parameters; the model is unchanged"
+        engine.finish_round(
+            record,
+            client_manager=_IdleClients(engine.client_manager, self.busy),
+            route=SharedMailbox(self.replies, self.stash.append),
+        )
         self._new_buffer()

@@ -25,11 +25,11 @@ import json
 import math
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from fedhive.client.state import StateStore, atomic_write_bytes
+from fedhive.common.atomic import atomic_open, atomic_write_bytes
 from fedhive.common.errors import CheckpointError, SerdeError, StateError
 from fedhive.common.records import NDArrays
 from fedhive.server.history import History
@@ -37,18 +37,27 @@ from fedhive.server.history import History
 if TYPE_CHECKING:
     from fedhive.server.engine import Engine
 
-__all__ = ["Checkpointer", "save_npz", "load_npz"]
+__all__ = ["Checkpointer", "ClientStates", "save_npz", "load_npz"]
 
 FORMAT = 1
 
 
+class ClientStates(Protocol):
+    """What a checkpoint keeps of the clients' persistent state.
+
+    :class:`fedhive.client.StateStore` is one: ``dump`` writes every state into a folder
+    of the checkpoint, ``load`` replaces the store's content with such a folder.
+    """
+
+    def dump(self, directory: Path) -> None: ...
+
+    def load(self, directory: Path) -> None: ...
+
+
 def save_npz(path: Path, arrays: NDArrays) -> None:
     """Write a model as ``.npz`` (arrays ``arr_0``, ``arr_1``, ... in order), atomically."""
-    import io
-
-    buffer = io.BytesIO()
-    np.savez(buffer, *arrays)
-    atomic_write_bytes(path, buffer.getvalue())
+    with atomic_open(path) as fh:  # streamed: no second copy of the model in memory
+        np.savez(fh, *arrays)
 
 
 def load_npz(path: str | Path) -> NDArrays:
@@ -63,7 +72,7 @@ class Checkpointer:
     def __init__(
         self,
         directory: str | Path,
-        state_store: StateStore | None = None,
+        state_store: ClientStates | None = None,
         keep: int = 2,
         model_dir: str | Path | None = None,
     ) -> None:
@@ -94,8 +103,9 @@ class Checkpointer:
             "model_version": engine.model_version,
             "run_id": engine.run_id,
             "seed": engine.seed,
-            "elapsed_s": engine._elapsed_before,
+            "elapsed_s": engine.elapsed(),
             "history": engine.history.to_dict(),
+            "policy": {"name": engine.policy.name, "state": engine.policy.state_dict()},
         }
         (tmp / "meta.json").write_text(json.dumps(meta, allow_nan=False))
         shutil.rmtree(final, ignore_errors=True)
@@ -156,14 +166,20 @@ class Checkpointer:
                 f"the checkpoint in {path} was made with seed {meta['seed']!r}; "
                 f"this run has seed {engine.seed!r}"
             )
+        policy = meta.get("policy", {"name": "sync", "state": {}})
+        if policy["name"] != engine.policy.name:
+            raise CheckpointError(
+                f"the checkpoint in {path} was made by the {policy['name']!r} run policy; "
+                f"this run uses {engine.policy.name!r}"
+            )
+        engine.policy.load_state_dict(policy["state"])
         engine.strategy.load_state_dict(strategy_state)
         engine.parameters = parameters
         engine.model_version = int(meta["model_version"])
         engine.current_round = int(meta["round"])
         engine.run_id = int(meta["run_id"])
         engine.history = History.from_dict(meta["history"])
-        engine._elapsed_before = float(meta["elapsed_s"])
-        engine._started = True
+        engine.resume_at(float(meta["elapsed_s"]))
         for record in engine.history.rounds:
             loss = (record.get("centralized") or {}).get("loss")
             if loss is None:

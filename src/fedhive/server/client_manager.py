@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
@@ -10,6 +9,7 @@ from typing import Protocol
 import numpy as np
 
 from fedhive.common.message import derive_seed
+from fedhive.transport.membership import NodeSet
 
 __all__ = ["ClientProxy", "Criterion", "ClientManager", "SimpleClientManager"]
 
@@ -53,14 +53,14 @@ class SimpleClientManager:
     fewer than ``max(num_clients, min_num_clients)`` clients are available after waiting
     up to ``wait_timeout`` seconds for them (0 in simulation, where all are there), as
     Flower does. Proxies are created when sampled, so a million ids cost only the ids.
+    It is the :class:`~fedhive.transport.membership.Membership` a serving transport
+    (``GrpcServer``) registers joining clients with.
     """
 
     def __init__(
         self, client_ids: Iterable[str] = (), seed: int | None = None, wait_timeout: float = 0.0
     ) -> None:
-        self._ids: list[str] = []
-        self._index: dict[str, int] = {}
-        self._lock = threading.Condition()
+        self._nodes = NodeSet()
         self.wait_timeout = wait_timeout
         self._seed = seed
         self._rng = np.random.default_rng(derive_seed(seed, 0, "", "sample"))
@@ -71,36 +71,20 @@ class SimpleClientManager:
         self._rng = np.random.default_rng(seed)
 
     def register(self, cid: str) -> bool:
-        with self._lock:
-            if cid in self._index:
-                return False
-            self._index[cid] = len(self._ids)
-            self._ids.append(cid)
-            self._lock.notify_all()
-            return True
+        return self._nodes.register(cid)
 
     def unregister(self, cid: str) -> None:
-        with self._lock:
-            pos = self._index.pop(cid, None)
-            if pos is None:
-                return
-            last = self._ids.pop()
-            if pos < len(self._ids):
-                self._ids[pos] = last
-                self._index[last] = pos
+        self._nodes.unregister(cid)
 
     def num_available(self) -> int:
-        with self._lock:
-            return len(self._ids)
+        return self._nodes.num_available()
 
     def all(self) -> dict[str, ClientProxy]:
-        with self._lock:
-            return {cid: ClientProxy(cid) for cid in self._ids}
+        return {cid: ClientProxy(cid) for cid in self._nodes.node_ids()}
 
     def wait_for(self, num_clients: int, timeout: float = 0.0) -> bool:
         """Wait up to ``timeout`` seconds until ``num_clients`` are available."""
-        with self._lock:
-            return self._lock.wait_for(lambda: len(self._ids) >= num_clients, timeout)
+        return self._nodes.wait_for(num_clients, timeout)
 
     def sample(
         self,
@@ -111,9 +95,7 @@ class SimpleClientManager:
         needed = max(num_clients, min_num_clients or 0)
         if self.wait_timeout > 0:
             self.wait_for(needed, self.wait_timeout)
-        with self._lock:
-            ids = list(self._ids)
-        ids.sort()  # registration order must not change who is picked
+        ids = sorted(self._nodes.node_ids())  # registration order must not change who is picked
         if criterion is not None:
             ids = [cid for cid in ids if criterion.select(ClientProxy(cid))]
         if num_clients <= 0 or len(ids) < needed:

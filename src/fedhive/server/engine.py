@@ -6,15 +6,23 @@ clients only through a :class:`~fedhive.transport.base.Transport`, measures dead
 its own :class:`~fedhive.common.clock.Clock`, and checks that every reply belongs to this
 run, round and task before anything is folded.
 
-Rounds are run by a *fit workflow*; the default one is Flower's single exchange. A
-workflow gets a :class:`RoundDriver`, which can run any number of exchanges of any
-message type in a round (secure aggregation's key agreement, share collection, ...).
+How model versions are made is a *run policy* (:mod:`fedhive.server.policy`):
+synchronous rounds by default, or buffered asynchronous aggregation
+(:class:`~fedhive.server.asynchronous.BufferedAsync`). Both finish each version with
+:meth:`Engine.finish_round` (evaluation, history, checkpoint, callbacks).
+
+A synchronous fit round is a pipeline of stages (:mod:`fedhive.server.stages`): an
+exchange stage (Flower's single exchange, or SecAgg+), reply stages and aggregate stages,
+checked against the strategy's traits when the engine is built. The exchange gets a
+:class:`RoundDriver`, which can run any number of exchanges of any message type in a
+round (secure aggregation's key agreement, share collection, ...). A custom *fit
+workflow* (``fit_workflow=``, a callable taking the driver) still replaces the whole fit
+round.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -30,16 +38,29 @@ from fedhive.common.records import (
     GetParametersRes,
     Parameters,
     Scalar,
-    parameters_to_ndarrays,
 )
 from fedhive.server.client_manager import ClientManager, ClientProxy, SimpleClientManager
 from fedhive.server.config import ServerConfig
 from fedhive.server.history import History
-from fedhive.server.strategy.aggregate import check_update
+from fedhive.server.policy import RunPolicy, SyncRounds
+from fedhive.server.stages import FitPipeline, RoundAborted, RoundStage
+from fedhive.server.strategy.aggregate import check_fit_reply
 from fedhive.server.strategy.base import Strategy
+from fedhive.server.strategy.traits import traits_of
 from fedhive.transport.base import Replies, Transport
 
-__all__ = ["Engine", "RoundCallback", "RoundDriver", "FitWorkflow", "default_fit_workflow"]
+__all__ = [
+    "Engine",
+    "FitWorkflow",
+    "RoundCallback",
+    "RoundDriver",
+    "SharedMailbox",
+    "begin_fit_round",
+    "default_fit_workflow",
+    "end_fit_round",
+    "failure_record",
+    "fold_fit_reply",
+]
 
 log = logging.getLogger("fedhive")
 
@@ -90,6 +111,20 @@ class RoundDriver:
         self.engine.set_parameters(parameters)
 
 
+@dataclass(frozen=True)
+class SharedMailbox:
+    """Route an exchange's replies through a mailbox that also receives other replies.
+
+    The asynchronous policy evaluates a published version while clients are still
+    training: evaluation answers into the policy's own mailbox, and fit replies that
+    arrive meanwhile go to ``other`` (which takes them off the transport's hands, so an
+    upload slot held by a waiting fit reply can never starve the evaluation).
+    """
+
+    replies: Replies
+    other: Callable[[Message], None]
+
+
 class Engine:
     """Runs rounds of a strategy over a transport.
 
@@ -97,6 +132,13 @@ class Engine:
     are folded in sampled order whatever order they arrive in, so a seeded run gives the
     same history on any number of workers. ``checkpointer`` (if given) is called after
     every round with the engine, so state can be saved atomically.
+
+    ``policy`` runs the loop (:class:`~fedhive.server.policy.SyncRounds` by default;
+    :class:`~fedhive.server.asynchronous.BufferedAsync` for asynchronous aggregation).
+    ``stages`` are the fit round's stages (:mod:`fedhive.server.stages`), checked here
+    against the strategy's traits; ``fit_workflow`` (a callable taking a
+    :class:`RoundDriver`) instead replaces the whole fit round. Times (deadlines,
+    ``elapsed_s``) are measured on ``clock``.
     """
 
     def __init__(
@@ -113,9 +155,21 @@ class Engine:
         fit_workflow: FitWorkflow | None = None,
         ordered: bool = True,
         checkpointer: Callable[[Engine], None] | None = None,
+        policy: RunPolicy | None = None,
+        stages: Sequence[RoundStage] | None = None,
     ) -> None:
         if not isinstance(strategy, Strategy):
             raise ConfigError(f"strategy must be a fedhive Strategy, got {type(strategy).__name__}")
+        if fit_workflow is not None and stages:
+            raise ConfigError(
+                "pass fit_workflow (a whole custom fit round) or stages, not both; a custom "
+                "exchange can be an ExchangeStage among the stages"
+            )
+        if policy is not None and not isinstance(policy, RunPolicy):
+            raise ConfigError(
+                f"policy must be a fedhive RunPolicy (SyncRounds, BufferedAsync), got "
+                f"{type(policy).__name__}"
+            )
         self.strategy = strategy
         self.transport = transport
         self.client_manager = client_manager or SimpleClientManager(seed=seed)
@@ -124,7 +178,10 @@ class Engine:
         self.run_id = run_id
         self.clock = clock or SystemClock()
         self.callbacks = list(callbacks)
-        self.fit_workflow: FitWorkflow = fit_workflow or default_fit_workflow
+        self.pipeline = FitPipeline(stages or ())
+        self.pipeline.check(strategy)
+        self.fit_workflow: FitWorkflow = fit_workflow or self.pipeline_round
+        self.policy: RunPolicy = policy or SyncRounds()
         self.ordered = ordered
         self.checkpointer = checkpointer
         self.history = History()
@@ -134,6 +191,8 @@ class Engine:
         self._started = False
         self._refused: list[str] = []
         self._elapsed_before = 0.0
+        self._run_start: float | None = None
+        self.policy.check(self)
 
     # -- state -----------------------------------------------------------------------------
 
@@ -142,7 +201,8 @@ class Engine:
         self.parameters = parameters
         self.model_version += 1
 
-    def _reseed_sampling(self, server_round: int, purpose: str) -> None:
+    def reseed_sampling(self, server_round: int, purpose: str) -> None:
+        """Seed the client manager's sampling from (run seed, ``server_round``, ``purpose``)."""
         setter = getattr(self.client_manager, "set_sampling_seed", None)
         if setter is not None:
             setter(derive_seed(self.seed, server_round, "", f"sample-{purpose}"))
@@ -154,12 +214,19 @@ class Engine:
         return None if timeout is None else self.clock.now() + timeout
 
     def exchange(
-        self, server_round: int, message_type: str, contents: Sequence[tuple[ClientProxy, Any]]
+        self,
+        server_round: int,
+        message_type: str,
+        contents: Sequence[tuple[ClientProxy, Any]],
+        *,
+        route: SharedMailbox | None = None,
     ) -> Iterator[Message]:
         """Send one task per (client, content); yield a reply per task in task order.
 
         Late tasks become error replies once the round deadline passes. Replies for
         another run, round, task or client are refused (counted in the round record).
+        With ``route``, the tasks answer into that (longer-lived) mailbox, and replies in
+        it that are not for these tasks go to its ``other`` callback instead.
         """
         tasks = [
             Message.task(
@@ -173,14 +240,14 @@ class Engine:
             )
             for client, content in contents
         ]
-        return self._collect(tasks)
+        return self._collect(tasks, route)
 
-    def _collect(self, tasks: list[Message]) -> Iterator[Message]:
+    def _collect(self, tasks: list[Message], route: SharedMailbox | None) -> Iterator[Message]:
         pending = {task.metadata.message_id: task for task in tasks}
-        replies = Replies(self.clock)
+        replies = Replies(self.clock) if route is None else route.replies
         deadline = self._deadline()
         self.transport.send(tasks, replies)
-        arriving = self._receive(pending, replies, deadline)
+        arriving = self._receive(pending, replies, deadline, route)
         try:
             if not self.ordered:
                 yield from arriving
@@ -196,10 +263,15 @@ class Engine:
                     yield buffered.pop(order[next_index])
                     next_index += 1
         finally:
-            replies.cancel()
+            if route is None:
+                replies.cancel()
 
     def _receive(
-        self, pending: dict[str, Message], replies: Replies, deadline: float | None
+        self,
+        pending: dict[str, Message],
+        replies: Replies,
+        deadline: float | None,
+        route: SharedMailbox | None = None,
     ) -> Iterator[Message]:
         """Accepted replies as they arrive; then a timeout error for each task left.
 
@@ -210,7 +282,11 @@ class Engine:
             reply = replies.get(deadline)
             if reply is None:
                 break
-            accepted = self._accept(reply, pending)
+            if route is not None and reply.metadata.reply_to not in pending:
+                route.other(reply)
+                del reply
+                continue
+            accepted = self.accept_reply(reply, pending)
             del reply
             if accepted is not None:
                 yield accepted
@@ -221,8 +297,9 @@ class Engine:
             )
         pending.clear()
 
-    def _accept(self, reply: Message, pending: dict[str, Message]) -> Message | None:
-        """The reply if it answers a pending task of this run and round, else ``None``."""
+    def accept_reply(self, reply: Message, pending: dict[str, Message]) -> Message | None:
+        """The reply if it answers a task in ``pending`` (removed from it) of this run,
+        round, node and type; else ``None``, and the refusal is kept for the round record."""
         meta = reply.metadata
         task = pending.get(meta.reply_to)
         problem = None
@@ -259,7 +336,7 @@ class Engine:
             self.history.add_round(record)
 
     def _parameters_from_a_client(self) -> Parameters:
-        self._reseed_sampling(0, "init")
+        self.reseed_sampling(0, "init")
         clients = self.client_manager.sample(1)
         if not clients:
             raise ConfigError("no initial_parameters and no client available to provide them")
@@ -271,35 +348,66 @@ class Engine:
             raise ClientFailure(clients[0].cid, 0, MessageType.GET_PARAMETERS, str(reply.error))
         return reply.content.parameters
 
-    def run(self) -> History:
-        """Run the remaining rounds and return the history."""
+    def run(self, num_rounds: int | None = None) -> History:
+        """Run the policy until ``num_rounds`` (default ``config.num_rounds``) model
+        versions are published; return the history."""
         if not self._started:
             self.initialize()
             self._started = True
-        start = time.perf_counter() - self._elapsed_before
+        until = self.config.num_rounds if num_rounds is None else num_rounds
+        self._run_start = self.clock.now() - self._elapsed_before
+        self.history.config.setdefault("policy", self.policy.name)
         for cb in self.callbacks:
             cb.on_run_start(self)
         try:
-            while self.current_round < self.config.num_rounds:
-                self.run_round(self.current_round + 1, start)
+            self.policy.drive(self, until)
         finally:
             for cb in self.callbacks:
                 cb.on_run_end(self, self.history)
         return self.history
 
-    def run_round(self, server_round: int, start: float) -> dict[str, Any]:
+    def resume_at(self, elapsed_s: float) -> None:
+        """Mark the engine as resumed (from a checkpoint) after ``elapsed_s`` seconds."""
+        self._elapsed_before = elapsed_s
+        self._started = True
+
+    def elapsed(self) -> float:
+        """Seconds on the engine's clock since the run began (across resumes)."""
+        if self._run_start is None:
+            return self._elapsed_before
+        return self.clock.now() - self._run_start
+
+    def run_round(self, server_round: int, start: float | None = None) -> dict[str, Any]:
+        """One synchronous round: the fit round (workflow or stage pipeline), then
+        :meth:`finish_round`. ``start`` is accepted for compatibility and unused."""
         self._refused = []
         driver = RoundDriver(self, server_round, {"round": server_round})
         self.fit_workflow(driver)
-        record = driver.record
+        return self.finish_round(driver.record)
+
+    def pipeline_round(self, driver: RoundDriver) -> None:
+        """The fit round of the stage pipeline (the default fit workflow)."""
+        run_pipeline(driver, self.pipeline)
+
+    def finish_round(
+        self,
+        record: dict[str, Any],
+        client_manager: ClientManager | None = None,
+        route: SharedMailbox | None = None,
+    ) -> dict[str, Any]:
+        """Finish model version ``record["round"]``: centralized and federated evaluation
+        (sampling from ``client_manager``, default the engine's; answering into
+        ``route``'s mailbox if given), refusals, the model version and time; then history,
+        checkpoint and callbacks. Every policy ends each version here."""
+        server_round = int(record["round"])
         central = self.strategy.evaluate(server_round, self.parameters)
         if central is not None:
             record["centralized"] = {"loss": central[0], **central[1]}
-        record["distributed"] = self._evaluate_round(server_round)
+        record["distributed"] = self._evaluate_round(server_round, client_manager, route)
         if self._refused:
             record["refused"] = list(self._refused)
         record["model_version"] = self.model_version
-        record["elapsed_s"] = time.perf_counter() - start
+        record["elapsed_s"] = self.elapsed()
         self._elapsed_before = record["elapsed_s"]
         self.current_round = server_round
         self.history.add_round(record)
@@ -307,19 +415,25 @@ class Engine:
             self.checkpointer(self)
         for cb in self.callbacks:
             cb.on_round_end(self, record)
+        self._refused = []
         return record
 
-    def _evaluate_round(self, server_round: int) -> dict[str, Any] | None:
-        self._reseed_sampling(server_round, "evaluate")
+    def _evaluate_round(
+        self,
+        server_round: int,
+        client_manager: ClientManager | None = None,
+        route: SharedMailbox | None = None,
+    ) -> dict[str, Any] | None:
+        self.reseed_sampling(server_round, "evaluate")
         instructions = self.strategy.configure_evaluate(
-            server_round, self.parameters, self.client_manager
+            server_round, self.parameters, client_manager or self.client_manager
         )
         if not instructions:
             return None
         aggregator = self.strategy.evaluate_aggregator(server_round, self.parameters)
         clients: list[dict[str, Any]] = []
         failures: list[ClientFailure] = []
-        for reply in self.exchange(server_round, MessageType.EVALUATE, instructions):
+        for reply in self.exchange(server_round, MessageType.EVALUATE, instructions, route=route):
             cid = reply.metadata.node_id
             res = reply.content
             if reply.error is None and not isinstance(res, EvaluateRes):
@@ -339,7 +453,7 @@ class Engine:
                 }
             )
         out: dict[str, Any] = {"num_results": len(clients), "clients": clients}
-        out["failures"] = [_failure_dict(f) for f in failures]
+        out["failures"] = [failure_record(f) for f in failures]
         if len(clients) < max(1, self.config.min_evaluate_results):
             out["note"] = (
                 f"{len(clients)} evaluation results, fewer than the minimum "
@@ -352,7 +466,8 @@ class Engine:
         return out
 
 
-def _failure_dict(failure: ClientFailure) -> dict[str, Any]:
+def failure_record(failure: ClientFailure) -> dict[str, Any]:
+    """A failure as it appears in the history (client id, round, stage, reason)."""
     return {
         "client_id": failure.client_id,
         "round": failure.server_round,
@@ -372,18 +487,29 @@ def _fold_fit_reply(
     res = reply.content
     if not isinstance(res, FitRes):
         return InvalidUpdate(cid, rnd, MessageType.FIT, "fit reply is not a FitRes")
+    traits = traits_of(driver.strategy)
     try:
-        if getattr(driver.strategy, "validate_fit_results", True):
-            check_update(
-                parameters_to_ndarrays(res.parameters),
-                reference,
-                client_id=cid,
-                server_round=rnd,
-            )
+        # The layout the strategy declared, not the model's: extras, partial models.
+        check_fit_reply(
+            res,
+            reference,
+            traits.layout,
+            client_id=cid,
+            server_round=rnd,
+            required_mods=traits.required_mods,
+        )
         aggregator.add(ClientProxy(cid), res)
     except InvalidUpdate as exc:
         return exc.with_traceback(None)  # its frames would keep the refused upload alive
     return None
+
+
+def fold_fit_reply(
+    driver: RoundDriver, reply: Message, aggregator: Any, reference: list[Any]
+) -> ClientFailure | None:
+    """Validate one fit reply (against the strategy's update layout) and fold it into
+    ``aggregator``; the failure if it was refused (the aggregate is then unchanged)."""
+    return _fold_fit_reply(driver, reply, aggregator, reference)
 
 
 def begin_fit_round(
@@ -392,7 +518,7 @@ def begin_fit_round(
     """Flower's start of a fit round: the strategy's instructions and the round's ``fit``
     record, or ``None`` (noted in the record) when ``configure_fit`` selected no client."""
     engine, rnd = driver.engine, driver.server_round
-    engine._reseed_sampling(rnd, "fit")
+    engine.reseed_sampling(rnd, "fit")
     instructions = engine.strategy.configure_fit(rnd, engine.parameters, engine.client_manager)
     fit: dict[str, Any] = {"num_clients": len(instructions), "num_results": 0, "metrics": {}}
     driver.record["fit"] = fit
@@ -428,24 +554,28 @@ def end_fit_round(
     driver.update_parameters(params)
 
 
-def default_fit_workflow(driver: RoundDriver) -> None:
-    """Flower's fit round: one exchange, results streamed into the strategy's aggregator."""
+def run_pipeline(driver: RoundDriver, pipeline: FitPipeline) -> None:
+    """A fit round through ``pipeline``: the strategy's instructions, the exchange stage
+    into the (wrapped) aggregator, then Flower's end of round. An exchange that raises
+    :class:`~fedhive.server.stages.RoundAborted` keeps the model (the reason is noted)."""
     begun = begin_fit_round(driver)
     if begun is None:
         return
-    contents, fit = begun
-    engine, rnd = driver.engine, driver.server_round
-    aggregator = engine.strategy.fit_aggregator(rnd, engine.parameters)
-    reference = parameters_to_ndarrays(engine.parameters)
-    failures: list[ClientFailure] = []
-    for reply in driver.exchange(MessageType.FIT, contents):
-        failure = _fold_fit_reply(driver, reply, aggregator, reference)
-        del reply  # folded: free the upload before the next one is awaited
-        if failure is None:
-            fit["num_results"] += 1
-        else:
-            failures.append(failure)
-            aggregator.add_failure(failure)
-    driver.record["failures"] = [_failure_dict(f) for f in failures]
-    fit["num_failures"] = len(failures)
-    end_fit_round(driver, fit, aggregator.finalize)
+    instructions, fit = begun
+    aggregator, sink = pipeline.prepare(driver, fit)
+    try:
+        pipeline.exchange.run_exchange(driver, instructions, sink)
+    except RoundAborted as exc:
+        fit["updated"] = False
+        fit["note"] = f"{pipeline.exchange.name} aborted: {exc}; the model is unchanged"
+        log.warning("round %d: %s", driver.server_round, fit["note"])
+        return
+    finally:
+        driver.record["failures"] = [failure_record(f) for f in sink.failures]
+        fit["num_failures"] = len(sink.failures)
+    end_fit_round(driver, fit, aggregator.finalize, pipeline.exchange.results)
+
+
+def default_fit_workflow(driver: RoundDriver) -> None:
+    """Flower's fit round: one exchange, results streamed into the strategy's aggregator."""
+    run_pipeline(driver, FitPipeline())

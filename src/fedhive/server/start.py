@@ -14,6 +14,8 @@ from fedhive.server.client_manager import SimpleClientManager
 from fedhive.server.config import ServerConfig
 from fedhive.server.engine import Engine, FitWorkflow, RoundCallback
 from fedhive.server.history import History
+from fedhive.server.policy import RunPolicy
+from fedhive.server.stages import FitPipeline, RoundStage
 from fedhive.server.strategy import FedAvg, Strategy
 from fedhive.transport.base import DEFAULT_STAGED_BYTES
 
@@ -47,6 +49,8 @@ def start_server(
     on_started: object = None,
     fit_workflow: FitWorkflow | None = None,
     secure_aggregation: Any = None,
+    policy: RunPolicy | None = None,
+    stages: Sequence[RoundStage] = (),
 ) -> History:
     """Serve a federation and run ``config.num_rounds`` rounds of ``strategy``.
 
@@ -74,7 +78,10 @@ def start_server(
     ``fit_workflow`` replaces the fit round; ``secure_aggregation`` (a
     :class:`~fedhive.secagg.SecAggPlusWorkflow`, :class:`~fedhive.secagg.SecAggConfig` or
     dict of options) runs every fit round with SecAgg+ (clients started with
-    ``start_client`` answer it).
+    ``start_client`` answer it) as the first of the round's ``stages``
+    (:mod:`fedhive.server.stages`). ``policy`` runs the loop: synchronous rounds by default,
+    or :class:`~fedhive.server.asynchronous.BufferedAsync` (``config.num_rounds`` model
+    versions, no round barrier).
     """
     from fedhive.transport.frames import DEFAULT_CHUNK_BYTES
     from fedhive.transport.grpc_server import GrpcServer, ServerSecurity
@@ -86,7 +93,11 @@ def start_server(
     if secure_aggregation is not None:
         from fedhive.secagg.server import as_workflow
 
-        fit_workflow = as_workflow(secure_aggregation, strategy, fit_workflow)
+        stages = [as_workflow(secure_aggregation, strategy, fit_workflow), *stages]
+    strategy = strategy or FedAvg()
+    if fit_workflow is not None and stages:
+        raise ConfigError("pass fit_workflow (a whole custom fit round) or stages, not both")
+    FitPipeline(stages).check(strategy)  # before anything listens
     manager = client_manager or SimpleClientManager(seed=seed, wait_timeout=wait_timeout)
     no_amplification = getattr(strategy, "assume_no_amplification", None)
     if callable(no_amplification):  # DP wrappers: who shows up is not the server's choice
@@ -110,19 +121,21 @@ def start_server(
     if callable(on_started):
         on_started(server)
     checkpointer = Checkpointer(checkpoint_dir) if checkpoint_dir is not None else None
-    engine = Engine(
-        strategy=strategy or FedAvg(),
-        transport=server,
-        client_manager=manager,
-        config=config or ServerConfig(),
-        seed=seed if seed is not None else secrets.randbits(31),
-        run_id=secrets.randbits(62),
-        callbacks=callbacks,
-        checkpointer=checkpointer,
-        fit_workflow=fit_workflow,
-        ordered=False,  # fold uploads as they arrive: no reorder buffer of client models
-    )
     try:
+        engine = Engine(
+            strategy=strategy,
+            transport=server,
+            client_manager=manager,
+            config=config or ServerConfig(),
+            seed=seed if seed is not None else secrets.randbits(31),
+            run_id=secrets.randbits(62),
+            callbacks=callbacks,
+            checkpointer=checkpointer,
+            fit_workflow=fit_workflow,
+            policy=policy,
+            stages=stages,
+            ordered=False,  # fold uploads as they arrive: no reorder buffer of client models
+        )
         if resume and checkpointer is not None and checkpointer.restore(engine):
             engine.run_id = secrets.randbits(62)  # results sent before the restart are stale
             log.info("resumed after round %d", engine.current_round)

@@ -1,5 +1,19 @@
 """Simulate many clients on one machine."""
 
 from fedhive.simulation.app import start_simulation
+from fedhive.simulation.backends import (
+    Backend,
+    ClientSetup,
+    RayOptions,
+    backend_names,
+    register_backend,
+)
 
-__all__ = ["start_simulation"]
+__all__ = [
+    "Backend",
+    "ClientSetup",
+    "RayOptions",
+    "backend_names",
+    "register_backend",
+    "start_simulation",
+]

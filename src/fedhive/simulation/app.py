@@ -1,6 +1,7 @@
 """``start_simulation``: many virtual clients on one machine, Flower's signature.
 
-Backends (measured in ``benchmarks/backends.py``, 2 cores, 20 clients per round):
+Where the clients run is the backend (:mod:`fedhive.simulation.backends`; measured in
+``benchmarks/backends.py``, 2 cores, 20 clients per round):
 
 - ``"thread"`` (default): worker threads in this process. No start cost, no pickling
   rules (closures and lambdas work as ``client_fn``, as in Flower), one copy of the data.
@@ -11,19 +12,18 @@ Backends (measured in ``benchmarks/backends.py``, 2 cores, 20 clients per round)
   core (torch MLP: 1.97x with 2 workers, pure Python: 1.52x) after a one-off start of
   1-3 s; pick it for long runs of torch or pure-Python clients. ``client_fn`` and its
   mods must be picklable; they are sent to each worker once.
+- any name given to :func:`~fedhive.simulation.backends.register_backend`, or a
+  :class:`~fedhive.simulation.backends.Backend` instance.
 
-Both give the same history for the same seed.
+Both built-in backends give the same history for the same seed.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import secrets
 from collections.abc import Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor
-from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
 
@@ -37,16 +37,31 @@ from fedhive.server.client_manager import ClientManager, SimpleClientManager
 from fedhive.server.config import ServerConfig
 from fedhive.server.engine import Engine, FitWorkflow, RoundCallback
 from fedhive.server.history import History
+from fedhive.server.policy import RunPolicy
+from fedhive.server.stages import FitPipeline, RoundStage
 from fedhive.server.strategy import FedAvg, Strategy
-from fedhive.simulation.runner import VirtualClientRunner, init_worker_process
-from fedhive.transport.inprocess import InProcessTransport
+from fedhive.simulation.backends import (
+    Backend,
+    ClientSetup,
+    RayOptions,
+    backend_names,
+    make_backend,
+)
+from fedhive.transport.inprocess import Latency
 
-__all__ = ["start_simulation", "BACKENDS"]
+__all__ = ["start_simulation", "BACKENDS"]  # noqa: F822 - BACKENDS comes from __getattr__
 
 log = logging.getLogger("fedhive")
 
-BACKENDS = ("thread", "process")
 _FLOWER_ONLY = ("server", "ray_init_args", "actor_type", "actor_kwargs")
+
+
+def __getattr__(name: str) -> Any:
+    # ``BACKENDS`` (kept for compatibility): the registered backend names, read from the
+    # registry each time so that backends registered later are listed too.
+    if name == "BACKENDS":
+        return backend_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _client_ids(num_clients: int | None, clients_ids: Sequence[str] | None) -> list[str]:
@@ -73,49 +88,6 @@ def _num_workers(num_workers: int | None, client_resources: dict[str, float] | N
     return max(1, int((os.cpu_count() or 1) // cpus))
 
 
-def _check_picklable(app: ClientApp) -> None:
-    try:
-        ForkingPickler.dumps(app)
-    except Exception as exc:
-        raise ConfigError(
-            "backend='process' sends client_fn and mods to worker processes, so they must "
-            f"be picklable (define them at module level): {type(exc).__name__}: {exc}"
-        ) from exc
-
-
-def _executor(backend: str, workers: int, app: ClientApp) -> Executor | None:
-    if backend == "thread":
-        return None
-    if backend == "process":
-        _check_picklable(app)
-        return ProcessPoolExecutor(
-            max_workers=workers,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=init_worker_process,
-            initargs=(app,),
-        )
-    raise ConfigError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
-
-
-class _TorchThreads:
-    """One torch thread per worker while a threaded simulation runs (then restored)."""
-
-    def __init__(self, active: bool) -> None:
-        self.active = active
-        self.previous: int | None = None
-
-    def __enter__(self) -> None:
-        torch: Any = __import__("sys").modules.get("torch")
-        if self.active and torch is not None:
-            self.previous = torch.get_num_threads()
-            torch.set_num_threads(1)
-
-    def __exit__(self, *exc: object) -> None:
-        torch: Any = __import__("sys").modules.get("torch")
-        if self.previous is not None and torch is not None:
-            torch.set_num_threads(self.previous)
-
-
 def start_simulation(
     *,
     client_fn: ClientFn,
@@ -127,7 +99,7 @@ def start_simulation(
     client_manager: ClientManager | None = None,
     keep_initialised: bool = False,
     actor_scheduling: str = "DEFAULT",
-    backend: str = "thread",
+    backend: str | Backend = "thread",
     num_workers: int | None = None,
     seed: int | None = None,
     mods: Sequence[Mod] = (),
@@ -139,8 +111,11 @@ def start_simulation(
     state_dir: str | Path | None = None,
     state_memory_limit: int = 1 << 20,
     clock: Clock | None = None,
+    latency: Latency | None = None,
     fit_workflow: FitWorkflow | None = None,
     secure_aggregation: Any = None,
+    policy: RunPolicy | None = None,
+    stages: Sequence[RoundStage] = (),
     **flower_only: Any,
 ) -> History:
     """Simulate ``num_clients`` virtual clients and return the run's :class:`History`.
@@ -150,7 +125,8 @@ def start_simulation(
     ``cid: str``, and returns a :class:`~fedhive.client.NumPyClient` or
     :class:`~fedhive.client.Client`. Clients are built only when sampled.
 
-    fedhive's additions: ``backend`` (``"thread"``/``"process"``), ``num_workers``
+    fedhive's additions: ``backend`` (``"thread"``, ``"process"``, another registered
+    name or a :class:`~fedhive.simulation.backends.Backend` instance), ``num_workers``
     (default: cores / ``client_resources["num_cpus"]``), ``seed`` (drawn at random and
     recorded in the history when ``None``), client ``mods``, round ``callbacks``,
     ``checkpoint_dir`` (a checkpoint after every round) with ``resume``, ``model_dir``
@@ -158,7 +134,19 @@ def start_simulation(
     and where large client state goes. ``secure_aggregation`` (a
     :class:`~fedhive.secagg.SecAggPlusWorkflow`, a :class:`~fedhive.secagg.SecAggConfig` or
     a dict such as ``{"threshold": 7, "bits": 12, "clip": 1.0}``) runs every fit round
-    with SecAgg+ and puts :data:`~fedhive.secagg.secaggplus_mod` first in the client mods.
+    with SecAgg+ (the first of the round's ``stages``, :mod:`fedhive.server.stages`) and
+    puts :data:`~fedhive.secagg.secaggplus_mod` first in the client mods. ``policy`` runs
+    the loop: synchronous rounds by default, or
+    :class:`~fedhive.server.asynchronous.BufferedAsync` (``config.num_rounds`` model
+    versions, no round barrier).
+    ``latency`` (``task -> seconds``, deterministic, e.g. drawn from ``task.metadata.seed``)
+    simulates each client's time to answer on ``clock=VirtualClock()``: stragglers and
+    round deadlines play out in simulated time, and the history, timings included, is
+    the same for the same seed.
+
+    Flower's Ray arguments (``ray_init_args``, ``actor_type``, ``actor_kwargs``,
+    ``actor_scheduling``, ``keep_initialised``) are handed to the backend; the local
+    backends log a warning that they ignore them.
     """
     unknown = set(flower_only) - set(_FLOWER_ONLY)
     if unknown:
@@ -173,44 +161,63 @@ def start_simulation(
         from fedhive.secagg.client import with_secagg_mod
         from fedhive.secagg.server import as_workflow
 
-        fit_workflow = as_workflow(secure_aggregation, strategy, fit_workflow)
+        stages = [as_workflow(secure_aggregation, strategy, fit_workflow), *stages]
         mods = with_secagg_mod(mods)
+    strategy = strategy or FedAvg()
+    if fit_workflow is not None and stages:
+        raise ConfigError("pass fit_workflow (a whole custom fit round) or stages, not both")
+    FitPipeline(stages).check(strategy)  # before any worker starts
     app = ClientApp(client_fn, mods)
-    executor = _executor(backend, workers, app)
+    chosen = make_backend(backend)  # unknown names and missing extras fail before any work
+    ray = RayOptions(
+        init_args=flower_only.get("ray_init_args"),
+        actor_type=flower_only.get("actor_type"),
+        actor_kwargs=flower_only.get("actor_kwargs"),
+        actor_scheduling=actor_scheduling,
+        keep_initialised=keep_initialised,
+    )
     store = StateStore(state_dir, memory_limit_bytes=state_memory_limit)
-    node_configs: dict[str, dict[str, Scalar]] = {
-        cid: {"partition-id": i, "num-partitions": len(ids)} for i, cid in enumerate(ids)
-    }
-    runner = VirtualClientRunner(app, store, node_configs, dict(run_config or {}), executor)
-    transport = InProcessTransport(runner, num_workers=workers)
-    manager = client_manager or SimpleClientManager(ids, seed=seed)
-    checkpointer = (
-        Checkpointer(checkpoint_dir, store, model_dir=model_dir)
-        if checkpoint_dir is not None
-        else None
-    )
-    engine = Engine(
-        strategy=strategy or FedAvg(),
-        transport=transport,
-        client_manager=manager,
-        config=config or ServerConfig(),
-        seed=seed,
+    setup = ClientSetup(
+        app=app,
+        store=store,
+        node_configs={
+            cid: {"partition-id": i, "num-partitions": len(ids)} for i, cid in enumerate(ids)
+        },
+        run_config=dict(run_config or {}),
+        num_workers=workers,
+        client_resources=dict(client_resources or {}),
+        ray=ray,
         clock=clock,
-        callbacks=callbacks,
-        fit_workflow=fit_workflow,
-        checkpointer=checkpointer,
+        latency=latency,
     )
-    engine.history.config = {"seed": seed, "num_clients": len(ids), "backend": backend}
     try:
+        transport = chosen.start(setup)
+        manager = client_manager or SimpleClientManager(ids, seed=seed)
+        checkpointer = (
+            Checkpointer(checkpoint_dir, store, model_dir=model_dir)
+            if checkpoint_dir is not None
+            else None
+        )
+        engine = Engine(
+            strategy=strategy,
+            transport=transport,
+            client_manager=manager,
+            config=config or ServerConfig(),
+            seed=seed,
+            clock=clock,
+            callbacks=callbacks,
+            fit_workflow=fit_workflow,
+            checkpointer=checkpointer,
+            policy=policy,
+            stages=stages,
+        )
+        engine.history.config = {"seed": seed, "num_clients": len(ids), "backend": chosen.name}
         if resume and checkpointer is not None and checkpointer.restore(engine):
             log.info("resumed from round %d", engine.current_round)
-        with _TorchThreads(backend == "thread"):
-            history = engine.run()
+        history = engine.run()
         if checkpointer is not None:
             checkpointer.save_final(engine)
         return history
     finally:
-        transport.close()
+        chosen.close()
         store.close()
-        if executor is not None:
-            executor.shutdown(wait=True, cancel_futures=True)

@@ -18,12 +18,16 @@ __all__ = ["VirtualClientRunner", "private_copy"]
 
 
 def private_copy(message: Message) -> Message:
-    """The task with its own copy of the model, so a client cannot change the global one."""
+    """The task with its own copy of the model and extras, so a client cannot change the
+    global ones (the model, a strategy's state sent in extras)."""
     content = message.content
     if isinstance(content, FitIns | EvaluateIns):
         arrays = [a.copy() for a in content.parameters.arrays]
         content = replace(
-            content, parameters=Parameters(arrays=arrays), config=dict(content.config)
+            content,
+            parameters=Parameters(arrays=arrays),
+            config=dict(content.config),
+            extras=content.extras.copy(),
         )
         return Message(message.metadata, content, message.error)
     return message

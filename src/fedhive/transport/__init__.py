@@ -1,6 +1,6 @@
 """Transports carry messages between the engine and clients."""
 
-from fedhive.transport.base import Replies, Transport
+from fedhive.transport.base import Replies, ReplySlot, Transport
 from fedhive.transport.inprocess import InProcessTransport
 
-__all__ = ["InProcessTransport", "Replies", "Transport"]
+__all__ = ["InProcessTransport", "Replies", "ReplySlot", "Transport"]

@@ -5,6 +5,11 @@ answers, puts exactly one reply per task into the :class:`Replies` mailbox it wa
 (an error reply when the client failed). ``send`` returns at once; the engine reads
 replies as they arrive, on its own clock, and may call ``send`` again on the same
 mailbox (asynchronous aggregation keeps a pool of clients busy that way).
+
+On a :class:`~fedhive.common.clock.VirtualClock` a transport announces each reply when it
+sends the task (:meth:`Replies.expect`, with its simulated arrival time) and fills the
+returned :class:`ReplySlot` once the reply is computed; the clock then delivers replies in
+order of arrival time. On other clocks a slot is simply delivered when filled.
 """
 
 from __future__ import annotations
@@ -14,10 +19,15 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 
-from fedhive.common.clock import Clock, SystemClock
+from fedhive.common.clock import Arrival, Clock, SystemClock, VirtualClock
+from fedhive.common.errors import ConfigError
 from fedhive.common.message import Message
 
-__all__ = ["DEFAULT_STAGED_BYTES", "Replies", "Transport"]
+__all__ = ["DEFAULT_STAGED_BYTES", "Release", "Replies", "ReplySlot", "Transport"]
+
+#: Frees what a transport holds for one reply; runs once the consumer is done with it.
+Release = Callable[[], None]
+_Item = tuple[Message, Release | None]
 
 #: Default of the server's ``max_staged_bytes`` and ``spill_bytes``: uploads in memory at
 #: once (beyond the first), and the size from which an upload is staged on disk.
@@ -36,23 +46,48 @@ class Replies:
 
     def __init__(self, clock: Clock | None = None) -> None:
         self.clock = clock or SystemClock()
-        self._mailbox: queue.SimpleQueue[tuple[Message, Callable[[], None] | None]] = (
-            queue.SimpleQueue()
-        )
+        self._mailbox: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         self._cancelled = threading.Event()
         self._lock = threading.Lock()
         self._current: Callable[[], None] | None = None
 
-    def put(self, reply: Message, release: Callable[[], None] | None = None) -> None:
+    def put(self, reply: Message, release: Release | None = None) -> None:
         """Deliver a reply; ``release`` runs when the consumer is done with it.
 
-        After :meth:`cancel` nobody will take it, so it is dropped at once.
+        After :meth:`cancel` nobody will take it, so it is dropped at once. On a
+        :class:`~fedhive.common.clock.VirtualClock` an unannounced reply arrives now.
         """
         if self.cancelled:
             if release is not None:
                 release()
             return
+        if isinstance(self.clock, VirtualClock):
+            self.expect().put(reply, release)
+            return
         self._mailbox.put((reply, release))
+
+    def expect(self, at: float | None = None) -> ReplySlot:
+        """Announce one reply that arrives at clock time ``at`` (default: now).
+
+        Call it when the task is sent, before the reply is computed, and fill the slot
+        with :meth:`ReplySlot.put`. Only a :class:`~fedhive.common.clock.VirtualClock`
+        simulates arrival times; on other clocks ``at`` may not lie in the future.
+        """
+        clock = self.clock
+        if isinstance(clock, VirtualClock):
+            start = clock.now()
+            if at is not None and at < start:
+                raise ConfigError(
+                    f"a reply cannot arrive at {at!r}, before the clock's time {start!r}; "
+                    "pass a time >= clock.now()"
+                )
+            return ReplySlot(self, clock.schedule(self._mailbox, start if at is None else at))
+        if at is not None and at > clock.now():
+            raise ConfigError(
+                f"a reply announced for {at!r}, after now ({clock.now()!r}), needs simulated "
+                f"time; the engine runs on {type(clock).__name__}: use a VirtualClock"
+            )
+        return ReplySlot(self, None)
 
     def get(self, deadline: float | None = None) -> Message | None:
         """The next reply, or ``None`` once ``deadline`` (engine clock time) has passed.
@@ -68,6 +103,11 @@ class Replies:
             self._current = release
         return reply
 
+    def done(self) -> None:
+        """The consumer is done with the reply it took last: release it now (before it
+        waits on another mailbox, say) rather than at the next :meth:`get`."""
+        self._release_current()
+
     def _release_current(self) -> None:
         with self._lock:
             release, self._current = self._current, None
@@ -81,6 +121,10 @@ class Replies:
         """
         self._cancelled.set()
         self._release_current()
+        if isinstance(self.clock, VirtualClock):
+            for _, release in self.clock.cancel(self._mailbox):
+                if release is not None:
+                    release()
         while True:
             try:
                 _, release = self._mailbox.get_nowait()
@@ -92,6 +136,30 @@ class Replies:
     @property
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
+
+
+class ReplySlot:
+    """Where the reply to one announced task goes (:meth:`Replies.expect`)."""
+
+    __slots__ = ("_arrival", "_replies")
+
+    def __init__(self, replies: Replies, arrival: Arrival[_Item] | None) -> None:
+        self._replies = replies
+        self._arrival = arrival
+
+    def put(self, reply: Message, release: Release | None = None) -> None:
+        """Deliver the reply (at its announced time); as :meth:`Replies.put` otherwise."""
+        if self._arrival is None or self._replies.cancelled:
+            self._replies.put(reply, release)
+        elif not self._arrival.put((reply, release)) and release is not None:
+            release()  # withdrawn: the consumer has gone
+
+    def cancel(self) -> None:
+        """This reply will not come (the task was dropped); nobody waits for it."""
+        if self._arrival is not None:
+            item = self._arrival.cancel()
+            if item is not None and item[1] is not None:
+                item[1]()
 
 
 class Transport(ABC):

@@ -3,7 +3,11 @@
 Wire layout: ``[u64 LE length of meta][meta][content]``. ``meta`` is a fedhive scalar
 payload with the metadata and the error; ``content`` is a fedhive record payload whose
 config record ``"kind"`` names the content type, arrays in ``array_records`` and configs
-and metrics in ``config_records``. The content is encoded apart from the metadata, so a
+and metrics in ``config_records``. The named ``extras`` of ``FitIns``, ``FitRes``,
+``EvaluateIns`` and ``EvaluateRes`` travel as records of the same payload, their names
+prefixed with ``"x/"`` (so the message's size limit covers them as it covers the model),
+and the records of a ``RecordDict`` content with ``"c/"``. The content is encoded apart
+from the metadata, so a
 model sent to many clients is encoded once, and as pieces (see
 :func:`~fedhive.common.serde.encode_record_pieces`): the arrays are never copied into it.
 Decoding validates the kind and every field it reads; anything malformed raises
@@ -59,6 +63,7 @@ _META_FIELDS: dict[str, type] = {
     "seed": int,
 }
 _CUSTOM_PREFIX = "c/"
+_EXTRAS_PREFIX = "x/"
 
 
 def _params_record(parameters: Parameters) -> dict[str, NDArray]:
@@ -95,8 +100,31 @@ def _field(record: dict[str, Scalar], key: str, kind: type) -> Any:
     return value
 
 
+def _put(records: Any, rd: RecordDict, prefix: str, what: str) -> None:
+    """Add the records of ``records`` to ``rd``, each name prefixed with ``prefix``."""
+    if not isinstance(records, RecordDict):
+        raise SerdeError(f"{what} must be a RecordDict, got {type(records).__name__}")
+    for name, arrays in records.array_records.items():
+        rd.array_records[prefix + name] = arrays
+    for name, values in records.config_records.items():
+        rd.config_records[prefix + name] = values
+    for name, numbers in records.metric_records.items():
+        rd.metric_records[prefix + name] = numbers
+
+
+def _take(rd: RecordDict, prefix: str) -> RecordDict:
+    """The records of ``rd`` whose names start with ``prefix``, the prefix removed."""
+
+    def strip(group: dict[str, Any]) -> dict[str, Any]:
+        return {k[len(prefix) :]: v for k, v in group.items() if k.startswith(prefix)}
+
+    return RecordDict(strip(rd.array_records), strip(rd.config_records), strip(rd.metric_records))
+
+
 def _encode_content(content: Any, rd: RecordDict) -> str:
     cfg = rd.config_records
+    if isinstance(content, FitIns | FitRes | EvaluateIns | EvaluateRes):
+        _put(content.extras, rd, _EXTRAS_PREFIX, f"{type(content).__name__}.extras")
     if isinstance(content, FitIns | EvaluateIns):
         rd.array_records["parameters"] = _params_record(content.parameters)
         cfg["config"] = dict(content.config)
@@ -126,12 +154,7 @@ def _encode_content(content: Any, rd: RecordDict) -> str:
         cfg["res"] = _status(content)
         return "GetPropertiesRes"
     if isinstance(content, RecordDict):
-        for name, arrays in content.array_records.items():
-            rd.array_records[_CUSTOM_PREFIX + name] = arrays
-        for name, values in content.config_records.items():
-            cfg[_CUSTOM_PREFIX + name] = values
-        for name, numbers in content.metric_records.items():
-            rd.metric_records[_CUSTOM_PREFIX + name] = numbers
+        _put(content, rd, _CUSTOM_PREFIX, "content")
         return "RecordDict"
     if content is None:
         return "None"
@@ -139,10 +162,11 @@ def _encode_content(content: Any, rd: RecordDict) -> str:
 
 
 def _custom(rd: RecordDict) -> RecordDict:
-    def strip(group: dict[str, Any]) -> dict[str, Any]:
-        return {k[len(_CUSTOM_PREFIX) :]: v for k, v in group.items() if k.startswith("c/")}
+    return _take(rd, _CUSTOM_PREFIX)
 
-    return RecordDict(strip(rd.array_records), strip(rd.config_records), strip(rd.metric_records))
+
+def _extras(rd: RecordDict) -> RecordDict:
+    return _take(rd, _EXTRAS_PREFIX)
 
 
 def _config(rd: RecordDict, name: str) -> dict[str, Scalar]:
@@ -150,19 +174,23 @@ def _config(rd: RecordDict, name: str) -> dict[str, Scalar]:
 
 
 _DECODERS: dict[str, Callable[[RecordDict], Any]] = {
-    "FitIns": lambda rd: FitIns(_params_from(rd), _config(rd, "config")),
-    "EvaluateIns": lambda rd: EvaluateIns(_params_from(rd), _config(rd, "config")),
+    "FitIns": lambda rd: FitIns(_params_from(rd), _config(rd, "config"), extras=_extras(rd)),
+    "EvaluateIns": lambda rd: EvaluateIns(
+        _params_from(rd), _config(rd, "config"), extras=_extras(rd)
+    ),
     "FitRes": lambda rd: FitRes(
         _status_from(_config(rd, "res")),
         _params_from(rd),
         _field(_config(rd, "res"), "num_examples", int),
         _config(rd, "metrics"),
+        extras=_extras(rd),
     ),
     "EvaluateRes": lambda rd: EvaluateRes(
         _status_from(_config(rd, "res")),
         _field(_config(rd, "res"), "loss", float),
         _field(_config(rd, "res"), "num_examples", int),
         _config(rd, "metrics"),
+        extras=_extras(rd),
     ),
     "GetParametersIns": lambda rd: GetParametersIns(_config(rd, "config")),
     "GetPropertiesIns": lambda rd: GetPropertiesIns(_config(rd, "config")),

@@ -45,9 +45,9 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from grpc import aio
 
+from fedhive.common.clock import Clock, SystemClock
 from fedhive.common.errors import FedhiveError, SerdeError, TransportError
 from fedhive.common.message import Message
-from fedhive.server.client_manager import SimpleClientManager
 from fedhive.transport.base import DEFAULT_STAGED_BYTES, Replies, Transport
 from fedhive.transport.codec import decode_wire, encode_content, encode_wire
 from fedhive.transport.frames import (
@@ -56,6 +56,7 @@ from fedhive.transport.frames import (
     Assembler,
     BufferPool,
 )
+from fedhive.transport.membership import Membership, NodeSet
 from fedhive.transport.proto.fleet_pb2 import Frame
 from fedhive.transport.wire import (
     SERVICE,
@@ -179,7 +180,7 @@ class GrpcServer(Transport):
         self,
         address: str = "0.0.0.0:8080",
         *,
-        client_manager: SimpleClientManager | None = None,
+        client_manager: Membership | None = None,
         security: ServerSecurity | None = None,
         max_message_bytes: int = 1 << 40,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
@@ -190,9 +191,15 @@ class GrpcServer(Transport):
         upload_window_bytes: int | None = None,
         spill_bytes: int | None = DEFAULT_STAGED_BYTES,
         spill_dir: str | os.PathLike[str] | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.address = address
-        self.client_manager = client_manager or SimpleClientManager(wait_timeout=0.0)
+        # heartbeats are timed on it (a test moves a ManualClock past heartbeat_timeout)
+        self.clock: Clock = clock or SystemClock()
+        # told who joins and leaves: the engine's client manager, else a plain NodeSet
+        self.client_manager: Membership = (
+            client_manager if client_manager is not None else NodeSet()
+        )
         self.security = security or ServerSecurity()
         self.max_message_bytes = max_message_bytes
         self.chunk_bytes = chunk_bytes
@@ -411,7 +418,7 @@ class GrpcServer(Transport):
             await self._staging.acquire(nbytes)
         finally:
             conn.waiting = False
-            conn.last_seen = asyncio.get_running_loop().time()
+            conn.last_seen = self.clock.now()
 
     def _uploads_queued(self) -> bool:
         """Whether an upload waits for a slot: a freed upload buffer is then worth keeping."""
@@ -439,10 +446,10 @@ class GrpcServer(Transport):
         self.refused.append(text)
 
     async def _watch_heartbeats(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
+            # the check runs in real time; what counts as silence is measured on the clock
             await asyncio.sleep(min(1.0, self.heartbeat_timeout / 4))
-            now = loop.time()
+            now = self.clock.now()
             for conn in list(self._connections.values()):
                 if not conn.waiting and now - conn.last_seen > self.heartbeat_timeout:
                     self._drop(conn, f"no heartbeat for {self.heartbeat_timeout:.0f} s")
@@ -527,7 +534,7 @@ class _Servicer:
             await context.abort(refusal.code, refusal.text)
             return
         loop = asyncio.get_running_loop()
-        conn = _Connection(node_id, asyncio.Queue(), last_seen=loop.time())
+        conn = _Connection(node_id, asyncio.Queue(), last_seen=server.clock.now())
         server._connections[node_id] = conn
         await context.write(Frame(kind=Frame.WELCOME, protocol_version=server.protocol_version))
         server.client_manager.register(node_id)
@@ -548,13 +555,12 @@ class _Servicer:
     async def _read(self, conn: _Connection, context: aio.ServicerContext) -> None:
         server = self.server
         uploads = _Uploads(server, conn)
-        loop = asyncio.get_running_loop()
         try:
             while True:
                 frame = await context.read()
                 if frame is aio.EOF:
                     break
-                conn.last_seen = loop.time()
+                conn.last_seen = server.clock.now()
                 if frame.kind == Frame.HEARTBEAT:
                     continue
                 if frame.kind != Frame.MESSAGE:

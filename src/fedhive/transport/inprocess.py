@@ -1,52 +1,181 @@
 """In-process transport: tasks run on a pool of worker threads in this process.
 
 ``run_task(message) -> reply`` does the client side of one task (for simulation, it
-builds a virtual client, runs it and stores its state). Workers start tasks in the order
-given but never more than ``window`` tasks ahead of the oldest unfinished one, which
-bounds the engine's reorder buffer (and memory) to ``window`` results.
+builds a virtual client, runs it and stores its state). Two bounds keep memory and the
+engine's reorder buffer small, whatever the clients cost:
+
+- workers start tasks in order but never more than ``window`` tasks ahead of the oldest
+  unfinished one, which bounds the engine's reorder buffer to ``window`` results;
+- a worker does not start a task while the replies of its mailbox hold too much: at most
+  ``max_pending`` tasks running or answered and not yet released by the engine (it
+  releases a reply when it asks for the next one), and, beyond the first, at most
+  ``max_pending_bytes`` of arrays in replies the engine may still hold: not yet
+  released, or released while an earlier task is unfinished (the reorder buffer keeps
+  those). Cheap clients then wait for the engine instead of filling its mailbox;
+  held-back workers start again in a burst once half the bound is free.
+
+With ``latency`` (seconds of simulated time per task, e.g. drawn from the task's seed)
+the engine must run on a :class:`~fedhive.common.clock.VirtualClock`: each task's reply
+is announced at send time to arrive at ``now + latency(task)``, workers run tasks in
+order of arrival, and the clock delivers them in that order, never sleeping for the
+simulated delays. Without it every reply arrives at the time its task was sent. The
+window then counts in arrival order; the engine still folds in sampled order, so its
+reorder buffer holds the replies that arrive before an earlier-sampled one.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
+from weakref import WeakKeyDictionary
 
+from fedhive.common.clock import VirtualClock
+from fedhive.common.errors import ConfigError, SerdeError
 from fedhive.common.message import Message
-from fedhive.transport.base import Replies, Transport
+from fedhive.common.records import FitRes, GetParametersRes, Parameters, RecordDict
+from fedhive.transport.base import DEFAULT_STAGED_BYTES, Replies, ReplySlot, Transport
 
-__all__ = ["InProcessTransport", "TaskRunner"]
+__all__ = ["DEFAULT_MAX_PENDING", "InProcessTransport", "Latency", "TaskRunner", "reply_nbytes"]
 
 TaskRunner = Callable[[Message], Message]
+#: Default count of replies of one mailbox running or unreleased at once (at least ``window``).
+DEFAULT_MAX_PENDING = 64
+#: Simulated seconds from sending a task to its reply's arrival; deterministic per task.
+Latency = Callable[[Message], float]
+
+# (arrival time, batch number, position in the batch's arrival order): the order in which
+# tasks start, and the order in which the virtual clock delivers their replies.
+_Key = tuple[float, int, int]
+
+
+def _parameters_nbytes(parameters: Parameters) -> int:
+    try:
+        arrays = parameters.arrays
+    except SerdeError:  # tensors of a type only the strategy understands
+        return sum(len(t) for t in parameters.tensors)
+    total = 0
+    for array in arrays:  # a plain loop: this runs once per reply
+        total += array.nbytes
+    return total
+
+
+def reply_nbytes(reply: Message) -> int:
+    """Bytes of the arrays ``reply`` holds: what ``max_pending_bytes`` counts."""
+    content = reply.content
+    if isinstance(content, FitRes):
+        extras = content.extras
+        size = _parameters_nbytes(content.parameters)
+        return size + extras.nbytes() if extras.array_records else size
+    if isinstance(content, GetParametersRes):
+        return _parameters_nbytes(content.parameters)
+    if isinstance(content, RecordDict):
+        return content.nbytes()
+    return 0
+
+
+@dataclass
+class _Account:
+    """What the replies of one mailbox hold: the count of tasks running or answered and
+    not yet released, and the bytes of replies not yet both released and foldable."""
+
+    started: set[_Key] = field(default_factory=set)
+    nbytes: int = 0
+
+    def admits(self, key: _Key, max_count: int, max_bytes: int) -> bool:
+        if not self.started and self.nbytes <= 0:
+            return True
+        if len(self.started) < max_count and self.nbytes < max_bytes:
+            return True
+        # The consumer takes replies in key order: one that comes before every reply
+        # held is the one it will wait for, so it may always start (no deadlock).
+        return not self.started or key < min(self.started)
 
 
 @dataclass
 class _Batch:
+    number: int
     tasks: list[Message]
+    slots: list[ReplySlot] | None  # announced arrivals (virtual clock), else None
+    arrivals: list[float]  # per task; 0.0 for every task without latency
+    order: list[int]  # task indices in arrival order (ties: the order given)
     replies: Replies
-    next_index: int = 0
+    account: _Account
+    next_pos: int = 0
     done: list[bool] = field(default_factory=list)
     first_unfinished: int = 0
+    # Bytes of finished replies the engine may still hold: a reply counts until it is
+    # released and no earlier task is unfinished (until then the engine's reorder buffer
+    # may keep it, waiting for the earlier one).
+    sizes: dict[int, int] = field(default_factory=dict)
+    released: set[int] = field(default_factory=set)
 
-    def mark_done(self, index: int) -> None:
-        self.done[index] = True
+    def key(self, pos: int) -> _Key:
+        return (self.arrivals[self.order[pos]], self.number, pos)
+
+    def finish(self, pos: int, nbytes: int) -> None:
+        """Task ``pos`` has answered with ``nbytes`` (call with the lock held)."""
+        self.done[pos] = True
+        self.sizes[pos] = nbytes
+        self.account.nbytes += nbytes
         while self.first_unfinished < len(self.tasks) and self.done[self.first_unfinished]:
+            self._settle(self.first_unfinished)
             self.first_unfinished += 1
+
+    def release(self, pos: int) -> None:
+        """The engine is done with the reply of ``pos`` (call with the lock held)."""
+        self.account.started.discard(self.key(pos))
+        self.released.add(pos)
+        if pos < self.first_unfinished:
+            self._settle(pos)
+
+    def _settle(self, pos: int) -> None:
+        if pos in self.released:
+            self.released.discard(pos)
+            self.account.nbytes -= self.sizes.pop(pos)
 
 
 class InProcessTransport(Transport):
-    """Runs tasks with ``num_workers`` threads; see the module docstring."""
+    """Runs tasks with ``num_workers`` threads; see the module docstring.
+
+    ``window`` defaults to 4 x ``num_workers``. ``max_pending_bytes`` is what bounds memory
+    for models of any size (default 64 MiB, as the gRPC server's staging);
+    ``max_pending`` (default :data:`DEFAULT_MAX_PENDING`, or ``window`` if larger) only
+    caps the count of small replies: a lower one makes workers wait for the engine every
+    few replies, which costs more than such replies weigh.
+    """
 
     def __init__(
-        self, run_task: TaskRunner, num_workers: int = 1, window: int | None = None
+        self,
+        run_task: TaskRunner,
+        num_workers: int = 1,
+        window: int | None = None,
+        *,
+        latency: Latency | None = None,
+        max_pending: int | None = None,
+        max_pending_bytes: int = DEFAULT_STAGED_BYTES,
     ) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
         self.run_task = run_task
         self.num_workers = num_workers
         self.window = window if window is not None else 4 * num_workers
+        self.latency = latency
+        self.max_pending = (
+            max_pending if max_pending is not None else max(DEFAULT_MAX_PENDING, self.window)
+        )
+        self.max_pending_bytes = max_pending_bytes
+        for name, value in (("window", self.window), ("max_pending", self.max_pending)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
+        if isinstance(max_pending_bytes, bool) or not isinstance(max_pending_bytes, int):
+            raise ConfigError(f"max_pending_bytes must be an int, got {max_pending_bytes!r}")
         self._batches: list[_Batch] = []
-        self._cond = threading.Condition()
+        self._accounts: WeakKeyDictionary[Replies, _Account] = WeakKeyDictionary()
+        self._sent = 0
+        self._cond = threading.Condition(threading.Lock())  # never taken twice by a thread
         self._closed = False
         self._threads: list[threading.Thread] = []
 
@@ -56,11 +185,50 @@ class InProcessTransport(Transport):
             thread.start()
             self._threads.append(thread)
 
+    def _arrivals(self, messages: Sequence[Message], replies: Replies) -> list[float] | None:
+        """Each task's simulated arrival time, or ``None`` without latency."""
+        if self.latency is None:
+            return None
+        if not isinstance(replies.clock, VirtualClock):
+            raise ConfigError(
+                "latency= simulates arrival times, so the engine must run on a VirtualClock "
+                f"(clock=fedhive.testing.VirtualClock()); it runs on {type(replies.clock).__name__}"
+            )
+        now = replies.clock.now()
+        arrivals = []
+        for task in messages:
+            delay = self.latency(task)
+            if not (isinstance(delay, int | float) and math.isfinite(delay) and delay >= 0):
+                raise ConfigError(
+                    f"latency must give a finite number of seconds >= 0; for the task to "
+                    f"{task.metadata.node_id!r} it gave {delay!r}"
+                )
+            arrivals.append(now + float(delay))
+        return arrivals
+
     def send(self, messages: Sequence[Message], replies: Replies) -> None:
-        batch = _Batch(list(messages), replies, done=[False] * len(messages))
+        tasks = list(messages)
+        arrivals = self._arrivals(tasks, replies)
+        if self._closed:
+            raise RuntimeError("the transport is closed")
+        # Announced before any worker can answer, in task order: ties keep that order.
+        slots: list[ReplySlot] | None = None
+        if arrivals is None:
+            if isinstance(replies.clock, VirtualClock):
+                slots = [replies.expect() for _ in tasks]
+            times = [0.0] * len(tasks)
+            order = list(range(len(tasks)))
+        else:
+            slots = [replies.expect(at) for at in arrivals]
+            times = arrivals
+            order = sorted(range(len(tasks)), key=lambda i: (times[i], i))
         with self._cond:
             if self._closed:
                 raise RuntimeError("the transport is closed")
+            account = self._accounts.setdefault(replies, _Account())
+            batch = _Batch(self._sent, tasks, slots, times, order, replies, account)
+            batch.done = [False] * len(tasks)
+            self._sent += 1
             if not self._threads:
                 self._start_workers()
             self._batches.append(batch)
@@ -68,40 +236,86 @@ class InProcessTransport(Transport):
 
     def _take(self) -> tuple[_Batch, int] | None:
         """The next task allowed to start (call with the lock held)."""
+        best: _Batch | None = None
+        best_key: _Key | None = None
         for batch in list(self._batches):
-            if batch.replies.cancelled or batch.next_index >= len(batch.tasks):
+            if batch.replies.cancelled or batch.next_pos >= len(batch.tasks):
                 self._batches.remove(batch)
                 continue
-            if batch.next_index < batch.first_unfinished + self.window:
-                index = batch.next_index
-                batch.next_index += 1
-                return batch, index
-        return None
+            if batch.next_pos >= batch.first_unfinished + self.window:
+                continue
+            key = batch.key(batch.next_pos)
+            if not batch.account.admits(key, self.max_pending, self.max_pending_bytes):
+                continue
+            if best_key is None or key < best_key:
+                best, best_key = batch, key
+        if best is None or best_key is None:
+            return None
+        pos = best.next_pos
+        best.next_pos += 1
+        best.account.started.add(best_key)
+        return best, pos
+
+    def _release(self, batch: _Batch, pos: int) -> None:
+        with self._cond:
+            batch.release(pos)
+            account = batch.account
+            # Workers held back by the bound refill in a burst once half of it is free:
+            # waking one per release would hand the GIL back and forth for every reply.
+            # (Finishing or sending a task always wakes them, so none waits for good.)
+            # With latency every release wakes them: it may be what lets the task the
+            # clock waits for start before tasks that arrive later (see _Account.admits).
+            if self.latency is not None or (
+                len(account.started) <= self.max_pending // 2
+                and account.nbytes <= self.max_pending_bytes // 2
+            ):
+                self._cond.notify_all()
 
     def _work(self) -> None:
+        finished: tuple[_Batch, int, int] | None = None
         while True:
-            with self._cond:
+            with self._cond:  # one lock per task: finish the last one, take the next
+                if finished is not None:
+                    # counted after the put: a release may have come first
+                    batch, pos, nbytes = finished
+                    batch.finish(pos, nbytes)
+                    self._cond.notify_all()
+                    finished = None
                 taken = self._take()
                 while taken is None:
                     if self._closed:
                         return
                     self._cond.wait()
                     taken = self._take()
-            batch, index = taken
+            batch, pos = taken
+            index = batch.order[pos]
             task = batch.tasks[index]
             try:
                 reply = self.run_task(task)
             except Exception as exc:  # the runner's own failure becomes this task's error
                 reply = task.error_reply(f"{type(exc).__name__}: {exc}")
-            batch.replies.put(reply)
-            with self._cond:
-                batch.mark_done(index)
-                self._cond.notify_all()
+            del task
+            nbytes = reply_nbytes(reply)
+            release = partial(self._release, batch, pos)
+            if batch.slots is None:
+                batch.replies.put(reply, release)
+            else:
+                batch.slots[index].put(reply, release)
+            del reply  # the mailbox holds it now; the engine frees it
+            finished = (batch, pos, nbytes)
 
     def close(self) -> None:
         with self._cond:
             self._closed = True
+            dropped = [
+                batch.slots[batch.order[pos]]
+                for batch in self._batches
+                if batch.slots is not None
+                for pos in range(batch.next_pos, len(batch.tasks))
+            ]
             self._batches.clear()
             self._cond.notify_all()
+        for slot in dropped:  # nobody waits on the clock for tasks that will never run
+            slot.cancel()
         for thread in self._threads:
             thread.join(timeout=0.1)

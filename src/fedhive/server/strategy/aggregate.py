@@ -31,27 +31,41 @@ Dtype rules for replies, checked against the current global model:
   values, a wrong number of arrays or a wrong shape.
 
 A refused update raises :class:`~fedhive.common.errors.InvalidUpdate` before anything is
-folded, so the aggregate never holds part of a bad update.
+folded, so the aggregate never holds part of a bad update. :func:`check_fit_reply` checks
+a whole fit reply (model arrays and named extras) against the layout its strategy declared
+(:class:`~fedhive.server.strategy.traits.UpdateLayout`); the engine calls it on every
+reply before the strategy's aggregator sees it.
 """
 
 from __future__ import annotations
 
 import math
 import mmap
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fedhive.common.errors import ConfigError, InvalidUpdate
-from fedhive.common.records import NDArray, NDArrays
+from fedhive.common.errors import ConfigError, InvalidUpdate, SerdeError
+from fedhive.common.records import (
+    LAYERS_RECORD,
+    FitRes,
+    NDArray,
+    NDArrays,
+    RecordDict,
+    present_layers,
+)
 from fedhive.common.spill import DROP_BYTES, page_dropper, read_slices
+
+if TYPE_CHECKING:
+    from fedhive.server.strategy.traits import ExtraRecord, UpdateLayout
 
 __all__ = [
     "ACCUMULATORS",
     "FOLD_ELEMENTS",
     "WeightedMean",
     "check_accumulator",
+    "check_fit_reply",
     "check_update",
     "is_finite",
 ]
@@ -100,17 +114,173 @@ def check_update(
     def refuse(reason: str) -> InvalidUpdate:
         return InvalidUpdate(client_id, server_round, stage, reason)
 
+    _check_arrays(arrays, reference, refuse)
+
+
+_Refuse = Callable[[str], InvalidUpdate]
+
+
+def _check_arrays(
+    arrays: Sequence[Any],
+    reference: Sequence[NDArray],
+    refuse: _Refuse,
+    label: Callable[[int], str] = "array {}".format,
+) -> None:
     if len(arrays) != len(reference):
         raise refuse(f"expected {len(reference)} arrays, got {len(arrays)}")
     for i, (arr, ref) in enumerate(zip(arrays, reference, strict=True)):
         if not isinstance(arr, np.ndarray):
-            raise refuse(f"array {i} is a {type(arr).__name__}, not a numpy array")
+            raise refuse(f"{label(i)} is a {type(arr).__name__}, not a numpy array")
         if arr.dtype.kind not in _NUMERIC_KINDS:
-            raise refuse(f"array {i} has non-numeric dtype {arr.dtype}")
+            raise refuse(f"{label(i)} has non-numeric dtype {arr.dtype}")
         if arr.shape != ref.shape:
-            raise refuse(f"array {i} has shape {arr.shape}, expected {ref.shape}")
+            raise refuse(f"{label(i)} has shape {arr.shape}, expected {ref.shape}")
         if not is_finite(arr):
-            raise refuse(f"array {i} contains NaN or Inf")
+            raise refuse(f"{label(i)} contains NaN or Inf")
+
+
+def check_fit_reply(
+    res: FitRes,
+    reference: Sequence[NDArray],
+    layout: UpdateLayout,
+    *,
+    client_id: str,
+    server_round: int,
+    required_mods: Sequence[Callable[..., Any]] = (),
+) -> None:
+    """Raise :class:`InvalidUpdate` unless the fit reply ``res`` carries the update record
+    that ``layout`` declares, ``reference`` being the global model.
+
+    - Model arrays (``res.parameters``), per ``layout.model``: ``"full"``, every array of
+      ``reference`` (:func:`check_update`); ``"partial"``, the arrays that the config
+      record ``"layers"`` of ``res.extras`` names
+      (:func:`~fedhive.common.records.present_layers`), each like the model array at its
+      index; ``"none"``, no arrays at all.
+    - Each declared :class:`~fedhive.server.strategy.traits.ExtraRecord`: present in its
+      group when required; a ``like_model`` array record holds arrays ``"0"``, ``"1"``,
+      ... with the model's count and shapes, numeric and finite.
+    - Any other extra record is refused, by name (``"layers"`` is part of a partial layout).
+
+    ``required_mods`` (the strategy's ``traits.required_mods``) are named when a required
+    extra is missing: a client mod usually sets it. Cost: one pass over every array checked.
+    """
+
+    def refuse(reason: str) -> InvalidUpdate:
+        return InvalidUpdate(client_id, server_round, "fit", reason)
+
+    arrays = res.parameters.arrays
+    extras = res.extras
+    if not isinstance(extras, RecordDict):
+        raise refuse(f"FitRes.extras must be a RecordDict, got {type(extras).__name__}")
+    if layout.model == "full":
+        _check_arrays(arrays, reference, refuse)
+    elif layout.model == "partial":
+        _check_partial(arrays, extras, reference, refuse)
+    elif arrays:
+        raise refuse(
+            f"expected no model arrays (this strategy's updates travel in FitRes.extras), "
+            f"got {len(arrays)}"
+        )
+    if extras.is_empty() and not layout.extras:
+        return
+    for extra in layout.extras:
+        _check_extra(extra, extras, reference, refuse, required_mods)
+    _refuse_undeclared(extras, layout, refuse)
+
+
+def _check_partial(
+    arrays: Sequence[Any], extras: RecordDict, reference: Sequence[NDArray], refuse: _Refuse
+) -> None:
+    try:
+        indices = present_layers(extras, len(arrays))
+    except SerdeError as exc:
+        raise refuse(f"partial update: {exc}") from None
+    if indices is None:
+        raise refuse(
+            f"a partial update must name its model arrays in the config record "
+            f"{LAYERS_RECORD!r} of FitRes.extras (see fedhive.common.records.layers_record); "
+            f"the reply has {len(arrays)} arrays and no such record"
+        )
+    if indices and indices[-1] >= len(reference):
+        raise refuse(
+            f"partial update names model array {indices[-1]}, but the model has "
+            f"{len(reference)} arrays"
+        )
+    _check_arrays(
+        arrays,
+        [reference[i] for i in indices],
+        refuse,
+        lambda j: f"array {j} (model array {indices[j]})",
+    )
+
+
+_GROUPS = {"arrays": "array_records", "config": "config_records", "metrics": "metric_records"}
+
+
+def _check_extra(
+    extra: ExtraRecord,
+    extras: RecordDict,
+    reference: Sequence[NDArray],
+    refuse: _Refuse,
+    required_mods: Sequence[Callable[..., Any]],
+) -> None:
+    group = _GROUPS[extra.kind]
+    record = getattr(extras, group).get(extra.name)
+    if record is None:
+        if not extra.required:
+            return
+        mods = ", ".join(f"{m.__module__}.{m.__qualname__}" for m in required_mods)
+        hint = (
+            f"does the client run {mods}?"
+            if mods
+            else f"the client must set FitRes.extras.{group}[{extra.name!r}]"
+        )
+        raise refuse(
+            f"the reply has no extra record {extra.name!r} ({group}), which this strategy "
+            f"requires; {hint}"
+        )
+    if extra.kind != "arrays":
+        return
+    what = f"extra record {extra.name!r}"
+    if not extra.like_model:
+        for key, arr in record.items():
+            if not isinstance(arr, np.ndarray):
+                raise refuse(f"{what}: {key!r} is a {type(arr).__name__}, not a numpy array")
+        return
+    expected = [str(i) for i in range(len(reference))]
+    if len(record) != len(reference):
+        raise refuse(
+            f"{what} must hold one array per model array ({len(reference)}), got {len(record)}"
+        )
+    if list(record) != expected:
+        raise refuse(f"{what} must name its arrays 0, 1, ... in order, got {list(record)[:8]}")
+    _check_arrays(list(record.values()), reference, refuse, f"{what}: array {{}}".format)
+
+
+def _refuse_undeclared(extras: RecordDict, layout: UpdateLayout, refuse: _Refuse) -> None:
+    declared = {(_GROUPS[e.kind], e.name) for e in layout.extras}
+    if layout.model == "partial":
+        declared.add(("config_records", LAYERS_RECORD))
+    found = [
+        (group, name)
+        for group in ("array_records", "config_records", "metric_records")
+        for name in getattr(extras, group)
+        if (group, name) not in declared
+    ]
+    if not found:
+        return
+    names = ", ".join(f"{group}[{name!r}]" for group, name in found)
+    allowed = ", ".join(f"{group}[{name!r}]" for group, name in sorted(declared)) or "none"
+    hint = (
+        f"; {LAYERS_RECORD!r} marks a partial model, but this strategy expects "
+        f"layout model={layout.model!r}"
+        if ("config_records", LAYERS_RECORD) in found
+        else ""
+    )
+    raise refuse(
+        f"the reply carries extra records this strategy did not declare: {names} (declared: "
+        f"{allowed}){hint}; remove them, or declare them in the strategy's traits.layout"
+    )
 
 
 def check_accumulator(accumulator: str) -> str:

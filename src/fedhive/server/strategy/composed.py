@@ -60,6 +60,12 @@ from fedhive.server.strategy.base import (
 )
 from fedhive.server.strategy.fedavg import EvaluateFn, FedAvg, MetricsAggregationFn
 from fedhive.server.strategy.optimizers import ServerOptimizer
+from fedhive.server.strategy.traits import (
+    MEAN_TRAITS,
+    StrategyTraits,
+    legacy_traits,
+    traits_of,
+)
 
 __all__ = [
     "AggregationRule",
@@ -69,6 +75,7 @@ __all__ = [
     "MeanRule",
     "cast_like",
     "plain_mean",
+    "rule_traits",
 ]
 
 
@@ -106,7 +113,13 @@ class Fold(Protocol):
 
 
 class AggregationRule(Protocol):
-    """Starts a :class:`Fold` for a round; ``weight`` maps ``num_examples`` to a weight."""
+    """Starts a :class:`Fold` for a round; ``weight`` maps ``num_examples`` to a weight.
+
+    A rule also declares its ``traits`` (a
+    :class:`~fedhive.server.strategy.traits.StrategyTraits`), which the composed strategy
+    takes as its own (see :func:`rule_traits`); a rule that declares none is treated as
+    one that needs individual updates and is not a weighted mean.
+    """
 
     def start(
         self, server_round: int, reference: NDArrays, weight: Callable[[int], float]
@@ -125,14 +138,31 @@ def cast_like(arrays: Sequence[NDArray], reference: Sequence[NDArray]) -> NDArra
     return out
 
 
+def rule_traits(rule: object) -> StrategyTraits:
+    """The traits ``rule`` declares (its ``traits`` attribute, with the flags that predate
+    traits applied); a rule that declares none gets a buffering strategy's traits."""
+    traits = getattr(rule, "traits", None)
+    if not isinstance(traits, StrategyTraits):
+        traits = StrategyTraits(
+            reason=f"its aggregation rule {type(rule).__name__} declares no traits (give it "
+            "a `traits` attribute, a fedhive.server.strategy.traits.StrategyTraits)"
+        )
+    return legacy_traits(rule, traits)
+
+
 class MeanRule:
     """Weighted mean of the models, weights ``num_examples`` (FedAvg's rule).
+
+    Its traits are :data:`~fedhive.server.strategy.traits.MEAN_TRAITS` (a subclass that
+    changes :meth:`start` declares its own).
 
     Memory: O(model): the accumulator of :class:`WeightedMean` plus a small scratch buffer.
     ``accumulator`` is :class:`WeightedMean`'s (``"float64"``, or ``"model"`` to keep
     float32 layers' accumulator in float32, as ``FedAvg.accumulator``); it may be changed
     between rounds.
     """
+
+    traits: StrategyTraits = MEAN_TRAITS
 
     def __init__(self, accumulator: str = "float64") -> None:
         self.accumulator = check_accumulator(accumulator)
@@ -173,20 +203,18 @@ def plain_mean(strategy: Strategy) -> FedAvg | MeanRule | None:
     """The part of ``strategy`` whose fit aggregate is the plain weighted mean of the
     models (its ``accumulator`` chooses the mean's precision), or ``None``.
 
-    That is FedAvg itself unless a subclass changes its fit aggregation, or the
-    :class:`MeanRule` of a composed strategy (FedProx, FedAvgM, FedAdam, ...) unless the
-    strategy builds its own aggregator (SCAFFOLD's also aggregates control variates).
-    Secure aggregation, which reveals only that mean, needs one.
+    Asks the traits: ``None`` unless ``strategy`` declares a weighted mean. Then the part
+    is FedAvg itself, or the :class:`MeanRule` of a composed strategy (FedProx, FedAvgM,
+    FedAdam, ...). SCAFFOLD (whose aggregate also carries control variates), a FedAvg
+    subclass with its own ``aggregate_fit`` and the robust and reweighting rules declare
+    no weighted mean. A user strategy that declares one but keeps no accumulator gives
+    ``None`` too.
     """
+    if not isinstance(strategy, Strategy) or not traits_of(strategy).weighted_mean:
+        return None
     if isinstance(strategy, ComposedStrategy):
-        plain = type(strategy).fit_aggregator is ComposedStrategy.fit_aggregator
-        return strategy.rule if plain and type(strategy.rule) is MeanRule else None
-    if isinstance(strategy, FedAvg) and all(
-        getattr(type(strategy), name) is getattr(FedAvg, name)
-        for name in ("aggregate_fit", "fit_aggregator")
-    ):
-        return strategy
-    return None
+        return strategy.rule if isinstance(strategy.rule, MeanRule) else None
+    return strategy if isinstance(strategy, FedAvg) else None
 
 
 class ComposedStrategy(Strategy):
@@ -201,11 +229,15 @@ class ComposedStrategy(Strategy):
     run (so they win); the caller's dicts are never modified.
 
     State (:meth:`state_dict`) is the server optimizer's; stateless without one.
+
+    Its :attr:`traits` are the rule's: a server optimizer stepping on the mean is
+    post-processing, so FedAdam is still a weighted mean for secure aggregation and
+    differential privacy.
     """
 
-    #: The engine checks each reply against the global model before the rule sees it.
-    #: Strategies whose replies carry extra arrays (SCAFFOLD) set this to False and check
-    #: the replies themselves.
+    #: Kept for compatibility. The engine checks every reply against the layout in
+    #: ``traits`` (:func:`~fedhive.server.strategy.aggregate.check_fit_reply`) before the
+    #: rule sees it, whatever this says; False only makes each round check them again.
     validate_fit_results = True
 
     def __init__(
@@ -234,6 +266,18 @@ class ComposedStrategy(Strategy):
         if self.fit_config:
             parts.append(f"fit_config={self.fit_config!r}")
         return f"{type(self).__name__}({', '.join(parts)})"
+
+    @property
+    def traits(self) -> StrategyTraits:
+        """The rule's traits (:func:`rule_traits`); those of a buffering strategy whose
+        aggregate is not known when a subclass builds its own aggregator (a subclass that
+        does declares its own traits, as SCAFFOLD does)."""
+        if type(self).fit_aggregator is not ComposedStrategy.fit_aggregator:
+            return StrategyTraits(
+                reason=f"{type(self).__name__} builds its own fit aggregator, so its "
+                "aggregate is not known to be a weighted mean"
+            )
+        return rule_traits(self.rule)
 
     # -- everything but fit aggregation comes from the sampling part ----------------------
 
@@ -353,9 +397,10 @@ class ComposedRound:
         self, mean: NDArrays, clients: Sequence[tuple[str, int, dict[str, Scalar]]]
     ) -> None:
         """Fold ``mean`` as the model of all of ``clients`` (id, num_examples, metrics):
-        once for the mean rule, once per client for any other rule; see
+        once for a rule whose traits declare a weighted mean (the mean of one mean is
+        itself), once per client for any other rule; see
         :func:`~fedhive.server.strategy.base.fold_mean`."""
-        if type(self.strategy.rule) is MeanRule:
+        if rule_traits(self.strategy.rule).weighted_mean:
             self.fold.add("mean", mean, FitRes(Status(), Parameters(arrays=[]), 1, {}))
             self.metrics += [(num_examples, metrics) for _, num_examples, metrics in clients]
             return

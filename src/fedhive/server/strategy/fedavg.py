@@ -32,6 +32,7 @@ from fedhive.server.strategy.base import (
     Strategy,
     weighted_loss_avg,
 )
+from fedhive.server.strategy.traits import MEAN_TRAITS, StrategyTraits
 
 __all__ = ["FedAvg", "MetricsAggregationFn", "EvaluateFn"]
 
@@ -59,7 +60,7 @@ class FedAvg(Strategy):
 
     Aggregation streams: memory is O(model), whatever the number of clients. A subclass
     that overrides :meth:`aggregate_fit` receives the full results list instead, which
-    costs O(clients x model) memory.
+    costs O(clients x model) memory, and its :attr:`traits` are a buffering strategy's.
 
     The mean is accumulated in float64 (8 bytes per parameter) and is as exact as float64
     allows. Setting :attr:`accumulator` to ``"model"`` keeps float32 layers' accumulator
@@ -160,6 +161,27 @@ class FedAvg(Strategy):
 
     # -- aggregation ----------------------------------------------------------------------
 
+    @property
+    def traits(self) -> StrategyTraits:
+        """:data:`~fedhive.server.strategy.traits.MEAN_TRAITS`, unless a subclass aggregates
+        its own way.
+
+        A subclass that overrides :meth:`aggregate_fit` (Flower's list API) or
+        :meth:`fit_aggregator` may compute anything from the results: its traits are
+        those of a buffering strategy that needs individual updates and whose aggregate
+        is not known to be a weighted mean, so differential privacy and secure
+        aggregation refuse it. A subclass whose aggregate is still the weighted mean
+        (one that only logs or saves the model, say) says so in its class body:
+        ``traits = MEAN_TRAITS``.
+        """
+        own = _own_aggregation(self)
+        if own is None:
+            return MEAN_TRAITS
+        return StrategyTraits(
+            reason=f"{type(self).__name__} overrides {own}, so its aggregate is not known to "
+            "be a weighted mean (if it is, declare traits = MEAN_TRAITS in its class)"
+        )
+
     def weight(self, num_examples: int) -> int:
         """A client's weight: its example count, capped at ``max_num_examples``."""
         if self.max_num_examples is None:
@@ -168,7 +190,7 @@ class FedAvg(Strategy):
 
     def fit_aggregator(self, server_round: int, parameters: Parameters) -> Aggregator:
         check_accumulator(self.accumulator)  # before the round, not at its end
-        if type(self).aggregate_fit is not FedAvg.aggregate_fit:
+        if _own_aggregation(self) == "aggregate_fit":
             # The list-based path also casts to the global model's dtypes: remember them.
             self._reference: NDArrays | None = parameters_to_ndarrays(parameters)
             return super().fit_aggregator(server_round, parameters)
@@ -231,6 +253,15 @@ class FedAvg(Strategy):
         if self.fit_metrics_aggregation_fn is None:
             return {}
         return self.fit_metrics_aggregation_fn(pairs)
+
+
+def _own_aggregation(strategy: FedAvg) -> str | None:
+    """The fit aggregation method a subclass of FedAvg replaced (``"aggregate_fit"``
+    first: the engine then hands it the full list), or ``None``."""
+    for name in ("aggregate_fit", "fit_aggregator"):
+        if getattr(type(strategy), name) is not getattr(FedAvg, name):
+            return name
+    return None
 
 
 class _StreamingFedAvg:

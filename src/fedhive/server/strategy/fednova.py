@@ -13,6 +13,7 @@ from fedhive.common.records import FitRes, NDArrays, Scalar
 from fedhive.server.strategy.composed import ComposedStrategy, FedAvgArgs, Fold
 from fedhive.server.strategy.fedavg import FedAvg
 from fedhive.server.strategy.optimizers import ServerSGD, check_unit_interval
+from fedhive.server.strategy.traits import StrategyTraits
 
 __all__ = ["FedNova", "NovaRule", "local_norm"]
 
@@ -50,7 +51,15 @@ class NovaRule:
     With ``p_i`` the example weights and ``||a_i||`` from :func:`local_norm`, the aggregate
     is ``x + tau_eff * sum_i p_i (y_i - x) / ||a_i||`` with ``tau_eff = sum_i p_i ||a_i||``.
     A client with zero steps has not moved and adds only its weight.
+
+    Its traits: streaming, but not a weighted mean (each update is divided by the
+    client's own step count, which one client can choose).
     """
+
+    traits = StrategyTraits(
+        individual_updates=False,
+        reason="its aggregate reweights each update by the client's local steps",
+    )
 
     def __init__(self, local_momentum: float = 0.0) -> None:
         self.local_momentum = check_unit_interval("local_momentum", local_momentum)

@@ -13,6 +13,7 @@ from fedhive.common.records import FitRes, NDArrays
 from fedhive.server.strategy.composed import ComposedStrategy, FedAvgArgs, Fold
 from fedhive.server.strategy.fedavg import FedAvg
 from fedhive.server.strategy.optimizers import check_positive
+from fedhive.server.strategy.traits import StrategyTraits
 
 __all__ = ["QFedAvg", "QFFLRule"]
 
@@ -29,7 +30,14 @@ class QFFLRule:
         delta_k = F_k^q dw_k
         h_k     = q F_k^(q-1) ||dw_k||^2 + L F_k^q
         x_new   = x - sum_k delta_k / sum_k h_k
+
+    Its traits: streaming, but not a weighted mean (the weights come from the clients'
+    reported losses).
     """
+
+    traits = StrategyTraits(
+        individual_updates=False, reason="its aggregate reweights each update by the client's loss"
+    )
 
     def __init__(self, q_param: float, learning_rate: float, loss_key: str = "loss") -> None:
         if (

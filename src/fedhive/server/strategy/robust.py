@@ -11,6 +11,10 @@ same result for any arrival order, and ties (equal Krum scores) go to the smalle
 
 The rules reduce models, not differences to the global model; the two are equivalent for
 all of them (a common shift commutes with medians, trimmed means and distances).
+
+Their traits say so: each needs individual updates and none is a weighted mean (one client
+can move a median or a selection by more than ``C / m``), so secure aggregation and
+differential privacy refuse them.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import numpy as np
 from fedhive.common.errors import ConfigError
 from fedhive.common.records import FitRes, NDArray, NDArrays
 from fedhive.server.strategy.composed import Fold
+from fedhive.server.strategy.traits import StrategyTraits
 
 __all__ = [
     "BulyanRule",
@@ -79,6 +84,8 @@ def _mean_of(updates: Sequence[NDArrays]) -> NDArrays:
 class MedianRule:
     """Coordinate-wise median (Yin et al. 2018); the mean of the middle two for even n."""
 
+    traits = StrategyTraits(reason="its aggregate is a coordinate-wise median")
+
     def __repr__(self) -> str:
         return "MedianRule()"
 
@@ -92,6 +99,8 @@ class TrimmedMeanRule:
     For each coordinate the ``int(beta * n)`` largest and as many smallest values are
     dropped and the rest averaged. ``0 <= beta < 0.5``.
     """
+
+    traits = StrategyTraits(reason="its aggregate is a coordinate-wise trimmed mean")
 
     def __init__(self, beta: float) -> None:
         if isinstance(beta, bool) or not isinstance(beta, int | float) or not 0 <= beta < 0.5:
@@ -167,6 +176,8 @@ class KrumRule:
     (Krum) unless ``multi=True``, where 0 means ``n - f``.
     """
 
+    traits = StrategyTraits(reason="its aggregate selects the models with the best Krum scores")
+
     def __init__(
         self, num_malicious_clients: int = 0, num_clients_to_keep: int = 0, *, multi: bool = False
     ) -> None:
@@ -203,6 +214,10 @@ class BulyanRule:
     2. For each coordinate, average the ``beta = theta - 2f`` selected values nearest to
        their median.
     """
+
+    traits = StrategyTraits(
+        reason="its aggregate is a Krum selection followed by a trimmed mean around the median"
+    )
 
     def __init__(
         self,

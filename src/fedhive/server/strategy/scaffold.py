@@ -1,15 +1,18 @@
 """SCAFFOLD, server side: control variates correct the clients' drift.
 
-Wire protocol (the client side is :func:`fedhive.client.mods.scaffold_mod`):
+Wire protocol (the client side is :func:`fedhive.client.mods.scaffold_mod`), with named
+records beside the model (``extras``, see :class:`~fedhive.common.records.FitRes`):
 
-- the fit instruction carries the model's ``k`` arrays followed by the server control
-  variate ``c`` (``k`` more arrays, in the model's float dtypes), with config
-  ``"scaffold": True`` and ``"scaffold_num_arrays": k``;
-- the reply carries the trained model ``y_i`` followed by ``delta c_i`` (``k`` arrays).
+- the fit instruction carries the model's ``k`` arrays, config ``"scaffold": True`` and
+  the server control variate ``c`` in ``FitIns.extras.array_records["scaffold"]``
+  (arrays ``"0"`` .. ``"k-1"``, in the model's float dtypes);
+- the reply carries the trained model ``y_i`` (``k`` arrays) and ``delta c_i`` in
+  ``FitRes.extras.array_records["scaffold"]``, an array record like the model.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Unpack, final
 
 import numpy as np
@@ -26,7 +29,7 @@ from fedhive.common.records import (
     parameters_to_ndarrays,
 )
 from fedhive.server.client_manager import ClientManager, ClientProxy
-from fedhive.server.strategy.aggregate import check_update
+from fedhive.server.strategy.aggregate import check_fit_reply
 from fedhive.server.strategy.base import Aggregator
 from fedhive.server.strategy.composed import (
     ComposedRound,
@@ -37,10 +40,14 @@ from fedhive.server.strategy.composed import (
 )
 from fedhive.server.strategy.fedavg import FedAvg
 from fedhive.server.strategy.optimizers import ServerSGD
+from fedhive.server.strategy.traits import ExtraRecord, StrategyTraits, UpdateLayout
 
 __all__ = ["NUM_ARRAYS_KEY", "SCAFFOLD_KEY", "Scaffold"]
 
+#: The fit config flag of a SCAFFOLD round and the name of its ``extras`` array record.
 SCAFFOLD_KEY = "scaffold"
+#: Kept for compatibility: the config key of the former wire format (the variate appended
+#: to the model's arrays); no longer sent, the variates travel in ``extras``.
 NUM_ARRAYS_KEY = "scaffold_num_arrays"
 _STATE = "scaffold.c"
 
@@ -63,8 +70,9 @@ class Scaffold(ComposedStrategy):
 
     Clients must run :func:`fedhive.client.mods.scaffold_mod` and apply its correction
     (the CLI's simulated client does; see ``fedhive.client.mods.scaffold_correction``).
-    Replies carry twice the model, so the engine's layout check is off
-    (``validate_fit_results = False``) and this strategy checks both halves itself.
+    ``c`` travels in ``FitIns.extras`` and ``delta c_i`` in ``FitRes.extras`` (record
+    ``"scaffold"``, see the module doc); the engine checks both against the layout in
+    ``traits`` and this strategy's aggregator checks them again (it may be fed directly).
     Memory: O(model) for the mean and the variate sum, plus the stored ``c``.
 
     Example::
@@ -73,14 +81,20 @@ class Scaffold(ComposedStrategy):
         start_simulation(client_fn=..., strategy=strategy, mods=[scaffold_mod], ...)
     """
 
-    validate_fit_results = False
-
     def __init__(self, *, server_learning_rate: float = 1.0, **fedavg: Unpack[FedAvgArgs]) -> None:
         optimizer = ServerSGD(server_learning_rate)
         self.server_learning_rate = optimizer.lr
         self.control_variate: NDArrays | None = None
         self.num_clients = 0
         super().__init__(sampling=FedAvg(**fedavg), rule=MeanRule(), server_optimizer=optimizer)
+
+    @property
+    def traits(self) -> StrategyTraits:
+        """Streaming, not a plain weighted mean (the aggregate also carries the control
+        variates: secure aggregation and DP refuse it), requires
+        :func:`~fedhive.client.mods.scaffold_mod`, and each reply carries the variate
+        delta as the extra record ``"scaffold"``, laid out like the model."""
+        return _traits()
 
     def variate_for(self, model: NDArrays) -> NDArrays:
         """The server variate ``c`` (zeros before the first update) for this model's layout."""
@@ -101,13 +115,28 @@ class Scaffold(ComposedStrategy):
         instructions = super().configure_fit(server_round, parameters, client_manager)
         self.num_clients = client_manager.num_available()
         model = parameters_to_ndarrays(parameters)
-        payload = Parameters(arrays=model + cast_like(self.variate_for(model), model))
-        extra: dict[str, Scalar] = {SCAFFOLD_KEY: True, NUM_ARRAYS_KEY: len(model)}
-        return [(client, FitIns(payload, {**ins.config, **extra})) for client, ins in instructions]
+        variate = cast_like(self.variate_for(model), model)
+        record = {str(i): c for i, c in enumerate(variate)}
+        # One instruction per distinct one from the sampling (usually one for all), so a
+        # transport that encodes each content once sends the model and c encoded once.
+        shared: dict[int, FitIns] = {}
+        out = []
+        for client, ins in instructions:
+            fit = shared.get(id(ins))
+            if fit is None:
+                extras = RecordDict(
+                    {**ins.extras.array_records, SCAFFOLD_KEY: record},
+                    ins.extras.config_records,
+                    ins.extras.metric_records,
+                )
+                config: dict[str, Scalar] = {**ins.config, SCAFFOLD_KEY: True}
+                fit = shared[id(ins)] = FitIns(ins.parameters, config, extras)
+            out.append((client, fit))
+        return out
 
     def fit_aggregator(self, server_round: int, parameters: Parameters) -> Aggregator:
         reference = parameters_to_ndarrays(parameters)
-        inner = ComposedRound(self, server_round, reference, check=True)
+        inner = ComposedRound(self, server_round, reference, check=False)  # checked in add
         return _ScaffoldRound(self, inner)
 
     def state_dict(self) -> RecordDict:
@@ -127,33 +156,50 @@ class Scaffold(ComposedStrategy):
         )
 
 
+@functools.cache
+def _traits() -> StrategyTraits:
+    # Imported here: the client runtime is the server's peer, not something this module
+    # needs loaded to be imported. Cached: the engine asks for the traits every reply.
+    from fedhive.client.mods import scaffold_mod
+
+    return StrategyTraits(
+        individual_updates=False,
+        required_mods=(scaffold_mod,),
+        layout=UpdateLayout(extras=(ExtraRecord(SCAFFOLD_KEY, like_model=True),)),
+        reason="its aggregate also carries the clients' control variates",
+    )
+
+
 class _ScaffoldRound:
-    """Splits each reply into (y_i, delta c_i), checks both, folds y_i and sums delta c_i."""
+    """Checks each reply's y_i and delta c_i (its extras), folds y_i and sums delta c_i."""
 
     def __init__(self, strategy: Scaffold, inner: ComposedRound) -> None:
         self.strategy = strategy
         self.inner = inner
+        self.layout = strategy.traits.layout
         self.delta_c: list[NDArray] = [np.zeros(r.shape, np.float64) for r in inner.reference]
         self.count = 0
 
     def add(self, client: ClientProxy, result: Any) -> None:
-        rnd, k = self.inner.server_round, len(self.inner.reference)
+        rnd = self.inner.server_round
         if not isinstance(result, FitRes):
             raise InvalidUpdate(client.cid, rnd, "fit", "reply is not a FitRes")
-        arrays = parameters_to_ndarrays(result.parameters)
-        if len(arrays) != 2 * k:
+        extras = result.extras
+        delta_c = extras.array_records.get(SCAFFOLD_KEY) if isinstance(extras, RecordDict) else None
+        if delta_c is None:
             raise InvalidUpdate(
                 client.cid,
                 rnd,
                 "fit",
-                f"SCAFFOLD expects {2 * k} arrays (the model, then its control variate "
-                f"delta), got {len(arrays)}; does the client run "
+                f"SCAFFOLD expects the control-variate delta in the extras array record "
+                f"{SCAFFOLD_KEY!r} of the reply, which has none; does the client run "
                 "fedhive.client.mods.scaffold_mod?",
             )
-        model, delta_c = arrays[:k], arrays[k:]
-        check_update(delta_c, self.inner.reference, client_id=client.cid, server_round=rnd)
-        self.inner.add_arrays(client.cid, model, result)  # checks the model half too
-        for acc, d in zip(self.delta_c, delta_c, strict=True):
+        check_fit_reply(
+            result, self.inner.reference, self.layout, client_id=client.cid, server_round=rnd
+        )
+        self.inner.add_arrays(client.cid, parameters_to_ndarrays(result.parameters), result)
+        for acc, d in zip(self.delta_c, delta_c.values(), strict=True):
             acc += d
         self.count += 1
 

@@ -12,13 +12,32 @@ The fields:
   aggregation (which reveals only the mean), linear codecs (decode of a sum is the sum
   of decodes) and central DP (one client moves the mean by at most ``C / m``) need it.
 - ``individual_updates``: the aggregate needs every update on its own (median, Krum,
-  trimmed mean, a user's ``aggregate_fit`` over the full list): O(clients x model).
+  trimmed mean, a user's ``aggregate_fit`` over the full list: O(clients x model); a DP
+  wrapper that clips each update on the server, which streams). A mean that arrives
+  whole (secure aggregation) cannot feed it.
 - ``required_mods``: client mods the strategy cannot work without (SCAFFOLD's
   ``scaffold_mod``). Simulations put them in the client stack; deployed clients must.
 - ``layout``: the update record a fit reply must carry (:class:`UpdateLayout`): the
   model arrays (all of them, or only some layers) and named extra records.
 - ``tolerates_staleness``: results trained on an older model version may be folded
   (asynchronous aggregation).
+- ``weighting``: how a weighted mean weighs each update: by its ``"num_examples"``, or
+  ``"uniform"`` (the DP wrappers: a client could otherwise claim a large count). Secure
+  aggregation tells the clients which.
+
+Who declares what: FedAvg and every composed strategy with the mean rule (FedProx,
+FedAvgM, FedAdam, FedYogi, FedAdagrad) have :data:`MEAN_TRAITS`; a server optimizer
+after the mean is post-processing and changes nothing. The robust rules (median, trimmed
+mean, Krum, Bulyan) need individual updates; FedNova and q-FedAvg stream but reweight
+each update, so their aggregate is not a weighted mean; SCAFFOLD streams, requires
+``scaffold_mod`` and carries its control variates as the extra record ``"scaffold"``.
+A composed strategy takes its rule's traits. The DP wrappers pass their inner
+strategy's traits on, with ``weighting="uniform"``; those that clip on the server also
+need individual updates.
+
+Flags that predate traits are still honoured by :func:`traits_of` (kept for
+compatibility, see :func:`legacy_traits`): ``secure_aggregation_compatible = True``
+declares a weighted mean, ``dp_compatible = False`` takes it away.
 
 Example::
 
@@ -36,7 +55,14 @@ from typing import Any, Literal
 
 from fedhive.common.errors import ConfigError
 
-__all__ = ["ExtraRecord", "StrategyTraits", "UpdateLayout", "traits_of"]
+__all__ = [
+    "MEAN_TRAITS",
+    "ExtraRecord",
+    "StrategyTraits",
+    "UpdateLayout",
+    "legacy_traits",
+    "traits_of",
+]
 
 
 @dataclass(frozen=True)
@@ -92,18 +118,49 @@ class StrategyTraits:
     layout: UpdateLayout = field(default_factory=UpdateLayout)
     tolerates_staleness: bool = False
     reason: str = ""
+    weighting: Literal["num_examples", "uniform"] = "num_examples"
+
+    def __post_init__(self) -> None:
+        if self.weighting not in ("num_examples", "uniform"):
+            raise ConfigError(
+                f"weighting must be 'num_examples' or 'uniform', got {self.weighting!r}"
+            )
 
     def but(self, **changes: Any) -> StrategyTraits:
         """A copy with ``changes`` (what a wrapper uses to transform the traits it passes on)."""
         return replace(self, **changes)
 
+    def why_not_mean(self) -> str:
+        """What an error says when a weighted mean is needed: ``reason``, or a generic one."""
+        return self.reason or "its traits do not declare its aggregate a weighted mean"
+
 
 #: The traits of a plain weighted mean of the models (FedAvg and its composed relatives).
-MEAN_TRAITS = StrategyTraits(weighted_mean=True, individual_updates=False)
+#: A mean folds results trained on older model versions like any other (the buffered
+#: asynchronous policy runs it), so it tolerates staleness.
+MEAN_TRAITS = StrategyTraits(weighted_mean=True, individual_updates=False, tolerates_staleness=True)
+
+
+def legacy_traits(part: object, traits: StrategyTraits) -> StrategyTraits:
+    """``traits`` with the flags that predate traits applied (kept for compatibility).
+
+    ``secure_aggregation_compatible = True`` on ``part`` (a strategy or an aggregation
+    rule) declares its aggregate a weighted mean; ``dp_compatible = False`` declares it
+    not one (the flag said one client may move the aggregate by more than ``C / m``).
+    New code declares ``traits`` instead.
+    """
+    if getattr(part, "secure_aggregation_compatible", None) is True:
+        traits = traits.but(weighted_mean=True, individual_updates=False)
+    if getattr(part, "dp_compatible", True) is False:
+        traits = traits.but(
+            weighted_mean=False, reason=f"{type(part).__name__} sets dp_compatible = False"
+        )
+    return traits
 
 
 def traits_of(strategy: object) -> StrategyTraits:
-    """The traits ``strategy`` declares; a clear error if it is not a strategy."""
+    """The traits ``strategy`` declares (with :func:`legacy_traits` applied); a clear
+    error if it is not a strategy. What combines with strategies asks this."""
     traits = getattr(type(strategy), "traits", None)
     value = getattr(strategy, "traits", None) if traits is not None else None
     if not isinstance(value, StrategyTraits):
@@ -112,4 +169,4 @@ def traits_of(strategy: object) -> StrategyTraits:
             "fedhive.server.strategy.Strategy (its default traits are those of a buffering "
             "strategy)"
         )
-    return value
+    return legacy_traits(strategy, value)

@@ -1,0 +1,51 @@
+"""Atomic file writes: readers see the old file or the new one, never half of either.
+
+The data goes to a temporary file in the target's folder (same file system, so the
+rename is atomic), is flushed to disk, and the temporary file then replaces the target
+in one ``os.replace``. A failure at any point removes the temporary file and leaves the
+target as it was::
+
+    atomic_write_bytes(path, b"...")
+    with atomic_open(path) as fh:  # for writers that stream (np.savez)
+        np.savez(fh, weights=w)
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+__all__ = ["atomic_open", "atomic_write_bytes"]
+
+
+@contextmanager
+def atomic_open(path: str | os.PathLike[str], mode: int = 0o644) -> Iterator[BinaryIO]:
+    """A binary file to write that replaces ``path`` when the block ends without error.
+
+    ``mode`` is the new file's permission bits. The temporary file is created ``0600``
+    and only changed to ``mode`` before the rename, so a secret (``mode=0o600``) is never
+    readable by others, not even while it is written. Missing parent folders are made.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> None:
+    """Write ``data`` to ``path`` so that readers see the old or the new file, never half."""
+    with atomic_open(path, mode) as fh:
+        fh.write(data)
