@@ -1,7 +1,7 @@
 """Aggregation: FedAvg's streaming fold, as the engine runs it, against a hand-written fold.
 
 The fedhive path does per round what ``default_fit_workflow`` does: ``fit_aggregator``,
-then for every reply the engine's own ``_fold_fit_reply`` (``check_update`` and then
+then for every reply the engine's own ``fold_fit_reply`` (``check_fit_reply`` and then
 ``aggregator.add``), then ``finalize``. The hand-written path is a streaming numpy fold
 doing the same work: a finite check on each update, a float64 accumulator weighted by
 ``num_examples``, a final divide and a cast back to float32.
@@ -32,7 +32,7 @@ import numpy as np
 from fedhive.common.message import Message, MessageType
 from fedhive.common.records import FitRes, NDArrays, Status, ndarrays_to_parameters
 from fedhive.common.records import parameters_to_ndarrays as to_arrays
-from fedhive.server.engine import Engine, RoundDriver, _fold_fit_reply
+from fedhive.server.engine import Engine, RoundDriver, fold_fit_reply
 from fedhive.server.strategy import FedAvg
 from fedhive.transport.inprocess import InProcessTransport
 
@@ -78,7 +78,7 @@ def fold_fedhive(model: NDArrays, pool: list[NDArrays], clients: int) -> NDArray
             content=None,
         )
         res = FitRes(Status(), ndarrays_to_parameters(pool[i % POOL_SIZE]), num_examples(i), {})
-        failure = _fold_fit_reply(driver, task.reply(res), aggregator, reference)
+        failure = fold_fit_reply(driver, task.reply(res), aggregator, reference)
         if failure is not None:
             raise failure
     params, _ = aggregator.finalize()

@@ -38,10 +38,6 @@ LAYERS: tuple[tuple[str, ...], ...] = (
 #: occurs fails ``test_pending_violations_still_exist``, so fixed ones get removed here.
 PENDING: dict[tuple[str, str, str], str] = {
     # (importing module, imported module, name): why it is still here
-    ("fedhive.server.strategy.scaffold", "fedhive.client.mods", "scaffold_mod"): (
-        "SCAFFOLD's traits name the client mod it requires; the mod belongs at or "
-        "below the strategy layer (client.mods can re-export it)"
-    ),
 }
 
 

@@ -1,6 +1,6 @@
 """The experiment config of ``fedhive run``: parsed and validated once, at the edge.
 
-A TOML file has up to six tables, every key optional (defaults give the default run)::
+A TOML file has up to seven tables, every key optional (defaults give the default run)::
 
     seed = 0
     rounds = 100
@@ -16,6 +16,10 @@ A TOML file has up to six tables, every key optional (defaults give the default 
                  parameters under Flower's names: one model per strategy, registered
                  in :mod:`fedhive.cli.strategies` (see ``STRATEGY_PARAMETERS``)
     [simulation] backend (a registered one), num_workers, round_timeout
+    [policy]     name ("sync" | "buffered-async"), and the chosen policy's arguments:
+                 buffered-async takes buffer_size, concurrency (both required) and
+                 max_staleness; one model per policy, registered in
+                 :mod:`fedhive.cli.policies`. ``rounds`` counts model versions
     secure_aggregation = { threshold, degree, bits, clip, ... }   (SecAgg+, optional;
                  the keys and defaults of ``fedhive.secagg.SecAggConfig``)
 
@@ -23,8 +27,10 @@ An unknown key or a bad value stops the run with a message naming the key, the v
 what is allowed. So does a strategy parameter that the chosen strategy does not take
 (``server_momentum`` with ``name = "fedprox"``), a missing required one (FedProx's
 ``proximal_mu``), or a robust rule whose ``num_malicious_clients`` needs more clients per
-round than the sampling gives, or secure aggregation with a strategy whose traits do not
-declare a weighted mean.
+round than the sampling gives (under buffered-async: than ``buffer_size``), or secure
+aggregation with a strategy whose traits do not declare a weighted mean, or with an
+asynchronous policy (SecAgg+ needs a synchronous round), or a policy that keeps more
+clients training than there are.
 
 Example::
 
@@ -32,6 +38,11 @@ Example::
     name = "fedadam"
     eta = 0.01
     tau = 0.001
+
+    [policy]
+    name = "buffered-async"
+    buffer_size = 10
+    concurrency = 20
 """
 
 from __future__ import annotations
@@ -53,6 +64,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from fedhive.cli.policies import PolicyConfig, SyncConfig
 from fedhive.cli.strategies import (
     FedAvgConfig,
     RegistryView,
@@ -66,6 +78,7 @@ __all__ = [
     "SECURE_AGGREGATION_STRATEGIES",
     "STRATEGY_PARAMETERS",
     "ExperimentConfig",
+    "PolicyConfig",
     "SecureAggregationConfig",
     "StrategyConfig",
     "apply_overrides",
@@ -259,9 +272,38 @@ def check_secure_strategy(
     )
 
 
+def check_secure_policy(secure: SecureAggregationConfig | None, policy: PolicyConfig) -> None:
+    """Refuse SecAgg+ under a policy without synchronous rounds (the engine refuses it
+    too; this says it in the config's terms)."""
+    if secure is None or policy.synchronous:
+        return
+    raise PydanticCustomError(
+        "config_parameter",
+        "secure aggregation (SecAgg+) needs a synchronous round, in which every sampled "
+        "client's masked update is summed at once; policy '{name}' folds each result as "
+        'it arrives. Use name = "sync" under [policy], or drop secure_aggregation',
+        {"field": "name", "value": policy.name, "section": "policy", "name": policy.name},
+    )
+
+
+def check_policy_round_size(st: StrategyConfig, policy: PolicyConfig) -> bool:
+    """Refuse a robust rule that needs more results than each of the policy's model
+    versions aggregates; ``False`` when the strategy's sampling decides it instead."""
+    per_version = policy.results_per_version()
+    if per_version is None:
+        return False
+    check_round_size(
+        st,
+        per_version,
+        f"policy '{policy.name}' with buffer_size = {per_version}",
+        "raise policy.buffer_size",
+    )
+    return True
+
+
 class ExperimentConfig(_Section):
     seed: int = 0
-    rounds: int = Field(100, ge=0)
+    rounds: int = Field(100, ge=0, description="rounds (model versions under any policy)")
     num_clients: int = Field(100, ge=1)
     out: str = "runs/default"
     data: DataConfig = DataConfig()
@@ -270,11 +312,28 @@ class ExperimentConfig(_Section):
     strategy: SerializeAsAny[StrategyConfig] = FedAvgConfig()
     simulation: SimulationConfig = SimulationConfig()
     secure_aggregation: SecureAggregationConfig | None = None
+    policy: SerializeAsAny[PolicyConfig] = SyncConfig()
 
     @model_validator(mode="after")
     def _check_sample_size(self) -> Self:
         st = self.strategy
         check_secure_strategy(self.secure_aggregation, st)
+        check_secure_policy(self.secure_aggregation, self.policy)
+        concurrency = self.policy.clients_training()
+        if concurrency is not None and concurrency > self.num_clients:
+            raise PydanticCustomError(
+                "config_parameter",
+                "only num_clients = {have} clients exist, so no more than {have} can "
+                "train at once; lower policy.concurrency or raise num_clients",
+                {
+                    "field": "concurrency",
+                    "value": concurrency,
+                    "section": "policy",
+                    "have": self.num_clients,
+                },
+            )
+        if check_policy_round_size(st, self.policy):
+            return self
         check_round_size(
             st,
             min(st.sample_size(self.num_clients), self.num_clients),
@@ -322,7 +381,7 @@ def describe_error(
     """One line for one pydantic error of a config whose top-level model is ``root``."""
     key = ".".join(str(p) for p in error["loc"])
     value = error.get("input")
-    if error["type"] == "strategy_parameter":
+    if error["type"] in ("strategy_parameter", "config_parameter"):
         ctx = error.get("ctx") or {}
         parts = [str(p) for p in error["loc"]]
         if ctx.get("section") and ctx["section"] not in parts:

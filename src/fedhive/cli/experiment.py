@@ -387,6 +387,7 @@ def run_experiment(
         secure_aggregation=(
             None if cfg.secure_aggregation is None else cfg.secure_aggregation.options()
         ),
+        policy=cfg.policy.build(),
         callbacks=callbacks,
         checkpoint_dir=checkpoint_dir,
         model_dir=model_dir,

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fedhive.cli import deploy
 from fedhive.cli.privacy import privacy_command
@@ -57,7 +58,10 @@ def run(
     config_file: Annotated[
         Path | None, typer.Argument(metavar="[CONFIG.toml]", help="experiment config (TOML)")
     ] = None,
-    rounds: Annotated[int | None, typer.Option(help="number of rounds")] = None,
+    rounds: Annotated[
+        int | None,
+        typer.Option(help="number of rounds (model versions under an asynchronous policy)"),
+    ] = None,
     num_clients: Annotated[int | None, typer.Option(help="number of simulated clients")] = None,
     seed: Annotated[int | None, typer.Option(help="seed of the whole run")] = None,
     out: Annotated[str | None, typer.Option(help="output folder")] = None,
@@ -81,7 +85,9 @@ def run(
     progress: Annotated[bool, typer.Option(help="show a progress bar")] = True,
 ) -> None:
     """Simulate a federation: by default 100 clients train a 1-D CNN on MNIST-1D with a
-    Dirichlet(0.5) label skew and FedAvg (10% of clients per round).
+    Dirichlet(0.5) label skew and FedAvg (10% of clients per round), in synchronous
+    rounds (the policy table's name = "buffered-async" publishes a model every
+    buffer_size results instead).
 
     Writes history.json, metrics.csv, accuracy.png, config.toml and the final model
     (final_model.npz, best_model.npz) to the output folder. Ctrl-C stops after saving
@@ -98,7 +104,8 @@ def run(
     try:
         code = _run(config_file, resume, flags, set_ or [], show_partition, progress)
     except FedhiveError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        # escaped: messages name TOML tables ("[policy]"), which rich reads as markup
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
     raise typer.Exit(code)
 
@@ -134,11 +141,13 @@ def _run(
     callbacks: list[Any] = [EveryRound(write_all)]
     if progress:
         callbacks.append(ProgressBar(cfg.rounds))
+    # the default policy is not named, so the line reads as it always has
+    policy = "" if cfg.policy.name == "sync" else f", policy {cfg.policy.describe()}"
     err.print(
         f"fedhive run: {cfg.num_clients} clients, {exp.dataset.name} "
         f"({len(exp.dataset.y_train)} train / {len(exp.dataset.y_test)} test), "
-        f"partition {cfg.data.partition}, model {cfg.model.name}, {cfg.rounds} rounds "
-        f"-> {out_dir}",
+        f"partition {cfg.data.partition}, model {cfg.model.name}, {cfg.rounds} rounds"
+        f"{policy} -> {out_dir}",
         highlight=False,
     )
     history: History | None = None

@@ -24,10 +24,11 @@ from fedhive.common.records import Config
 from fedhive.data import Dataset
 from fedhive.server.engine import Engine, RoundCallback
 from fedhive.server.history import History
+from fedhive.server.policy import RunPolicy
 from fedhive.server.strategy import Strategy
 from fedhive.server.strategy.composed import plain_mean
 
-__all__ = ["describe_strategy", "server", "server_strategy"]
+__all__ = ["describe_strategy", "server", "server_policy", "server_strategy"]
 
 
 def server_strategy(cfg: DeployConfig) -> tuple[Strategy, tuple[Mod, ...], Dataset]:
@@ -48,6 +49,11 @@ def server_strategy(cfg: DeployConfig) -> tuple[Strategy, tuple[Mod, ...], Datas
     if cfg.memory.accumulator != "float64":
         _set_accumulator(strategy, cfg.memory.accumulator, st.name)
     return strategy, mods, data
+
+
+def server_policy(cfg: DeployConfig) -> RunPolicy:
+    """The run policy ``[policy]`` names (synchronous rounds by default), new for this run."""
+    return cfg.policy.build()
 
 
 def _set_accumulator(strategy: Strategy, accumulator: str, name: str) -> None:
@@ -81,7 +87,10 @@ def server(
     address: Annotated[
         str | None, typer.Option(help="HOST:PORT to serve on (default: 0.0.0.0:8080)")
     ] = None,
-    rounds: Annotated[int | None, typer.Option(help="number of rounds")] = None,
+    rounds: Annotated[
+        int | None,
+        typer.Option(help="number of rounds (model versions under an asynchronous policy)"),
+    ] = None,
     out: Annotated[str | None, typer.Option(help="output folder")] = None,
     insecure: Annotated[
         bool, typer.Option("--insecure", help="serve WITHOUT TLS (tests on one machine only)")
@@ -113,8 +122,10 @@ def server(
     log_level: Annotated[str, typer.Option(help="debug|info|warning|error")] = "info",
 ) -> None:
     """Serve a federation over gRPC: rounds of the config's strategy (FedAvg by default;
-    [strategy] name picks another, as in fedhive run) on a reference model (cnn1d, mlp or
+    the strategy table's name picks another, as in fedhive run) on a reference model (cnn1d, mlp or
     logreg) of a built-in data set, with centralized evaluation on its test split.
+    Synchronous rounds by default; the policy table's name = "buffered-async" publishes
+    a model every buffer_size results while concurrency sites train.
 
     Requires TLS (--cert/--key, or the tls table of the config) unless --insecure is
     given.
@@ -207,6 +218,7 @@ def _serve(
             "[yellow]warning:[/] client tokens travel in the clear without TLS", highlight=False
         )
     strategy, mods, data = server_strategy(cfg)
+    policy = server_policy(cfg)
     out_dir = Path(cfg.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     resolved = cfg.model_dump()
@@ -228,6 +240,12 @@ def _serve(
             highlight=False,
             markup=False,
         )
+        if policy.name != "sync":  # the default is not named, as before
+            err.print(
+                f"fedhive server: policy {cfg.policy.describe()}; a round is a model version",
+                highlight=False,
+                markup=False,
+            )
 
     try:
         history = start_server(
@@ -243,6 +261,7 @@ def _serve(
             resume=cfg.resume,
             callbacks=[outputs],
             on_started=started,
+            policy=policy,
             secure_aggregation=(
                 None if cfg.secure_aggregation is None else cfg.secure_aggregation.options()
             ),

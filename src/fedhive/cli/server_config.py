@@ -3,7 +3,10 @@
 The ``[strategy]`` table is ``fedhive run``'s (a strategy by ``name`` and its parameters,
 one model per strategy in :mod:`fedhive.cli.strategies`, validated the same way) with the
 defaults of a deployment, where every connected site takes part, and
-``min_available_clients`` (:class:`DeployStrategyConfig`).
+``min_available_clients`` (:class:`DeployStrategyConfig`). The ``[policy]`` table is
+``fedhive run``'s too (:mod:`fedhive.cli.policies`): ``name = "buffered-async"`` with
+``buffer_size`` and ``concurrency`` publishes a model every ``buffer_size`` results while
+``concurrency`` sites train, and ``rounds`` counts model versions.
 """
 
 from __future__ import annotations
@@ -28,11 +31,14 @@ from fedhive.cli.config import (
     SecureAggregationConfig,
     StrategyConfig,
     TrainConfig,
+    check_policy_round_size,
     check_round_size,
+    check_secure_policy,
     check_secure_strategy,
     describe_error,
 )
 from fedhive.cli.deploy_common import read_file
+from fedhive.cli.policies import PolicyConfig, SyncConfig
 from fedhive.common.errors import ConfigError
 from fedhive.transport.base import DEFAULT_STAGED_BYTES
 
@@ -136,7 +142,7 @@ class DeployConfig(_Section):
     """The config of ``fedhive server`` (see :mod:`fedhive.cli.deploy`)."""
 
     address: str = "0.0.0.0:8080"
-    rounds: int = Field(10, ge=0)
+    rounds: int = Field(10, ge=0, description="rounds (model versions under any policy)")
     round_timeout: float | None = Field(None, gt=0)
     wait_timeout: float = Field(24 * 3600.0, gt=0)
     seed: int = 0
@@ -152,10 +158,15 @@ class DeployConfig(_Section):
     train: TrainConfig = TrainConfig()
     secure_aggregation: SecureAggregationConfig | None = None
     memory: MemoryConfig = MemoryConfig()
+    policy: SerializeAsAny[PolicyConfig] = SyncConfig()
 
     @model_validator(mode="after")
     def _check_secure_strategy(self) -> Self:
         check_secure_strategy(self.secure_aggregation, self.strategy)
+        check_secure_policy(self.secure_aggregation, self.policy)
+        # the sampling check of [strategy] (min_available_clients) ran already; under an
+        # asynchronous policy each version's results are buffer_size instead
+        check_policy_round_size(self.strategy, self.policy)
         return self
 
 

@@ -14,14 +14,13 @@ from typing import Any, TypeAlias
 from fedhive.client.client import Client
 from fedhive.client.context import Context
 from fedhive.client.numpy_client import NumPyClient
+from fedhive.common.context import Handler, Mod
 from fedhive.common.errors import ProtocolError
 from fedhive.common.message import Message, MessageType
 from fedhive.common.records import Code, EvaluateIns, FitIns, GetParametersIns, GetPropertiesIns
 
-__all__ = ["ClientApp", "ClientFn", "Handler", "Mod", "build_client"]
+__all__ = ["ClientApp", "ClientFn", "Handler", "Mod", "build_client"]  # Handler, Mod: re-exported
 
-Handler: TypeAlias = Callable[[Message, Context], Message]
-Mod: TypeAlias = Callable[[Message, Context, Handler], Message]
 ClientFn: TypeAlias = Callable[..., Client | NumPyClient]
 
 

@@ -46,7 +46,7 @@ from fedhive.server.policy import RunPolicy, SyncRounds
 from fedhive.server.stages import FitPipeline, RoundAborted, RoundStage
 from fedhive.server.strategy.aggregate import check_fit_reply
 from fedhive.server.strategy.base import Strategy
-from fedhive.server.strategy.traits import traits_of
+from fedhive.server.strategy.traits import StrategyTraits, traits_of
 from fedhive.transport.base import Replies, Transport
 
 __all__ = [
@@ -476,10 +476,16 @@ def failure_record(failure: ClientFailure) -> dict[str, Any]:
     }
 
 
-def _fold_fit_reply(
-    driver: RoundDriver, reply: Message, aggregator: Any, reference: list[Any]
+def fold_fit_reply(
+    driver: RoundDriver,
+    reply: Message,
+    aggregator: Any,
+    reference: list[Any],
+    traits: StrategyTraits | None = None,
 ) -> ClientFailure | None:
-    """Validate one fit reply and fold it; the failure if it was refused."""
+    """Validate one fit reply against the update layout the strategy declared (its
+    ``traits``, looked up when not given) and fold it into ``aggregator``; the failure if
+    it was refused (the aggregate is then unchanged)."""
     rnd = driver.server_round
     cid = reply.metadata.node_id
     if reply.error is not None:
@@ -487,7 +493,8 @@ def _fold_fit_reply(
     res = reply.content
     if not isinstance(res, FitRes):
         return InvalidUpdate(cid, rnd, MessageType.FIT, "fit reply is not a FitRes")
-    traits = traits_of(driver.strategy)
+    if traits is None:
+        traits = traits_of(driver.strategy)
     try:
         # The layout the strategy declared, not the model's: extras, partial models.
         check_fit_reply(
@@ -502,14 +509,6 @@ def _fold_fit_reply(
     except InvalidUpdate as exc:
         return exc.with_traceback(None)  # its frames would keep the refused upload alive
     return None
-
-
-def fold_fit_reply(
-    driver: RoundDriver, reply: Message, aggregator: Any, reference: list[Any]
-) -> ClientFailure | None:
-    """Validate one fit reply (against the strategy's update layout) and fold it into
-    ``aggregator``; the failure if it was refused (the aggregate is then unchanged)."""
-    return _fold_fit_reply(driver, reply, aggregator, reference)
 
 
 def begin_fit_round(

@@ -154,6 +154,7 @@ class FitSink:
         self.fit = fit
         self.failures: list[ClientFailure] = []
         self.reference = parameters_to_ndarrays(driver.engine.parameters)
+        self.traits = traits_of(driver.engine.strategy)  # once per round, not per reply
 
     def add_reply(self, reply: Message) -> bool:
         """Validate and fold one fit reply; ``False`` (and a failure kept) if refused."""
@@ -161,7 +162,7 @@ class FitSink:
 
         if reply.error is None and self.reply_stages and isinstance(reply.content, FitRes):
             reply = self._through_stages(reply)
-        failure = fold_fit_reply(self.driver, reply, self.aggregator, self.reference)
+        failure = fold_fit_reply(self.driver, reply, self.aggregator, self.reference, self.traits)
         del reply  # folded: free the upload before the next one is awaited
         if failure is None:
             self.fit["num_results"] += 1

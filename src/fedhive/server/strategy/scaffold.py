@@ -40,6 +40,7 @@ from fedhive.server.strategy.composed import (
 )
 from fedhive.server.strategy.fedavg import FedAvg
 from fedhive.server.strategy.optimizers import ServerSGD
+from fedhive.server.strategy.scaffold_mod import scaffold_mod
 from fedhive.server.strategy.traits import ExtraRecord, StrategyTraits, UpdateLayout
 
 __all__ = ["NUM_ARRAYS_KEY", "SCAFFOLD_KEY", "Scaffold"]
@@ -158,10 +159,7 @@ class Scaffold(ComposedStrategy):
 
 @functools.cache
 def _traits() -> StrategyTraits:
-    # Imported here: the client runtime is the server's peer, not something this module
-    # needs loaded to be imported. Cached: the engine asks for the traits every reply.
-    from fedhive.client.mods import scaffold_mod
-
+    # Cached: the engine asks for the traits every reply.
     return StrategyTraits(
         individual_updates=False,
         required_mods=(scaffold_mod,),
