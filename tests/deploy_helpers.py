@@ -111,3 +111,35 @@ def fedhive(cwd: Path, name: str, *args: str) -> Proc:
 def script(cwd: Path, name: str, path: Path, *args: str) -> Proc:
     """``python PATH ARGS`` in ``cwd``."""
     return Proc(cwd, name, [sys.executable, str(path), *args])
+
+
+def demo_federation(cwd: Path, server_toml: str, sites: int = 2) -> tuple[Proc, list[Proc]]:
+    """``fedhive server`` on ``server_toml`` (written to ``cwd/server.toml``; insecure, on
+    a free port) with ``sites`` demo clients, all run to a clean exit: their processes."""
+    (cwd / "server.toml").write_text(server_toml)
+    server = fedhive(
+        cwd, "server", "server", "server.toml", "--insecure", "--address", "127.0.0.1:0"
+    )
+    try:
+        address = f"127.0.0.1:{server.port()}"
+        clients = [
+            fedhive(
+                cwd,
+                f"client{i}",
+                "client",
+                "--server",
+                address,
+                "--insecure",
+                *DEMO,
+                "--partition-id",
+                str(i),
+                "--max-retries",
+                "5",
+            )
+            for i in range(sites)
+        ]
+        assert server.wait() == 0, server.stderr
+        assert [c.wait() for c in clients] == [0] * sites, [c.stderr for c in clients]
+    finally:
+        server.stop()
+    return server, clients

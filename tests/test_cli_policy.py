@@ -10,7 +10,8 @@ import tomllib
 import pytest
 from typer.testing import CliRunner
 
-from deploy_helpers import DEMO, TINY_SERVER, fedhive
+from cli_helpers import run_toml
+from deploy_helpers import TINY_SERVER, demo_federation
 from fedhive.cli import app
 from fedhive.cli.config import validate
 from fedhive.cli.policies import (
@@ -30,26 +31,7 @@ from fedhive.server.policy import SyncRounds
 
 runner = CliRunner()
 
-SMALL = """\
-rounds = {rounds}
-num_clients = 6
-seed = 1
-out = "{out}"
-[data]
-dataset = "digits"
-[model]
-name = "logreg"
-[train]
-local_epochs = 1
-lr = 0.1
-[strategy]
-fraction_fit = 0.5
-fraction_evaluate = 0.5
-[policy]
-name = "buffered-async"
-buffer_size = 2
-concurrency = 3
-"""
+ASYNC_TABLE = '[policy]\nname = "buffered-async"\nbuffer_size = 2\nconcurrency = 3'
 
 ASYNC = {"name": "buffered-async", "buffer_size": 2, "concurrency": 3}
 
@@ -211,7 +193,9 @@ def test_server_config_builds_the_policy():
 def test_run_with_buffered_async_publishes_versions_with_staleness_and_resumes(tmp_path):
     out = tmp_path / "run"
     cfg = tmp_path / "exp.toml"
-    cfg.write_text(SMALL.format(rounds=3, out=out.as_posix()))
+    cfg.write_text(
+        run_toml(out, rounds=3, num_clients=6, train="local_epochs = 1", tables=ASYNC_TABLE)
+    )
     result = runner.invoke(app, ["run", str(cfg), "--no-progress"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert "policy buffered-async (buffer_size = 2, concurrency = 3)" in flat(result.output)
@@ -270,32 +254,7 @@ def test_run_refuses_bad_policy_tables_before_any_work(tmp_path):
 @pytest.mark.usefixtures("restore_process_state")
 def test_server_with_buffered_async_and_two_client_processes(tmp_path):
     policy = '[policy]\nname = "buffered-async"\nbuffer_size = 2\nconcurrency = 2\n'
-    (tmp_path / "server.toml").write_text(TINY_SERVER.format(rounds=3) + policy)
-    server = fedhive(
-        tmp_path, "server", "server", "server.toml", "--insecure", "--address", "127.0.0.1:0"
-    )
-    try:
-        address = f"127.0.0.1:{server.port()}"
-        clients = [
-            fedhive(
-                tmp_path,
-                f"client{i}",
-                "client",
-                "--server",
-                address,
-                "--insecure",
-                *DEMO,
-                "--partition-id",
-                str(i),
-                "--max-retries",
-                "5",
-            )
-            for i in range(2)
-        ]
-        assert server.wait() == 0, server.stderr
-        assert [c.wait() for c in clients] == [0, 0], [c.stderr for c in clients]
-    finally:
-        server.stop()
+    server, _ = demo_federation(tmp_path, TINY_SERVER.format(rounds=3) + policy)
     assert "policy buffered-async (buffer_size = 2, concurrency = 2)" in server.stderr
     history = json.loads((tmp_path / "out" / "history.json").read_text())
     assert history["config"]["policy"] == {

@@ -15,6 +15,7 @@ import pytest
 from pydantic import Field
 from typer.testing import CliRunner
 
+from cli_helpers import run_toml
 from fedhive.cli import app
 from fedhive.cli.config import (
     REQUIRED_PARAMETERS,
@@ -216,30 +217,11 @@ def toys():
     assert registered_strategies() == BUILT_IN
 
 
-SMALL_TOML = """
-rounds = 2
-num_clients = 8
-seed = 1
-out = "{out}"
-[data]
-dataset = "digits"
-[model]
-name = "logreg"
-[train]
-lr = 0.1
-[strategy]
-name = "stepavg"
-step = 0.5
-fraction_fit = 0.5
-fraction_evaluate = 0.5
-"""
-
-
 @pytest.mark.usefixtures("toys")
 def test_a_registered_strategy_runs_from_the_toml(tmp_path):
     assert STRATEGY_PARAMETERS["stepavg"] == ("step",) and STRATEGIES["stepavg"] is StepAvg
     cfg = tmp_path / "exp.toml"
-    cfg.write_text(SMALL_TOML.format(out=(tmp_path / "out").as_posix()))
+    cfg.write_text(run_toml(tmp_path / "out", strategy='name = "stepavg"\nstep = 0.5'))
     result = runner.invoke(app, ["run", str(cfg), "--no-progress"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     history = json.loads((tmp_path / "out" / "history.json").read_text())

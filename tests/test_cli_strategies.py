@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from cli_helpers import run_toml
 from fedhive.cli import app
 from fedhive.cli.config import STRATEGY_PARAMETERS, load_config, validate
 from fedhive.cli.experiment import (
@@ -204,34 +205,11 @@ def test_sim_client_reports_the_effective_learning_rate_under_scaffold_momentum(
     assert metrics["lr"][0][1] == pytest.approx(0.1 * local_norm(3, 0.9) / 3)
 
 
-SMALL_TOML = """
-rounds = 2
-num_clients = 8
-seed = 1
-out = "{out}"
-
-[data]
-dataset = "digits"
-
-[model]
-name = "logreg"
-
-[train]
-lr = 0.1
-
-[strategy]
-name = "{name}"
-fraction_fit = 0.5
-fraction_evaluate = 0.5
-{params}
-"""
-
-
 @pytest.mark.parametrize(("name", "params"), [("fedprox", "proximal_mu = 1.0"), ("scaffold", "")])
 def test_fedhive_run_with_a_named_strategy(tmp_path, name, params):
     out = tmp_path / name
     cfg = tmp_path / "exp.toml"
-    cfg.write_text(SMALL_TOML.format(out=out.as_posix(), name=name, params=params))
+    cfg.write_text(run_toml(out, strategy=f'name = "{name}"\n{params}'))
     result = runner.invoke(app, ["run", str(cfg), "--no-progress"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     history = json.loads((out / "history.json").read_text())
@@ -249,11 +227,7 @@ def test_fedhive_run_with_a_named_strategy(tmp_path, name, params):
 
 def test_fedhive_run_refuses_a_foreign_parameter(tmp_path):
     cfg = tmp_path / "exp.toml"
-    cfg.write_text(
-        SMALL_TOML.format(
-            out=tmp_path.as_posix(), name="fedprox", params="proximal_mu = 1\neta = 1"
-        )
-    )
+    cfg.write_text(run_toml(tmp_path, strategy='name = "fedprox"\nproximal_mu = 1\neta = 1'))
     result = runner.invoke(app, ["run", str(cfg), "--no-progress"])
     assert result.exit_code == 2
     assert "strategy.eta" in result.output and "proximal_mu" in result.output

@@ -7,7 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from deploy_helpers import APPS, DEMO, TINY_SERVER, fedhive
+from deploy_helpers import APPS, DEMO, TINY_SERVER, demo_federation, fedhive
 from fedhive.cli import app
 from fedhive.cli.deploy import DeployConfig, load_tokens, validate_server_config
 from fedhive.common import ConfigError
@@ -137,32 +137,7 @@ def test_help_lists_the_deployment_options():
 
 
 def test_three_process_federation_via_the_clis(tmp_path):
-    (tmp_path / "server.toml").write_text(TINY_SERVER.format(rounds=2))
-    server = fedhive(
-        tmp_path, "server", "server", "server.toml", "--insecure", "--address", "127.0.0.1:0"
-    )
-    try:
-        address = f"127.0.0.1:{server.port()}"
-        clients = [
-            fedhive(
-                tmp_path,
-                f"client{i}",
-                "client",
-                "--server",
-                address,
-                "--insecure",
-                *DEMO,
-                "--partition-id",
-                str(i),
-                "--max-retries",
-                "5",
-            )
-            for i in range(2)
-        ]
-        assert server.wait() == 0, server.stderr
-        assert [c.wait() for c in clients] == [0, 0], [c.stderr for c in clients]
-    finally:
-        server.stop()
+    server, clients = demo_federation(tmp_path, TINY_SERVER.format(rounds=2))
     out = tmp_path / "out"
     for name in ("history.json", "metrics.csv", "config.toml", "final_model.npz"):
         assert (out / name).exists(), name

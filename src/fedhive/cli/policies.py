@@ -34,6 +34,7 @@ from typing import Any, ClassVar, Literal, Self, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from fedhive.cli.registry import Registry
 from fedhive.common.errors import ConfigError
 from fedhive.server.asynchronous import BufferedAsync
 from fedhive.server.policy import RunPolicy, SyncRounds
@@ -49,7 +50,9 @@ __all__ = [
 ]
 
 #: name -> the model of its ``[policy]`` table.
-_REGISTRY: dict[str, type[PolicyConfig]] = {}
+_REGISTRY: Registry[PolicyConfig] = Registry(
+    "policy", "policy_class", argument="argument", example="Field(ge=1, examples=[10])"
+)
 
 
 class PolicyConfig(BaseModel):
@@ -78,19 +81,7 @@ class PolicyConfig(BaseModel):
             return handler(data)
         if not isinstance(data, dict):
             return handler(data)  # pydantic's "a valid dictionary" error
-        name = data.get("name", cls.model_fields["name"].default)
-        model = _REGISTRY.get(name) if isinstance(name, str) else None
-        if model is None:
-            expected = ", ".join(repr(n) for n in _REGISTRY)
-            raise ValidationError.from_exception_data(
-                cls.__name__,
-                [
-                    InitErrorDetails(
-                        type="literal_error", loc=("name",), input=name, ctx={"expected": expected}
-                    )
-                ],
-            )
-        return typing.cast(Self, model.model_validate(data))
+        return typing.cast(Self, _REGISTRY.model_of(cls, data).model_validate(data))
 
     @model_validator(mode="before")
     @classmethod
@@ -117,23 +108,7 @@ class PolicyConfig(BaseModel):
                     input=value,
                 )
             )
-        for key, field in cls.model_fields.items():
-            if field.is_required() and key not in data:
-                errors.append(
-                    InitErrorDetails(
-                        type=PydanticCustomError(
-                            "config_parameter",
-                            "policy '{name}' needs {key} (e.g. {key} = {example} under [policy])",
-                            {
-                                "field": key,
-                                "name": cls.registered_name(),
-                                "key": key,
-                                "example": (field.examples or ["..."])[0],
-                            },
-                        ),
-                        input=data,
-                    )
-                )
+        errors += _REGISTRY.missing(cls, data, "config_parameter")
         if errors:
             raise ValidationError.from_exception_data(cls.__name__, errors)
         return data
@@ -180,36 +155,13 @@ def register_policy(model: type[M]) -> type[M]:
     ``model`` names its ``policy_class``, has a ``Literal`` name of its own, and gives an
     example for each required argument (shown when one is missing).
     """
-    field = model.model_fields["name"]
-    name = field.default
-    if (
-        typing.get_args(field.annotation) != (name,)
-        or typing.get_origin(field.annotation) is not Literal
-    ):
-        raise ConfigError(
-            f"{model.__name__}.name must be a Literal with itself as default, e.g. "
-            f'name: Literal["foo"] = "foo"; got {field.annotation!r} = {name!r}'
-        )
-    if model.policy_class is None:
-        raise ConfigError(f"{model.__name__} must set policy_class (the RunPolicy it builds)")
-    if name in _REGISTRY and _REGISTRY[name] is not model:
-        raise ConfigError(
-            f"policy {name!r} is already registered by {_REGISTRY[name].__name__}; "
-            "unregister_policy it first"
-        )
-    missing = [k for k, f in model.model_fields.items() if f.is_required() and not f.examples]
-    if missing:
-        raise ConfigError(
-            f"{model.__name__}: required arguments need an example, e.g. "
-            f"Field(ge=1, examples=[10]): {', '.join(missing)}"
-        )
-    _REGISTRY[name] = model
+    _REGISTRY.register(model)
     return model
 
 
 def unregister_policy(name: str) -> None:
     """Remove the policy ``name`` from the registry (KeyError if it is not there)."""
-    del _REGISTRY[name]
+    _REGISTRY.unregister(name)
 
 
 def registered_policies() -> tuple[str, ...]:
@@ -219,11 +171,7 @@ def registered_policies() -> tuple[str, ...]:
 
 def policy_model(name: str) -> type[PolicyConfig]:
     """The model registered as ``name``; ConfigError naming the known ones otherwise."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        known = ", ".join(_REGISTRY)
-        raise ConfigError(f"unknown policy {name!r}; known: {known}") from None
+    return _REGISTRY.model(name)
 
 
 # -- the registry ----------------------------------------------------------------------

@@ -37,6 +37,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from fedhive.cli.registry import Registry
 from fedhive.common.errors import ConfigError
 from fedhive.common.records import Config, ndarrays_to_parameters
 from fedhive.server.strategy import (
@@ -85,7 +86,9 @@ __all__ = [
 ]
 
 #: name -> the model of its ``[strategy]`` table.
-_REGISTRY: dict[str, type[StrategyConfig]] = {}
+_REGISTRY: Registry[StrategyConfig] = Registry(
+    "strategy", "strategy_class", argument="parameter", example="Field(..., examples=[0.01])"
+)
 
 #: Flower arguments the CLI refuses, with the reason.
 _REFUSED: dict[str, str] = {
@@ -153,18 +156,7 @@ class StrategyConfig(BaseModel):
             data = data.model_dump(exclude_unset=True) | {"name": data.name}
         if not isinstance(data, dict):
             return handler(data)  # pydantic's "a valid dictionary" error
-        name = data.get("name", cls.model_fields["name"].default)
-        model = _REGISTRY.get(name) if isinstance(name, str) else None
-        if model is None:
-            expected = ", ".join(repr(n) for n in _REGISTRY)
-            raise ValidationError.from_exception_data(
-                cls.__name__,
-                [
-                    InitErrorDetails(
-                        type="literal_error", loc=("name",), input=name, ctx={"expected": expected}
-                    )
-                ],
-            )
+        model = _REGISTRY.model_of(cls, data)
         return typing.cast(Self, _variant(model, cls).model_validate(data))
 
     @model_validator(mode="before")
@@ -177,25 +169,7 @@ class StrategyConfig(BaseModel):
             for key, value in data.items()
             if (error := cls._key_error(key, value)) is not None
         ]
-        for key, field in cls.model_fields.items():
-            if field.is_required() and key not in data:
-                example = (field.examples or ["..."])[0]
-                errors.append(
-                    InitErrorDetails(
-                        type=PydanticCustomError(
-                            "strategy_parameter",
-                            "strategy '{name}' needs {key} (e.g. {key} = {example} under "
-                            "[strategy])",
-                            {
-                                "field": key,
-                                "name": cls.registered_name(),
-                                "key": key,
-                                "example": example,
-                            },
-                        ),
-                        input=data,
-                    )
-                )
+        errors += _REGISTRY.missing(cls, data, "strategy_parameter")
         if errors:
             raise ValidationError.from_exception_data(cls.__name__, errors)
         return data
@@ -301,36 +275,13 @@ def register_strategy(model: type[M]) -> type[M]:
     ``model`` names its ``strategy_class``, has a ``Literal`` name of its own, and gives
     an example for each required parameter (shown when one is missing).
     """
-    field = model.model_fields["name"]
-    name = field.default
-    if (
-        typing.get_args(field.annotation) != (name,)
-        or typing.get_origin(field.annotation) is not Literal
-    ):
-        raise ConfigError(
-            f"{model.__name__}.name must be a Literal with itself as default, e.g. "
-            f'name: Literal["fedfoo"] = "fedfoo"; got {field.annotation!r} = {name!r}'
-        )
-    if model.strategy_class is None:
-        raise ConfigError(f"{model.__name__} must set strategy_class (the class it builds)")
-    if name in _REGISTRY and _REGISTRY[name] is not model:
-        raise ConfigError(
-            f"strategy {name!r} is already registered by {_REGISTRY[name].__name__}; "
-            "unregister_strategy it first"
-        )
-    missing = [k for k, f in model.model_fields.items() if f.is_required() and not f.examples]
-    if missing:
-        raise ConfigError(
-            f"{model.__name__}: required parameters need an example, e.g. "
-            f"Field(..., examples=[0.01]): {', '.join(missing)}"
-        )
-    _REGISTRY[name] = model
+    _REGISTRY.register(model)
     return model
 
 
 def unregister_strategy(name: str) -> None:
     """Remove the strategy ``name`` from the registry (KeyError if it is not there)."""
-    del _REGISTRY[name]
+    _REGISTRY.unregister(name)
 
 
 def registered_strategies() -> tuple[str, ...]:
@@ -340,11 +291,7 @@ def registered_strategies() -> tuple[str, ...]:
 
 def strategy_model(name: str) -> type[StrategyConfig]:
     """The model registered as ``name``; ConfigError naming the known ones otherwise."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        known = ", ".join(_REGISTRY)
-        raise ConfigError(f"unknown strategy {name!r}; known: {known}") from None
+    return _REGISTRY.model(name)
 
 
 class RegistryView(Mapping[str, T]):
@@ -443,39 +390,44 @@ class FedAvgMConfig(StrategyConfig):
     server_momentum: _Decay = Field(None, description="server momentum")
 
 
+class _FedOptConfig(StrategyConfig):
+    """The parameters of every adaptive server optimizer (Reddi et al. 2021's FedOpt);
+    not registered itself."""
+
+    eta: _Rate = Field(None, description="server learning rate")
+    beta_1: _Decay = Field(None, description="first moment decay")
+
+
+class _MomentsConfig(_FedOptConfig):
+    """FedOpt with a second moment (FedAdam's and FedYogi's); not registered itself."""
+
+    beta_2: _Decay = Field(None, description="second moment decay")
+    tau: _Rate = Field(None, description="adaptivity degree")
+
+
 @register_strategy
-class FedAdamConfig(StrategyConfig):
+class FedAdamConfig(_MomentsConfig):
     """FedAdam (Reddi et al. 2021)."""
 
     name: Literal["fedadam"] = "fedadam"
     strategy_class = FedAdam
-    eta: _Rate = Field(None, description="server learning rate")
-    beta_1: _Decay = Field(None, description="first moment decay")
-    beta_2: _Decay = Field(None, description="second moment decay")
-    tau: _Rate = Field(None, description="adaptivity degree")
     bias_correction: bool | None = Field(None, description="Adam's bias correction")
 
 
 @register_strategy
-class FedYogiConfig(StrategyConfig):
+class FedYogiConfig(_MomentsConfig):
     """FedYogi (Reddi et al. 2021)."""
 
     name: Literal["fedyogi"] = "fedyogi"
     strategy_class = FedYogi
-    eta: _Rate = Field(None, description="server learning rate")
-    beta_1: _Decay = Field(None, description="first moment decay")
-    beta_2: _Decay = Field(None, description="second moment decay")
-    tau: _Rate = Field(None, description="adaptivity degree")
 
 
 @register_strategy
-class FedAdagradConfig(StrategyConfig):
+class FedAdagradConfig(_FedOptConfig):
     """FedAdagrad (Reddi et al. 2021)."""
 
     name: Literal["fedadagrad"] = "fedadagrad"
     strategy_class = FedAdagrad
-    eta: _Rate = Field(None, description="server learning rate")
-    beta_1: _Decay = Field(None, description="first moment decay")
     tau: _Rate = Field(None, description="adaptivity degree")
 
 
@@ -514,38 +466,37 @@ class FedTrimmedAvgConfig(StrategyConfig):
     )
 
 
-def _krum_need(f: int, keep: int) -> RoundNeed:
-    need = max(2 * f + 3, keep)
-    key = "num_clients_to_keep" if keep > 2 * f + 3 else "num_malicious_clients"
-    return RoundNeed(need, "max(2f + 3, num_clients_to_keep)", key)
+class _KrumFamilyConfig(StrategyConfig):
+    """Krum's and Multi-Krum's ``f`` and ``num_clients_to_keep``, which together set the
+    results a round needs, ``max(2f + 3, num_clients_to_keep)``; not registered itself."""
+
+    num_malicious_clients: _Count = Field(None, description="f, the Byzantine clients tolerated")
+    num_clients_to_keep: _Count = Field(None, description="models averaged")
+
+    def min_results(self) -> RoundNeed | None:
+        f, keep = self.num_malicious_clients or 0, self.num_clients_to_keep or 0
+        key = "num_clients_to_keep" if keep > 2 * f + 3 else "num_malicious_clients"
+        return RoundNeed(max(2 * f + 3, keep), "max(2f + 3, num_clients_to_keep)", key)
 
 
 @register_strategy
-class KrumConfig(StrategyConfig):
+class KrumConfig(_KrumFamilyConfig):
     """Krum (Blanchard et al. 2017); needs ``max(2f + 3, num_clients_to_keep)`` results."""
 
     name: Literal["krum"] = "krum"
     strategy_class = Krum
-    num_malicious_clients: _Count = Field(None, description="f, the Byzantine clients tolerated")
     num_clients_to_keep: _Count = Field(
         None, description="models averaged (0: Krum's single model)"
     )
 
-    def min_results(self) -> RoundNeed | None:
-        return _krum_need(self.num_malicious_clients or 0, self.num_clients_to_keep or 0)
-
 
 @register_strategy
-class MultiKrumConfig(StrategyConfig):
+class MultiKrumConfig(_KrumFamilyConfig):
     """Multi-Krum (Blanchard et al. 2017); needs ``max(2f + 3, num_clients_to_keep)``."""
 
     name: Literal["multikrum"] = "multikrum"
     strategy_class = MultiKrum
-    num_malicious_clients: _Count = Field(None, description="f, the Byzantine clients tolerated")
     num_clients_to_keep: _Count = Field(None, description="models averaged (0: n - f)")
-
-    def min_results(self) -> RoundNeed | None:
-        return _krum_need(self.num_malicious_clients or 0, self.num_clients_to_keep or 0)
 
 
 @register_strategy
