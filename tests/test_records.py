@@ -13,9 +13,10 @@ import pytest
 
 import fedhive as fl
 from apps.records_client import EchoClient, model, quadratic_client_fn
+from conftest import AddClient, initial
 from fedhive.client.mods import SCAFFOLD_STATE, scaffold_mod
 from fedhive.common import InvalidUpdate, ProtocolError, SerdeError
-from fedhive.common.message import Message, Metadata
+from fedhive.common.message import Message, MessageType, Metadata
 from fedhive.common.records import (
     LAYERS_RECORD,
     EvaluateIns,
@@ -546,3 +547,60 @@ def test_deployed_scaffold_over_grpc_matches_the_simulation():
     assert any(np.abs(c).max() > 0.01 for c in strategy.control_variate)
     for a, b in zip(strategy.control_variate, simulated.control_variate, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+
+
+# -- wrappers and secure aggregation carry a strategy's instruction extras -------------------
+
+
+class SendsExtras(FedAvg):
+    """FedAvg whose fit instructions carry an extra record (a codec's parameters, say)."""
+
+    def configure_fit(self, server_round, parameters, client_manager):
+        return [
+            (
+                client,
+                FitIns(
+                    ins.parameters, ins.config, RecordDict(config_records={"codec": {"bits": 4}})
+                ),
+            )
+            for client, ins in super().configure_fit(server_round, parameters, client_manager)
+        ]
+
+
+def _seen_extras(strategy, **kw):
+    seen: list[dict] = []
+
+    def spy(message, context, call_next):
+        if message.metadata.message_type == MessageType.FIT:
+            seen.append(dict(message.content.extras.config_records.get("codec", {})))
+        return call_next(message, context)
+
+    start_simulation(
+        client_fn=lambda cid: AddClient(int(cid)),
+        num_clients=4,
+        config=ServerConfig(num_rounds=1),
+        strategy=strategy,
+        mods=[spy],
+        seed=0,
+        **kw,
+    )
+    return seen
+
+
+@pytest.mark.parametrize("wrapped", ["dp", "secagg", "composed"])
+def test_instruction_extras_survive_wrappers_and_secure_aggregation(wrapped):
+    from fedhive.privacy import DifferentialPrivacyClientSideFixedClipping
+    from fedhive.server.strategy import FedProx
+
+    base = SendsExtras(fraction_fit=1.0, fraction_evaluate=0.0, initial_parameters=initial((3,)))
+    strategy, options = base, {}
+    if wrapped == "dp":
+        strategy = DifferentialPrivacyClientSideFixedClipping(
+            base, noise_multiplier=1.0, clipping_norm=100.0, num_sampled_clients=4
+        )
+    elif wrapped == "secagg":
+        options = {"secure_aggregation": {"bits": 16, "clip": 8.0}}
+    else:
+        strategy = FedProx(proximal_mu=0.1)
+        strategy.sampling = base  # FedProx adds its config to the sampling's instructions
+    assert _seen_extras(strategy, **options) == [{"bits": 4}] * 4

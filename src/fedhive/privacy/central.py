@@ -367,7 +367,7 @@ class _DpStrategy(Strategy, ABC):
         out = []
         for client, ins in instructions:
             config = {**ins.config, CLIPPING_NORM_KEY: self.clipping_norm}
-            out.append((client, FitIns(ins.parameters, config)))
+            out.append((client, FitIns(ins.parameters, config, ins.extras)))
         return out
 
     # -- aggregation ------------------------------------------------------------------------

@@ -339,7 +339,7 @@ class SecAggPlusMod:
                 f"shares from {len(inbox)} neighbours, fewer than the threshold {threshold}"
             )
         context.state.config_records[_INBOX] = inbox
-        inner = Message(meta, FitIns(ins.parameters, config))
+        inner = Message(meta, FitIns(ins.parameters, config, ins.extras))
         reply = call_next(inner, context)
         if reply.error is not None or not isinstance(reply.content, FitRes):
             return reply

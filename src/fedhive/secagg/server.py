@@ -352,7 +352,7 @@ class _SecureRound:
                 sender = alive.get(j)
                 if sender is not None:
                     config[f"{SHARE_PREFIX}{j}"] = sender.shares_out[str(peer.sid)]
-            contents[peer.sid] = FitIns(peer.ins.parameters, config)
+            contents[peer.sid] = FitIns(peer.ins.parameters, config, peer.ins.extras)
         out = []
         for peer, res in self._exchange(MessageType.FIT, contents):
             vector = self._masked_vector(res)

@@ -292,7 +292,7 @@ class ComposedStrategy(Strategy):
         if not self.fit_config:
             return instructions
         return [
-            (client, FitIns(ins.parameters, {**ins.config, **self.fit_config}))
+            (client, FitIns(ins.parameters, {**ins.config, **self.fit_config}, ins.extras))
             for client, ins in instructions
         ]
 
