@@ -43,8 +43,8 @@ Example::
 
     from fedhive.server.strategy import FedAvg, Krum
 
-    assert FedAvg().traits.weighted_mean
-    assert Krum().traits.individual_updates and not Krum().traits.weighted_mean
+    FedAvg().traits.weighted_mean  # True: secure aggregation and central DP apply
+    Krum().traits.individual_updates  # True: it needs each update on its own
 """
 
 from __future__ import annotations
