@@ -62,15 +62,18 @@ class _IdleClients:
         self.busy = busy
         self.slots = slots
 
-    def _idle(self) -> list[str]:
-        return [cid for cid in self.manager.all() if cid not in self.busy]
+    def _num_idle(self) -> int:
+        # O(1) per dispatch. A busy client that disconnected is still counted until its
+        # task fails (at once, on disconnect); a sample drawn meanwhile may come back
+        # empty, and the slot is filled at the next reply.
+        return max(0, self.manager.num_available() - len(self.busy))
 
     def num_available(self) -> int:
-        idle = len(self._idle())
+        idle = self._num_idle()
         return idle if self.slots is None else min(idle, self.slots)
 
     def all(self) -> dict[str, ClientProxy]:
-        return {cid: ClientProxy(cid) for cid in self._idle()}
+        return {cid: proxy for cid, proxy in self.manager.all().items() if cid not in self.busy}
 
     def sample(
         self,
@@ -78,7 +81,7 @@ class _IdleClients:
         min_num_clients: int | None = None,
         criterion: Criterion | None = None,
     ) -> list[ClientProxy]:
-        idle = len(self._idle())
+        idle = self._num_idle()
         wanted = num_clients if self.slots is None else self.slots
         # min_num_clients counts connected clients, busy ones included; the policy
         # waited for those already, so only the idle ones limit the sample.

@@ -28,12 +28,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from fedhive.common.clock import Clock, SystemClock
-from fedhive.common.errors import ClientFailure, ConfigError, InvalidUpdate
+from fedhive.common.errors import ClientFailure, ConfigError
 from fedhive.common.message import Message, MessageType, derive_seed
 from fedhive.common.records import (
     EvaluateRes,
     FitIns,
-    FitRes,
     GetParametersIns,
     GetParametersRes,
     Parameters,
@@ -43,10 +42,14 @@ from fedhive.server.client_manager import ClientManager, ClientProxy, SimpleClie
 from fedhive.server.config import ServerConfig
 from fedhive.server.history import History
 from fedhive.server.policy import RunPolicy, SyncRounds
-from fedhive.server.stages import FitPipeline, RoundAborted, RoundStage
-from fedhive.server.strategy.aggregate import check_fit_reply
+from fedhive.server.stages import (
+    FitPipeline,
+    RoundAborted,
+    RoundStage,
+    build_pipeline,
+    fold_fit_reply,
+)
 from fedhive.server.strategy.base import Strategy
-from fedhive.server.strategy.traits import StrategyTraits, traits_of
 from fedhive.transport.base import Replies, Transport
 
 __all__ = [
@@ -160,11 +163,6 @@ class Engine:
     ) -> None:
         if not isinstance(strategy, Strategy):
             raise ConfigError(f"strategy must be a fedhive Strategy, got {type(strategy).__name__}")
-        if fit_workflow is not None and stages:
-            raise ConfigError(
-                "pass fit_workflow (a whole custom fit round) or stages, not both; a custom "
-                "exchange can be an ExchangeStage among the stages"
-            )
         if policy is not None and not isinstance(policy, RunPolicy):
             raise ConfigError(
                 f"policy must be a fedhive RunPolicy (SyncRounds, BufferedAsync), got "
@@ -178,8 +176,7 @@ class Engine:
         self.run_id = run_id
         self.clock = clock or SystemClock()
         self.callbacks = list(callbacks)
-        self.pipeline = FitPipeline(stages or ())
-        self.pipeline.check(strategy)
+        self.pipeline = build_pipeline(strategy, stages or (), fit_workflow)
         self.fit_workflow: FitWorkflow = fit_workflow or self.pipeline_round
         self.policy: RunPolicy = policy or SyncRounds()
         self.ordered = ordered
@@ -474,41 +471,6 @@ def failure_record(failure: ClientFailure) -> dict[str, Any]:
         "stage": failure.stage,
         "reason": failure.reason,
     }
-
-
-def fold_fit_reply(
-    driver: RoundDriver,
-    reply: Message,
-    aggregator: Any,
-    reference: list[Any],
-    traits: StrategyTraits | None = None,
-) -> ClientFailure | None:
-    """Validate one fit reply against the update layout the strategy declared (its
-    ``traits``, looked up when not given) and fold it into ``aggregator``; the failure if
-    it was refused (the aggregate is then unchanged)."""
-    rnd = driver.server_round
-    cid = reply.metadata.node_id
-    if reply.error is not None:
-        return ClientFailure(cid, rnd, MessageType.FIT, reply.error)
-    res = reply.content
-    if not isinstance(res, FitRes):
-        return InvalidUpdate(cid, rnd, MessageType.FIT, "fit reply is not a FitRes")
-    if traits is None:
-        traits = traits_of(driver.strategy)
-    try:
-        # The layout the strategy declared, not the model's: extras, partial models.
-        check_fit_reply(
-            res,
-            reference,
-            traits.layout,
-            client_id=cid,
-            server_round=rnd,
-            required_mods=traits.required_mods,
-        )
-        aggregator.add(ClientProxy(cid), res)
-    except InvalidUpdate as exc:
-        return exc.with_traceback(None)  # its frames would keep the refused upload alive
-    return None
 
 
 def begin_fit_round(

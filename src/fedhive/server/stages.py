@@ -40,10 +40,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from fedhive.common.errors import ClientFailure, ConfigError, InvalidUpdate
 from fedhive.common.message import Message, MessageType
-from fedhive.common.records import FitIns, FitRes, NDArrays
+from fedhive.common.records import FitIns, FitRes, NDArrays, parameters_to_ndarrays
 from fedhive.server.client_manager import ClientProxy
+from fedhive.server.strategy.aggregate import check_fit_reply
 from fedhive.server.strategy.base import Aggregator, MeanClients, Strategy, fold_mean
-from fedhive.server.strategy.traits import traits_of
+from fedhive.server.strategy.traits import StrategyTraits, traits_of
 
 if TYPE_CHECKING:
     from fedhive.server.engine import RoundDriver
@@ -60,6 +61,8 @@ __all__ = [
     "ReplyStage",
     "RoundAborted",
     "RoundStage",
+    "build_pipeline",
+    "fold_fit_reply",
     "strategy_consumes",
 ]
 
@@ -133,6 +136,41 @@ def strategy_consumes(strategy: Strategy) -> frozenset[str]:
     return frozenset({UPDATES})
 
 
+def fold_fit_reply(
+    driver: RoundDriver,
+    reply: Message,
+    aggregator: Any,
+    reference: list[Any],
+    traits: StrategyTraits | None = None,
+) -> ClientFailure | None:
+    """Validate one fit reply against the update layout the strategy declared (its
+    ``traits``, looked up when not given) and fold it into ``aggregator``; the failure if
+    it was refused (the aggregate is then unchanged)."""
+    rnd = driver.server_round
+    cid = reply.metadata.node_id
+    if reply.error is not None:
+        return ClientFailure(cid, rnd, MessageType.FIT, reply.error)
+    res = reply.content
+    if not isinstance(res, FitRes):
+        return InvalidUpdate(cid, rnd, MessageType.FIT, "fit reply is not a FitRes")
+    if traits is None:
+        traits = traits_of(driver.strategy)
+    try:
+        # The layout the strategy declared, not the model's: extras, partial models.
+        check_fit_reply(
+            res,
+            reference,
+            traits.layout,
+            client_id=cid,
+            server_round=rnd,
+            required_mods=traits.required_mods,
+        )
+        aggregator.add(ClientProxy(cid), res)
+    except InvalidUpdate as exc:
+        return exc.with_traceback(None)  # its frames would keep the refused upload alive
+    return None
+
+
 class FitSink:
     """Where an exchange stage puts what it got: each reply passes the reply stages, is
     validated against the strategy's update layout and folded; or a revealed mean is
@@ -146,8 +184,6 @@ class FitSink:
         reply_stages: Sequence[ReplyStage],
         fit: dict[str, Any],
     ) -> None:
-        from fedhive.common.records import parameters_to_ndarrays
-
         self.driver = driver
         self.aggregator = aggregator
         self.reply_stages = tuple(reply_stages)
@@ -158,8 +194,6 @@ class FitSink:
 
     def add_reply(self, reply: Message) -> bool:
         """Validate and fold one fit reply; ``False`` (and a failure kept) if refused."""
-        from fedhive.server.engine import fold_fit_reply
-
         if reply.error is None and self.reply_stages and isinstance(reply.content, FitRes):
             reply = self._through_stages(reply)
         failure = fold_fit_reply(self.driver, reply, self.aggregator, self.reference, self.traits)
@@ -287,6 +321,23 @@ class FitPipeline:
         for stage in reversed(self.aggregate_stages):
             aggregator = stage.wrap(driver, aggregator)
         return aggregator, FitSink(driver, aggregator, self.reply_stages, fit)
+
+
+def build_pipeline(
+    strategy: Strategy, stages: Sequence[RoundStage], fit_workflow: object = None
+) -> FitPipeline:
+    """The checked pipeline of ``stages`` for ``strategy``; :class:`ConfigError` for a
+    combination that cannot work, or for ``stages`` beside a whole custom ``fit_workflow``.
+    The engine builds it; ``start_simulation``/``start_server`` call it before anything
+    starts."""
+    if fit_workflow is not None and stages:
+        raise ConfigError(
+            "pass fit_workflow (a whole custom fit round) or stages, not both; a custom "
+            "exchange can be an ExchangeStage among the stages"
+        )
+    pipeline = FitPipeline(stages)
+    pipeline.check(strategy)
+    return pipeline
 
 
 def _kinds(kinds: frozenset[str] | set[str]) -> str:

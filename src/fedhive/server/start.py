@@ -15,7 +15,7 @@ from fedhive.server.config import ServerConfig
 from fedhive.server.engine import Engine, FitWorkflow, RoundCallback
 from fedhive.server.history import History
 from fedhive.server.policy import RunPolicy
-from fedhive.server.stages import FitPipeline, RoundStage
+from fedhive.server.stages import RoundStage, build_pipeline
 from fedhive.server.strategy import FedAvg, Strategy
 from fedhive.transport.base import DEFAULT_STAGED_BYTES
 
@@ -95,9 +95,7 @@ def start_server(
 
         stages = [as_workflow(secure_aggregation, strategy, fit_workflow), *stages]
     strategy = strategy or FedAvg()
-    if fit_workflow is not None and stages:
-        raise ConfigError("pass fit_workflow (a whole custom fit round) or stages, not both")
-    FitPipeline(stages).check(strategy)  # before anything listens
+    build_pipeline(strategy, stages, fit_workflow)  # before anything listens
     manager = client_manager or SimpleClientManager(seed=seed, wait_timeout=wait_timeout)
     no_amplification = getattr(strategy, "assume_no_amplification", None)
     if callable(no_amplification):  # DP wrappers: who shows up is not the server's choice

@@ -38,7 +38,7 @@ from fedhive.server.config import ServerConfig
 from fedhive.server.engine import Engine, FitWorkflow, RoundCallback
 from fedhive.server.history import History
 from fedhive.server.policy import RunPolicy
-from fedhive.server.stages import FitPipeline, RoundStage
+from fedhive.server.stages import RoundStage, build_pipeline
 from fedhive.server.strategy import FedAvg, Strategy
 from fedhive.simulation.backends import (
     Backend,
@@ -164,9 +164,7 @@ def start_simulation(
         stages = [as_workflow(secure_aggregation, strategy, fit_workflow), *stages]
         mods = with_secagg_mod(mods)
     strategy = strategy or FedAvg()
-    if fit_workflow is not None and stages:
-        raise ConfigError("pass fit_workflow (a whole custom fit round) or stages, not both")
-    FitPipeline(stages).check(strategy)  # before any worker starts
+    build_pipeline(strategy, stages, fit_workflow)  # before any worker starts
     app = ClientApp(client_fn, mods)
     chosen = make_backend(backend)  # unknown names and missing extras fail before any work
     ray = RayOptions(
