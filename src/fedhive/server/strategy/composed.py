@@ -317,8 +317,16 @@ class ComposedStrategy(Strategy):
     # -- fit aggregation ------------------------------------------------------------------
 
     def fit_aggregator(self, server_round: int, parameters: Parameters) -> Aggregator:
+        return self.round_aggregator(server_round, parameters, check=not self.validate_fit_results)
+
+    def round_aggregator(
+        self, server_round: int, parameters: Parameters, *, check: bool
+    ) -> Aggregator:
+        """This round's aggregator; ``check``: validate each reply here, because nobody
+        did before (Flower's list-based :meth:`aggregate_fit`; the engine checks replies
+        against the traits' layout itself)."""
         reference = parameters_to_ndarrays(parameters)
-        return ComposedRound(self, server_round, reference, check=not self.validate_fit_results)
+        return ComposedRound(self, server_round, reference, check=check)
 
     def aggregate_fit(
         self,
@@ -332,9 +340,7 @@ class ComposedStrategy(Strategy):
                 f"{type(self).__name__}.aggregate_fit needs the current global model: call "
                 "configure_fit first (the engine uses fit_aggregator instead)"
             )
-        aggregator = self.fit_aggregator(server_round, self._current)
-        if isinstance(aggregator, ComposedRound):
-            aggregator.check = True  # nobody validated these results
+        aggregator = self.round_aggregator(server_round, self._current, check=True)
         for client, res in results:
             aggregator.add(client, res)
         for failure in failures:

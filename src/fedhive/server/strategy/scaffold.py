@@ -135,9 +135,13 @@ class Scaffold(ComposedStrategy):
             out.append((client, fit))
         return out
 
-    def fit_aggregator(self, server_round: int, parameters: Parameters) -> Aggregator:
+    def round_aggregator(
+        self, server_round: int, parameters: Parameters, *, check: bool
+    ) -> Aggregator:
         reference = parameters_to_ndarrays(parameters)
-        inner = ComposedRound(self, server_round, reference, check=False)  # checked in add
+        # The delta c_i is checked in every add, whoever feeds the aggregator (it is
+        # refused whole there, so the engine's check of the same layout is repeated).
+        inner = ComposedRound(self, server_round, reference, check=False)
         return _ScaffoldRound(self, inner)
 
     def state_dict(self) -> RecordDict:
