@@ -246,6 +246,8 @@ class RecordDict:
 
     def copy(self) -> RecordDict:
         """A deep copy (arrays copied too)."""
+        if not (self.array_records or self.config_records or self.metric_records):
+            return RecordDict()
         return RecordDict(
             {k: {n: a.copy() for n, a in v.items()} for k, v in self.array_records.items()},
             self.config_records,

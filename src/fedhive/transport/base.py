@@ -14,6 +14,7 @@ order of arrival time. On other clocks a slot is simply delivered when filled.
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 from abc import ABC, abstractmethod
@@ -42,6 +43,10 @@ class Replies:
     it runs once the consumer is done with that reply: when it asks for the next one, or
     cancels. A consumer that keeps no reference to the reply by then has freed its memory
     before the transport is told it may take in another.
+
+    Replies put without a callback are only counted (:attr:`consumed`), which costs
+    less: a transport bounding many small replies reads the count and asks, with
+    :meth:`wake_when_consumed`, to be woken once the consumer has caught up.
     """
 
     def __init__(self, clock: Clock | None = None) -> None:
@@ -50,6 +55,11 @@ class Replies:
         self._cancelled = threading.Event()
         self._lock = threading.Lock()
         self._current: Callable[[], None] | None = None
+        #: Replies put without a ``release`` that the consumer is done with.
+        self.consumed = 0
+        self._plain_held = False
+        self._wake_at: float = math.inf
+        self._wake: Callable[[], None] | None = None
 
     def put(self, reply: Message, release: Release | None = None) -> None:
         """Deliver a reply; ``release`` runs when the consumer is done with it.
@@ -99,8 +109,11 @@ class Replies:
             reply, release = self.clock.wait(self._mailbox, deadline)
         except queue.Empty:
             return None
-        with self._lock:
-            self._current = release
+        if release is None:
+            self._plain_held = True
+        else:
+            with self._lock:
+                self._current = release
         return reply
 
     def done(self) -> None:
@@ -108,7 +121,24 @@ class Replies:
         waits on another mailbox, say) rather than at the next :meth:`get`."""
         self._release_current()
 
+    def wake_when_consumed(self, count: float, wake: Callable[[], None] | None) -> None:
+        """Call ``wake`` each time the consumer is done with a reply put without a
+        ``release`` while :attr:`consumed` >= ``count``, until called again (the
+        transport calls it under its own lock and clears it from ``wake``)."""
+        self._wake = wake
+        self._wake_at = count
+
     def _release_current(self) -> None:
+        if self._plain_held:
+            self._plain_held = False
+            self.consumed += 1
+            if self.consumed >= self._wake_at:
+                wake = self._wake
+                if wake is not None:
+                    wake()
+            return
+        if self._current is None:
+            return
         with self._lock:
             release, self._current = self._current, None
         if release is not None:

@@ -14,6 +14,13 @@ engine's reorder buffer small, whatever the clients cost:
   those). Cheap clients then wait for the engine instead of filling its mailbox;
   held-back workers start again in a burst once half the bound is free.
 
+Small replies (at most ``max_pending_bytes / (4 x max_pending)`` bytes, without latency)
+skip the per-reply release: the mailbox only counts the ones the engine is done with
+(``Replies.consumed``) and wakes held-back workers once half the count bound is free.
+They are bounded by count alone, so together they hold at most a quarter of
+``max_pending_bytes`` on top of the bound above; the reorder buffer, up to ``window``
+of them.
+
 With ``latency`` (seconds of simulated time per task, e.g. drawn from the task's seed)
 the engine must run on a :class:`~fedhive.common.clock.VirtualClock`: each task's reply
 is announced at send time to arrive at ``now + latency(task)``, workers run tasks in
@@ -79,19 +86,29 @@ def reply_nbytes(reply: Message) -> int:
 @dataclass
 class _Account:
     """What the replies of one mailbox hold: the count of tasks running or answered and
-    not yet released, and the bytes of replies not yet both released and foldable."""
+    not yet released, and the bytes of replies not yet both released and foldable.
 
+    Small replies (``plain``, see :class:`InProcessTransport`) carry no release
+    callback: once answered they leave ``started`` and count in ``plain_put`` until
+    the mailbox says the consumer is done with them (``Replies.consumed``)."""
+
+    replies: Replies
     started: set[_Key] = field(default_factory=set)
     nbytes: int = 0
+    plain_put: int = 0
+
+    def held(self) -> int:
+        return len(self.started) + self.plain_put - self.replies.consumed
 
     def admits(self, key: _Key, max_count: int, max_bytes: int) -> bool:
-        if not self.started and self.nbytes <= 0:
+        held = self.held()
+        if held < max_count and (self.nbytes < max_bytes or not self.started):
             return True
-        if len(self.started) < max_count and self.nbytes < max_bytes:
-            return True
+        if not self.started:
+            return False  # only small replies not yet taken: the consumer takes them all
         # The consumer takes replies in key order: one that comes before every reply
         # held is the one it will wait for, so it may always start (no deadlock).
-        return not self.started or key < min(self.started)
+        return key < min(self.started)
 
 
 @dataclass
@@ -115,11 +132,16 @@ class _Batch:
     def key(self, pos: int) -> _Key:
         return (self.arrivals[self.order[pos]], self.number, pos)
 
-    def finish(self, pos: int, nbytes: int) -> None:
-        """Task ``pos`` has answered with ``nbytes`` (call with the lock held)."""
+    def finish(self, pos: int, nbytes: int | None) -> None:
+        """Task ``pos`` has answered with ``nbytes``, or with a small reply put without
+        a release (``None``) (call with the lock held)."""
         self.done[pos] = True
-        self.sizes[pos] = nbytes
-        self.account.nbytes += nbytes
+        if nbytes is None:
+            self.account.started.discard(self.key(pos))
+            self.account.plain_put += 1
+        else:
+            self.sizes[pos] = nbytes
+            self.account.nbytes += nbytes
         while self.first_unfinished < len(self.tasks) and self.done[self.first_unfinished]:
             self._settle(self.first_unfinished)
             self.first_unfinished += 1
@@ -172,10 +194,13 @@ class InProcessTransport(Transport):
                 raise ConfigError(f"{name} must be an int >= 1, got {value!r}")
         if isinstance(max_pending_bytes, bool) or not isinstance(max_pending_bytes, int):
             raise ConfigError(f"max_pending_bytes must be an int, got {max_pending_bytes!r}")
+        # Replies up to this size go without a release callback, bounded by count only:
+        # together at most a quarter of max_pending_bytes.
+        self._plain_limit = max_pending_bytes // (4 * self.max_pending)
         self._batches: list[_Batch] = []
         self._accounts: WeakKeyDictionary[Replies, _Account] = WeakKeyDictionary()
         self._sent = 0
-        self._cond = threading.Condition(threading.Lock())  # never taken twice by a thread
+        self._cond = threading.Condition()
         self._closed = False
         self._threads: list[threading.Thread] = []
 
@@ -225,7 +250,9 @@ class InProcessTransport(Transport):
         with self._cond:
             if self._closed:
                 raise RuntimeError("the transport is closed")
-            account = self._accounts.setdefault(replies, _Account())
+            account = self._accounts.get(replies)
+            if account is None:
+                account = self._accounts[replies] = _Account(replies)
             batch = _Batch(self._sent, tasks, slots, times, order, replies, account)
             batch.done = [False] * len(tasks)
             self._sent += 1
@@ -238,14 +265,27 @@ class InProcessTransport(Transport):
         """The next task allowed to start (call with the lock held)."""
         best: _Batch | None = None
         best_key: _Key | None = None
-        for batch in list(self._batches):
-            if batch.replies.cancelled or batch.next_pos >= len(batch.tasks):
-                self._batches.remove(batch)
+        batches = self._batches
+        max_count, max_bytes = self.max_pending, self.max_pending_bytes
+        i = 0
+        while i < len(batches):
+            batch = batches[i]
+            pos = batch.next_pos
+            if pos >= len(batch.tasks) or batch.replies.cancelled:
+                del batches[i]
                 continue
-            if batch.next_pos >= batch.first_unfinished + self.window:
+            i += 1
+            if pos >= batch.first_unfinished + self.window:
                 continue
-            key = batch.key(batch.next_pos)
-            if not batch.account.admits(key, self.max_pending, self.max_pending_bytes):
+            key = (batch.arrivals[batch.order[pos]], batch.number, pos)
+            account = batch.account
+            started = account.started
+            held = len(started) + account.plain_put - account.replies.consumed
+            # the common case inline; the rest (and the no-deadlock rule) in admits
+            if not (held < max_count and account.nbytes < max_bytes) and not account.admits(
+                key, max_count, max_bytes
+            ):
+                self._wake_on_consumption(account)
                 continue
             if best_key is None or key < best_key:
                 best, best_key = batch, key
@@ -255,6 +295,19 @@ class InProcessTransport(Transport):
         best.next_pos += 1
         best.account.started.add(best_key)
         return best, pos
+
+    def _wake_on_consumption(self, account: _Account) -> None:
+        """Held back by small replies: be woken once half the count bound is free again
+        (call with the lock held). Releases and finished tasks wake workers anyway."""
+        replies = account.replies
+        wake_at = account.plain_put + len(account.started) - self.max_pending // 2
+        if wake_at > replies.consumed:
+            replies.wake_when_consumed(wake_at, partial(self._woken, replies))
+
+    def _woken(self, replies: Replies) -> None:
+        with self._cond:
+            replies.wake_when_consumed(math.inf, None)
+            self._cond.notify_all()
 
     def _release(self, batch: _Batch, pos: int) -> None:
         with self._cond:
@@ -266,19 +319,19 @@ class InProcessTransport(Transport):
             # With latency every release wakes them: it may be what lets the task the
             # clock waits for start before tasks that arrive later (see _Account.admits).
             if self.latency is not None or (
-                len(account.started) <= self.max_pending // 2
+                account.held() <= self.max_pending // 2
                 and account.nbytes <= self.max_pending_bytes // 2
             ):
                 self._cond.notify_all()
 
     def _work(self) -> None:
-        finished: tuple[_Batch, int, int] | None = None
+        finished: tuple[_Batch, int, int | None] | None = None
         while True:
             with self._cond:  # one lock per task: finish the last one, take the next
                 if finished is not None:
                     # counted after the put: a release may have come first
-                    batch, pos, nbytes = finished
-                    batch.finish(pos, nbytes)
+                    batch, pos, size = finished
+                    batch.finish(pos, size)
                     self._cond.notify_all()
                     finished = None
                 taken = self._take()
@@ -296,13 +349,17 @@ class InProcessTransport(Transport):
                 reply = task.error_reply(f"{type(exc).__name__}: {exc}")
             del task
             nbytes = reply_nbytes(reply)
-            release = partial(self._release, batch, pos)
             if batch.slots is None:
-                batch.replies.put(reply, release)
+                if nbytes <= self._plain_limit:
+                    batch.replies.put(reply)  # small: counted, not released one by one
+                    finished = (batch, pos, None)
+                else:
+                    batch.replies.put(reply, partial(self._release, batch, pos))
+                    finished = (batch, pos, nbytes)
             else:
-                batch.slots[index].put(reply, release)
+                batch.slots[index].put(reply, partial(self._release, batch, pos))
+                finished = (batch, pos, nbytes)
             del reply  # the mailbox holds it now; the engine frees it
-            finished = (batch, pos, nbytes)
 
     def close(self) -> None:
         with self._cond:
