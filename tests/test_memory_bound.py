@@ -175,6 +175,40 @@ def test_reply_bytes_bound_the_replies_held_beyond_the_first():
     assert reply_nbytes(_tasks(1)[0].reply(RecordDict())) == 0
 
 
+def test_small_replies_are_counted_when_done_and_large_ones_released():
+    # 1000-byte replies are small under the default bounds, large under 1500 bytes.
+    for bounds, small in (({}, True), ({"max_pending_bytes": 1500}, False)):
+        transport, _ = _counting_transport(workers=1, **bounds)
+        replies = Replies()
+        try:
+            transport.send(_tasks(3), replies)
+            for done in range(3):
+                assert replies.get(time.monotonic() + 5) is not None
+                assert replies.consumed == (done if small else 0)
+            replies.done()
+            assert replies.consumed == (3 if small else 0)
+        finally:
+            replies.cancel()
+            transport.close()
+
+
+def test_a_woken_mailbox_stops_waking_once_the_transport_clears_it():
+    replies = Replies()
+    calls: list[int] = []
+    replies.wake_when_consumed(2, lambda: calls.append(replies.consumed))
+    for _ in range(3):
+        replies.put(_tasks(1)[0].reply(RecordDict()))
+    for _ in range(3):
+        replies.get(time.monotonic() + 1)
+    replies.done()
+    assert calls == [2, 3]  # at and beyond the count, until cleared
+    replies.wake_when_consumed(float("inf"), None)
+    replies.put(_tasks(1)[0].reply(RecordDict()))
+    replies.get(time.monotonic() + 1)
+    replies.done()
+    assert calls == [2, 3]
+
+
 if __name__ == "__main__":
     for n in (1, 2, 4, 8, 16):
         print(f"workers={n}: {peak_extra_bytes(CLIENTS, MODEL_BYTES, n) / 2**20:.0f} MiB extra")
