@@ -19,8 +19,9 @@ from fedhive.common.errors import CheckpointError
 
 if TYPE_CHECKING:
     from fedhive.server.engine import Engine
+    from fedhive.server.strategy.base import Strategy
 
-__all__ = ["RunPolicy", "SyncRounds"]
+__all__ = ["RunPolicy", "SyncRounds", "default_policy"]
 
 
 class RunPolicy(ABC):
@@ -58,3 +59,14 @@ class SyncRounds(RunPolicy):
 
     def __repr__(self) -> str:
         return "SyncRounds()"
+
+
+def default_policy(strategy: Strategy) -> RunPolicy:
+    """The policy a run takes when none is given: the one an asynchronous strategy
+    (FedBuff, FedAsync) asks for (:meth:`~fedhive.server.strategy.asyncbase.
+    AsynchronousStrategy.run_policy`), else synchronous rounds."""
+    from fedhive.server.strategy.asyncbase import AsynchronousStrategy
+
+    if isinstance(strategy, AsynchronousStrategy):
+        return strategy.run_policy()
+    return SyncRounds()
