@@ -62,11 +62,16 @@ class SyncRounds(RunPolicy):
 
 
 def default_policy(strategy: Strategy) -> RunPolicy:
-    """The policy a run takes when none is given: the one an asynchronous strategy
-    (FedBuff, FedAsync) asks for (:meth:`~fedhive.server.strategy.asyncbase.
-    AsynchronousStrategy.run_policy`), else synchronous rounds."""
+    """The policy a run takes when none is given: for an asynchronous strategy (FedBuff,
+    FedAsync) buffered asynchronous aggregation with its ``buffer_size``, ``concurrency``
+    and ``max_staleness``; else synchronous rounds."""
+    from fedhive.server.asynchronous import BufferedAsync
     from fedhive.server.strategy.asyncbase import AsynchronousStrategy
 
     if isinstance(strategy, AsynchronousStrategy):
-        return strategy.run_policy()
+        return BufferedAsync(
+            buffer_size=strategy.buffer_size,
+            concurrency=strategy.concurrency,
+            max_staleness=strategy.max_staleness,
+        )
     return SyncRounds()

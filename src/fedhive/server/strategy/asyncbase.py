@@ -1,10 +1,11 @@
 """The shape FedBuff and FedAsync share: FedAvg's sampling, a staleness function, a ledger
 of the versions clients train on, and the run policy that fits them.
 
-An asynchronous strategy runs under
-:class:`~fedhive.server.asynchronous.BufferedAsync` (``buffer_size`` results per model
-version, ``concurrency`` clients training); ``start_simulation``, ``start_server`` and the
-engine pick that policy for it when none is given (:meth:`AsynchronousStrategy.run_policy`).
+An asynchronous strategy runs under buffered asynchronous aggregation
+(``fedhive.server.asynchronous.BufferedAsync``: ``buffer_size`` results per model version,
+``concurrency`` clients training, ``max_staleness``); the engine, ``start_simulation`` and
+``start_server`` pick that policy for it when none is given
+(``fedhive.server.policy.default_policy``).
 Under synchronous rounds it still works: every result is then fresh (staleness 0).
 
 Each result is folded against the model it was trained on (the ledger keeps that model
@@ -14,7 +15,7 @@ published since the task was sent.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from fedhive.common.errors import ClientFailure, ConfigError, InvalidUpdate
 from fedhive.common.records import (
@@ -31,9 +32,6 @@ from fedhive.server.strategy.base import EvaluateResults, FitResults, Strategy
 from fedhive.server.strategy.fedavg import FedAvg
 from fedhive.server.strategy.staleness import StalenessFunction, VersionLedger
 from fedhive.server.strategy.traits import StrategyTraits
-
-if TYPE_CHECKING:
-    from fedhive.server.policy import RunPolicy
 
 __all__ = ["AsynchronousStrategy", "check_count"]
 
@@ -96,17 +94,6 @@ class AsynchronousStrategy(Strategy):
             individual_updates=True,
             tolerates_staleness=True,
             reason=ASYNC_REASON,
-        )
-
-    def run_policy(self) -> RunPolicy:
-        """The policy this strategy runs under when none is given: buffered asynchronous
-        aggregation with its ``buffer_size``, ``concurrency`` and ``max_staleness``."""
-        from fedhive.server.asynchronous import BufferedAsync
-
-        return BufferedAsync(
-            buffer_size=self.buffer_size,
-            concurrency=self.concurrency,
-            max_staleness=self.max_staleness,
         )
 
     # -- sampling and evaluation are FedAvg's ------------------------------------------------

@@ -55,7 +55,7 @@ class FedBuff(AsynchronousStrategy):
     Stale results are not renormalised: a stale buffer moves the model less, as dividing
     the paper's staleness-scaled sum by ``K`` does.
 
-    ``concurrency`` clients train at once (:meth:`run_policy`); ``max_staleness`` refuses
+    ``concurrency`` clients train at once (its default policy); ``max_staleness`` refuses
     results more than that many versions old. With ``buffer_size == concurrency``, equal
     client latencies, ``staleness="constant"`` and ``server_lr=1`` every result is fresh
     and FedBuff is FedAvg, bit for bit (tested).
