@@ -59,6 +59,7 @@ EXPECTED = {
         "Backend",
         "ClientSetup",
         "RayOptions",
+        "SystemModel",
         "backend_names",
         "register_backend",
         "start_simulation",
