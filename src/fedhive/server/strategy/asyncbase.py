@@ -78,7 +78,11 @@ class AsynchronousStrategy(Strategy):
             raise ConfigError(
                 f"staleness must be a StalenessFunction, got {type(staleness).__name__}"
             )
-        self.staleness = staleness
+        self.staleness_fn = staleness
+        #: The staleness function's name and parameters (as in the constructor).
+        self.staleness = staleness.kind
+        self.staleness_exponent = staleness.exponent
+        self.staleness_hinge = staleness.hinge_at
         if max_staleness is not None:
             check_count("max_staleness", max_staleness, 0)
         self.max_staleness = max_staleness
@@ -178,7 +182,7 @@ class AsynchronousStrategy(Strategy):
                 "fit",
                 f"staleness {staleness} exceeds max_staleness {limit}",
             )
-        return staleness, self.staleness(staleness), base
+        return staleness, self.staleness_fn(staleness), base
 
     def failed(self, failure: BaseException) -> None:
         """A task failed: its client's note in the ledger goes."""

@@ -75,7 +75,7 @@ class FedAsync(AsynchronousStrategy):
     def __repr__(self) -> str:
         return (
             f"FedAsync(alpha={self.alpha}, concurrency={self.concurrency}, "
-            f"staleness={self.staleness.kind!r})"
+            f"staleness={self.staleness!r})"
         )
 
     def fit_aggregator(self, server_round: int, parameters: Parameters) -> Aggregator:

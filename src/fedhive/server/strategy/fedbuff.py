@@ -119,7 +119,7 @@ class FedBuff(AsynchronousStrategy):
     def __repr__(self) -> str:
         return (
             f"FedBuff(buffer_size={self.buffer_size}, concurrency={self.concurrency}, "
-            f"staleness={self.staleness.kind!r}, server_lr={self.server_lr})"
+            f"staleness={self.staleness!r}, server_lr={self.server_lr})"
         )
 
     def fit_aggregator(self, server_round: int, parameters: Parameters) -> Aggregator:
