@@ -328,3 +328,64 @@ def test_resume_mid_buffer_keeps_the_buffered_results(tmp_path):
 
     saved = History.from_dict(meta["history"]).without_timings()
     assert histories[0]["rounds"][0] == saved["rounds"][0]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_fedbuff_over_grpc_makes_progress_without_waiting_for_slow_clients(tmp_path):
+    """start_server(strategy=FedBuff(...)): three client processes answer at once, two
+    sleep for a minute in fit; versions are published from the fast ones (no round
+    barrier), and the run resumes from its checkpoint with the version counter."""
+    import time
+
+    from grpc_helpers import ServerThread, client_process, finish
+
+    def serve(num_rounds, resume):
+        strategy = FedBuff(
+            buffer_size=2,
+            concurrency=4,
+            staleness="poly",
+            min_fit_clients=1,
+            min_available_clients=5,
+            min_evaluate_clients=1,
+            fraction_evaluate=0.2,
+            initial_parameters=ndarrays_to_parameters([np.zeros(4, np.float32)]),
+            evaluate_fn=lambda rnd, params, cfg: (float(params[0].mean()), {}),
+        )
+        server = ServerThread(
+            config=ServerConfig(num_rounds=num_rounds, round_timeout=120),
+            strategy=strategy,
+            checkpoint_dir=tmp_path,
+            resume=resume,
+            seed=0,
+            wait_timeout=30,
+        ).start()
+        return server, strategy
+
+    server, _ = serve(5, resume=False)
+    started = time.monotonic()
+    fast = [client_process(server.address, "--pid", str(i)) for i in range(3)]
+    slow = [client_process(server.address, "--pid", str(i), "--mode", "hang") for i in (3, 4)]
+    try:
+        history = server.join(timeout=120)
+        took = time.monotonic() - started
+    finally:
+        for proc in slow:
+            proc.kill()
+        finish(fast)
+        finish(slow)
+    versions = history.rounds[1:]
+    assert [r["model_version"] for r in versions] == [1, 2, 3, 4, 5]
+    assert history.config["policy"] == "buffered-async"
+    assert took < 55  # the slow clients sleep 60 s: nobody waited for them
+    assert all(len(r["staleness"]) == 2 for r in versions)
+    assert all(s["staleness"] >= 0 for r in versions for s in r["staleness"])
+
+    server, resumed_strategy = serve(7, resume=True)
+    fast = [client_process(server.address, "--pid", str(i)) for i in range(5)]
+    try:
+        resumed = server.join(timeout=120)
+    finally:
+        finish(fast)
+    assert [r["model_version"] for r in resumed.rounds[1:]] == [1, 2, 3, 4, 5, 6, 7]
+    assert resumed_strategy.ledger.version == 7  # the counter continued from the checkpoint
