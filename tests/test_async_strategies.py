@@ -389,3 +389,47 @@ def test_fedbuff_over_grpc_makes_progress_without_waiting_for_slow_clients(tmp_p
         finish(fast)
     assert [r["model_version"] for r in resumed.rounds[1:]] == [1, 2, 3, 4, 5, 6, 7]
     assert resumed_strategy.ledger.version == 7  # the counter continued from the checkpoint
+
+
+def test_dp_fedbuff_clips_each_delta_noises_each_version_and_accounts_participation():
+    from fedhive.privacy.accounting import Release
+    from fedhive.privacy.asynchronous import DifferentialPrivacyFedBuff
+
+    def answer(task):  # a huge update; a answers every second, b after 10 s
+        arrays = [a + 100.0 for a in task.content.parameters.arrays]
+        res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), 5, {})
+        return FakeReply(res, delay={"a": 1.0, "b": 10.0}[task.metadata.node_id])
+
+    inner = FedBuff(
+        buffer_size=2, concurrency=2, fraction_evaluate=0.0, initial_parameters=initial((4,))
+    )
+    strategy = DifferentialPrivacyFedBuff(
+        inner, noise_multiplier=0.0, clipping_norm=1.0, noise_seed=3
+    )
+    models = Models()
+    engine = Engine(
+        strategy=strategy,
+        transport=FakeTransport(answer),
+        client_manager=Sorted(["a", "b"], seed=0),
+        config=ServerConfig(num_rounds=2),
+        seed=0,
+        clock=VirtualClock(),
+        callbacks=[models],
+    )
+    history = engine.run()
+    assert history.config["policy"] == "buffered-async"  # it is still FedBuff's shape
+    first = history.rounds[0]
+    # a's two results land in version 1: its contribution counts twice
+    assert [s["client_id"] for s in first["staleness"]] == ["a", "a"]
+    assert first["fit"]["metrics"]["dp_max_contributions"] == 2
+    assert strategy.accountant.segments[0][0] == Release(0.0)
+    # clipped: two deltas of norm <= 1 over K = 2 move the model by at most 1
+    (x1,) = models.models[0]
+    assert 0.5 < np.linalg.norm(x1) <= 1.0 + 1e-6  # not +100: clipped
+    assert strategy.accountant.rounds == 2
+    noisy = DifferentialPrivacyFedBuff(
+        FedBuff(buffer_size=2, concurrency=2), noise_multiplier=1.0, clipping_norm=1.0
+    )
+    assert noisy.traits.weighting == "uniform" and not noisy.traits.weighted_mean
+    with pytest.raises(ConfigError, match="wraps a FedBuff"):
+        DifferentialPrivacyFedBuff(FedAvg(), noise_multiplier=1.0, clipping_norm=1.0)  # type: ignore[arg-type]
