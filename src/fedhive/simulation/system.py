@@ -260,14 +260,19 @@ class SystemModel:
                     f"({len(self._profiles)} clients); add a row for it"
                 )
             return found
-        rng = np.random.default_rng(derive_seed(self.seed, 0, client_id, "system-device"))
-        m = _slowness(self.latency, self.sigma, rng)
-        b = _slowness(self.bandwidth, self.bandwidth_sigma, rng)
-        link = self.bandwidth_mbps / b
-        return ClientProfile(self.speed / m, link, link)
+        drawn = self._profiles.get(client_id)
+        if drawn is None:  # drawn once per client (the cache is not part of the value)
+            rng = np.random.default_rng(derive_seed(self.seed, 0, client_id, "system-device"))
+            m = _slowness(self.latency, self.sigma, rng)
+            b = _slowness(self.bandwidth, self.bandwidth_sigma, rng)
+            link = self.bandwidth_mbps / b
+            drawn = self._profiles[client_id] = ClientProfile(self.speed / m, link, link)
+        return drawn
 
     def online(self, client_id: str, at: float) -> bool:
         """Whether the client is available at simulated time ``at``."""
+        if self.latency != "trace":
+            return True  # drawn devices have no availability windows
         windows = self.profile(client_id).windows
         if not windows:
             return True
