@@ -49,6 +49,7 @@ TRAIN = {"local_epochs": 1, "batch_size": 10, "lr": 0.05, "momentum": 0.9}
 BUILT_IN = (
     "fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "qfedavg",
     "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan", "scaffold", "fednova",
+    "fedbuff", "fedasync",
 )  # fmt: skip
 INITIAL = ndarrays_to_parameters([np.zeros((3, 2), np.float32)])
 WEIGHTED_MEANS = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad")
@@ -144,7 +145,7 @@ def test_an_option_of_another_strategy_names_its_owners():
     assert len(lines) == 2  # every foreign key at once
     assert "strategy.server_momentum = 0.9: not a parameter of strategy 'fedadam'" in lines[0]
     assert "eta, beta_1, beta_2, tau, bias_correction" in lines[0]  # what fedadam takes
-    assert lines[0].endswith("server_momentum belongs to fedavgm")
+    assert lines[0].endswith("server_momentum belongs to fedavgm, fedbuff")
     assert lines[1].endswith("to_keep belongs to bulyan")
     # a key shared by several strategies lists them all; FedAvg takes none
     with pytest.raises(
@@ -162,7 +163,9 @@ def test_a_key_no_strategy_takes_lists_the_keys_of_the_chosen_one():
         validate({"strategy": {"name": "fedtrimmedavg", "betta": 0.1}}, "exp.toml")
     text = str(info.value)
     assert "exp.toml: unknown key 'strategy.betta' (value 0.1); allowed keys here:" in text
-    assert text.rstrip().endswith("centralized_eval, beta")
+    assert text.rstrip().endswith(
+        "centralized_eval, deadline_s, over_selection, partial_work, beta"
+    )
     with pytest.raises(ConfigError, match=r"strategy\.min_available_clients.*allowed keys"):
         validate({"strategy": {"min_available_clients": 3}})  # a key of fedhive server only
     with pytest.raises(ConfigError, match=r"allowed keys here: .*, beta, min_available_clients"):
@@ -245,7 +248,7 @@ def test_a_registered_strategy_is_known_everywhere():
         ConfigError, match=r"strategy\.step = 1: .*'fedprox'.*step belongs to stepavg"
     ):
         validate({"strategy": {"name": "fedprox", "proximal_mu": 1.0, "step": 1}})
-    with pytest.raises(ConfigError, match=r"strategy\.name = 'fedfoo': .*'fednova', 'stepavg'"):
+    with pytest.raises(ConfigError, match=r"strategy\.name = 'fedfoo': .*'fedasync', 'stepavg'"):
         validate({"strategy": {"name": "fedfoo"}})
     # the server takes it with its own defaults
     cfg = validate_server_config({"model": {"name": "logreg"}, "data": {"dataset": "digits"},

@@ -26,8 +26,10 @@ from fedhive.server.strategy import (
     Bulyan,
     FedAdagrad,
     FedAdam,
+    FedAsync,
     FedAvg,
     FedAvgM,
+    FedBuff,
     FedMedian,
     FedNova,
     FedProx,
@@ -84,6 +86,12 @@ CASES = {
         {"server_learning_rate": 0.9, "local_momentum": 0.5},
         {"server_learning_rate": 0.9, "local_momentum": 0.5},
     ),
+    "fedbuff": (
+        FedBuff,
+        {"buffer_size": 5, "concurrency": 8, "server_lr": 0.5, "staleness": "hinge"},
+        {"buffer_size": 5, "concurrency": 8, "server_lr": 0.5},
+    ),
+    "fedasync": (FedAsync, {"alpha": 0.9, "concurrency": 4}, {"alpha": 0.9, "concurrency": 4}),
 }
 
 

@@ -20,6 +20,8 @@ A TOML file has up to seven tables, every key optional (defaults give the defaul
                  buffered-async takes buffer_size, concurrency (both required) and
                  max_staleness; one model per policy, registered in
                  :mod:`fedhive.cli.policies`. ``rounds`` counts model versions
+    [system]     latency, sigma, bandwidth_mbps, trace, dropout: simulated devices on the
+                 virtual clock (:mod:`fedhive.cli.stragglers`); rounds record virtual_time_s
     secure_aggregation = { threshold, degree, bits, clip, ... }   (SecAgg+, optional;
                  the keys and defaults of ``fedhive.secagg.SecAggConfig``)
 
@@ -65,6 +67,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from fedhive.cli.policies import PolicyConfig, SyncConfig
+from fedhive.cli.stragglers import SystemConfig, check_strategy_policy
 from fedhive.cli.strategies import (
     FedAvgConfig,
     RegistryView,
@@ -313,10 +316,14 @@ class ExperimentConfig(_Section):
     simulation: SimulationConfig = SimulationConfig()
     secure_aggregation: SecureAggregationConfig | None = None
     policy: SerializeAsAny[PolicyConfig] = SyncConfig()
+    system: SystemConfig | None = None
 
     @model_validator(mode="after")
     def _check_sample_size(self) -> Self:
         st = self.strategy
+        check_strategy_policy(
+            st, self.policy, self.num_clients, self.secure_aggregation is not None
+        )
         check_secure_strategy(self.secure_aggregation, st)
         check_secure_policy(self.secure_aggregation, self.policy)
         concurrency = self.policy.clients_training()

@@ -371,10 +371,15 @@ def run_experiment(
     model_dir: Path | None = None,
     resume: bool = False,
 ) -> History:
+    from fedhive.cli.stragglers import run_policy
     from fedhive.simulation import start_simulation
 
     cfg = exp.cfg
     sim = cfg.simulation
+    system = None
+    if cfg.system is not None:  # each client's training set size sets its compute time
+        sizes = {str(i): len(train) for i, (train, _) in enumerate(exp.client_fn.splits)}
+        system = cfg.system.build(sizes, cfg.seed)
     return start_simulation(
         client_fn=exp.client_fn,
         num_clients=cfg.num_clients,
@@ -387,7 +392,8 @@ def run_experiment(
         secure_aggregation=(
             None if cfg.secure_aggregation is None else cfg.secure_aggregation.options()
         ),
-        policy=cfg.policy.build(),
+        policy=run_policy(cfg.strategy, cfg.policy),
+        system=system,
         callbacks=callbacks,
         checkpoint_dir=checkpoint_dir,
         model_dir=model_dir,

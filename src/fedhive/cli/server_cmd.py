@@ -51,9 +51,13 @@ def server_strategy(cfg: DeployConfig) -> tuple[Strategy, tuple[Mod, ...], Datas
     return strategy, mods, data
 
 
-def server_policy(cfg: DeployConfig) -> RunPolicy:
-    """The run policy ``[policy]`` names (synchronous rounds by default), new for this run."""
-    return cfg.policy.build()
+def server_policy(cfg: DeployConfig) -> RunPolicy | None:
+    """The run policy ``[policy]`` names (synchronous rounds by default), new for this run;
+    ``None`` for an asynchronous strategy, which brings its own
+    (:func:`fedhive.cli.stragglers.run_policy`)."""
+    from fedhive.cli.stragglers import run_policy
+
+    return run_policy(cfg.strategy, cfg.policy)
 
 
 def _set_accumulator(strategy: Strategy, accumulator: str, name: str) -> None:
@@ -240,7 +244,7 @@ def _serve(
             highlight=False,
             markup=False,
         )
-        if policy.name != "sync":  # the default is not named, as before
+        if policy is not None and policy.name != "sync":  # the default is not named
             err.print(
                 f"fedhive server: policy {cfg.policy.describe()}; a round is a model version",
                 highlight=False,

@@ -39,6 +39,7 @@ from fedhive.cli.config import (
 )
 from fedhive.cli.deploy_common import read_file
 from fedhive.cli.policies import PolicyConfig, SyncConfig
+from fedhive.cli.stragglers import check_strategy_policy
 from fedhive.common.errors import ConfigError
 from fedhive.transport.base import DEFAULT_STAGED_BYTES
 
@@ -162,6 +163,7 @@ class DeployConfig(_Section):
 
     @model_validator(mode="after")
     def _check_secure_strategy(self) -> Self:
+        check_strategy_policy(self.strategy, self.policy, None, self.secure_aggregation is not None)
         check_secure_strategy(self.secure_aggregation, self.strategy)
         check_secure_policy(self.secure_aggregation, self.policy)
         # the sampling check of [strategy] (min_available_clients) ran already; under an

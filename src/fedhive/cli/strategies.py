@@ -44,8 +44,10 @@ from fedhive.server.strategy import (
     Bulyan,
     FedAdagrad,
     FedAdam,
+    FedAsync,
     FedAvg,
     FedAvgM,
+    FedBuff,
     FedMedian,
     FedNova,
     FedProx,
@@ -63,7 +65,9 @@ __all__ = [
     "BulyanConfig",
     "FedAdagradConfig",
     "FedAdamConfig",
+    "FedAsyncConfig",
     "FedAvgConfig",
+    "FedBuffConfig",
     "FedAvgMConfig",
     "FedMedianConfig",
     "FedNovaConfig",
@@ -126,6 +130,9 @@ class StrategyConfig(BaseModel):
         "min_fit_clients",
         "min_evaluate_clients",
         "centralized_eval",
+        "deadline_s",
+        "over_selection",
+        "partial_work",
     )
     #: What :meth:`build` constructs; ``None`` on the bases that dispatch by ``name``.
     strategy_class: ClassVar[type[Strategy] | None] = None
@@ -136,6 +143,12 @@ class StrategyConfig(BaseModel):
     min_fit_clients: int = Field(2, ge=0)
     min_evaluate_clients: int = Field(2, ge=0)
     centralized_eval: bool = True
+    # synchronous rounds for stragglers (fedhive.server.deadline.DeadlineRounds)
+    deadline_s: float | None = Field(None, gt=0, allow_inf_nan=False, description="round deadline")
+    over_selection: float = Field(
+        0.0, ge=0, le=10, allow_inf_nan=False, description="sample this much more (0.3: 130%)"
+    )
+    partial_work: bool = Field(False, description="stragglers train what fits the deadline")
 
     def __init__(self, **data: Any) -> None:
         if type(self).strategy_class is None:
@@ -537,3 +550,61 @@ class FedNovaConfig(StrategyConfig):
         if train and "momentum" in train:  # normalizes by the momentum the clients use
             params.setdefault("local_momentum", float(train["momentum"]))
         return FedNova(**fedavg_args, **params)
+
+
+class _AsynchronousConfig(StrategyConfig):
+    """What FedBuff's and FedAsync's tables share (Nguyen et al. 2022; Xie et al. 2019):
+    they run without a round barrier, so the synchronous stragglers' keys do not apply;
+    not registered itself."""
+
+    concurrency: int = Field(20, ge=1, strict=True, description="clients training at once")
+    staleness: Literal["constant", "poly", "hinge"] = Field(
+        "poly", description="staleness function s(tau)"
+    )
+    staleness_exponent: float = Field(0.5, ge=0, allow_inf_nan=False, description="a of s(tau)")
+    staleness_hinge: int = Field(4, ge=0, strict=True, description="b of the hinge function")
+    max_staleness: int | None = Field(
+        None, ge=0, strict=True, description="refuse results older than this many versions"
+    )
+
+    @model_validator(mode="after")
+    def _no_round_keys(self) -> Self:
+        given = [k for k in ("deadline_s", "over_selection", "partial_work") if getattr(self, k)]
+        if given:
+            raise PydanticCustomError(
+                "strategy_parameter",
+                "{name} is asynchronous (no rounds), so {keys} does not apply; the policy "
+                "keeps concurrency clients training and refuses results older than "
+                "max_staleness instead",
+                {"field": given[0], "value": getattr(self, given[0]), "name": self.name,
+                 "keys": ", ".join(given)},
+            )  # fmt: skip
+        return self
+
+    def results_per_version(self) -> int:
+        """Results each model version folds."""
+        return 1
+
+
+@register_strategy
+class FedBuffConfig(_AsynchronousConfig):
+    """FedBuff (Nguyen et al. 2022): a version every ``buffer_size`` staleness-weighted deltas."""
+
+    name: Literal["fedbuff"] = "fedbuff"
+    strategy_class = FedBuff
+    buffer_size: int = Field(10, ge=1, strict=True, description="results per model version (K)")
+    server_lr: float = Field(1.0, gt=0, allow_inf_nan=False, description="server step size")
+    server_momentum: float = Field(0.0, ge=0, lt=1, description="server momentum")
+    server_optimizer: Literal["sgd", "adam"] = Field("sgd", description="server optimizer")
+
+    def results_per_version(self) -> int:
+        return self.buffer_size
+
+
+@register_strategy
+class FedAsyncConfig(_AsynchronousConfig):
+    """FedAsync (Xie et al. 2019): each result mixed in with ``alpha * s(tau)``."""
+
+    name: Literal["fedasync"] = "fedasync"
+    strategy_class = FedAsync
+    alpha: float = Field(0.6, gt=0, le=1, allow_inf_nan=False, description="mixing weight")

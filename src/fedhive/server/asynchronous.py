@@ -114,7 +114,14 @@ class BufferedAsync(RunPolicy):
     buffer_size: int
     concurrency: int
     max_staleness: int | None = None
+    checkpoint_every: int | None = None
     dispatched: int = field(default=0, init=False, repr=False, compare=False)
+    #: Folded results per client over the run (each version records the shares).
+    contributions: dict[str, int] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    #: The open buffer's record, restored from a checkpoint taken mid-buffer.
+    restored: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for key in ("buffer_size", "concurrency"):
@@ -125,6 +132,11 @@ class BufferedAsync(RunPolicy):
         bad = isinstance(limit, bool) or not isinstance(limit, int) or limit < 0
         if limit is not None and bad:
             raise ConfigError(f"max_staleness must be None or an int >= 0, got {limit!r}")
+        every = self.checkpoint_every
+        if every is not None and (
+            isinstance(every, bool) or not isinstance(every, int) or every < 1
+        ):
+            raise ConfigError(f"checkpoint_every must be None or an int >= 1, got {every!r}")
 
     def check(self, engine: Engine) -> None:
         if engine.fit_workflow != engine.pipeline_round:
@@ -137,6 +149,12 @@ class BufferedAsync(RunPolicy):
             raise ConfigError(
                 f"asynchronous aggregation sends one fit task per client; the exchange stage "
                 f"{exchange.name!r} needs a synchronous round (use the default policy)"
+            )
+        if self.checkpoint_every is not None and not _checkpoints_open_buffer(engine.strategy):
+            raise ConfigError(
+                f"checkpoint_every saves the open buffer mid-version, which "
+                f"{type(engine.strategy).__name__} does not keep in its state; use FedBuff, "
+                "or checkpoint per published version only (checkpoint_every = None)"
             )
 
     def run(self, engine: Engine, num_updates: int) -> History:
@@ -156,13 +174,35 @@ class BufferedAsync(RunPolicy):
             state.replies.cancel()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"dispatched": self.dispatched}
+        state: dict[str, Any] = {
+            "dispatched": self.dispatched,
+            "contributions": dict(self.contributions),
+        }
+        if self.restored is not None:
+            state["open"] = self.restored
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         value = state.get("dispatched")
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise CheckpointError(f"a buffered-async checkpoint needs 'dispatched', got {state!r}")
+        counts = state.get("contributions", {})
+        if not isinstance(counts, dict) or not all(
+            isinstance(n, int) and not isinstance(n, bool) for n in counts.values()
+        ):
+            raise CheckpointError(f"a buffered-async checkpoint has bad contributions: {counts!r}")
+        opened = state.get("open")
+        if opened is not None and not isinstance(opened, dict):
+            raise CheckpointError(f"a buffered-async checkpoint has a bad open buffer: {opened!r}")
         self.dispatched = value
+        self.contributions = {str(k): int(n) for k, n in counts.items()}
+        self.restored = opened
+
+
+def _checkpoints_open_buffer(strategy: object) -> bool:
+    from fedhive.server.strategy.asyncbase import AsynchronousStrategy
+
+    return isinstance(strategy, AsynchronousStrategy) and strategy.checkpoints_open_buffer
 
 
 class _AsyncRun:
@@ -177,14 +217,23 @@ class _AsyncRun:
         self.busy: set[str] = set()
         self.stash: list[Message] = []  # fit replies that came during an evaluation
         self.failed_in_a_row = 0
+        self.freed = 0  # slots freed at this instant, refilled together
         self._new_buffer()
         self._dispatch(policy.concurrency)
 
     def _new_buffer(self) -> None:
         engine = self.engine
         rnd = engine.current_round + 1
-        self.driver = RoundDriver(engine, rnd, {"round": rnd, "staleness": []})
+        record: dict[str, Any] = {"round": rnd, "staleness": []}
         self.fit: dict[str, Any] = {"num_results": 0, "metrics": {}}
+        self.counts: dict[str, int] = {}
+        opened, self.policy.restored = self.policy.restored, None
+        if opened is not None and opened.get("round") == rnd:
+            # resumed mid-buffer: the strategy restored its sums, this is their record
+            record["staleness"] = list(opened.get("staleness", []))
+            self.fit["num_results"] = int(opened.get("num_results", 0))
+            self.counts = dict(opened.get("counts", {}))
+        self.driver = RoundDriver(engine, rnd, record)
         self.driver.record["fit"] = self.fit
         self.aggregator: Aggregator
         self.aggregator, self.sink = engine.pipeline.prepare(self.driver, self.fit)
@@ -228,33 +277,53 @@ class _AsyncRun:
     def step(self) -> None:
         if not self.pending:
             self._dispatch(self.policy.concurrency)
+            self.freed = 0
         if not self.pending:
             raise ConfigError("no client is available to train; cannot make progress")
+        now = self.engine.clock.now()
         deadline = min(self.deadlines.values()) if self.deadlines else None
-        if deadline is not None and deadline <= self.engine.clock.now():
+        if deadline is not None and deadline <= now:
             self._expire()  # also while fast clients keep the mailbox full
             return
+        reply: Message | None
         if self.stash:
-            reply: Message | None = self.stash.pop(0)
+            reply = self.stash.pop(0)
+        elif self.freed:
+            # Every reply that arrives at this instant is folded (and a full buffer
+            # published) before the freed slots are refilled, so they train on the
+            # newest model: with equal latencies and buffer_size == concurrency this is
+            # synchronous FedAvg.
+            reply = self.replies.get(now)
+            if reply is None:
+                self._dispatch(self.freed)
+                self.freed = 0
+                return
         else:
             reply = self.replies.get(deadline)
-        if reply is None:
-            self._expire()
-            return
+            if reply is None:
+                self._expire()
+                return
+        self._take(reply)
+
+    def _take(self, reply: Message) -> None:
+        task = self.pending.get(reply.metadata.reply_to)
         accepted = self.engine.accept_reply(reply, self.pending)
         del reply
-        if accepted is None:
+        if accepted is None or task is None:
             return
         self.deadlines.pop(accepted.metadata.reply_to, None)
         self.busy.discard(accepted.metadata.node_id)
-        self._fold(accepted)
+        # staleness from the task the server sent, never from what the client says
+        self._fold(accepted, task.metadata.model_version)
         del accepted
         # Folded: free what the transport holds for it (an upload slot) before any
         # evaluation exchange waits on another mailbox.
         self.replies.done()
         if self.fit["num_results"] >= self.policy.buffer_size:
             self._publish()
-        self._dispatch(1)
+        else:
+            self._checkpoint_open_buffer()
+        self.freed += 1
 
     def _expire(self) -> None:
         now = self.engine.clock.now()
@@ -264,12 +333,30 @@ class _AsyncRun:
             del self.deadlines[mid]
             self.busy.discard(task.metadata.node_id)
             timeout = self.engine.config.round_timeout
-            self._fold(task.error_reply(f"no reply within the round timeout of {timeout} s"))
-        if late:
-            self._dispatch(len(late))
+            self._fold(
+                task.error_reply(f"no reply within the round timeout of {timeout} s"),
+                task.metadata.model_version,
+            )
+        self.freed += len(late)
 
-    def _fold(self, reply: Message) -> None:
-        staleness = self.engine.model_version - reply.metadata.model_version
+    def _checkpoint_open_buffer(self) -> None:
+        every = self.policy.checkpoint_every
+        engine = self.engine
+        if every is None or engine.checkpointer is None or self.fit["num_results"] % every:
+            return
+        self.policy.restored = {
+            "round": self.driver.server_round,
+            "num_results": self.fit["num_results"],
+            "staleness": list(self.driver.record["staleness"]),
+            "counts": dict(self.counts),
+        }
+        try:
+            engine.checkpointer(engine)
+        finally:
+            self.policy.restored = None
+
+    def _fold(self, reply: Message, version: int) -> None:
+        staleness = self.engine.model_version - version
         limit = self.policy.max_staleness
         if limit is not None and staleness > limit and reply.error is None:
             reply = reply.error_reply(f"staleness {staleness} exceeds max_staleness {limit}")
@@ -277,6 +364,7 @@ class _AsyncRun:
         if self.sink.add_reply(reply):
             self.failed_in_a_row = 0
             self.driver.record["staleness"].append({"client_id": cid, "staleness": staleness})
+            self.counts[cid] = self.counts.get(cid, 0) + 1
             return
         self.failed_in_a_row += 1
         limit_failures = 10 * max(self.policy.buffer_size, self.policy.concurrency)
@@ -297,6 +385,7 @@ class _AsyncRun:
         self.fit["num_failures"] = len(self.sink.failures)
         self.fit["updated"] = params is not None
         record["failures"] = [failure_record(f) for f in self.sink.failures]
+        record["contributions"] = self._contributions()
         if params is not None:
             engine.set_parameters(params)
         else:
@@ -307,3 +396,15 @@ class _AsyncRun:
             route=SharedMailbox(self.replies, self.stash.append),
         )
         self._new_buffer()
+
+    def _contributions(self) -> list[dict[str, Any]]:
+        """Each client folded into this version: its results here, and its share of all
+        results folded so far in the run (fast clients contribute more often)."""
+        total = self.policy.contributions
+        for cid, count in self.counts.items():
+            total[cid] = total.get(cid, 0) + count
+        folded = sum(total.values())
+        return [
+            {"client_id": cid, "results": count, "share": total[cid] / folded}
+            for cid, count in sorted(self.counts.items())
+        ]

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from fedhive.common.clock import Clock, SystemClock
+from fedhive.common.clock import Clock, SystemClock, VirtualClock
 from fedhive.common.errors import ClientFailure, ConfigError
 from fedhive.common.message import Message, MessageType, derive_seed
 from fedhive.common.records import (
@@ -41,7 +41,7 @@ from fedhive.common.records import (
 from fedhive.server.client_manager import ClientManager, ClientProxy, SimpleClientManager
 from fedhive.server.config import ServerConfig
 from fedhive.server.history import History
-from fedhive.server.policy import RunPolicy, SyncRounds
+from fedhive.server.policy import RunPolicy, default_policy
 from fedhive.server.stages import (
     FitPipeline,
     RoundAborted,
@@ -136,7 +136,8 @@ class Engine:
     same history on any number of workers. ``checkpointer`` (if given) is called after
     every round with the engine, so state can be saved atomically.
 
-    ``policy`` runs the loop (:class:`~fedhive.server.policy.SyncRounds` by default;
+    ``policy`` runs the loop (:class:`~fedhive.server.policy.SyncRounds` by default, or
+    the one an asynchronous strategy asks for: :func:`~fedhive.server.policy.default_policy`;
     :class:`~fedhive.server.asynchronous.BufferedAsync` for asynchronous aggregation).
     ``stages`` are the fit round's stages (:mod:`fedhive.server.stages`), checked here
     against the strategy's traits; ``fit_workflow`` (a callable taking a
@@ -178,7 +179,7 @@ class Engine:
         self.callbacks = list(callbacks)
         self.pipeline = build_pipeline(strategy, stages or (), fit_workflow)
         self.fit_workflow: FitWorkflow = fit_workflow or self.pipeline_round
-        self.policy: RunPolicy = policy or SyncRounds()
+        self.policy: RunPolicy = policy or default_policy(strategy)
         self.ordered = ordered
         self.checkpointer = checkpointer
         self.history = History()
@@ -405,6 +406,8 @@ class Engine:
             record["refused"] = list(self._refused)
         record["model_version"] = self.model_version
         record["elapsed_s"] = self.elapsed()
+        if isinstance(self.clock, VirtualClock):  # simulated time: part of the results
+            record["virtual_time_s"] = record["elapsed_s"]
         self._elapsed_before = record["elapsed_s"]
         self.current_round = server_round
         self.history.add_round(record)

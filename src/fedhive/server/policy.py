@@ -19,8 +19,9 @@ from fedhive.common.errors import CheckpointError
 
 if TYPE_CHECKING:
     from fedhive.server.engine import Engine
+    from fedhive.server.strategy.base import Strategy
 
-__all__ = ["RunPolicy", "SyncRounds"]
+__all__ = ["RunPolicy", "SyncRounds", "default_policy"]
 
 
 class RunPolicy(ABC):
@@ -58,3 +59,19 @@ class SyncRounds(RunPolicy):
 
     def __repr__(self) -> str:
         return "SyncRounds()"
+
+
+def default_policy(strategy: Strategy) -> RunPolicy:
+    """The policy a run takes when none is given: for an asynchronous strategy (FedBuff,
+    FedAsync) buffered asynchronous aggregation with its ``buffer_size``, ``concurrency``
+    and ``max_staleness``; else synchronous rounds."""
+    from fedhive.server.asynchronous import BufferedAsync
+    from fedhive.server.strategy.asyncbase import AsynchronousStrategy
+
+    if isinstance(strategy, AsynchronousStrategy):
+        return BufferedAsync(
+            buffer_size=strategy.buffer_size,
+            concurrency=strategy.concurrency,
+            max_staleness=strategy.max_staleness,
+        )
+    return SyncRounds()

@@ -8,11 +8,13 @@ from fedhive.simulation.backends import (
     backend_names,
     register_backend,
 )
+from fedhive.simulation.system import SystemModel
 
 __all__ = [
     "Backend",
     "ClientSetup",
     "RayOptions",
+    "SystemModel",
     "backend_names",
     "register_backend",
     "start_simulation",

@@ -47,6 +47,7 @@ from fedhive.simulation.backends import (
     backend_names,
     make_backend,
 )
+from fedhive.simulation.system import AvailableClients, SystemModel
 from fedhive.transport.inprocess import Latency
 
 __all__ = ["start_simulation", "BACKENDS"]  # noqa: F822 - BACKENDS comes from __getattr__
@@ -116,6 +117,7 @@ def start_simulation(
     secure_aggregation: Any = None,
     policy: RunPolicy | None = None,
     stages: Sequence[RoundStage] = (),
+    system: SystemModel | None = None,
     **flower_only: Any,
 ) -> History:
     """Simulate ``num_clients`` virtual clients and return the run's :class:`History`.
@@ -142,7 +144,10 @@ def start_simulation(
     ``latency`` (``task -> seconds``, deterministic, e.g. drawn from ``task.metadata.seed``)
     simulates each client's time to answer on ``clock=VirtualClock()``: stragglers and
     round deadlines play out in simulated time, and the history, timings included, is
-    the same for the same seed.
+    the same for the same seed. ``system`` (a :class:`~fedhive.simulation.system.SystemModel`)
+    simulates device heterogeneity instead: per-client compute speed and bandwidth,
+    availability windows and dropout, on a ``VirtualClock``; rounds then record
+    ``virtual_time_s``.
 
     Flower's Ray arguments (``ray_init_args``, ``actor_type``, ``actor_kwargs``,
     ``actor_scheduling``, ``keep_initialised``) are handed to the backend; the local
@@ -157,6 +162,8 @@ def start_simulation(
     workers = _num_workers(num_workers, client_resources)
     if seed is None:
         seed = secrets.randbits(31)
+    if system is not None:  # simulated devices: the virtual clock, their latency and mod
+        clock, latency, mods = system.attach(clock, latency, mods)
     if secure_aggregation is not None:
         from fedhive.secagg.client import with_secagg_mod
         from fedhive.secagg.server import as_workflow
@@ -191,6 +198,8 @@ def start_simulation(
     try:
         transport = chosen.start(setup)
         manager = client_manager or SimpleClientManager(ids, seed=seed)
+        if system is not None and clock is not None:
+            manager = AvailableClients(manager, system, clock)
         checkpointer = (
             Checkpointer(checkpoint_dir, store, model_dir=model_dir)
             if checkpoint_dir is not None

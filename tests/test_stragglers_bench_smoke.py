@@ -1,0 +1,15 @@
+"""Smoke run of benchmarks/stragglers.py: --quick finishes and prints its tables."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import run_benchmark
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_stragglers_benchmark_quick_run():
+    out = run_benchmark("stragglers.py", "--quick", timeout=280)
+    assert "virtual s to target" in out and "fedbuff / fedavg+deadline" in out
+    assert "ms/task" in out and "command: nice -n 10" in out
