@@ -342,12 +342,33 @@ def test_attack_2_share_index_zero_is_refused(monkeypatch):
 
 
 class Sybils(ZeroIndex):
-    """Adds t neighbours with fresh share indices, all presented as the one colluder."""
+    """Replaces t of the target's neighbours (their share indices kept, so the neighbour
+    list looks right) by keys the server made, all presented as the one colluder."""
 
-    fakes: ClassVar[list[int]] = [101, 102, 103, 104]
+    def tamper(self, stage, contents):
+        if stage == STAGE_SHARE:
+            self.fake_c = {}
+            for sid, content in contents.items():
+                if self.peers[sid].cid != TARGET:
+                    continue
+                names = sorted(n for n in content.config_records if n.startswith("peer."))
+                self.fakes = [int(n[5:]) for n in names[: self.sent_threshold]]
+                for fake in self.fakes:
+                    advert, c = self.fake_advert(fake, COLLUDER, self.identities[COLLUDER])
+                    content.config_records[f"peer.{fake}"] = advert
+                    self.fake_c[fake] = c.secret
+        return contents
+
+    def read(self, stage, peer, content):
+        if stage == STAGE_SHARE and peer.cid == TARGET:
+            shares = content.config_records["shares"]
+            seeds, keys = {}, {}
+            for fake in self.fakes:
+                plain = self.decrypt_to(self.fake_c[fake], peer.sid, fake, shares[str(fake)])
+                seeds[fake], keys[fake] = plain[: len(plain) // 2], plain[len(plain) // 2 :]
+            self.target_seed, self.target_key = self.combine(seeds), self.combine(keys)
 
 
-@pytest.mark.xfail(strict=True, reason="attack succeeds before the fix")
 def test_attack_3_sybil_neighbours_are_refused(monkeypatch):
     workflow = SecAggPlusWorkflow(degree="complete", threshold=4, bits=16, clip=0.05)
     result = _run_against(Sybils, monkeypatch, 6, workflow, _enrolled(6))
