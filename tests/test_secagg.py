@@ -4,6 +4,7 @@ dropouts at every stage are survived, and a lying server is caught."""
 from __future__ import annotations
 
 import itertools
+import math
 import random
 
 import numpy as np
@@ -205,17 +206,37 @@ def test_graph_is_regular_symmetric_and_complete_when_asked():
 
 
 def test_default_degree_is_logarithmic_and_complete_for_small_n():
-    assert default_degree(10) == 9
+    assert default_degree(4) == 3
+    assert default_degree(10) <= 9
     assert default_degree(100) < 40
-    assert default_degree(10_000) < 60
+    assert default_degree(10_000) < 120  # t > (k + c) / 2 needs more neighbours
     degree, threshold = SecAggConfig().plan(100)
     assert degree // 2 < threshold <= degree
     assert SecAggConfig(degree="complete").plan(50) == (49, 33)
 
 
+@pytest.mark.parametrize("n", [8, 32, 100, 1000])
+def test_default_threshold_holds_against_a_view_split_plus_colluders(n):
+    """No split of a client's honest neighbours into a group that reveals its seed share
+    and one that reveals its key share, plus the colluding neighbours (at most the
+    high-probability bound c) revealing both, reaches t shares of both kinds."""
+    from fedhive.secagg.config import corrupt_bound
+
+    config = SecAggConfig(max_clients=1000)
+    k, t = config.plan(n)
+    c = corrupt_bound(n, k, config.corrupt_fraction, config.failure_probability)
+    assert c >= math.floor(0.1 * n) if k == n - 1 else 0 <= c <= k
+    assert t >= (2 * k) // 3 + 1 and t <= k
+    honest = k - c
+    assert not any(a + c >= t and (honest - a) + c >= t for a in range(honest + 1))
+    # the issue's case: n = 32, two colluders, 2t <= k + c - 1 must not hold
+    assert 2 * t > k + max(c, 2)
+
+
 @pytest.mark.parametrize(
     "options, match",
     [
+        ({"degree": 9, "threshold": 5}, "safe bound"),
         ({"bits": 0}, "bits"),
         ({"clip": -1.0}, "clip"),
         ({"degree": "star"}, "degree"),
@@ -296,12 +317,14 @@ def test_secure_mean_equals_plain_mean_within_the_bound(n, degree, slack, bits, 
     """Over n, k, t, sizes and dropouts at any stage (no more than k - t, so every
     client keeps t live neighbours): the secure mean of whoever is in the sum equals
     their plain weighted mean within one quantization step."""
-    k = n - 1 if degree is None else min(degree, n - 1)  # an odd k may be raised by one
-    threshold = max(1, k - slack)
+    k = n - 1 if degree is None else min(degree, n - 1)
+    if k < n - 1 and k % 2 and n % 2:
+        k += 1  # an odd k with odd n is raised by one
+    threshold = max(SecAggConfig().safe_threshold(k, n), k - slack)
     drops = min(drops, k - threshold, n - max(2, threshold))
     dropped = {str(i) for i in range(drops)}
     workflow = SecAggPlusWorkflow(
-        degree="complete" if degree is None else degree,  # None: the complete graph
+        degree="complete" if degree is None else k,  # None: the complete graph
         threshold=threshold,
         bits=bits,
         clip=0.05,
@@ -329,7 +352,7 @@ def test_secure_mean_equals_plain_mean_within_the_bound(n, degree, slack, bits, 
 @pytest.mark.parametrize("stage", STAGES)
 def test_dropouts_at_every_stage_leave_the_mean_of_the_survivors(stage):
     n, dropped = 10, {"2", "7"}
-    workflow = SecAggPlusWorkflow(degree=6, threshold=4, bits=16, clip=0.05)
+    workflow = SecAggPlusWorkflow(degree=8, threshold=6, bits=16, clip=0.05)
     hist, capture = run(n, workflow, mods=[dropout_mod({stage: dropped})])
     fit = hist.rounds[-1]["fit"]
     assert fit["updated"], fit.get("note")
@@ -364,7 +387,7 @@ def test_nan_update_fails_that_client_only():
                 new[0][0] = np.nan
             return new, n, m
 
-    workflow = SecAggPlusWorkflow(degree="complete", threshold=3, bits=16, clip=0.05)
+    workflow = SecAggPlusWorkflow(degree="complete", threshold=4, bits=16, clip=0.05)
     hist, capture = run(6, workflow, client=Nan)
     (failure,) = hist.rounds[-1]["failures"]
     assert failure["client_id"] == "1" and "NaN" in failure["reason"]

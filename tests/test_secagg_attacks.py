@@ -282,7 +282,6 @@ class Downgrade(SplitViews):
         return contents
 
 
-@pytest.mark.xfail(strict=True, reason="attack succeeds before the fix")
 def test_attack_1_threshold_downgrade_is_refused(monkeypatch):
     workflow = SecAggPlusWorkflow(degree="complete", threshold=4, bits=16, clip=0.05)
     result = _run_against(Downgrade, monkeypatch, 6, workflow, _enrolled(6))
@@ -331,7 +330,6 @@ class ZeroIndex(Adversary):
             self.target_seed, self.target_key = self.combine(seeds), self.combine(keys)
 
 
-@pytest.mark.xfail(strict=True, reason="attack succeeds before the fix")
 def test_attack_2_share_index_zero_is_refused(monkeypatch):
     workflow = SecAggPlusWorkflow(degree="complete", threshold=4, bits=16, clip=0.05)
     result = _run_against(ZeroIndex, monkeypatch, 6, workflow, _enrolled(6))
@@ -397,7 +395,6 @@ class DefaultSplit(SplitViews):
     forged: ClassVar[tuple[str, ...]] = ("30", "31")
 
 
-@pytest.mark.xfail(strict=True, reason="attack succeeds before the fix")
 def test_attack_4_default_threshold_survives_a_split_plus_two_colluders(monkeypatch):
     Adversary.leaked = {}
     mods = _enrolled(32, colluders=DefaultSplit.forged)
@@ -451,7 +448,6 @@ class SwapKeys(Adversary):
         self.target_seed, self.target_key = self.combine(seeds), self.combine(keys)
 
 
-@pytest.mark.xfail(strict=True, reason="attack succeeds before the fix")
 def test_attack_5_unpinned_identities_claim_no_malicious_server_protection(monkeypatch, caplog):
     workflow = SecAggPlusWorkflow(degree="complete", threshold=4, bits=16, clip=0.05)
     # Without pinned identities the server can swap keys: that is the documented

@@ -187,6 +187,11 @@ class _SecureRound:
         self.peers: dict[int, _Peer] = {}
         self.seconds: dict[str, float] = {}
         self.degree, self.threshold = 0, 1
+        self.enrolled: dict[str, bytes] | None = None
+        if config.peers:
+            from fedhive.secagg.identity import load_peers
+
+            self.enrolled = load_peers(config.peers)
         # Round sizes are known only now; a size the config cannot serve ends the round.
         self._unusable = "secure aggregation needs at least 2 clients in a round" if n < 2 else ""
         if not self._unusable:
@@ -265,6 +270,12 @@ class _SecureRound:
             "clip": float(self.config.clip),
             "max_weight": self.config.max_weight,
             "weighted": self.weighting == "num_examples",
+            # what the clients need to check the threshold and the degree themselves
+            "n": len(self.peers),
+            "degree": _degree_option(self.config.degree),
+            "corrupt_fraction": float(self.config.corrupt_fraction),
+            "dropout_fraction": float(self.config.dropout_fraction),
+            "failure_probability": float(self.config.failure_probability),
         }
         cap = getattr(
             getattr(self.driver.strategy, "sampling", self.driver.strategy),
@@ -307,6 +318,8 @@ class _SecureRound:
             and len(c_pk) == len(s_pk) == len(id_pk) == 32
         ):
             return None
+        if self.enrolled is not None and self.enrolled.get(peer.cid) != id_pk:
+            return None  # not enrolled, or not under the key in the peers file
         signed = advert_bytes(self.run_id, self.rnd, peer.sid, peer.cid, c_pk, s_pk)
         return s_pk if p.verify(id_pk, sig, signed) else None
 
@@ -497,6 +510,15 @@ class _SecureRound:
             out.append(ref.astype(np.float64) + flat[at : at + ref.size].reshape(ref.shape))
             at += ref.size
         return cast_like(out, self.reference)
+
+
+def _degree_option(degree: int | str | None) -> int:
+    """``SecAggConfig.degree`` as one int for the clients: 0 unset, -1 complete."""
+    if degree is None:
+        return 0
+    if degree == "complete":
+        return -1
+    return int(degree)
 
 
 def _record(content: Any, name: str) -> dict[str, Scalar] | None:
