@@ -667,3 +667,65 @@ def test_a_round_too_small_for_the_threshold_keeps_the_model_and_says_why():
     alone = FedAvg(min_fit_clients=1, min_available_clients=1, initial_parameters=init)
     hist, _ = run(1, one, strategy=alone)
     assert "at least 2 clients" in hist.rounds[-1]["fit"]["note"]
+
+
+def test_conditional_rounding_keeps_the_released_norm_within_c_plus_beta():
+    """Stochastic rounding after clipping to C inflates the norm (here to ~2.5 C); the
+    conditional rounding releases at most C + beta, what the accountant is told."""
+    d, c, clip, bits = 200_000, 0.1, 0.1, 12
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=d)
+    x *= c / np.linalg.norm(x)
+    step = 2 * clip / (2**bits - 1)
+    beta = p.rounding_bound(d, clip, bits)
+    plain = p.quantize(x, clip, bits, rng) * step - clip
+    assert np.linalg.norm(plain) > c  # the inflation is real
+    for _ in range(5):
+        q = p.conditional_quantize(x, clip, bits, rng, c + beta)
+        assert np.linalg.norm(q * step - clip) <= c + beta
+    with pytest.raises(ProtocolError, match="conditional rounding"):
+        p.conditional_quantize(10 * x, clip, bits, rng, c + beta)  # not clipped to C
+    # the issue's numbers: d = 1e6, 12 bits, clip = 1 against C = 0.1 -> beta ~ 2.45 C
+    assert p.rounding_bound(1_000_000, 1.0, 12) > 2.4 * 0.1
+
+
+def test_dp_with_secure_aggregation_accounts_what_is_released(monkeypatch):
+    import fedhive.secagg.primitives as prim
+
+    released = []
+    original = prim.conditional_quantize
+
+    def spy(values, clip, bits, rng, norm_bound, tries=64):
+        q = original(values, clip, bits, rng, norm_bound, tries)
+        released.append((float(np.linalg.norm(q * (2 * clip / (2**bits - 1)) - clip)), norm_bound))
+        return q
+
+    monkeypatch.setattr(prim, "conditional_quantize", spy)
+    hist, _ = _dp_run(True, False)
+    metrics = hist.rounds[-1]["fit"]["metrics"]
+    assert released and all(norm <= bound for norm, bound in released)
+    assert {bound for _, bound in released} == {metrics["dp_sensitivity"]}
+    assert metrics["dp_sensitivity"] > 0.02  # C + beta, not C
+    assert metrics["dp_noise_stddev"] == pytest.approx(0.5 * metrics["dp_sensitivity"] / 6)
+
+
+def test_dp_rounding_error_large_against_c_is_refused():
+    from fedhive.privacy import DifferentialPrivacyClientSideFixedClipping, fixedclipping_mod
+
+    init = fl.common.ndarrays_to_parameters([np.zeros(s, np.float32) for s in SHAPES])
+    strategy = DifferentialPrivacyClientSideFixedClipping(
+        FedAvg(fraction_evaluate=0.0, initial_parameters=init),
+        noise_multiplier=0.5, clipping_norm=1e-4, num_sampled_clients=6, noise_seed=5,
+    )  # fmt: skip
+    hist = start_simulation(
+        client_fn=lambda cid: Linear(int(cid)),
+        num_clients=6,
+        strategy=strategy,
+        config=fl.server.ServerConfig(num_rounds=1),
+        mods=[fixedclipping_mod],
+        secure_aggregation={"bits": 8, "clip": 1.0},
+        seed=0,
+    )
+    fit = hist.rounds[-1]["fit"]
+    assert not fit["updated"]
+    assert "not small against the DP clipping norm" in fit["note"]

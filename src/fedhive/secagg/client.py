@@ -490,7 +490,12 @@ class SecAggPlusMod:
                     f"num_examples={weight} is above secure_aggregation.max_weight="
                     f"{_int(state, 'max_weight')}; raise max_weight (and the ring) on the server"
                 )
-        q = p.quantize(delta, _float(state, "clip"), _int(state, "bits"), np.random.default_rng())
+        clip, bits, rng = _float(state, "clip"), _int(state, "bits"), np.random.default_rng()
+        bound = state.get("dp_norm_bound")
+        if isinstance(bound, float):  # DP: what is released stays within C + beta
+            q = p.conditional_quantize(delta, clip, bits, rng, bound)
+        else:
+            q = p.quantize(delta, clip, bits, rng)
         dtype = p.ring_dtype(_int(state, "ring_bits"))
         vector = np.empty(size + 1, dtype)
         np.multiply(q, weight, out=vector[:size], casting="unsafe")

@@ -59,6 +59,11 @@ __all__ = ["SecAggPlusWorkflow", "check_secagg_compatible"]
 
 log = logging.getLogger("fedhive.secagg")
 
+#: The most the rounding bound beta may be against the DP clipping norm C.
+MAX_ROUNDING_RATIO = 0.1
+#: The fit config key of the DP wrappers' clipping norm (fedhive.privacy.central).
+CLIPPING_NORM_KEY = "dp_clipping_norm"
+
 
 class RoundAborted(_StageAborted):
     """The secure round cannot finish; the model stays as it was."""
@@ -162,6 +167,9 @@ class SecAggPlusWorkflow(ExchangeStage):
             driver.record["fit"]["secagg"] = round_.stats
         # The weights are secret, so each survivor counts once; a mean-based strategy
         # gets the mean back and its metrics aggregation sees each survivor's metrics.
+        account = getattr(sink.aggregator, "account_rounding", None)
+        if round_.dp_bound is not None and callable(account):
+            account(round_.dp_rounding)  # the noise covers C + beta, what was released
         sink.add_mean(mean, [(peer.cid, 1, peer.metrics) for peer in round_.survivors])
 
 
@@ -187,6 +195,8 @@ class _SecureRound:
         self.peers: dict[int, _Peer] = {}
         self.seconds: dict[str, float] = {}
         self.degree, self.threshold = 0, 1
+        self.dp_bound: float | None = None  # C + beta when the DP wrappers clip to C
+        self.dp_rounding = 0.0
         self.enrolled: dict[str, bytes] | None = None
         if config.peers:
             from fedhive.secagg.identity import load_peers
@@ -211,6 +221,21 @@ class _SecureRound:
         self.stats["ring_bits"], self.stats["bits"] = config.ring, config.bits
         self.reference = parameters_to_ndarrays(driver.engine.parameters)
         self.length = sum(int(r.size) for r in self.reference) + 1
+        norm = instructions[0][1].config.get(CLIPPING_NORM_KEY)
+        if isinstance(norm, int | float) and not isinstance(norm, bool) and norm > 0:
+            beta = p.rounding_bound(self.length - 1, config.clip, config.bits)
+            self.stats["dp_rounding_bound"] = beta
+            if beta > MAX_ROUNDING_RATIO * norm:
+                self._unusable = (
+                    f"the rounding error of secure aggregation (beta = {beta:.3g} in L2 norm "
+                    f"for {self.length - 1} parameters, bits={config.bits}, clip="
+                    f"{config.clip}) is not small against the DP clipping norm C = {norm:g} "
+                    f"(at most {MAX_ROUNDING_RATIO:g} C); raise bits or lower clip (|x_i| <= "
+                    "C anyway, so clip = C is safe)"
+                )
+                return
+            self.dp_rounding = beta
+            self.dp_bound = float(norm) + beta
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -284,6 +309,8 @@ class _SecureRound:
         )
         if isinstance(cap, int):
             common["max_num_examples"] = cap
+        if self.dp_bound is not None:
+            common["dp_norm_bound"] = self.dp_bound
         contents = {
             sid: RecordDict(
                 config_records={
