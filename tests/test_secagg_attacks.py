@@ -479,3 +479,35 @@ def test_the_honest_server_with_pinned_identities_gives_the_plain_mean(monkeypat
     for got, want in zip(capture.models[1], plain_mean(range(6), 6), strict=True):
         assert np.max(np.abs(got - want)) <= workflow.config.quantization_error + 1e-6
     assert len(SHAPES) == 2
+
+
+def test_the_malicious_model_with_a_peers_file_runs_and_the_server_checks_enrollment(tmp_path):
+    from fedhive.secagg.identity import format_peer
+
+    identities = {str(i): p.new_identity() for i in range(6)}
+    mods = {
+        node: SecAggPlusMod(
+            trusted_identities={n: p.identity_public(s) for n, s in identities.items()},
+            identity=secret,
+        )
+        for node, secret in identities.items()
+    }
+    peers = tmp_path / "peers.toml"
+    lines = [format_peer(n, p.identity_public(s)) for n, s in identities.items() if n != "5"]
+    peers.write_text("[identities]\n" + "\n".join(lines) + "\n")
+
+    def per_node(message, context, call_next):
+        return mods[context.node_id](message, context, call_next)
+
+    config = SecAggConfig(
+        degree="complete", threshold=4, bits=16, clip=0.05,
+        threat_model="malicious", peers=str(peers),
+    )  # fmt: skip
+    assert mods["0"].threat_model == "malicious"
+    hist, _ = run(6, SecAggPlusWorkflow(config), secagg_mod=per_node)
+    record = hist.rounds[-1]
+    # node 5 is not in the server's peers file: the server drops it at advertise, and its
+    # neighbours (who pin it) never see it; the other five go through
+    assert record["fit"]["updated"], record["fit"].get("note")
+    assert [f["client_id"] for f in record["failures"]] == ["5"]
+    assert "unsigned" in record["failures"][0]["reason"]

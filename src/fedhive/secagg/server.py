@@ -195,15 +195,19 @@ class _SecureRound:
         self.peers: dict[int, _Peer] = {}
         self.seconds: dict[str, float] = {}
         self.degree, self.threshold = 0, 1
+        # Round sizes are known only now; a size the config cannot serve ends the round.
+        self._unusable = "secure aggregation needs at least 2 clients in a round" if n < 2 else ""
         self.dp_bound: float | None = None  # C + beta when the DP wrappers clip to C
         self.dp_rounding = 0.0
         self.enrolled: dict[str, bytes] | None = None
         if config.peers:
             from fedhive.secagg.identity import load_peers
 
-            self.enrolled = load_peers(config.peers)
-        # Round sizes are known only now; a size the config cannot serve ends the round.
-        self._unusable = "secure aggregation needs at least 2 clients in a round" if n < 2 else ""
+            try:
+                self.enrolled = load_peers(config.peers)
+            except ConfigError as exc:
+                self._unusable = str(exc)
+                return
         if not self._unusable:
             try:
                 self.degree, self.threshold = config.plan(n)
