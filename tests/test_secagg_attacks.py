@@ -511,3 +511,70 @@ def test_the_malicious_model_with_a_peers_file_runs_and_the_server_checks_enroll
     assert record["fit"]["updated"], record["fit"].get("note")
     assert [f["client_id"] for f in record["failures"]] == ["5"]
     assert "unsigned" in record["failures"][0]["reason"]
+
+
+def _params(n, neighbours, threshold, degree=-1):
+    return {
+        "n": n,
+        "degree": degree,
+        "corrupt_fraction": 0.1,
+        "dropout_fraction": 0.1,
+        "failure_probability": 1e-6,
+        "neighbours": np.asarray(neighbours, "<i8").tobytes(),
+    }
+
+
+@pytest.mark.parametrize(
+    "n, sid, neighbours, threshold, degree, check",
+    [
+        (6, 1, [2, 3, 4, 5, 6], 3, -1, "threshold check"),  # safe bound 4 at k = 5
+        (6, 1, [2, 3, 4, 5, 6], 6, -1, "threshold check"),  # above k
+        (6, 1, [0, 2, 3, 4, 5], 4, -1, "share index check"),
+        (6, 1, [1, 2, 3, 4, 5], 4, -1, "share index check"),  # its own index
+        (6, 1, [2, 2, 3, 4, 5], 4, -1, "share index check"),
+        (6, 1, [2, 3, 4, 5, 9], 4, -1, "share index check"),  # beyond n
+        (10, 1, [2, 3, 4, 5], 5, 6, "degree check"),  # degree 6 implied, 4 given
+        (32, 1, list(range(2, 33)), 16, -1, "threshold check"),  # the old default
+    ],
+)
+def test_each_client_check_refuses_and_names_itself(n, sid, neighbours, threshold, degree, check):
+    from fedhive.common.errors import ProtocolError
+
+    mod = SecAggPlusMod()
+    with pytest.raises(ProtocolError, match=check):
+        mod._check_plan(_params(n, neighbours, threshold, degree), sid, threshold)
+    ok = list(range(2, n + 1)) if degree == -1 else None
+    if ok is not None:  # the same round with honest parameters passes
+        k = n - 1
+        mod._check_plan(_params(n, ok, threshold, degree), sid, (2 * k) // 3 + 1)
+
+
+def test_a_client_with_its_own_corrupt_fraction_asks_for_more():
+    from fedhive.common.errors import ProtocolError
+
+    params = _params(100, list(range(2, 35)), 23, degree=33)
+    SecAggPlusMod()._check_plan(params, 1, 23)
+    with pytest.raises(ProtocolError, match="threshold check"):
+        SecAggPlusMod(corrupt_fraction=0.4)._check_plan(params, 1, 23)
+
+
+class OneIdentityTwice(Adversary):
+    """Relays two of the target's neighbours under one identity key the server holds."""
+
+    def tamper(self, stage, contents):
+        if stage == STAGE_SHARE:
+            shared = p.new_identity()
+            for sid, content in contents.items():
+                if self.peers[sid].cid != TARGET:
+                    continue
+                names = sorted(n for n in content.config_records if n.startswith("peer."))
+                for name in names[:2]:
+                    node = content.config_records[name]["node"]
+                    content.config_records[name] = self.fake_advert(int(name[5:]), node, shared)[0]
+        return contents
+
+
+def test_two_neighbours_with_one_identity_key_are_refused(monkeypatch):
+    workflow = SecAggPlusWorkflow(degree="complete", threshold=4, bits=16, clip=0.05)
+    result = _run_against(OneIdentityTwice, monkeypatch, 6, workflow, SecAggPlusMod())
+    _assert_refused(*result, check="same identity key")
