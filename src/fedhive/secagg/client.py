@@ -8,18 +8,20 @@ Stages (message types), for round r of run R:
 
 1. ``secagg.advertise``: check the threshold against the safe bound, the degree and the
    share indices (:meth:`SecAggPlusMod._check_plan`); make two X25519 key pairs (share
-   encryption, mask agreement) and a self-mask seed; reply with the public keys, signed with the client's long-term
-   Ed25519 identity key (kept in its state) so they are bound to the client.
+   encryption, mask agreement) and a self-mask seed; reply with the public keys, signed
+   with the client's long-term Ed25519 identity key (kept in its state) so they are
+   bound to the client.
 2. ``secagg.share_keys``: check the neighbours' signed keys, and that no node id or
-   identity key appears twice among them; Shamir-share the self-mask
-   seed and the mask secret key among them; each pair of shares travels AES-GCM
-   encrypted under a key only the two of them can derive.
+   identity key appears twice among them; Shamir-share the self-mask seed and the mask
+   secret key among them; each pair of shares travels AES-GCM encrypted under a key only
+   the two of them can derive.
 3. ``fit`` (with ``secagg.*`` config keys): train through the mods inside, then clip,
    quantize, weight, and add the self mask and one pairwise mask per neighbour.
 4. ``secagg.consistency``: sign the set of survivors the server announced.
 5. ``secagg.unmask``: verify every signature received (one over another set aborts) and
-   that at least t distinct neighbours signed that same set, then reveal self-mask shares of surviving neighbours and mask-key shares of dropped ones; never
-   both for one neighbour, and only once per round.
+   that at least t distinct neighbours signed that same set, then reveal self-mask
+   shares of surviving neighbours and mask-key shares of dropped ones; never both for
+   one neighbour, and only once per round.
 
 Any check that fails raises :class:`~fedhive.common.errors.ProtocolError`; the client
 then reveals nothing more in this round. Secrets live in the client's state only for the
