@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 import fedhive as fl
+from fedhive.common.atomic import atomic_write_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT = Path(__file__).resolve().parent / "apps" / "grpc_client.py"
@@ -128,13 +129,12 @@ def make_certificates(directory: Path) -> dict[str, Path]:
         paths[label].write_bytes(obj.public_bytes(serialization.Encoding.PEM))
     for label, k in (("server_key", server_key), ("client_key", client_key)):
         paths[label] = directory / f"{label}.pem"
-        paths[label].write_bytes(
-            k.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
+        pem = k.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
         )
+        atomic_write_bytes(paths[label], pem, mode=0o600)  # private keys: owner only
     return paths
 
 

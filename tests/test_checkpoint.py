@@ -92,3 +92,25 @@ def test_resume_of_a_finished_run_runs_nothing_more(tmp_path):
     first = go(tmp_path, 2)
     again = go(tmp_path, 2, resume=True)
     assert again.without_timings() == first.without_timings()
+
+
+def test_checkpoint_and_spilled_client_state_are_owner_only(tmp_path):
+    import stat
+
+    from fedhive.client.state import StateStore
+    from fedhive.common.records import RecordDict
+
+    go(tmp_path, 2)
+    latest = tmp_path / (tmp_path / "LATEST").read_text()
+    files = [f for f in latest.rglob("*") if f.is_file()]
+    assert any(f.parent.name == "clients" for f in files)
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+    store = StateStore(tmp_path / "spill", memory_limit_bytes=0)
+    state = RecordDict()
+    state.config_records["secagg.identity"] = {"secret": b"\x01" * 32}
+    state.array_records["big"] = {"a": np.zeros(100)}
+    store.put("n1", state)
+    assert store.is_on_disk("n1")
+    (spilled,) = [f for f in (tmp_path / "spill").iterdir() if f.is_file()]
+    assert stat.S_IMODE(spilled.stat().st_mode) == 0o600

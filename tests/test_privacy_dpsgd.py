@@ -109,3 +109,28 @@ def test_dpsgd_validates_its_arguments():
     ):
         with pytest.raises(ConfigError, match=match):
             train_dpsgd(tiny_model(), x, y, **{**common, key: value})
+
+
+def test_steps_taken_before_training_raises_are_charged():
+    from fedhive.privacy.accounting import PrivacyAccountant
+    from fedhive.privacy.dpsgd import LEDGER
+
+    x, y = data(0)
+    calls = {"n": 0}
+
+    def failing_loss(out, target):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("out of memory")
+        return torch.nn.functional.cross_entropy(out, target)
+
+    state = RecordDict()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train_dpsgd(
+            tiny_model(), x, y, epochs=1, batch_size=4, lr=0.1, noise_multiplier=1.0,
+            max_grad_norm=1.0, delta=1e-5, state=state, loss_fn=failing_loss,
+        )  # fmt: skip
+    ledger = PrivacyAccountant("poisson", "rdp")
+    ledger.load_state_dict(state, LEDGER)
+    assert ledger.rounds >= 3  # the two finished steps and the one that raised
+    assert ledger.epsilon(1e-5) > 0

@@ -4,6 +4,7 @@ dropouts at every stage are survived, and a lying server is caught."""
 from __future__ import annotations
 
 import itertools
+import math
 import random
 
 import numpy as np
@@ -205,17 +206,37 @@ def test_graph_is_regular_symmetric_and_complete_when_asked():
 
 
 def test_default_degree_is_logarithmic_and_complete_for_small_n():
-    assert default_degree(10) == 9
+    assert default_degree(4) == 3
+    assert default_degree(10) <= 9
     assert default_degree(100) < 40
-    assert default_degree(10_000) < 60
+    assert default_degree(10_000) < 120  # t > (k + c) / 2 needs more neighbours
     degree, threshold = SecAggConfig().plan(100)
     assert degree // 2 < threshold <= degree
     assert SecAggConfig(degree="complete").plan(50) == (49, 33)
 
 
+@pytest.mark.parametrize("n", [8, 32, 100, 1000])
+def test_default_threshold_holds_against_a_view_split_plus_colluders(n):
+    """No split of a client's honest neighbours into a group that reveals its seed share
+    and one that reveals its key share, plus the colluding neighbours (at most the
+    high-probability bound c) revealing both, reaches t shares of both kinds."""
+    from fedhive.secagg.config import corrupt_bound
+
+    config = SecAggConfig(max_clients=1000)
+    k, t = config.plan(n)
+    c = corrupt_bound(n, k, config.corrupt_fraction, config.failure_probability)
+    assert c >= math.floor(0.1 * n) if k == n - 1 else 0 <= c <= k
+    assert t >= (2 * k) // 3 + 1 and t <= k
+    honest = k - c
+    assert not any(a + c >= t and (honest - a) + c >= t for a in range(honest + 1))
+    # the issue's case: n = 32, two colluders, 2t <= k + c - 1 must not hold
+    assert 2 * t > k + max(c, 2)
+
+
 @pytest.mark.parametrize(
     "options, match",
     [
+        ({"degree": 9, "threshold": 5}, "safe bound"),
         ({"bits": 0}, "bits"),
         ({"clip": -1.0}, "clip"),
         ({"degree": "star"}, "degree"),
@@ -296,12 +317,14 @@ def test_secure_mean_equals_plain_mean_within_the_bound(n, degree, slack, bits, 
     """Over n, k, t, sizes and dropouts at any stage (no more than k - t, so every
     client keeps t live neighbours): the secure mean of whoever is in the sum equals
     their plain weighted mean within one quantization step."""
-    k = n - 1 if degree is None else min(degree, n - 1)  # an odd k may be raised by one
-    threshold = max(1, k - slack)
+    k = n - 1 if degree is None else min(degree, n - 1)
+    if k < n - 1 and k % 2 and n % 2:
+        k += 1  # an odd k with odd n is raised by one
+    threshold = max(SecAggConfig().safe_threshold(k, n), k - slack)
     drops = min(drops, k - threshold, n - max(2, threshold))
     dropped = {str(i) for i in range(drops)}
     workflow = SecAggPlusWorkflow(
-        degree="complete" if degree is None else degree,  # None: the complete graph
+        degree="complete" if degree is None else k,  # None: the complete graph
         threshold=threshold,
         bits=bits,
         clip=0.05,
@@ -329,7 +352,7 @@ def test_secure_mean_equals_plain_mean_within_the_bound(n, degree, slack, bits, 
 @pytest.mark.parametrize("stage", STAGES)
 def test_dropouts_at_every_stage_leave_the_mean_of_the_survivors(stage):
     n, dropped = 10, {"2", "7"}
-    workflow = SecAggPlusWorkflow(degree=6, threshold=4, bits=16, clip=0.05)
+    workflow = SecAggPlusWorkflow(degree=8, threshold=6, bits=16, clip=0.05)
     hist, capture = run(n, workflow, mods=[dropout_mod({stage: dropped})])
     fit = hist.rounds[-1]["fit"]
     assert fit["updated"], fit.get("note")
@@ -364,7 +387,7 @@ def test_nan_update_fails_that_client_only():
                 new[0][0] = np.nan
             return new, n, m
 
-    workflow = SecAggPlusWorkflow(degree="complete", threshold=3, bits=16, clip=0.05)
+    workflow = SecAggPlusWorkflow(degree="complete", threshold=4, bits=16, clip=0.05)
     hist, capture = run(6, workflow, client=Nan)
     (failure,) = hist.rounds[-1]["failures"]
     assert failure["client_id"] == "1" and "NaN" in failure["reason"]
@@ -644,3 +667,65 @@ def test_a_round_too_small_for_the_threshold_keeps_the_model_and_says_why():
     alone = FedAvg(min_fit_clients=1, min_available_clients=1, initial_parameters=init)
     hist, _ = run(1, one, strategy=alone)
     assert "at least 2 clients" in hist.rounds[-1]["fit"]["note"]
+
+
+def test_conditional_rounding_keeps_the_released_norm_within_c_plus_beta():
+    """Stochastic rounding after clipping to C inflates the norm (here to ~2.5 C); the
+    conditional rounding releases at most C + beta, what the accountant is told."""
+    d, c, clip, bits = 200_000, 0.1, 0.1, 12
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=d)
+    x *= c / np.linalg.norm(x)
+    step = 2 * clip / (2**bits - 1)
+    beta = p.rounding_bound(d, clip, bits)
+    plain = p.quantize(x, clip, bits, rng) * step - clip
+    assert np.linalg.norm(plain) > c  # the inflation is real
+    for _ in range(5):
+        q = p.conditional_quantize(x, clip, bits, rng, c + beta)
+        assert np.linalg.norm(q * step - clip) <= c + beta
+    with pytest.raises(ProtocolError, match="conditional rounding"):
+        p.conditional_quantize(10 * x, clip, bits, rng, c + beta)  # not clipped to C
+    # the issue's numbers: d = 1e6, 12 bits, clip = 1 against C = 0.1 -> beta ~ 2.45 C
+    assert p.rounding_bound(1_000_000, 1.0, 12) > 2.4 * 0.1
+
+
+def test_dp_with_secure_aggregation_accounts_what_is_released(monkeypatch):
+    import fedhive.secagg.primitives as prim
+
+    released = []
+    original = prim.conditional_quantize
+
+    def spy(values, clip, bits, rng, norm_bound, tries=64):
+        q = original(values, clip, bits, rng, norm_bound, tries)
+        released.append((float(np.linalg.norm(q * (2 * clip / (2**bits - 1)) - clip)), norm_bound))
+        return q
+
+    monkeypatch.setattr(prim, "conditional_quantize", spy)
+    hist, _ = _dp_run(True, False)
+    metrics = hist.rounds[-1]["fit"]["metrics"]
+    assert released and all(norm <= bound for norm, bound in released)
+    assert {bound for _, bound in released} == {metrics["dp_sensitivity"]}
+    assert metrics["dp_sensitivity"] > 0.02  # C + beta, not C
+    assert metrics["dp_noise_stddev"] == pytest.approx(0.5 * metrics["dp_sensitivity"] / 6)
+
+
+def test_dp_rounding_error_large_against_c_is_refused():
+    from fedhive.privacy import DifferentialPrivacyClientSideFixedClipping, fixedclipping_mod
+
+    init = fl.common.ndarrays_to_parameters([np.zeros(s, np.float32) for s in SHAPES])
+    strategy = DifferentialPrivacyClientSideFixedClipping(
+        FedAvg(fraction_evaluate=0.0, initial_parameters=init),
+        noise_multiplier=0.5, clipping_norm=1e-4, num_sampled_clients=6, noise_seed=5,
+    )  # fmt: skip
+    hist = start_simulation(
+        client_fn=lambda cid: Linear(int(cid)),
+        num_clients=6,
+        strategy=strategy,
+        config=fl.server.ServerConfig(num_rounds=1),
+        mods=[fixedclipping_mod],
+        secure_aggregation={"bits": 8, "clip": 1.0},
+        seed=0,
+    )
+    fit = hist.rounds[-1]["fit"]
+    assert not fit["updated"]
+    assert "not small against the DP clipping norm" in fit["note"]

@@ -39,6 +39,9 @@ def test_run_with_secure_aggregation_from_toml(tmp_path):
         ({"degree": "star"}, r"secure_aggregation\.degree"),
         ({"degree": 4, "threshold": 6}, r"threshold=6 exceeds degree=4"),
         ({"ring_bits": 32, "bits": 20}, r"ring is too small"),
+        ({"degree": 9, "threshold": 5}, r"below the safe bound"),
+        ({"threat_model": "malicious"}, r"needs pinned identities"),
+        ({"threat_model": "paranoid"}, r"threat_model"),
     ],
 )
 def test_bad_secure_aggregation_keys_are_refused(table, pattern):

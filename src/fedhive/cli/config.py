@@ -219,6 +219,8 @@ class SecureAggregationConfig(_Section):
     corrupt_fraction: float = Field(ge=0, lt=0.5)
     dropout_fraction: float = Field(ge=0, lt=0.5)
     failure_probability: float = Field(gt=0, lt=1)
+    threat_model: Literal["honest-but-curious", "malicious"]
+    peers: str | None
 
     @model_validator(mode="before")
     @classmethod

@@ -13,7 +13,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from fedhive.common.atomic import atomic_write_bytes
+from fedhive.common.atomic import SECRET_MODE, atomic_write_bytes
 from fedhive.common.errors import SerdeError, StateError
 from fedhive.common.records import RecordDict
 
@@ -78,7 +78,10 @@ class StateStore:
             if was_on_disk:
                 (self.directory / _file_name(node_id)).unlink(missing_ok=True)
             return
-        atomic_write_bytes(self.directory / _file_name(node_id), encode_record_dict(state))
+        # client state holds secrets (SecAgg+ round keys, identity keys): owner only
+        atomic_write_bytes(
+            self.directory / _file_name(node_id), encode_record_dict(state), mode=SECRET_MODE
+        )
         with self._lock:
             self._memory.pop(node_id, None)
             self._on_disk.add(node_id)
@@ -111,9 +114,10 @@ class StateStore:
             if state.is_empty():
                 continue
             name = _file_name(node_id)
-            (directory / name).write_bytes(encode_record_dict(state))
+            atomic_write_bytes(directory / name, encode_record_dict(state), mode=SECRET_MODE)
             index.append(f"{name}\t{node_id}")
-        (directory / "index.tsv").write_text("\n".join(index) + ("\n" if index else ""))
+        text = "\n".join(index) + ("\n" if index else "")
+        atomic_write_bytes(directory / "index.tsv", text.encode(), mode=SECRET_MODE)
 
     def load(self, directory: Path) -> None:
         """Replace the store's content with what :meth:`dump` wrote to ``directory``."""

@@ -19,7 +19,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["atomic_open", "atomic_write_bytes"]
+__all__ = ["SECRET_MODE", "atomic_open", "atomic_write_bytes"]
+
+#: The mode of files that hold secrets (client state, checkpoints, keys): owner only.
+SECRET_MODE = 0o600
 
 
 @contextmanager

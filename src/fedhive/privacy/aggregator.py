@@ -50,6 +50,7 @@ class DpAggregator:
         self.unclipped = 0
         self.clients: list[tuple[str, int, dict[str, Scalar]]] = []
         self.failures: list[Any] = []
+        self.rounding = 0.0  # beta: what secure aggregation's rounding may add to a norm
 
     def _refuse(self, client: ClientProxy, reason: str) -> InvalidUpdate:
         return InvalidUpdate(client.cid, self.server_round, "fit", reason)
@@ -121,13 +122,20 @@ class DpAggregator:
     def add_failure(self, failure: BaseException) -> None:
         self.failures.append(failure)
 
+    def account_rounding(self, beta: float) -> None:
+        """Secure aggregation released rounded updates of norm at most C + ``beta``
+        (conditional rounding): the noise is scaled to that sensitivity, so the
+        accountant's noise multiplier holds for what was released."""
+        self.rounding = max(self.rounding, float(beta))
+
     def finalize(self) -> tuple[Parameters | None, dict[str, Scalar]]:
         strategy = self.strategy
         if self.count == 0:
             return None, {}
         m = strategy.num_sampled_clients
         z_update, count_stddev = strategy.noise_split()
-        stddev = z_update * self.clipping_norm / m
+        sensitivity = self.clipping_norm + self.rounding
+        stddev = z_update * sensitivity / m
         noise = strategy.noise_source(self.server_round)
         released = []
         for acc, ref in zip(self.sum, self.reference, strict=True):
@@ -139,6 +147,7 @@ class DpAggregator:
         metrics = strategy.privacy_metrics()
         metrics["dp_clipping_norm"] = self.clipping_norm
         metrics["dp_noise_stddev"] = stddev
+        metrics["dp_sensitivity"] = sensitivity
         if strategy.adaptive is not None:
             centred = self.unclipped - self.count / 2.0
             if count_stddev > 0:

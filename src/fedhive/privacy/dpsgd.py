@@ -13,10 +13,13 @@ gradients and clips them; fedhive draws the batches and the noise itself:
   The optimizer therefore runs with zero Opacus noise and a step hook adds noise from
   :class:`~fedhive.privacy.noise.SecureGaussian` (``os.urandom``). ``noise_seed`` (tests
   only) replaces it with a seeded source and marks the result ``not_private``.
-- Batches are drawn with a numpy generator seeded by ``seed`` (e.g. ``context.seed``,
-  for reproducible simulations; amplification then assumes the run seed stays secret)
-  or, with ``seed=None``, from ``os.urandom``. Nothing here reads or changes torch's or
-  numpy's global random state. A step whose Poisson batch is empty still applies noise.
+- Batches are drawn with a numpy generator seeded by ``seed`` or, with ``seed=None``
+  (the default, and what deployments use), from ``os.urandom``. Never seed it from a
+  value the server derives (``context.seed``): the server would then know which
+  examples each step used, and the amplification by sampling that the accountant
+  counts on would not hold against it. A fixed seed is for tests and simulations only.
+  Nothing here reads or changes torch's or numpy's global random state. A step whose
+  Poisson batch is empty still applies noise.
 
 The client's privacy ledger lives in its persistent state (``context.state``, a
 ``RecordDict``, under ``"dpsgd.accountant"``), so epsilon accumulates over every round
@@ -127,7 +130,7 @@ def train_dpsgd(
 
         result = train_dpsgd(model, x, y, epochs=1, batch_size=32, lr=0.1,
                              noise_multiplier=1.1, max_grad_norm=1.0, delta=1e-5,
-                             state=context.state, seed=context.seed)
+                             state=context.state)  # batches from os.urandom
         return new_weights, len(x), result.metrics()
     """
     torch, grad_sample_module, dp_optimizer = _imports()
@@ -181,9 +184,11 @@ def train_dpsgd(
     )
     optimizer.attach_step_hook(add_noise)
     losses: list[float] = []
+    taken = 0  # steps started: each may have touched the data, so each is charged
     model.train()
     try:
         for _ in range(steps):
+            taken += 1
             batch = np.flatnonzero(sampler.random(n) < q)
             optimizer.zero_grad(set_to_none=True)
             if batch.size == 0:
@@ -202,10 +207,12 @@ def train_dpsgd(
     finally:
         optimizer.zero_grad(set_to_none=True)
         wrapped._close()
-    ledger.record(Release(z, sampling_rate=q), steps)
-    saved = ledger.state_dict(LEDGER)
-    state.array_records.update(saved.array_records)
-    state.config_records.update(saved.config_records)
+        # charged even when training raised midway: the steps already taken were released
+        if taken:
+            ledger.record(Release(z, sampling_rate=q), taken)
+        saved = ledger.state_dict(LEDGER)
+        state.array_records.update(saved.array_records)
+        state.config_records.update(saved.config_records)
     return DpSgdResult(
         epsilon=ledger.epsilon(delta),
         delta=delta,

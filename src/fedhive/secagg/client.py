@@ -6,18 +6,22 @@ and masked, which is the order clip -> noise -> quantize -> mask.
 
 Stages (message types), for round r of run R:
 
-1. ``secagg.advertise``: make two X25519 key pairs (share encryption, mask agreement)
-   and a self-mask seed; reply with the public keys, signed with the client's long-term
-   Ed25519 identity key (kept in its state) so they are bound to the client.
-2. ``secagg.share_keys``: check the neighbours' signed keys; Shamir-share the self-mask
-   seed and the mask secret key among them; each pair of shares travels AES-GCM
-   encrypted under a key only the two of them can derive.
+1. ``secagg.advertise``: check the threshold against the safe bound, the degree and the
+   share indices (:meth:`SecAggPlusMod._check_plan`); make two X25519 key pairs (share
+   encryption, mask agreement) and a self-mask seed; reply with the public keys, signed
+   with the client's long-term Ed25519 identity key (kept in its state) so they are
+   bound to the client.
+2. ``secagg.share_keys``: check the neighbours' signed keys, and that no node id or
+   identity key appears twice among them; Shamir-share the self-mask seed and the mask
+   secret key among them; each pair of shares travels AES-GCM encrypted under a key only
+   the two of them can derive.
 3. ``fit`` (with ``secagg.*`` config keys): train through the mods inside, then clip,
    quantize, weight, and add the self mask and one pairwise mask per neighbour.
 4. ``secagg.consistency``: sign the set of survivors the server announced.
-5. ``secagg.unmask``: check that at least t neighbours signed that same set, then reveal
-   self-mask shares of surviving neighbours and mask-key shares of dropped ones; never
-   both for one neighbour, and only once per round.
+5. ``secagg.unmask``: verify every signature received (one over another set aborts) and
+   that at least t distinct neighbours signed that same set, then reveal self-mask
+   shares of surviving neighbours and mask-key shares of dropped ones; never both for
+   one neighbour, and only once per round.
 
 Any check that fails raises :class:`~fedhive.common.errors.ProtocolError`; the client
 then reveals nothing more in this round. Secrets live in the client's state only for the
@@ -26,6 +30,7 @@ round and are wiped when it unmasks (or when the next round begins).
 
 from __future__ import annotations
 
+import logging
 import math
 import secrets
 import time
@@ -48,6 +53,7 @@ from fedhive.common.records import (
     parameters_to_ndarrays,
 )
 from fedhive.secagg import primitives as p
+from fedhive.secagg.config import THREAT_MODELS, SecAggConfig
 
 __all__ = ["SecAggPlusMod", "secaggplus_mod", "with_secagg_mod"]
 
@@ -65,6 +71,7 @@ _INBOX = "secagg.inbox"
 _IDENTITY = "secagg.identity"
 
 Handler = Callable[[Message, Context], Message]
+log = logging.getLogger("fedhive.secagg")
 
 
 def advert_bytes(run: int, rnd: int, sid: int, node: str, c_pk: bytes, s_pk: bytes) -> bytes:
@@ -125,6 +132,16 @@ class SecAggPlusMod:
     ``identity`` is this site's raw Ed25519 identity secret, the one its peers enrolled;
     without it each client makes one and keeps it in its state. ``timings`` (if given)
     accumulates the seconds spent per stage part, for benchmarks.
+
+    ``threat_model``: ``"malicious"`` (the default with ``trusted_identities``) or
+    ``"honest-but-curious"`` (the default without; a warning says so in the first round);
+    ``"malicious"`` without pinned identities is a :class:`ConfigError`.
+    ``corrupt_fraction``: this client's own assumption of the share of colluding clients;
+    the threshold it accepts is the safe bound for the larger of it and the server's.
+    Whatever the server says, the client refuses (naming the check) a threshold below
+    the safe bound for its degree, a degree other than the one its config implies, share
+    indices that are 0, repeated or its own, and two neighbours with one node id or one
+    identity key; it verifies every consistency signature it receives.
     """
 
     def __init__(
@@ -132,9 +149,28 @@ class SecAggPlusMod:
         trusted_identities: Mapping[str, bytes] | None = None,
         timings: dict[str, float] | None = None,
         identity: bytes | None = None,
+        threat_model: str | None = None,
+        corrupt_fraction: float = 0.0,
     ) -> None:
         self.trusted = dict(trusted_identities or {})
         self.timings = timings
+        if threat_model is None:
+            threat_model = "malicious" if self.trusted else "honest-but-curious"
+        if threat_model not in THREAT_MODELS:
+            raise ConfigError(
+                f"threat_model must be one of {', '.join(THREAT_MODELS)}, got {threat_model!r}"
+            )
+        if threat_model == "malicious" and not self.trusted:
+            raise ConfigError(
+                "threat_model='malicious' needs pinned identities (trusted_identities, e.g. "
+                "from fedhive.secagg.identity.load_peers): without them the identity keys "
+                "come from the server, which protects against an honest-but-curious server only"
+            )
+        self.threat_model = threat_model
+        if isinstance(corrupt_fraction, bool) or not 0 <= corrupt_fraction < 0.5:
+            raise ConfigError(f"corrupt_fraction must be in [0, 0.5), got {corrupt_fraction!r}")
+        self.corrupt_fraction = float(corrupt_fraction)
+        self._warned = False
         if identity is not None:  # a malformed secret fails here, not in a round
             try:
                 p.identity_public(identity)
@@ -219,6 +255,14 @@ class SecAggPlusMod:
             raise ProtocolError("secure aggregation parameter 'clip' must be a positive float")
         if ring not in (32, 64) or not 1 <= bits < ring or threshold < 1 or sid < 1:
             raise ProtocolError(f"invalid secure aggregation parameters {dict(params)!r}")
+        self._check_plan(params, sid, threshold)
+        if not self._warned and self.threat_model != "malicious":
+            self._warned = True
+            log.warning(
+                "secure aggregation without pinned identities: the identity keys come from "
+                "the server, so this protects against an honest-but-curious server only "
+                "(pin identities with trusted_identities / --secagg-peers)"
+            )
         self._wipe(context)
         c_pair, s_pair = p.KeyPair(), p.KeyPair()
         identity = self._identity(context)
@@ -242,6 +286,45 @@ class SecAggPlusMod:
         }
         self._time("key_agreement", start)
         return RecordDict(config_records={PARAMS: reply})
+
+    def _check_plan(self, params: Mapping[str, Scalar], sid: int, threshold: int) -> None:
+        """The threshold check and the neighbour-list checks of the advertise stage."""
+        n = _int(params, "n")
+        option = _int(params, "degree")  # 0: from n, -1: complete
+        degree: int | str | None = {0: None, -1: "complete"}.get(option, option)
+        try:
+            config = SecAggConfig(
+                degree=degree,
+                max_clients=max(n, 2),
+                corrupt_fraction=max(_float(params, "corrupt_fraction"), self.corrupt_fraction),
+                dropout_fraction=_float(params, "dropout_fraction"),
+                failure_probability=_float(params, "failure_probability"),
+                max_weight=1,
+                bits=1,
+            )
+        except (ConfigError, TypeError, ValueError) as exc:
+            raise ProtocolError(f"invalid secure aggregation parameters: {exc}") from None
+        if n < 2 or sid > n:
+            raise ProtocolError(f"share index check: id {sid} is not in 1..{n}")
+        k = config.implied_degree(n)
+        safe = config.safe_threshold(k, n)
+        if not safe <= threshold <= k:
+            raise ProtocolError(
+                f"threshold check: the server sent threshold {threshold}, but with {k} "
+                f"neighbours ({n} clients, corrupt fraction {config.corrupt_fraction}) it "
+                f"must be at least the safe bound {safe} and at most {k}; refusing the round"
+            )
+        ids = np.frombuffer(_bytes(params, "neighbours"), "<i8").tolist()
+        if any(j < 1 or j > n for j in ids) or sid in ids or len(set(ids)) != len(ids):
+            raise ProtocolError(
+                "share index check: neighbour ids must be distinct, in 1.."
+                f"{n} and never this client's own ({sid}); got {sorted(ids)}"
+            )
+        if len(ids) != k:
+            raise ProtocolError(
+                f"degree check: the server assigned {len(ids)} neighbours, the config "
+                f"implies {k} with {n} clients; refusing the round"
+            )
 
     # -- 2. share keys -------------------------------------------------------------------
 
@@ -276,15 +359,35 @@ class SecAggPlusMod:
         allowed = _neighbours(state)
         peers: dict[str, Scalar] = {}
         seen: set[bytes] = set()
+        nodes: set[str] = {context.node_id}
+        identities: set[bytes] = {p.identity_public(self._identity(context))}
         start = time.perf_counter()
         for name, advert in content.config_records.items():
             if not name.startswith("peer."):
                 continue
-            sid = int(name[len("peer.") :])
+            text = name[len("peer.") :]
+            sid = int(text) if text.isdigit() else -1
+            if sid < 1 or str(sid) != text or sid == me:
+                raise ProtocolError(
+                    f"share index check: {text!r} is not a valid share index (>= 1, "
+                    "canonical, not this client's own)"
+                )
             node = advert.get("node")
             if sid not in allowed or not isinstance(node, str):
                 raise ProtocolError(f"the server relayed keys of {sid}, not a neighbour")
+            if node in nodes:
+                raise ProtocolError(
+                    f"duplicate neighbour check: two neighbours (or this client) have the "
+                    f"same node id {node!r}; refusing the round"
+                )
+            nodes.add(node)
             c_pk, s_pk, id_pk = self._check_peer(meta, sid, node, advert)
+            if id_pk in identities:
+                raise ProtocolError(
+                    "duplicate neighbour check: two neighbours (or this client) have the "
+                    "same identity key; refusing the round"
+                )
+            identities.add(id_pk)
             if c_pk in seen or s_pk in seen:
                 raise ProtocolError("two neighbours advertised the same public key")
             seen.update((c_pk, s_pk))
@@ -391,7 +494,12 @@ class SecAggPlusMod:
                     f"num_examples={weight} is above secure_aggregation.max_weight="
                     f"{_int(state, 'max_weight')}; raise max_weight (and the ring) on the server"
                 )
-        q = p.quantize(delta, _float(state, "clip"), _int(state, "bits"), np.random.default_rng())
+        clip, bits, rng = _float(state, "clip"), _int(state, "bits"), np.random.default_rng()
+        bound = state.get("dp_norm_bound")
+        if isinstance(bound, float):  # DP: what is released stays within C + beta
+            q = p.conditional_quantize(delta, clip, bits, rng, bound)
+        else:
+            q = p.quantize(delta, clip, bits, rng)
         dtype = p.ring_dtype(_int(state, "ring_bits"))
         vector = np.empty(size + 1, dtype)
         np.multiply(q, weight, out=vector[:size], casting="unsafe")
@@ -454,23 +562,30 @@ class SecAggPlusMod:
         sigs = _content(message).config_records.get("sigs", {})
         threshold = _int(state, "threshold")
         valid = 0
+        signers: set[bytes] = set()
         start = time.perf_counter()
-        for sid_text, sig in sigs.items():
-            if valid >= threshold:
-                break  # t neighbours confirmed this very set: enough (Bonawitz et al.)
+        for sid_text, sig in sigs.items():  # every one: any over another set aborts
             packed = peers.get(sid_text)
             if not isinstance(packed, bytes) or not isinstance(sig, bytes):
                 raise ProtocolError(f"a consistency signature from {sid_text}, not a neighbour")
+            if int(sid_text) not in alive:
+                raise ProtocolError(
+                    f"consistency check: neighbour {sid_text} signed but is not a survivor"
+                )
             if not p.verify(packed[64:96], sig, data):
                 raise ProtocolError(
                     f"neighbour {sid_text} signed a different set of survivors: the server "
                     "is announcing inconsistent views; aborting"
                 )
+            if packed[64:96] in signers:
+                raise ProtocolError("consistency check: one identity signed twice; aborting")
+            signers.add(packed[64:96])
             valid += 1
         self._time("consistency", start)
         if valid < threshold:
             raise ProtocolError(
-                f"{valid} neighbours confirmed the survivors, fewer than the threshold {threshold}"
+                f"consistency check: {valid} neighbours confirmed the survivors, fewer than "
+                f"the threshold {threshold}"
             )
         inbox = context.state.config_records.get(_INBOX, {})
         me = _int(state, "sid")

@@ -20,7 +20,17 @@ from functools import lru_cache
 
 from fedhive.common.errors import ConfigError
 
-__all__ = ["SecAggConfig", "default_degree", "default_threshold", "neighbour_graph"]
+#: The threat models of ``SecAggConfig.threat_model`` (docs/secure_aggregation.md).
+THREAT_MODELS = ("honest-but-curious", "malicious")
+
+__all__ = [
+    "SecAggConfig",
+    "corrupt_bound",
+    "default_degree",
+    "default_threshold",
+    "neighbour_graph",
+    "safe_threshold",
+]
 
 
 def _tails(k: int, p: float) -> list[float]:
@@ -39,25 +49,82 @@ def _tails(k: int, p: float) -> list[float]:
     return tails
 
 
+def _hyper_tail(population: int, marked: int, draws: int) -> list[float]:
+    """``tail[j] = P[X >= j]`` for X ~ Hypergeometric(population, marked, draws)."""
+    draws = max(0, min(draws, population))
+    marked = max(0, min(marked, population))
+
+    def log_choose(a: int, b: int) -> float:
+        return math.lgamma(a + 1) - math.lgamma(b + 1) - math.lgamma(a - b + 1)
+
+    total = log_choose(population, draws)
+    pmf = [0.0] * (draws + 1)
+    for j in range(max(0, draws - (population - marked)), min(marked, draws) + 1):
+        pmf[j] = math.exp(
+            log_choose(marked, j) + log_choose(population - marked, draws - j) - total
+        )
+    tail = [0.0] * (draws + 2)
+    for j in range(draws, -1, -1):
+        tail[j] = tail[j + 1] + pmf[j]
+    return tail
+
+
+@lru_cache(maxsize=4096)
+def corrupt_bound(n: int, degree: int, corrupt_fraction: float, failure: float = 1e-6) -> int:
+    """The most corrupted neighbours any honest client has, except with probability
+    ``failure`` over the neighbour graph (union bound over the n clients).
+
+    floor(corrupt_fraction x n) of the n clients are corrupted; an honest client's k
+    neighbours are a uniform k-subset of the n - 1 others, so the count is
+    hypergeometric; with the complete graph it is every corrupted client.
+    """
+    corrupt = math.floor(corrupt_fraction * n + 1e-9)
+    if corrupt <= 0 or degree <= 0:
+        return 0
+    tail = _hyper_tail(max(n - 1, 1), corrupt, degree)
+    per_client = failure / (2 * max(n, 1))
+    return next(c for c in range(len(tail) - 1) if tail[c + 1] <= per_client)
+
+
+def safe_threshold(
+    degree: int, n: int = 0, corrupt_fraction: float = 0.0, failure: float = 1e-6
+) -> int:
+    """The smallest threshold that a lying server plus colluders cannot open.
+
+    A server that shows one client alive to some honest neighbours (who reveal its
+    self-mask seed share) and dropped to the others (who reveal its mask-key share), with
+    c colluding neighbours that reveal both, collects |A| + c and |B| + c shares with
+    |A| + |B| <= k - c: both reach t only if 2t <= k + c. So t must exceed (k + c) / 2
+    for the high-probability bound c of :func:`corrupt_bound`, and never be below
+    Bonawitz et al.'s floor(2k/3) + 1 (which covers c <= k/3 whatever the fractions).
+    """
+    if degree <= 0:
+        return 1
+    c = corrupt_bound(n, degree, corrupt_fraction, failure) if n > 0 else 0
+    return max(1, (2 * degree) // 3 + 1, (degree + c) // 2 + 1)
+
+
 @lru_cache(maxsize=256)
 def _plan(n: int, corrupt: float, dropout: float, failure: float) -> tuple[int, int]:
     """(degree, threshold) as described in the module docstring.
 
-    For each k, the smallest t > k/2 that bounds the corrupted-neighbour event is the only
-    candidate: a larger t only makes the dropout event (fewer than t live) likelier.
+    For each k the threshold is :func:`safe_threshold` (the smallest a lying server with
+    colluders cannot open; a larger one only makes the dropout event likelier); the first
+    k whose clients keep t live neighbours with high probability wins.
     """
     if n <= 1:
         return max(n - 1, 0), 1
     per_client = failure / (2 * n)
+    dropped = math.ceil(dropout * n - 1e-9)
     start = max(2, 2 * math.ceil(math.log2(n)))
-    for k in range(start, n):
-        corrupted, dropped = _tails(k, corrupt), _tails(k, dropout)
-        # t > k/2 keeps two disjoint groups from both unmasking
-        t = next((t for t in range(k // 2 + 1, k + 1) if corrupted[t] <= per_client), None)
-        if t is not None and dropped[k - t + 1] <= per_client:
+    for k in range(start, n - 1):
+        t = safe_threshold(k, n, corrupt, failure)
+        if t > k:
+            continue
+        if _hyper_tail(n - 1, dropped, k)[k - t + 1] <= per_client:
             return k, t
     k = n - 1
-    return k, default_threshold(k)
+    return k, min(k, safe_threshold(k, n, corrupt, failure)) if k > 0 else 1
 
 
 def default_degree(
@@ -114,7 +181,13 @@ class SecAggConfig:
       sizes the ring: ``max_clients * max_weight * 2^bits < 2^ring_bits``.
     - ``ring_bits``: 32 or 64; default the smallest that fits.
     - ``corrupt_fraction``/``dropout_fraction``/``failure_probability``: the threat
-      model behind the default degree and threshold.
+      model behind the default degree and threshold; an explicit threshold below
+      :func:`safe_threshold` is refused, and clients refuse one too.
+    - ``threat_model``: ``"honest-but-curious"`` (default) or ``"malicious"``; the
+      malicious-server model needs pinned identities, so it needs ``peers`` (the peers
+      file every site pins, see :mod:`fedhive.secagg.identity`).
+    - ``peers``: path of that peers file; the server then also refuses clients that are
+      not enrolled or advertise another identity key.
     """
 
     threshold: int | None = None
@@ -127,8 +200,24 @@ class SecAggConfig:
     corrupt_fraction: float = 0.1
     dropout_fraction: float = 0.1
     failure_probability: float = 1e-6
+    threat_model: str = "honest-but-curious"
+    peers: str | None = None
 
     def __post_init__(self) -> None:
+        if self.threat_model not in THREAT_MODELS:
+            raise ConfigError(
+                f"secure_aggregation.threat_model must be one of {', '.join(THREAT_MODELS)}, "
+                f"got {self.threat_model!r}"
+            )
+        if self.peers is not None and not isinstance(self.peers, str):
+            raise ConfigError(f"secure_aggregation.peers must be a path, got {self.peers!r}")
+        if self.threat_model == "malicious" and not self.peers:
+            raise ConfigError(
+                "secure_aggregation.threat_model = 'malicious' needs pinned identities: set "
+                "secure_aggregation.peers to the peers file that every client pins "
+                "(fedhive secagg keygen; fedhive client --secagg-peers). Without them the "
+                "protection is against an honest-but-curious server only"
+            )
         _check_int("bits", self.bits, 1, 62)
         if isinstance(self.clip, bool) or not isinstance(self.clip, int | float):
             raise ConfigError(f"secure_aggregation.clip must be a number, got {self.clip!r}")
@@ -151,6 +240,13 @@ class SecAggConfig:
                     f"secure_aggregation.threshold={self.threshold} exceeds degree="
                     f"{self.degree}: a client's secrets are shared among its degree "
                     "neighbours only"
+                )
+            if self.threshold is not None and self.threshold < default_threshold(self.degree):
+                raise ConfigError(
+                    f"secure_aggregation.threshold={self.threshold} is below the safe bound "
+                    f"floor(2k/3) + 1 = {default_threshold(self.degree)} for degree="
+                    f"{self.degree}: a server that lies about dropouts could rebuild both "
+                    "secrets of a client (see docs/secure_aggregation.md)"
                 )
         for name in ("corrupt_fraction", "dropout_fraction"):
             value = getattr(self, name)
@@ -196,15 +292,38 @@ class SecAggConfig:
                 n, self.corrupt_fraction, self.dropout_fraction, self.failure_probability
             )
         else:
-            degree = n - 1 if self.degree == "complete" else min(int(self.degree), n - 1)
-            planned = default_threshold(degree)
+            degree = self.implied_degree(n)
+            planned = min(max(degree, 1), self.safe_threshold(degree, n))
         threshold = planned if self.threshold is None else self.threshold
         if threshold > max(degree, 1):
             raise ConfigError(
                 f"secure_aggregation.threshold={threshold} exceeds the {degree} neighbours "
                 f"each client has with {n} clients in the round"
             )
+        safe = self.safe_threshold(degree, n)
+        if threshold < safe:
+            raise ConfigError(
+                f"secure_aggregation.threshold={threshold} is below the safe bound {safe} "
+                f"for {degree} neighbours with {n} clients and corrupt_fraction="
+                f"{self.corrupt_fraction} (docs/secure_aggregation.md)"
+            )
         return degree, threshold
+
+    def implied_degree(self, n: int) -> int:
+        """The neighbour count of a round with n clients, as its clients work it out:
+        an odd k with an odd n is raised to k + 1 (see :func:`neighbour_graph`)."""
+        if self.degree is None:
+            return _plan(n, self.corrupt_fraction, self.dropout_fraction, self.failure_probability)[
+                0
+            ]
+        degree = n - 1 if self.degree == "complete" else min(int(self.degree), n - 1)
+        if degree < n - 1 and degree % 2 and n % 2:
+            degree += 1
+        return degree
+
+    def safe_threshold(self, degree: int, n: int) -> int:
+        """:func:`safe_threshold` for this config's corrupt fraction and failure bound."""
+        return safe_threshold(degree, n, self.corrupt_fraction, self.failure_probability)
 
 
 def _check_int(name: str, value: object, low: int, high: int) -> None:

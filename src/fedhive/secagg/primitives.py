@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import math
 import secrets
 from collections.abc import Sequence
 from functools import lru_cache
@@ -42,12 +43,14 @@ __all__ = [
     "KeyPair",
     "agree",
     "combine_shares",
+    "conditional_quantize",
     "decrypt_share",
     "dequantize",
     "encrypt_share",
     "MaskExpander",
     "expand_mask",
     "quantize",
+    "rounding_bound",
     "split_secret",
 ]
 
@@ -260,6 +263,46 @@ def quantize(values: np.ndarray, clip: float, bits: int, rng: np.random.Generato
     np.floor(scaled, out=scaled)
     np.clip(scaled, 0, levels, out=scaled)
     return scaled.astype(np.uint64)
+
+
+def rounding_bound(size: int, clip: float, bits: int, failure: float = 1e-3) -> float:
+    """beta: the L2 norm that stochastic rounding adds to a ``size``-element vector,
+    exceeded with probability below ``failure``.
+
+    Each element's rounding error is e_i x step with e_i in [-1, 1] and E[e_i^2] <= 1/4, so
+    by Hoeffding sum e_i^2 <= size/4 + sqrt(size ln(1/failure) / 2) but with probability
+    ``failure``; conditional rounding (:func:`conditional_quantize`) redraws in that case.
+    """
+    step = 2.0 * clip / ((1 << bits) - 1)
+    return step * math.sqrt(size / 4 + math.sqrt(size * math.log(1 / failure) / 2))
+
+
+def conditional_quantize(
+    values: np.ndarray,
+    clip: float,
+    bits: int,
+    rng: np.random.Generator,
+    norm_bound: float,
+    tries: int = 64,
+) -> np.ndarray:
+    """:func:`quantize`, redrawn until the dequantized vector's L2 norm is at most
+    ``norm_bound``: conditional randomized rounding (Kairouz, Liu, Steinke 2021, "The
+    Distributed Discrete Gaussian Mechanism for Federated Learning with Secure
+    Aggregation"). With ``norm_bound = C + rounding_bound(...)`` and an input of norm at
+    most C, a draw is rejected with probability below 1e-3, so what is released never
+    has a norm above what the DP accountant assumes. Raises ProtocolError when no draw
+    fits (an input that was not clipped to C).
+    """
+    step = 2.0 * clip / ((1 << bits) - 1)
+    for _ in range(tries):
+        q = quantize(values, clip, bits, rng)
+        released = q.astype(np.float64) * step - clip
+        if float(np.sqrt(np.dot(released, released))) <= norm_bound:
+            return q
+    raise ProtocolError(
+        f"conditional rounding: no rounding of the update has norm <= {norm_bound:.6g} "
+        f"in {tries} draws (was the update clipped to the DP clipping norm?)"
+    )
 
 
 def dequantize(total: np.ndarray, weight_sum: int, clip: float, bits: int) -> np.ndarray:

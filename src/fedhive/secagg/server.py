@@ -59,6 +59,11 @@ __all__ = ["SecAggPlusWorkflow", "check_secagg_compatible"]
 
 log = logging.getLogger("fedhive.secagg")
 
+#: The most the rounding bound beta may be against the DP clipping norm C.
+MAX_ROUNDING_RATIO = 0.1
+#: The fit config key of the DP wrappers' clipping norm (fedhive.privacy.central).
+CLIPPING_NORM_KEY = "dp_clipping_norm"
+
 
 class RoundAborted(_StageAborted):
     """The secure round cannot finish; the model stays as it was."""
@@ -162,6 +167,9 @@ class SecAggPlusWorkflow(ExchangeStage):
             driver.record["fit"]["secagg"] = round_.stats
         # The weights are secret, so each survivor counts once; a mean-based strategy
         # gets the mean back and its metrics aggregation sees each survivor's metrics.
+        account = getattr(sink.aggregator, "account_rounding", None)
+        if round_.dp_bound is not None and callable(account):
+            account(round_.dp_rounding)  # the noise covers C + beta, what was released
         sink.add_mean(mean, [(peer.cid, 1, peer.metrics) for peer in round_.survivors])
 
 
@@ -189,6 +197,17 @@ class _SecureRound:
         self.degree, self.threshold = 0, 1
         # Round sizes are known only now; a size the config cannot serve ends the round.
         self._unusable = "secure aggregation needs at least 2 clients in a round" if n < 2 else ""
+        self.dp_bound: float | None = None  # C + beta when the DP wrappers clip to C
+        self.dp_rounding = 0.0
+        self.enrolled: dict[str, bytes] | None = None
+        if config.peers:
+            from fedhive.secagg.identity import load_peers
+
+            try:
+                self.enrolled = load_peers(config.peers)
+            except ConfigError as exc:
+                self._unusable = str(exc)
+                return
         if not self._unusable:
             try:
                 self.degree, self.threshold = config.plan(n)
@@ -206,6 +225,21 @@ class _SecureRound:
         self.stats["ring_bits"], self.stats["bits"] = config.ring, config.bits
         self.reference = parameters_to_ndarrays(driver.engine.parameters)
         self.length = sum(int(r.size) for r in self.reference) + 1
+        norm = instructions[0][1].config.get(CLIPPING_NORM_KEY)
+        if isinstance(norm, int | float) and not isinstance(norm, bool) and norm > 0:
+            beta = p.rounding_bound(self.length - 1, config.clip, config.bits)
+            self.stats["dp_rounding_bound"] = beta
+            if beta > MAX_ROUNDING_RATIO * norm:
+                self._unusable = (
+                    f"the rounding error of secure aggregation (beta = {beta:.3g} in L2 norm "
+                    f"for {self.length - 1} parameters, bits={config.bits}, clip="
+                    f"{config.clip}) is not small against the DP clipping norm C = {norm:g} "
+                    f"(at most {MAX_ROUNDING_RATIO:g} C); raise bits or lower clip (|x_i| <= "
+                    "C anyway, so clip = C is safe)"
+                )
+                return
+            self.dp_rounding = beta
+            self.dp_bound = float(norm) + beta
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -265,6 +299,12 @@ class _SecureRound:
             "clip": float(self.config.clip),
             "max_weight": self.config.max_weight,
             "weighted": self.weighting == "num_examples",
+            # what the clients need to check the threshold and the degree themselves
+            "n": len(self.peers),
+            "degree": _degree_option(self.config.degree),
+            "corrupt_fraction": float(self.config.corrupt_fraction),
+            "dropout_fraction": float(self.config.dropout_fraction),
+            "failure_probability": float(self.config.failure_probability),
         }
         cap = getattr(
             getattr(self.driver.strategy, "sampling", self.driver.strategy),
@@ -273,6 +313,8 @@ class _SecureRound:
         )
         if isinstance(cap, int):
             common["max_num_examples"] = cap
+        if self.dp_bound is not None:
+            common["dp_norm_bound"] = self.dp_bound
         contents = {
             sid: RecordDict(
                 config_records={
@@ -307,6 +349,8 @@ class _SecureRound:
             and len(c_pk) == len(s_pk) == len(id_pk) == 32
         ):
             return None
+        if self.enrolled is not None and self.enrolled.get(peer.cid) != id_pk:
+            return None  # not enrolled, or not under the key in the peers file
         signed = advert_bytes(self.run_id, self.rnd, peer.sid, peer.cid, c_pk, s_pk)
         return s_pk if p.verify(id_pk, sig, signed) else None
 
@@ -497,6 +541,15 @@ class _SecureRound:
             out.append(ref.astype(np.float64) + flat[at : at + ref.size].reshape(ref.shape))
             at += ref.size
         return cast_like(out, self.reference)
+
+
+def _degree_option(degree: int | str | None) -> int:
+    """``SecAggConfig.degree`` as one int for the clients: 0 unset, -1 complete."""
+    if degree is None:
+        return 0
+    if degree == "complete":
+        return -1
+    return int(degree)
 
 
 def _record(content: Any, name: str) -> dict[str, Scalar] | None:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from fedhive.common.atomic import atomic_open, atomic_write_bytes
+from fedhive.common.atomic import SECRET_MODE, atomic_open, atomic_write_bytes
 from fedhive.common.errors import CheckpointError, SerdeError, StateError
 from fedhive.common.records import NDArrays
 from fedhive.server.history import History
@@ -92,9 +92,13 @@ class Checkpointer:
         final = self.directory / name
         tmp = self.directory / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        (tmp / "parameters.fhv").write_bytes(encode_parameters(engine.parameters))
-        (tmp / "strategy.fhv").write_bytes(encode_record_dict(engine.strategy.state_dict()))
+        tmp.mkdir(parents=True, mode=0o700)
+        # a checkpoint may hold client state with SecAgg+ round secrets: owner only
+        atomic_write_bytes(
+            tmp / "parameters.fhv", encode_parameters(engine.parameters), SECRET_MODE
+        )
+        strategy_state = encode_record_dict(engine.strategy.state_dict())
+        atomic_write_bytes(tmp / "strategy.fhv", strategy_state, SECRET_MODE)
         if self.state_store is not None:
             self.state_store.dump(tmp / "clients")
         meta = {
@@ -107,7 +111,9 @@ class Checkpointer:
             "history": engine.history.to_dict(),
             "policy": {"name": engine.policy.name, "state": engine.policy.state_dict()},
         }
-        (tmp / "meta.json").write_text(json.dumps(meta, allow_nan=False))
+        atomic_write_bytes(
+            tmp / "meta.json", json.dumps(meta, allow_nan=False).encode(), SECRET_MODE
+        )
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
         atomic_write_bytes(self.directory / "LATEST", name.encode())
