@@ -1,0 +1,136 @@
+"""One hostile client or a hostile network cannot crash, stall or exhaust the server.
+
+Each test runs a real deployment server process (``tests/apps/hostile_server.py``) on
+127.0.0.1, an honest client process, and an attack from ``tests/hostile.py``; the run must
+finish with the honest client's model, and the hostile client is refused with a reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import hostile
+from grpc_helpers import ROOT, client_process, finish
+
+SERVER = ROOT / "tests" / "apps" / "hostile_server.py"
+TOKENS = {"h0": "token-h0", "h1": "token-h1", "evil": "token-evil", "evil2": "token-evil2"}
+
+
+class ServerProcess:
+    """``hostile_server.py`` in a process: ``address`` once listening, ``result()`` at the end."""
+
+    def __init__(self, tmp_path: Path, *args: str, tokens=TOKENS) -> None:
+        self.out = tmp_path / f"server-{time.monotonic_ns()}.json"
+        cmd = [sys.executable, str(SERVER), "--out", str(self.out), *args]
+        if tokens is not None:
+            tokens_file = tmp_path / "tokens.json"
+            tokens_file.write_text(json.dumps(tokens))
+            cmd += ["--tokens", str(tokens_file)]
+        env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)  # fmt: skip
+        line = self.proc.stdout.readline()
+        if not line.startswith("listening "):
+            self.proc.kill()
+            raise RuntimeError(f"server did not start: {line!r} {self.proc.stderr.read()[-3000:]}")
+        self.port = int(line.split()[1])
+        self.address = f"127.0.0.1:{self.port}"
+
+    def result(self, timeout: float = 60.0) -> dict:
+        try:
+            _, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+            raise AssertionError(f"the server did not finish: {err[-3000:]}") from None
+        assert self.out.exists(), f"the server crashed (rc {self.proc.returncode}): {err[-3000:]}"
+        data = json.loads(self.out.read_text())
+        data["rc"], data["stderr"] = self.proc.returncode, err
+        return data
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+
+
+def honest(address: str, node: str = "h0", pid: int = 0) -> subprocess.Popen:
+    return client_process(address, "--pid", str(pid), "--node-id", node, "--token", TOKENS[node])
+
+
+def in_thread(fn, *args) -> list:
+    out: list = []
+    thread = threading.Thread(target=lambda: out.append(fn(*args)), daemon=True)
+    thread.start()
+    out.append(thread)
+    return out
+
+
+def fit_failures(result: dict) -> list[dict]:
+    return [f for r in result["history"]["rounds"] for f in (r.get("fit") or {}).get("failures", [])]
+
+
+def honest_model(size: int = 4) -> list[str]:
+    return [np.ones(size, np.float32).tobytes().hex()]  # h0 sends parameters + 1
+
+
+def run_one_attack(tmp_path, attack, *server_args):
+    server = ServerProcess(tmp_path, "--rounds", "1", "--round-timeout", "20", *server_args)
+    try:
+        client = honest(server.address)
+        evil = in_thread(attack, server.address, "evil", TOKENS["evil"])
+        result = server.result(60)
+        finish([client])
+        return result, evil
+    finally:
+        server.kill()
+
+
+# -- item 1: an exception while folding one reply is that client's failure ---------------
+
+
+@pytest.mark.parametrize(
+    ("attack", "reason"),
+    [(hostile.huge_num_examples, "num_examples"), (hostile.bigint_metric, "int")],
+    ids=["num_examples_2**60", "metric_5000_digits"],
+)
+def test_one_bad_reply_is_that_clients_failure_and_the_run_goes_on(tmp_path, attack, reason):
+    ckpt = tmp_path / "ckpt"
+    result, _ = run_one_attack(tmp_path, attack, "--checkpoint", str(ckpt))
+    assert result["rc"] == 0, result["stderr"][-3000:]
+    (record,) = [r for r in result["history"]["rounds"] if r["round"] == 1]
+    assert record["fit"]["num_results"] == 1
+    failures = fit_failures(result)
+    assert [f["client_id"] for f in failures] == ["evil"], failures
+    assert failures[0]["round"] == 1 and failures[0]["stage"] == "fit"
+    assert reason in failures[0]["reason"], failures[0]
+    assert result["model"] == honest_model()
+    assert (ckpt / "LATEST").read_text() == "round-000001"  # the checkpoint was written
+
+
+def test_integers_are_bounded_when_decoded():
+    from fedhive.common.errors import SerdeError
+    from fedhive.common.serde import decode_scalars, encode_scalars
+
+    for fine in (0, -(1 << 63), (1 << 64) - 1, 12345):
+        assert decode_scalars(encode_scalars({"x": fine})) == {"x": fine}
+    for bad in (1 << 64, -(1 << 63) - 1, 10**5000):
+        with pytest.raises(SerdeError, match="64-bit"):
+            decode_scalars(encode_scalars({"x": bad}))
+
+
+def test_history_with_any_decoded_metric_can_be_written():
+    from fedhive.server.history import History
+
+    history = History()
+    history.add_round({"round": 1, "fit": {"metrics": {"a": float("nan"), "b": (1 << 64) - 1}}})
+    assert json.loads(history.to_json())["rounds"][0]["fit"]["metrics"]["b"] == (1 << 64) - 1
