@@ -21,7 +21,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
-from fedhive.common import Message, RecordDict  # noqa: E402
+from fedhive.common import Message  # noqa: E402
 from fedhive.common.records import FitIns, FitRes, Parameters, Status  # noqa: E402
 from fedhive.transport.codec import decode_wire, encode_wire  # noqa: E402
 from fedhive.transport.frames import PROTOCOL_VERSION, Assembler  # noqa: E402
@@ -68,7 +68,7 @@ class RawPeer:
     def put(self, frame: Frame | bytes) -> None:
         self.outbox.put(frame if isinstance(frame, Frame) else Frame.FromString(frame))
 
-    def next(self, timeout: float) -> Frame | BaseException | None | str:
+    def next(self, timeout: float) -> Frame | BaseException | str | None:
         """The next frame, the error that ended the stream, ``None`` at its end, or
         ``"timeout"``."""
         try:

@@ -76,7 +76,7 @@ def in_thread(fn, *args) -> list:
 
 
 def fit_failures(result: dict) -> list[dict]:
-    return [f for r in result["history"]["rounds"] for f in (r.get("fit") or {}).get("failures", [])]
+    return [f for r in result["history"]["rounds"] for f in r.get("failures", [])]
 
 
 def honest_model(size: int = 4) -> list[str]:
@@ -134,3 +134,29 @@ def test_history_with_any_decoded_metric_can_be_written():
     history = History()
     history.add_round({"round": 1, "fit": {"metrics": {"a": float("nan"), "b": (1 << 64) - 1}}})
     assert json.loads(history.to_json())["rounds"][0]["fit"]["metrics"]["b"] == (1 << 64) - 1
+
+
+def test_any_exception_while_folding_a_reply_is_that_clients_failure():
+    from types import SimpleNamespace
+
+    from fedhive.common import Message, MessageType, ndarrays_to_parameters
+    from fedhive.common.records import FitRes, Status
+    from fedhive.server.stages import fold_fit_reply
+    from fedhive.server.strategy import FedAvg
+
+    class Broken:
+        def add(self, client, res):
+            raise RuntimeError("boom")
+
+    model = [np.zeros(3, np.float32)]
+    task = Message.task(run_id=1, node_id="c1", server_round=3, model_version=0,
+                        message_type=MessageType.FIT, content=None)  # fmt: skip
+    driver = SimpleNamespace(server_round=3, strategy=FedAvg())
+    good = task.reply(FitRes(Status(), ndarrays_to_parameters(model), 5, {}))
+    failure = fold_fit_reply(driver, good, Broken(), model)
+    assert (failure.client_id, failure.server_round, failure.stage) == ("c1", 3, "fit")
+    assert "RuntimeError: boom" in failure.reason
+    huge = task.reply(FitRes(Status(), ndarrays_to_parameters(model), 1 << 70, {}))
+    aggregator = FedAvg().fit_aggregator(3, ndarrays_to_parameters(model))
+    failure = fold_fit_reply(driver, huge, aggregator, model)
+    assert "num_examples" in failure.reason

@@ -78,7 +78,8 @@ def main() -> int:
     certificates = None
     if args.certs:
         d = Path(args.certs)
-        certificates = tuple((d / f).read_bytes() for f in ("ca.pem", "server.pem", "server_key.pem"))
+        names = ("ca.pem", "server.pem", "server_key.pem")
+        certificates = tuple((d / f).read_bytes() for f in names)
     sampler = RssSampler()
     base = _status_mib("VmRSS")
     sampler.start()

@@ -20,8 +20,9 @@ Zero-size arrays get offset 0. A RecordDict header adds ``"records": {"array_rec
 and names its arrays ``"<record index>/<key>"``, in record order.
 
 Scalars are ``[key, tag, value]`` triples with tag ``bool`` (JSON bool), ``int`` (hex
-string, any size), ``float`` (``repr`` string, incl. ``nan``/``inf``/``-0.0``), ``str``
-or ``bytes`` (base64). A scalar payload has no data section: it ends with the header.
+string; decoding refuses values outside ``[-2**63, 2**64 - 1]``), ``float`` (``repr``
+string, incl. ``nan``/``inf``/``-0.0``), ``str`` or ``bytes`` (base64). A scalar payload
+has no data section: it ends with the header.
 
 Encoding can stop short of the final copy: :func:`encode_record_pieces` returns the
 payload as a list of pieces (prefix and header as ``bytes``, then each array's buffer as a
@@ -303,9 +304,25 @@ def _scalar_to_json(key: str, value: Scalar) -> list[Any]:
     return [key, "bytes", base64.b64encode(value).decode("ascii")]
 
 
+#: Decoded integers lie in [INT_MIN, INT_MAX]: every int64 and uint64 (protobuf's range),
+#: and nothing too long to print (Python refuses to write ints of over 4,300 digits).
+INT_MIN = -(1 << 63)
+INT_MAX = (1 << 64) - 1
+_MAX_HEX = len(hex(INT_MIN))
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) > _MAX_HEX:
+        raise ValueError(f"integer of {len(text)} hex characters is outside the 64-bit range")
+    value = int(text, 16)
+    if not INT_MIN <= value <= INT_MAX:
+        raise ValueError("integer outside the 64-bit range [-2**63, 2**64 - 1]")
+    return value
+
+
 _FROM_JSON: dict[str, tuple[type, Callable[[Any], Scalar]]] = {
     "bool": (bool, bool),
-    "int": (str, lambda v: int(v, 16)),
+    "int": (str, _bounded_int),
     "float": (str, float),
     "str": (str, str),
     "bytes": (str, lambda v: base64.b64decode(v.encode("ascii"), validate=True)),
@@ -319,7 +336,8 @@ def _scalar_from_json(tag: Any, value: Any, what: str) -> Scalar:
     try:
         return parse(value)
     except ValueError as exc:  # includes binascii.Error and UnicodeEncodeError
-        raise SerdeError(f"{what}: bad {tag} value {value!r}: {exc}") from exc
+        shown = value if len(value) <= 80 else value[:40] + "..."
+        raise SerdeError(f"{what}: bad {tag} value {shown!r}: {exc}") from exc
 
 
 def _scalars_to_json(values: Mapping[str, Any], what: str) -> list[list[Any]]:

@@ -66,6 +66,18 @@ _CUSTOM_PREFIX = "c/"
 _EXTRAS_PREFIX = "x/"
 
 
+#: The largest ``num_examples`` a reply may carry: beyond 2**53 a count is no longer exact
+#: as a float weight, and no data set is that large.
+MAX_NUM_EXAMPLES = 1 << 53
+
+
+def _num_examples(res: dict[str, Scalar]) -> int:
+    value = _field(res, "num_examples", int)
+    if not 0 <= value <= MAX_NUM_EXAMPLES:
+        raise SerdeError(f"num_examples must be in [0, 2**53], got {value}")
+    return int(value)
+
+
 def _params_record(parameters: Parameters) -> dict[str, NDArray]:
     return {str(i): a for i, a in enumerate(parameters.arrays)}
 
@@ -181,14 +193,14 @@ _DECODERS: dict[str, Callable[[RecordDict], Any]] = {
     "FitRes": lambda rd: FitRes(
         _status_from(_config(rd, "res")),
         _params_from(rd),
-        _field(_config(rd, "res"), "num_examples", int),
+        _num_examples(_config(rd, "res")),
         _config(rd, "metrics"),
         extras=_extras(rd),
     ),
     "EvaluateRes": lambda rd: EvaluateRes(
         _status_from(_config(rd, "res")),
         _field(_config(rd, "res"), "loss", float),
-        _field(_config(rd, "res"), "num_examples", int),
+        _num_examples(_config(rd, "res")),
         _config(rd, "metrics"),
         extras=_extras(rd),
     ),
