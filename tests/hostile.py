@@ -166,13 +166,13 @@ def bigint_metric(address: str, node: str, token: str) -> str:
                        lambda p, t: p.send(_fit_reply(t, metrics={"x": 10**5000})))  # fmt: skip
 
 
-def declare_huge(address: str, node: str, token: str) -> str:
-    """A reply that declares 10^12 bytes and then streams data towards it."""
+def declare_huge(address: str, node: str, token: str, declared: int = 10**12) -> str:
+    """A reply that declares ``declared`` bytes and then streams 64 MiB towards it."""
 
     def attack(peer: RawPeer, task: Message) -> None:
         block = b"\x00" * (1 << 20)
         for i in range(64):
-            peer.put(Frame(kind=Frame.MESSAGE, message_id="big", total_size=10**12,
+            peer.put(Frame(kind=Frame.MESSAGE, message_id="big", total_size=declared,
                            offset=i << 20, data=block))  # fmt: skip
 
     return _answer_fit(address, node, token, attack)

@@ -7,8 +7,10 @@ finish with the honest client's model, and the hostile client is refused with a 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -160,3 +162,39 @@ def test_any_exception_while_folding_a_reply_is_that_clients_failure():
     aggregator = FedAvg().fit_aggregator(3, ndarrays_to_parameters(model))
     failure = fold_fit_reply(driver, huge, aggregator, model)
     assert "num_examples" in failure.reason
+
+
+# -- item 3: an upload is bounded by what its task can need ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("declared", "spill"), [(10**12, "1"), (4 << 30, "0")], ids=["1e12-on-disk", "4GiB-in-memory"]
+)
+def test_declared_upload_size_is_bounded_by_the_task(tmp_path, declared, spill):
+    attack = functools.partial(hostile.declare_huge, declared=declared)
+    result, _ = run_one_attack(
+        tmp_path, attack, "--spill-bytes", spill, "--spill-dir", str(tmp_path)
+    )
+    assert result["rc"] == 0, result["stderr"][-3000:]
+    failures = fit_failures(result)
+    assert [f["client_id"] for f in failures] == ["evil"], failures
+    match = re.search(r"declares (\d+) bytes, over the limit of (\d+)", failures[0]["reason"])
+    assert match, failures[0]
+    assert int(match.group(2)) < 4 << 20  # a 16-byte model: about the margin, no more
+    assert result["model"] == honest_model()
+    assert result["rss_peak_mib"] - result["rss_base_mib"] < 120
+
+
+# -- item 5: the header of a reply is bounded by the model's layout -------------------------
+
+
+def test_header_amplification_is_refused_by_the_model_layout(tmp_path):
+    # a 1M-element model lets an upload of ~8 MiB through; its header may not list 100k arrays
+    attack = functools.partial(hostile.header_bomb, entries=100_000)
+    result, _ = run_one_attack(tmp_path, attack, "--size", str(1 << 20))
+    assert result["rc"] == 0, result["stderr"][-3000:]
+    failures = fit_failures(result)
+    assert [f["client_id"] for f in failures] == ["evil"], failures
+    assert "100000 arrays, more than the" in failures[0]["reason"], failures[0]
+    assert result["model"] == honest_model(1 << 20)
+    assert result["rss_peak_mib"] - result["rss_base_mib"] < 150

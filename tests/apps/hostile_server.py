@@ -95,7 +95,7 @@ def main() -> int:
             certificates=certificates,
             require_client_auth=args.mtls,
             checkpoint_dir=args.checkpoint,
-            spill_bytes=args.spill_bytes,
+            spill_bytes=args.spill_bytes or None,
             spill_dir=args.spill_dir,
             wait_timeout=60,
             on_started=started,
