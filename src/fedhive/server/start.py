@@ -17,6 +17,7 @@ from fedhive.server.history import History
 from fedhive.server.policy import RunPolicy
 from fedhive.server.stages import RoundStage, build_pipeline
 from fedhive.server.strategy import FedAvg, Strategy
+from fedhive.server.strategy.traits import traits_of
 from fedhive.transport.base import DEFAULT_STAGED_BYTES
 
 __all__ = ["start_server"]
@@ -114,6 +115,8 @@ def start_server(
         spill_bytes=spill_bytes,
         spill_dir=spill_dir,
         chunk_bytes=chunk_bytes or DEFAULT_CHUNK_BYTES,
+        # a reply holds the model and each extra the strategy declares, at most
+        reply_records=max(2, 1 + len(traits_of(strategy).layout.extras)),
     ).start()
     log.info("fedhive server listening on port %s", server.port)
     if callable(on_started):

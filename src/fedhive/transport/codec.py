@@ -41,7 +41,7 @@ from fedhive.common.records import (
 )
 
 if TYPE_CHECKING:
-    from fedhive.common.serde import Pieces
+    from fedhive.common.serde import HeaderLimits, Pieces
 
 __all__ = [
     "decode_message",
@@ -249,8 +249,12 @@ def encode_wire(message: Message, content: Pieces | None = None) -> Pieces:
     return [_LEN.pack(len(meta)), meta, *body]
 
 
-def decode_wire(data: bytearray | memoryview) -> Message:
-    """Rebuild a message; arrays are views into ``data`` when it is writable."""
+def decode_wire(data: bytearray | memoryview, limits: HeaderLimits | None = None) -> Message:
+    """Rebuild a message; arrays are views into ``data`` when it is writable.
+
+    ``limits`` bound the headers of the meta and content parts (how much JSON a peer can
+    make this side parse, and how many arrays list).
+    """
     from fedhive.common.serde import decode_record_dict, decode_scalars
 
     view = memoryview(data)
@@ -259,8 +263,10 @@ def decode_wire(data: bytearray | memoryview) -> Message:
     (meta_len,) = _LEN.unpack_from(view)
     if meta_len > len(view) - _LEN.size:
         raise SerdeError(f"meta part of {meta_len} bytes overruns a {len(view)}-byte message")
-    meta = decode_scalars(view[_LEN.size : _LEN.size + meta_len])
-    rd = decode_record_dict(view[_LEN.size + meta_len :])
+    meta = decode_scalars(
+        view[_LEN.size : _LEN.size + meta_len], limits.max_header_bytes if limits else None
+    )
+    rd = decode_record_dict(view[_LEN.size + meta_len :], limits)
     fields = {k: _field(meta, k, kind) for k, kind in _META_FIELDS.items()}
     kind = _field(_config(rd, "kind"), "kind", str)
     decoder = _DECODERS.get(kind)

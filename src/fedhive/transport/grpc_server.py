@@ -38,7 +38,8 @@ import logging
 import os
 import threading
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +57,7 @@ from fedhive.transport.frames import (
     Assembler,
     BufferPool,
 )
+from fedhive.transport.limits import DEFAULT_MARGIN_BYTES, ReplyBound, reply_bound
 from fedhive.transport.membership import Membership, NodeSet
 from fedhive.transport.proto.fleet_pb2 import Frame
 from fedhive.transport.wire import (
@@ -69,7 +71,10 @@ from fedhive.transport.wire import (
 if TYPE_CHECKING:
     from fedhive.common.serde import Pieces
 
-__all__ = ["DEFAULT_STAGED_BYTES", "GrpcServer", "ServerSecurity"]
+__all__ = ["DEFAULT_SPILL_TOTAL", "DEFAULT_STAGED_BYTES", "GrpcServer", "ServerSecurity"]
+
+#: Default of ``max_spill_bytes``: uploads staged on disk at once (beyond the first).
+DEFAULT_SPILL_TOTAL = 16 << 30
 
 
 log = logging.getLogger("fedhive.server")
@@ -104,8 +109,9 @@ class ServerSecurity:
 
 @dataclass
 class _Pending:
-    task: Message
+    task: Message  # its metadata only: the model it carried is not kept alive
     replies: Replies
+    bound: ReplyBound | None  # what its reply may hold (None: only max_message_bytes)
 
 
 @dataclass
@@ -173,6 +179,18 @@ class _Staging:
                 future.set_result(None)
 
 
+class _SpillBudget(_Staging):
+    """Bytes of uploads staged on disk at once: any number of uploads, and beyond the
+    first only while their sizes add up to at most ``budget``."""
+
+    def __init__(self, budget: int | None) -> None:
+        super().__init__(1 << 62, budget)
+
+    def _take(self, nbytes: int) -> None:  # not a memory slot (tests count those)
+        self.held += 1
+        self.bytes += nbytes
+
+
 class GrpcServer(Transport):
     """Serves ``Join`` streams and implements the engine's :class:`Transport`."""
 
@@ -192,6 +210,9 @@ class GrpcServer(Transport):
         spill_bytes: int | None = DEFAULT_STAGED_BYTES,
         spill_dir: str | os.PathLike[str] | None = None,
         clock: Clock | None = None,
+        reply_records: int = 2,
+        reply_margin_bytes: int = DEFAULT_MARGIN_BYTES,
+        max_spill_bytes: int | None = DEFAULT_SPILL_TOTAL,
     ) -> None:
         self.address = address
         # heartbeats are timed on it (a test moves a ManualClock past heartbeat_timeout)
@@ -215,6 +236,20 @@ class GrpcServer(Transport):
             raise TransportError(f"spill_bytes must be >= 1 or None, got {spill_bytes}")
         if spill_dir is not None and not os.path.isdir(spill_dir):
             raise TransportError(f"spill_dir {os.fspath(spill_dir)!r} is not a directory")
+        if reply_records < 1 or reply_margin_bytes < 0:
+            raise TransportError(
+                f"reply_records must be >= 1 and reply_margin_bytes >= 0, got "
+                f"{reply_records} and {reply_margin_bytes}"
+            )
+        if max_spill_bytes is not None and max_spill_bytes < 0:
+            raise TransportError(f"max_spill_bytes must be >= 0 or None, got {max_spill_bytes}")
+        self.reply_records = reply_records
+        self.reply_margin_bytes = reply_margin_bytes
+        self.max_spill_bytes = max_spill_bytes
+        self._spilling = _SpillBudget(max_spill_bytes)
+        self._bound: ReplyBound | None = None  # of a reply to the latest model sent
+        # decoding a reply (its JSON header, its arrays' views) is kept off the event loop
+        self._decoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fedhive-decode")
         self.max_staged_uploads = max_staged_uploads
         self.max_staged_bytes = max_staged_bytes
         self.upload_window_bytes = upload_window_bytes
@@ -299,6 +334,7 @@ class GrpcServer(Transport):
         loop.call_soon_threadsafe(loop.stop)
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self._decoder.shutdown(wait=False, cancel_futures=True)
 
     async def _shutdown(self, reason: str) -> None:
         if self._watchdog is not None:
@@ -337,16 +373,26 @@ class GrpcServer(Transport):
             key = id(task.content)
             if key not in shared:
                 shared[key] = encode_content(task.content)
-            batch.append((task, encode_wire(task, shared[key])))
-        self._loop.call_soon_threadsafe(self._route, batch, replies)
+                self._learn_model(task.content)
+            batch.append((Message(task.metadata, None), encode_wire(task, shared[key])))
+        self._loop.call_soon_threadsafe(self._route, batch, replies, self._bound)
 
-    def _route(self, batch: list[tuple[Message, Pieces]], replies: Replies) -> None:
+    def _learn_model(self, content: object) -> None:
+        """A task carrying the model sets what replies may hold from now on."""
+        parameters = getattr(content, "parameters", None)
+        arrays = getattr(parameters, "arrays", None)
+        if arrays:
+            self._bound = reply_bound(arrays, self.reply_records, self.reply_margin_bytes)
+
+    def _route(
+        self, batch: list[tuple[Message, Pieces]], replies: Replies, bound: ReplyBound | None
+    ) -> None:
         for task, pieces in batch:
             conn = self._connections.get(task.metadata.node_id)
             if conn is None:
                 replies.put(task.error_reply("the client is not connected"))
                 continue
-            conn.pending[task.metadata.message_id] = _Pending(task, replies)
+            conn.pending[task.metadata.message_id] = _Pending(task, replies, bound)
             frames = message_frame_bytes(task.metadata.message_id, pieces, self.chunk_bytes)
             conn.outbox.put_nowait(frames)
 
@@ -388,50 +434,53 @@ class GrpcServer(Transport):
             self.client_manager.unregister(conn.node_id)
             log.info("client %s left: %s", conn.node_id, reason)
 
-    def _deliver(self, conn: _Connection, data: memoryview, staged: int | None) -> None:
-        """Hand a complete upload to the engine; its staging slot of ``staged`` bytes (none
-        for an upload staged on disk) frees when the engine is done with it."""
+    def _upload_bound(self, conn: _Connection) -> ReplyBound | None:
+        """What one upload of ``conn`` may hold: the widest bound of its pending tasks
+        (``None`` when one of them has none: then only ``max_message_bytes`` applies)."""
+        bound: ReplyBound | None = None
+        for pending in conn.pending.values():
+            if pending.bound is None:
+                return None
+            bound = pending.bound.widest(bound)
+        return bound
+
+    async def _deliver(self, conn: _Connection, data: memoryview, free: _Free) -> None:
+        """Hand a complete upload to the engine; ``free`` (its staging slot or spill
+        budget) runs when the engine is done with it."""
+        bound = self._upload_bound(conn)
+        loop = asyncio.get_running_loop()
         try:
-            reply = decode_wire(data)
+            reply = await loop.run_in_executor(
+                self._decoder, decode_wire, data, bound.header if bound else None
+            )
         except SerdeError as exc:
-            self._unstage(staged)
+            free()
             self._refuse(conn, f"malformed message: {exc}")
             self._fail_only_task(conn, f"its reply was malformed: {exc}")
             return
+        finally:
+            del data
         meta = reply.metadata
         pending = conn.pending.pop(meta.reply_to, None)
         if pending is None:
-            self._unstage(staged)
+            free()
             self._refuse(conn, f"reply to a task it was not given ({meta.reply_to!r})")
             return
         if meta.node_id != conn.node_id:
-            self._unstage(staged)
+            free()
             pending.replies.put(pending.task.error_reply("reply carried another node's id"))
             self._refuse(conn, f"reply claims to come from {meta.node_id!r}")
             return
-        pending.replies.put(reply, release=functools.partial(self._unstage_from_engine, staged))
-
-    async def _stage(self, conn: _Connection, nbytes: int) -> None:
-        """Wait for an upload slot; a client held back here is not silent."""
-        conn.waiting = True
-        try:
-            await self._staging.acquire(nbytes)
-        finally:
-            conn.waiting = False
-            conn.last_seen = self.clock.now()
+        pending.replies.put(reply, release=functools.partial(self._free_from_engine, free))
 
     def _uploads_queued(self) -> bool:
         """Whether an upload waits for a slot: a freed upload buffer is then worth keeping."""
         return self._staging.waiting > 0
 
-    def _unstage(self, nbytes: int | None) -> None:
-        if nbytes is not None:
-            self._staging.release(nbytes)
-
-    def _unstage_from_engine(self, nbytes: int | None) -> None:
+    def _free_from_engine(self, free: _Free) -> None:
         loop = self._loop
         if loop is not None and loop.is_running():
-            loop.call_soon_threadsafe(self._unstage, nbytes)
+            loop.call_soon_threadsafe(free)
 
     def _fail_only_task(self, conn: _Connection, reason: str) -> None:
         """A refused reply answers the task when the client had only one."""
@@ -460,6 +509,13 @@ class GrpcServer(Transport):
         return sorted(self._connections)
 
 
+_Free = Callable[[], None]  # gives back what one upload holds (a staging slot, spill budget)
+
+
+def _nothing() -> None:
+    """What an upload that holds nothing gives back."""
+
+
 class _Refusal(FedhiveError):
     def __init__(self, code: grpc.StatusCode, text: str) -> None:
         super().__init__(text)
@@ -483,7 +539,8 @@ class _Uploads:
             spill_bytes=server.spill_bytes,
             spill_dir=server.spill_dir,
         )
-        self.staged: dict[str, int] = {}
+        self.staged: dict[str, _Free] = {}
+        self.limit = server.max_message_bytes  # of the upload being opened
 
     async def add(self, frame: WireFrame) -> None:
         """Take one MESSAGE frame; a complete upload goes to the engine."""
@@ -492,30 +549,61 @@ class _Uploads:
             if self.assembler.open_count >= len(conn.pending):
                 server._refuse(conn, "upload without a task waiting for it")
                 return
+            bound = server._upload_bound(conn)
+            self.limit = server.max_message_bytes
+            if bound is not None:
+                self.limit = min(self.limit, bound.max_bytes)
             size = frame.total_size
-            if mid and size <= server.max_message_bytes and not self.assembler.spills(size):
-                await server._stage(conn, size)  # backpressure
-                self.staged[mid] = size
+            if mid and size <= self.limit:
+                self.staged[mid] = await self._hold(size)  # backpressure
         try:
-            done = self.assembler.add(frame)
+            done = self.assembler.add(frame, self.limit)
         except SerdeError as exc:
             self._abandon(mid)
             server._refuse(conn, str(exc))
             server._fail_only_task(conn, f"its reply was refused: {exc}")
             return
         if done is not None:
-            server._deliver(conn, done[1], self.staged.pop(mid, None))
+            await server._deliver(conn, done[1], self.staged.pop(mid, _nothing))
+
+    async def _hold(self, size: int) -> _Free:
+        """Wait until an upload of ``size`` bytes may start: a staging slot in memory, or
+        room in the spill budget on disk; returns what gives it back."""
+        server = self.server
+        budget = server._spilling if self.assembler.spills(size) else server._staging
+        conn = self.conn
+        conn.waiting = True
+        try:
+            await budget.acquire(size)
+        finally:
+            conn.waiting = False
+            conn.last_seen = server.clock.now()
+        return _Once(functools.partial(budget.release, size))
 
     def _abandon(self, mid: str) -> None:
         if not self.assembler.is_open(mid) and mid in self.staged:
-            self.server._unstage(self.staged.pop(mid))
+            self.staged.pop(mid)()
 
     def close(self) -> None:
         """Free the slots of uploads the client will never finish."""
-        for nbytes in self.staged.values():
-            self.server._unstage(nbytes)
+        for free in self.staged.values():
+            free()
         self.staged.clear()
         self.assembler.clear()
+
+
+class _Once:
+    """Runs ``fn`` the first time it is called only (a slot is given back once)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: _Free) -> None:
+        self.fn: _Free | None = fn
+
+    def __call__(self) -> None:
+        fn, self.fn = self.fn, None
+        if fn is not None:
+            fn()
 
 
 class _Servicer:
