@@ -231,3 +231,100 @@ def test_total_spill_bytes_are_bounded(tmp_path, monkeypatch):
     )
     assert [r["fit"]["num_results"] for r in history.rounds] == [3, 3]
     assert len(on_disk) == 6 and max(on_disk) < 2 * 400_000  # one upload on disk at a time
+
+
+# -- item 4: streams that never say HELLO are closed, and only so many at once ---------------
+
+
+def test_streams_that_never_say_hello_are_closed_and_limited(tmp_path):
+    server = ServerProcess(
+        tmp_path, "--rounds", "1", "--hello-timeout", "1", "--max-handshakes", "20"
+    )
+    try:
+        start = time.monotonic()
+        peers = [hostile.RawPeer(server.address, hello=False) for _ in range(30)]
+        ends = [peer.end(15.0) for peer in peers]
+        took = time.monotonic() - start
+        for peer in peers:
+            peer.close()
+        assert all(e != "timeout" for e in ends), ends
+        assert sum("RESOURCE_EXHAUSTED" in e for e in ends) >= 10, ends
+        assert sum("no HELLO within" in e for e in ends) >= 1, ends
+        assert took < 10
+        clients = [honest(server.address, "h0", 0), honest(server.address, "h1", 1)]
+        result = server.result(60)
+        finish(clients)
+    finally:
+        server.kill()
+    assert result["rc"] == 0 and result["history"]["rounds"][-1]["fit"]["num_results"] == 2
+    stages = {r["stage"] for r in result["refusals"]}
+    assert "hello" in stages, result["refusals"][:3]
+    assert all(set(r) == {"client_id", "round", "stage", "reason"} for r in result["refusals"])
+
+
+def test_the_server_sets_connection_idle_and_age_limits():
+    from fedhive.transport.grpc_server import GrpcServer
+
+    options = dict(GrpcServer("127.0.0.1:0")._options())
+    assert options["grpc.so_reuseport"] == 0
+    assert options["grpc.max_connection_idle_ms"] > 0
+    assert options["grpc.server_handshake_timeout_ms"] > 0
+    assert options["grpc.max_concurrent_streams"] >= 1
+
+
+# -- item 8: a second server on a port in use fails --------------------------------------------
+
+
+def test_a_second_server_on_a_port_in_use_fails(tmp_path):
+    first = ServerProcess(tmp_path, "--rounds", "1")
+    try:
+        out = tmp_path / "second.json"
+        env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
+        second = subprocess.run(
+            [sys.executable, str(SERVER), "--port", str(first.port), "--out", str(out)],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert "listening" not in second.stdout
+        assert second.returncode != 0
+        assert "address already in use" in json.loads(out.read_text())["error"]
+    finally:
+        first.kill()
+
+
+# -- item 9: tokens compared as bytes; refusals bounded, escaped; repeat offenders dropped -----
+
+
+def test_a_non_ascii_token_is_refused_not_a_crash(tmp_path):
+    server = ServerProcess(tmp_path, "--rounds", "1")
+    try:
+        outcome = hostile.nonascii_token(server.address, "h0", "")
+        assert outcome.startswith("UNAUTHENTICATED"), outcome
+        assert hostile.impostor(server.address, "h0", TOKENS["h0"]).startswith("UNAUTHENTICATED")
+    finally:
+        server.kill()
+
+
+def test_refused_frames_are_bounded_escaped_and_repeat_offenders_dropped(caplog):
+    from fedhive.transport.grpc_server import GrpcServer
+
+    server = GrpcServer("127.0.0.1:0").start()
+    address = f"127.0.0.1:{server.port}"
+    try:
+        with caplog.at_level("INFO", logger="fedhive.server"):
+            ends = []
+            for i in range(4):
+                peer = hostile.RawPeer(address, f"evil\x1b[2J\nINFO forged line {i}")
+                assert peer.welcome() == "welcome"
+                for _ in range(300):
+                    peer.put(hostile.Frame(kind=hostile.Frame.WELCOME))
+                ends.append(peer.end(5.0))
+                peer.close()
+        assert all("too many refused frames" in e for e in ends), ends
+        assert len(server.refused) <= server.max_refused_kept
+        assert len(server.refusals) <= server.max_refused_kept
+        assert all("\x1b" not in r and "\n" not in r for r in server.refused)
+        logged = [r.getMessage() for r in caplog.records]
+        assert all("\x1b" not in m and "\n" not in m for m in logged)
+        assert len(logged) < 4 * 40  # rate-limited: not one line per refused frame
+    finally:
+        server.close()

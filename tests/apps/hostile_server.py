@@ -58,6 +58,7 @@ def main() -> int:
     parser.add_argument("--certs", default=None, help="directory of make_certificates files")
     parser.add_argument("--mtls", action="store_true")
     parser.add_argument("--hello-timeout", type=float, default=None)
+    parser.add_argument("--max-handshakes", type=int, default=None)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     tokens = json.loads(Path(args.tokens).read_text()) if args.tokens else None
@@ -73,6 +74,8 @@ def main() -> int:
         holder.append(server)
         if args.hello_timeout is not None:
             server.hello_timeout = args.hello_timeout
+        if args.max_handshakes is not None:
+            server.max_handshakes = args.max_handshakes
         print(f"listening {server.port}", flush=True)
 
     certificates = None
