@@ -29,7 +29,11 @@ from fedhive.transport.proto import fleet_pb2_grpc  # noqa: E402
 from fedhive.transport.proto.fleet_pb2 import Frame  # noqa: E402
 from fedhive.transport.wire import message_frame_bytes  # noqa: E402
 
-_OPTIONS = [("grpc.max_receive_message_length", 8 << 20), ("grpc.max_send_message_length", 8 << 20)]
+_OPTIONS = [
+    ("grpc.max_receive_message_length", 8 << 20),
+    ("grpc.max_send_message_length", 8 << 20),
+    ("grpc.use_local_subchannel_pool", 1),  # a connection of its own, as another host has
+]
 
 
 class RawPeer:

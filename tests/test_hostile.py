@@ -238,7 +238,7 @@ def test_total_spill_bytes_are_bounded(tmp_path, monkeypatch):
 
 def test_streams_that_never_say_hello_are_closed_and_limited(tmp_path):
     server = ServerProcess(
-        tmp_path, "--rounds", "1", "--hello-timeout", "1", "--max-handshakes", "20"
+        tmp_path, "--rounds", "1", "--hello-timeout", "3", "--max-handshakes", "20"
     )
     try:
         start = time.monotonic()

@@ -32,11 +32,14 @@ window per round trip.
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import hmac
 import logging
 import os
+import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -122,6 +125,8 @@ class _Connection:
     last_seen: float = 0.0
     waiting: bool = False  # held back by the staging cap, not silent
     closed: asyncio.Event = field(default_factory=asyncio.Event)  # its stream has ended
+    violations: int = 0  # frames refused so far
+    abort: tuple[grpc.StatusCode, str] | None = None  # how its stream is to end
 
 
 class _Staging:
@@ -192,7 +197,23 @@ class _SpillBudget(_Staging):
 
 
 class GrpcServer(Transport):
-    """Serves ``Join`` streams and implements the engine's :class:`Transport`."""
+    """Serves ``Join`` streams and implements the engine's :class:`Transport`.
+
+    Against hostile peers: a stream must say HELLO within ``hello_timeout`` seconds, and
+    at most ``max_handshakes`` streams may be waiting to (more are refused at once with
+    ``RESOURCE_EXHAUSTED``); a connection without streams is closed after
+    ``max_connection_idle_s``, and any after ``max_connection_age_s`` when set (clients
+    reconnect); a client whose frames are refused ``max_violations`` times is
+    disconnected. Refusals are logged escaped and rate-limited, and the latest
+    ``max_refused_kept`` are kept in :attr:`refused` (text) and :attr:`refusals`
+    (``client_id``, ``round``, ``stage``, ``reason``). An upload may hold what a reply
+    to its task can need (:func:`~fedhive.transport.limits.reply_bound`:
+    ``reply_records`` model-sized records plus ``reply_margin_bytes``), and uploads
+    staged on disk add up to at most ``max_spill_bytes`` beyond the first. The port is
+    bound exclusively (no ``SO_REUSEPORT``): a second server on it fails.
+    """
+
+    max_refused_kept = 1000
 
     def __init__(
         self,
@@ -213,6 +234,11 @@ class GrpcServer(Transport):
         reply_records: int = 2,
         reply_margin_bytes: int = DEFAULT_MARGIN_BYTES,
         max_spill_bytes: int | None = DEFAULT_SPILL_TOTAL,
+        hello_timeout: float = 10.0,
+        max_handshakes: int = 64,
+        max_violations: int = 16,
+        max_connection_idle_s: float = 300.0,
+        max_connection_age_s: float | None = None,
     ) -> None:
         self.address = address
         # heartbeats are timed on it (a test moves a ManualClock past heartbeat_timeout)
@@ -243,6 +269,18 @@ class GrpcServer(Transport):
             )
         if max_spill_bytes is not None and max_spill_bytes < 0:
             raise TransportError(f"max_spill_bytes must be >= 0 or None, got {max_spill_bytes}")
+        if hello_timeout <= 0 or max_handshakes < 1 or max_violations < 1:
+            raise TransportError(
+                f"hello_timeout must be > 0, max_handshakes and max_violations >= 1; got "
+                f"{hello_timeout}, {max_handshakes}, {max_violations}"
+            )
+        self.hello_timeout = hello_timeout
+        self.max_handshakes = max_handshakes
+        self.max_violations = max_violations
+        self.max_connection_idle_s = max_connection_idle_s
+        self.max_connection_age_s = max_connection_age_s
+        self._handshakes = 0  # streams that have not said HELLO yet
+        self._log_budget = _LogBudget()
         self.reply_records = reply_records
         self.reply_margin_bytes = reply_margin_bytes
         self.max_spill_bytes = max_spill_bytes
@@ -265,7 +303,9 @@ class GrpcServer(Transport):
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
         self._watchdog: asyncio.Task[None] | None = None
-        self.refused: list[str] = []
+        #: the latest refusals, as text and as records (client id, round, stage, reason)
+        self.refused: deque[str] = deque(maxlen=self.max_refused_kept)
+        self.refusals: deque[dict[str, Any]] = deque(maxlen=self.max_refused_kept)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -296,7 +336,17 @@ class GrpcServer(Transport):
         options = [
             ("grpc.max_receive_message_length", self.chunk_bytes + (1 << 16)),
             ("grpc.max_send_message_length", self.chunk_bytes + (1 << 16)),
+            ("grpc.so_reuseport", 0),  # a second server on this port fails to bind
+            # clients in one process share a connection (gRPC pools them): one stream each
+            ("grpc.max_concurrent_streams", 4096),
+            ("grpc.server_handshake_timeout_ms", int(self.hello_timeout * 1000)),
+            ("grpc.max_connection_idle_ms", int(self.max_connection_idle_s * 1000)),
         ]
+        if self.max_connection_age_s is not None:
+            options += [
+                ("grpc.max_connection_age_ms", int(self.max_connection_age_s * 1000)),
+                ("grpc.max_connection_age_grace_ms", 5000),
+            ]
         if self.upload_window_bytes is not None:
             options += [
                 ("grpc.http2.bdp_probe", 0),
@@ -315,12 +365,15 @@ class GrpcServer(Transport):
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
         creds = self.security.credentials()
-        if creds is None:
-            port = server.add_insecure_port(self.address)
-        else:
-            port = server.add_secure_port(self.address, creds)
+        try:
+            if creds is None:
+                port = server.add_insecure_port(self.address)
+            else:
+                port = server.add_secure_port(self.address, creds)
+        except RuntimeError:
+            port = 0
         if port == 0:
-            raise TransportError(f"could not bind {self.address}")
+            raise TransportError(f"could not bind {self.address}: {_bind_problem(self.address)}")
         await server.start()
         self._server = server
         self.port = port
@@ -414,7 +467,8 @@ class GrpcServer(Transport):
         tokens = self.security.tokens
         if tokens is not None:
             expected = tokens.get(node_id)
-            if expected is None or not hmac.compare_digest(expected, hello.token):
+            given = hello.token.encode("utf-8", "surrogatepass")
+            if expected is None or not hmac.compare_digest(expected.encode("utf-8"), given):
                 raise _Refusal(
                     grpc.StatusCode.UNAUTHENTICATED,
                     f"client {node_id!r} is not enrolled or its token is wrong",
@@ -432,7 +486,7 @@ class GrpcServer(Transport):
         if self._connections.get(conn.node_id) is conn:
             del self._connections[conn.node_id]
             self.client_manager.unregister(conn.node_id)
-            log.info("client %s left: %s", conn.node_id, reason)
+            log.info("client %s left: %s", printable(repr(conn.node_id)), reason)
 
     def _upload_bound(self, conn: _Connection) -> ReplyBound | None:
         """What one upload of ``conn`` may hold: the widest bound of its pending tasks
@@ -455,7 +509,7 @@ class GrpcServer(Transport):
             )
         except SerdeError as exc:
             free()
-            self._refuse(conn, f"malformed message: {exc}")
+            self._refuse(conn, f"malformed message: {exc}", "decode")
             self._fail_only_task(conn, f"its reply was malformed: {exc}")
             return
         finally:
@@ -464,12 +518,12 @@ class GrpcServer(Transport):
         pending = conn.pending.pop(meta.reply_to, None)
         if pending is None:
             free()
-            self._refuse(conn, f"reply to a task it was not given ({meta.reply_to!r})")
+            self._refuse(conn, f"reply to a task it was not given ({meta.reply_to!r})", "reply")
             return
         if meta.node_id != conn.node_id:
             free()
             pending.replies.put(pending.task.error_reply("reply carried another node's id"))
-            self._refuse(conn, f"reply claims to come from {meta.node_id!r}")
+            self._refuse(conn, f"reply claims to come from {meta.node_id!r}", "reply")
             return
         pending.replies.put(reply, release=functools.partial(self._free_from_engine, free))
 
@@ -489,10 +543,34 @@ class GrpcServer(Transport):
             pending = conn.pending.pop(mid)
             pending.replies.put(pending.task.error_reply(reason))
 
-    def _refuse(self, conn: _Connection, reason: str) -> None:
-        text = f"refused from client {conn.node_id!r}: {reason}"
-        log.warning(text)
+    def _refuse(self, conn: _Connection, reason: str, stage: str = "upload") -> None:
+        """Record a refused frame or upload of ``conn``; disconnect a repeat offender."""
+        pending = next(iter(conn.pending.values()), None)
+        rnd = pending.task.metadata.server_round if pending is not None else None
+        self.record_refusal(conn.node_id, rnd, stage, reason)
+        conn.violations += 1
+        if conn.violations >= self.max_violations and conn.abort is None:
+            text = f"too many refused frames ({conn.violations})"
+            self.record_refusal(conn.node_id, rnd, "disconnect", text)
+            conn.abort = (grpc.StatusCode.RESOURCE_EXHAUSTED, text)
+            self._drop(conn, f"disconnected: {text}")
+            conn.outbox.put_nowait(None)
+
+    def record_refusal(
+        self, client_id: str | None, server_round: int | None, stage: str, reason: str
+    ) -> None:
+        """Keep (bounded) and log (escaped, rate-limited) one refusal."""
+        who = printable(repr(client_id) if client_id else "?")
+        reason = printable(reason)
+        text = f"refused from client {who}: {reason}"
         self.refused.append(text)
+        self.refusals.append(
+            {"client_id": client_id, "round": server_round, "stage": stage, "reason": reason}
+        )
+        skipped = self._log_budget.take()
+        if skipped is not None:
+            more = f" ({skipped} more refusals were not logged)" if skipped else ""
+            log.warning("%s [%s]%s", text, stage, more)
 
     async def _watch_heartbeats(self) -> None:
         while True:
@@ -507,6 +585,53 @@ class GrpcServer(Transport):
     @property
     def connected(self) -> list[str]:
         return sorted(self._connections)
+
+
+def printable(text: str, limit: int = 500) -> str:
+    """``text`` with control and other unprintable characters escaped, cut to ``limit``:
+    what a peer sent never forges a log line or a terminal escape."""
+    out = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text[: limit + 1])
+    return out if len(out) <= limit else out[:limit] + "..."
+
+
+class _LogBudget:
+    """At most ``per_second`` log lines a second (a token bucket of ``burst``)."""
+
+    def __init__(self, per_second: float = 10.0, burst: float = 20.0) -> None:
+        self.rate, self.burst = per_second, burst
+        self.tokens = burst
+        self.stamp = time.monotonic()
+        self.skipped = 0
+
+    def take(self) -> int | None:
+        """``None`` when this line is not to be logged, else how many were skipped before."""
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1:
+            self.skipped += 1
+            return None
+        self.tokens -= 1
+        skipped, self.skipped = self.skipped, 0
+        return skipped
+
+
+def _bind_problem(address: str) -> str:
+    """Why ``address`` cannot be bound, in words ("address already in use", ...)."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        family, kind, proto, _, where = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.bind(where)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return "address already in use (is another server running on that port?)"
+        return exc.strerror or str(exc)
+    except ValueError:
+        return "not a host:port address"
+    return "gRPC could not bind it"
 
 
 _Free = Callable[[], None]  # gives back what one upload holds (a staging slot, spill budget)
@@ -612,21 +737,37 @@ class _Servicer:
 
     async def Join(self, request_iterator: Any, context: aio.ServicerContext) -> None:
         server = self.server
-        hello = await context.read()
+        if server._handshakes >= server.max_handshakes:
+            text = f"too many connections ({server.max_handshakes}) waiting to say HELLO"
+            server.record_refusal(None, None, "hello", text)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, text)
+            return
+        server._handshakes += 1
+        try:
+            hello = await asyncio.wait_for(context.read(), server.hello_timeout)
+        except TimeoutError:
+            hello = None
+        finally:
+            server._handshakes -= 1
+        if hello is None:
+            text = f"no HELLO within {server.hello_timeout:g} s"
+            server.record_refusal(None, None, "hello", text)
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, text)
+            return
         if hello is aio.EOF:
             return
         try:
             node_id = server._admit(hello)
         except _Refusal as refusal:
-            log.warning("refused a client (%s): %s", hello.node_id or "?", refusal.text)
-            await context.abort(refusal.code, refusal.text)
+            server.record_refusal(hello.node_id or None, None, "hello", refusal.text)
+            await context.abort(refusal.code, printable(refusal.text))
             return
         loop = asyncio.get_running_loop()
         conn = _Connection(node_id, asyncio.Queue(), last_seen=server.clock.now())
         server._connections[node_id] = conn
         await context.write(Frame(kind=Frame.WELCOME, protocol_version=server.protocol_version))
         server.client_manager.register(node_id)
-        log.info("client %s joined", node_id)
+        log.info("client %s joined", printable(repr(node_id)))
         reader = loop.create_task(self._read(conn, context))
         try:
             while True:
@@ -639,6 +780,8 @@ class _Servicer:
             reader.cancel()
             server._drop(conn, "the client disconnected")
             conn.closed.set()
+        if conn.abort is not None:
+            await context.abort(*conn.abort)
 
     async def _read(self, conn: _Connection, context: aio.ServicerContext) -> None:
         server = self.server
@@ -652,7 +795,7 @@ class _Servicer:
                 if frame.kind == Frame.HEARTBEAT:
                     continue
                 if frame.kind != Frame.MESSAGE:
-                    server._refuse(conn, f"unexpected frame kind {frame.kind}")
+                    server._refuse(conn, f"unexpected frame kind {frame.kind}", "frame")
                     continue
                 await uploads.add(frame)
         except (aio.AioRpcError, asyncio.CancelledError):
