@@ -328,3 +328,64 @@ def test_refused_frames_are_bounded_escaped_and_repeat_offenders_dropped(caplog)
         assert len(logged) < 4 * 40  # rate-limited: not one line per refused frame
     finally:
         server.close()
+
+
+# -- item 6: work the engine gave up on is dropped; deployments have a round timeout --------
+
+
+def test_abandoned_tasks_are_dropped_and_free_their_model():
+    import gc
+    import weakref
+
+    from fedhive.common import Message, MessageType, ndarrays_to_parameters
+    from fedhive.common.records import FitIns
+    from fedhive.transport import Replies
+    from fedhive.transport.grpc_server import GrpcServer
+
+    server = GrpcServer("127.0.0.1:0").start()
+    peer = hostile.RawPeer(f"127.0.0.1:{server.port}", "staller")
+    try:
+        assert peer.welcome() == "welcome"
+        freed = []
+        for rnd in range(1, 6):
+            model = [np.full(1 << 20, rnd, np.float32)]
+            weakref.finalize(model[0], freed.append, rnd)
+            task = Message.task(run_id=1, node_id="staller", server_round=rnd, model_version=rnd,
+                                message_type=MessageType.FIT,
+                                content=FitIns(ndarrays_to_parameters(model), {}))  # fmt: skip
+            replies = Replies()
+            server.send([task], replies)
+            del task, model
+            time.sleep(0.2)
+            replies.cancel()  # the engine gave up on it (deadline)
+        time.sleep(2.5)
+        gc.collect()
+        conn = server._connections["staller"]
+        assert conn.pending == {}
+        assert sorted(freed) == [1, 2, 3, 4, 5]
+    finally:
+        peer.close()
+        server.close()
+
+
+def test_deployments_get_a_default_round_timeout():
+    import fedhive as fl
+    from fedhive.server import RoundCallback, ServerConfig
+    from fedhive.server.start import DEFAULT_ROUND_TIMEOUT
+    from fedhive.server.strategy import FedAvg
+    from grpc_helpers import ServerThread
+
+    seen = []
+
+    class Seen(RoundCallback):
+        def on_run_start(self, engine):
+            seen.append(engine.config.round_timeout)
+
+    strategy = FedAvg(min_fit_clients=1, min_available_clients=1, fraction_evaluate=0.0,
+                      initial_parameters=fl.common.ndarrays_to_parameters([np.zeros(4)]))  # fmt: skip
+    server = ServerThread(config=ServerConfig(num_rounds=1), strategy=strategy, callbacks=[Seen()])
+    server.start()
+    client = client_process(server.address)
+    server.join(60)
+    finish([client])
+    assert seen == [DEFAULT_ROUND_TIMEOUT] and 0 < DEFAULT_ROUND_TIMEOUT <= 3600
