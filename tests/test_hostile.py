@@ -381,8 +381,9 @@ def test_deployments_get_a_default_round_timeout():
         def on_run_start(self, engine):
             seen.append(engine.config.round_timeout)
 
+    model = fl.common.ndarrays_to_parameters([np.zeros(4)])
     strategy = FedAvg(min_fit_clients=1, min_available_clients=1, fraction_evaluate=0.0,
-                      initial_parameters=fl.common.ndarrays_to_parameters([np.zeros(4)]))  # fmt: skip
+                      initial_parameters=model)  # fmt: skip
     server = ServerThread(config=ServerConfig(num_rounds=1), strategy=strategy, callbacks=[Seen()])
     server.start()
     client = client_process(server.address)

@@ -117,11 +117,23 @@ class _Pending:
     bound: ReplyBound | None  # what its reply may hold (None: only max_message_bytes)
 
 
+class _Outgoing:
+    """A task's frames waiting in an outbox; ``frames`` is ``None`` once it was dropped
+    (the engine gave up on the task), so its model is not kept for it."""
+
+    __slots__ = ("frames", "message_id")
+
+    def __init__(self, message_id: str, frames: Iterable[bytes]) -> None:
+        self.message_id = message_id
+        self.frames: Iterable[bytes] | None = frames
+
+
 @dataclass
 class _Connection:
     node_id: str
-    outbox: asyncio.Queue[Iterable[Frame | bytes] | None]
+    outbox: asyncio.Queue[Iterable[Frame | bytes] | _Outgoing | None]
     pending: dict[str, _Pending] = field(default_factory=dict)
+    queued: dict[str, _Outgoing] = field(default_factory=dict)  # tasks not yet being sent
     last_seen: float = 0.0
     waiting: bool = False  # held back by the staging cap, not silent
     closed: asyncio.Event = field(default_factory=asyncio.Event)  # its stream has ended
@@ -445,9 +457,23 @@ class GrpcServer(Transport):
             if conn is None:
                 replies.put(task.error_reply("the client is not connected"))
                 continue
-            conn.pending[task.metadata.message_id] = _Pending(task, replies, bound)
-            frames = message_frame_bytes(task.metadata.message_id, pieces, self.chunk_bytes)
-            conn.outbox.put_nowait(frames)
+            if replies.cancelled:
+                continue  # given up on before it was routed
+            mid = task.metadata.message_id
+            conn.pending[mid] = _Pending(task, replies, bound)
+            out = _Outgoing(mid, message_frame_bytes(mid, pieces, self.chunk_bytes))
+            conn.queued[mid] = out
+            conn.outbox.put_nowait(out)
+
+    def _drop_abandoned(self) -> None:
+        """Forget tasks whose mailbox was cancelled (the engine gave up on them): they no
+        longer wait for a reply, and those not yet sent are not sent (nor kept)."""
+        for conn in self._connections.values():
+            for mid in [m for m, p in conn.pending.items() if p.replies.cancelled]:
+                del conn.pending[mid]
+                out = conn.queued.pop(mid, None)
+                if out is not None:
+                    out.frames = None
 
     # -- connections -------------------------------------------------------------------------
 
@@ -576,6 +602,7 @@ class GrpcServer(Transport):
         while True:
             # the check runs in real time; what counts as silence is measured on the clock
             await asyncio.sleep(min(1.0, self.heartbeat_timeout / 4))
+            self._drop_abandoned()
             now = self.clock.now()
             for conn in list(self._connections.values()):
                 if not conn.waiting and now - conn.last_seen > self.heartbeat_timeout:
@@ -771,11 +798,20 @@ class _Servicer:
         reader = loop.create_task(self._read(conn, context))
         try:
             while True:
-                frames = await conn.outbox.get()
-                if frames is None:
+                item = await conn.outbox.get()
+                if item is None:
                     break
+                if isinstance(item, _Outgoing):
+                    conn.queued.pop(item.message_id, None)
+                    frames, item.frames = item.frames, None
+                    if frames is None:
+                        continue  # dropped while it waited
+                else:
+                    frames = item
+                del item
                 for frame in frames:
                     await context.write(frame)
+                del frames
         finally:
             reader.cancel()
             server._drop(conn, "the client disconnected")
