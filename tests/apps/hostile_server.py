@@ -40,8 +40,13 @@ _FINAL: list = []  # the global model after the last round
 
 
 class _Keep(fl.server.RoundCallback):
+    def __init__(self, pause: float = 0.0) -> None:
+        self.pause = pause
+
     def on_round_end(self, engine, record) -> None:
         _FINAL[:] = [np.array(a) for a in engine.parameters.arrays]
+        print(f"round {record['round']} done", flush=True)
+        time.sleep(self.pause)  # a longer run: attackers join the rounds that follow
 
 
 def main() -> int:
@@ -59,6 +64,7 @@ def main() -> int:
     parser.add_argument("--mtls", action="store_true")
     parser.add_argument("--hello-timeout", type=float, default=None)
     parser.add_argument("--max-handshakes", type=int, default=None)
+    parser.add_argument("--pause", type=float, default=0.0, help="seconds after each round")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     tokens = json.loads(Path(args.tokens).read_text()) if args.tokens else None
@@ -102,7 +108,7 @@ def main() -> int:
             spill_dir=args.spill_dir,
             wait_timeout=60,
             on_started=started,
-            callbacks=[_Keep()],
+            callbacks=[_Keep(args.pause)],
         )
     except fl.FedhiveError as exc:
         error = f"{type(exc).__name__}: {exc}"
