@@ -390,3 +390,42 @@ def test_deployments_get_a_default_round_timeout():
     server.join(60)
     finish([client])
     assert seen == [DEFAULT_ROUND_TIMEOUT] and 0 < DEFAULT_ROUND_TIMEOUT <= 3600
+
+
+# -- item 7: node ids bound to credentials -------------------------------------------------
+
+
+def test_with_mutual_tls_and_no_tokens_the_node_id_is_the_certificates(tmp_path):
+    import grpc
+
+    from fedhive.transport.grpc_server import GrpcServer, ServerSecurity
+    from grpc_helpers import make_certificates
+
+    certs = {k: v.read_bytes() for k, v in make_certificates(tmp_path).items()}
+    security = ServerSecurity((certs["ca"], certs["server"], certs["server_key"]), True)
+    server = GrpcServer("127.0.0.1:0", security=security).start()
+    creds = grpc.ssl_channel_credentials(certs["ca"], certs["client_key"], certs["client"])
+    try:
+        squatter = hostile.RawPeer(f"127.0.0.1:{server.port}", "alice", credentials=creds)
+        outcome = squatter.welcome()
+        squatter.close()
+        assert outcome.startswith("UNAUTHENTICATED") and "certificate" in outcome, outcome
+        owner = hostile.RawPeer(f"127.0.0.1:{server.port}", "client-0", credentials=creds)
+        assert owner.welcome() == "welcome"  # the id its certificate names (CN)
+        owner.close()
+    finally:
+        server.close()
+
+
+def test_a_server_without_client_authentication_says_so_loudly(caplog):
+    import fedhive as fl
+    from fedhive.server import ServerConfig
+    from grpc_helpers import ServerThread
+
+    model = fl.common.ndarrays_to_parameters([np.zeros(2)])
+    strategy = fl.server.strategy.FedAvg(min_available_clients=1, initial_parameters=model)
+    with caplog.at_level("WARNING", logger="fedhive.server"):
+        server = ServerThread(config=ServerConfig(num_rounds=1, round_timeout=1),
+                              strategy=strategy, wait_timeout=0.5).start()  # fmt: skip
+        server.join(60)
+    assert any("NO CLIENT AUTHENTICATION" in r.getMessage() for r in caplog.records)
