@@ -96,6 +96,12 @@ def start_server(
 
     if certificates is None:
         log.warning("serving WITHOUT TLS: pass certificates=(ca, cert, key) to encrypt")
+    if not require_client_auth and not auth_tokens:
+        log.warning(
+            "NO CLIENT AUTHENTICATION: any process that reaches this port can join under any "
+            "node id, as many times as it likes (and count as that many secure aggregation "
+            "peers); enroll clients with auth_tokens or require_client_auth (mutual TLS)"
+        )
     if require_client_auth and certificates is None:
         raise ConfigError("require_client_auth needs certificates=(ca, cert, key)")
     if secure_aggregation is not None:

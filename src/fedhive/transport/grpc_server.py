@@ -90,7 +90,9 @@ class ServerSecurity:
     ``certificates`` is Flower's triple ``(ca_cert, server_cert, server_key)`` (PEM bytes);
     ``require_client_auth`` turns on mutual TLS (clients present certificates signed by
     ``ca_cert``). ``tokens`` enrolls clients: ``node_id -> secret``; when given, a client
-    must present its node id and token in its HELLO.
+    must present its node id and token in its HELLO. With mutual TLS and no tokens, a
+    client's node id must be one its certificate names (its common name or a subject
+    alternative name), so one certified site cannot claim another's id.
     """
 
     certificates: tuple[bytes, bytes, bytes] | None = None
@@ -477,8 +479,9 @@ class GrpcServer(Transport):
 
     # -- connections -------------------------------------------------------------------------
 
-    def _admit(self, hello: WireFrame) -> str:
-        """The node id of an acceptable HELLO, else raise with the reason."""
+    def _admit(self, hello: WireFrame, certified: Sequence[str] = ()) -> str:
+        """The node id of an acceptable HELLO (``certified``: the names of the client's
+        certificate, under mutual TLS), else raise with the reason."""
         if hello.kind != Frame.HELLO:
             raise _Refusal(grpc.StatusCode.FAILED_PRECONDITION, "expected HELLO first")
         if hello.protocol_version != self.protocol_version:
@@ -499,6 +502,12 @@ class GrpcServer(Transport):
                     grpc.StatusCode.UNAUTHENTICATED,
                     f"client {node_id!r} is not enrolled or its token is wrong",
                 )
+        if self.security.require_client_auth and tokens is None and node_id not in certified:
+            raise _Refusal(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"node id {node_id!r} is not a name in its client certificate "
+                f"({', '.join(map(repr, certified)) or 'none'}); connect as one of those",
+            )
         if node_id in self._connections:
             raise _Refusal(
                 grpc.StatusCode.ALREADY_EXISTS, f"client {node_id!r} is already connected"
@@ -643,6 +652,16 @@ class _LogBudget:
         return skipped
 
 
+def _certificate_names(context: aio.ServicerContext) -> list[str]:
+    """The common name and subject alternative names of the peer's certificate."""
+    auth = context.auth_context()  # without TLS: no certificate, no names
+    names = []
+    for key in ("x509_common_name", "x509_subject_alternative_name"):
+        for raw in auth.get(key, ()):
+            names.append(raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw))
+    return names
+
+
 def _bind_problem(address: str) -> str:
     """Why ``address`` cannot be bound, in words ("address already in use", ...)."""
     host, _, port = address.rpartition(":")
@@ -784,7 +803,7 @@ class _Servicer:
         if hello is aio.EOF:
             return
         try:
-            node_id = server._admit(hello)
+            node_id = server._admit(hello, _certificate_names(context))
         except _Refusal as refusal:
             server.record_refusal(hello.node_id or None, None, "hello", refusal.text)
             await context.abort(refusal.code, printable(refusal.text))
