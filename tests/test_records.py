@@ -48,7 +48,7 @@ META = Metadata(run_id=1, message_id="m", node_id="n", server_round=2, model_ver
 def side_data() -> RecordDict:
     return RecordDict(
         {"a": {"w": np.arange(6, dtype=np.float16).reshape(2, 3), "n": np.array([1, -2])}},
-        {"c": {"s": "text", "b": b"\x00\xff", "f": False, "i": 2**70}},
+        {"c": {"s": "text", "b": b"\x00\xff", "f": False, "i": 2**64 - 1}},
         {"m": {"x": 0.25, "k": 3}},
     )
 

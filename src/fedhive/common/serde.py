@@ -20,8 +20,9 @@ Zero-size arrays get offset 0. A RecordDict header adds ``"records": {"array_rec
 and names its arrays ``"<record index>/<key>"``, in record order.
 
 Scalars are ``[key, tag, value]`` triples with tag ``bool`` (JSON bool), ``int`` (hex
-string, any size), ``float`` (``repr`` string, incl. ``nan``/``inf``/``-0.0``), ``str``
-or ``bytes`` (base64). A scalar payload has no data section: it ends with the header.
+string; decoding refuses values outside ``[-2**63, 2**64 - 1]``), ``float`` (``repr``
+string, incl. ``nan``/``inf``/``-0.0``), ``str`` or ``bytes`` (base64). A scalar payload
+has no data section: it ends with the header.
 
 Encoding can stop short of the final copy: :func:`encode_record_pieces` returns the
 payload as a list of pieces (prefix and header as ``bytes``, then each array's buffer as a
@@ -51,6 +52,7 @@ from fedhive.common.records import NDArray, Parameters, RecordDict, Scalar, chec
 __all__ = [
     "DecodedArrays",
     "FORMAT_VERSION",
+    "HeaderLimits",
     "decode_arrays",
     "decode_parameters",
     "decode_record_dict",
@@ -77,6 +79,14 @@ _ALLOWED = ", ".join(_DTYPE_NAMES)
 _ENTRY_KEYS = frozenset({"name", "dtype", "shape", "offset", "nbytes"})
 _BytesLike = bytes | bytearray | memoryview
 Pieces = list[bytes | memoryview]
+
+
+@dataclass(frozen=True)
+class HeaderLimits:
+    """The most a decoded header may hold: its length in bytes and its number of arrays."""
+
+    max_header_bytes: int
+    max_arrays: int
 
 
 @dataclass(frozen=True)
@@ -182,7 +192,9 @@ def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _read_header(buf: memoryview, magic: bytes) -> tuple[Any, int]:
+def _read_header(
+    buf: memoryview, magic: bytes, max_header_bytes: int | None = None
+) -> tuple[Any, int]:
     """Check the prefix and parse the JSON header; returns it and where it ends."""
     if len(buf) < _PREFIX.size:
         _fail(f"payload too short: {len(buf)} bytes, need at least {_PREFIX.size}")
@@ -193,6 +205,8 @@ def _read_header(buf: memoryview, magic: bytes) -> tuple[Any, int]:
         newer = "a newer fedhive; upgrade to read it" if version > FORMAT_VERSION else "unknown"
         _fail(f"unsupported format version {version} ({newer}); this reads {FORMAT_VERSION}")
     end = _PREFIX.size + length
+    if max_header_bytes is not None and length > max_header_bytes:
+        _fail(f"header of {length} bytes is over the limit of {max_header_bytes}")
     if end > len(buf):
         _fail(f"header length {length} runs past the end of the {len(buf)}-byte payload")
     try:
@@ -269,15 +283,18 @@ def _view(buf: memoryview, start: int, dtype: np.dtype[Any], dims: list[int]) ->
 
 
 def _unpack(
-    data: Any, magic: bytes, extra: frozenset[str] = frozenset()
+    data: Any, magic: bytes, extra: frozenset[str] = frozenset(), limits: HeaderLimits | None = None
 ) -> tuple[dict[str, Any], DecodedArrays]:
     buf = _as_buffer(data)
-    raw, start = _read_header(buf, magic)
+    raw, start = _read_header(buf, magic, limits.max_header_bytes if limits else None)
     header = _expect_dict(raw, frozenset({"codec", "arrays"}) | extra, "header")
     if start % _ALIGN:
         _fail(f"data section starts at {start}, not a multiple of {_ALIGN}")
     codec = _expect_int(header["codec"], "codec", _MAX_CODEC)
-    entries = [_parse_entry(e, i) for i, e in enumerate(_expect_list(header["arrays"], "arrays"))]
+    listed = _expect_list(header["arrays"], "arrays")
+    if limits is not None and len(listed) > limits.max_arrays:
+        _fail(f"header lists {len(listed)} arrays, more than the {limits.max_arrays} allowed")
+    entries = [_parse_entry(e, i) for i, e in enumerate(listed)]
     names = [e[0] for e in entries]
     if len(set(names)) != len(names):
         _fail("array names are not unique")
@@ -303,23 +320,45 @@ def _scalar_to_json(key: str, value: Scalar) -> list[Any]:
     return [key, "bytes", base64.b64encode(value).decode("ascii")]
 
 
+#: Decoded integers lie in [INT_MIN, INT_MAX]: every int64 and uint64 (protobuf's range),
+#: and nothing too long to print (Python refuses to write ints of over 4,300 digits).
+INT_MIN = -(1 << 63)
+INT_MAX = (1 << 64) - 1
+_MAX_HEX = len(hex(INT_MIN))
+
+
+def _bounded_int(text: str) -> int:
+    if len(text) > _MAX_HEX:
+        raise ValueError(f"integer of {len(text)} hex characters is outside the 64-bit range")
+    value = int(text, 16)
+    if not INT_MIN <= value <= INT_MAX:
+        raise ValueError("integer outside the 64-bit range [-2**63, 2**64 - 1]")
+    return value
+
+
 _FROM_JSON: dict[str, tuple[type, Callable[[Any], Scalar]]] = {
     "bool": (bool, bool),
-    "int": (str, lambda v: int(v, 16)),
+    "int": (str, _bounded_int),
     "float": (str, float),
     "str": (str, str),
     "bytes": (str, lambda v: base64.b64decode(v.encode("ascii"), validate=True)),
 }
 
 
+def _short(value: Any) -> str:
+    """``repr(value)``, cut short: error messages quote what a peer sent, not all of it."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:60] + f"... ({len(text)} characters)"
+
+
 def _scalar_from_json(tag: Any, value: Any, what: str) -> Scalar:
     kind, parse = _FROM_JSON.get(tag, (None, None)) if isinstance(tag, str) else (None, None)
     if kind is None or parse is None or not isinstance(value, kind):
-        _fail(f"{what}: unknown tag {tag!r} or value {value!r} of the wrong type")
+        _fail(f"{what}: unknown tag {_short(tag)} or value {_short(value)} of the wrong type")
     try:
         return parse(value)
     except ValueError as exc:  # includes binascii.Error and UnicodeEncodeError
-        raise SerdeError(f"{what}: bad {tag} value {value!r}: {exc}") from exc
+        raise SerdeError(f"{what}: bad {tag} value {_short(value)}: {exc}") from exc
 
 
 def _scalars_to_json(values: Mapping[str, Any], what: str) -> list[list[Any]]:
@@ -342,10 +381,11 @@ def encode_scalars(values: Mapping[str, Scalar]) -> bytes:
     return _frame(SCALARS_MAGIC, {"values": _scalars_to_json(values, "values")}, pad=False)
 
 
-def decode_scalars(data: _BytesLike) -> dict[str, Scalar]:
-    """Decode a payload of :func:`encode_scalars`."""
+def decode_scalars(data: _BytesLike, max_header_bytes: int | None = None) -> dict[str, Scalar]:
+    """Decode a payload of :func:`encode_scalars` (refused unparsed when its header is
+    longer than ``max_header_bytes``)."""
     buf = _as_buffer(data)
-    raw, end = _read_header(buf, SCALARS_MAGIC)
+    raw, end = _read_header(buf, SCALARS_MAGIC, max_header_bytes)
     if end != len(buf):
         _fail(f"payload has {len(buf) - end} trailing bytes after the header")
     header = _expect_dict(raw, frozenset({"values"}), "header")
@@ -438,9 +478,14 @@ def _metric_records(obj: Any) -> dict[str, dict[str, int | float]]:
     return out
 
 
-def decode_record_dict(data: _BytesLike) -> RecordDict:
-    """Decode a payload of :func:`encode_record_dict`; arrays are writable views."""
-    header, decoded = _unpack(data, RECORDS_MAGIC, frozenset({"records"}))
+def decode_record_dict(data: _BytesLike, limits: HeaderLimits | None = None) -> RecordDict:
+    """Decode a payload of :func:`encode_record_dict`; arrays are writable views.
+
+    With ``limits`` a header longer than ``limits.max_header_bytes`` is refused before it
+    is parsed, and one listing more than ``limits.max_arrays`` arrays before any entry is
+    read (what a peer may make the receiver parse and allocate).
+    """
+    header, decoded = _unpack(data, RECORDS_MAGIC, frozenset({"records"}), limits)
     groups = _expect_dict(header["records"], _RECORD_GROUPS, "records")
     configs = {
         name: _scalars_from_json(entries, f"config_records[{name!r}]")

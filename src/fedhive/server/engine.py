@@ -48,6 +48,7 @@ from fedhive.server.stages import (
     RoundStage,
     build_pipeline,
     fold_fit_reply,
+    unfoldable,
 )
 from fedhive.server.strategy.base import Strategy
 from fedhive.transport.base import Replies, Transport
@@ -443,7 +444,13 @@ class Engine:
                 failures.append(failure)
                 aggregator.add_failure(failure)
                 continue
-            aggregator.add(ClientProxy(cid), res)
+            try:
+                aggregator.add(ClientProxy(cid), res)
+            except Exception as exc:  # one client's reply never ends the run
+                failure = unfoldable(cid, server_round, MessageType.EVALUATE, exc)
+                failures.append(failure)
+                aggregator.add_failure(failure)
+                continue
             clients.append(
                 {
                     "client_id": cid,

@@ -45,6 +45,7 @@ from fedhive.server.client_manager import ClientProxy
 from fedhive.server.strategy.aggregate import check_fit_reply
 from fedhive.server.strategy.base import Aggregator, MeanClients, Strategy, fold_mean
 from fedhive.server.strategy.traits import StrategyTraits, traits_of
+from fedhive.transport.codec import MAX_NUM_EXAMPLES
 
 if TYPE_CHECKING:
     from fedhive.server.engine import RoundDriver
@@ -165,10 +166,32 @@ def fold_fit_reply(
             server_round=rnd,
             required_mods=traits.required_mods,
         )
+        _check_num_examples(res.num_examples, cid, rnd)
         aggregator.add(ClientProxy(cid), res)
     except InvalidUpdate as exc:
         return exc.with_traceback(None)  # its frames would keep the refused upload alive
+    except Exception as exc:  # whatever one reply holds, it is that client's failure
+        return unfoldable(cid, rnd, MessageType.FIT, exc)
     return None
+
+
+def unfoldable(client_id: str, server_round: int, stage: str, exc: Exception) -> InvalidUpdate:
+    """The failure of a reply whose validation or fold raised ``exc`` (the aggregators
+    validate before they change anything, so the aggregate holds none of it)."""
+    text = f"{type(exc).__name__}: {exc}"
+    if len(text) > 300:
+        text = text[:300] + "..."
+    return InvalidUpdate(client_id, server_round, stage, f"its reply could not be folded ({text})")
+
+
+def _check_num_examples(value: object, client_id: str, server_round: int) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if not ok or not 0 <= value <= MAX_NUM_EXAMPLES:  # type: ignore[operator]
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
+        raise InvalidUpdate(
+            client_id, server_round, MessageType.FIT,
+            f"num_examples must be a number in [0, 2**53], got {shown}",
+        )  # fmt: skip
 
 
 class FitSink:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import secrets
 from collections.abc import Mapping, Sequence
@@ -17,9 +18,14 @@ from fedhive.server.history import History
 from fedhive.server.policy import RunPolicy
 from fedhive.server.stages import RoundStage, build_pipeline
 from fedhive.server.strategy import FedAvg, Strategy
+from fedhive.server.strategy.traits import traits_of
 from fedhive.transport.base import DEFAULT_STAGED_BYTES
 
-__all__ = ["start_server"]
+__all__ = ["DEFAULT_ROUND_TIMEOUT", "start_server"]
+
+#: The round timeout of a deployment whose config sets none (seconds): a client that
+#: takes a task and never answers (it only heartbeats) cannot stall a round for longer.
+DEFAULT_ROUND_TIMEOUT = 600.0
 
 log = logging.getLogger("fedhive.server")
 
@@ -74,7 +80,9 @@ def start_server(
     flow-control window of each client's stream (default: gRPC's, sized to the link),
     which bounds what a client waiting for a slot can send ahead. Uploads are folded as
     they arrive (deployment does not promise bit-reproducible sums).
-    ``on_started(server)`` runs once listening.
+    ``on_started(server)`` runs once listening. A ``config`` without ``round_timeout``
+    gets :data:`DEFAULT_ROUND_TIMEOUT` (600 s): in a deployment a client that takes a
+    task and only heartbeats must not stall the round forever.
     ``fit_workflow`` replaces the fit round; ``secure_aggregation`` (a
     :class:`~fedhive.secagg.SecAggPlusWorkflow`, :class:`~fedhive.secagg.SecAggConfig` or
     dict of options) runs every fit round with SecAgg+ (clients started with
@@ -88,6 +96,12 @@ def start_server(
 
     if certificates is None:
         log.warning("serving WITHOUT TLS: pass certificates=(ca, cert, key) to encrypt")
+    if not require_client_auth and not auth_tokens:
+        log.warning(
+            "NO CLIENT AUTHENTICATION: any process that reaches this port can join under any "
+            "node id, as many times as it likes (and count as that many secure aggregation "
+            "peers); enroll clients with auth_tokens or require_client_auth (mutual TLS)"
+        )
     if require_client_auth and certificates is None:
         raise ConfigError("require_client_auth needs certificates=(ca, cert, key)")
     if secure_aggregation is not None:
@@ -114,10 +128,16 @@ def start_server(
         spill_bytes=spill_bytes,
         spill_dir=spill_dir,
         chunk_bytes=chunk_bytes or DEFAULT_CHUNK_BYTES,
+        # a reply holds the model and each extra the strategy declares, at most
+        reply_records=max(2, 1 + len(traits_of(strategy).layout.extras)),
     ).start()
     log.info("fedhive server listening on port %s", server.port)
     if callable(on_started):
         on_started(server)
+    config = config or ServerConfig()
+    if config.round_timeout is None:
+        log.info("round_timeout not set: rounds end after %g s", DEFAULT_ROUND_TIMEOUT)
+        config = dataclasses.replace(config, round_timeout=DEFAULT_ROUND_TIMEOUT)
     checkpointer = Checkpointer(checkpoint_dir) if checkpoint_dir is not None else None
     try:
         engine = Engine(

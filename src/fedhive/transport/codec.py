@@ -41,7 +41,7 @@ from fedhive.common.records import (
 )
 
 if TYPE_CHECKING:
-    from fedhive.common.serde import Pieces
+    from fedhive.common.serde import HeaderLimits, Pieces
 
 __all__ = [
     "decode_message",
@@ -64,6 +64,18 @@ _META_FIELDS: dict[str, type] = {
 }
 _CUSTOM_PREFIX = "c/"
 _EXTRAS_PREFIX = "x/"
+
+
+#: The largest ``num_examples`` a reply may carry: beyond 2**53 a count is no longer exact
+#: as a float weight, and no data set is that large.
+MAX_NUM_EXAMPLES = 1 << 53
+
+
+def _num_examples(res: dict[str, Scalar]) -> int:
+    value = _field(res, "num_examples", int)
+    if not 0 <= value <= MAX_NUM_EXAMPLES:
+        raise SerdeError(f"num_examples must be in [0, 2**53], got {value}")
+    return int(value)
 
 
 def _params_record(parameters: Parameters) -> dict[str, NDArray]:
@@ -181,14 +193,14 @@ _DECODERS: dict[str, Callable[[RecordDict], Any]] = {
     "FitRes": lambda rd: FitRes(
         _status_from(_config(rd, "res")),
         _params_from(rd),
-        _field(_config(rd, "res"), "num_examples", int),
+        _num_examples(_config(rd, "res")),
         _config(rd, "metrics"),
         extras=_extras(rd),
     ),
     "EvaluateRes": lambda rd: EvaluateRes(
         _status_from(_config(rd, "res")),
         _field(_config(rd, "res"), "loss", float),
-        _field(_config(rd, "res"), "num_examples", int),
+        _num_examples(_config(rd, "res")),
         _config(rd, "metrics"),
         extras=_extras(rd),
     ),
@@ -237,8 +249,12 @@ def encode_wire(message: Message, content: Pieces | None = None) -> Pieces:
     return [_LEN.pack(len(meta)), meta, *body]
 
 
-def decode_wire(data: bytearray | memoryview) -> Message:
-    """Rebuild a message; arrays are views into ``data`` when it is writable."""
+def decode_wire(data: bytearray | memoryview, limits: HeaderLimits | None = None) -> Message:
+    """Rebuild a message; arrays are views into ``data`` when it is writable.
+
+    ``limits`` bound the headers of the meta and content parts (how much JSON a peer can
+    make this side parse, and how many arrays list).
+    """
     from fedhive.common.serde import decode_record_dict, decode_scalars
 
     view = memoryview(data)
@@ -247,8 +263,10 @@ def decode_wire(data: bytearray | memoryview) -> Message:
     (meta_len,) = _LEN.unpack_from(view)
     if meta_len > len(view) - _LEN.size:
         raise SerdeError(f"meta part of {meta_len} bytes overruns a {len(view)}-byte message")
-    meta = decode_scalars(view[_LEN.size : _LEN.size + meta_len])
-    rd = decode_record_dict(view[_LEN.size + meta_len :])
+    meta = decode_scalars(
+        view[_LEN.size : _LEN.size + meta_len], limits.max_header_bytes if limits else None
+    )
+    rd = decode_record_dict(view[_LEN.size + meta_len :], limits)
     fields = {k: _field(meta, k, kind) for k, kind in _META_FIELDS.items()}
     kind = _field(_config(rd, "kind"), "kind", str)
     decoder = _DECODERS.get(kind)

@@ -140,11 +140,14 @@ class Assembler:
             sink.close()
         self._open.clear()
 
-    def add(self, frame: Frame | WireFrame) -> tuple[str, memoryview] | None:
-        """Add one frame; ``(message_id, bytes)`` when a message is complete."""
+    def add(
+        self, frame: Frame | WireFrame, max_bytes: int | None = None
+    ) -> tuple[str, memoryview] | None:
+        """Add one frame; ``(message_id, bytes)`` when a message is complete. A message
+        it starts may hold at most ``max_bytes`` (default ``max_message_bytes``)."""
         mid = frame.message_id
         if mid not in self._open:
-            self._start(mid, frame.total_size)
+            self._start(mid, frame.total_size, max_bytes)
         sink = self._open[mid]
         data = frame.data  # read once: each access may copy the bytes
         if frame.total_size != sink.nbytes:
@@ -167,14 +170,12 @@ class Assembler:
         except OSError as exc:
             raise SerdeError(f"message {mid!r}: could not map it from disk: {exc}") from None
 
-    def _start(self, mid: str, total: int) -> None:
+    def _start(self, mid: str, total: int, max_bytes: int | None = None) -> None:
         if not mid:
             raise SerdeError("MESSAGE frame without a message id")
-        if total > self.max_message_bytes:
-            raise SerdeError(
-                f"message {mid!r} declares {total} bytes, over the limit of "
-                f"{self.max_message_bytes}"
-            )
+        limit = self.max_message_bytes if max_bytes is None else max_bytes
+        if total > limit:
+            raise SerdeError(f"message {mid!r} declares {total} bytes, over the limit of {limit}")
         if len(self._open) >= self.max_open:
             raise SerdeError(f"more than {self.max_open} messages in progress at once")
         if self.spills(total):

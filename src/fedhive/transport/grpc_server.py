@@ -32,13 +32,17 @@ window per round trip.
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import hmac
 import logging
 import os
+import socket
 import threading
+import time
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +60,7 @@ from fedhive.transport.frames import (
     Assembler,
     BufferPool,
 )
+from fedhive.transport.limits import DEFAULT_MARGIN_BYTES, ReplyBound, reply_bound
 from fedhive.transport.membership import Membership, NodeSet
 from fedhive.transport.proto.fleet_pb2 import Frame
 from fedhive.transport.wire import (
@@ -69,7 +74,10 @@ from fedhive.transport.wire import (
 if TYPE_CHECKING:
     from fedhive.common.serde import Pieces
 
-__all__ = ["DEFAULT_STAGED_BYTES", "GrpcServer", "ServerSecurity"]
+__all__ = ["DEFAULT_SPILL_TOTAL", "DEFAULT_STAGED_BYTES", "GrpcServer", "ServerSecurity"]
+
+#: Default of ``max_spill_bytes``: uploads staged on disk at once (beyond the first).
+DEFAULT_SPILL_TOTAL = 16 << 30
 
 
 log = logging.getLogger("fedhive.server")
@@ -82,7 +90,9 @@ class ServerSecurity:
     ``certificates`` is Flower's triple ``(ca_cert, server_cert, server_key)`` (PEM bytes);
     ``require_client_auth`` turns on mutual TLS (clients present certificates signed by
     ``ca_cert``). ``tokens`` enrolls clients: ``node_id -> secret``; when given, a client
-    must present its node id and token in its HELLO.
+    must present its node id and token in its HELLO. With mutual TLS and no tokens, a
+    client's node id must be one its certificate names (its common name or a subject
+    alternative name), so one certified site cannot claim another's id.
     """
 
     certificates: tuple[bytes, bytes, bytes] | None = None
@@ -104,18 +114,33 @@ class ServerSecurity:
 
 @dataclass
 class _Pending:
-    task: Message
+    task: Message  # its metadata only: the model it carried is not kept alive
     replies: Replies
+    bound: ReplyBound | None  # what its reply may hold (None: only max_message_bytes)
+
+
+class _Outgoing:
+    """A task's frames waiting in an outbox; ``frames`` is ``None`` once it was dropped
+    (the engine gave up on the task), so its model is not kept for it."""
+
+    __slots__ = ("frames", "message_id")
+
+    def __init__(self, message_id: str, frames: Iterable[bytes]) -> None:
+        self.message_id = message_id
+        self.frames: Iterable[bytes] | None = frames
 
 
 @dataclass
 class _Connection:
     node_id: str
-    outbox: asyncio.Queue[Iterable[Frame | bytes] | None]
+    outbox: asyncio.Queue[Iterable[Frame | bytes] | _Outgoing | None]
     pending: dict[str, _Pending] = field(default_factory=dict)
+    queued: dict[str, _Outgoing] = field(default_factory=dict)  # tasks not yet being sent
     last_seen: float = 0.0
     waiting: bool = False  # held back by the staging cap, not silent
     closed: asyncio.Event = field(default_factory=asyncio.Event)  # its stream has ended
+    violations: int = 0  # frames refused so far
+    abort: tuple[grpc.StatusCode, str] | None = None  # how its stream is to end
 
 
 class _Staging:
@@ -173,8 +198,36 @@ class _Staging:
                 future.set_result(None)
 
 
+class _SpillBudget(_Staging):
+    """Bytes of uploads staged on disk at once: any number of uploads, and beyond the
+    first only while their sizes add up to at most ``budget``."""
+
+    def __init__(self, budget: int | None) -> None:
+        super().__init__(1 << 62, budget)
+
+    def _take(self, nbytes: int) -> None:  # not a memory slot (tests count those)
+        self.held += 1
+        self.bytes += nbytes
+
+
 class GrpcServer(Transport):
-    """Serves ``Join`` streams and implements the engine's :class:`Transport`."""
+    """Serves ``Join`` streams and implements the engine's :class:`Transport`.
+
+    Against hostile peers: a stream must say HELLO within ``hello_timeout`` seconds, and
+    at most ``max_handshakes`` streams may be waiting to (more are refused at once with
+    ``RESOURCE_EXHAUSTED``); a connection without streams is closed after
+    ``max_connection_idle_s``, and any after ``max_connection_age_s`` when set (clients
+    reconnect); a client whose frames are refused ``max_violations`` times is
+    disconnected. Refusals are logged escaped and rate-limited, and the latest
+    ``max_refused_kept`` are kept in :attr:`refused` (text) and :attr:`refusals`
+    (``client_id``, ``round``, ``stage``, ``reason``). An upload may hold what a reply
+    to its task can need (:func:`~fedhive.transport.limits.reply_bound`:
+    ``reply_records`` model-sized records plus ``reply_margin_bytes``), and uploads
+    staged on disk add up to at most ``max_spill_bytes`` beyond the first. The port is
+    bound exclusively (no ``SO_REUSEPORT``): a second server on it fails.
+    """
+
+    max_refused_kept = 1000
 
     def __init__(
         self,
@@ -192,6 +245,14 @@ class GrpcServer(Transport):
         spill_bytes: int | None = DEFAULT_STAGED_BYTES,
         spill_dir: str | os.PathLike[str] | None = None,
         clock: Clock | None = None,
+        reply_records: int = 2,
+        reply_margin_bytes: int = DEFAULT_MARGIN_BYTES,
+        max_spill_bytes: int | None = DEFAULT_SPILL_TOTAL,
+        hello_timeout: float = 10.0,
+        max_handshakes: int = 64,
+        max_violations: int = 16,
+        max_connection_idle_s: float = 300.0,
+        max_connection_age_s: float | None = None,
     ) -> None:
         self.address = address
         # heartbeats are timed on it (a test moves a ManualClock past heartbeat_timeout)
@@ -215,6 +276,32 @@ class GrpcServer(Transport):
             raise TransportError(f"spill_bytes must be >= 1 or None, got {spill_bytes}")
         if spill_dir is not None and not os.path.isdir(spill_dir):
             raise TransportError(f"spill_dir {os.fspath(spill_dir)!r} is not a directory")
+        if reply_records < 1 or reply_margin_bytes < 0:
+            raise TransportError(
+                f"reply_records must be >= 1 and reply_margin_bytes >= 0, got "
+                f"{reply_records} and {reply_margin_bytes}"
+            )
+        if max_spill_bytes is not None and max_spill_bytes < 0:
+            raise TransportError(f"max_spill_bytes must be >= 0 or None, got {max_spill_bytes}")
+        if hello_timeout <= 0 or max_handshakes < 1 or max_violations < 1:
+            raise TransportError(
+                f"hello_timeout must be > 0, max_handshakes and max_violations >= 1; got "
+                f"{hello_timeout}, {max_handshakes}, {max_violations}"
+            )
+        self.hello_timeout = hello_timeout
+        self.max_handshakes = max_handshakes
+        self.max_violations = max_violations
+        self.max_connection_idle_s = max_connection_idle_s
+        self.max_connection_age_s = max_connection_age_s
+        self._handshakes = 0  # streams that have not said HELLO yet
+        self._log_budget = _LogBudget()
+        self.reply_records = reply_records
+        self.reply_margin_bytes = reply_margin_bytes
+        self.max_spill_bytes = max_spill_bytes
+        self._spilling = _SpillBudget(max_spill_bytes)
+        self._bound: ReplyBound | None = None  # of a reply to the latest model sent
+        # decoding a reply (its JSON header, its arrays' views) is kept off the event loop
+        self._decoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fedhive-decode")
         self.max_staged_uploads = max_staged_uploads
         self.max_staged_bytes = max_staged_bytes
         self.upload_window_bytes = upload_window_bytes
@@ -230,7 +317,9 @@ class GrpcServer(Transport):
         self._ready = threading.Event()
         self._startup_error: BaseException | None = None
         self._watchdog: asyncio.Task[None] | None = None
-        self.refused: list[str] = []
+        #: the latest refusals, as text and as records (client id, round, stage, reason)
+        self.refused: deque[str] = deque(maxlen=self.max_refused_kept)
+        self.refusals: deque[dict[str, Any]] = deque(maxlen=self.max_refused_kept)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -261,7 +350,17 @@ class GrpcServer(Transport):
         options = [
             ("grpc.max_receive_message_length", self.chunk_bytes + (1 << 16)),
             ("grpc.max_send_message_length", self.chunk_bytes + (1 << 16)),
+            ("grpc.so_reuseport", 0),  # a second server on this port fails to bind
+            # clients in one process share a connection (gRPC pools them): one stream each
+            ("grpc.max_concurrent_streams", 4096),
+            ("grpc.server_handshake_timeout_ms", int(self.hello_timeout * 1000)),
+            ("grpc.max_connection_idle_ms", int(self.max_connection_idle_s * 1000)),
         ]
+        if self.max_connection_age_s is not None:
+            options += [
+                ("grpc.max_connection_age_ms", int(self.max_connection_age_s * 1000)),
+                ("grpc.max_connection_age_grace_ms", 5000),
+            ]
         if self.upload_window_bytes is not None:
             options += [
                 ("grpc.http2.bdp_probe", 0),
@@ -280,12 +379,15 @@ class GrpcServer(Transport):
         }
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
         creds = self.security.credentials()
-        if creds is None:
-            port = server.add_insecure_port(self.address)
-        else:
-            port = server.add_secure_port(self.address, creds)
+        try:
+            if creds is None:
+                port = server.add_insecure_port(self.address)
+            else:
+                port = server.add_secure_port(self.address, creds)
+        except RuntimeError:
+            port = 0
         if port == 0:
-            raise TransportError(f"could not bind {self.address}")
+            raise TransportError(f"could not bind {self.address}: {_bind_problem(self.address)}")
         await server.start()
         self._server = server
         self.port = port
@@ -299,6 +401,7 @@ class GrpcServer(Transport):
         loop.call_soon_threadsafe(loop.stop)
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self._decoder.shutdown(wait=False, cancel_futures=True)
 
     async def _shutdown(self, reason: str) -> None:
         if self._watchdog is not None:
@@ -337,23 +440,48 @@ class GrpcServer(Transport):
             key = id(task.content)
             if key not in shared:
                 shared[key] = encode_content(task.content)
-            batch.append((task, encode_wire(task, shared[key])))
-        self._loop.call_soon_threadsafe(self._route, batch, replies)
+                self._learn_model(task.content)
+            batch.append((Message(task.metadata, None), encode_wire(task, shared[key])))
+        self._loop.call_soon_threadsafe(self._route, batch, replies, self._bound)
 
-    def _route(self, batch: list[tuple[Message, Pieces]], replies: Replies) -> None:
+    def _learn_model(self, content: object) -> None:
+        """A task carrying the model sets what replies may hold from now on."""
+        parameters = getattr(content, "parameters", None)
+        arrays = getattr(parameters, "arrays", None)
+        if arrays:
+            self._bound = reply_bound(arrays, self.reply_records, self.reply_margin_bytes)
+
+    def _route(
+        self, batch: list[tuple[Message, Pieces]], replies: Replies, bound: ReplyBound | None
+    ) -> None:
         for task, pieces in batch:
             conn = self._connections.get(task.metadata.node_id)
             if conn is None:
                 replies.put(task.error_reply("the client is not connected"))
                 continue
-            conn.pending[task.metadata.message_id] = _Pending(task, replies)
-            frames = message_frame_bytes(task.metadata.message_id, pieces, self.chunk_bytes)
-            conn.outbox.put_nowait(frames)
+            if replies.cancelled:
+                continue  # given up on before it was routed
+            mid = task.metadata.message_id
+            conn.pending[mid] = _Pending(task, replies, bound)
+            out = _Outgoing(mid, message_frame_bytes(mid, pieces, self.chunk_bytes))
+            conn.queued[mid] = out
+            conn.outbox.put_nowait(out)
+
+    def _drop_abandoned(self) -> None:
+        """Forget tasks whose mailbox was cancelled (the engine gave up on them): they no
+        longer wait for a reply, and those not yet sent are not sent (nor kept)."""
+        for conn in self._connections.values():
+            for mid in [m for m, p in conn.pending.items() if p.replies.cancelled]:
+                del conn.pending[mid]
+                out = conn.queued.pop(mid, None)
+                if out is not None:
+                    out.frames = None
 
     # -- connections -------------------------------------------------------------------------
 
-    def _admit(self, hello: WireFrame) -> str:
-        """The node id of an acceptable HELLO, else raise with the reason."""
+    def _admit(self, hello: WireFrame, certified: Sequence[str] = ()) -> str:
+        """The node id of an acceptable HELLO (``certified``: the names of the client's
+        certificate, under mutual TLS), else raise with the reason."""
         if hello.kind != Frame.HELLO:
             raise _Refusal(grpc.StatusCode.FAILED_PRECONDITION, "expected HELLO first")
         if hello.protocol_version != self.protocol_version:
@@ -368,11 +496,18 @@ class GrpcServer(Transport):
         tokens = self.security.tokens
         if tokens is not None:
             expected = tokens.get(node_id)
-            if expected is None or not hmac.compare_digest(expected, hello.token):
+            given = hello.token.encode("utf-8", "surrogatepass")
+            if expected is None or not hmac.compare_digest(expected.encode("utf-8"), given):
                 raise _Refusal(
                     grpc.StatusCode.UNAUTHENTICATED,
                     f"client {node_id!r} is not enrolled or its token is wrong",
                 )
+        if self.security.require_client_auth and tokens is None and node_id not in certified:
+            raise _Refusal(
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"node id {node_id!r} is not a name in its client certificate "
+                f"({', '.join(map(repr, certified)) or 'none'}); connect as one of those",
+            )
         if node_id in self._connections:
             raise _Refusal(
                 grpc.StatusCode.ALREADY_EXISTS, f"client {node_id!r} is already connected"
@@ -386,52 +521,55 @@ class GrpcServer(Transport):
         if self._connections.get(conn.node_id) is conn:
             del self._connections[conn.node_id]
             self.client_manager.unregister(conn.node_id)
-            log.info("client %s left: %s", conn.node_id, reason)
+            log.info("client %s left: %s", printable(repr(conn.node_id)), reason)
 
-    def _deliver(self, conn: _Connection, data: memoryview, staged: int | None) -> None:
-        """Hand a complete upload to the engine; its staging slot of ``staged`` bytes (none
-        for an upload staged on disk) frees when the engine is done with it."""
+    def _upload_bound(self, conn: _Connection) -> ReplyBound | None:
+        """What one upload of ``conn`` may hold: the widest bound of its pending tasks
+        (``None`` when one of them has none: then only ``max_message_bytes`` applies)."""
+        bound: ReplyBound | None = None
+        for pending in conn.pending.values():
+            if pending.bound is None:
+                return None
+            bound = pending.bound.widest(bound)
+        return bound
+
+    async def _deliver(self, conn: _Connection, data: memoryview, free: _Free) -> None:
+        """Hand a complete upload to the engine; ``free`` (its staging slot or spill
+        budget) runs when the engine is done with it."""
+        bound = self._upload_bound(conn)
+        loop = asyncio.get_running_loop()
         try:
-            reply = decode_wire(data)
+            reply = await loop.run_in_executor(
+                self._decoder, decode_wire, data, bound.header if bound else None
+            )
         except SerdeError as exc:
-            self._unstage(staged)
-            self._refuse(conn, f"malformed message: {exc}")
+            free()
+            self._refuse(conn, f"malformed message: {exc}", "decode")
             self._fail_only_task(conn, f"its reply was malformed: {exc}")
             return
+        finally:
+            del data
         meta = reply.metadata
         pending = conn.pending.pop(meta.reply_to, None)
         if pending is None:
-            self._unstage(staged)
-            self._refuse(conn, f"reply to a task it was not given ({meta.reply_to!r})")
+            free()
+            self._refuse(conn, f"reply to a task it was not given ({meta.reply_to!r})", "reply")
             return
         if meta.node_id != conn.node_id:
-            self._unstage(staged)
+            free()
             pending.replies.put(pending.task.error_reply("reply carried another node's id"))
-            self._refuse(conn, f"reply claims to come from {meta.node_id!r}")
+            self._refuse(conn, f"reply claims to come from {meta.node_id!r}", "reply")
             return
-        pending.replies.put(reply, release=functools.partial(self._unstage_from_engine, staged))
-
-    async def _stage(self, conn: _Connection, nbytes: int) -> None:
-        """Wait for an upload slot; a client held back here is not silent."""
-        conn.waiting = True
-        try:
-            await self._staging.acquire(nbytes)
-        finally:
-            conn.waiting = False
-            conn.last_seen = self.clock.now()
+        pending.replies.put(reply, release=functools.partial(self._free_from_engine, free))
 
     def _uploads_queued(self) -> bool:
         """Whether an upload waits for a slot: a freed upload buffer is then worth keeping."""
         return self._staging.waiting > 0
 
-    def _unstage(self, nbytes: int | None) -> None:
-        if nbytes is not None:
-            self._staging.release(nbytes)
-
-    def _unstage_from_engine(self, nbytes: int | None) -> None:
+    def _free_from_engine(self, free: _Free) -> None:
         loop = self._loop
         if loop is not None and loop.is_running():
-            loop.call_soon_threadsafe(self._unstage, nbytes)
+            loop.call_soon_threadsafe(free)
 
     def _fail_only_task(self, conn: _Connection, reason: str) -> None:
         """A refused reply answers the task when the client had only one."""
@@ -440,15 +578,40 @@ class GrpcServer(Transport):
             pending = conn.pending.pop(mid)
             pending.replies.put(pending.task.error_reply(reason))
 
-    def _refuse(self, conn: _Connection, reason: str) -> None:
-        text = f"refused from client {conn.node_id!r}: {reason}"
-        log.warning(text)
+    def _refuse(self, conn: _Connection, reason: str, stage: str = "upload") -> None:
+        """Record a refused frame or upload of ``conn``; disconnect a repeat offender."""
+        pending = next(iter(conn.pending.values()), None)
+        rnd = pending.task.metadata.server_round if pending is not None else None
+        self.record_refusal(conn.node_id, rnd, stage, reason)
+        conn.violations += 1
+        if conn.violations >= self.max_violations and conn.abort is None:
+            text = f"too many refused frames ({conn.violations})"
+            self.record_refusal(conn.node_id, rnd, "disconnect", text)
+            conn.abort = (grpc.StatusCode.RESOURCE_EXHAUSTED, text)
+            self._drop(conn, f"disconnected: {text}")
+            conn.outbox.put_nowait(None)
+
+    def record_refusal(
+        self, client_id: str | None, server_round: int | None, stage: str, reason: str
+    ) -> None:
+        """Keep (bounded) and log (escaped, rate-limited) one refusal."""
+        who = printable(repr(client_id) if client_id else "?")
+        reason = printable(reason)
+        text = f"refused from client {who}: {reason}"
         self.refused.append(text)
+        self.refusals.append(
+            {"client_id": client_id, "round": server_round, "stage": stage, "reason": reason}
+        )
+        skipped = self._log_budget.take()
+        if skipped is not None:
+            more = f" ({skipped} more refusals were not logged)" if skipped else ""
+            log.warning("%s [%s]%s", text, stage, more)
 
     async def _watch_heartbeats(self) -> None:
         while True:
             # the check runs in real time; what counts as silence is measured on the clock
             await asyncio.sleep(min(1.0, self.heartbeat_timeout / 4))
+            self._drop_abandoned()
             now = self.clock.now()
             for conn in list(self._connections.values()):
                 if not conn.waiting and now - conn.last_seen > self.heartbeat_timeout:
@@ -458,6 +621,70 @@ class GrpcServer(Transport):
     @property
     def connected(self) -> list[str]:
         return sorted(self._connections)
+
+
+def printable(text: str, limit: int = 500) -> str:
+    """``text`` with control and other unprintable characters escaped, cut to ``limit``:
+    what a peer sent never forges a log line or a terminal escape."""
+    out = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text[: limit + 1])
+    return out if len(out) <= limit else out[:limit] + "..."
+
+
+class _LogBudget:
+    """At most ``per_second`` log lines a second (a token bucket of ``burst``)."""
+
+    def __init__(self, per_second: float = 10.0, burst: float = 20.0) -> None:
+        self.rate, self.burst = per_second, burst
+        self.tokens = burst
+        self.stamp = time.monotonic()
+        self.skipped = 0
+
+    def take(self) -> int | None:
+        """``None`` when this line is not to be logged, else how many were skipped before."""
+        now = time.monotonic()
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if self.tokens < 1:
+            self.skipped += 1
+            return None
+        self.tokens -= 1
+        skipped, self.skipped = self.skipped, 0
+        return skipped
+
+
+def _certificate_names(context: aio.ServicerContext) -> list[str]:
+    """The common name and subject alternative names of the peer's certificate."""
+    auth = context.auth_context()  # without TLS: no certificate, no names
+    names = []
+    for key in ("x509_common_name", "x509_subject_alternative_name"):
+        for raw in auth.get(key, ()):
+            names.append(raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw))
+    return names
+
+
+def _bind_problem(address: str) -> str:
+    """Why ``address`` cannot be bound, in words ("address already in use", ...)."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]") or "0.0.0.0"
+    try:
+        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
+        family, kind, proto, _, where = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.bind(where)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            return "address already in use (is another server running on that port?)"
+        return exc.strerror or str(exc)
+    except ValueError:
+        return "not a host:port address"
+    return "gRPC could not bind it"
+
+
+_Free = Callable[[], None]  # gives back what one upload holds (a staging slot, spill budget)
+
+
+def _nothing() -> None:
+    """What an upload that holds nothing gives back."""
 
 
 class _Refusal(FedhiveError):
@@ -483,7 +710,8 @@ class _Uploads:
             spill_bytes=server.spill_bytes,
             spill_dir=server.spill_dir,
         )
-        self.staged: dict[str, int] = {}
+        self.staged: dict[str, _Free] = {}
+        self.limit = server.max_message_bytes  # of the upload being opened
 
     async def add(self, frame: WireFrame) -> None:
         """Take one MESSAGE frame; a complete upload goes to the engine."""
@@ -492,30 +720,61 @@ class _Uploads:
             if self.assembler.open_count >= len(conn.pending):
                 server._refuse(conn, "upload without a task waiting for it")
                 return
+            bound = server._upload_bound(conn)
+            self.limit = server.max_message_bytes
+            if bound is not None:
+                self.limit = min(self.limit, bound.max_bytes)
             size = frame.total_size
-            if mid and size <= server.max_message_bytes and not self.assembler.spills(size):
-                await server._stage(conn, size)  # backpressure
-                self.staged[mid] = size
+            if mid and size <= self.limit:
+                self.staged[mid] = await self._hold(size)  # backpressure
         try:
-            done = self.assembler.add(frame)
+            done = self.assembler.add(frame, self.limit)
         except SerdeError as exc:
             self._abandon(mid)
             server._refuse(conn, str(exc))
             server._fail_only_task(conn, f"its reply was refused: {exc}")
             return
         if done is not None:
-            server._deliver(conn, done[1], self.staged.pop(mid, None))
+            await server._deliver(conn, done[1], self.staged.pop(mid, _nothing))
+
+    async def _hold(self, size: int) -> _Free:
+        """Wait until an upload of ``size`` bytes may start: a staging slot in memory, or
+        room in the spill budget on disk; returns what gives it back."""
+        server = self.server
+        budget = server._spilling if self.assembler.spills(size) else server._staging
+        conn = self.conn
+        conn.waiting = True
+        try:
+            await budget.acquire(size)
+        finally:
+            conn.waiting = False
+            conn.last_seen = server.clock.now()
+        return _Once(functools.partial(budget.release, size))
 
     def _abandon(self, mid: str) -> None:
         if not self.assembler.is_open(mid) and mid in self.staged:
-            self.server._unstage(self.staged.pop(mid))
+            self.staged.pop(mid)()
 
     def close(self) -> None:
         """Free the slots of uploads the client will never finish."""
-        for nbytes in self.staged.values():
-            self.server._unstage(nbytes)
+        for free in self.staged.values():
+            free()
         self.staged.clear()
         self.assembler.clear()
+
+
+class _Once:
+    """Runs ``fn`` the first time it is called only (a slot is given back once)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: _Free) -> None:
+        self.fn: _Free | None = fn
+
+    def __call__(self) -> None:
+        fn, self.fn = self.fn, None
+        if fn is not None:
+            fn()
 
 
 class _Servicer:
@@ -524,33 +783,60 @@ class _Servicer:
 
     async def Join(self, request_iterator: Any, context: aio.ServicerContext) -> None:
         server = self.server
-        hello = await context.read()
+        if server._handshakes >= server.max_handshakes:
+            text = f"too many connections ({server.max_handshakes}) waiting to say HELLO"
+            server.record_refusal(None, None, "hello", text)
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, text)
+            return
+        server._handshakes += 1
+        try:
+            hello = await asyncio.wait_for(context.read(), server.hello_timeout)
+        except TimeoutError:
+            hello = None
+        finally:
+            server._handshakes -= 1
+        if hello is None:
+            text = f"no HELLO within {server.hello_timeout:g} s"
+            server.record_refusal(None, None, "hello", text)
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, text)
+            return
         if hello is aio.EOF:
             return
         try:
-            node_id = server._admit(hello)
+            node_id = server._admit(hello, _certificate_names(context))
         except _Refusal as refusal:
-            log.warning("refused a client (%s): %s", hello.node_id or "?", refusal.text)
-            await context.abort(refusal.code, refusal.text)
+            server.record_refusal(hello.node_id or None, None, "hello", refusal.text)
+            await context.abort(refusal.code, printable(refusal.text))
             return
         loop = asyncio.get_running_loop()
         conn = _Connection(node_id, asyncio.Queue(), last_seen=server.clock.now())
         server._connections[node_id] = conn
         await context.write(Frame(kind=Frame.WELCOME, protocol_version=server.protocol_version))
         server.client_manager.register(node_id)
-        log.info("client %s joined", node_id)
+        log.info("client %s joined", printable(repr(node_id)))
         reader = loop.create_task(self._read(conn, context))
         try:
             while True:
-                frames = await conn.outbox.get()
-                if frames is None:
+                item = await conn.outbox.get()
+                if item is None:
                     break
+                if isinstance(item, _Outgoing):
+                    conn.queued.pop(item.message_id, None)
+                    frames, item.frames = item.frames, None
+                    if frames is None:
+                        continue  # dropped while it waited
+                else:
+                    frames = item
+                del item
                 for frame in frames:
                     await context.write(frame)
+                del frames
         finally:
             reader.cancel()
             server._drop(conn, "the client disconnected")
             conn.closed.set()
+        if conn.abort is not None:
+            await context.abort(*conn.abort)
 
     async def _read(self, conn: _Connection, context: aio.ServicerContext) -> None:
         server = self.server
@@ -564,7 +850,7 @@ class _Servicer:
                 if frame.kind == Frame.HEARTBEAT:
                     continue
                 if frame.kind != Frame.MESSAGE:
-                    server._refuse(conn, f"unexpected frame kind {frame.kind}")
+                    server._refuse(conn, f"unexpected frame kind {frame.kind}", "frame")
                     continue
                 await uploads.add(frame)
         except (aio.AioRpcError, asyncio.CancelledError):
