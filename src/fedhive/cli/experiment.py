@@ -362,7 +362,8 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
     partition = make_partition(cfg, dataset)
     spec = ModelSpec.for_data(cfg.model, dataset)
     client_fn: ClientFactory | PersonalClientFactory
-    st, shared, callbacks = cfg.strategy, None, ()
+    st, shared = cfg.strategy, None
+    callbacks: tuple[RoundCallback, ...] = ()
     if cfg.personalization is None:
         splits = split_clients(partition, cfg.data.val_fraction, cfg.seed)
         client_fn = ClientFactory(spec, dataset.x_train, dataset.y_train, splits)

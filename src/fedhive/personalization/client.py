@@ -60,7 +60,12 @@ def split_for(model: Any, config: PersonalizationConfig) -> SharedSplit:
     """The split of ``model``'s arrays that ``config`` asks for (nothing personal unless
     the method personalises some layers)."""
     if config.partial:
-        return select_personal(model, names=config.personal_layers, types=config.layer_types)
+        return select_personal(
+            model,
+            names=config.personal_layers,
+            types=config.layer_types,
+            every_type=bool(config.personal_types or config.personal_layers),
+        )
     from fedhive.personalization.layers import _weight_names
 
     return SharedSplit.whole([name for name, _ in _weight_names(model)])
@@ -96,9 +101,9 @@ class PersonalizedTorchClient(NumPyClient):
             raise ConfigError(
                 f"config must be a PersonalizationConfig, got {type(config).__name__}"
             )
-        self._model_fn: Callable[[], Any] = model if callable(model) and not hasattr(
-            model, "state_dict"
-        ) else (lambda: model)
+        self._model_fn: Callable[[], Any] = (
+            model if callable(model) and not hasattr(model, "state_dict") else (lambda: model)
+        )
         self.config = config
         self.train, self.test = train, test
         self.val = val if val is not None else (np.asarray(test[0])[:0], np.asarray(test[1])[:0])
@@ -221,7 +226,14 @@ class PersonalizedTorchClient(NumPyClient):
             v = kept if kept is not None else full
             epochs = self.config.personal_epochs
             v = train_ditto_personal(
-                model, v, full, x, y, settings, seed + 1, lam=self.config.lam,
+                model,
+                v,
+                full,
+                x,
+                y,
+                settings,
+                seed + 1,
+                lam=self.config.lam,
                 epochs=settings.epochs if epochs is None else epochs,
             )
             self._save(v, meta)
@@ -250,7 +262,11 @@ class PersonalizedTorchClient(NumPyClient):
             if self.config.finetune_epochs == 0:
                 return full
             tuned, _ = train_full(
-                self._model_fn(), full, *self.train, settings, self._seed() + 7,
+                self._model_fn(),
+                full,
+                *self.train,
+                settings,
+                self._seed() + 7,
                 epochs=self.config.finetune_epochs,
             )
             return tuned

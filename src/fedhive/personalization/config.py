@@ -42,9 +42,7 @@ def _real(name: str, value: object, *, low: float, high: float = math.inf) -> fl
     if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
         raise ConfigError(f"personalization.{name} must be a number, got {value!r}")
     if not low <= float(value) <= high:
-        raise ConfigError(
-            f"personalization.{name} must be in [{low}, {high}], got {value!r}"
-        )
+        raise ConfigError(f"personalization.{name} must be in [{low}, {high}], got {value!r}")
     return float(value)
 
 
@@ -104,7 +102,7 @@ class PersonalizationConfig:
         if self.method in ("fedper", "fedrep") and not chosen:
             raise ConfigError(
                 f"personalization.method = {self.method!r} needs personal layers: set "
-                "personal_layers (name patterns, e.g. [\"head\"]) or personal_types "
+                'personal_layers (name patterns, e.g. ["head"]) or personal_types '
                 "(module types); without them it would silently be FedAvg"
             )
         if self.method not in PARTIAL_METHODS and chosen:

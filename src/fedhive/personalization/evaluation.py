@@ -52,11 +52,16 @@ _COUNTS = ("test_examples", "val_examples")
 
 
 def client_metrics(
-    personal: Mapping[str, float], global_: Mapping[str, float], test_examples: int,
+    personal: Mapping[str, float],
+    global_: Mapping[str, float],
+    test_examples: int,
     val_examples: int,
 ) -> dict[str, Scalar]:
     """The evaluate metrics of one client: both models on its val and test splits."""
-    out: dict[str, Scalar] = {"test_examples": int(test_examples), "val_examples": int(val_examples)}
+    out: dict[str, Scalar] = {
+        "test_examples": int(test_examples),
+        "val_examples": int(val_examples),
+    }
     for prefix, values in (("p_", personal), ("g_", global_)):
         for key in METRIC_KEYS:
             out[prefix + key] = float(values.get(key, math.nan))

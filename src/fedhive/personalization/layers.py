@@ -50,7 +50,9 @@ class SharedSplit:
         if any(not 0 <= i < n for i in self.personal) or list(self.personal) != sorted(
             set(self.personal)
         ):
-            raise ConfigError(f"personal indices must be distinct and in [0, {n}), got {self.personal}")
+            raise ConfigError(
+                f"personal indices must be distinct and in [0, {n}), got {self.personal}"
+            )
 
     @classmethod
     def whole(cls, names: Sequence[str]) -> SharedSplit:
@@ -125,16 +127,15 @@ def keras_weight_names(model: Any) -> list[tuple[str, str]]:
         stack.extend(getattr(layer, "layers", []))
         for weight in layer.weights:
             owners.setdefault(id(weight), type(layer).__name__)
-    return [
-        (str(getattr(w, "path", None) or w.name), owners.get(id(w), "")) for w in model.weights
-    ]
+    return [(str(getattr(w, "path", None) or w.name), owners.get(id(w), "")) for w in model.weights]
 
 
 def _weight_names(model: Any) -> list[tuple[str, str]]:
+    # Keras first: with its torch backend a Keras model is a torch module too.
+    if hasattr(model, "get_weights") and hasattr(model, "weights") and hasattr(model, "layers"):
+        return keras_weight_names(model)
     if hasattr(model, "state_dict") and hasattr(model, "named_modules"):
         return torch_weight_names(model)
-    if hasattr(model, "weights") and hasattr(model, "get_weights"):
-        return keras_weight_names(model)
     raise ConfigError(
         f"cannot select layers of a {type(model).__name__}: expected a torch module "
         "or a Keras model"
@@ -142,20 +143,29 @@ def _weight_names(model: Any) -> list[tuple[str, str]]:
 
 
 def _matches(key: str, pattern: str) -> bool:
-    return key == pattern or key.startswith(pattern + ".") or key.startswith(pattern + "/") or (
-        fnmatch.fnmatchcase(key, pattern)
+    return (
+        key == pattern
+        or key.startswith(pattern + ".")
+        or key.startswith(pattern + "/")
+        or (fnmatch.fnmatchcase(key, pattern))
     )
 
 
 def select_personal(
-    model: Any, *, names: Iterable[str] = (), types: Iterable[str] = ()
+    model: Any,
+    *,
+    names: Iterable[str] = (),
+    types: Iterable[str] = (),
+    every_type: bool = True,
 ) -> SharedSplit:
     """The :class:`SharedSplit` of ``model`` (a torch module or a Keras model) whose
     personal arrays match a name pattern in ``names`` or belong to a module (layer) whose
     type is in ``types``.
 
     A pattern matches an array name exactly, as a prefix up to a ``.`` or ``/`` (``"head"``
-    matches ``head.weight``), or as a shell wildcard (``"*.bias"``).
+    matches ``head.weight``), or as a shell wildcard (``"*.bias"``). Each pattern and each
+    type must match something; with ``every_type=False`` it is enough that one of the
+    types does (FedBN's default list of batch-norm types).
 
     Raises:
         ConfigError: no selector given, a pattern or type that matches nothing, or a
@@ -175,15 +185,22 @@ def select_personal(
                 f"its parameters are {_preview(keys)}"
             )
         chosen |= hit
+    present = sorted({owner for _, owner in weights if owner})
+    by_type: set[int] = set()
     for kind in kinds:
         hit = {i for i, (_, owner) in enumerate(weights) if owner == kind}
-        if not hit:
-            present = sorted({owner for _, owner in weights if owner})
+        if not hit and every_type:
             raise ConfigError(
                 f"personal layer type {kind!r} matches no layer of the model; its layers "
                 f"with weights are of types {present}"
             )
-        chosen |= hit
+        by_type |= hit
+    if kinds and not by_type:
+        raise ConfigError(
+            f"none of the personal layer types {kinds} matches a layer of the model; its "
+            f"layers with weights are of types {present}"
+        )
+    chosen |= by_type
     if len(chosen) == len(keys):
         raise ConfigError(
             f"the personal layer selection (names {patterns}, types {kinds}) matches every "

@@ -74,8 +74,14 @@ class TrainSettings:
 
 
 def train_full(
-    model: nn.Module, arrays: NDArrays, x: Any, y: Any, settings: TrainSettings, seed: int,
-    *, epochs: int | None = None,
+    model: nn.Module,
+    arrays: NDArrays,
+    x: Any,
+    y: Any,
+    settings: TrainSettings,
+    seed: int,
+    *,
+    epochs: int | None = None,
 ) -> tuple[NDArrays, dict[str, float | int]]:
     """Load ``arrays``, train every layer, return the new arrays and the loop's info."""
     set_weights(model, arrays)
@@ -116,15 +122,27 @@ def train_fedrep(
     try:
         _freeze(model, body, True)
         first = train_torch(
-            model, x, y, epochs=head_epochs, batch_size=settings.batch_size, lr=settings.lr,
-            momentum=settings.momentum, seed=seed,
+            model,
+            x,
+            y,
+            epochs=head_epochs,
+            batch_size=settings.batch_size,
+            lr=settings.lr,
+            momentum=settings.momentum,
+            seed=seed,
         )
         steps += int(first["num_steps"])
         _freeze(model, body, False)
         _freeze(model, head, True)
         info = train_torch(
-            model, x, y, epochs=settings.epochs, batch_size=settings.batch_size,
-            lr=settings.lr, momentum=settings.momentum, seed=seed + 1,
+            model,
+            x,
+            y,
+            epochs=settings.epochs,
+            batch_size=settings.batch_size,
+            lr=settings.lr,
+            momentum=settings.momentum,
+            seed=seed + 1,
         )
     finally:
         _freeze(model, body | head, False)
@@ -260,4 +278,3 @@ def train_apfl(
         "num_steps": steps,
     }
     return get_weights(model), new_v, float(a.detach()), info
-
