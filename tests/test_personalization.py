@@ -542,3 +542,66 @@ def test_fedhive_run_refuses_bad_personalization(tmp_path, table, message):
 
     with pytest.raises(ConfigError, match=message):
         build_experiment(validate(load_config(_cfg(tmp_path, table))))
+
+
+# --------------------------------------------------------------------------- deployment
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_personal_state_survives_a_real_client_process_restart(tmp_path):
+    """Run 1 over gRPC trains a FedPer client process; a second process (same node id
+    and state directory) serves run 2, which only evaluates: it reports exactly the
+    personal model the first process left behind, and no personal array was uploaded."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from fedhive.server.checkpoint import load_npz
+    from grpc_helpers import ServerThread, finish
+
+    app = Path(__file__).resolve().parent / "apps" / "personal_client.py"
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root / "src"), str(root / "tests")]))
+    from apps.personal_client import CONFIG, model  # type: ignore[import-not-found]
+    from fedhive.personalization.client import split_for
+
+    net = model()
+    split = split_for(net, CONFIG)
+    shared = split.shared(get_weights(net))
+
+    def serve(initial, rounds_fit):
+        strategy = FedAvg(
+            fraction_fit=1.0 if rounds_fit else 0.0,
+            min_fit_clients=1 if rounds_fit else 0,
+            min_evaluate_clients=1,
+            min_available_clients=1,
+            initial_parameters=ndarrays_to_parameters(initial),
+            on_fit_config_fn=lambda rnd: dict(FIT),
+        )
+        server = ServerThread(
+            config=ServerConfig(num_rounds=1), strategy=strategy, wait_timeout=60,
+            checkpoint_dir=tmp_path / f"ckpt-{rounds_fit}",
+        ).start()  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, str(app), "--address", server.address, "--node-id", "site-1",
+             "--pid", "1", "--state-dir", str(tmp_path / "state")],
+            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        history = server.join(timeout=90)
+        ((code, err),) = finish([proc])
+        assert history is not None, err
+        return history, code, err
+
+    first, _, err = serve(shared, True)
+    (row,) = first.rounds[-1]["distributed"]["clients"]
+    trained = load_npz(tmp_path / "ckpt-True" / "final_model.npz")
+    assert [a.shape for a in trained] == [a.shape for a in shared], err  # body only
+    assert list((tmp_path / "state").glob("personal-*.fhv"))
+    second, _, err = serve(trained, False)
+    (again,) = second.rounds[-1]["distributed"]["clients"]
+    assert second.rounds[-1]["fit"]["num_clients"] == 0
+    assert again["metrics"]["p_test_accuracy"] == row["metrics"]["p_test_accuracy"], err
+    assert again["metrics"]["p_test_loss"] == pytest.approx(row["metrics"]["p_test_loss"])
+    assert again["metrics"]["p_test_loss"] != again["metrics"]["g_test_loss"]
