@@ -77,6 +77,7 @@ METHODS: tuple[tuple[str, str | None, dict[str, Any]], ...] = (
     ("FedBN", "fedbn", {}),
     ("Ditto", "ditto", {"lam": 0.1, "personal_epochs": 2}),
     ("APFL", "apfl", {"alpha": 0.25, "alpha_lr": 0.1}),
+    ("APFL (alpha_lr 0.001)", "apfl", {"alpha": 0.25, "alpha_lr": 0.001}),
 )
 
 

@@ -59,7 +59,7 @@ class PersonalizationSection(BaseModel):
     head_epochs: int = Field(2, ge=0, description="FedRep's epochs on the head")
     personal_epochs: int | None = Field(None, ge=0, description="Ditto's personal epochs")
     alpha: float = Field(0.5, ge=0, le=1, description="APFL's initial mixing weight")
-    alpha_lr: float = Field(0.05, ge=0)
+    alpha_lr: float = Field(0.001, ge=0)
     eval_clients: int = Field(0, ge=0, description="clients evaluated per round (0: all)")
     test_fraction: float = Field(0.2, gt=0, lt=0.9)
 

@@ -65,7 +65,9 @@ class PersonalizationConfig:
     - ``personal_epochs``: Ditto's epochs on the personal model (default: the fit
       config's ``local_epochs``).
     - ``alpha``, ``alpha_lr``: APFL's initial mixing weight and its learning rate
-      (``alpha_lr = 0`` keeps alpha fixed).
+      (``alpha_lr = 0`` keeps alpha fixed). The gradient of alpha is an inner product over
+      every parameter, so its step must be small: at ``alpha_lr = 0.1`` alpha reached 0
+      within one round on MNIST-1D, after which the personal model no longer learns.
     - ``eval_clients``: how many clients evaluate each round (``0``: all of them, also
       those never sampled for training).
     - ``test_fraction``: the share of each client's data held out as its test split.
@@ -79,7 +81,7 @@ class PersonalizationConfig:
     head_epochs: int = 2
     personal_epochs: int | None = None
     alpha: float = 0.5
-    alpha_lr: float = 0.05
+    alpha_lr: float = 0.001
     eval_clients: int = 0
     test_fraction: float = 0.2
     #: Where the chosen layers come from when not given: filled in by the method.
