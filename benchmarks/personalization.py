@@ -39,6 +39,7 @@ Run::
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
@@ -191,7 +192,7 @@ def run_local(data: Any, splits: list[ClientSplit], setup: Setup, seed: int) -> 
             )  # fmt: skip
             done = epochs
             loss, acc = evaluate_torch(model, x[part.test], y[part.test])
-            _, vacc = evaluate_torch(model, x[part.val], y[part.val])
+            vacc = evaluate_torch(model, x[part.val], y[part.val])[1] if len(part.val) else math.nan
             rows[epochs].append(
                 {"client_id": str(cid), "num_examples": len(part.test), "accuracy": acc,
                  "loss": loss, "val_accuracy": vacc, "val_loss": 0.0,

@@ -605,3 +605,24 @@ def test_personal_state_survives_a_real_client_process_restart(tmp_path):
     assert again["metrics"]["p_test_accuracy"] == row["metrics"]["p_test_accuracy"], err
     assert again["metrics"]["p_test_loss"] == pytest.approx(row["metrics"]["p_test_loss"])
     assert again["metrics"]["p_test_loss"] != again["metrics"]["g_test_loss"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_benchmark_quick_run():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, "-W", "error", str(root / "benchmarks" / "personalization.py"),
+         "--quick", "--partition", "shards"],
+        capture_output=True, text=True, timeout=380, check=False,
+        env=dict(os.environ, PYTHONPATH=str(root / "src")),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "sel. worst10%" in proc.stdout and "Reproduce:" in proc.stdout
+    for label in ("FedAvg (global)", "local only", "FedPer", "FedRep", "FedBN", "Ditto", "APFL"):
+        assert label in proc.stdout
