@@ -24,6 +24,10 @@ A TOML file has up to seven tables, every key optional (defaults give the defaul
                  virtual clock (:mod:`fedhive.cli.stragglers`); rounds record virtual_time_s
     secure_aggregation = { threshold, degree, bits, clip, ... }   (SecAgg+, optional;
                  the keys and defaults of ``fedhive.secagg.SecAggConfig``)
+    [personalization] method ("none" | "finetune" | "fedper" | "fedrep" | "fedbn" |
+                 "ditto" | "apfl"), personal_layers, personal_types, lam, finetune_epochs,
+                 head_epochs, personal_epochs, alpha, alpha_lr, eval_clients,
+                 test_fraction (optional; see :mod:`fedhive.cli.personalization`)
 
 An unknown key or a bad value stops the run with a message naming the key, the value and
 what is allowed. So does a strategy parameter that the chosen strategy does not take
@@ -66,6 +70,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from fedhive.cli.personalization import PersonalizationSection
 from fedhive.cli.policies import PolicyConfig, SyncConfig
 from fedhive.cli.stragglers import SystemConfig, check_strategy_policy
 from fedhive.cli.strategies import (
@@ -110,6 +115,13 @@ class DataConfig(_Section):
 class ModelConfig(_Section):
     name: Literal["cnn1d", "mlp", "logreg"] = "cnn1d"
     hidden: int = Field(128, ge=1, description="hidden width of the MLP")
+    batch_norm: bool = Field(False, description="batch norm after each convolution (cnn1d)")
+
+    @model_validator(mode="after")
+    def _batch_norm_needs_cnn(self) -> Self:
+        if self.batch_norm and self.name != "cnn1d":
+            raise ValueError(f"batch_norm = true needs name = 'cnn1d', not {self.name!r}")
+        return self
 
 
 class TrainConfig(_Section):
@@ -319,6 +331,7 @@ class ExperimentConfig(_Section):
     secure_aggregation: SecureAggregationConfig | None = None
     policy: SerializeAsAny[PolicyConfig] = SyncConfig()
     system: SystemConfig | None = None
+    personalization: PersonalizationSection | None = None
 
     @model_validator(mode="after")
     def _check_sample_size(self) -> Self:

@@ -11,6 +11,11 @@ from typing import Any
 import numpy as np
 
 from fedhive.cli.config import ExperimentConfig, ModelConfig
+from fedhive.cli.personalization import (
+    PersonalClientFactory,
+    evaluation_sampling,
+    personal_clients,
+)
 from fedhive.cli.strategies import RegistryView, StrategyConfig
 from fedhive.client.app import Mod
 from fedhive.client.context import Context
@@ -20,6 +25,7 @@ from fedhive.common.errors import ConfigError
 from fedhive.common.records import Config, NDArrays, Scalar, ndarrays_to_parameters
 from fedhive.data import Dataset, Partition, load_dataset
 from fedhive.data import partition as partitioners
+from fedhive.personalization import PersonalizationReport, SharedSplit
 from fedhive.server.config import ServerConfig
 from fedhive.server.engine import RoundCallback
 from fedhive.server.history import History
@@ -82,13 +88,14 @@ class ModelSpec:
     in_dim: int
     num_classes: int
     hidden: int
+    batch_norm: bool = False
     _local: threading.local = field(default_factory=threading.local, repr=False)
 
     @classmethod
     def for_data(cls, model: ModelConfig, dataset: Dataset) -> ModelSpec:
         """The ``[model]`` table's model for ``dataset``'s inputs and classes."""
         in_dim = int(np.prod(dataset.x_train.shape[1:]))
-        return cls(model.name, in_dim, dataset.num_classes, model.hidden)
+        return cls(model.name, in_dim, dataset.num_classes, model.hidden, model.batch_norm)
 
     def initial(self, seed: int) -> NDArrays:
         if self.name == "logreg":
@@ -103,7 +110,9 @@ class ModelSpec:
         from fedhive.models.torch_models import CNN1D, MLP
 
         if self.name == "cnn1d":
-            return CNN1D(self.num_classes, length=self.in_dim, seed=seed)
+            return CNN1D(
+                self.num_classes, length=self.in_dim, seed=seed, batch_norm=self.batch_norm
+            )
         return MLP(self.in_dim, self.hidden, self.num_classes, seed=seed)
 
     def torch_model(self) -> Any:
@@ -276,10 +285,12 @@ class Experiment:
     cfg: ExperimentConfig
     dataset: Dataset
     partition: Partition
-    client_fn: ClientFactory
+    client_fn: ClientFactory | PersonalClientFactory
     strategy: Strategy
     #: Client mods the strategy needs (``scaffold_mod`` for SCAFFOLD).
     mods: tuple[Mod, ...] = ()
+    #: Round callbacks the experiment needs (personalization's per-client summaries).
+    callbacks: tuple[RoundCallback, ...] = ()
 
 
 #: ``[strategy] name`` -> the class it builds: a live view of the registry in
@@ -311,15 +322,21 @@ def model_strategy(
     seed: int,
     *,
     min_available_clients: int,
+    shared: SharedSplit | None = None,
 ) -> tuple[Strategy, tuple[Mod, ...]]:
     """:func:`build_strategy` with the FedAvg arguments of ``fedhive run`` and ``fedhive
     server``: ``[strategy]``'s sampling, ``fit_config`` sent every round, the initial model
     of ``spec`` for ``seed``, weighted metric averages and (if ``centralized_eval``) the
-    model's loss and accuracy on ``dataset``'s test split."""
+    model's loss and accuracy on ``dataset``'s test split. With ``shared`` (a
+    personalized run) the server's model is the shared part only; centralized evaluation
+    completes it with the personal layers' initial values."""
+    initial = spec.initial(seed)
 
     def evaluate_fn(
         server_round: int, parameters: NDArrays, config: dict[str, Scalar]
     ) -> tuple[float, dict[str, Scalar]]:
+        if shared is not None:
+            parameters = shared.merge(parameters, shared.personal_part(initial))
         loss, acc = evaluate_params(spec, parameters, dataset.x_test, dataset.y_test)
         return loss, {"accuracy": acc}
 
@@ -331,7 +348,9 @@ def model_strategy(
         "min_available_clients": min_available_clients,
         "evaluate_fn": evaluate_fn if st.centralized_eval else None,
         "on_fit_config_fn": lambda rnd: dict(fit_config),
-        "initial_parameters": ndarrays_to_parameters(spec.initial(seed)),
+        "initial_parameters": ndarrays_to_parameters(
+            initial if shared is None else shared.shared(initial)
+        ),
         "fit_metrics_aggregation_fn": weighted_average,
         "evaluate_metrics_aggregation_fn": weighted_average,
     }
@@ -342,8 +361,19 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
     dataset = load_data(cfg)
     partition = make_partition(cfg, dataset)
     spec = ModelSpec.for_data(cfg.model, dataset)
-    splits = split_clients(partition, cfg.data.val_fraction, cfg.seed)
-    client_fn = ClientFactory(spec, dataset.x_train, dataset.y_train, splits)
+    client_fn: ClientFactory | PersonalClientFactory
+    st, shared = cfg.strategy, None
+    callbacks: tuple[RoundCallback, ...] = ()
+    if cfg.personalization is None:
+        splits = split_clients(partition, cfg.data.val_fraction, cfg.seed)
+        client_fn = ClientFactory(spec, dataset.x_train, dataset.y_train, splits)
+    else:
+        client_fn = personal_clients(
+            cfg.personalization, spec, dataset.x_train, dataset.y_train, partition,
+            val_fraction=cfg.data.val_fraction, seed=cfg.seed,
+        )  # fmt: skip
+        shared, callbacks = client_fn.split, (PersonalizationReport(),)
+        st = st.model_copy(update=evaluation_sampling(cfg.personalization, cfg.num_clients))
     train = cfg.train
     fit_config: Config = {
         "local_epochs": train.local_epochs,
@@ -353,14 +383,15 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
     }
 
     strategy, mods = model_strategy(
-        cfg.strategy,
+        st,
         spec,
         dataset,
         fit_config,
         cfg.seed,
         min_available_clients=min(cfg.num_clients, max(cfg.strategy.min_fit_clients, 1)),
+        shared=shared,
     )
-    return Experiment(cfg, dataset, partition, client_fn, strategy, mods)
+    return Experiment(cfg, dataset, partition, client_fn, strategy, mods, callbacks)
 
 
 def run_experiment(
@@ -394,7 +425,7 @@ def run_experiment(
         ),
         policy=run_policy(cfg.strategy, cfg.policy),
         system=system,
-        callbacks=callbacks,
+        callbacks=[*callbacks, *exp.callbacks],
         checkpoint_dir=checkpoint_dir,
         model_dir=model_dir,
         resume=resume,

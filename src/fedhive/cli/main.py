@@ -169,6 +169,11 @@ def _run(
     write_all(history)
     write_plot(out_dir / "accuracy.png", history)
     console.print(summary_table(history, str(out_dir)))
+    if cfg.personalization is not None:
+        from fedhive.cli.personalization import format_report, write_report
+
+        figures = write_report(out_dir / "personalization.json", history)
+        console.print(format_report(figures), highlight=False, markup=False)
     return 0
 
 

@@ -29,24 +29,53 @@ def _file_name(node_id: str) -> str:
 class StateStore:
     """Thread-safe map ``node_id -> RecordDict`` that spills large states to disk.
 
-    ``directory`` is where large states go (a temporary folder when ``None``).
-    Memory: the sum of the small states, plus one large state per task in flight.
+    ``directory`` is where large states go (a temporary folder when ``None``). A state
+    whose arrays exceed ``memory_limit_bytes`` goes to disk; with ``total_memory_bytes``
+    so does any state that would bring the arrays held in memory above that total.
+    A state on disk is rewritten only when it changed (an evaluation that reads it
+    writes nothing).
+    Memory: the sum of the states in memory (at most ``total_memory_bytes`` when given),
+    plus one state per task in flight.
     """
 
     def __init__(
-        self, directory: str | Path | None = None, memory_limit_bytes: int = 1 << 20
+        self,
+        directory: str | Path | None = None,
+        memory_limit_bytes: int = 1 << 20,
+        total_memory_bytes: int | None = None,
     ) -> None:
         if memory_limit_bytes < 0:
             raise StateError(f"memory_limit_bytes must be >= 0, got {memory_limit_bytes}")
+        if total_memory_bytes is not None and total_memory_bytes < 0:
+            raise StateError(f"total_memory_bytes must be >= 0, got {total_memory_bytes}")
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if directory is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="fedhive-state-")
             directory = self._tmp.name
         self.directory = Path(directory)
         self.memory_limit_bytes = memory_limit_bytes
+        self.total_memory_bytes = total_memory_bytes
         self._memory: dict[str, RecordDict] = {}
+        self._sizes: dict[str, int] = {}
+        self._in_memory = 0
         self._on_disk: set[str] = set()
+        self._digests: dict[str, bytes] = {}
+        #: How many times a state was written to disk (unchanged states are not).
+        self.disk_writes = 0
         self._lock = threading.Lock()
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of the arrays of the states held in memory."""
+        with self._lock:
+            return self._in_memory
+
+    def _fits(self, node_id: str, size: int) -> bool:
+        if size > self.memory_limit_bytes:
+            return False
+        if self.total_memory_bytes is None:
+            return True
+        return self._in_memory - self._sizes.get(node_id, 0) + size <= self.total_memory_bytes
 
     def get(self, node_id: str) -> RecordDict:
         """The stored state of ``node_id`` (a fresh empty one if it has none)."""
@@ -70,21 +99,35 @@ class StateStore:
         """Store ``state`` for ``node_id``, on disk if its arrays are large."""
         from fedhive.common.serde import encode_record_dict
 
-        if state.nbytes() <= self.memory_limit_bytes:
-            with self._lock:
+        size = state.nbytes()
+        with self._lock:
+            in_memory = self._fits(node_id, size)
+            if in_memory:
                 self._memory[node_id] = state
+                self._in_memory += size - self._sizes.get(node_id, 0)
+                self._sizes[node_id] = size
                 was_on_disk = node_id in self._on_disk
                 self._on_disk.discard(node_id)
+                self._digests.pop(node_id, None)
+        if in_memory:
             if was_on_disk:
                 (self.directory / _file_name(node_id)).unlink(missing_ok=True)
             return
-        # client state holds secrets (SecAgg+ round keys, identity keys): owner only
-        atomic_write_bytes(
-            self.directory / _file_name(node_id), encode_record_dict(state), mode=SECRET_MODE
-        )
+        data = encode_record_dict(state)
+        digest = hashlib.blake2b(data, digest_size=16).digest()
         with self._lock:
-            self._memory.pop(node_id, None)
+            unchanged = node_id in self._on_disk and self._digests.get(node_id) == digest
+        if not unchanged:
+            # client state holds secrets (SecAgg+ round keys, identity keys): owner only
+            atomic_write_bytes(self.directory / _file_name(node_id), data, mode=SECRET_MODE)
+        with self._lock:
+            if not unchanged:
+                self.disk_writes += 1
+            if node_id in self._memory:
+                del self._memory[node_id]
+                self._in_memory -= self._sizes.pop(node_id, 0)
             self._on_disk.add(node_id)
+            self._digests[node_id] = digest
 
     def close(self) -> None:
         """Delete the temporary folder, if the store made one (its states are gone)."""
@@ -128,7 +171,10 @@ class StateStore:
             raise StateError(f"no client state index in {directory}")
         with self._lock:
             self._memory.clear()
+            self._sizes.clear()
+            self._in_memory = 0
             self._on_disk.clear()
+            self._digests.clear()
         for line in index_path.read_text().splitlines():
             name, _, node_id = line.partition("\t")
             if not node_id or name != _file_name(node_id):

@@ -26,7 +26,9 @@ from fedhive.common.errors import ConfigError
 from fedhive.data._validate import check_float, check_int
 
 __all__ = [
+    "ClientSplit",
     "Partition",
+    "client_splits",
     "dirichlet",
     "format_partition_table",
     "iid",
@@ -233,6 +235,52 @@ def natural(groups: npt.ArrayLike) -> Partition:
     order = np.argsort(inverse, kind="stable").astype(np.int64)
     counts = np.bincount(inverse).astype(np.int64)
     return Partition(_split_by_counts(order, counts))
+
+
+# --------------------------------------------------------------------------- per-client splits
+
+
+@dataclass(frozen=True, eq=False)
+class ClientSplit:
+    """One client's samples cut into ``train``, ``val`` (model or round selection) and
+    ``test`` (reported figures) index arrays, each sorted."""
+
+    train: IndexArray
+    val: IndexArray
+    test: IndexArray
+
+
+def client_splits(
+    partition: Partition, *, val_fraction: float, test_fraction: float, seed: int
+) -> list[ClientSplit]:
+    """Each client's samples cut into train, validation and test parts, seeded.
+
+    A client keeps ``round(n * test_fraction)`` samples for its own test split (at
+    least one when ``test_fraction > 0``) and ``round(n * val_fraction)`` for
+    validation; the rest is for training. Personalized FL reports each client's model
+    on its own test split and selects rounds on the validation split.
+    """
+    check_float("val_fraction", val_fraction, positive=False)
+    check_float("test_fraction", test_fraction, positive=False)
+    if val_fraction + test_fraction >= 1:
+        raise ConfigError(
+            f"val_fraction ({val_fraction}) + test_fraction ({test_fraction}) must be < 1"
+        )
+    rng = np.random.default_rng(seed)
+    out = []
+    for k, idx in enumerate(partition.indices):
+        shuffled = rng.permutation(idx)
+        n_test = max(1, round(len(idx) * test_fraction)) if test_fraction > 0 else 0
+        n_val = round(len(idx) * val_fraction)
+        if n_test + n_val >= len(idx):
+            raise ConfigError(
+                f"client {k} has {len(idx)} samples: too few for a test split of {n_test}, "
+                f"a validation split of {n_val} and any training data"
+            )
+        test, val = shuffled[:n_test], shuffled[n_test : n_test + n_val]
+        train = shuffled[n_test + n_val :]
+        out.append(ClientSplit(np.sort(train), np.sort(val), np.sort(test)))
+    return out
 
 
 # --------------------------------------------------------------------------- report

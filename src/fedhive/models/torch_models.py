@@ -98,6 +98,8 @@ class CNN1D(nn.Module):
     Three ``kernel_size=5`` convolutions with ``channels`` filters, stride 2 and ReLU (length
     40 -> 20 -> 10 -> 5), then one linear layer. Accepts inputs of shape ``(n, length)``
     or ``(n, 1, length)``. About 10k parameters with the defaults; no buffers.
+    ``batch_norm=True`` puts a ``BatchNorm1d`` after each convolution (parameters and
+    running statistics: what FedBN keeps local).
     """
 
     def __init__(
@@ -107,6 +109,7 @@ class CNN1D(nn.Module):
         channels: int = 32,
         *,
         seed: int | None = None,
+        batch_norm: bool = False,
     ) -> None:
         super().__init__()
         if num_classes < 2 or length < 8 or channels < 1:
@@ -116,7 +119,7 @@ class CNN1D(nn.Module):
             )
         self.length = length
         self.features, self.head = seeded_init(
-            lambda: _cnn_layers(num_classes, length, channels), seed
+            lambda: _cnn_layers(num_classes, length, channels, batch_norm), seed
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -131,15 +134,16 @@ def _conv_out(length: int) -> int:
     return (length - 1) // 2 + 1
 
 
-def _cnn_layers(num_classes: int, length: int, channels: int) -> tuple[nn.Sequential, nn.Linear]:
-    features = nn.Sequential(
-        nn.Conv1d(1, channels, kernel_size=5, stride=2, padding=2),
-        nn.ReLU(),
-        nn.Conv1d(channels, channels, kernel_size=5, stride=2, padding=2),
-        nn.ReLU(),
-        nn.Conv1d(channels, channels, kernel_size=5, stride=2, padding=2),
-        nn.ReLU(),
-    )
+def _cnn_layers(
+    num_classes: int, length: int, channels: int, batch_norm: bool = False
+) -> tuple[nn.Sequential, nn.Linear]:
+    layers: list[nn.Module] = []
+    for c_in in (1, channels, channels):
+        layers.append(nn.Conv1d(c_in, channels, kernel_size=5, stride=2, padding=2))
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(channels))
+        layers.append(nn.ReLU())
+    features = nn.Sequential(*layers)
     out_len = _conv_out(_conv_out(_conv_out(length)))
     return features, nn.Linear(channels * out_len, num_classes)
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from fedhive.common.records import Scalar
@@ -61,6 +61,9 @@ class History:
         self.metrics_centralized: dict[str, list[tuple[int, Scalar]]] = {}
         self.rounds: list[dict[str, Any]] = []
         self.config: dict[str, Any] = {}
+        #: Called with each new round record before it is added (and so before it is
+        #: saved): a feature adds its summaries (personalization's per-client figures).
+        self.record_hooks: list[Callable[[dict[str, Any]], None]] = []
 
     # Flower's recording methods
     def add_loss_distributed(self, server_round: int, loss: float) -> None:
@@ -82,7 +85,10 @@ class History:
             self.metrics_centralized.setdefault(key, []).append((server_round, value))
 
     def add_round(self, record: dict[str, Any]) -> None:
-        """Add one round's record and fill Flower's fields from it."""
+        """Add one round's record (after :attr:`record_hooks` saw it) and fill Flower's
+        fields from it."""
+        for hook in self.record_hooks:
+            hook(record)
         rnd = int(record["round"])
         central = record.get("centralized")
         if central:

@@ -111,6 +111,7 @@ def start_simulation(
     run_config: dict[str, Scalar] | None = None,
     state_dir: str | Path | None = None,
     state_memory_limit: int = 1 << 20,
+    state_memory_budget: int | None = None,
     clock: Clock | None = None,
     latency: Latency | None = None,
     fit_workflow: FitWorkflow | None = None,
@@ -133,7 +134,9 @@ def start_simulation(
     recorded in the history when ``None``), client ``mods``, round ``callbacks``,
     ``checkpoint_dir`` (a checkpoint after every round) with ``resume``, ``model_dir``
     (where ``final_model.npz`` and ``best_model.npz`` go; default ``checkpoint_dir``),
-    and where large client state goes. ``secure_aggregation`` (a
+    and where large client state goes (``state_dir``; a state larger than
+    ``state_memory_limit`` goes there, and so does any state beyond a total of
+    ``state_memory_budget`` bytes in memory). ``secure_aggregation`` (a
     :class:`~fedhive.secagg.SecAggPlusWorkflow`, a :class:`~fedhive.secagg.SecAggConfig` or
     a dict such as ``{"threshold": 7, "bits": 12, "clip": 1.0}``) runs every fit round
     with SecAgg+ (the first of the round's ``stages``, :mod:`fedhive.server.stages`) and
@@ -181,7 +184,9 @@ def start_simulation(
         actor_scheduling=actor_scheduling,
         keep_initialised=keep_initialised,
     )
-    store = StateStore(state_dir, memory_limit_bytes=state_memory_limit)
+    store = StateStore(
+        state_dir, memory_limit_bytes=state_memory_limit, total_memory_bytes=state_memory_budget
+    )
     setup = ClientSetup(
         app=app,
         store=store,
