@@ -25,6 +25,7 @@ from fedhive.common.errors import ConfigError
 from fedhive.common.records import Config, NDArrays, Scalar, ndarrays_to_parameters
 from fedhive.data import Dataset, Partition, load_dataset
 from fedhive.data import partition as partitioners
+from fedhive.data.partition import ClientSplit
 from fedhive.personalization import PersonalizationReport, SharedSplit
 from fedhive.server.config import ServerConfig
 from fedhive.server.engine import RoundCallback
@@ -394,6 +395,12 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
     return Experiment(cfg, dataset, partition, client_fn, strategy, mods, callbacks)
 
 
+def _train_size(split: object) -> int:
+    """Training samples of one client: a (train, val) pair or a personalization split."""
+    train = split.train if isinstance(split, ClientSplit) else split[0]  # type: ignore[index]
+    return len(train)
+
+
 def run_experiment(
     exp: Experiment,
     *,
@@ -409,7 +416,7 @@ def run_experiment(
     sim = cfg.simulation
     system = None
     if cfg.system is not None:  # each client's training set size sets its compute time
-        sizes = {str(i): len(train) for i, (train, _) in enumerate(exp.client_fn.splits)}
+        sizes = {str(i): _train_size(split) for i, split in enumerate(exp.client_fn.splits)}
         system = cfg.system.build(sizes, cfg.seed)
     return start_simulation(
         client_fn=exp.client_fn,
