@@ -18,9 +18,9 @@ found by name in one registry::
 
 ``start_simulation(backend=...)`` also takes a :class:`Backend` instance directly.
 
-Registered here: ``"thread"`` (the default), ``"process"`` and ``"ray"``. The Ray backend
-is not part of this version; asking for it says what to install and that it is missing.
-Flower's Ray arguments (``ray_init_args``, ``actor_type``, ``actor_kwargs``, ...) reach
+Registered here: ``"thread"`` (the default), ``"process"`` and ``"ray"``
+(:mod:`fedhive.simulation.ray_backend`; without Ray installed, asking for it says what to
+install). Flower's Ray arguments (``ray_init_args``, ``actor_type``, ``actor_kwargs``, ...) reach
 every backend in :attr:`ClientSetup.ray`; the local backends have no Ray actors, so they
 log a warning naming the arguments they ignore instead of dropping them silently.
 """
@@ -261,14 +261,11 @@ def _ray_installed() -> bool:
 
 
 def _ray_backend() -> Backend:
-    # Until fedhive ships its Ray backend, the name is known so that Flower code asking
-    # for it gets a clear answer instead of "unknown backend".
     if not _ray_installed():
         raise MissingDependency("ray", "ray")
-    raise ConfigError(
-        "backend='ray': this version of fedhive has no Ray backend yet (Ray itself is "
-        "installed); use backend='thread' or backend='process'"
-    )
+    from fedhive.simulation.ray_backend import RayBackend
+
+    return RayBackend()
 
 
 BackendFactory = Callable[[], Backend]
