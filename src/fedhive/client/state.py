@@ -70,6 +70,14 @@ class StateStore:
         """Store ``state`` for ``node_id``, on disk if its arrays are large."""
         from fedhive.common.serde import encode_record_dict
 
+        if state.is_empty():  # what get() gives anyway: a million clients stay free
+            with self._lock:
+                self._memory.pop(node_id, None)
+                was_on_disk = node_id in self._on_disk
+                self._on_disk.discard(node_id)
+            if was_on_disk:
+                (self.directory / _file_name(node_id)).unlink(missing_ok=True)
+            return
         if state.nbytes() <= self.memory_limit_bytes:
             with self._lock:
                 self._memory[node_id] = state

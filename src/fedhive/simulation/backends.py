@@ -45,6 +45,7 @@ from fedhive.client.state import StateStore
 from fedhive.common.clock import Clock
 from fedhive.common.errors import ConfigError, MissingDependency
 from fedhive.common.records import Scalar
+from fedhive.simulation.population import NodeConfigs
 from fedhive.simulation.runner import VirtualClientRunner, init_worker_process
 from fedhive.transport.base import Transport
 from fedhive.transport.inprocess import InProcessTransport, Latency
@@ -119,7 +120,9 @@ class ClientSetup:
 
     def runner(self, executor: Executor | None = None) -> VirtualClientRunner:
         """Runs one task for one virtual client (in ``executor`` when one is given)."""
-        node_configs = {cid: dict(config) for cid, config in self.node_configs.items()}
+        node_configs: Mapping[str, Mapping[str, Scalar]] = self.node_configs
+        if not isinstance(node_configs, NodeConfigs):  # NodeConfigs makes fresh ones on use
+            node_configs = {cid: dict(config) for cid, config in node_configs.items()}
         return VirtualClientRunner(
             self.app, self.store, node_configs, dict(self.run_config), executor
         )
