@@ -382,6 +382,8 @@ def run_experiment(
         strategy=exp.strategy,
         backend=sim.backend,
         num_workers=sim.num_workers or None,
+        client_resources=dict(sim.client_resources) or None,
+        ray_init_args=dict(sim.ray_init_args) or None,
         seed=cfg.seed,
         mods=exp.mods,
         secure_aggregation=(
