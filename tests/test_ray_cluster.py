@@ -67,3 +67,18 @@ def test_joins_a_running_cluster_and_never_shuts_it_down():
             os.killpg(head.pid, signal.SIGKILL)
             head.wait(10)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_a_session_it_starts_is_sized_by_the_node_and_shut_down():
+    saved = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = _env_with_tests_on_path()["PYTHONPATH"]
+    try:
+        history = simulate("ray", rounds=1, ray_init_args={"log_to_driver": False})
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
+    assert history.config["backend"] == "ray"
+    assert not ray.is_initialized()  # its own session: stopped at the end

@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["NodeLimits", "cgroup_limits", "node_limits"]
+__all__ = ["NodeLimits", "cgroup_limits", "node_limits", "physical_memory"]
 
 # cgroup v1 writes "no limit" as a huge page-aligned number
 _UNLIMITED_BYTES = 1 << 60
@@ -95,7 +95,7 @@ def cgroup_limits(
     return _v1(root, controllers)
 
 
-def _physical_memory() -> int | None:
+def physical_memory() -> int | None:
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
@@ -109,7 +109,7 @@ def node_limits() -> NodeLimits:
     cpus = cpus or float(os.cpu_count() or 1)
     if cgroup.cpus is not None:
         cpus = min(cpus, max(1.0, math.floor(cgroup.cpus)))
-    memory = _physical_memory()
+    memory = physical_memory()
     if cgroup.memory is not None:
         memory = cgroup.memory if memory is None else min(memory, cgroup.memory)
     return NodeLimits(cpus, memory)

@@ -47,7 +47,7 @@ from fedhive.common.errors import ConfigError, MissingDependency, SerdeError
 from fedhive.common.message import Message
 from fedhive.common.records import EvaluateIns, FitIns, Parameters, RecordDict
 from fedhive.simulation.backends import Backend, ClientSetup
-from fedhive.simulation.limits import NodeLimits, node_limits
+from fedhive.simulation.limits import NodeLimits, cgroup_limits, node_limits, physical_memory
 from fedhive.simulation.runner import private_copy
 from fedhive.transport.base import Replies, Transport
 from fedhive.transport.inprocess import InProcessTransport
@@ -394,9 +394,11 @@ class RayBackend(Backend):
             # Ray sizes a node it starts from the whole machine; the cgroup may allow less.
             if "num_cpus" not in args and limits.cpus is not None:
                 args["num_cpus"] = int(limits.cpus)
-            if limits.memory is not None and "memory" not in args:
-                args.setdefault("object_store_memory", int(limits.memory * 0.3))
-                args["memory"] = int(limits.memory * 0.6)
+            memory = cgroup_limits().memory
+            physical = physical_memory()
+            if memory is not None and (physical is None or memory < physical):
+                args.setdefault("object_store_memory", int(memory * 0.3))
+                args.setdefault("_memory", int(memory * 0.6))
         with warnings.catch_warnings():
             # Ray announces a future change of its GPU environment defaults on every start
             warnings.simplefilter("ignore", FutureWarning)
