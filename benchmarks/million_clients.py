@@ -38,13 +38,14 @@ from fedhive.simulation import start_simulation
 
 CLIENTS, PER_ROUND, SAMPLES = 1_000_000, 1_000, 16
 DATA = load_mnist1d(num_samples=4000, seed=0)
-_LOCAL = threading.local()  # one model per worker thread (or actor), kept between tasks
+_MODELS: dict[int, MLP] = {}  # one model per worker thread (or actor), kept between tasks
 
 
 def worker_model() -> MLP:
-    if not hasattr(_LOCAL, "model"):
-        _LOCAL.model = MLP(40, 64, 10, seed=0)
-    return _LOCAL.model
+    key = threading.get_ident()
+    if key not in _MODELS:
+        _MODELS[key] = MLP(40, 64, 10, seed=0)
+    return _MODELS[key]
 
 
 def rss_mb() -> float:

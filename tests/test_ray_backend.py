@@ -217,3 +217,17 @@ def test_thread_process_and_ray_give_the_same_seeded_history(ray_session):
     thread = simulate("thread", rounds=3).without_timings()["rounds"]
     assert simulate("process", rounds=3).without_timings()["rounds"] == thread
     assert simulate("ray", rounds=3).without_timings()["rounds"] == thread
+
+
+def test_a_client_fn_ray_cannot_send_is_a_clear_error(ray_session):
+    import threading
+
+    lock = threading.Lock()
+
+    def client_fn(context):
+        with lock:
+            return noisy_client_fn(context)
+
+    with pytest.raises(ConfigError, match=r"serializable by cloudpickle.*lock"):
+        start_simulation(client_fn=client_fn, num_clients=4, backend="ray", num_workers=1)
+    assert ray.is_initialized()

@@ -136,7 +136,13 @@ class _Pool:
         self.ray = ray
         self.options = options
         self.threads = max(1, int(options.get("num_cpus", 1)))
-        self.app_ref = ray.put(app)
+        try:
+            self.app_ref = ray.put(app)
+        except TypeError as exc:  # Ray says which part could not be pickled
+            raise ConfigError(
+                "backend='ray' sends client_fn and its mods to every actor, so they must be "
+                f"serializable by cloudpickle (no locks, thread-locals or open files): {exc}"
+            ) from exc
         self._lock = threading.Lock()
         self.free = [self._make() for _ in range(size)]
         self.live = list(self.free)
