@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedhive-installed
 
-.PHONY: setup run test lint bench clean proto
+.PHONY: setup run test lint bench clean proto flower-venv vs-flower
 
 setup: $(STAMP)
 
@@ -34,3 +34,17 @@ clean:
 proto: setup
 	$(BIN)/python -m grpc_tools.protoc -Isrc --python_out=src --grpc_python_out=src --pyi_out=src \
 		src/fedhive/transport/proto/fleet.proto
+
+# Flower for benchmarks/vs_flower.py, in its own venv: flwr 1.42 pins protobuf<7 and
+# packaging<26, which conflict with this project's pins.
+FLOWER_VENV := .venv-flower
+
+$(FLOWER_VENV)/.installed:
+	$(PYTHON) -m venv $(FLOWER_VENV)
+	$(FLOWER_VENV)/bin/python -m pip install --quiet "flwr[simulation]==1.42.0"
+	touch $@
+
+flower-venv: $(FLOWER_VENV)/.installed
+
+vs-flower: setup flower-venv
+	nice -n 10 $(BIN)/python benchmarks/vs_flower.py --flower-python $(FLOWER_VENV)/bin/python

@@ -174,10 +174,14 @@ def test_ray_without_the_extra_says_what_to_install(monkeypatch):
     assert info.value.extra == "ray"
 
 
-def test_ray_installed_but_no_ray_backend_yet_is_a_clear_error(monkeypatch):
+def test_ray_installed_gives_the_ray_backend(monkeypatch):
+    pytest.importorskip("ray")
     monkeypatch.setattr(backends_module, "_ray_installed", lambda: True)
-    with pytest.raises(ConfigError, match=r"no Ray backend yet.*'thread' or backend='process'"):
-        simulate("ray")
+    backend = make_backend("ray")
+    assert backend.name == "ray" and type(backend).__name__ == "RayBackend"
+    backend.close()  # closing a backend that never started starts nothing
+    with pytest.raises(ConfigError, match=r"task_timeout must be > 0"):
+        type(backend)(task_timeout=0)
 
 
 def test_local_backends_warn_that_they_ignore_rays_arguments(caplog):

@@ -2,11 +2,13 @@
 
 A simulation backend runs client apps, not bare runners: the runner becomes the app's one
 mod (it answers without building a client). Backends that cannot be made here (Ray
-without its extra) are not listed.
+without its extra) are not listed. Ray runs in one local session for the whole module
+(started when its first case runs; those cases are slow).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -125,10 +127,48 @@ def _available(name: str) -> bool:
     return True
 
 
+_RAY_SESSION: list[bool] = []
+
+
+def _ray_session() -> None:
+    """Start the module's Ray session once; its workers import this folder's modules."""
+    if _RAY_SESSION:
+        return
+    import warnings
+
+    import ray
+
+    saved = os.environ.get("PYTHONPATH")
+    here = os.path.dirname(os.path.abspath(__file__))
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (here, saved) if p)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Ray's start-up tips and its daemons' files
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    finally:
+        if saved is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = saved
+    _RAY_SESSION.append(True)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_ray_session():
+    yield
+    if _RAY_SESSION:
+        import ray
+
+        ray.shutdown()
+        _RAY_SESSION.clear()
+
+
 def _backend_factory(name: str):
     def make_backend_transport(runner):
         if name != "thread" and runner is not echo_runner:
             return None  # other processes: only the module-level runner travels there
+        if name == "ray":
+            _ray_session()
         return BackendTransport(name, runner)
 
     make_backend_transport.__name__ = f"backend_{name}"
@@ -139,10 +179,23 @@ def make_fake(runner: Callable[[Message], Message]) -> Transport:
     return FakeTransport(runner)
 
 
+# Ray's start and stop leave files open for its daemons: Ray's, not a leak of ours
+_RAY_MARKS = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore::ResourceWarning"),
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+]
+
 TRANSPORTS = [
     make_in_process,
     make_in_process_single,
-    *(_backend_factory(name) for name in backend_names() if _available(name)),
+    *(
+        pytest.param(_backend_factory(name), marks=_RAY_MARKS, id=f"backend_{name}")
+        if name == "ray"
+        else _backend_factory(name)
+        for name in backend_names()
+        if _available(name)
+    ),
     GrpcLoopback,
     make_fake,
 ]

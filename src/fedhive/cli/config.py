@@ -160,6 +160,12 @@ class SimulationConfig(_Section):
     )
     num_workers: int = Field(0, ge=0, description="0 = one per core")
     round_timeout: float | None = Field(None, gt=0)
+    client_resources: dict[Literal["num_cpus", "num_gpus", "memory"], float] = Field(
+        default_factory=dict, description="each client's Ray resources (memory in bytes)"
+    )
+    ray_init_args: dict[str, str | int | float | bool] = Field(
+        default_factory=dict, description="ray.init arguments; address joins a cluster"
+    )
 
     @field_validator("backend")
     @classmethod

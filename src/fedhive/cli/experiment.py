@@ -425,6 +425,8 @@ def run_experiment(
         strategy=exp.strategy,
         backend=sim.backend,
         num_workers=sim.num_workers or None,
+        client_resources={str(k): v for k, v in sim.client_resources.items()} or None,
+        ray_init_args=dict(sim.ray_init_args) or None,
         seed=cfg.seed,
         mods=exp.mods,
         secure_aggregation=(

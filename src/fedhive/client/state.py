@@ -99,6 +99,17 @@ class StateStore:
         """Store ``state`` for ``node_id``, on disk if its arrays are large."""
         from fedhive.common.serde import encode_record_dict
 
+        if state.is_empty():  # what get() gives anyway: a million clients stay free
+            with self._lock:
+                if node_id in self._memory:
+                    del self._memory[node_id]
+                    self._in_memory -= self._sizes.pop(node_id, 0)
+                was_on_disk = node_id in self._on_disk
+                self._on_disk.discard(node_id)
+                self._digests.pop(node_id, None)
+            if was_on_disk:
+                (self.directory / _file_name(node_id)).unlink(missing_ok=True)
+            return
         size = state.nbytes()
         with self._lock:
             in_memory = self._fits(node_id, size)

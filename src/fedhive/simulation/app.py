@@ -47,6 +47,7 @@ from fedhive.simulation.backends import (
     backend_names,
     make_backend,
 )
+from fedhive.simulation.population import NodeConfigs, PopulationClientManager, PopulationIds
 from fedhive.simulation.system import AvailableClients, SystemModel
 from fedhive.transport.inprocess import Latency
 
@@ -65,7 +66,7 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def _client_ids(num_clients: int | None, clients_ids: Sequence[str] | None) -> list[str]:
+def _client_ids(num_clients: int | None, clients_ids: Sequence[str] | None) -> Sequence[str]:
     if clients_ids is not None:
         ids = [str(c) for c in clients_ids]
         if len(set(ids)) != len(ids):
@@ -75,7 +76,7 @@ def _client_ids(num_clients: int | None, clients_ids: Sequence[str] | None) -> l
         return ids
     if num_clients is None or isinstance(num_clients, bool) or num_clients < 1:
         raise ConfigError(f"num_clients must be an int >= 1, got {num_clients!r}")
-    return [str(i) for i in range(num_clients)]
+    return PopulationIds(num_clients)  # never listed: a million clients cost nothing
 
 
 def _num_workers(num_workers: int | None, client_resources: dict[str, float] | None) -> int:
@@ -190,9 +191,11 @@ def start_simulation(
     setup = ClientSetup(
         app=app,
         store=store,
-        node_configs={
-            cid: {"partition-id": i, "num-partitions": len(ids)} for i, cid in enumerate(ids)
-        },
+        node_configs=(
+            NodeConfigs(len(ids))
+            if isinstance(ids, PopulationIds)
+            else {cid: {"partition-id": i, "num-partitions": len(ids)} for i, cid in enumerate(ids)}
+        ),
         run_config=dict(run_config or {}),
         num_workers=workers,
         client_resources=dict(client_resources or {}),
@@ -202,7 +205,11 @@ def start_simulation(
     )
     try:
         transport = chosen.start(setup)
-        manager = client_manager or SimpleClientManager(ids, seed=seed)
+        manager = client_manager or (
+            PopulationClientManager(len(ids), seed=seed)
+            if isinstance(ids, PopulationIds)
+            else SimpleClientManager(ids, seed=seed)
+        )
         if system is not None and clock is not None:
             manager = AvailableClients(manager, system, clock)
         checkpointer = (

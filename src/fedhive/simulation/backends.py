@@ -18,9 +18,9 @@ found by name in one registry::
 
 ``start_simulation(backend=...)`` also takes a :class:`Backend` instance directly.
 
-Registered here: ``"thread"`` (the default), ``"process"`` and ``"ray"``. The Ray backend
-is not part of this version; asking for it says what to install and that it is missing.
-Flower's Ray arguments (``ray_init_args``, ``actor_type``, ``actor_kwargs``, ...) reach
+Registered here: ``"thread"`` (the default), ``"process"`` and ``"ray"``
+(:mod:`fedhive.simulation.ray_backend`; without Ray installed, asking for it says what to
+install). Flower's Ray arguments (``ray_init_args``, ``actor_type``, ``actor_kwargs``, ...) reach
 every backend in :attr:`ClientSetup.ray`; the local backends have no Ray actors, so they
 log a warning naming the arguments they ignore instead of dropping them silently.
 """
@@ -45,6 +45,7 @@ from fedhive.client.state import StateStore
 from fedhive.common.clock import Clock
 from fedhive.common.errors import ConfigError, MissingDependency
 from fedhive.common.records import Scalar
+from fedhive.simulation.population import NodeConfigs
 from fedhive.simulation.runner import VirtualClientRunner, init_worker_process
 from fedhive.transport.base import Transport
 from fedhive.transport.inprocess import InProcessTransport, Latency
@@ -119,7 +120,9 @@ class ClientSetup:
 
     def runner(self, executor: Executor | None = None) -> VirtualClientRunner:
         """Runs one task for one virtual client (in ``executor`` when one is given)."""
-        node_configs = {cid: dict(config) for cid, config in self.node_configs.items()}
+        node_configs: Mapping[str, Mapping[str, Scalar]] = self.node_configs
+        if not isinstance(node_configs, NodeConfigs):  # NodeConfigs makes fresh ones on use
+            node_configs = {cid: dict(config) for cid, config in node_configs.items()}
         return VirtualClientRunner(
             self.app, self.store, node_configs, dict(self.run_config), executor
         )
@@ -261,14 +264,11 @@ def _ray_installed() -> bool:
 
 
 def _ray_backend() -> Backend:
-    # Until fedhive ships its Ray backend, the name is known so that Flower code asking
-    # for it gets a clear answer instead of "unknown backend".
     if not _ray_installed():
         raise MissingDependency("ray", "ray")
-    raise ConfigError(
-        "backend='ray': this version of fedhive has no Ray backend yet (Ray itself is "
-        "installed); use backend='thread' or backend='process'"
-    )
+    from fedhive.simulation.ray_backend import RayBackend
+
+    return RayBackend()
 
 
 BackendFactory = Callable[[], Backend]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from typing import Any
@@ -68,7 +69,7 @@ class VirtualClientRunner:
 
     app: ClientApp
     store: StateStore
-    node_configs: dict[str, dict[str, Scalar]]
+    node_configs: Mapping[str, Mapping[str, Scalar]]
     run_config: dict[str, Scalar]
     executor: Executor | None = None
 

@@ -1,0 +1,461 @@
+"""The Ray backend (``backend="ray"``): virtual clients in a pool of long-lived Ray actors.
+
+Each actor keeps the client app (``client_fn``, its mods and whatever they cache, such as
+a model and its optimizer buffers) between tasks; it is sent once, when the actor starts.
+Tasks are scheduled by the in-process transport's bounded loop (its window and pending
+bounds apply unchanged), one worker thread per actor: a thread hands its actor a task and
+waits on it with :func:`ray.wait` in short ticks, so each reply reaches the engine as
+soon as its client finishes, and no wait is without a deadline.
+
+- The global model goes into Ray's object store once per model (once per round for a
+  round's tasks, which share it) and tasks carry a reference to it: actors on this node
+  read its arrays without a copy, and each client gets its own writable copy.
+- ``client_resources`` (``num_cpus``, fractional ``num_gpus``, ``memory`` in bytes) are
+  each actor's Ray resources, as in Flower; the pool is as large as the cluster fits
+  (and at most ``num_workers``). Resources no actor can get are refused at start instead
+  of waiting for ever.
+- ``ray_init_args`` go to :func:`ray.init`; ``address`` joins a running cluster. A Ray
+  session this backend did not start (joined, or already running in this process) is
+  never shut down: only its own actors are stopped. When it starts Ray on a node whose
+  cgroup allows fewer CPUs or less memory than the node has (Slurm, containers), Ray is
+  given the cgroup's limits (:mod:`fedhive.simulation.limits`).
+- A client whose actor dies (killed, out of memory, a segfault in native code) or that
+  outlives ``task_timeout`` fails that task only, with a reason that says so; its actor
+  is replaced and the round goes on. A task nobody waits for any more (the round timed
+  out) is stopped the same way, so no actor stays busy holding a GPU for a lost cause.
+- Client state (``context.state``) travels with each task and back, as with the process
+  backend: the same seed gives the same history on every backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any, final
+
+from fedhive.client.app import ClientApp
+from fedhive.client.context import Context
+from fedhive.common.errors import ConfigError, MissingDependency, SerdeError
+from fedhive.common.message import Message
+from fedhive.common.records import EvaluateIns, FitIns, Parameters, RecordDict
+from fedhive.simulation.backends import Backend, ClientSetup
+from fedhive.simulation.limits import NodeLimits, cgroup_limits, node_limits, physical_memory
+from fedhive.simulation.runner import private_copy
+from fedhive.transport.base import Replies, Transport
+from fedhive.transport.inprocess import InProcessTransport
+
+__all__ = ["RayBackend", "RayTransport"]
+
+log = logging.getLogger("fedhive")
+
+#: ``client_resources`` keys, as Flower names them (``memory`` in bytes).
+RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory")
+_IGNORED = ("actor_type", "actor_kwargs")
+
+
+def _import_ray() -> Any:
+    try:
+        import ray
+    except ImportError as exc:
+        raise MissingDependency("ray", "ray") from exc
+    return ray
+
+
+class _ClientActor:
+    """Runs one task at a time with the client app it keeps (made a Ray actor on start)."""
+
+    def __init__(self, app: ClientApp, threads: int) -> None:
+        self.app = app
+        self.threads = threads
+        self.torch_ready = False
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def run(self, task: Message, model: Any, context: Context) -> tuple[Message, RecordDict]:
+        if not self.torch_ready and "torch" in sys.modules:  # a client has imported torch
+            sys.modules["torch"].set_num_threads(self.threads)
+            self.torch_ready = True
+        if model is not None:
+            parameters = model if isinstance(model, Parameters) else Parameters(arrays=model)
+            task = Message(task.metadata, replace(task.content, parameters=parameters))
+        # the object store's arrays are read-only and shared: each client gets a copy
+        reply = self.app.handle(private_copy(task), context)
+        return reply, context.state
+
+
+def _without_model(task: Message) -> Message:
+    return Message(task.metadata, replace(task.content, parameters=Parameters(arrays=[])))
+
+
+class _ModelRefs:
+    """The object-store reference of each global model, put once (the last few kept)."""
+
+    def __init__(self, ray: Any, keep: int = 2) -> None:
+        self.ray = ray
+        self.keep = keep
+        self._refs: list[tuple[Parameters, Any]] = []  # the model kept alive with its ref
+
+    def ref(self, content: Any) -> Any:
+        if not isinstance(content, FitIns | EvaluateIns):
+            return None
+        parameters = content.parameters
+        for known, ref in self._refs:
+            if known is parameters:
+                return ref
+        try:
+            payload: Any = list(parameters.arrays)  # arrays travel without a copy
+        except SerdeError:  # tensors of a type only the strategy understands
+            payload = parameters
+        ref = self.ray.put(payload)
+        self._refs = [*self._refs, (parameters, ref)][-self.keep :]
+        return ref
+
+    def clear(self) -> None:
+        self._refs = []
+
+
+def _reason(exc: BaseException) -> str:
+    text = re.sub(r"\s+", " ", str(exc)).strip()
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+class _Pool:
+    """The actors, one per worker thread, and their replacement when one is lost."""
+
+    def __init__(self, ray: Any, app: ClientApp, options: dict[str, Any], size: int) -> None:
+        self.ray = ray
+        self.options = options
+        self.threads = max(1, int(options.get("num_cpus", 1)))
+        try:
+            self.app_ref = ray.put(app)
+        except TypeError as exc:  # Ray says which part could not be pickled
+            raise ConfigError(
+                "backend='ray' sends client_fn and its mods to every actor, so they must be "
+                f"serializable by cloudpickle (no locks, thread-locals or open files): {exc}"
+            ) from exc
+        self._lock = threading.Lock()
+        self.free = [self._make() for _ in range(size)]
+        self.live = list(self.free)
+        self.replaced = 0
+
+    def _make(self) -> Any:
+        remote = self.ray.remote(_ClientActor).options(max_restarts=0, **self.options)
+        return remote.remote(self.app_ref, self.threads)
+
+    def wait_ready(self, timeout: float) -> None:
+        refs = [actor.ready.remote() for actor in self.live]
+        ready, missing = self.ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        for ref in ready:
+            self.ray.get(ref)  # an actor that failed to start says why here
+        if missing:
+            raise ConfigError(
+                f"backend='ray': {len(missing)} of {len(refs)} client actors did not start "
+                f"within {timeout:g} s (each asks for {self.options}; the cluster has "
+                f"{self.ray.available_resources()} free); lower client_resources or num_workers"
+            )
+
+    def checkout(self) -> Any:
+        with self._lock:
+            return self.free.pop()
+
+    def replace(self, actor: Any) -> Any:
+        try:
+            self.ray.kill(actor, no_restart=True)
+        except Exception as exc:  # already gone is what we want
+            log.debug("stopping a Ray actor: %s", exc)
+        made = self._make()
+        with self._lock:
+            self.live = [made if a is actor else a for a in self.live]
+            self.replaced += 1
+        return made
+
+    def close(self) -> None:
+        with self._lock:
+            actors, self.live, self.free = self.live, [], []
+        for actor in actors:
+            try:
+                self.ray.kill(actor, no_restart=True)
+            except Exception as exc:  # the session may be gone already
+                log.debug("stopping a Ray actor: %s", exc)
+
+
+@final
+class RayTransport(Transport):
+    """Sends each task to an actor of the pool; see the module docstring.
+
+    ``task_timeout`` (seconds, ``None`` for none) bounds one client's task, from when its
+    actor is up; ``start_timeout`` bounds the start of a replacement actor; ``tick`` is how
+    often a waiting worker checks for a cancelled mailbox or a passed deadline.
+    """
+
+    def __init__(
+        self,
+        ray: Any,
+        pool: _Pool,
+        setup: ClientSetup,
+        *,
+        task_timeout: float | None = None,
+        start_timeout: float = 120.0,
+        tick: float = 0.25,
+    ) -> None:
+        self.ray = ray
+        self.start_timeout = start_timeout
+        self.pool = pool
+        self.setup = setup
+        self.task_timeout = task_timeout
+        self.tick = tick
+        self._models = _ModelRefs(ray)
+        self._lock = threading.Lock()
+        self._tasks: dict[str, tuple[Replies, Any]] = {}
+        self._local = threading.local()
+        self._inner = InProcessTransport(
+            self._run, num_workers=len(pool.live), latency=setup.latency
+        )
+
+    def send(self, messages: Sequence[Message], replies: Replies) -> None:
+        tasks = list(messages)
+        with self._lock:
+            # tasks of a cancelled mailbox never run: drop what they would have held
+            self._tasks = {k: v for k, v in self._tasks.items() if not v[0].cancelled}
+            for task in tasks:
+                self._tasks[task.metadata.message_id] = (replies, self._models.ref(task.content))
+        self._inner.send(tasks, replies)
+
+    def _actor(self) -> Any:
+        actor = getattr(self._local, "actor", None)
+        if actor is None:
+            actor = self._local.actor = self.pool.checkout()
+        return actor
+
+    def _lost(self, actor: Any) -> None:
+        self._local.actor = self.pool.replace(actor)
+        self._local.starting = True
+
+    def _started(self, node_id: str) -> str | None:
+        """Wait for a replacement actor's start (not counted in the task's timeout)."""
+        if not getattr(self._local, "starting", False):
+            return None
+        ready, _ = self.ray.wait([self._local.actor.ready.remote()], timeout=self.start_timeout)
+        if not ready:
+            return (
+                f"client {node_id!r} got no Ray actor: its replacement did not start "
+                f"within {self.start_timeout:g} s"
+            )
+        self._local.starting = False
+        return None
+
+    def _run(self, task: Message) -> Message:
+        node_id = task.metadata.node_id
+        with self._lock:
+            replies, model = self._tasks.pop(task.metadata.message_id, (None, None))
+        configs = self.setup.node_configs
+        if node_id not in configs:
+            return task.error_reply(f"no virtual client with id {node_id!r}")
+        context = Context(
+            node_id=node_id,
+            node_config=dict(configs[node_id]),
+            state=self.setup.store.get(node_id),
+            run_config=dict(self.setup.run_config),
+            seed=task.metadata.seed,
+        )
+        actor = self._actor()
+        late = self._started(node_id)
+        if late is not None:
+            return task.error_reply(late)
+        actor = self._local.actor
+        sent = task if model is None else _without_model(task)
+        ref = actor.run.remote(sent, model, context)
+        del sent, model, context
+        failure = self._wait(ref, replies, node_id)
+        if failure is not None:
+            self._lost(actor)
+            return task.error_reply(failure)
+        try:
+            reply, state = self.ray.get(ref, timeout=self.tick)
+        except self.ray.exceptions.OutOfMemoryError as exc:
+            self._lost(actor)
+            return task.error_reply(
+                f"client {node_id!r} was stopped by Ray's memory monitor (out of memory); "
+                f"its actor was replaced and the round goes on: {_reason(exc)}"
+            )
+        except self.ray.exceptions.RayActorError as exc:
+            self._lost(actor)
+            return task.error_reply(
+                f"the Ray actor running client {node_id!r} died during the task (killed, "
+                f"out of memory, or a crash in native code); it was replaced and the round "
+                f"goes on: {_reason(exc)}"
+            )
+        except self.ray.exceptions.RayError as exc:  # the task itself could not run
+            return task.error_reply(f"client {node_id!r} failed on Ray: {_reason(exc)}")
+        if isinstance(state, RecordDict):
+            self.setup.store.put(node_id, state)
+        return reply
+
+    def _wait(self, ref: Any, replies: Replies | None, node_id: str) -> str | None:
+        """Wait for ``ref``; why the actor must go when it cannot be waited for."""
+        start = time.monotonic()
+        while True:
+            left = (
+                None if self.task_timeout is None else start + self.task_timeout - time.monotonic()
+            )
+            ready, _ = self.ray.wait(
+                [ref], timeout=self.tick if left is None else max(0.0, min(self.tick, left))
+            )
+            if ready:
+                return None
+            if replies is not None and replies.cancelled:
+                return (
+                    f"client {node_id!r} was stopped: nobody waits for its reply any more "
+                    "(the round is over); its actor was replaced"
+                )
+            if left is not None and left <= 0:
+                return (
+                    f"client {node_id!r} did not answer within task_timeout="
+                    f"{self.task_timeout:g} s; its actor was stopped and replaced and the "
+                    "round goes on"
+                )
+
+    def close(self) -> None:
+        self._inner.close()
+        with self._lock:
+            self._tasks.clear()
+        self._models.clear()
+
+
+def _resources(client_resources: Mapping[str, float]) -> dict[str, float]:
+    unknown = sorted(set(client_resources) - set(RESOURCE_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"client_resources has unknown keys {unknown}; allowed: {list(RESOURCE_KEYS)} "
+            "(memory in bytes)"
+        )
+    out: dict[str, float] = {"num_cpus": 1.0}
+    for key, value in client_resources.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+            raise ConfigError(f"client_resources[{key!r}] must be a number >= 0, got {value!r}")
+        out[key] = float(value)
+    if out["num_cpus"] <= 0:
+        raise ConfigError(f"client_resources['num_cpus'] must be > 0, got {out['num_cpus']!r}")
+    if out.get("num_gpus", 0) > 1 and not float(out["num_gpus"]).is_integer():
+        raise ConfigError(
+            f"client_resources['num_gpus'] above 1 must be whole, got {out['num_gpus']!r}"
+        )
+    return out
+
+
+def _fits(total: Mapping[str, float], need: Mapping[str, float]) -> int:
+    """How many actors asking for ``need`` the resources ``total`` hold."""
+    names = {"num_cpus": "CPU", "num_gpus": "GPU", "memory": "memory"}
+    counts = []
+    for key, amount in need.items():
+        if amount > 0:
+            have = float(total.get(names[key], 0.0))
+            counts.append(math.floor(have / amount + 1e-9))
+    return min(counts) if counts else 1
+
+
+@final
+class RayBackend(Backend):
+    """Virtual clients in Ray actors (``"ray"``); see the module docstring.
+
+    ``task_timeout`` bounds each client's task in seconds (``None``: only the round
+    timeout bounds it); ``start_timeout`` bounds the start of the actor pool.
+    """
+
+    name = "ray"
+
+    def __init__(self, *, task_timeout: float | None = None, start_timeout: float = 120.0) -> None:
+        if task_timeout is not None and not task_timeout > 0:
+            raise ConfigError(f"task_timeout must be > 0 seconds or None, got {task_timeout!r}")
+        self.task_timeout = task_timeout
+        self.start_timeout = start_timeout
+        self.started_ray = False
+        self.keep_initialised = False
+        self.pool: _Pool | None = None
+        self._transport: RayTransport | None = None
+        self._ray: Any = None
+
+    def _init(self, ray: Any, init_args: Mapping[str, Any], limits: NodeLimits) -> None:
+        if ray.is_initialized():
+            if init_args:
+                log.warning(
+                    "Ray is already running in this process; backend 'ray' joins it and "
+                    "ignores ray_init_args %s",
+                    sorted(init_args),
+                )
+            return
+        args: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
+        args.update(init_args)
+        if "address" not in args:
+            # Ray sizes a node it starts from the whole machine; the cgroup may allow less.
+            if "num_cpus" not in args and limits.cpus is not None:
+                args["num_cpus"] = int(limits.cpus)
+            memory = cgroup_limits().memory
+            physical = physical_memory()
+            if memory is not None and (physical is None or memory < physical):
+                args.setdefault("object_store_memory", int(memory * 0.3))
+                args.setdefault("_memory", int(memory * 0.6))
+        with warnings.catch_warnings():
+            # Ray announces a future change of its GPU environment defaults on every start
+            warnings.simplefilter("ignore", FutureWarning)
+            ray.init(**args)
+        self.started_ray = True
+
+    def start(self, setup: ClientSetup) -> Transport:
+        ray = self._ray = _import_ray()
+        need = _resources(setup.client_resources)
+        ignored = [name for name in setup.ray.given() if name in _IGNORED]
+        if ignored:
+            log.warning(
+                "backend 'ray' ignores %s: fedhive runs its own client actor (the client app "
+                "is kept in each actor between tasks)",
+                ", ".join(ignored),
+            )
+        self.keep_initialised = setup.ray.keep_initialised
+        limits = node_limits()
+        self._init(ray, dict(setup.ray.init_args or {}), limits)
+        total = dict(ray.cluster_resources())
+        if len(ray.nodes()) == 1 and limits.cpus is not None:
+            total["CPU"] = min(float(total.get("CPU", 0.0)), limits.cpus)
+        size = min(setup.num_workers, _fits(total, need))
+        if size < 1:
+            raise ConfigError(
+                f"backend='ray': no client actor fits the cluster: each asks for {need}, the "
+                f"cluster has {ray.cluster_resources()}; lower client_resources"
+            )
+        options: dict[str, Any] = {k: v for k, v in need.items() if v > 0 or k == "num_cpus"}
+        if "memory" in options:
+            options["memory"] = int(options["memory"])
+        if setup.ray.actor_scheduling != "DEFAULT":
+            options["scheduling_strategy"] = setup.ray.actor_scheduling
+        self.pool = _Pool(ray, setup.app, options, size)
+        self.pool.wait_ready(self.start_timeout)
+        self._transport = RayTransport(
+            ray,
+            self.pool,
+            setup,
+            task_timeout=self.task_timeout,
+            start_timeout=self.start_timeout,
+        )
+        return self._transport
+
+    def close(self) -> None:
+        transport, self._transport = self._transport, None
+        if transport is not None:
+            transport.close()
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            pool.close()
+        if self.started_ray and not self.keep_initialised and self._ray is not None:
+            self._ray.shutdown()  # only a session this backend started
+        self.started_ray = False
