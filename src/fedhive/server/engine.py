@@ -523,6 +523,8 @@ def run_pipeline(driver: RoundDriver, pipeline: FitPipeline) -> None:
     if begun is None:
         return
     instructions, fit = begun
+    for stage in pipeline.stages[1:]:
+        instructions = stage.instruct(driver, instructions)
     aggregator, sink = pipeline.prepare(driver, fit)
     try:
         pipeline.exchange.run_exchange(driver, instructions, sink)
