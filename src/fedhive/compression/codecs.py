@@ -355,9 +355,7 @@ class QSGD(Codec):
         if self.scale is None:
             spec["scales"] = ("float32", _starts(size, segments, self.block).size)
         _expect(arrays, spec)
-        level = _bits.unpack(arrays["levels"], self.bits, size)
-        if size and int(level.max()) > self.levels:
-            raise SerdeError(f"qsgd level {int(level.max())} above the maximum {self.levels}")
+        level = _bits.unpack(arrays["levels"], self.bits, size)  # b bits: at most 2^b - 1
         negative = _bits.unpack(arrays["signs"], 1, size).astype(np.bool_)
         if self.scale is None:
             scales = _finite_scales(arrays["scales"])

@@ -130,3 +130,57 @@ def as_compression(value: object) -> Compression | None:
         "compression must be a codec (e.g. fedhive.compression.TopK(ratio=0.01)), a "
         f"Compression, or a [compression] table; got {type(value).__name__}"
     )
+
+
+def check_secure_aggregation(compression: Compression) -> None:
+    """Refuse, with the reason, a codec whose encodings secure aggregation cannot add.
+
+    Per-client top-k, sign, EDEN and QSGD with per-client scales encode each update on
+    its own support or scale: the masked sum of their encodings is not the encoding of
+    the sum. Shared-scale QSGD and shared-seed random-k are linear over integers
+    (:mod:`fedhive.compression.secure`), but SecAgg+ rounds quantize and mask the update
+    themselves, so a run takes one or the other.
+    """
+    codec = compression.uplink
+    if codec is not None and codec.secagg_reason:
+        raise ConfigError(
+            f"compression {codec.id!r} cannot be combined with secure aggregation: "
+            f"{codec.secagg_reason}"
+        )
+    if compression.active:
+        raise ConfigError(
+            "SecAgg+ quantizes and masks each update itself (shared scale "
+            "secure_aggregation.clip, secure_aggregation.bits per element): pass either "
+            "secure_aggregation or compression; the shared-scale encodings of "
+            "fedhive.compression.secure are what a codec-aware secure sum adds"
+        )
+
+
+def compression_setup(
+    compression: object, stages: list[Any], mods: list[Any], *, secure: bool, policy: object
+) -> tuple[list[Any], list[Any], Compression | None]:
+    """``stages`` and client ``mods`` with compression's stage and mod added, checked.
+
+    The :class:`~fedhive.compression.CompressionStage` goes right after the exchange
+    stage (first of the reply stages), the mod in front of the client's mods (so local DP
+    mods after it clip and noise before it encodes). What ``start_simulation`` and
+    ``start_server`` call.
+    """
+    from fedhive.compression.mod import with_compression_mod
+    from fedhive.compression.stage import CompressionStage
+    from fedhive.server.policy import SyncRounds
+    from fedhive.server.stages import ExchangeStage
+
+    chosen = as_compression(compression)
+    if chosen is None:
+        return stages, mods, None
+    if secure:
+        check_secure_aggregation(chosen)
+    if policy is not None and not isinstance(policy, SyncRounds):
+        raise ConfigError(
+            "compression runs with synchronous rounds (each round's task says which codec); "
+            f"the policy {type(policy).__name__} dispatches its own tasks: use the default"
+        )
+    at = 1 if stages and isinstance(stages[0], ExchangeStage) else 0
+    out = [*stages[:at], CompressionStage(chosen), *stages[at:]]
+    return out, with_compression_mod(mods), chosen

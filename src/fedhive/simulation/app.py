@@ -116,6 +116,7 @@ def start_simulation(
     secure_aggregation: Any = None,
     policy: RunPolicy | None = None,
     stages: Sequence[RoundStage] = (),
+    compression: Any = None,
     **flower_only: Any,
 ) -> History:
     """Simulate ``num_clients`` virtual clients and return the run's :class:`History`.
@@ -143,6 +144,10 @@ def start_simulation(
     simulates each client's time to answer on ``clock=VirtualClock()``: stragglers and
     round deadlines play out in simulated time, and the history, timings included, is
     the same for the same seed.
+    ``compression`` (a codec such as ``fedhive.compression.TopK(ratio=0.01,
+    error_feedback=True)``, a :class:`~fedhive.compression.Compression` or a
+    ``[compression]`` mapping) encodes each client's update (and, optionally, the
+    broadcast model); the client mod goes in front of ``mods``.
 
     Flower's Ray arguments (``ray_init_args``, ``actor_type``, ``actor_kwargs``,
     ``actor_scheduling``, ``keep_initialised``) are handed to the backend; the local
@@ -163,6 +168,13 @@ def start_simulation(
 
         stages = [as_workflow(secure_aggregation, strategy, fit_workflow), *stages]
         mods = with_secagg_mod(mods)
+    if compression is not None:
+        from fedhive.compression.config import compression_setup
+
+        stages, mods, _ = compression_setup(
+            compression, list(stages), list(mods), secure=secure_aggregation is not None,
+            policy=policy,
+        )
     strategy = strategy or FedAvg()
     build_pipeline(strategy, stages, fit_workflow)  # before any worker starts
     app = ClientApp(client_fn, mods)

@@ -171,3 +171,12 @@ class Transport(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release workers and connections."""
+
+    def wire_bytes(self, message: Message) -> int:
+        """Bytes ``message`` takes on the wire: the length of its encoding
+        (:func:`~fedhive.transport.codec.encode_wire`; a transport that sends bytes
+        reports what it sent or received). In-process transports never encode, so this
+        computes the encoding's length (headers; array buffers are only viewed)."""
+        from fedhive.transport.codec import encode_wire
+
+        return sum(len(piece) for piece in encode_wire(message))

@@ -221,6 +221,7 @@ class GrpcServer(Transport):
         self.spill_bytes = spill_bytes
         self.spill_dir = spill_dir
         self._staging = _Staging(max_staged_uploads, max_staged_bytes)
+        self._wire_sizes: dict[str, int] = {}  # message id -> bytes, until the engine asks
         self._buffers = BufferPool(max_free=max_staged_uploads, keep=self._uploads_queued)
         self.port: int | None = None
         self._connections: dict[str, _Connection] = {}
@@ -337,8 +338,15 @@ class GrpcServer(Transport):
             key = id(task.content)
             if key not in shared:
                 shared[key] = encode_content(task.content)
-            batch.append((task, encode_wire(task, shared[key])))
+            pieces = encode_wire(task, shared[key])
+            self._wire_sizes[task.metadata.message_id] = sum(len(p) for p in pieces)
+            batch.append((task, pieces))
         self._loop.call_soon_threadsafe(self._route, batch, replies)
+
+    def wire_bytes(self, message: Message) -> int:
+        """What this server sent (a task) or received (a reply) for ``message``."""
+        size = self._wire_sizes.pop(message.metadata.message_id, None)
+        return super().wire_bytes(message) if size is None else size
 
     def _route(self, batch: list[tuple[Message, Pieces]], replies: Replies) -> None:
         for task, pieces in batch:
@@ -399,6 +407,7 @@ class GrpcServer(Transport):
             self._fail_only_task(conn, f"its reply was malformed: {exc}")
             return
         meta = reply.metadata
+        self._wire_sizes[meta.message_id] = len(data)
         pending = conn.pending.pop(meta.reply_to, None)
         if pending is None:
             self._unstage(staged)
