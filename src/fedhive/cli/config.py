@@ -22,6 +22,8 @@ A TOML file has up to seven tables, every key optional (defaults give the defaul
                  :mod:`fedhive.cli.policies`. ``rounds`` counts model versions
     secure_aggregation = { threshold, degree, bits, clip, ... }   (SecAgg+, optional;
                  the keys and defaults of ``fedhive.secagg.SecAggConfig``)
+    [compression] uplink, ratio, bits, error_feedback, downlink (update compression,
+                 optional; :mod:`fedhive.cli.compression_config`)
 
 An unknown key or a bad value stops the run with a message naming the key, the value and
 what is allowed. So does a strategy parameter that the chosen strategy does not take
@@ -64,6 +66,11 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from fedhive.cli.compression_config import (
+    CompressionConfig,
+    check_compression_policy,
+    check_compression_secure,
+)
 from fedhive.cli.policies import PolicyConfig, SyncConfig
 from fedhive.cli.strategies import (
     FedAvgConfig,
@@ -313,12 +320,15 @@ class ExperimentConfig(_Section):
     simulation: SimulationConfig = SimulationConfig()
     secure_aggregation: SecureAggregationConfig | None = None
     policy: SerializeAsAny[PolicyConfig] = SyncConfig()
+    compression: CompressionConfig | None = None
 
     @model_validator(mode="after")
     def _check_sample_size(self) -> Self:
         st = self.strategy
         check_secure_strategy(self.secure_aggregation, st)
         check_secure_policy(self.secure_aggregation, self.policy)
+        check_compression_secure(self.compression, self.secure_aggregation)
+        check_compression_policy(self.compression, self.policy)
         concurrency = self.policy.clients_training()
         if concurrency is not None and concurrency > self.num_clients:
             raise PydanticCustomError(

@@ -388,6 +388,7 @@ def run_experiment(
             None if cfg.secure_aggregation is None else cfg.secure_aggregation.options()
         ),
         policy=cfg.policy.build(),
+        compression=None if cfg.compression is None else cfg.compression.build(),
         callbacks=callbacks,
         checkpoint_dir=checkpoint_dir,
         model_dir=model_dir,
