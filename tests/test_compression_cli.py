@@ -41,8 +41,17 @@ def test_run_with_compression_from_toml_records_bytes(tmp_path):
 
 
 def test_the_table_builds_the_codecs():
-    cfg = validate({"compression": {"uplink": "topk", "ratio": 0.01, "bits": 4,
-                                    "error_feedback": True, "downlink": "fp16"}})
+    cfg = validate(
+        {
+            "compression": {
+                "uplink": "topk",
+                "ratio": 0.01,
+                "bits": 4,
+                "error_feedback": True,
+                "downlink": "fp16",
+            }
+        }
+    )
     built = cfg.compression.build()
     assert built.uplink == TopK(ratio=0.01, error_feedback=True) and built.downlink == FP16()
     server = validate_server_config({"compression": {"uplink": "eden", "bits": 2}})
@@ -91,7 +100,9 @@ def test_progress_bar_and_summary_show_the_bytes(tmp_path):
 
     buffer = io.StringIO()
     console = Console(file=buffer, width=200, force_terminal=False)
-    history = run(rounds=2, compression=TopK(ratio=0.1), callbacks=[ProgressBar(2, console=console)])
+    history = run(
+        rounds=2, compression=TopK(ratio=0.1), callbacks=[ProgressBar(2, console=console)]
+    )
     assert " up " in buffer.getvalue() and "kB" in buffer.getvalue()
     out = io.StringIO()
     Console(file=out, width=200).print(summary_table(history, str(tmp_path)))

@@ -7,8 +7,7 @@ import pytest
 
 from fedhive.common.errors import ConfigError, SerdeError
 from fedhive.common.records import RecordDict
-from fedhive.compression import BF16, EDEN, FP16, QSGD, Codec, RandomK, Sign, TopK
-from fedhive.compression import _bits
+from fedhive.compression import BF16, EDEN, FP16, QSGD, Codec, RandomK, Sign, TopK, _bits
 from fedhive.compression.codecs import codec_from_params, gaussian_centroids
 from fedhive.compression.payload import (
     INFO_RECORD,
@@ -283,3 +282,29 @@ def test_downlink_model_round_trip(codec):
     for g, d, m in zip(got, decoded, model, strict=True):
         np.testing.assert_array_equal(g, d.astype(g.dtype))
         np.testing.assert_allclose(g, m, atol=0.05)
+
+
+def test_compression_exports_are_pinned_and_reachable_from_the_top():
+    import fedhive as fl
+    import fedhive.compression
+
+    assert sorted(fedhive.compression.__all__) == sorted(
+        [
+            "BF16",
+            "CODECS",
+            "EDEN",
+            "FP16",
+            "QSGD",
+            "RESIDUAL_RECORD",
+            "Codec",
+            "Compression",
+            "CompressionStage",
+            "RandomK",
+            "Sign",
+            "TopK",
+            "as_compression",
+            "compression_mod",
+            "with_compression_mod",
+        ]
+    )
+    assert fl.compression.TopK(ratio=0.01, error_feedback=True).error_feedback

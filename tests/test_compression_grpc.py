@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
 from fedhive.common.records import ndarrays_to_parameters
 from fedhive.common.serde import decode_record_dict
 from fedhive.compression import RESIDUAL_RECORD, TopK
@@ -23,24 +24,39 @@ APP = Path(__file__).resolve().parent / "apps" / "compression_client.py"
 def client(address, pid, tmp: Path, run: int):
     env = dict(os.environ, PYTHONPATH=str(ROOT / "src"))
     args = [
-        "--address", address, "--pid", str(pid), "--state", str(tmp / f"state{pid}"),
-        "--audit", str(tmp / f"audit{pid}-{run}.jsonl"), "--marker", str(tmp / f"m{pid}-{run}"),
+        "--address",
+        address,
+        "--pid",
+        str(pid),
+        "--state",
+        str(tmp / f"state{pid}"),
+        "--audit",
+        str(tmp / f"audit{pid}-{run}.jsonl"),
+        "--marker",
+        str(tmp / f"m{pid}-{run}"),
     ]
     return subprocess.Popen(
-        [sys.executable, str(APP), *args], env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
+        [sys.executable, str(APP), *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
 def serve(rounds=2):
     model = [np.zeros((40, 50), np.float32), np.zeros(50, np.float32)]
     strategy = FedAvg(
-        initial_parameters=ndarrays_to_parameters(model), min_fit_clients=2,
-        min_available_clients=2, min_evaluate_clients=2,
+        initial_parameters=ndarrays_to_parameters(model),
+        min_fit_clients=2,
+        min_available_clients=2,
+        min_evaluate_clients=2,
     )
     return ServerThread(
-        config=ServerConfig(num_rounds=rounds, round_timeout=60), strategy=strategy,
-        compression=TopK(ratio=0.05, error_feedback=True), seed=1,
+        config=ServerConfig(num_rounds=rounds, round_timeout=60),
+        strategy=strategy,
+        compression=TopK(ratio=0.05, error_feedback=True),
+        seed=1,
     ).start()
 
 

@@ -40,7 +40,9 @@ def masked_sum(vectors, ring_bits):
         SecureEncoding(QSGD(bits=4, scale=0.5), num_clients=6, max_weight=40),
         SecureEncoding(QSGD(bits=8, scale=1.0), num_clients=6, max_weight=3, ring_bits=64),
         SecureEncoding(
-            RandomK(ratio=0.1, shared_seed=True), num_clients=6, max_weight=40,
+            RandomK(ratio=0.1, shared_seed=True),
+            num_clients=6,
+            max_weight=40,
             quantizer=QSGD(bits=6, scale=0.5),
         ),
     ],

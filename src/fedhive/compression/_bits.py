@@ -35,10 +35,10 @@ def pack(values: NDArray, width: int) -> NDArray:
         v = flat.astype(np.uint8, copy=False)
         if padded != count:
             v = np.concatenate([v, np.zeros(padded - count, np.uint8)])
-        v = v.reshape(-1, per)
-        out = v[:, 0].copy()
+        grid = v.reshape(-1, per)
+        out = grid[:, 0].copy()
         for j in range(1, per):
-            out |= v[:, j] << np.uint8(j * width)
+            out |= grid[:, j] << np.uint8(j * width)
         return out
     if 1 <= width <= 16:
         planes = (flat.astype(np.uint16)[:, None] >> np.arange(width, dtype=np.uint16)) & 1

@@ -33,6 +33,7 @@ Example::
 
 from __future__ import annotations
 
+import itertools
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
@@ -387,7 +388,7 @@ def _encode_indices(indices: NDArray, size: int) -> tuple[NDArray, str]:
     return np.packbits(mask, bitorder="little"), "bitmap"
 
 
-def _decode_indices(arr: NDArray, mode: Scalar, size: int, k: int) -> NDArray:
+def _decode_indices(arr: NDArray, mode: Scalar | None, size: int, k: int) -> NDArray:
     if mode == "bitmap":
         if arr.dtype != np.uint8 or arr.ndim != 1 or arr.size != _bits.packed_nbytes(size, 1):
             raise SerdeError(f"an index bitmap for {size} elements must be uint8[{-(-size // 8)}]")
@@ -604,15 +605,15 @@ def gaussian_centroids(bits: int) -> tuple[NDArray, NDArray]:
 
     c = [(-3 + 6 * (i + 0.5) / n) for i in range(n)]
     for _ in range(300):
-        edges = [-math.inf, *[(a + b) / 2 for a, b in zip(c, c[1:], strict=False)], math.inf]
+        edges = [-math.inf, *[(a + b) / 2 for a, b in itertools.pairwise(c)], math.inf]
         new = []
-        for lo, hi in zip(edges, edges[1:], strict=False):
+        for lo, hi in itertools.pairwise(edges):
             mass = cdf(hi) - cdf(lo)
             plo = 0.0 if lo == -math.inf else pdf(lo)
             phi = 0.0 if hi == math.inf else pdf(hi)
             new.append((plo - phi) / mass if mass > 0 else (lo + hi) / 2)
         c = new
-    boundaries = [(a + b) / 2 for a, b in zip(c, c[1:], strict=False)]
+    boundaries = [(a + b) / 2 for a, b in itertools.pairwise(c)]
     return np.asarray(c, np.float32), np.asarray(boundaries, np.float32)
 
 
@@ -692,9 +693,7 @@ class EDEN(Codec):
 
 
 #: Codecs by id (the ``uplink``/``downlink`` names of the ``[compression]`` table).
-CODECS: dict[str, type[Codec]] = {
-    c.id: c for c in (FP16, BF16, QSGD, TopK, RandomK, Sign, EDEN)
-}
+CODECS: dict[str, type[Codec]] = {c.id: c for c in (FP16, BF16, QSGD, TopK, RandomK, Sign, EDEN)}
 
 
 def codec_from_params(codec_id: object, params: Mapping[str, Any]) -> Codec:

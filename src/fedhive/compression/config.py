@@ -51,8 +51,7 @@ class Compression:
             self.downlink, tuple(DOWNLINK_CODECS.values())
         ):
             raise ConfigError(
-                f"downlink must be FP16, BF16 or QSGD (or None), got "
-                f"{type(self.downlink).__name__}"
+                f"downlink must be FP16, BF16 or QSGD (or None), got {type(self.downlink).__name__}"
             )
         if not isinstance(self.server_error_feedback, bool):
             raise ConfigError("server_error_feedback must be a bool")
@@ -93,7 +92,7 @@ class Compression:
             except ConfigError as exc:
                 raise ConfigError(f"[compression] uplink = {uplink!r}: {exc}") from None
         elif feedback:
-            raise ConfigError('[compression] error_feedback = true needs an uplink codec')
+            raise ConfigError("[compression] error_feedback = true needs an uplink codec")
         down = None if downlink == "none" else downlink_codec(downlink)
         return cls(uplink=up, downlink=down)
 
@@ -108,9 +107,7 @@ def downlink_codec(name: str) -> Codec:
 def _name(table: Mapping[str, Any], key: str, allowed: tuple[str, ...]) -> str:
     value = table.get(key, "none")
     if value not in allowed:
-        raise ConfigError(
-            f"[compression] {key} = {value!r} is not one of {', '.join(allowed)}"
-        )
+        raise ConfigError(f"[compression] {key} = {value!r} is not one of {', '.join(allowed)}")
     return str(value)
 
 

@@ -147,14 +147,10 @@ def encode_update(
     if _RAW in fields_:
         raise SerdeError(f"a codec may not name a payload array {_RAW!r}")
     arrays = {**fields_, _RAW: np.ascontiguousarray(raw, np.float32)}
-    return RecordDict(
-        {PAYLOAD_RECORD: arrays}, {INFO_RECORD: {"id": codec.id, **info}}
-    )
+    return RecordDict({PAYLOAD_RECORD: arrays}, {INFO_RECORD: {"id": codec.id, **info}})
 
 
-def decode_update(
-    codec: Codec, layout: Layout, extras: RecordDict, seed: int
-) -> NDArrays:
+def decode_update(codec: Codec, layout: Layout, extras: RecordDict, seed: int) -> NDArrays:
     """The update behind a reply's records, as float32 arrays of the model's shapes;
     :class:`SerdeError` naming what is wrong (nothing is returned in part)."""
     arrays = extras.array_records.get(PAYLOAD_RECORD)
@@ -165,15 +161,17 @@ def decode_update(
             f"{INFO_RECORD!r} (config); this one has {extras!r}"
         )
     if info.get("id") != codec.id:
-        raise SerdeError(f"the reply is encoded with {info.get('id')!r}, the round asked for "
-                         f"{codec.id!r}")
+        raise SerdeError(
+            f"the reply is encoded with {info.get('id')!r}, the round asked for {codec.id!r}"
+        )
     fields_ = dict(arrays)
     raw = fields_.pop(_RAW, None)
     if not isinstance(raw, np.ndarray) or raw.dtype != np.float32 or raw.ndim != 1:
         raise SerdeError(f"payload array {_RAW!r} must be 1-D float32")
     if raw.size != layout.raw_size:
-        raise SerdeError(f"payload array {_RAW!r} must hold {layout.raw_size} values, got "
-                         f"{raw.size}")
+        raise SerdeError(
+            f"payload array {_RAW!r} must hold {layout.raw_size} values, got {raw.size}"
+        )
     if not np.isfinite(raw).all():
         raise SerdeError(f"payload array {_RAW!r} holds NaN or Inf")
     rest = {k: v for k, v in info.items() if k != "id"}
@@ -241,7 +239,9 @@ def decode_model(codec: Codec, extras: RecordDict) -> NDArrays:
     layout = Layout.of([np.empty(s, np.uint8) for s in shapes], codec.min_size)
     info = extras.config_records.get(f"{MODEL_RECORD}.info", {})
     flat = decode_update(
-        codec, layout, RecordDict({PAYLOAD_RECORD: arrays}, {INFO_RECORD: {**info,
-                                                                           "id": codec.id}}), 0
+        codec,
+        layout,
+        RecordDict({PAYLOAD_RECORD: arrays}, {INFO_RECORD: {**info, "id": codec.id}}),
+        0,
     )
     return [a.astype(dt, copy=False) for a, dt in zip(flat, dtypes, strict=True)]

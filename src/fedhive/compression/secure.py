@@ -127,13 +127,15 @@ class SecureEncoding:
         support = self._support(size, seed)
         count = size if support is None else support.size
         if total.shape != (count,) or total.dtype != self.dtype:
-            raise SerdeError(f"a ring sum must be {self.dtype}[{count}], got {total.dtype}"
-                             f"{list(total.shape)}")
+            raise SerdeError(
+                f"a ring sum must be {self.dtype}[{count}], got {total.dtype}{list(total.shape)}"
+            )
         offset = weight_sum * self.grid.levels
         if int(total.max(initial=0)) > 2 * offset:
             raise SerdeError("the ring sum is out of range: an input was not a valid encoding")
         levels = total.astype(np.int64) - offset
-        values = levels.astype(np.float64) * (self.grid.scale / self.grid.levels)
+        scale = float(self.grid.scale or 0.0)  # set: checked at construction
+        values = levels.astype(np.float64) * (scale / self.grid.levels)
         if support is None:
             return values.astype(np.float32)
         out = np.zeros(size, np.float32)

@@ -97,17 +97,21 @@ class CompressionStage(ReplyStage):
         model = [np.asarray(a) for a in ins.parameters.arrays]
         target = model
         residual = self._downlink_residual
-        if self.compression.server_error_feedback and residual is not None:
-            if [r.shape for r in residual] == [a.shape for a in model]:
-                target = [a + r for a, r in zip(model, residual, strict=True)]
-        rng = np.random.default_rng(derive_seed(driver.engine.seed, driver.server_round, "", "down"))
+        feedback = self.compression.server_error_feedback and residual is not None
+        if feedback and [r.shape for r in residual] == [a.shape for a in model]:  # type: ignore[union-attr]
+            target = [a + r for a, r in zip(model, residual, strict=True)]  # type: ignore[arg-type]
+        rng = np.random.default_rng(
+            derive_seed(driver.engine.seed, driver.server_round, "", "down")
+        )
         records, decoded = encode_model(down, target, rng)
         if self.compression.server_error_feedback:
             self._downlink_residual = [
                 np.subtract(t, d, dtype=np.float32) for t, d in zip(target, decoded, strict=True)
             ]
         return FitIns(
-            ndarrays_to_parameters([]), dict(ins.config), _merge(_merge(ins.extras, record), records)
+            ndarrays_to_parameters([]),
+            dict(ins.config),
+            _merge(_merge(ins.extras, record), records),
         )
 
     def transform(self, driver: RoundDriver, client_id: str, result: FitRes) -> FitRes:
@@ -120,7 +124,9 @@ class CompressionStage(ReplyStage):
         layout = Layout.of(reference, codec.min_size)
         if len(result.parameters) != 0:
             raise InvalidUpdate(
-                client_id, driver.server_round, MessageType.FIT,
+                client_id,
+                driver.server_round,
+                MessageType.FIT,
                 "a compressed reply carries its update in extras and no model arrays",
             )
         try:

@@ -172,7 +172,10 @@ def start_simulation(
         from fedhive.compression.config import compression_setup
 
         stages, mods, _ = compression_setup(
-            compression, list(stages), list(mods), secure=secure_aggregation is not None,
+            compression,
+            list(stages),
+            list(mods),
+            secure=secure_aggregation is not None,
             policy=policy,
         )
     strategy = strategy or FedAvg()
