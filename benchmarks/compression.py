@@ -69,7 +69,12 @@ def experiment(seed: int, args: argparse.Namespace) -> Any:
             "num_clients": args.clients,
             "data": {"dataset": "mnist1d", "num_samples": args.samples, "alpha": 0.5},
             "model": {"name": "cnn1d"},
-            "train": {"local_epochs": 1, "batch_size": 32, "lr": 0.05, "momentum": 0.9},
+            "train": {
+                "local_epochs": args.epochs,
+                "batch_size": args.batch,
+                "lr": args.lr,
+                "momentum": 0.9,
+            },
             "strategy": {"fraction_fit": args.fraction, "fraction_evaluate": 0.0},
         }
     )
@@ -104,6 +109,8 @@ def bytes_to(acc: list[float], up: list[int], target: float) -> int | None:
 
 def accuracy_table(args: argparse.Namespace) -> list[str]:
     settings: list[Codec | None] = [None, *codecs(False), *codecs(True)]
+    if args.subset:
+        settings = [c for c in settings if c is None or c.id in ("topk", "eden", "sign")]
     results: dict[str, list[dict[str, Any]]] = {label(c): [] for c in settings}
     for seed in range(args.seeds):
         for codec in settings:
@@ -253,18 +260,31 @@ def main() -> int:
     parser.add_argument("--samples", type=int, default=6000)
     parser.add_argument("--megabytes", type=int, default=100)
     parser.add_argument("--bandwidth", type=float, default=0.1, help="MB/s per client link")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=10)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--subset", action="store_true", help="1-bit codecs and top-k only")
+    parser.add_argument(
+        "--parts", default="1,2,3", help="which parts to run: 1 accuracy, 2 speed, 3 link"
+    )
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.rounds, args.clients, args.samples, args.megabytes = 1, 2, 8, 1000, 8
+        args.subset = True
     out = ["fedhive compression benchmark", "command: " + shlex.join(["python", *sys.argv]), ""]
     out.append(
         f"1. bytes to accuracy: MNIST-1D ({args.samples} samples), Dirichlet(0.5), "
         f"{args.clients} clients, {args.fraction} per round, CNN1D, {args.rounds} rounds, "
         f"{args.seeds} seeds; min_size=0 (every array compressed)"
     )
-    out += accuracy_table(args)
-    out += ["", "2. throughput (single thread)", *throughput_table(args.megabytes)]
-    out += ["", "3. round time on a bandwidth-limited in-process link", *round_time_table(args)]
+    parts = set(args.parts.split(","))
+    if "1" in parts:
+        out += accuracy_table(args)
+    if "2" in parts:
+        out += ["", "2. throughput (single thread)", *throughput_table(args.megabytes)]
+    if "3" in parts:
+        out += ["", "3. round time on a bandwidth-limited in-process link"]
+        out += round_time_table(args)
     print("\n".join(out))
     return 0
 

@@ -107,3 +107,11 @@ def test_progress_bar_and_summary_show_the_bytes(tmp_path):
     out = io.StringIO()
     Console(file=out, width=200).print(summary_table(history, str(tmp_path)))
     assert f"{history.bytes_totals()['bytes_up']:,}" in out.getvalue()
+
+
+@pytest.mark.slow
+def test_compression_benchmark_smoke():
+    from conftest import run_benchmark
+
+    out = run_benchmark("compression.py", "--quick", timeout=300)
+    assert "topk(ratio=0.01) +EF" in out and "numpy.copy" in out and "speed-up" in out
