@@ -110,7 +110,7 @@ def bytes_to(acc: list[float], up: list[int], target: float) -> int | None:
 def accuracy_table(args: argparse.Namespace) -> list[str]:
     settings: list[Codec | None] = [None, *codecs(False), *codecs(True)]
     if args.subset:
-        settings = [c for c in settings if c is None or c.id in ("topk", "eden", "sign")]
+        settings = [c for c in settings if c is None or c.id in ("topk", "eden")]
     results: dict[str, list[dict[str, Any]]] = {label(c): [] for c in settings}
     for seed in range(args.seeds):
         for codec in settings:
