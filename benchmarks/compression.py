@@ -275,7 +275,8 @@ def main() -> int:
     out.append(
         f"1. bytes to accuracy: MNIST-1D ({args.samples} samples), Dirichlet(0.5), "
         f"{args.clients} clients, {args.fraction} per round, CNN1D, {args.rounds} rounds, "
-        f"{args.seeds} seeds; min_size=0 (every array compressed)"
+        f"{args.seeds} seeds, local epochs {args.epochs}, batch {args.batch}, lr {args.lr}; "
+        "min_size=0 (every array compressed)"
     )
     parts = set(args.parts.split(","))
     if "1" in parts:
