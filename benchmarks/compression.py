@@ -272,14 +272,14 @@ def main() -> int:
         args.seeds, args.rounds, args.clients, args.samples, args.megabytes = 1, 2, 8, 1000, 8
         args.subset = True
     out = ["fedhive compression benchmark", "command: " + shlex.join(["python", *sys.argv]), ""]
-    out.append(
-        f"1. bytes to accuracy: MNIST-1D ({args.samples} samples), Dirichlet(0.5), "
-        f"{args.clients} clients, {args.fraction} per round, CNN1D, {args.rounds} rounds, "
-        f"{args.seeds} seeds, local epochs {args.epochs}, batch {args.batch}, lr {args.lr}; "
-        "min_size=0 (every array compressed)"
-    )
     parts = set(args.parts.split(","))
     if "1" in parts:
+        out.append(
+            f"1. bytes to accuracy: MNIST-1D ({args.samples} samples), Dirichlet(0.5), "
+            f"{args.clients} clients, {args.fraction} per round, CNN1D, {args.rounds} rounds, "
+            f"{args.seeds} seeds, local epochs {args.epochs}, batch {args.batch}, lr {args.lr}; "
+            "min_size=0 (every array compressed)"
+        )
         out += accuracy_table(args)
     if "2" in parts:
         out += ["", "2. throughput (single thread)", *throughput_table(args.megabytes)]
