@@ -44,6 +44,7 @@ __all__ = [
     "__version__",
     "client",
     "common",
+    "compression",
     "data",
     "models",
     "privacy",
@@ -58,6 +59,7 @@ _SUBPACKAGES = frozenset(
     {
         "client",
         "common",
+        "compression",
         "data",
         "models",
         "privacy",
@@ -73,6 +75,7 @@ if TYPE_CHECKING:
     from fedhive import (
         client,
         common,
+        compression,
         data,
         models,
         privacy,

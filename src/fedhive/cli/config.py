@@ -28,6 +28,8 @@ A TOML file has up to seven tables, every key optional (defaults give the defaul
                  "ditto" | "apfl"), personal_layers, personal_types, lam, finetune_epochs,
                  head_epochs, personal_epochs, alpha, alpha_lr, eval_clients,
                  test_fraction (optional; see :mod:`fedhive.cli.personalization`)
+    [compression] uplink, ratio, bits, error_feedback, downlink (update compression,
+                 optional; :mod:`fedhive.cli.compression_config`)
 
 An unknown key or a bad value stops the run with a message naming the key, the value and
 what is allowed. So does a strategy parameter that the chosen strategy does not take
@@ -71,6 +73,11 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from fedhive.cli.personalization import PersonalizationSection
+from fedhive.cli.compression_config import (
+    CompressionConfig,
+    check_compression_policy,
+    check_compression_secure,
+)
 from fedhive.cli.policies import PolicyConfig, SyncConfig
 from fedhive.cli.stragglers import SystemConfig, check_strategy_policy
 from fedhive.cli.strategies import (
@@ -338,6 +345,7 @@ class ExperimentConfig(_Section):
     policy: SerializeAsAny[PolicyConfig] = SyncConfig()
     system: SystemConfig | None = None
     personalization: PersonalizationSection | None = None
+    compression: CompressionConfig | None = None
 
     @model_validator(mode="after")
     def _check_sample_size(self) -> Self:
@@ -347,6 +355,8 @@ class ExperimentConfig(_Section):
         )
         check_secure_strategy(self.secure_aggregation, st)
         check_secure_policy(self.secure_aggregation, self.policy)
+        check_compression_secure(self.compression, self.secure_aggregation)
+        check_compression_policy(self.compression, self.policy)
         concurrency = self.policy.clients_training()
         if concurrency is not None and concurrency > self.num_clients:
             raise PydanticCustomError(

@@ -435,6 +435,7 @@ def run_experiment(
         policy=run_policy(cfg.strategy, cfg.policy),
         system=system,
         callbacks=[*callbacks, *exp.callbacks],
+        compression=None if cfg.compression is None else cfg.compression.build(),
         checkpoint_dir=checkpoint_dir,
         model_dir=model_dir,
         resume=resume,

@@ -36,6 +36,20 @@ def _privacy(record: dict[str, Any]) -> str:
     return f"  eps {float(metrics['epsilon']):.3g}{flag}"
 
 
+def _megabytes(count: int) -> str:
+    """A byte count for people: ``"12.3 kB"``, ``"4.56 MB"``."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= size:
+            return f"{count / size:.3g} {unit}"
+    return f"{count} B"
+
+
+def _wire(history: History) -> str:
+    """``"  up 1.2 MB down 3.4 MB"``: the bytes on the wire so far."""
+    totals = history.bytes_totals()
+    return f"  up {_megabytes(totals['bytes_up'])} down {_megabytes(totals['bytes_down'])}"
+
+
 def _accuracy_and_loss(record: dict[str, Any]) -> tuple[Any, Any]:
     central = record.get("centralized") or {}
     dist = record.get("distributed") or {}
@@ -54,7 +68,10 @@ class ProgressBar(RoundCallback):
             TextColumn("[bold]round"),
             MofNCompleteColumn(),
             BarColumn(),
-            TextColumn("acc {task.fields[acc]}  loss {task.fields[loss]}{task.fields[eps]}"),
+            TextColumn(
+                "acc {task.fields[acc]}  loss {task.fields[loss]}{task.fields[eps]}"
+                "{task.fields[wire]}"
+            ),
             TimeElapsedColumn(),
             TextColumn("eta"),
             TimeRemainingColumn(),
@@ -76,6 +93,7 @@ class ProgressBar(RoundCallback):
             acc=_fmt(acc),
             loss=_fmt(loss),
             eps=self.eps,
+            wire=_wire(engine.history),
         )
 
     def on_round_end(self, engine: Engine, record: dict[str, Any]) -> None:
@@ -87,6 +105,7 @@ class ProgressBar(RoundCallback):
             acc=_fmt(acc),
             loss=_fmt(loss),
             eps=self.eps,
+            wire=_wire(engine.history),
         )
 
     def on_run_end(self, engine: Engine, history: History) -> None:
@@ -122,5 +141,8 @@ def summary_table(history: History, out_dir: str) -> Table:
     table.add_row("final loss", _fmt(loss))
     table.add_row("training time (s)", f"{float(last.get('elapsed_s', 0.0)):.1f}")
     table.add_row("client failures", str(failures))
+    totals = history.bytes_totals()
+    table.add_row("bytes up (clients to server)", f"{totals['bytes_up']:,}")
+    table.add_row("bytes down (server to clients)", f"{totals['bytes_down']:,}")
     table.add_row("output", out_dir)
     return table

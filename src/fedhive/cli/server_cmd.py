@@ -269,6 +269,7 @@ def _serve(
             secure_aggregation=(
                 None if cfg.secure_aggregation is None else cfg.secure_aggregation.options()
             ),
+            compression=None if cfg.compression is None else cfg.compression.build(),
             **cfg.memory.server_options(),
         )
     except KeyboardInterrupt:

@@ -26,6 +26,11 @@ from pydantic import (
     model_validator,
 )
 
+from fedhive.cli.compression_config import (
+    CompressionConfig,
+    check_compression_policy,
+    check_compression_secure,
+)
 from fedhive.cli.config import (
     ModelConfig,
     SecureAggregationConfig,
@@ -160,12 +165,15 @@ class DeployConfig(_Section):
     secure_aggregation: SecureAggregationConfig | None = None
     memory: MemoryConfig = MemoryConfig()
     policy: SerializeAsAny[PolicyConfig] = SyncConfig()
+    compression: CompressionConfig | None = None
 
     @model_validator(mode="after")
     def _check_secure_strategy(self) -> Self:
         check_strategy_policy(self.strategy, self.policy, None, self.secure_aggregation is not None)
         check_secure_strategy(self.secure_aggregation, self.strategy)
         check_secure_policy(self.secure_aggregation, self.policy)
+        check_compression_secure(self.compression, self.secure_aggregation)
+        check_compression_policy(self.compression, self.policy)
         # the sampling check of [strategy] (min_available_clients) ran already; under an
         # asynchronous policy each version's results are buffer_size instead
         check_policy_round_size(self.strategy, self.policy)

@@ -17,8 +17,9 @@ from fedhive.client.client import Client
 from fedhive.client.context import Context
 from fedhive.client.numpy_client import NumPyClient
 from fedhive.common.clock import Clock, SystemClock, sleep_async
-from fedhive.common.errors import ConfigError, TransportError
+from fedhive.common.errors import ConfigError, SerdeError, StateError, TransportError
 from fedhive.common.message import Message
+from fedhive.common.records import RecordDict
 
 __all__ = ["start_client", "start_clients", "start_numpy_client"]
 
@@ -77,6 +78,7 @@ def start_client(
     heartbeat_interval: float = 5.0,
     chunk_bytes: int | None = None,
     clock: Clock | None = None,
+    state_dir: str | Path | None = None,
 ) -> None:
     """Connect to a fedhive server and answer its tasks until the run ends.
 
@@ -91,7 +93,11 @@ def start_client(
     The backoff waits, and ``max_wait_time``, are measured on ``clock`` (default:
     :class:`~fedhive.common.clock.SystemClock`; a virtual clock makes them pass at once).
     The SecAgg+ client mod is put first unless ``mods`` has one: it only answers secure
-    aggregation stages, so the client joins secure rounds when the server runs them.
+    aggregation stages, so the client joins secure rounds when the server runs them; the
+    compression mod likewise answers the rounds whose tasks ask for an encoded update.
+    ``state_dir`` keeps the client's persistent state (``context.state``: error-feedback
+    residuals, SCAFFOLD's variate) on disk across restarts, and the node id with it when
+    ``node_id`` is not given.
     """
     if (client is None) == (client_fn is None):
         raise ConfigError("start_client needs exactly one of client= or client_fn=")
@@ -101,8 +107,12 @@ def start_client(
     from fedhive.transport.grpc_client import AuditLog, ClientSession, Retryable
 
     security = _security(insecure, root_certificates, certificate_chain, private_key, auth_token)
+    if node_id is None and state_dir is not None:
+        node_id = node_id_in(state_dir)
     node = node_id or uuid.uuid4().hex
-    handle = _node_handler(client_fn if client_fn is not None else _constant(client), mods, node)
+    handle = _node_handler(
+        client_fn if client_fn is not None else _constant(client), mods, node, state_dir
+    )
     session_args = dict(
         security=security,
         chunk_bytes=chunk_bytes or DEFAULT_CHUNK_BYTES,
@@ -255,20 +265,68 @@ async def _run_node(
 
 
 def _node_handler(
-    client_fn: ClientFn, mods: Sequence[Mod], node: str
+    client_fn: ClientFn, mods: Sequence[Mod], node: str, state_dir: str | Path | None = None
 ) -> Callable[[Message], Message]:
-    """``handle(task) -> reply`` for one node: its app (the SecAgg+ mod first unless
-    ``mods`` has one) and its own context, kept across tasks."""
+    """``handle(task) -> reply`` for one node: its app (the compression and SecAgg+ mods
+    first unless ``mods`` has them) and its own context, kept across tasks (and in
+    ``state_dir``, when given, across restarts)."""
+    from fedhive.compression.mod import with_compression_mod
     from fedhive.secagg.client import with_secagg_mod
 
-    app = ClientApp(client_fn, with_secagg_mod(mods))
+    app = ClientApp(client_fn, with_compression_mod(with_secagg_mod(mods)))
     context = Context(node_id=node)
+    saved = _StateFile(state_dir, node) if state_dir is not None else None
+    if saved is not None:
+        context.state = saved.load()
 
     def handle(task: Message) -> Message:
         context.seed = task.metadata.seed
-        return app.handle(task, context)
+        reply = app.handle(task, context)
+        if saved is not None:
+            saved.save(context.state)
+        return reply
 
     return handle
+
+
+class _StateFile:
+    """A deployed client's persistent state (``Context.state``) in ``state_dir``: read
+    at start, written atomically after every task (fedhive's record format, no pickle),
+    so error-feedback residuals and the like survive a restart."""
+
+    def __init__(self, directory: str | Path, node: str) -> None:
+        self.path = Path(directory) / f"state-{node}.fhv"
+
+    def load(self) -> RecordDict:
+        from fedhive.common.serde import decode_record_dict
+
+        if not self.path.exists():
+            return RecordDict()
+        try:
+            return decode_record_dict(bytearray(self.path.read_bytes()))
+        except (OSError, SerdeError) as exc:
+            raise StateError(f"cannot load the client state {self.path}: {exc}") from exc
+
+    def save(self, state: RecordDict) -> None:
+        from fedhive.common.atomic import atomic_write_bytes
+        from fedhive.common.serde import encode_record_dict
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.path, encode_record_dict(state))
+
+
+def node_id_in(state_dir: str | Path) -> str:
+    """The node id kept in ``state_dir`` (made and stored on first use), so a restarted
+    client is the same node and finds its state."""
+    path = Path(state_dir) / "node_id"
+    if path.exists():
+        return path.read_text().strip()
+    from fedhive.common.atomic import atomic_write_bytes
+
+    node = uuid.uuid4().hex
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, node.encode())
+    return node
 
 
 def _constant(client: Client | None) -> ClientFn:

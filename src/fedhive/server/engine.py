@@ -189,6 +189,7 @@ class Engine:
         self.current_round = 0
         self._started = False
         self._refused: list[str] = []
+        self._wire: dict[str, list[int]] = {}  # client id -> [bytes up, bytes down] this round
         self._elapsed_before = 0.0
         self._run_start: float | None = None
         self.policy.check(self)
@@ -246,6 +247,8 @@ class Engine:
         replies = Replies(self.clock) if route is None else route.replies
         deadline = self._deadline()
         self.transport.send(tasks, replies)
+        for task in tasks:
+            self._count_wire(task, 1)
         arriving = self._receive(pending, replies, deadline, route)
         try:
             if not self.ordered:
@@ -317,7 +320,13 @@ class Engine:
             self._refused.append(problem)
             return None
         del pending[meta.reply_to]
+        self._count_wire(reply, 0)
         return reply
+
+    def _count_wire(self, message: Message, direction: int) -> None:
+        """Add ``message``'s bytes on the wire to this round's count (0 up, 1 down)."""
+        counts = self._wire.setdefault(message.metadata.node_id, [0, 0])
+        counts[direction] += self.transport.wire_bytes(message)
 
     # -- the run ------------------------------------------------------------------------------
 
@@ -405,6 +414,10 @@ class Engine:
         record["distributed"] = self._evaluate_round(server_round, client_manager, route)
         if self._refused:
             record["refused"] = list(self._refused)
+        record["bytes_up"] = sum(up for up, _ in self._wire.values())
+        record["bytes_down"] = sum(down for _, down in self._wire.values())
+        record["bytes_clients"] = {cid: {"up": u, "down": d} for cid, (u, d) in self._wire.items()}
+        self._wire = {}
         record["model_version"] = self.model_version
         record["elapsed_s"] = self.elapsed()
         if isinstance(self.clock, VirtualClock):  # simulated time: part of the results
@@ -533,6 +546,8 @@ def run_pipeline(driver: RoundDriver, pipeline: FitPipeline) -> None:
     if begun is None:
         return
     instructions, fit = begun
+    for stage in pipeline.stages[1:]:
+        instructions = stage.instruct(driver, instructions)
     aggregator, sink = pipeline.prepare(driver, fit)
     try:
         pipeline.exchange.run_exchange(driver, instructions, sink)

@@ -24,6 +24,10 @@ from fedhive.common.records import Scalar
 __all__ = ["History"]
 
 TIMING_KEYS = frozenset({"elapsed_s", "duration_s"})
+#: Bytes on the wire per round (``bytes_up``, ``bytes_down``, per client in
+#: ``bytes_clients``): exact, but they include message ids, which number the messages of
+#: a process, so equal-seed runs may differ in them by a few bytes per message.
+WIRE_KEYS = frozenset({"bytes_up", "bytes_down", "bytes_clients"})
 
 
 def _jsonable(value: Any) -> Any:
@@ -104,6 +108,13 @@ class History:
             self.add_metrics_distributed_fit(rnd, fit.get("metrics", {}))
         self.rounds.append(record)
 
+    def bytes_totals(self) -> dict[str, int]:
+        """Bytes sent up (clients to server) and down over the whole run."""
+        return {
+            "bytes_up": sum(int(r.get("bytes_up", 0)) for r in self.rounds),
+            "bytes_down": sum(int(r.get("bytes_down", 0)) for r in self.rounds),
+        }
+
     # export
     def to_dict(self) -> dict[str, Any]:
         return {"config": _jsonable(self.config), "rounds": _jsonable(self.rounds)}
@@ -120,11 +131,13 @@ class History:
         return history
 
     def without_timings(self) -> dict[str, Any]:
-        """The JSON form minus wall-clock fields: what must match across equal-seed runs."""
+        """The JSON form minus wall-clock fields (and the byte counts, see
+        :data:`WIRE_KEYS`): what must match across equal-seed runs."""
+        skip = TIMING_KEYS | WIRE_KEYS
 
         def strip(value: Any) -> Any:
             if isinstance(value, dict):
-                return {k: strip(v) for k, v in value.items() if k not in TIMING_KEYS}
+                return {k: strip(v) for k, v in value.items() if k not in skip}
             if isinstance(value, list):
                 return [strip(v) for v in value]
             return value

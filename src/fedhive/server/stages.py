@@ -80,6 +80,13 @@ class RoundStage(ABC):  # noqa: B024 - the three kinds below are the abstract on
     consumes: ClassVar[frozenset[str]] = frozenset({UPDATES, MEAN})
     produces: ClassVar[str | None] = None
 
+    def instruct(
+        self, driver: RoundDriver, instructions: list[tuple[ClientProxy, FitIns]]
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        """The fit instructions as this stage wants them sent (default: unchanged); runs
+        before the exchange, in stage order (a codec asks for encoded replies here)."""
+        return instructions
+
 
 class RoundAborted(Exception):
     """Raised by an exchange stage that cannot finish its round; the model is kept and

@@ -57,6 +57,7 @@ def start_server(
     secure_aggregation: Any = None,
     policy: RunPolicy | None = None,
     stages: Sequence[RoundStage] = (),
+    compression: Any = None,
 ) -> History:
     """Serve a federation and run ``config.num_rounds`` rounds of ``strategy``.
 
@@ -89,7 +90,9 @@ def start_server(
     ``start_client`` answer it) as the first of the round's ``stages``
     (:mod:`fedhive.server.stages`). ``policy`` runs the loop: synchronous rounds by default,
     or :class:`~fedhive.server.asynchronous.BufferedAsync` (``config.num_rounds`` model
-    versions, no round barrier).
+    versions, no round barrier). ``compression`` (a codec, a
+    :class:`~fedhive.compression.Compression` or a ``[compression]`` mapping) asks every
+    fit task for an encoded update; clients started with ``start_client`` answer it.
     """
     from fedhive.transport.frames import DEFAULT_CHUNK_BYTES
     from fedhive.transport.grpc_server import GrpcServer, ServerSecurity
@@ -108,6 +111,12 @@ def start_server(
         from fedhive.secagg.server import as_workflow
 
         stages = [as_workflow(secure_aggregation, strategy, fit_workflow), *stages]
+    if compression is not None:
+        from fedhive.compression.config import compression_setup
+
+        stages, _, _ = compression_setup(
+            compression, list(stages), [], secure=secure_aggregation is not None, policy=policy
+        )
     strategy = strategy or FedAvg()
     build_pipeline(strategy, stages, fit_workflow)  # before anything listens
     manager = client_manager or SimpleClientManager(seed=seed, wait_timeout=wait_timeout)

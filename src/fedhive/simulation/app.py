@@ -120,6 +120,7 @@ def start_simulation(
     policy: RunPolicy | None = None,
     stages: Sequence[RoundStage] = (),
     system: SystemModel | None = None,
+    compression: Any = None,
     **flower_only: Any,
 ) -> History:
     """Simulate ``num_clients`` virtual clients and return the run's :class:`History`.
@@ -151,7 +152,10 @@ def start_simulation(
     the same for the same seed. ``system`` (a :class:`~fedhive.simulation.system.SystemModel`)
     simulates device heterogeneity instead: per-client compute speed and bandwidth,
     availability windows and dropout, on a ``VirtualClock``; rounds then record
-    ``virtual_time_s``.
+    ``virtual_time_s``. ``compression`` (a codec such as ``fedhive.compression.TopK(ratio=0.01,
+    error_feedback=True)``, a :class:`~fedhive.compression.Compression` or a
+    ``[compression]`` mapping) encodes each client's update (and, optionally, the
+    broadcast model); the client mod goes in front of ``mods``.
 
     Flower's Ray arguments (``ray_init_args``, ``actor_type``, ``actor_kwargs``,
     ``actor_scheduling``, ``keep_initialised``) are handed to the backend; the local
@@ -174,6 +178,16 @@ def start_simulation(
 
         stages = [as_workflow(secure_aggregation, strategy, fit_workflow), *stages]
         mods = with_secagg_mod(mods)
+    if compression is not None:
+        from fedhive.compression.config import compression_setup
+
+        stages, mods, _ = compression_setup(
+            compression,
+            list(stages),
+            list(mods),
+            secure=secure_aggregation is not None,
+            policy=policy,
+        )
     strategy = strategy or FedAvg()
     build_pipeline(strategy, stages, fit_workflow)  # before any worker starts
     app = ClientApp(client_fn, mods)

@@ -201,3 +201,18 @@ class Transport(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release workers and connections."""
+
+    def wire_bytes(self, message: Message) -> int:
+        """Bytes ``message`` takes on the wire: the length of its encoding
+        (:func:`~fedhive.transport.codec.encode_wire`; a transport that sends bytes
+        reports what it sent or received). In-process transports never encode, so this
+        computes the encoding's length (headers; array buffers are only viewed). A
+        message that has no encoding (arrays of strings: no wire would carry it, and its
+        reply is refused later) counts 0."""
+        from fedhive.common.errors import SerdeError
+        from fedhive.transport.codec import encode_wire
+
+        try:
+            return sum(len(piece) for piece in encode_wire(message))
+        except SerdeError:
+            return 0

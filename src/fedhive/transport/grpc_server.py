@@ -308,6 +308,7 @@ class GrpcServer(Transport):
         self.spill_bytes = spill_bytes
         self.spill_dir = spill_dir
         self._staging = _Staging(max_staged_uploads, max_staged_bytes)
+        self._wire_sizes: dict[str, int] = {}  # message id -> bytes, until the engine asks
         self._buffers = BufferPool(max_free=max_staged_uploads, keep=self._uploads_queued)
         self.port: int | None = None
         self._connections: dict[str, _Connection] = {}
@@ -441,8 +442,15 @@ class GrpcServer(Transport):
             if key not in shared:
                 shared[key] = encode_content(task.content)
                 self._learn_model(task.content)
-            batch.append((Message(task.metadata, None), encode_wire(task, shared[key])))
+            pieces = encode_wire(task, shared[key])
+            self._wire_sizes[task.metadata.message_id] = sum(len(p) for p in pieces)
+            batch.append((Message(task.metadata, None), pieces))
         self._loop.call_soon_threadsafe(self._route, batch, replies, self._bound)
+
+    def wire_bytes(self, message: Message) -> int:
+        """What this server sent (a task) or received (a reply) for ``message``."""
+        size = self._wire_sizes.pop(message.metadata.message_id, None)
+        return super().wire_bytes(message) if size is None else size
 
     def _learn_model(self, content: object) -> None:
         """A task carrying the model sets what replies may hold from now on."""
@@ -473,6 +481,7 @@ class GrpcServer(Transport):
         for conn in self._connections.values():
             for mid in [m for m, p in conn.pending.items() if p.replies.cancelled]:
                 del conn.pending[mid]
+                self._wire_sizes.pop(mid, None)
                 out = conn.queued.pop(mid, None)
                 if out is not None:
                     out.frames = None
@@ -538,6 +547,7 @@ class GrpcServer(Transport):
         budget) runs when the engine is done with it."""
         bound = self._upload_bound(conn)
         loop = asyncio.get_running_loop()
+        size = len(data)
         try:
             reply = await loop.run_in_executor(
                 self._decoder, decode_wire, data, bound.header if bound else None
@@ -550,6 +560,7 @@ class GrpcServer(Transport):
         finally:
             del data
         meta = reply.metadata
+        self._wire_sizes[meta.message_id] = size
         pending = conn.pending.pop(meta.reply_to, None)
         if pending is None:
             free()

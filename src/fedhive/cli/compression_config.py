@@ -1,0 +1,69 @@
+"""The ``[compression]`` table of ``fedhive run`` and ``fedhive server``::
+
+    [compression]
+    uplink = "topk"          # none | fp16 | bf16 | qsgd | topk | randomk | sign | eden
+    ratio = 0.01             # topk/randomk
+    bits = 4                 # qsgd/eden
+    error_feedback = true
+    downlink = "none"        # none | fp16 | bf16 | qsgd
+
+Validated here with the other tables (bad values are named at their key), and built into
+a :class:`fedhive.compression.Compression` by :meth:`CompressionConfig.build`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from fedhive.common.errors import ConfigError
+
+__all__ = ["CompressionConfig", "check_compression_secure", "check_compression_policy"]
+
+
+class CompressionConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    uplink: Literal["none", "fp16", "bf16", "qsgd", "topk", "randomk", "sign", "eden"] = "none"
+    ratio: float = Field(0.01, gt=0, le=1, description="topk/randomk: share of elements sent")
+    bits: int = Field(4, ge=1, le=8, description="qsgd/eden: bits per element (qsgd: + sign)")
+    error_feedback: bool = False
+    downlink: Literal["none", "fp16", "bf16", "qsgd"] = "none"
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        try:
+            self.build()
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    def build(self) -> Any:
+        """The :class:`fedhive.compression.Compression` this table describes."""
+        from fedhive.compression.config import Compression
+
+        return Compression.from_table(self.model_dump())
+
+
+def check_compression_secure(compression: CompressionConfig | None, secure: object) -> None:
+    """Refuse a codec that secure aggregation cannot add (named, with the reason)."""
+    if compression is None or secure is None:
+        return
+    from fedhive.compression.config import check_secure_aggregation
+
+    try:
+        check_secure_aggregation(compression.build())
+    except ConfigError as exc:
+        raise ValueError(f"[compression] with secure_aggregation: {exc}") from None
+
+
+def check_compression_policy(compression: CompressionConfig | None, policy: Any) -> None:
+    """Compression needs synchronous rounds (each round's task names the codec)."""
+    if compression is None or compression.uplink == compression.downlink == "none":
+        return
+    if getattr(policy, "name", "sync") != "sync":
+        raise ValueError(
+            f'[compression] needs synchronous rounds; use name = "sync" under [policy] '
+            f"(got {policy.name!r}) or drop [compression]"
+        )

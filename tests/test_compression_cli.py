@@ -1,0 +1,117 @@
+"""[compression] in the TOML of fedhive run and fedhive server."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from cli_helpers import run_toml
+from fedhive.cli import app
+from fedhive.cli.config import validate
+from fedhive.cli.server_config import validate_server_config
+from fedhive.common import ConfigError
+from fedhive.compression import FP16, TopK
+
+runner = CliRunner()
+
+TABLE = """\
+[compression]
+uplink = "topk"
+ratio = 0.05
+bits = 4
+error_feedback = true
+downlink = "fp16"
+"""
+
+
+def test_run_with_compression_from_toml_records_bytes(tmp_path):
+    outs = {}
+    for name, tables in (("plain", ""), ("topk", TABLE)):
+        cfg = tmp_path / f"{name}.toml"
+        cfg.write_text(run_toml(tmp_path / name, tables=tables))
+        result = runner.invoke(app, ["run", str(cfg)], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        outs[name] = json.loads((tmp_path / name / "history.json").read_text())
+    up = {k: sum(r.get("bytes_up", 0) for r in h["rounds"]) for k, h in outs.items()}
+    down = {k: sum(r.get("bytes_down", 0) for r in h["rounds"]) for k, h in outs.items()}
+    assert up["topk"] < up["plain"] / 2 and down["topk"] < down["plain"]
+    assert all(r["fit"]["num_results"] > 0 for r in outs["topk"]["rounds"] if "fit" in r)
+
+
+def test_the_table_builds_the_codecs():
+    cfg = validate(
+        {
+            "compression": {
+                "uplink": "topk",
+                "ratio": 0.01,
+                "bits": 4,
+                "error_feedback": True,
+                "downlink": "fp16",
+            }
+        }
+    )
+    built = cfg.compression.build()
+    assert built.uplink == TopK(ratio=0.01, error_feedback=True) and built.downlink == FP16()
+    server = validate_server_config({"compression": {"uplink": "eden", "bits": 2}})
+    assert server.compression.build().uplink.bits == 2
+
+
+@pytest.mark.parametrize(
+    "table, pattern",
+    [
+        ({"uplink": "gzip"}, r"compression\.uplink = 'gzip'"),
+        ({"uplink": "topk", "ratio": 0}, r"compression\.ratio = 0"),
+        ({"uplink": "qsgd", "bits": 0}, r"compression\.bits = 0"),
+        ({"uplink": "topk", "levels": 3}, r"unknown key 'compression\.levels'"),
+        ({"downlink": "topk"}, r"compression\.downlink = 'topk'"),
+        ({"error_feedback": True}, r"needs an uplink codec"),
+    ],
+)
+def test_bad_compression_keys_are_refused(table, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        validate({"compression": table}, "exp.toml")
+    with pytest.raises(ConfigError, match=pattern):
+        validate_server_config({"compression": table}, "server.toml")
+
+
+def test_topk_with_secure_aggregation_and_async_are_refused():
+    for check in (validate, validate_server_config):
+        with pytest.raises(ConfigError, match="top-k"):
+            check({"compression": {"uplink": "topk"}, "secure_aggregation": {}}, "x.toml")
+        with pytest.raises(ConfigError, match="synchronous"):
+            check(
+                {
+                    "compression": {"uplink": "sign"},
+                    "policy": {"name": "buffered-async", "buffer_size": 2, "concurrency": 2},
+                },
+                "x.toml",
+            )
+
+
+def test_progress_bar_and_summary_show_the_bytes(tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from fedhive.cli.progress import ProgressBar, summary_table
+    from test_compression_runs import run
+
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=200, force_terminal=False)
+    history = run(
+        rounds=2, compression=TopK(ratio=0.1), callbacks=[ProgressBar(2, console=console)]
+    )
+    assert " up " in buffer.getvalue() and "kB" in buffer.getvalue()
+    out = io.StringIO()
+    Console(file=out, width=200).print(summary_table(history, str(tmp_path)))
+    assert f"{history.bytes_totals()['bytes_up']:,}" in out.getvalue()
+
+
+@pytest.mark.slow
+def test_compression_benchmark_smoke():
+    from conftest import run_benchmark
+
+    out = run_benchmark("compression.py", "--quick", timeout=300)
+    assert "topk(ratio=0.01) +EF" in out and "numpy.copy" in out and "speed-up" in out
