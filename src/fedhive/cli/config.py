@@ -72,12 +72,12 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from fedhive.cli.personalization import PersonalizationSection
 from fedhive.cli.compression_config import (
     CompressionConfig,
     check_compression_policy,
     check_compression_secure,
 )
+from fedhive.cli.personalization import PersonalizationSection
 from fedhive.cli.policies import PolicyConfig, SyncConfig
 from fedhive.cli.stragglers import SystemConfig, check_strategy_policy
 from fedhive.cli.strategies import (
