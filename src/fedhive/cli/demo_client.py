@@ -22,7 +22,16 @@ __all__ = ["DemoClient", "DemoClientFn", "demo_client_fn"]
 
 
 class DemoClient(SimClient):
-    """The simulation's client; training settings the server does not send get defaults."""
+    """The simulation's client; training settings the server does not send get defaults.
+
+    Its ``get_parameters`` is the reference model initialised from the demo's seed (the
+    same on every site), for a server that takes the initial model from a client.
+    """
+
+    seed: int = 0
+
+    def get_parameters(self, config: Config) -> NDArrays:
+        return self.spec.initial(self.seed)
 
     def fit(self, parameters: NDArrays, config: Config) -> tuple[NDArrays, int, dict[str, Scalar]]:
         return super().fit(parameters, {**TrainConfig().model_dump(), **config})
@@ -37,11 +46,14 @@ class DemoClientFn:
     val: tuple[NDArray, NDArray]
     partition_id: int
     num_partitions: int
+    seed: int = 0
 
     def __call__(self, context: Context) -> DemoClient:
         context.node_config.setdefault("partition-id", self.partition_id)
         context.node_config.setdefault("num-partitions", self.num_partitions)
-        return DemoClient(self.spec, self.train, self.val)
+        client = DemoClient(self.spec, self.train, self.val)
+        client.seed = self.seed
+        return client
 
 
 def demo_client_fn(
@@ -98,6 +110,7 @@ def demo_client_fn(
         (data.x_train[val_idx], data.y_train[val_idx]),
         partition_id,
         num_partitions,
+        seed,
     )
     line = (
         f"demo client: partition {partition_id} of {num_partitions} ({partition}) of "

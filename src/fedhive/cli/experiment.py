@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -305,23 +305,25 @@ def build_strategy(
 
 def model_strategy(
     st: StrategyConfig,
-    spec: ModelSpec,
-    dataset: Dataset,
+    spec: ModelSpec | None,
+    dataset: Dataset | None,
     fit_config: Config,
     seed: int,
     *,
     min_available_clients: int,
+    initial: NDArrays | None = None,
 ) -> tuple[Strategy, tuple[Mod, ...]]:
     """:func:`build_strategy` with the FedAvg arguments of ``fedhive run`` and ``fedhive
     server``: ``[strategy]``'s sampling, ``fit_config`` sent every round, the initial model
-    of ``spec`` for ``seed``, weighted metric averages and (if ``centralized_eval``) the
-    model's loss and accuracy on ``dataset``'s test split."""
+    (``initial`` if given, else ``spec``'s for ``seed``, else none: the engine asks a
+    client), weighted metric averages and (if ``centralized_eval`` and there is a
+    ``spec``) the model's loss and accuracy on ``dataset``'s test split."""
 
-    def evaluate_fn(
-        server_round: int, parameters: NDArrays, config: dict[str, Scalar]
-    ) -> tuple[float, dict[str, Scalar]]:
-        loss, acc = evaluate_params(spec, parameters, dataset.x_test, dataset.y_test)
-        return loss, {"accuracy": acc}
+    if initial is None and spec is not None:
+        initial = spec.initial(seed)
+    evaluate_fn = None
+    if st.centralized_eval and spec is not None and dataset is not None:
+        evaluate_fn = _test_split_evaluation(spec, dataset)
 
     fedavg_args: dict[str, Any] = {
         "fraction_fit": st.fraction_fit,
@@ -329,13 +331,27 @@ def model_strategy(
         "min_fit_clients": st.min_fit_clients,
         "min_evaluate_clients": st.min_evaluate_clients,
         "min_available_clients": min_available_clients,
-        "evaluate_fn": evaluate_fn if st.centralized_eval else None,
+        "evaluate_fn": evaluate_fn,
         "on_fit_config_fn": lambda rnd: dict(fit_config),
-        "initial_parameters": ndarrays_to_parameters(spec.initial(seed)),
+        "initial_parameters": None if initial is None else ndarrays_to_parameters(initial),
         "fit_metrics_aggregation_fn": weighted_average,
         "evaluate_metrics_aggregation_fn": weighted_average,
     }
     return build_strategy(st, fit_config, fedavg_args)
+
+
+def _test_split_evaluation(
+    spec: ModelSpec, dataset: Dataset
+) -> Callable[[int, NDArrays, dict[str, Scalar]], tuple[float, dict[str, Scalar]]]:
+    """Flower's ``evaluate_fn``: the model's loss and accuracy on ``dataset``'s test split."""
+
+    def evaluate_fn(
+        server_round: int, parameters: NDArrays, config: dict[str, Scalar]
+    ) -> tuple[float, dict[str, Scalar]]:
+        loss, acc = evaluate_params(spec, parameters, dataset.x_test, dataset.y_test)
+        return loss, {"accuracy": acc}
+
+    return evaluate_fn
 
 
 def build_experiment(cfg: ExperimentConfig) -> Experiment:

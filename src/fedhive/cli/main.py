@@ -23,7 +23,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one line per message, for log files
 
 
 @app.callback()
@@ -119,6 +119,12 @@ def _run(
     progress: bool,
 ) -> int:
     from fedhive.cli.experiment import build_experiment, run_experiment
+    from fedhive.cli.failures import (
+        NO_SUCCESS_EXIT,
+        FailureLog,
+        no_success_message,
+        run_had_no_success,
+    )
     from fedhive.cli.output import write_config, write_history, write_metrics_csv, write_plot
     from fedhive.cli.progress import EveryRound, ProgressBar, summary_table
     from fedhive.data import format_partition_table
@@ -138,9 +144,13 @@ def _run(
         write_history(out_dir / "history.json", history, resolved)
         write_metrics_csv(out_dir / "metrics.csv", history)
 
-    callbacks: list[Any] = [EveryRound(write_all)]
+    def emit(line: str, warning: bool) -> None:
+        prefix = "[yellow]warning:[/] " if warning else "  "
+        err.print(prefix + escape(line), highlight=False)
+
+    callbacks: list[Any] = [EveryRound(write_all), FailureLog(emit)]
     if progress:
-        callbacks.append(ProgressBar(cfg.rounds))
+        callbacks.append(ProgressBar(cfg.rounds, console=err))
     # the default policy is not named, so the line reads as it always has
     policy = "" if cfg.policy.name == "sync" else f", policy {cfg.policy.describe()}"
     err.print(
@@ -169,6 +179,9 @@ def _run(
     write_all(history)
     write_plot(out_dir / "accuracy.png", history)
     console.print(summary_table(history, str(out_dir)))
+    if run_had_no_success(history):
+        err.print(f"[bold red]error:[/] {escape(no_success_message(history))}", highlight=False)
+        return NO_SUCCESS_EXIT
     return 0
 
 

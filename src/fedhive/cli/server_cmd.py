@@ -12,6 +12,14 @@ from rich.markup import escape
 from fedhive.cli.config import apply_overrides, load_config, parse_override
 from fedhive.cli.deploy_common import console, err, experiment_config, set_log_level
 from fedhive.cli.experiment import ModelSpec, load_data, model_strategy
+from fedhive.cli.failures import (
+    NO_SUCCESS_EXIT,
+    failure_lines,
+    no_success_message,
+    run_had_no_success,
+    zero_success_warning,
+)
+from fedhive.cli.initial_model import describe_model, initial_parameters
 from fedhive.cli.server_config import (
     DeployConfig,
     load_tokens,
@@ -31,21 +39,41 @@ from fedhive.server.strategy.composed import plain_mean
 __all__ = ["describe_strategy", "server", "server_policy", "server_strategy"]
 
 
-def server_strategy(cfg: DeployConfig) -> tuple[Strategy, tuple[Mod, ...], Dataset]:
+def server_strategy(cfg: DeployConfig) -> tuple[Strategy, tuple[Mod, ...], Dataset | None]:
     """The strategy ``[strategy]`` names, the client mods it needs, and the data set that
-    gives the initial model and the centralized evaluation.
+    gives the initial model and the centralized evaluation (``None`` when the model comes
+    from a client: ``[model] name = "client"``, the default).
 
     Built by ``fedhive run``'s :func:`~fedhive.cli.experiment.build_strategy`, so both
     commands take the same names and parameters.
     """
-    exp = experiment_config(cfg.seed, cfg.data.model_dump(), cfg.model.model_dump(), 1, "server")
-    data = load_data(exp)
-    spec = ModelSpec.for_data(cfg.model, data)
+    data: Dataset | None = None
+    spec: ModelSpec | None = None
+    if not cfg.model.from_client:
+        reference = cfg.model.reference().model_dump()
+        exp = experiment_config(cfg.seed, cfg.data.model_dump(), reference, 1, "server")
+        data = load_data(exp)
+        spec = ModelSpec.for_data(exp.model, data)
+    initial = initial_parameters(cfg.model, spec, cfg.seed)
     fit_config: Config = dict(cfg.train.model_dump())
     st = cfg.strategy
-    strategy, mods = model_strategy(
-        st, spec, data, fit_config, cfg.seed, min_available_clients=st.min_available_clients
-    )
+    try:
+        strategy, mods = model_strategy(
+            st,
+            spec,
+            data,
+            fit_config,
+            cfg.seed,
+            min_available_clients=st.min_available_clients,
+            initial=initial,
+        )
+    except ConfigError as exc:
+        if spec is None and initial is None and "initial_parameters" in str(exc):
+            raise ConfigError(
+                f'{exc}; the server holds no model ([model] name = "client"): give one '
+                'with [model] initial_parameters = "MODEL.npz" (numpy.savez of its arrays)'
+            ) from None
+        raise
     if cfg.memory.accumulator != "float64":
         _set_accumulator(strategy, cfg.memory.accumulator, st.name)
     return strategy, mods, data
@@ -183,8 +211,22 @@ class _Outputs(RoundCallback):
         if loss is not None:
             parts.append(f"loss {loss:.4f}")
         failures = len(record.get("failures", []))
-        parts.append(f"({fit.get('num_results', 0)} fit results, {failures} failures)")
+        evaluate = len(dist.get("failures") or [])
+        counts = f"{fit.get('num_results', 0)} fit results, {failures} failures"
+        if evaluate:
+            counts += f", {evaluate} evaluate failures"
+        parts.append(f"({counts})")
         err.print(" ".join(parts), highlight=False, markup=False)
+        report_failures(record)
+
+
+def report_failures(record: dict[str, Any]) -> None:
+    """The round's failure reasons (one line each) and a zero-success warning, on stderr."""
+    for line in failure_lines(record):
+        err.print(f"  {line}", highlight=False, markup=False)
+    warning = zero_success_warning(record)
+    if warning is not None:
+        err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
 
 
 def _resolve(config_file: Path | None, flags: dict[str, Any], sets: list[str]) -> DeployConfig:
@@ -230,7 +272,8 @@ def _serve(
     def started(grpc_server: Any) -> None:
         err.print(
             f"fedhive server: listening on {host}:{grpc_server.port} ({mode}); "
-            f"{cfg.model.name} on {data.name}, {cfg.rounds} rounds, waiting for "
+            f"{describe_model(cfg.model, data.name if data else None)}, {cfg.rounds} "
+            "rounds, waiting for "
             f"{cfg.strategy.min_available_clients} clients -> {out_dir}",
             highlight=False,
             markup=False,
@@ -282,4 +325,7 @@ def _serve(
     table = summary_table(history, str(out_dir))
     table.title = "fedhive server: summary"
     console.print(table)
+    if run_had_no_success(history):
+        err.print(f"[bold red]error:[/] {escape(no_success_message(history))}", highlight=False)
+        return NO_SUCCESS_EXIT
     return 0

@@ -44,6 +44,7 @@ from fedhive.transport.base import DEFAULT_STAGED_BYTES
 
 __all__ = [
     "DeployConfig",
+    "DeployModelConfig",
     "DeployStrategyConfig",
     "MemoryConfig",
     "load_tokens",
@@ -89,6 +90,36 @@ class DeployStrategyConfig(StrategyConfig):
             "raise strategy.min_available_clients or strategy.min_fit_clients",
         )
         return self
+
+
+class DeployModelConfig(_Section):
+    """``[model]`` of the server: where the initial model comes from.
+
+    ``name = "client"`` (the default) serves the clients' own model: as in Flower, the
+    initial parameters come from one connected client's ``get_parameters``, and every
+    update must have that client's layout (a mismatch is refused, naming the array and
+    both shapes). ``cnn1d``, ``mlp`` and ``logreg`` are the reference models of
+    ``fedhive run``, initialised from ``seed`` and evaluated on ``[data]``'s test split.
+    ``initial_parameters`` (an ``.npz`` file, e.g. a ``final_model.npz``) replaces the
+    initial model of either kind.
+    """
+
+    name: Literal["client", "cnn1d", "mlp", "logreg"] = Field(
+        "client", description='"client": the model one connected client brings'
+    )
+    hidden: int = Field(128, ge=1, description="hidden width of the MLP")
+    initial_parameters: str = Field(
+        "", description=".npz file of the initial model (arrays arr_0, arr_1, ...)"
+    )
+
+    @property
+    def from_client(self) -> bool:
+        """Whether the server holds no model of its own (``name = "client"``)."""
+        return self.name == "client"
+
+    def reference(self) -> ModelConfig:
+        """The ``fedhive run`` model table of a reference model."""
+        return ModelConfig(name=self.name, hidden=self.hidden)
 
 
 class DeployDataConfig(_Section):
@@ -153,7 +184,7 @@ class DeployConfig(_Section):
     tokens: str = ""
     tls: TlsConfig = TlsConfig()
     strategy: SerializeAsAny[DeployStrategyConfig] = DeployStrategyConfig.model_validate({})
-    model: ModelConfig = ModelConfig()
+    model: DeployModelConfig = DeployModelConfig()
     data: DeployDataConfig = DeployDataConfig()
     train: TrainConfig = TrainConfig()
     secure_aggregation: SecureAggregationConfig | None = None
