@@ -16,6 +16,7 @@ secagg_app = typer.Typer(
     help="SecAgg+ identity keys: make one per site, share the peers file.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,  # "[identities]" is text, not rich markup
 )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, Self
 
@@ -173,7 +174,7 @@ class DeployConfig(_Section):
     """The config of ``fedhive server`` (see :mod:`fedhive.cli.deploy`)."""
 
     address: str = "0.0.0.0:8080"
-    rounds: int = Field(10, ge=0, description="rounds (model versions under any policy)")
+    rounds: int = Field(10, ge=1, description="rounds (model versions under any policy)")
     round_timeout: float | None = Field(None, gt=0)
     wait_timeout: float = Field(24 * 3600.0, gt=0)
     seed: int = 0
@@ -201,12 +202,15 @@ class DeployConfig(_Section):
         return self
 
 
-def validate_server_config(data: dict[str, Any], source: str = "config") -> DeployConfig:
-    """Validate a plain dict into a :class:`DeployConfig` (ConfigError if bad)."""
+def validate_server_config(
+    data: dict[str, Any], source: str = "config", sources: Mapping[str, str] | None = None
+) -> DeployConfig:
+    """Validate a plain dict into a :class:`DeployConfig` (ConfigError if bad);
+    ``sources`` labels keys that did not come from ``source`` (``"--set"``, a flag)."""
     try:
         return DeployConfig.model_validate(data)
     except ValidationError as exc:
-        lines = [describe_error(e, source, DeployConfig) for e in exc.errors()]  # type: ignore[arg-type]
+        lines = [describe_error(e, source, DeployConfig, sources) for e in exc.errors()]  # type: ignore[arg-type]
         raise ConfigError("invalid server configuration:\n  " + "\n  ".join(lines)) from None
 
 
