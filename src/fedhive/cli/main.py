@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from fedhive.cli import deploy
+from fedhive.cli.certs_cmd import certs
 from fedhive.cli.privacy import privacy_command
 from fedhive.cli.secagg_cmd import secagg_app
 from fedhive.common.errors import FedhiveError
@@ -230,6 +231,7 @@ def _run(
 
 
 app.command("privacy")(privacy_command)
+app.command("certs")(certs)
 app.command("server")(deploy.server)
 app.command("client")(deploy.client)
 app.add_typer(secagg_app)
