@@ -10,7 +10,7 @@ A TOML file has up to seven tables, every key optional (defaults give the defaul
     [data]       dataset, num_samples, path, partition, alpha, min_size, shards_per_client,
                  sigma, val_fraction
     [model]      name ("cnn1d" | "mlp" | "logreg"), hidden
-    [train]      local_epochs, batch_size, lr, momentum
+    [train]      local_epochs, batch_size, lr, momentum, max_steps
     [strategy]   name, fraction_fit, fraction_evaluate, min_fit_clients,
                  min_evaluate_clients, centralized_eval, and the chosen strategy's own
                  parameters under Flower's names: one model per strategy, registered
@@ -116,6 +116,9 @@ class TrainConfig(_Section):
     batch_size: int = Field(10, description="minibatch size; 0 = full batch (FedSGD)")
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
+    max_steps: int = Field(
+        0, ge=0, description="at most this many local steps per round (0 = every epoch's)"
+    )
 
 
 #: Each strategy's own parameters (beyond FedAvg's sampling keys), under the argument

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedhive.cli.config import TrainConfig
 from fedhive.cli.deploy_common import experiment_config
 from fedhive.cli.experiment import (
     ModelSpec,
@@ -14,6 +13,7 @@ from fedhive.cli.experiment import (
     make_partition,
     split_clients,
 )
+from fedhive.cli.server_config import DeployTrainConfig
 from fedhive.client.context import Context
 from fedhive.common.errors import ConfigError
 from fedhive.common.records import Config, NDArray, NDArrays, Scalar
@@ -34,7 +34,7 @@ class DemoClient(SimClient):
         return self.spec.initial(self.seed)
 
     def fit(self, parameters: NDArrays, config: Config) -> tuple[NDArrays, int, dict[str, Scalar]]:
-        return super().fit(parameters, {**TrainConfig().model_dump(), **config})
+        return super().fit(parameters, {**DeployTrainConfig().model_dump(), **config})
 
 
 @dataclass

@@ -143,6 +143,7 @@ def train_eval(
     epochs, batch = int(config["local_epochs"]), int(config["batch_size"])
     lr, momentum = float(config["lr"]), float(config["momentum"])
     mu = float(config.get("proximal_mu", 0.0))
+    max_steps = int(config.get("max_steps", 0)) or None  # 0: every epoch's minibatches
     if spec.name == "logreg":
         from fedhive.models import numpy_lr
 
@@ -156,6 +157,7 @@ def train_eval(
             seed=seed,
             momentum=momentum,
             proximal_mu=mu,
+            max_steps=max_steps,
             correction=correction,
         )
     from fedhive.models.torch_models import get_weights, set_weights, train_torch
@@ -172,6 +174,7 @@ def train_eval(
         momentum=momentum,
         seed=seed,
         proximal_mu=mu,
+        max_steps=max_steps,
         correction=correction,
     )
     return get_weights(model), info
@@ -367,6 +370,8 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
         "lr": train.lr,
         "momentum": train.momentum,
     }
+    if train.max_steps:
+        fit_config["max_steps"] = train.max_steps
 
     strategy, mods = model_strategy(
         cfg.strategy,
