@@ -31,9 +31,13 @@ err = Console(stderr=True, soft_wrap=True)  # one line per message, for log file
 
 def _version(value: bool) -> None:
     if value:
-        from fedhive import __version__
+        from importlib.metadata import PackageNotFoundError, version
 
-        console.print(f"fedhive {__version__}", highlight=False, markup=False)
+        try:
+            installed = version("fedhive")
+        except PackageNotFoundError:  # run from a source tree that is not installed
+            installed = "(not installed)"
+        console.print(f"fedhive {installed}", highlight=False, markup=False)
         raise typer.Exit(0)
 
 
