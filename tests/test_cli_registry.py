@@ -163,8 +163,9 @@ def test_a_key_no_strategy_takes_lists_the_keys_of_the_chosen_one():
         validate({"strategy": {"name": "fedtrimmedavg", "betta": 0.1}}, "exp.toml")
     text = str(info.value)
     assert "exp.toml: unknown key 'strategy.betta' (value 0.1); allowed keys here:" in text
+    # the chosen strategy's keys, and the closest of them
     assert text.rstrip().endswith(
-        "centralized_eval, deadline_s, over_selection, partial_work, beta"
+        "centralized_eval, deadline_s, over_selection, partial_work, beta; did you mean 'beta'?"
     )
     with pytest.raises(ConfigError, match=r"strategy\.min_available_clients.*allowed keys"):
         validate({"strategy": {"min_available_clients": 3}})  # a key of fedhive server only

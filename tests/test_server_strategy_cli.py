@@ -94,7 +94,7 @@ def test_bad_strategy_tables_stop_the_server_with_a_clear_message(tmp_path, stra
 
 def test_set_names_the_strategy_too(tmp_path):
     result = invoke("server", "--insecure", "--set", "strategy.name=median")
-    assert result.exit_code == 2 and "defaults: strategy.name = 'median'" in result.output
+    assert result.exit_code == 2 and "--set: strategy.name = 'median'" in result.output
     with pytest.raises(ConfigError, match=r"strategy\.name = 'median'.*'fedmedian'"):
         validate_server_config({"strategy": {"name": "median"}})
     cfg = validate_server_config({"strategy": {"name": "fedmedian"}})

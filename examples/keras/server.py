@@ -19,6 +19,19 @@ def weighted_average(metrics):
     return {"accuracy": sum(n * m["accuracy"] for n, m in metrics) / max(1, total)}
 
 
+def tls_certificates(parser, args):
+    """``(ca, cert, key)`` for start_server, or None without --cert/--key/--ca."""
+    if not (args.ca or args.cert or args.key):
+        return None
+    if not (args.cert and args.key):
+        parser.error("TLS needs both --cert SERVER.pem and --key SERVER.key")
+    try:
+        ca = Path(args.ca).read_bytes() if args.ca else b""  # --ca: only to check clients
+        return ca, Path(args.cert).read_bytes(), Path(args.key).read_bytes()
+    except OSError as exc:
+        parser.error(f"cannot read {exc.filename}: {exc.strerror}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--address", default="0.0.0.0:8080", help="HOST:PORT to serve on")
@@ -36,9 +49,7 @@ def main() -> None:
         on_fit_config_fn=lambda server_round: {"local_epochs": 1},
         evaluate_metrics_aggregation_fn=weighted_average,
     )
-    certificates = None
-    if args.cert:
-        certificates = tuple(Path(p).read_bytes() for p in (args.ca, args.cert, args.key))
+    certificates = tls_certificates(parser, args)
     host = args.address.rsplit(":", 1)[0]
     history = fl.server.start_server(
         server_address=args.address,

@@ -253,7 +253,7 @@ def client(
             **target,
         )
     except FedhiveError as exc:
-        err.print(f"[bold red]error:[/] {type(exc).__name__}: {escape(str(exc))}", highlight=False)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         err.print("\ninterrupted", highlight=False, markup=False)

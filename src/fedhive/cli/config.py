@@ -10,7 +10,7 @@ A TOML file has up to seven tables, every key optional (defaults give the defaul
     [data]       dataset, num_samples, path, partition, alpha, min_size, shards_per_client,
                  sigma, val_fraction
     [model]      name ("cnn1d" | "mlp" | "logreg"), hidden
-    [train]      local_epochs, batch_size, lr, momentum
+    [train]      local_epochs, batch_size, lr, momentum, max_steps
     [strategy]   name, fraction_fit, fraction_evaluate, min_fit_clients,
                  min_evaluate_clients, centralized_eval, and the chosen strategy's own
                  parameters under Flower's names: one model per strategy, registered
@@ -56,8 +56,10 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import re
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Self, overload
 
@@ -136,6 +138,9 @@ class TrainConfig(_Section):
     batch_size: int = Field(10, description="minibatch size; 0 = full batch (FedSGD)")
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
+    max_steps: int = Field(
+        0, ge=0, description="at most this many local steps per round (0 = every epoch's)"
+    )
 
 
 #: Each strategy's own parameters (beyond FedAvg's sampling keys), under the argument
@@ -333,7 +338,7 @@ def check_policy_round_size(st: StrategyConfig, policy: PolicyConfig) -> bool:
 
 class ExperimentConfig(_Section):
     seed: int = 0
-    rounds: int = Field(100, ge=0, description="rounds (model versions under any policy)")
+    rounds: int = Field(100, ge=1, description="rounds (model versions under any policy)")
     num_clients: int = Field(100, ge=1)
     out: str = "runs/default"
     data: DataConfig = DataConfig()
@@ -414,11 +419,19 @@ def check_round_size(st: StrategyConfig, have: int, sampling: str, fix: str) -> 
 
 
 def describe_error(
-    error: dict[str, Any], source: str, root: type[BaseModel] = ExperimentConfig
+    error: dict[str, Any],
+    source: str,
+    root: type[BaseModel] = ExperimentConfig,
+    sources: Mapping[str, str] | None = None,
 ) -> str:
-    """One line for one pydantic error of a config whose top-level model is ``root``."""
+    """One line for one pydantic error of a config whose top-level model is ``root``.
+
+    The line starts with where the value came from: ``sources[key]`` (e.g. ``"--set"``
+    for a key set on the command line), else ``source`` (the config file).
+    """
     key = ".".join(str(p) for p in error["loc"])
     value = error.get("input")
+    source = _source_of(key, error, source, sources)
     if error["type"] in ("strategy_parameter", "config_parameter"):
         ctx = error.get("ctx") or {}
         parts = [str(p) for p in error["loc"]]
@@ -429,14 +442,47 @@ def describe_error(
             return f"{source}: {key} is missing: {error['msg']}"
         return f"{source}: {key} = {ctx['value']!r}: {error['msg']}"
     if error["type"] == "unknown_key":  # a strategy table's key no strategy takes
-        return f"{source}: unknown key {key!r} (value {value!r}); {error['msg']}"
+        names = str((error.get("ctx") or {}).get("allowed", "")).split(", ")
+        hint = did_you_mean(str(error["loc"][-1]), names)
+        return f"{source}: unknown key {key!r} (value {value!r}); {error['msg']}{hint}"
     if error["type"] == "extra_forbidden":
         section: type[BaseModel] = root
         for part in error["loc"][:-1]:
             section = _section_model(section.model_fields[str(part)].annotation)
         allowed = ", ".join(section.model_fields)
-        return f"{source}: unknown key {key!r} (value {value!r}); allowed keys here: {allowed}"
+        hint = did_you_mean(str(error["loc"][-1]), section.model_fields)
+        return (
+            f"{source}: unknown key {key!r} (value {value!r}); allowed keys here: {allowed}{hint}"
+        )
+    if error["type"] == "literal_error" and isinstance(value, str):
+        names = re.findall(r"'([^']*)'", str((error.get("ctx") or {}).get("expected", "")))
+        hint = did_you_mean(value, names)
+        if hint:
+            return f"{source}: {key} = {value!r}: {error['msg']}{hint}"
     return f"{source}: {key} = {value!r}: {error['msg']}"
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """``"; did you mean 'fraction_fit'?"`` for the closest of ``choices``, or ``""``."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _source_of(
+    key: str, error: dict[str, Any], source: str, sources: Mapping[str, str] | None
+) -> str:
+    if not sources:
+        return source
+    ctx = error.get("ctx") or {}
+    candidates = [key]
+    if ctx.get("field"):
+        candidates.append(".".join([*(str(p) for p in error["loc"]), str(ctx["field"])]))
+        if ctx.get("section"):
+            candidates.append(f"{ctx['section']}.{ctx['field']}")
+    for candidate in candidates:
+        if candidate in sources:
+            return sources[candidate]
+    return source
 
 
 def _section_model(annotation: Any) -> type[BaseModel]:
@@ -447,12 +493,15 @@ def _section_model(annotation: Any) -> type[BaseModel]:
     raise TypeError(f"{annotation!r} is not a config section")
 
 
-def validate(data: dict[str, Any], source: str = "config") -> ExperimentConfig:
-    """Validate a plain dict into an :class:`ExperimentConfig` (ConfigError if bad)."""
+def validate(
+    data: dict[str, Any], source: str = "config", sources: Mapping[str, str] | None = None
+) -> ExperimentConfig:
+    """Validate a plain dict into an :class:`ExperimentConfig` (ConfigError if bad);
+    ``sources`` labels keys that did not come from ``source`` (see :func:`describe_error`)."""
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as exc:
-        lines = [describe_error(e, source) for e in exc.errors()]  # type: ignore[arg-type]
+        lines = [describe_error(e, source, ExperimentConfig, sources) for e in exc.errors()]  # type: ignore[arg-type]
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
 
 
@@ -489,7 +538,9 @@ def parse_override(text: str) -> tuple[str, Any]:
     """``"data.alpha=0.1"`` -> ``("data.alpha", 0.1)``; the value is read as TOML."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"--set expects KEY=VALUE (e.g. data.alpha=0.1), got {text!r}")
+        raise ConfigError(
+            f"--set expects KEY=VALUE in one word (e.g. --set data.alpha=0.1), got {text!r}"
+        )
     try:
         value = tomllib.loads(f"v = {raw.strip()}")["v"]
     except tomllib.TOMLDecodeError:

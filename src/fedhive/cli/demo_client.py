@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedhive.cli.config import TrainConfig
 from fedhive.cli.deploy_common import experiment_config
 from fedhive.cli.experiment import (
     ModelSpec,
@@ -14,6 +13,7 @@ from fedhive.cli.experiment import (
     make_partition,
     split_clients,
 )
+from fedhive.cli.server_config import DeployTrainConfig
 from fedhive.client.context import Context
 from fedhive.common.errors import ConfigError
 from fedhive.common.records import Config, NDArray, NDArrays, Scalar
@@ -22,10 +22,19 @@ __all__ = ["DemoClient", "DemoClientFn", "demo_client_fn"]
 
 
 class DemoClient(SimClient):
-    """The simulation's client; training settings the server does not send get defaults."""
+    """The simulation's client; training settings the server does not send get defaults.
+
+    Its ``get_parameters`` is the reference model initialised from the demo's seed (the
+    same on every site), for a server that takes the initial model from a client.
+    """
+
+    seed: int = 0
+
+    def get_parameters(self, config: Config) -> NDArrays:
+        return self.spec.initial(self.seed)
 
     def fit(self, parameters: NDArrays, config: Config) -> tuple[NDArrays, int, dict[str, Scalar]]:
-        return super().fit(parameters, {**TrainConfig().model_dump(), **config})
+        return super().fit(parameters, {**DeployTrainConfig().model_dump(), **config})
 
 
 @dataclass
@@ -37,11 +46,14 @@ class DemoClientFn:
     val: tuple[NDArray, NDArray]
     partition_id: int
     num_partitions: int
+    seed: int = 0
 
     def __call__(self, context: Context) -> DemoClient:
         context.node_config.setdefault("partition-id", self.partition_id)
         context.node_config.setdefault("num-partitions", self.num_partitions)
-        return DemoClient(self.spec, self.train, self.val)
+        client = DemoClient(self.spec, self.train, self.val)
+        client.seed = self.seed
+        return client
 
 
 def demo_client_fn(
@@ -98,6 +110,7 @@ def demo_client_fn(
         (data.x_train[val_idx], data.y_train[val_idx]),
         partition_id,
         num_partitions,
+        seed,
     )
     line = (
         f"demo client: partition {partition_id} of {num_partitions} ({partition}) of "

@@ -1,9 +1,11 @@
 """``fedhive server`` and ``fedhive client``: a real federation over gRPC, from a shell.
 
 ``fedhive server [CONFIG.toml]`` serves rounds of a strategy chosen by name (FedAvg by
-default; the same names and parameters as ``fedhive run``) on a reference model
-(``cnn1d``, ``mlp`` or ``logreg``) whose initial weights and centralized evaluation come
-from a built-in data set, and writes history.json, metrics.csv, accuracy.png,
+default; the same names and parameters as ``fedhive run``) on the clients' own model
+(``[model] name = "client"``, the default: initial parameters from one connected
+client, or from ``initial_parameters``) or on a reference model (``cnn1d``, ``mlp`` or
+``logreg``) whose initial weights and centralized evaluation come from a built-in data
+set, and writes history.json, metrics.csv, accuracy.png,
 config.toml and final_model.npz to its output folder. ``fedhive client`` connects one
 site: your own client (``--app module:attr``) or the built-in demo client (``--demo``),
 which trains on its own partition of the same built-in data set. Both refuse to run
@@ -27,9 +29,9 @@ The server config is a TOML file; every key is optional::
                 strategy's parameters (proximal_mu, eta, ...), fraction_fit,
                 fraction_evaluate, min_fit_clients, min_evaluate_clients,
                 min_available_clients, centralized_eval
-    [model]     name ("cnn1d" | "mlp" | "logreg"), hidden
+    [model]     name ("client" | "cnn1d" | "mlp" | "logreg"), hidden, initial_parameters
     [data]      dataset ("mnist1d" | "digits" | "synthetic" | "folder"), num_samples, path
-    [train]     local_epochs, batch_size, lr, momentum (sent to clients with every fit)
+    [train]     local_epochs, batch_size, lr, momentum, max_steps (sent with every fit)
 
 Relative paths are taken from the current directory. An unknown key or a bad value stops
 the server with a message naming the key, the value and what is allowed; so does an
@@ -48,7 +50,9 @@ from fedhive.cli.server_cmd import server, server_strategy
 from fedhive.cli.server_config import (
     DeployConfig,
     DeployDataConfig,
+    DeployModelConfig,
     DeployStrategyConfig,
+    DeployTrainConfig,
     TlsConfig,
     load_tokens,
     server_certificates,
@@ -60,7 +64,9 @@ __all__ = [
     "DemoClientFn",
     "DeployConfig",
     "DeployDataConfig",
+    "DeployModelConfig",
     "DeployStrategyConfig",
+    "DeployTrainConfig",
     "TlsConfig",
     "client",
     "demo_client_fn",

@@ -5,6 +5,7 @@ with ``fedhive run``."""
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,10 @@ from rich.console import Console
 
 from fedhive.cli.config import ExperimentConfig, validate
 from fedhive.common.errors import ConfigError
+
+# gRPC's core logs (TLS handshake failures, ...) only when asked: GRPC_VERBOSITY=info.
+# fedhive says what failed in its own words. Set before any channel or server exists.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 console = Console()
 err = Console(stderr=True, soft_wrap=True)  # one line per message, for log files

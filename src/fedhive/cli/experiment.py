@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -153,6 +153,7 @@ def train_eval(
     epochs, batch = int(config["local_epochs"]), int(config["batch_size"])
     lr, momentum = float(config["lr"]), float(config["momentum"])
     mu = float(config.get("proximal_mu", 0.0))
+    max_steps = int(config.get("max_steps", 0)) or None  # 0: every epoch's minibatches
     if spec.name == "logreg":
         from fedhive.models import numpy_lr
 
@@ -166,6 +167,7 @@ def train_eval(
             seed=seed,
             momentum=momentum,
             proximal_mu=mu,
+            max_steps=max_steps,
             correction=correction,
         )
     from fedhive.models.torch_models import get_weights, set_weights, train_torch
@@ -182,6 +184,7 @@ def train_eval(
         momentum=momentum,
         seed=seed,
         proximal_mu=mu,
+        max_steps=max_steps,
         correction=correction,
     )
     return get_weights(model), info
@@ -317,29 +320,31 @@ def build_strategy(
 
 def model_strategy(
     st: StrategyConfig,
-    spec: ModelSpec,
-    dataset: Dataset,
+    spec: ModelSpec | None,
+    dataset: Dataset | None,
     fit_config: Config,
     seed: int,
     *,
     min_available_clients: int,
+    initial: NDArrays | None = None,
     shared: SharedSplit | None = None,
 ) -> tuple[Strategy, tuple[Mod, ...]]:
     """:func:`build_strategy` with the FedAvg arguments of ``fedhive run`` and ``fedhive
     server``: ``[strategy]``'s sampling, ``fit_config`` sent every round, the initial model
-    of ``spec`` for ``seed``, weighted metric averages and (if ``centralized_eval``) the
-    model's loss and accuracy on ``dataset``'s test split. With ``shared`` (a
+    (``initial`` if given, else ``spec``'s for ``seed``, else none: the engine asks a
+    client), weighted metric averages and (if ``centralized_eval`` and there is a
+    ``spec``) the model's loss and accuracy on ``dataset``'s test split. With ``shared`` (a
     personalized run) the server's model is the shared part only; centralized evaluation
     completes it with the personal layers' initial values."""
-    initial = spec.initial(seed)
 
-    def evaluate_fn(
-        server_round: int, parameters: NDArrays, config: dict[str, Scalar]
-    ) -> tuple[float, dict[str, Scalar]]:
-        if shared is not None:
-            parameters = shared.merge(parameters, shared.personal_part(initial))
-        loss, acc = evaluate_params(spec, parameters, dataset.x_test, dataset.y_test)
-        return loss, {"accuracy": acc}
+    if initial is None and spec is not None:
+        initial = spec.initial(seed)
+    evaluate_fn = None
+    if st.centralized_eval and spec is not None and dataset is not None:
+        personal = None
+        if shared is not None and initial is not None:
+            personal = (shared, shared.personal_part(initial))
+        evaluate_fn = _test_split_evaluation(spec, dataset, personal)
 
     fedavg_args: dict[str, Any] = {
         "fraction_fit": st.fraction_fit,
@@ -347,15 +352,34 @@ def model_strategy(
         "min_fit_clients": st.min_fit_clients,
         "min_evaluate_clients": st.min_evaluate_clients,
         "min_available_clients": min_available_clients,
-        "evaluate_fn": evaluate_fn if st.centralized_eval else None,
+        "evaluate_fn": evaluate_fn,
         "on_fit_config_fn": lambda rnd: dict(fit_config),
-        "initial_parameters": ndarrays_to_parameters(
-            initial if shared is None else shared.shared(initial)
+        "initial_parameters": (
+            None
+            if initial is None
+            else ndarrays_to_parameters(initial if shared is None else shared.shared(initial))
         ),
         "fit_metrics_aggregation_fn": weighted_average,
         "evaluate_metrics_aggregation_fn": weighted_average,
     }
     return build_strategy(st, fit_config, fedavg_args)
+
+
+def _test_split_evaluation(
+    spec: ModelSpec, dataset: Dataset, personal: tuple[SharedSplit, NDArrays] | None = None
+) -> Callable[[int, NDArrays, dict[str, Scalar]], tuple[float, dict[str, Scalar]]]:
+    """Flower's ``evaluate_fn``: the model's loss and accuracy on ``dataset``'s test split
+    (with ``personal``, a shared-only model completed by those personal arrays)."""
+
+    def evaluate_fn(
+        server_round: int, parameters: NDArrays, config: dict[str, Scalar]
+    ) -> tuple[float, dict[str, Scalar]]:
+        if personal is not None:
+            parameters = personal[0].merge(parameters, personal[1])
+        loss, acc = evaluate_params(spec, parameters, dataset.x_test, dataset.y_test)
+        return loss, {"accuracy": acc}
+
+    return evaluate_fn
 
 
 def build_experiment(cfg: ExperimentConfig) -> Experiment:
@@ -382,6 +406,8 @@ def build_experiment(cfg: ExperimentConfig) -> Experiment:
         "lr": train.lr,
         "momentum": train.momentum,
     }
+    if train.max_steps:
+        fit_config["max_steps"] = train.max_steps
 
     strategy, mods = model_strategy(
         st,

@@ -11,7 +11,15 @@ from typing import Any
 from fedhive.common.atomic import atomic_write_bytes
 from fedhive.server.history import History
 
-__all__ = ["write_config", "write_history", "write_metrics_csv", "write_plot", "CSV_COLUMNS"]
+__all__ = [
+    "CSV_COLUMNS",
+    "CURVE_NAMES",
+    "plot_title",
+    "write_config",
+    "write_history",
+    "write_metrics_csv",
+    "write_plot",
+]
 
 CSV_COLUMNS = (
     "round",
@@ -67,8 +75,21 @@ def write_metrics_csv(path: Path, history: History) -> None:
     atomic_write_bytes(path, buffer.getvalue().encode())
 
 
-def write_plot(path: Path, history: History) -> bool:
-    """Loss and accuracy per round (centralized and federated); False if nothing to plot."""
+#: The plot's names of the two evaluations: the server's model on its test split
+#: (centralized) and the clients' own evaluation on their held-out data (federated).
+CURVE_NAMES = {"centralized": "server test set", "federated": "client validation"}
+
+
+def plot_title(dataset: str | None, strategy: str, seed: int) -> str:
+    """``"mnist1d, fedavg, seed 0"``: what the plot is of."""
+    data = dataset or "the clients' model"
+    return f"{data}, {strategy}, seed {seed}"
+
+
+def write_plot(path: Path, history: History, title: str | None = None) -> bool:
+    """Loss and accuracy per round, of the server's test set (centralized evaluation)
+    and of the clients' validation data (federated), under ``title``; False if there is
+    nothing to plot."""
     try:
         import matplotlib
     except ImportError:
@@ -91,15 +112,17 @@ def write_plot(path: Path, history: History) -> bool:
         loss = [(x, d["loss"]) for x, d in points if d and d.get("loss") is not None]
         acc = [(x, d["accuracy"]) for x, d in points if d and d.get("accuracy") is not None]
         if loss:
-            ax_loss.plot(*zip(*loss, strict=True), label=label)
+            ax_loss.plot(*zip(*loss, strict=True), label=CURVE_NAMES[label])
         if acc:
-            ax_acc.plot(*zip(*acc, strict=True), label=label)
+            ax_acc.plot(*zip(*acc, strict=True), label=CURVE_NAMES[label])
     for ax, name in ((ax_loss, "loss"), (ax_acc, "accuracy")):
         ax.set_xlabel("round")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
         if ax.has_data():
             ax.legend()
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)

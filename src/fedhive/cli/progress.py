@@ -17,6 +17,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from fedhive.cli.failures import count_failures
 from fedhive.server.engine import Engine, RoundCallback
 from fedhive.server.history import History
 
@@ -134,7 +135,7 @@ def summary_table(history: History, out_dir: str) -> Table:
     last = rounds[-1]
     acc, loss = _accuracy_and_loss(last)
     accs = [a for a, _ in map(_accuracy_and_loss, rounds) if a is not None]
-    failures = sum(len(r.get("failures", [])) for r in rounds)
+    failures = sum(map(count_failures, rounds))  # fit and evaluate
     table.add_row("rounds", str(last["round"]))
     table.add_row("final accuracy", _fmt(acc))
     table.add_row("best accuracy", _fmt(max(accs) if accs else None))

@@ -16,6 +16,7 @@ secagg_app = typer.Typer(
     help="SecAgg+ identity keys: make one per site, share the peers file.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,  # "[identities]" is text, not rich markup
 )
 
 
@@ -38,7 +39,7 @@ def keygen(
 
         public = write_identity(out, overwrite=force)
     except FedhiveError as exc:
-        err.print(f"[bold red]error:[/] {type(exc).__name__}: {escape(str(exc))}", highlight=False)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
     err.print(f"wrote {out}; add this line to the [identities] table of the peers file:",
               highlight=False, markup=False)  # fmt: skip

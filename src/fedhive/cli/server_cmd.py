@@ -9,9 +9,17 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from fedhive.cli.config import apply_overrides, load_config, parse_override
 from fedhive.cli.deploy_common import console, err, experiment_config, set_log_level
 from fedhive.cli.experiment import ModelSpec, load_data, model_strategy
+from fedhive.cli.failures import (
+    NO_SUCCESS_EXIT,
+    failure_lines,
+    no_success_message,
+    run_had_no_success,
+    zero_success_warning,
+)
+from fedhive.cli.initial_model import describe_model, initial_parameters
+from fedhive.cli.overrides import merged_config
 from fedhive.cli.server_config import (
     DeployConfig,
     load_tokens,
@@ -31,21 +39,41 @@ from fedhive.server.strategy.composed import plain_mean
 __all__ = ["describe_strategy", "server", "server_policy", "server_strategy"]
 
 
-def server_strategy(cfg: DeployConfig) -> tuple[Strategy, tuple[Mod, ...], Dataset]:
+def server_strategy(cfg: DeployConfig) -> tuple[Strategy, tuple[Mod, ...], Dataset | None]:
     """The strategy ``[strategy]`` names, the client mods it needs, and the data set that
-    gives the initial model and the centralized evaluation.
+    gives the initial model and the centralized evaluation (``None`` when the model comes
+    from a client: ``[model] name = "client"``, the default).
 
     Built by ``fedhive run``'s :func:`~fedhive.cli.experiment.build_strategy`, so both
     commands take the same names and parameters.
     """
-    exp = experiment_config(cfg.seed, cfg.data.model_dump(), cfg.model.model_dump(), 1, "server")
-    data = load_data(exp)
-    spec = ModelSpec.for_data(cfg.model, data)
+    data: Dataset | None = None
+    spec: ModelSpec | None = None
+    if not cfg.model.from_client:
+        reference = cfg.model.reference().model_dump()
+        exp = experiment_config(cfg.seed, cfg.data.model_dump(), reference, 1, "server")
+        data = load_data(exp)
+        spec = ModelSpec.for_data(exp.model, data)
+    initial = initial_parameters(cfg.model, spec, cfg.seed)
     fit_config: Config = dict(cfg.train.model_dump())
     st = cfg.strategy
-    strategy, mods = model_strategy(
-        st, spec, data, fit_config, cfg.seed, min_available_clients=st.min_available_clients
-    )
+    try:
+        strategy, mods = model_strategy(
+            st,
+            spec,
+            data,
+            fit_config,
+            cfg.seed,
+            min_available_clients=st.min_available_clients,
+            initial=initial,
+        )
+    except ConfigError as exc:
+        if spec is None and initial is None and "initial_parameters" in str(exc):
+            raise ConfigError(
+                f'{exc}; the server holds no model ([model] name = "client"): give one '
+                'with [model] initial_parameters = "MODEL.npz" (numpy.savez of its arrays)'
+            ) from None
+        raise
     if cfg.memory.accumulator != "float64":
         _set_accumulator(strategy, cfg.memory.accumulator, st.name)
     return strategy, mods, data
@@ -86,7 +114,7 @@ def describe_strategy(cfg: DeployConfig, mods: tuple[Mod, ...]) -> str:
 
 def server(
     config_file: Annotated[
-        Path | None, typer.Argument(metavar="[CONFIG.toml]", help="server config (TOML)")
+        Path | None, typer.Argument(metavar="CONFIG.toml", help="server config (TOML)")
     ] = None,
     address: Annotated[
         str | None, typer.Option(help="HOST:PORT to serve on (default: 0.0.0.0:8080)")
@@ -124,32 +152,42 @@ def server(
         typer.Option("--set", help="override any config key, e.g. --set strategy.fraction_fit=0.5"),
     ] = None,
     log_level: Annotated[str, typer.Option(help="debug|info|warning|error")] = "info",
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite", help="replace the run already in the output folder (and its checkpoints)"
+        ),
+    ] = False,
 ) -> None:
-    """Serve a federation over gRPC: rounds of the config's strategy (FedAvg by default;
-    the strategy table's name picks another, as in fedhive run) on a reference model (cnn1d, mlp or
-    logreg) of a built-in data set, with centralized evaluation on its test split.
-    Synchronous rounds by default; the policy table's name = "buffered-async" publishes
-    a model every buffer_size results while concurrency sites train.
+    """Serve a federation over gRPC: rounds of the config's strategy (FedAvg by
+    default; [strategy] name picks another, as in fedhive run).
 
-    Requires TLS (--cert/--key, or the tls table of the config) unless --insecure is
-    given.
-    Writes history.json, metrics.csv, accuracy.png, config.toml and final_model.npz to
-    the output folder, and a checkpoint after every round (continue with --resume).
+    The model is the clients' own by default: the initial parameters come from one
+    connected client's get_parameters (or from [model] initial_parameters, a .npz file),
+    and updates of another layout are refused. [model] name = "cnn1d", "mlp" or "logreg"
+    serves a reference model of a built-in data set instead, with centralized evaluation
+    on its test split. Synchronous rounds by default; [policy] name = "buffered-async"
+    publishes a model every buffer_size results while concurrency sites train.
+
+    Requires TLS (--cert/--key, or the [tls] table of the config) unless --insecure is
+    given. Writes history.json, metrics.csv, accuracy.png, config.toml and
+    final_model.npz to the output folder, and a checkpoint after every round (continue
+    with --resume). Exits 1 if no client's fit ever succeeded.
     """
     flags = {
-        "address": address,
-        "rounds": rounds,
-        "out": out,
-        "tls.ca": ca,
-        "tls.cert": cert,
-        "tls.key": key,
-        "require_client_auth": require_client_auth,
-        "tokens": tokens,
-        "checkpoint_dir": checkpoint_dir,
-        "resume": resume,
+        "address": ("--address", address),
+        "rounds": ("--rounds", rounds),
+        "out": ("--out", out),
+        "tls.ca": ("--ca", ca),
+        "tls.cert": ("--cert", cert),
+        "tls.key": ("--key", key),
+        "require_client_auth": ("--require-client-auth", require_client_auth),
+        "tokens": ("--tokens", tokens),
+        "checkpoint_dir": ("--checkpoint-dir", checkpoint_dir),
+        "resume": ("--resume", resume),
     }
     try:
-        code = _serve(config_file, flags, set_ or [], insecure, log_level)
+        code = _serve(config_file, flags, set_ or [], insecure, log_level, overwrite)
     except FedhiveError as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
@@ -187,27 +225,42 @@ class _Outputs(RoundCallback):
         if loss is not None:
             parts.append(f"loss {loss:.4f}")
         failures = len(record.get("failures", []))
-        parts.append(f"({fit.get('num_results', 0)} fit results, {failures} failures)")
+        evaluate = len(dist.get("failures") or [])
+        counts = f"{fit.get('num_results', 0)} fit results, {failures} failures"
+        if evaluate:
+            counts += f", {evaluate} evaluate failures"
+        parts.append(f"({counts})")
         err.print(" ".join(parts), highlight=False, markup=False)
+        report_failures(record)
 
 
-def _resolve(config_file: Path | None, flags: dict[str, Any], sets: list[str]) -> DeployConfig:
+def report_failures(record: dict[str, Any]) -> None:
+    """The round's failure reasons (one line each) and a zero-success warning, on stderr."""
+    for line in failure_lines(record):
+        err.print(f"  {line}", highlight=False, markup=False)
+    warning = zero_success_warning(record)
+    if warning is not None:
+        err.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False)
+
+
+def _resolve(
+    config_file: Path | None, flags: dict[str, tuple[str, Any]], sets: list[str]
+) -> DeployConfig:
     """The config file with ``--set`` and the flags applied, validated."""
-    raw = load_config(config_file)
-    overrides = dict(parse_override(s) for s in sets)
-    overrides.update({k: v for k, v in flags.items() if v is not None})
-    source = str(config_file) if config_file else "defaults"
-    return validate_server_config(apply_overrides(raw, overrides), source)
+    merged = merged_config(config_file, sets, flags)
+    return validate_server_config(merged.data, merged.source, merged.sources)
 
 
 def _serve(
     config_file: Path | None,
-    flags: dict[str, Any],
+    flags: dict[str, tuple[str, Any]],
     sets: list[str],
     insecure: bool,
     log_level: str,
+    overwrite: bool = False,
 ) -> int:
-    from fedhive.cli.output import write_config, write_plot
+    from fedhive.cli.outdir import prepare_out_dir, resume_line
+    from fedhive.cli.output import plot_title, write_config, write_plot
     from fedhive.cli.progress import summary_table
     from fedhive.server.checkpoint import save_npz
     from fedhive.server.config import ServerConfig
@@ -221,9 +274,14 @@ def _serve(
         err.print(
             "[yellow]warning:[/] client tokens travel in the clear without TLS", highlight=False
         )
+    out_dir = Path(cfg.out)
+    checkpoints = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else out_dir / "checkpoints"
+    if not cfg.resume:
+        hint = "the same command and --resume"
+        prepare_out_dir(out_dir, checkpoints, overwrite=overwrite, resume_hint=hint)
     strategy, mods, data = server_strategy(cfg)
     policy = server_policy(cfg)
-    out_dir = Path(cfg.out)
+    title = plot_title(data.name if data else None, cfg.strategy.name, cfg.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     resolved = cfg.model_dump()
     write_config(out_dir / "config.toml", resolved)
@@ -234,7 +292,8 @@ def _serve(
     def started(grpc_server: Any) -> None:
         err.print(
             f"fedhive server: listening on {host}:{grpc_server.port} ({mode}); "
-            f"{cfg.model.name} on {data.name}, {cfg.rounds} rounds, waiting for "
+            f"{describe_model(cfg.model, data.name if data else None)}, {cfg.rounds} "
+            "rounds, waiting for "
             f"{cfg.strategy.min_available_clients} clients -> {out_dir}",
             highlight=False,
             markup=False,
@@ -250,6 +309,9 @@ def _serve(
                 highlight=False,
                 markup=False,
             )
+        if cfg.resume:
+            line = resume_line(checkpoints, cfg.rounds)
+            err.print(f"fedhive server: {line}", highlight=False, markup=False)
 
     try:
         history = start_server(
@@ -261,7 +323,7 @@ def _serve(
             auth_tokens=auth_tokens,
             wait_timeout=cfg.wait_timeout,
             seed=cfg.seed,
-            checkpoint_dir=cfg.checkpoint_dir or out_dir / "checkpoints",
+            checkpoint_dir=checkpoints,
             resume=cfg.resume,
             callbacks=[outputs],
             on_started=started,
@@ -273,6 +335,8 @@ def _serve(
             **cfg.memory.server_options(),
         )
     except KeyboardInterrupt:
+        if outputs.engine is not None:
+            write_plot(out_dir / "accuracy.png", outputs.engine.history, title)
         err.print(
             f"\ninterrupted; the finished rounds are saved in {out_dir}. Continue with the "
             "same command and --resume",
@@ -283,8 +347,11 @@ def _serve(
     outputs.write(history)
     if outputs.engine is not None:
         save_npz(out_dir / "final_model.npz", list(outputs.engine.parameters.arrays))
-    write_plot(out_dir / "accuracy.png", history)
+    write_plot(out_dir / "accuracy.png", history, title)
     table = summary_table(history, str(out_dir))
     table.title = "fedhive server: summary"
     console.print(table)
+    if run_had_no_success(history):
+        err.print(f"[bold red]error:[/] {escape(no_success_message(history))}", highlight=False)
+        return NO_SUCCESS_EXIT
     return 0

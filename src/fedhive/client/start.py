@@ -278,12 +278,19 @@ def _node_handler(
     saved = _StateFile(state_dir, node) if state_dir is not None else None
     if saved is not None:
         context.state = saved.load()
+    unimplemented: set[str] = set()
 
     def handle(task: Message) -> Message:
         context.seed = task.metadata.seed
-        reply = app.handle(task, context)
+        try:
+            reply = app(task, context)
+        except Exception as exc:  # reported to the server; the traceback stays here
+            _log_failure(task, exc, unimplemented)
+            return task.error_reply(f"{type(exc).__name__}: {exc}")
         if saved is not None:
             saved.save(context.state)
+        if not isinstance(reply, Message):
+            return task.error_reply(f"a mod returned {type(reply).__name__}, not a Message")
         return reply
 
     return handle
@@ -327,6 +334,30 @@ def node_id_in(state_dir: str | Path) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, node.encode())
     return node
+
+
+def _log_failure(task: Message, exc: Exception, unimplemented: set[str]) -> None:
+    """Log a task that raised, with its traceback; a method the client does not
+    implement (``NotImplementedError``) is said once, in one line."""
+    meta = task.metadata
+    told = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, NotImplementedError):
+        if meta.message_type not in unimplemented:
+            unimplemented.add(meta.message_type)
+            log.warning(
+                "%s: %s; the server counts each %s task as a failure",
+                meta.message_type,
+                told,
+                meta.message_type,
+            )
+        return
+    log.error(
+        "%s of round %d failed; the server is told: %s",
+        meta.message_type,
+        meta.server_round,
+        told,
+        exc_info=exc,
+    )
 
 
 def _constant(client: Client | None) -> ClientFn:

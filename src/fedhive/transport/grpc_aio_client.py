@@ -65,7 +65,7 @@ class AsyncClientSession(SessionOptions):
             beat = asyncio.get_running_loop().create_task(self._heartbeat(call))
             return await self._serve(call)
         except grpc.RpcError as exc:
-            raise translate_rpc_error(exc, self.address) from None
+            raise translate_rpc_error(exc, self.address, self.security) from None
         finally:
             if beat is not None:
                 beat.cancel()

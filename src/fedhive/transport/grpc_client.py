@@ -37,6 +37,7 @@ __all__ = [
     "SessionEnd",
     "SessionOptions",
     "check_welcome",
+    "connection_hint",
     "read_task",
     "translate_rpc_error",
 ]
@@ -216,7 +217,7 @@ class ClientSession(SessionOptions):
             beat.start()
             return self._serve(responses)
         except grpc.RpcError as exc:
-            raise translate_rpc_error(exc, self.address) from None
+            raise translate_rpc_error(exc, self.address, self.security) from None
         finally:
             self._stop.set()
             self._outbox.put(None)
@@ -291,16 +292,76 @@ def read_task(frame: Frame | WireFrame, assembler: Assembler) -> Message | Sessi
         return None
 
 
-def translate_rpc_error(exc: grpc.RpcError, address: str) -> Exception:
+def translate_rpc_error(
+    exc: grpc.RpcError, address: str, security: ClientSecurity | None = None
+) -> Exception:
     """The fedhive error for a failed ``Join`` stream: refusals are final, the rest
-    :class:`Retryable`."""
+    :class:`Retryable`. A connection that fails in a way that names its cause (a TLS
+    mismatch, a certificate, nothing listening) says it in one line that names the flag
+    to change (:func:`connection_hint`); others keep gRPC's words."""
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
         return AuthenticationError(f"the server refused this client: {details}")
     if code == grpc.StatusCode.FAILED_PRECONDITION:
         return TransportError(f"the server refused the connection: {details}")
+    hint = connection_hint(str(details), address, security)
+    if hint is not None:
+        return Retryable(f"cannot connect to {address}: {hint}")
     return Retryable(f"connection to {address} failed ({code}): {details}")
+
+
+#: gRPC's words for a server certificate this client's CA did not sign.
+_UNTRUSTED = (
+    "bad_signature",
+    "certificate verify failed",
+    "certificate_verify_failed",
+    "unable to get local issuer",
+)
+
+
+def connection_hint(details: str, address: str, security: ClientSecurity | None) -> str | None:
+    """One line on why a connection to ``address`` failed, from gRPC's ``details`` and
+    how this client connects; ``None`` when the details do not say."""
+    text = details.lower()
+    if "connection refused" in text:
+        return (
+            "nothing is listening there (connection refused); is the server up, and --server right?"
+        )
+    if security is None:
+        return None
+    if "wrong_version_number" in text and not security.insecure:
+        return (
+            "the server does not speak TLS (started with --insecure?); connect with "
+            "--insecure (insecure=True) or serve with --cert/--key"
+        )
+    if "socket closed" in text:
+        if security.insecure:
+            return (
+                "the server closed the connection: it serves TLS; connect with "
+                "--root-certificates CA.pem (root_certificates=) instead of --insecure"
+            )
+        if security.certificate_chain is None:
+            return (
+                "the server closed the TLS handshake: it requires a client certificate "
+                "(mutual TLS); add --cert CLIENT.pem --key CLIENT.key "
+                "(certificate_chain=, private_key=)"
+            )
+        return (
+            "the server refused this client's certificate; use a --cert signed by the CA "
+            "that the server trusts (its --ca)"
+        )
+    if any(word in text for word in _UNTRUSTED):
+        return (
+            "the server's certificate is not signed by the CA given with --root-certificates "
+            "(root_certificates=); give the CA that signed the server's certificate"
+        )
+    if "peer name" in text or "hostname" in text:
+        return (
+            "the server's certificate does not name the host given with --server; connect "
+            "by a name it holds, or remake it with fedhive certs --host HOST"
+        )
+    return None
 
 
 def _then_set(frames: Iterator[bytes], done: threading.Event) -> Iterator[bytes]:

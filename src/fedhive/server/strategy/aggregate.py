@@ -127,7 +127,10 @@ def _check_arrays(
     label: Callable[[int], str] = "array {}".format,
 ) -> None:
     if len(arrays) != len(reference):
-        raise refuse(f"expected {len(reference)} arrays, got {len(arrays)}")
+        raise refuse(
+            f"expected {len(reference)} arrays, got {len(arrays)}"
+            + _first_difference(arrays, reference, label)
+        )
     for i, (arr, ref) in enumerate(zip(arrays, reference, strict=True)):
         if not isinstance(arr, np.ndarray):
             raise refuse(f"{label(i)} is a {type(arr).__name__}, not a numpy array")
@@ -137,6 +140,20 @@ def _check_arrays(
             raise refuse(f"{label(i)} has shape {arr.shape}, expected {ref.shape}")
         if not is_finite(arr):
             raise refuse(f"{label(i)} contains NaN or Inf")
+
+
+def _first_difference(
+    arrays: Sequence[Any], reference: Sequence[NDArray], label: Callable[[int], str]
+) -> str:
+    """``"; array 2 has shape (3,), expected (4,)"``: where two layouts first differ."""
+    for i in range(min(len(arrays), len(reference))):
+        shape = getattr(arrays[i], "shape", None)
+        if shape != reference[i].shape:
+            return f"; {label(i)} has shape {shape}, expected {reference[i].shape}"
+    if len(arrays) < len(reference):
+        return f"; {label(len(arrays))} (shape {reference[len(arrays)].shape}) is missing"
+    extra = getattr(arrays[len(reference)], "shape", None)
+    return f"; {label(len(reference))} (shape {extra}) is extra"
 
 
 def check_fit_reply(
