@@ -91,9 +91,11 @@ ALL = [
 
 @pytest.mark.parametrize("cls", ALL)
 def test_strategies_compose_and_keep_inheritance_shallow(cls):
+    # Strategy -> FedAvg -> ComposedStrategy -> the named strategy: Flower code needs
+    # isinstance(s, FedAvg); the composition stays inside (sampling, rule, optimizer).
     depth = cls.__mro__.index(Strategy)
-    assert depth <= 2, cls.__mro__
-    assert issubclass(cls, ComposedStrategy) and not issubclass(cls, FedAvg)
+    assert depth <= 3, cls.__mro__
+    assert issubclass(cls, ComposedStrategy) and issubclass(cls, FedAvg)
     params_of = inspect.signature(cls).parameters
     assert all(p.kind is not p.VAR_KEYWORD or p.name == "fedavg" for p in params_of.values())
 
@@ -333,8 +335,7 @@ def test_accept_failures_false_keeps_the_model():
 
 def test_flower_list_aggregate_fit_validates_and_uses_the_configured_model():
     s = FedMedian(fraction_evaluate=0.0, fit_metrics_aggregation_fn=lambda m: {"n": len(m)})
-    with pytest.raises(ConfigError, match="configure_fit"):
-        s.aggregate_fit(1, [], [])
+    assert s.aggregate_fit(1, [], []) == (None, {})  # nothing to aggregate, as in Flower
     s.configure_fit(1, params([0.0, 0.0]), SimpleClientManager(["0", "1"], seed=0))
     results = [
         (ClientProxy(str(i)), FitRes(Status(), params([v, -v]), 1, {}))
