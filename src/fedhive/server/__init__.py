@@ -2,7 +2,7 @@
 and checkpoints."""
 
 from fedhive.common.clock import Clock, ManualClock, SystemClock, VirtualClock
-from fedhive.server import strategy
+from fedhive.server import client_proxy, strategy
 from fedhive.server.asynchronous import BufferedAsync
 from fedhive.server.checkpoint import Checkpointer, load_npz, save_npz
 from fedhive.server.client_manager import ClientManager, ClientProxy, SimpleClientManager
@@ -10,6 +10,7 @@ from fedhive.server.config import ServerConfig
 from fedhive.server.engine import Engine, RoundCallback, RoundDriver, default_fit_workflow
 from fedhive.server.history import History
 from fedhive.server.policy import RunPolicy, SyncRounds
+from fedhive.server.server import Server
 from fedhive.server.start import start_server
 
 __all__ = [
@@ -24,11 +25,13 @@ __all__ = [
     "RoundCallback",
     "RoundDriver",
     "RunPolicy",
+    "Server",
     "ServerConfig",
     "SimpleClientManager",
     "SyncRounds",
     "SystemClock",
     "VirtualClock",
+    "client_proxy",
     "default_fit_workflow",
     "load_npz",
     "save_npz",

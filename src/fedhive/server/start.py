@@ -15,6 +15,7 @@ from fedhive.server.config import ServerConfig
 from fedhive.server.engine import Engine, FitWorkflow, RoundCallback
 from fedhive.server.history import History
 from fedhive.server.policy import RunPolicy
+from fedhive.server.server import Server, unpack_server
 from fedhive.server.stages import RoundStage, build_pipeline
 from fedhive.server.strategy import FedAvg, Strategy
 from fedhive.transport.base import DEFAULT_STAGED_BYTES
@@ -51,6 +52,7 @@ def start_server(
     secure_aggregation: Any = None,
     policy: RunPolicy | None = None,
     stages: Sequence[RoundStage] = (),
+    server: Server | None = None,
 ) -> History:
     """Serve a federation and run ``config.num_rounds`` rounds of ``strategy``.
 
@@ -81,11 +83,19 @@ def start_server(
     ``start_client`` answer it) as the first of the round's ``stages``
     (:mod:`fedhive.server.stages`). ``policy`` runs the loop: synchronous rounds by default,
     or :class:`~fedhive.server.asynchronous.BufferedAsync` (``config.num_rounds`` model
-    versions, no round barrier).
+    versions, no round barrier). ``server`` (Flower's :class:`~fedhive.server.Server`)
+    gives the strategy and client manager when those are not passed.
     """
     from fedhive.transport.frames import DEFAULT_CHUNK_BYTES
     from fedhive.transport.grpc_server import GrpcServer, ServerSecurity
 
+    strategy, given = unpack_server(server, strategy, client_manager)
+    if given is not None and not isinstance(given, SimpleClientManager):
+        raise ConfigError(
+            f"start_server needs a SimpleClientManager (clients register with it), got "
+            f"{type(given).__name__}"
+        )
+    client_manager = given
     if certificates is None:
         log.warning("serving WITHOUT TLS: pass certificates=(ca, cert, key) to encrypt")
     if require_client_auth and certificates is None:

@@ -523,7 +523,7 @@ class ComposedRound:
 
     def finalize(self) -> tuple[Parameters | None, dict[str, Scalar]]:
         strategy = self.strategy
-        if not self.metrics or (self.failures and not strategy.accept_failures):
+        if not strategy.accept_round(len(self.metrics), len(self.failures), "fit"):
             return None, {}
         aggregate = self.fold.result()
         if aggregate is None:
