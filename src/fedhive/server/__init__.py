@@ -2,10 +2,15 @@
 and checkpoints."""
 
 from fedhive.common.clock import Clock, ManualClock, SystemClock, VirtualClock
-from fedhive.server import client_proxy, strategy
+from fedhive.server import client_proxy, criterion, strategy
 from fedhive.server.asynchronous import BufferedAsync
 from fedhive.server.checkpoint import Checkpointer, load_npz, save_npz
-from fedhive.server.client_manager import ClientManager, ClientProxy, SimpleClientManager
+from fedhive.server.client_manager import (
+    ClientManager,
+    ClientProxy,
+    Criterion,
+    SimpleClientManager,
+)
 from fedhive.server.config import ServerConfig
 from fedhive.server.engine import Engine, RoundCallback, RoundDriver, default_fit_workflow
 from fedhive.server.history import History
@@ -19,6 +24,7 @@ __all__ = [
     "ClientManager",
     "ClientProxy",
     "Clock",
+    "Criterion",
     "Engine",
     "History",
     "ManualClock",
@@ -32,6 +38,7 @@ __all__ = [
     "SystemClock",
     "VirtualClock",
     "client_proxy",
+    "criterion",
     "default_fit_workflow",
     "load_npz",
     "save_npz",
