@@ -38,7 +38,8 @@ class FedAvgM(ComposedStrategy):
 
     ``v <- server_momentum * v + delta``, ``x <- x + server_learning_rate * v`` with
     ``delta`` the weighted mean minus the global model. With ``server_momentum=0`` and
-    ``server_learning_rate=1`` this is FedAvg. ``server_momentum`` must be in [0, 1) and
+    ``server_learning_rate=1`` this is FedAvg (and, as in Flower, needs no
+    ``initial_parameters``). ``server_momentum`` must be in [0, 1) and
     ``server_learning_rate > 0``. Memory: O(model) for the mean and one float64 copy of
     the model for the momentum.
 
@@ -57,7 +58,13 @@ class FedAvgM(ComposedStrategy):
         optimizer = ServerSGD(server_learning_rate, server_momentum)
         self.server_learning_rate = optimizer.lr
         self.server_momentum = optimizer.momentum
-        super().__init__(sampling=FedAvg(**fedavg), rule=MeanRule(), server_optimizer=optimizer)
+        #: Flower's ``server_opt``: lr 1 without momentum is plain FedAvg (no model needed)
+        self.server_opt = optimizer.lr != 1.0 or optimizer.momentum != 0.0
+        super().__init__(
+            sampling=FedAvg(**fedavg),
+            rule=MeanRule(),
+            server_optimizer=optimizer if self.server_opt else None,
+        )
 
 
 def _adaptive_sampling(name: str, fedavg: FedAvgArgs, eta_l: float) -> FedAvg:
