@@ -78,9 +78,24 @@ METHODS = (
         lambda lr, a: FedAvgM(server_learning_rate=lr, server_momentum=0.9, **a),
         False,
     ),
-    Method("FedAdam", (0.003, 0.01, 0.03), lambda lr, a: FedAdam(eta=lr, tau=TAU, variant="paper", **a), True),
-    Method("FedYogi", (0.003, 0.01, 0.03), lambda lr, a: FedYogi(eta=lr, tau=TAU, variant="paper", **a), True),
-    Method("FedAdagrad", (0.01, 0.03, 0.1), lambda lr, a: FedAdagrad(eta=lr, tau=TAU, variant="paper", **a), True),
+    Method(
+        "FedAdam",
+        (0.003, 0.01, 0.03),
+        lambda lr, a: FedAdam(eta=lr, tau=TAU, variant="paper", **a),
+        True,
+    ),
+    Method(
+        "FedYogi",
+        (0.003, 0.01, 0.03),
+        lambda lr, a: FedYogi(eta=lr, tau=TAU, variant="paper", **a),
+        True,
+    ),
+    Method(
+        "FedAdagrad",
+        (0.01, 0.03, 0.1),
+        lambda lr, a: FedAdagrad(eta=lr, tau=TAU, variant="paper", **a),
+        True,
+    ),
 )
 
 

@@ -92,9 +92,17 @@ def initial():
 @pytest.mark.parametrize(
     ("make", "kind", "hyper"),
     [
-        (lambda: FedAdam(initial_parameters=initial(), eta=0.1, tau=1e-3), "adam", (0.1, 0.9, 0.99, 1e-3)),
+        (
+            lambda: FedAdam(initial_parameters=initial(), eta=0.1, tau=1e-3),
+            "adam",
+            (0.1, 0.9, 0.99, 1e-3),
+        ),
         (lambda: FedYogi(initial_parameters=initial()), "yogi", (1e-2, 0.9, 0.99, 1e-3)),
-        (lambda: FedAdagrad(initial_parameters=initial(), tau=1e-3), "adagrad", (0.1, 0.0, 0.0, 1e-3)),
+        (
+            lambda: FedAdagrad(initial_parameters=initial(), tau=1e-3),
+            "adagrad",
+            (0.1, 0.0, 0.0, 1e-3),
+        ),
     ],
 )
 def test_adaptive_strategies_give_flowers_numbers_over_three_rounds(make, kind, hyper):
@@ -140,9 +148,7 @@ def test_fedavgm_near_one_learning_rate_and_near_zero_momentum_is_the_mean():
     # Flower's test: two clients (1 and 2 examples) with the same weights, two rounds
     w = [np.array([[1, 2, 3], [4, 5, 6]], np.float32), np.array([7, 8, 9, 10], np.float32)]
     zeros = [np.zeros_like(a) for a in w]
-    results = [
-        (MagicMock(), FitRes(Status(), ndarrays_to_parameters(w), n, {})) for n in (1, 2)
-    ]
+    results = [(MagicMock(), FitRes(Status(), ndarrays_to_parameters(w), n, {})) for n in (1, 2)]
     s = FedAvgM(
         initial_parameters=ndarrays_to_parameters(zeros),
         server_learning_rate=1.0 + 1e-9,
@@ -209,7 +215,13 @@ EMPTY = Parameters(tensors=[], tensor_type="")
 
 @pytest.mark.parametrize(
     ("rate", "n_results", "n_failures", "aggregated"),
-    [(0.1, 0, 0, False), (0.1, 0, 1, False), (0.5, 1, 2, False), (0.5, 1, 1, True), (0.99, 1, 0, True)],
+    [
+        (0.1, 0, 0, False),
+        (0.1, 0, 1, False),
+        (0.5, 1, 2, False),
+        (0.5, 1, 1, True),
+        (0.99, 1, 0, True),
+    ],
 )
 def test_fault_tolerant_fedavg_completion_rates(rate, n_results, n_failures, aggregated):
     s = FaultTolerantFedAvg(min_completion_rate_fit=rate, min_completion_rate_evaluate=rate)
@@ -252,7 +264,9 @@ def test_qfedavg_without_any_loss_refuses_the_update_clearly():
 
     s = QFedAvg(initial_parameters=ndarrays_to_parameters([np.zeros(2)]))
     with pytest.raises(InvalidUpdate, match="evaluate_fn"):
-        s.aggregate_fit(1, [(MagicMock(), FitRes(Status(), ndarrays_to_parameters([np.ones(2)]), 1, {}))], [])
+        s.aggregate_fit(
+            1, [(MagicMock(), FitRes(Status(), ndarrays_to_parameters([np.ones(2)]), 1, {}))], []
+        )
 
 
 def test_qfedavg_paper_variant_uses_each_clients_loss():

@@ -255,6 +255,8 @@ def test_aggregate_evaluate_and_configure_evaluate_work_directly():
     s = Krum(fraction_evaluate=0.5)
     ins = s.configure_evaluate(1, INIT, SimpleClientManager([str(i) for i in range(4)]))
     assert len(ins) == 2 and all(isinstance(i, EvaluateIns) for _, i in ins)
-    results = [(MagicMock(), EvaluateRes(Status(), loss, n, {})) for loss, n in ((1.0, 1), (4.0, 3))]
+    results = [
+        (MagicMock(), EvaluateRes(Status(), loss, n, {})) for loss, n in ((1.0, 1), (4.0, 3))
+    ]
     assert s.aggregate_evaluate(1, results, [])[0] == pytest.approx(3.25)
     assert isinstance(ins[0][1], EvaluateIns) and not isinstance(ins[0][1], FitIns)

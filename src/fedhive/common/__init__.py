@@ -1,5 +1,6 @@
 """Records, messages, serialization and errors shared by server and clients."""
 
+from fedhive.common.context import Context
 from fedhive.common.errors import (
     AuthenticationError,
     CheckpointError,
@@ -14,7 +15,6 @@ from fedhive.common.errors import (
     StateError,
     TransportError,
 )
-from fedhive.common.context import Context
 from fedhive.common.message import Message, MessageType, Metadata, derive_seed
 from fedhive.common.records import (
     Code,

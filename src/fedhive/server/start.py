@@ -112,7 +112,7 @@ def start_server(
         no_amplification()
     security = ServerSecurity(certificates, require_client_auth, auth_tokens)
     limit = grpc_max_message_length or (1 << 40)
-    server = GrpcServer(
+    grpc_server = GrpcServer(
         server_address,
         client_manager=manager,
         security=security,
@@ -125,14 +125,14 @@ def start_server(
         spill_dir=spill_dir,
         chunk_bytes=chunk_bytes or DEFAULT_CHUNK_BYTES,
     ).start()
-    log.info("fedhive server listening on port %s", server.port)
+    log.info("fedhive server listening on port %s", grpc_server.port)
     if callable(on_started):
-        on_started(server)
+        on_started(grpc_server)
     checkpointer = Checkpointer(checkpoint_dir) if checkpoint_dir is not None else None
     try:
         engine = Engine(
             strategy=strategy,
-            transport=server,
+            transport=grpc_server,
             client_manager=manager,
             config=config or ServerConfig(),
             seed=seed if seed is not None else secrets.randbits(31),
@@ -152,4 +152,4 @@ def start_server(
             checkpointer.save_final(engine)
         return history
     finally:
-        server.finish_run()
+        grpc_server.finish_run()

@@ -458,7 +458,9 @@ def aggregate(results: Sequence[tuple[Sequence[NDArray], float]]) -> NDArrays:
         raise ValueError("aggregate() needs at least one (arrays, num_examples) pair")
     mean = WeightedMean([np.asarray(a) for a in results[0][0]])
     for index, (arrays, num_examples) in enumerate(results):
-        mean.add([np.asarray(a) for a in arrays], num_examples, client_id=str(index), server_round=0)
+        mean.add(
+            [np.asarray(a) for a in arrays], num_examples, client_id=str(index), server_round=0
+        )
     out = mean.result()
     if out is None:
         raise ValueError("aggregate() needs a positive total number of examples")

@@ -323,7 +323,9 @@ class ComposedStrategy(FedAvg):
         traits, as SCAFFOLD does)."""
         own = self._own_aggregation()
         if own is not None:
-            what = "builds its own fit aggregator" if own == "fit_aggregator" else f"overrides {own}"
+            what = (
+                "builds its own fit aggregator" if own == "fit_aggregator" else f"overrides {own}"
+            )
             return StrategyTraits(
                 reason=f"{type(self).__name__} {what}, so its aggregate is not known to be "
                 "a weighted mean (if it is, declare traits = MEAN_TRAITS in its class)"
@@ -490,7 +492,9 @@ class ComposedRound:
 
     def add(self, client: ClientProxy, result: FitRes) -> None:
         if not isinstance(result, FitRes):
-            raise InvalidUpdate(client_id(client), self.server_round, "fit", "reply is not a FitRes")
+            raise InvalidUpdate(
+                client_id(client), self.server_round, "fit", "reply is not a FitRes"
+            )
         self.add_arrays(client_id(client), parameters_to_ndarrays(result.parameters), result)
 
     def add_arrays(self, client_id: str, arrays: NDArrays, result: FitRes) -> None:

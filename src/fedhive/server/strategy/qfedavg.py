@@ -82,8 +82,10 @@ class _QFold:
             self.central_asked = True  # once per round, on the first reply
             loss = self.rule.central_loss(self.server_round, self.reference)
             if loss is not None:
-                if isinstance(loss, bool) or not isinstance(loss, int | float) or not (
-                    0 <= loss < math.inf
+                if (
+                    isinstance(loss, bool)
+                    or not isinstance(loss, int | float)
+                    or not (0 <= loss < math.inf)
                 ):
                     raise ConfigError(
                         f"q-FedAvg needs a finite loss >= 0 from evaluate_fn, got {loss!r}"
