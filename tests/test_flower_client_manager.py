@@ -32,6 +32,12 @@ def test_register_a_proxy_twice_and_count_with_len():
     assert len(manager) == 0
 
 
+def test_an_empty_manager_is_still_truthy():
+    # code such as ``client_manager or SimpleClientManager()`` must keep an empty one
+    manager = SimpleClientManager()
+    assert len(manager) == 0 and bool(manager)
+
+
 def test_ids_still_register_as_before():
     manager = SimpleClientManager(["a"])
     assert manager.register("b") and len(manager) == 2

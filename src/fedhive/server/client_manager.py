@@ -102,6 +102,11 @@ class SimpleClientManager:
         """How many clients are registered (Flower's ``len(client_manager)``)."""
         return self._nodes.num_available()
 
+    def __bool__(self) -> bool:
+        # A manager is there even before anyone registered: ``manager or default`` must
+        # not replace an empty one (``__len__`` alone would make it falsy).
+        return True
+
     def _proxy(self, cid: str) -> ClientProxy:
         proxy = self._proxies.get(cid)
         return proxy if proxy is not None else ClientProxy(cid)

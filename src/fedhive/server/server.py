@@ -88,4 +88,7 @@ def unpack_server(
             "call (its engine runs the rounds); move that logic into the strategy "
             "(configure_fit, aggregate_fit, ...) or a round callback"
         )
-    return strategy or server.strategy, client_manager or server.client_manager()
+    return (
+        strategy if strategy is not None else server.strategy,
+        client_manager if client_manager is not None else server.client_manager(),
+    )
