@@ -78,9 +78,24 @@ METHODS = (
         lambda lr, a: FedAvgM(server_learning_rate=lr, server_momentum=0.9, **a),
         False,
     ),
-    Method("FedAdam", (0.003, 0.01, 0.03), lambda lr, a: FedAdam(eta=lr, tau=TAU, **a), True),
-    Method("FedYogi", (0.003, 0.01, 0.03), lambda lr, a: FedYogi(eta=lr, tau=TAU, **a), True),
-    Method("FedAdagrad", (0.01, 0.03, 0.1), lambda lr, a: FedAdagrad(eta=lr, tau=TAU, **a), True),
+    Method(
+        "FedAdam",
+        (0.003, 0.01, 0.03),
+        lambda lr, a: FedAdam(eta=lr, tau=TAU, variant="paper", **a),
+        True,
+    ),
+    Method(
+        "FedYogi",
+        (0.003, 0.01, 0.03),
+        lambda lr, a: FedYogi(eta=lr, tau=TAU, variant="paper", **a),
+        True,
+    ),
+    Method(
+        "FedAdagrad",
+        (0.01, 0.03, 0.1),
+        lambda lr, a: FedAdagrad(eta=lr, tau=TAU, variant="paper", **a),
+        True,
+    ),
 )
 
 
@@ -181,7 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     report(
         f"{data.num_train} train / {data.num_test} test samples, {setup.num_clients} clients, "
         f"{setup.per_round} per round, MLP 40-128-10, clients: E = {EPOCHS}, B = {BATCH}, "
-        f"SGD lr {CLIENT_LR}, momentum 0; adaptive tau = {TAU:g}, beta_1 = 0.9, "
+        f"SGD lr {CLIENT_LR}, momentum 0; adaptive (paper variant: v0 = tau^2, no bias "
+        f"correction) tau = {TAU:g}, beta_1 = 0.9, "
         f"beta_2 = 0.99 (Adagrad: beta_1 = 0); cap {setup.cap} rounds"
     )
     report("Server learning rate: best of the grid on seed 0, then seeds 1.. with it.\n")

@@ -115,7 +115,8 @@ RULES: dict[str, Callable[[dict[str, Any]], Strategy]] = {
     "FedMedian": lambda a: FedMedian(**a),
     "FedTrimmedAvg b=0.2": lambda a: FedTrimmedAvg(beta=0.2, **a),
     f"Krum f={F}": lambda a: Krum(num_malicious_clients=F, **a),
-    f"MultiKrum f={F}": lambda a: MultiKrum(num_malicious_clients=F, **a),
+    # unweighted (the paper's): a Byzantine client could claim any num_examples
+    f"MultiKrum f={F}": lambda a: MultiKrum(num_malicious_clients=F, weighted=False, **a),
     f"Bulyan f={F}": lambda a: Bulyan(num_malicious_clients=F, **a),
 }
 #: (name, fraction of each round's clients that attack, attack)

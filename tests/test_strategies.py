@@ -91,9 +91,11 @@ ALL = [
 
 @pytest.mark.parametrize("cls", ALL)
 def test_strategies_compose_and_keep_inheritance_shallow(cls):
+    # Strategy -> FedAvg -> ComposedStrategy -> the named strategy: Flower code needs
+    # isinstance(s, FedAvg); the composition stays inside (sampling, rule, optimizer).
     depth = cls.__mro__.index(Strategy)
-    assert depth <= 2, cls.__mro__
-    assert issubclass(cls, ComposedStrategy) and not issubclass(cls, FedAvg)
+    assert depth <= 3, cls.__mro__
+    assert issubclass(cls, ComposedStrategy) and issubclass(cls, FedAvg)
     params_of = inspect.signature(cls).parameters
     assert all(p.kind is not p.VAR_KEYWORD or p.name == "fedavg" for p in params_of.values())
 
@@ -144,31 +146,33 @@ def test_fedavgm_without_momentum_is_fedavg(replies, start):
     np.testing.assert_allclose(a[0], b[0], rtol=1e-6, atol=1e-6)
 
 
-def test_fedadam_first_step_closed_form():
+def test_fedadam_paper_variant_first_step_closed_form():
     eta, b1, b2, tau = 0.1, 0.9, 0.99, 1e-3
     x0 = np.array([0.5, -1.0, 2.0])
     target = np.array([1.5, -1.0, 1.0])
     s = FedAdam(
-        initial_parameters=params(x0), eta=eta, beta_1=b1, beta_2=b2, tau=tau
+        initial_parameters=params(x0), eta=eta, beta_1=b1, beta_2=b2, tau=tau, variant="paper"
     )  # fmt: skip
     new = aggregate(s, [x0], [("0", [target], 1, {})])[0]
     delta = target - x0
     m = (1 - b1) * delta
     v = b2 * tau**2 + (1 - b2) * delta**2
     np.testing.assert_allclose(new, x0 + eta * m / (np.sqrt(v) + tau), rtol=1e-12)
-    corrected = FedAdam(initial_parameters=params(x0), eta=eta, tau=tau, bias_correction=True)
+    corrected = FedAdam(
+        initial_parameters=params(x0), eta=eta, tau=tau, bias_correction=True, variant="paper"
+    )
     new_c = aggregate(corrected, [x0], [("0", [target], 1, {})])[0]
     np.testing.assert_allclose(new_c, x0 + eta * (m / 0.1) / (np.sqrt(v / 0.01) + tau), rtol=1e-12)
 
 
-def test_fedyogi_and_fedadagrad_first_steps_by_hand():
+def test_fedyogi_and_fedadagrad_paper_variants_first_steps_by_hand():
     x0, target = np.array([0.0, 0.0]), np.array([2.0, 1e-3])
     delta = target - x0
-    yogi = FedYogi(initial_parameters=params(x0), eta=0.01, tau=1e-3)
+    yogi = FedYogi(initial_parameters=params(x0), eta=0.01, tau=1e-3, variant="paper")
     v = 1e-6 - 0.01 * delta**2 * np.sign(1e-6 - delta**2)
     expected = x0 + 0.01 * 0.1 * delta / (np.sqrt(v) + 1e-3)
     np.testing.assert_allclose(aggregate(yogi, [x0], [("0", [target], 1, {})])[0], expected)
-    ada = FedAdagrad(initial_parameters=params(x0), eta=0.1, tau=1e-3)
+    ada = FedAdagrad(initial_parameters=params(x0), eta=0.1, tau=1e-3, variant="paper")
     x1 = aggregate(ada, [x0], [("0", [target], 1, {})])[0]
     v1 = 1e-6 + delta**2
     np.testing.assert_allclose(x1, x0 + 0.1 * delta / (np.sqrt(v1) + 1e-3))
@@ -333,8 +337,7 @@ def test_accept_failures_false_keeps_the_model():
 
 def test_flower_list_aggregate_fit_validates_and_uses_the_configured_model():
     s = FedMedian(fraction_evaluate=0.0, fit_metrics_aggregation_fn=lambda m: {"n": len(m)})
-    with pytest.raises(ConfigError, match="configure_fit"):
-        s.aggregate_fit(1, [], [])
+    assert s.aggregate_fit(1, [], []) == (None, {})  # nothing to aggregate, as in Flower
     s.configure_fit(1, params([0.0, 0.0]), SimpleClientManager(["0", "1"], seed=0))
     results = [
         (ClientProxy(str(i)), FitRes(Status(), params([v, -v]), 1, {}))
@@ -390,7 +393,6 @@ BAD = [
     (lambda: Krum(num_malicious_clients=-1), "num_malicious_clients"),
     (lambda: MultiKrum(num_clients_to_keep=-2), "num_clients_to_keep"),
     (lambda: Bulyan(to_keep=-1), "to_keep"),
-    (lambda: Krum(num_malicious_clients=2, fraction_fit=0.0, min_fit_clients=6), "at least 7"),
     (lambda: Bulyan(num_malicious_clients=1, fraction_fit=0.0, min_fit_clients=6), "at least 7"),
     (lambda: FedMedian(fraction_fit=2.0), "fraction_fit"),
     (lambda: ComposedStrategy(sampling=FedAvg(), rule=MeanRule(), fit_config={"a": [1]}), "a"),
@@ -406,5 +408,6 @@ def test_invalid_parameters_raise_config_error(make, match):
 
 def test_sampling_that_can_reach_enough_clients_is_accepted():
     Krum(num_malicious_clients=2, fraction_fit=0.0, min_fit_clients=7)
+    Krum(num_malicious_clients=2, fraction_fit=0.0, min_fit_clients=6)  # as Flower: warns later
     Krum(num_malicious_clients=5)  # fraction_fit=1 may sample enough: checked per round
     Bulyan(num_malicious_clients=1, fraction_fit=0.0, min_fit_clients=7)

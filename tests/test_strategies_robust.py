@@ -96,9 +96,12 @@ def test_pairwise_distances_span_all_layers():
     np.testing.assert_array_equal(pairwise_sq_distances(ups), [[0, 9], [9, 0]])
 
 
-def test_too_few_results_for_the_number_of_malicious_clients():
-    with pytest.raises(ConfigError, match=r"at least 5 results .* got 4"):
-        value(Krum(num_malicious_clients=1), [0, 1, 2, 3])
+def test_too_few_results_for_the_number_of_malicious_clients(caplog):
+    # Krum follows Flower: max(1, n - f - 2) neighbours, and a warning
+    with caplog.at_level("WARNING", logger="fedhive"):
+        # one neighbour each: 0 -> 4, 2 -> 1, 3 -> 1, 10 -> 49; the tie goes to id "1"
+        assert value(Krum(num_malicious_clients=1), [0, 2, 3, 10]) == 2.0
+    assert "assumes at least 5 results, got 4" in caplog.text
     with pytest.raises(ConfigError, match=r"at least 7 results .* got 6"):
         value(Bulyan(num_malicious_clients=1), [0, 1, 2, 3, 4, 5])
     with pytest.raises(ConfigError, match="num_clients_to_keep=9"):

@@ -67,6 +67,9 @@ class NumPyClient(HasContext):
 
 
 def _check_arrays(value: Any, method: str) -> NDArrays:
+    if isinstance(value, np.ndarray) and value.ndim >= 1:
+        # Flower iterates whatever it gets: a bare array is the list of its rows
+        value = [np.asarray(row) for row in value]
     if not isinstance(value, list | tuple):
         raise ProtocolError(f"{method} must return a list of numpy arrays, got {type(value)}")
     out = []

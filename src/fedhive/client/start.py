@@ -79,8 +79,12 @@ def start_client(
     chunk_bytes: int | None = None,
     clock: Clock | None = None,
     state_dir: str | Path | None = None,
+    grpc_max_message_length: int | None = None,
 ) -> None:
     """Connect to a fedhive server and answer its tasks until the run ends.
+
+    ``grpc_max_message_length`` (Flower's) is accepted and has no effect: models travel
+    in chunks, so no message limit applies to them.
 
     Flower 1.x's arguments keep their meaning: ``client`` (a ``Client``, e.g.
     ``MyNumPyClient().to_client()``) or ``client_fn``, ``root_certificates`` (PEM bytes or

@@ -1,5 +1,6 @@
 """Records, messages, serialization and errors shared by server and clients."""
 
+from fedhive.common.context import Context
 from fedhive.common.errors import (
     AuthenticationError,
     CheckpointError,
@@ -18,6 +19,8 @@ from fedhive.common.message import Message, MessageType, Metadata, derive_seed
 from fedhive.common.records import (
     Code,
     Config,
+    ConfigsRecord,
+    DisconnectRes,
     EvaluateIns,
     EvaluateRes,
     FitIns,
@@ -27,10 +30,14 @@ from fedhive.common.records import (
     GetPropertiesIns,
     GetPropertiesRes,
     Metrics,
+    MetricsRecord,
     NDArray,
     NDArrays,
     Parameters,
+    Properties,
+    ReconnectIns,
     RecordDict,
+    RecordSet,
     Scalar,
     Status,
     bytes_to_ndarray,
@@ -38,14 +45,23 @@ from fedhive.common.records import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
+from fedhive.common.typing import MetricsAggregationFn
+
+#: Flower's gRPC message cap (512 MiB), kept for code that passes it on. fedhive streams
+#: models in chunks, so no model is limited by it.
+GRPC_MAX_MESSAGE_LENGTH = 536_870_912
 
 __all__ = [
+    "GRPC_MAX_MESSAGE_LENGTH",
     "AuthenticationError",
     "CheckpointError",
     "ClientFailure",
     "Code",
     "Config",
     "ConfigError",
+    "ConfigsRecord",
+    "Context",
+    "DisconnectRes",
     "EvaluateIns",
     "EvaluateRes",
     "FedhiveError",
@@ -60,13 +76,18 @@ __all__ = [
     "MessageType",
     "Metadata",
     "Metrics",
+    "MetricsAggregationFn",
+    "MetricsRecord",
     "MissingDependency",
     "NDArray",
     "NDArrays",
     "Parameters",
     "PrivacyBudgetExceeded",
+    "Properties",
     "ProtocolError",
+    "ReconnectIns",
     "RecordDict",
+    "RecordSet",
     "Scalar",
     "SerdeError",
     "StateError",

@@ -52,6 +52,12 @@ __all__ = [
     "ndarray_to_bytes",
     "bytes_to_ndarray",
     "check_scalar_mapping",
+    "ConfigsRecord",
+    "DisconnectRes",
+    "MetricsRecord",
+    "Properties",
+    "ReconnectIns",
+    "RecordSet",
 ]
 
 NDArray: TypeAlias = npt.NDArray[Any]
@@ -418,3 +424,55 @@ def _layer_index(value: object, position: int) -> int:
 def _check_increasing(indices: Sequence[int]) -> None:
     if any(b <= a for a, b in itertools.pairwise(indices)):
         raise SerdeError(f"layer indices must be strictly increasing, got {list(indices)}")
+
+
+# -- Flower 1.x names kept for code written against them ---------------------------------
+
+#: A client's properties (``get_properties``): names to scalars.
+Properties: TypeAlias = dict[str, Scalar]
+
+
+@dataclass
+class ReconnectIns:
+    """Flower's request that a client disconnect and come back after ``seconds``."""
+
+    seconds: int | None = None
+
+
+@dataclass
+class DisconnectRes:
+    """Flower's answer to :class:`ReconnectIns`: why the client disconnected."""
+
+    reason: str = ""
+
+
+class ConfigsRecord(dict[str, Scalar]):
+    """Flower's config record: a dict of str to scalars, checked when built."""
+
+    def __init__(self, values: Mapping[str, Any] | None = None) -> None:
+        super().__init__(check_scalar_mapping(values or {}, "ConfigsRecord"))
+
+
+class MetricsRecord(dict[str, int | float]):
+    """Flower's metrics record: a dict of str to int or float, checked when built."""
+
+    def __init__(self, values: Mapping[str, Any] | None = None) -> None:
+        checked = check_scalar_mapping(values or {}, "MetricsRecord")
+        for key, value in checked.items():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise SerdeError(f"MetricsRecord[{key!r}] must be an int or float, got {value!r}")
+        super().__init__(checked)  # type: ignore[arg-type]
+
+
+class RecordSet(RecordDict):
+    """Flower's name for :class:`RecordDict`, built with Flower's keyword names."""
+
+    __slots__ = ()
+
+    def __init__(
+        self,
+        parameters_records: Mapping[str, Mapping[str, NDArray]] | None = None,
+        metrics_records: Mapping[str, Mapping[str, int | float]] | None = None,
+        configs_records: Mapping[str, Mapping[str, Scalar]] | None = None,
+    ) -> None:
+        super().__init__(parameters_records, configs_records, metrics_records)

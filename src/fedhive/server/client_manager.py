@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
+from fedhive.common.errors import ConfigError
 from fedhive.common.message import derive_seed
+from fedhive.common.records import Properties
 from fedhive.transport.membership import NodeSet
 
 __all__ = ["ClientProxy", "Criterion", "ClientManager", "SimpleClientManager"]
@@ -16,9 +18,16 @@ __all__ = ["ClientProxy", "Criterion", "ClientManager", "SimpleClientManager"]
 
 @dataclass(frozen=True, slots=True)
 class ClientProxy:
-    """The server's handle on one client; ``cid`` is its id (Flower's attribute name)."""
+    """The server's handle on one client; ``cid`` is its id (Flower's attribute name).
+
+    ``properties`` (Flower's) is a dict the server may fill; it is not part of equality.
+    Flower code may subclass it (a custom proxy in tests) and register instances with a
+    :class:`SimpleClientManager`, which then samples those very objects. fedhive's engine
+    reaches clients through its transport, never through proxy methods.
+    """
 
     cid: str
+    properties: Properties = field(default_factory=dict, compare=False)
 
     @property
     def node_id(self) -> str:
@@ -26,6 +35,9 @@ class ClientProxy:
 
 
 class Criterion(Protocol):
+    """Which clients may be sampled (Flower's ``flwr.server.criterion.Criterion``);
+    subclass it and implement ``select``."""
+
     def select(self, client: ClientProxy) -> bool: ...
 
 
@@ -61,6 +73,7 @@ class SimpleClientManager:
         self, client_ids: Iterable[str] = (), seed: int | None = None, wait_timeout: float = 0.0
     ) -> None:
         self._nodes = NodeSet()
+        self._proxies: dict[str, ClientProxy] = {}  # registered as objects (Flower's API)
         self.wait_timeout = wait_timeout
         self._seed = seed
         self._rng = np.random.default_rng(derive_seed(seed, 0, "", "sample"))
@@ -70,17 +83,39 @@ class SimpleClientManager:
     def set_sampling_seed(self, seed: int) -> None:
         self._rng = np.random.default_rng(seed)
 
-    def register(self, cid: str) -> bool:
-        return self._nodes.register(cid)
+    def register(self, client: ClientProxy | str) -> bool:
+        """Add a client, by id or (as in Flower) as a :class:`ClientProxy`; False if it
+        was already there. A registered proxy object is what ``sample``/``all`` return."""
+        cid = _cid_of(client)
+        added = self._nodes.register(cid)
+        if added and isinstance(client, ClientProxy):
+            self._proxies[cid] = client
+        return added
 
-    def unregister(self, cid: str) -> None:
+    def unregister(self, client: ClientProxy | str) -> None:
+        """Remove a client, by id or as the :class:`ClientProxy` it registered with."""
+        cid = _cid_of(client)
+        self._proxies.pop(cid, None)
         self._nodes.unregister(cid)
+
+    def __len__(self) -> int:
+        """How many clients are registered (Flower's ``len(client_manager)``)."""
+        return self._nodes.num_available()
+
+    def __bool__(self) -> bool:
+        # A manager is there even before anyone registered: ``manager or default`` must
+        # not replace an empty one (``__len__`` alone would make it falsy).
+        return True
+
+    def _proxy(self, cid: str) -> ClientProxy:
+        proxy = self._proxies.get(cid)
+        return proxy if proxy is not None else ClientProxy(cid)
 
     def num_available(self) -> int:
         return self._nodes.num_available()
 
     def all(self) -> dict[str, ClientProxy]:
-        return {cid: ClientProxy(cid) for cid in self._nodes.node_ids()}
+        return {cid: self._proxy(cid) for cid in self._nodes.node_ids()}
 
     def wait_for(self, num_clients: int, timeout: float = 0.0) -> bool:
         """Wait up to ``timeout`` seconds until ``num_clients`` are available."""
@@ -97,8 +132,20 @@ class SimpleClientManager:
             self.wait_for(needed, self.wait_timeout)
         ids = sorted(self._nodes.node_ids())  # registration order must not change who is picked
         if criterion is not None:
-            ids = [cid for cid in ids if criterion.select(ClientProxy(cid))]
+            ids = [cid for cid in ids if criterion.select(self._proxy(cid))]
         if num_clients <= 0 or len(ids) < needed:
             return []
         picked = self._rng.choice(len(ids), size=num_clients, replace=False)
-        return [ClientProxy(ids[i]) for i in picked]
+        return [self._proxy(ids[i]) for i in picked]
+
+
+def _cid_of(client: ClientProxy | str) -> str:
+    if isinstance(client, str):
+        return client
+    cid = getattr(client, "cid", None)
+    if not isinstance(cid, str):
+        raise ConfigError(
+            f"a client is registered by its id (str) or a ClientProxy with a str cid, got "
+            f"{type(client).__name__} with cid {cid!r}"
+        )
+    return cid

@@ -16,6 +16,7 @@ from fedhive.server.config import ServerConfig
 from fedhive.server.engine import Engine, FitWorkflow, RoundCallback
 from fedhive.server.history import History
 from fedhive.server.policy import RunPolicy
+from fedhive.server.server import Server, unpack_server
 from fedhive.server.stages import RoundStage, build_pipeline
 from fedhive.server.strategy import FedAvg, Strategy
 from fedhive.server.strategy.traits import traits_of
@@ -58,6 +59,7 @@ def start_server(
     policy: RunPolicy | None = None,
     stages: Sequence[RoundStage] = (),
     compression: Any = None,
+    server: Server | None = None,
 ) -> History:
     """Serve a federation and run ``config.num_rounds`` rounds of ``strategy``.
 
@@ -93,10 +95,19 @@ def start_server(
     versions, no round barrier). ``compression`` (a codec, a
     :class:`~fedhive.compression.Compression` or a ``[compression]`` mapping) asks every
     fit task for an encoded update; clients started with ``start_client`` answer it.
+    ``server`` (Flower's :class:`~fedhive.server.Server`) gives the strategy and client
+    manager when those are not passed.
     """
     from fedhive.transport.frames import DEFAULT_CHUNK_BYTES
     from fedhive.transport.grpc_server import GrpcServer, ServerSecurity
 
+    strategy, given = unpack_server(server, strategy, client_manager)
+    if given is not None and not isinstance(given, SimpleClientManager):
+        raise ConfigError(
+            f"start_server needs a SimpleClientManager (clients register with it), got "
+            f"{type(given).__name__}"
+        )
+    client_manager = given
     if certificates is None:
         log.warning("serving WITHOUT TLS: pass certificates=(ca, cert, key) to encrypt")
     if not require_client_auth and not auth_tokens:
@@ -125,7 +136,7 @@ def start_server(
         no_amplification()
     security = ServerSecurity(certificates, require_client_auth, auth_tokens)
     limit = grpc_max_message_length or (1 << 40)
-    server = GrpcServer(
+    grpc_server = GrpcServer(
         server_address,
         client_manager=manager,
         security=security,
@@ -140,9 +151,9 @@ def start_server(
         # a reply holds the model and each extra the strategy declares, at most
         reply_records=max(2, 1 + len(traits_of(strategy).layout.extras)),
     ).start()
-    log.info("fedhive server listening on port %s", server.port)
+    log.info("fedhive server listening on port %s", grpc_server.port)
     if callable(on_started):
-        on_started(server)
+        on_started(grpc_server)
     config = config or ServerConfig()
     if config.round_timeout is None:
         log.info("round_timeout not set: rounds end after %g s", DEFAULT_ROUND_TIMEOUT)
@@ -151,7 +162,7 @@ def start_server(
     try:
         engine = Engine(
             strategy=strategy,
-            transport=server,
+            transport=grpc_server,
             client_manager=manager,
             config=config or ServerConfig(),
             seed=seed if seed is not None else secrets.randbits(31),
@@ -171,4 +182,4 @@ def start_server(
             checkpointer.save_final(engine)
         return history
     finally:
-        server.finish_run()
+        grpc_server.finish_run()

@@ -38,6 +38,7 @@ from fedhive.server.config import ServerConfig
 from fedhive.server.engine import Engine, FitWorkflow, RoundCallback
 from fedhive.server.history import History
 from fedhive.server.policy import RunPolicy
+from fedhive.server.server import unpack_server
 from fedhive.server.stages import RoundStage, build_pipeline
 from fedhive.server.strategy import FedAvg, Strategy
 from fedhive.simulation.backends import (
@@ -164,8 +165,7 @@ def start_simulation(
     unknown = set(flower_only) - set(_FLOWER_ONLY)
     if unknown:
         raise TypeError(f"start_simulation() got unexpected arguments: {sorted(unknown)}")
-    if flower_only.get("server") is not None:
-        raise ConfigError("a custom `server` object is not supported; pass strategy= instead")
+    strategy, client_manager = unpack_server(flower_only.get("server"), strategy, client_manager)
     ids = _client_ids(num_clients, clients_ids)
     workers = _num_workers(num_workers, client_resources)
     if seed is None:

@@ -47,6 +47,7 @@ from fedhive.common.errors import ConfigError, MissingDependency
 from fedhive.common.records import Scalar
 from fedhive.simulation.population import NodeConfigs
 from fedhive.simulation.runner import VirtualClientRunner, init_worker_process
+from fedhive.simulation.sharing import shared_models
 from fedhive.transport.base import Transport
 from fedhive.transport.inprocess import InProcessTransport, Latency
 
@@ -197,8 +198,9 @@ class ThreadBackend(Backend):
 
     def start(self, setup: ClientSetup) -> Transport:
         _warn_ray_options(self.name, setup.ray)
+        workers = isolate_shared_models(setup)
         self._transport = InProcessTransport(
-            setup.runner(), num_workers=setup.num_workers, latency=setup.latency
+            setup.runner(), num_workers=workers, latency=setup.latency
         )
         self._torch.enter()
         return self._transport
@@ -208,6 +210,26 @@ class ThreadBackend(Backend):
         if transport is not None:
             transport.close()
         self._torch.exit()
+
+
+def isolate_shared_models(setup: ClientSetup) -> int:
+    """The thread backend's worker count: 1 when the clients share a module-level model
+    (:func:`~fedhive.simulation.sharing.shared_models`), which two threads must not train
+    at once; ``setup.num_workers`` otherwise."""
+    if setup.num_workers <= 1:
+        return setup.num_workers
+    names = shared_models(setup.app.client_fn)
+    if not names:
+        return setup.num_workers
+    log.warning(
+        "the virtual clients share the model object(s) %s (module-level or captured by "
+        "client_fn), so the thread backend runs them one at a time; build the model "
+        "inside client_fn, or use backend='process' (each worker has its own copy), to "
+        "run %d at once",
+        ", ".join(names),
+        setup.num_workers,
+    )
+    return 1
 
 
 def _check_picklable(app: ClientApp) -> None:

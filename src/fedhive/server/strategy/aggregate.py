@@ -64,10 +64,12 @@ __all__ = [
     "ACCUMULATORS",
     "FOLD_ELEMENTS",
     "WeightedMean",
+    "aggregate",
     "check_accumulator",
     "check_fit_reply",
     "check_update",
     "is_finite",
+    "weighted_loss_avg",
 ]
 
 _NUMERIC_KINDS = frozenset("biuf")
@@ -460,3 +462,31 @@ class WeightedMean:
                 out.append(_mean(acc, self.total_weight, dtype))
             del acc
         return out
+
+
+def aggregate(results: Sequence[tuple[Sequence[NDArray], float]]) -> NDArrays:
+    """The weighted mean of ``(arrays, num_examples)`` pairs (Flower's ``aggregate``).
+
+    Computed as :class:`WeightedMean` computes FedAvg's mean (float64, then back to each
+    float layer's dtype of the first model; integer layers give float64). An empty
+    ``results`` has no mean: :class:`ValueError`.
+    """
+    if not results:
+        raise ValueError("aggregate() needs at least one (arrays, num_examples) pair")
+    mean = WeightedMean([np.asarray(a) for a in results[0][0]])
+    for index, (arrays, num_examples) in enumerate(results):
+        mean.add(
+            [np.asarray(a) for a in arrays], num_examples, client_id=str(index), server_round=0
+        )
+    out = mean.result()
+    if out is None:
+        raise ValueError("aggregate() needs a positive total number of examples")
+    return out
+
+
+def weighted_loss_avg(results: Sequence[tuple[int, float]]) -> float:
+    """Loss averaged with weights ``num_examples`` (NaN when they sum to 0)."""
+    total = sum(n for n, _ in results)
+    if total == 0:
+        return float("nan")
+    return sum(n * loss for n, loss in results) / total

@@ -26,6 +26,7 @@ from fedhive.common.records import (
     ndarrays_to_parameters,
 )
 from fedhive.server.client_manager import ClientManager, ClientProxy
+from fedhive.server.strategy.aggregate import weighted_loss_avg
 from fedhive.server.strategy.traits import StrategyTraits
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "EvaluateResults",
     "Strategy",
     "fold_mean",
+    "weighted_loss_avg",
 ]
 
 FitResults: TypeAlias = list[tuple[ClientProxy, FitRes]]
@@ -170,11 +172,3 @@ class Strategy(ABC):
 
     def load_state_dict(self, state: RecordDict) -> None:  # noqa: B027 - stateless default
         """Restore what :meth:`state_dict` returned."""
-
-
-def weighted_loss_avg(results: list[tuple[int, float]]) -> float:
-    """Loss averaged with weights ``num_examples``."""
-    total = sum(n for n, _ in results)
-    if total == 0:
-        return float("nan")
-    return sum(n * loss for n, loss in results) / total

@@ -78,13 +78,13 @@ class Krum(ComposedStrategy):
     Blanchard, El Mhamdi, Guerraoui, Stainer. "Machine Learning with Adversaries:
     Byzantine Tolerant Gradient Descent." NeurIPS 2017.
 
-    ``num_malicious_clients`` is ``f``; a round needs ``n >= 2f + 3`` results (a
-    :class:`ConfigError` at aggregation otherwise, and at construction when
-    ``fraction_fit=0`` fixes the sample at ``min_fit_clients``). With
-    ``num_clients_to_keep = m > 0`` it is Multi-Krum: the unweighted mean of the ``m``
-    best models (Flower weights them by ``num_examples``; fedhive does not, since a
-    Byzantine client can claim any count). Equal scores go to the smallest client id.
-    Memory: O(clients x model) plus a clients x clients distance matrix.
+    ``num_malicious_clients`` is ``f``. The paper's guarantee needs ``n >= 2f + 3``
+    results; with fewer, the scores use ``max(1, n - f - 2)`` neighbours, as in Flower,
+    and a warning is logged. With ``num_clients_to_keep = m > 0`` it is Multi-Krum, as in
+    Flower: the mean of the ``m`` best models weighted by ``num_examples``
+    (``weighted=False`` gives the unweighted mean, which a Byzantine client cannot sway by
+    claiming a large count). Equal scores go to the smallest client id. Memory:
+    O(clients x model) plus a clients x clients distance matrix.
 
     Example::
 
@@ -96,23 +96,27 @@ class Krum(ComposedStrategy):
         *,
         num_malicious_clients: int = 0,
         num_clients_to_keep: int = 0,
+        weighted: bool = True,
         **fedavg: Unpack[FedAvgArgs],
     ) -> None:
-        rule = KrumRule(num_malicious_clients, num_clients_to_keep)
+        rule = KrumRule(num_malicious_clients, num_clients_to_keep, weighted=weighted)
         self.num_malicious_clients, self.num_clients_to_keep = rule.f, rule.m
-        super().__init__(sampling=_sampling("Krum", fedavg, rule.min_results()), rule=rule)
+        super().__init__(sampling=FedAvg(**fedavg), rule=rule)
 
 
 @final
 class MultiKrum(ComposedStrategy):
-    """Multi-Krum: the unweighted mean of the ``m`` models with the best Krum scores.
+    """Multi-Krum: the mean of the ``m`` models with the best Krum scores.
 
     Blanchard, El Mhamdi, Guerraoui, Stainer. "Machine Learning with Adversaries:
     Byzantine Tolerant Gradient Descent." NeurIPS 2017.
 
     ``num_clients_to_keep`` is ``m``; 0 (the default) means ``n - f``, the paper's
-    choice. Needs ``n >= 2f + 3`` results per round. Ties go to the smallest client id.
-    Memory: O(clients x model) plus a clients x clients distance matrix.
+    choice. The mean is weighted by ``num_examples``, as Flower's Multi-Krum is
+    (``weighted=False``: unweighted, as in the paper). Fewer than ``2f + 3`` results
+    are scored on ``max(1, n - f - 2)`` neighbours with a warning, as in :class:`Krum`.
+    Ties go to the smallest client id. Memory: O(clients x model) plus a clients x
+    clients distance matrix.
 
     Example::
 
@@ -124,11 +128,12 @@ class MultiKrum(ComposedStrategy):
         *,
         num_malicious_clients: int = 0,
         num_clients_to_keep: int = 0,
+        weighted: bool = True,
         **fedavg: Unpack[FedAvgArgs],
     ) -> None:
-        rule = KrumRule(num_malicious_clients, num_clients_to_keep, multi=True)
+        rule = KrumRule(num_malicious_clients, num_clients_to_keep, multi=True, weighted=weighted)
         self.num_malicious_clients, self.num_clients_to_keep = rule.f, rule.m
-        super().__init__(sampling=_sampling("MultiKrum", fedavg, rule.min_results()), rule=rule)
+        super().__init__(sampling=FedAvg(**fedavg), rule=rule)
 
 
 @final

@@ -28,8 +28,9 @@ Example, Krum selection followed by server-side Adam::
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Protocol, TypedDict
+from typing import TYPE_CHECKING, Any, Protocol, TypedDict, cast
 
 import numpy as np
 
@@ -54,6 +55,7 @@ from fedhive.server.client_manager import ClientManager, ClientProxy
 from fedhive.server.strategy.aggregate import WeightedMean, check_accumulator, check_update
 from fedhive.server.strategy.base import (
     Aggregator,
+    BufferingAggregator,
     EvaluateResults,
     FitResults,
     Strategy,
@@ -68,12 +70,15 @@ from fedhive.server.strategy.traits import (
 )
 
 __all__ = [
+    "FEDAVG_OPTIONS",
     "AggregationRule",
     "ComposedStrategy",
     "FedAvgArgs",
     "Fold",
     "MeanRule",
     "cast_like",
+    "client_id",
+    "overrides",
     "plain_mean",
     "rule_traits",
 ]
@@ -217,16 +222,44 @@ def plain_mean(strategy: Strategy) -> FedAvg | MeanRule | None:
     return strategy if isinstance(strategy, FedAvg) else None
 
 
-class ComposedStrategy(Strategy):
+#: FedAvg's options; on a composed strategy they are its sampling part's (read and written).
+FEDAVG_OPTIONS = frozenset(FedAvgArgs.__annotations__)
+
+
+def client_id(client: ClientProxy) -> str:
+    """``client.cid`` as a string (test doubles such as ``MagicMock()`` carry other ids)."""
+    cid = getattr(client, "cid", None)
+    return cid if isinstance(cid, str) else str(cid)
+
+
+def overrides(strategy: object, base: type, name: str) -> bool:
+    """Whether ``type(strategy)`` replaces ``base``'s method ``name`` (a user's subclass)."""
+    return getattr(type(strategy), name, None) is not getattr(base, name)
+
+
+class ComposedStrategy(FedAvg):
     """A strategy made of sampling, an aggregation rule and an optional server optimizer.
 
     ``sampling`` is a :class:`FedAvg` used for everything but fit aggregation: client
     selection, fit/evaluate configs, ``accept_failures``, example weights
-    (``max_num_examples``), centralized evaluation and metrics aggregation. Its options
-    are readable as ``strategy.sampling.fraction_fit`` and so on.
+    (``max_num_examples``), centralized evaluation and metrics aggregation. A composed
+    strategy is a :class:`FedAvg` itself (Flower code checks ``isinstance(s, FedAvg)`` and
+    calls ``super().configure_fit``): FedAvg's options (``fraction_fit``,
+    ``initial_parameters``, ...) read and write the sampling's, so
+    ``strategy.fraction_fit`` and ``strategy.sampling.fraction_fit`` are one value, and
+    FedAvg's methods (``num_fit_clients``, ``configure_fit``, ``evaluate``, ...) run on the
+    composed strategy, so a subclass that overrides one of them is obeyed. A ``sampling``
+    whose class overrides one of FedAvg's methods keeps its own.
 
     ``fit_config`` entries are added to every fit config after ``on_fit_config_fn`` has
     run (so they win); the caller's dicts are never modified.
+
+    A subclass that overrides Flower's ``aggregate_fit`` receives the full list of results
+    (O(clients x model) memory) and its traits are a buffering strategy's, as with FedAvg;
+    ``super().aggregate_fit(...)`` then runs the composition on that list.
+    ``aggregate_fit`` may also be called directly, as Flower's tests do: it starts from
+    the model last given to ``configure_fit``, else from ``initial_parameters``, else
+    (for rules that need no global model) from nothing; each call moves that model on.
 
     State (:meth:`state_dict`) is the server optimizer's; stateless without one.
 
@@ -259,6 +292,20 @@ class ComposedStrategy(Strategy):
             raise ConfigError(str(exc)) from exc
         self._current: Parameters | None = None
 
+    if not TYPE_CHECKING:  # FedAvg's annotations type these attributes for mypy
+
+        def __getattr__(self, name: str) -> Any:
+            sampling = self.__dict__.get("sampling")
+            if name in FEDAVG_OPTIONS and sampling is not None:
+                return getattr(sampling, name)
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in FEDAVG_OPTIONS and "sampling" in self.__dict__:
+            setattr(self.sampling, name, value)
+        else:
+            super().__setattr__(name, value)
+
     def __repr__(self) -> str:
         parts = [f"rule={self.rule!r}"]
         if self.server_optimizer is not None:
@@ -270,25 +317,60 @@ class ComposedStrategy(Strategy):
     @property
     def traits(self) -> StrategyTraits:
         """The rule's traits (:func:`rule_traits`); those of a buffering strategy whose
-        aggregate is not known when a subclass builds its own aggregator (a subclass that
-        does declares its own traits, as SCAFFOLD does)."""
-        if type(self).fit_aggregator is not ComposedStrategy.fit_aggregator:
+        aggregate is not known when a subclass aggregates its own way (overrides
+        ``aggregate_fit`` or ``fit_aggregator``; one that does and still averages declares
+        ``traits = MEAN_TRAITS``, one that builds its own aggregator declares its own
+        traits, as SCAFFOLD does)."""
+        own = self._own_aggregation()
+        if own is not None:
+            what = (
+                "builds its own fit aggregator" if own == "fit_aggregator" else f"overrides {own}"
+            )
             return StrategyTraits(
-                reason=f"{type(self).__name__} builds its own fit aggregator, so its "
-                "aggregate is not known to be a weighted mean"
+                reason=f"{type(self).__name__} {what}, so its aggregate is not known to be "
+                "a weighted mean (if it is, declare traits = MEAN_TRAITS in its class)"
             )
         return rule_traits(self.rule)
 
-    # -- everything but fit aggregation comes from the sampling part ----------------------
+    def _own_aggregation(self) -> str | None:
+        for name in ("aggregate_fit", "fit_aggregator"):
+            if overrides(self, ComposedStrategy, name):
+                return name
+        return None
+
+    # -- FedAvg's part: the sampling's own methods if its class replaced FedAvg's ---------
+
+    def _sampling_method(self, name: str) -> Callable[..., Any]:
+        if overrides(self.sampling, FedAvg, name):
+            return cast(Callable[..., Any], getattr(self.sampling, name))
+        return functools.partial(getattr(FedAvg, name), self)
+
+    def num_fit_clients(self, num_available_clients: int) -> tuple[int, int]:
+        return cast(
+            tuple[int, int], self._sampling_method("num_fit_clients")(num_available_clients)
+        )
+
+    def num_evaluation_clients(self, num_available_clients: int) -> tuple[int, int]:
+        method = self._sampling_method("num_evaluation_clients")
+        return cast(tuple[int, int], method(num_available_clients))
+
+    def weight(self, num_examples: int) -> int:
+        return cast(int, self._sampling_method("weight")(num_examples))
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
-        return self.sampling.initialize_parameters(client_manager)
+        initial = self._sampling_method("initialize_parameters")(client_manager)
+        if self._current is None:
+            self._current = initial
+        return cast("Parameters | None", initial)
 
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
         self._current = parameters
-        instructions = self.sampling.configure_fit(server_round, parameters, client_manager)
+        method = self._sampling_method("configure_fit")
+        instructions: list[tuple[ClientProxy, FitIns]] = method(
+            server_round, parameters, client_manager
+        )
         if not self.fit_config:
             return instructions
         return [
@@ -299,7 +381,10 @@ class ComposedStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
-        return self.sampling.configure_evaluate(server_round, parameters, client_manager)
+        method = self._sampling_method("configure_evaluate")
+        return cast(
+            list[tuple[ClientProxy, EvaluateIns]], method(server_round, parameters, client_manager)
+        )
 
     def aggregate_evaluate(
         self,
@@ -307,16 +392,23 @@ class ComposedStrategy(Strategy):
         results: EvaluateResults,
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
     ) -> tuple[float | None, dict[str, Scalar]]:
-        return self.sampling.aggregate_evaluate(server_round, results, failures)
+        method = self._sampling_method("aggregate_evaluate")
+        return cast(tuple[float | None, dict[str, Scalar]], method(server_round, results, failures))
 
     def evaluate(
         self, server_round: int, parameters: Parameters
     ) -> tuple[float, dict[str, Scalar]] | None:
-        return self.sampling.evaluate(server_round, parameters)
+        method = self._sampling_method("evaluate")
+        return cast("tuple[float, dict[str, Scalar]] | None", method(server_round, parameters))
 
     # -- fit aggregation ------------------------------------------------------------------
 
     def fit_aggregator(self, server_round: int, parameters: Parameters) -> Aggregator:
+        if overrides(self, ComposedStrategy, "aggregate_fit"):
+            # Flower's list API: the override gets every result; super().aggregate_fit
+            # starts from this round's model.
+            self._current = parameters
+            return BufferingAggregator(server_round, self.aggregate_fit)
         return self.round_aggregator(server_round, parameters, check=not self.validate_fit_results)
 
     def round_aggregator(
@@ -334,18 +426,31 @@ class ComposedStrategy(Strategy):
         results: FitResults,
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        """Flower's list-based call: the global model is the one last given to configure_fit."""
-        if self._current is None:
-            raise ConfigError(
-                f"{type(self).__name__}.aggregate_fit needs the current global model: call "
-                "configure_fit first (the engine uses fit_aggregator instead)"
-            )
-        aggregator = self.round_aggregator(server_round, self._current, check=True)
+        """Flower's list-based call (O(clients x model) memory).
+
+        The global model is the one last given to :meth:`configure_fit` (or returned by
+        the previous call), else ``initial_parameters``; without either, a rule with no
+        server optimizer starts from the first result's layout (the robust rules need no
+        global model), and one with a server optimizer is refused.
+        """
+        if not results:
+            return None, {}
+        current = self._current if self._current is not None else self.initial_parameters
+        if current is None:
+            if self.server_optimizer is not None:
+                raise ConfigError(
+                    f"{type(self).__name__} needs the global model to step its server "
+                    "optimizer: pass initial_parameters (or call configure_fit first)"
+                )
+            current = results[0][1].parameters
+        aggregator = self.round_aggregator(server_round, current, check=True)
         for client, res in results:
             aggregator.add(client, res)
         for failure in failures:
             aggregator.add_failure(failure)  # type: ignore[arg-type]
         params, metrics = aggregator.finalize()
+        if params is not None:
+            self._current = params  # as Flower's current_weights: the next call starts here
         return params, metrics
 
     def apply(self, reference: NDArrays, aggregate: NDArrays) -> NDArrays:
@@ -381,14 +486,16 @@ class ComposedRound:
         self.server_round = server_round
         self.reference = reference
         self.check = check
-        self.fold = strategy.rule.start(server_round, reference, strategy.sampling.weight)
+        self.fold = strategy.rule.start(server_round, reference, strategy.weight)
         self.metrics: list[tuple[int, dict[str, Scalar]]] = []
         self.failures: list[Any] = []
 
     def add(self, client: ClientProxy, result: FitRes) -> None:
         if not isinstance(result, FitRes):
-            raise InvalidUpdate(client.cid, self.server_round, "fit", "reply is not a FitRes")
-        self.add_arrays(client.cid, parameters_to_ndarrays(result.parameters), result)
+            raise InvalidUpdate(
+                client_id(client), self.server_round, "fit", "reply is not a FitRes"
+            )
+        self.add_arrays(client_id(client), parameters_to_ndarrays(result.parameters), result)
 
     def add_arrays(self, client_id: str, arrays: NDArrays, result: FitRes) -> None:
         """Fold a model (already split from any extra arrays the reply carried)."""
@@ -419,14 +526,14 @@ class ComposedRound:
         self.failures.append(failure)
 
     def finalize(self) -> tuple[Parameters | None, dict[str, Scalar]]:
-        sampling = self.strategy.sampling
-        if not self.metrics or (self.failures and not sampling.accept_failures):
+        strategy = self.strategy
+        if not strategy.accept_round(len(self.metrics), len(self.failures), "fit"):
             return None, {}
         aggregate = self.fold.result()
         if aggregate is None:
             return None, {}
         new = self.strategy.apply(self.reference, aggregate)
         metrics: dict[str, Scalar] = {}
-        if sampling.fit_metrics_aggregation_fn is not None:
-            metrics = sampling.fit_metrics_aggregation_fn(self.metrics)
+        if strategy.fit_metrics_aggregation_fn is not None:
+            metrics = strategy.fit_metrics_aggregation_fn(self.metrics)
         return ndarrays_to_parameters(new), metrics

@@ -22,6 +22,7 @@ from fedhive.common.records import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
+from fedhive.common.typing import MetricsAggregationFn
 from fedhive.server.client_manager import ClientManager, ClientProxy
 from fedhive.server.strategy.aggregate import WeightedMean, check_accumulator
 from fedhive.server.strategy.base import (
@@ -36,7 +37,6 @@ from fedhive.server.strategy.traits import MEAN_TRAITS, StrategyTraits
 
 __all__ = ["FedAvg", "MetricsAggregationFn", "EvaluateFn"]
 
-MetricsAggregationFn = Callable[[list[tuple[int, dict[str, Scalar]]]], dict[str, Scalar]]
 EvaluateFn = Callable[[int, NDArrays, dict[str, Scalar]], tuple[float, dict[str, Scalar]] | None]
 
 
@@ -182,6 +182,13 @@ class FedAvg(Strategy):
             "be a weighted mean (if it is, declare traits = MEAN_TRAITS in its class)"
         )
 
+    def accept_round(self, num_results: int, num_failures: int, stage: str = "fit") -> bool:
+        """Whether a round with these counts is aggregated (``stage``: ``"fit"`` or
+        ``"evaluate"``): at least one result, and no failure unless ``accept_failures``.
+        :class:`~fedhive.server.strategy.fault_tolerant_fedavg.FaultTolerantFedAvg` asks
+        for a completion rate instead."""
+        return num_results > 0 and (self.accept_failures or num_failures == 0)
+
     def weight(self, num_examples: int) -> int:
         """A client's weight: its example count, capped at ``max_num_examples``."""
         if self.max_num_examples is None:
@@ -204,7 +211,7 @@ class FedAvg(Strategy):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         """Flower's list-based aggregation (O(clients x model) memory); see fit_aggregator."""
-        if not results or (failures and not self.accept_failures):
+        if not self.accept_round(len(results), len(failures), "fit"):
             return None, {}
         reference = getattr(self, "_reference", None)
         if reference is None:
@@ -228,7 +235,7 @@ class FedAvg(Strategy):
         results: EvaluateResults,
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
     ) -> tuple[float | None, dict[str, Scalar]]:
-        if not results or (failures and not self.accept_failures):
+        if not self.accept_round(len(results), len(failures), "evaluate"):
             return None, {}
         loss = weighted_loss_avg([(res.num_examples, res.loss) for _, res in results])
         metrics: dict[str, Scalar] = {}
@@ -296,7 +303,9 @@ class _StreamingFedAvg:
         self.failures.append(failure)
 
     def finalize(self) -> tuple[Parameters | None, dict[str, Scalar]]:
-        if self.mean.count == 0 or (self.failures and not self.strategy.accept_failures):
+        if self.mean.count == 0 or not self.strategy.accept_round(
+            len(self.metrics), len(self.failures), "fit"
+        ):
             return None, {}
         arrays = self.mean.result()
         params = None if arrays is None else ndarrays_to_parameters(arrays)

@@ -192,9 +192,13 @@ class Adaptive:
         v <- second_moment(v, delta^2, beta_2)        # adam, yogi or adagrad
         x <- x + eta * m / (sqrt(v) + tau)
 
-    As in the paper, ``m`` starts at 0 and ``v`` at ``tau^2``, and there is no bias
-    correction unless ``bias_correction=True`` (then ``m`` and ``v`` are divided by
-    ``1 - beta_1^t`` and ``1 - beta_2^t``, as Kingma & Ba's Adam does).
+    ``m`` starts at 0. ``initial_v`` is where ``v`` starts: ``"tau2"`` (``tau^2``, the
+    paper) or ``"zero"`` (Flower). ``bias_correction``: ``False`` (none, the paper),
+    ``True`` or ``"adam"`` (``m`` and ``v`` divided by ``1 - beta_1^t`` and
+    ``1 - beta_2^t``, as Kingma & Ba's Adam does), or ``"flower"`` (Flower's FedAdam: the
+    step size is ``eta * sqrt(1 - beta_2^(t+1)) / (1 - beta_1^(t+1))`` with ``tau``
+    outside the square root). ``t`` counts the steps taken, 1 on the first (the round
+    number when every round aggregates).
     """
 
     def __init__(
@@ -205,7 +209,8 @@ class Adaptive:
         beta_1: float,
         beta_2: float,
         tau: float,
-        bias_correction: bool = False,
+        bias_correction: bool | str = False,
+        initial_v: str = "tau2",
     ) -> None:
         if kind not in _MOMENTS:
             raise ConfigError(f"kind must be one of {sorted(_MOMENTS)}, got {kind!r}")
@@ -215,7 +220,15 @@ class Adaptive:
         self.beta_1 = check_unit_interval("beta_1", beta_1)
         self.beta_2 = check_unit_interval("beta_2", beta_2)
         self.tau = check_positive("tau", tau)
-        self.bias_correction = bool(bias_correction)
+        corrections = {False: "none", True: "adam", "adam": "adam", "flower": "flower"}
+        if not isinstance(bias_correction, bool | str) or bias_correction not in corrections:
+            raise ConfigError(
+                f"bias_correction must be False, True, 'adam' or 'flower', got {bias_correction!r}"
+            )
+        if initial_v not in ("tau2", "zero"):
+            raise ConfigError(f"initial_v must be 'tau2' or 'zero', got {initial_v!r}")
+        self.bias_correction = corrections[bias_correction]
+        self.initial_v = initial_v
         self.m: list[NDArray] | None = None
         self.v: list[NDArray] | None = None
         self.steps = 0
@@ -230,18 +243,22 @@ class Adaptive:
         d = _as64(delta)
         if self.m is None or self.v is None:
             self.m = [np.zeros_like(g) for g in d]
-            self.v = [np.full_like(g, self.tau**2) for g in d]
+            v0 = self.tau**2 if self.initial_v == "tau2" else 0.0
+            self.v = [np.full_like(g, v0) for g in d]
         _check_layout("first moment", self.m, d)
         _check_layout("second moment", self.v, d)
         b1, b2 = self.beta_1, self.beta_2
         self.m = [b1 * m + (1.0 - b1) * g for m, g in zip(self.m, d, strict=True)]
         self.v = [self.second_moment(v, g * g, b2) for v, g in zip(self.v, d, strict=True)]
         self.steps += 1
-        scale_m, scale_v = 1.0, 1.0
-        if self.bias_correction:
+        eta, scale_m, scale_v = self.eta, 1.0, 1.0
+        if self.bias_correction == "adam":
             scale_m, scale_v = 1.0 - b1**self.steps, 1.0 - b2**self.steps
+        elif self.bias_correction == "flower":
+            t = self.steps + 1
+            eta = self.eta * np.sqrt(1.0 - b2**t) / (1.0 - b1**t)
         return [
-            x + self.eta * (m / scale_m) / (np.sqrt(np.maximum(v, 0.0) / scale_v) + self.tau)
+            x + eta * (m / scale_m) / (np.sqrt(np.maximum(v, 0.0) / scale_v) + self.tau)
             for x, m, v in zip(_as64(params), self.m, self.v, strict=True)
         ]
 

@@ -19,6 +19,7 @@ differential privacy refuse them.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -39,7 +40,11 @@ __all__ = [
     "pairwise_sq_distances",
 ]
 
-Reduce = Callable[[list[str], list[NDArrays]], NDArrays]
+#: ``(client ids, models, weights) -> aggregate``; the weights are the clients'
+#: ``num_examples`` (capped as the strategy caps them), for rules that weigh.
+Reduce = Callable[[list[str], list[NDArrays], list[float]], NDArrays]
+
+log = logging.getLogger("fedhive")
 
 
 def check_count(name: str, value: int, minimum: int = 0) -> int:
@@ -50,20 +55,23 @@ def check_count(name: str, value: int, minimum: int = 0) -> int:
 
 
 class _BufferFold:
-    """Keeps (client id, model) pairs; reduces them, sorted by client id, at the end."""
+    """Keeps (client id, model, weight); reduces them, sorted by client id, at the end."""
 
-    def __init__(self, reduce: Reduce) -> None:
+    def __init__(self, reduce: Reduce, weight: Callable[[int], float] = float) -> None:
         self.reduce = reduce
-        self.updates: list[tuple[str, NDArrays]] = []
+        self.weight = weight
+        self.updates: list[tuple[str, NDArrays, float]] = []
 
     def add(self, client_id: str, arrays: NDArrays, result: FitRes) -> None:
-        self.updates.append((client_id, arrays))
+        self.updates.append((client_id, arrays, float(self.weight(result.num_examples))))
 
     def result(self) -> NDArrays | None:
         if not self.updates:
             return None
-        ordered = sorted(self.updates, key=lambda pair: pair[0])
-        return self.reduce([cid for cid, _ in ordered], [arrays for _, arrays in ordered])
+        ordered = sorted(self.updates, key=lambda entry: entry[0])
+        return self.reduce(
+            [cid for cid, _, _ in ordered], [a for _, a, _ in ordered], [w for _, _, w in ordered]
+        )
 
 
 def _layer(updates: Sequence[NDArrays], index: int) -> NDArray:
@@ -90,7 +98,7 @@ class MedianRule:
         return "MedianRule()"
 
     def start(self, server_round: int, reference: NDArrays, weight: Callable[[int], float]) -> Fold:
-        return _BufferFold(lambda cids, ups: _layerwise(ups, lambda s: np.median(s, axis=0)))
+        return _BufferFold(lambda cids, ups, ws: _layerwise(ups, lambda s: np.median(s, axis=0)))
 
 
 class TrimmedMeanRule:
@@ -113,7 +121,7 @@ class TrimmedMeanRule:
         return f"TrimmedMeanRule(beta={self.beta})"
 
     def start(self, server_round: int, reference: NDArrays, weight: Callable[[int], float]) -> Fold:
-        return _BufferFold(lambda cids, ups: _layerwise(ups, self._trimmed))
+        return _BufferFold(lambda cids, ups, ws: _layerwise(ups, self._trimmed))
 
     def _trimmed(self, stack: NDArray) -> NDArray:
         n = stack.shape[0]
@@ -171,19 +179,28 @@ class KrumRule:
     """Krum and Multi-Krum (Blanchard, El Mhamdi, Guerraoui, Stainer, NeurIPS 2017).
 
     Each model's score is the sum of squared distances to its ``n - f - 2`` nearest
-    neighbours; needs ``n >= 2f + 3``. Krum returns the best-scoring model; Multi-Krum
-    averages the ``m`` best (unweighted). ``num_clients_to_keep`` is ``m``; 0 means 1
-    (Krum) unless ``multi=True``, where 0 means ``n - f``.
+    neighbours. The paper assumes ``n >= 2f + 3``; with fewer results the rule still
+    runs on ``max(1, n - f - 2)`` neighbours, as Flower does, and logs a warning. Krum
+    returns the best-scoring model; Multi-Krum averages the ``m`` best, weighted by
+    ``num_examples`` as in Flower (``weighted=False``: the unweighted mean, which a
+    Byzantine client cannot sway by claiming a large count). ``num_clients_to_keep`` is
+    ``m``; 0 means 1 (Krum) unless ``multi=True``, where 0 means ``n - f``.
     """
 
     traits = StrategyTraits(reason="its aggregate selects the models with the best Krum scores")
 
     def __init__(
-        self, num_malicious_clients: int = 0, num_clients_to_keep: int = 0, *, multi: bool = False
+        self,
+        num_malicious_clients: int = 0,
+        num_clients_to_keep: int = 0,
+        *,
+        multi: bool = False,
+        weighted: bool = True,
     ) -> None:
         self.f = check_count("num_malicious_clients", num_malicious_clients)
         self.m = check_count("num_clients_to_keep", num_clients_to_keep)
         self.multi = multi
+        self.weighted = bool(weighted)
 
     def __repr__(self) -> str:
         name = "Multi-Krum" if self.multi else "Krum"
@@ -193,16 +210,35 @@ class KrumRule:
         return max(2 * self.f + 3, self.m)
 
     def start(self, server_round: int, reference: NDArrays, weight: Callable[[int], float]) -> Fold:
-        return _BufferFold(self._reduce)
+        return _BufferFold(self._reduce, weight)
 
-    def _reduce(self, cids: list[str], updates: list[NDArrays]) -> NDArrays:
+    def _reduce(self, cids: list[str], updates: list[NDArrays], weights: list[float]) -> NDArrays:
         n = len(updates)
-        _check_krum_size("Krum", n, self.f, 2 * self.f + 3)
+        if n < 2 * self.f + 3:
+            log.warning(
+                "Krum with num_malicious_clients=%d assumes at least %d results, got %d: "
+                "scoring on %d nearest neighbours instead (as Flower does)",
+                self.f,
+                2 * self.f + 3,
+                n,
+                max(1, n - self.f - 2),
+            )
         m = self.m or (n - self.f if self.multi else 1)
         if m > n:
             raise ConfigError(f"num_clients_to_keep={m} but only {n} results arrived")
-        best = krum_select(pairwise_sq_distances(updates), cids, range(n), self.f)[:m]
-        return _mean_of([updates[i] for i in sorted(best)])
+        best = sorted(krum_select(pairwise_sq_distances(updates), cids, range(n), self.f)[:m])
+        if len(best) == 1 or not self.weighted:
+            return _mean_of([updates[i] for i in best])
+        return _weighted_mean_of([updates[i] for i in best], [weights[i] for i in best])
+
+
+def _weighted_mean_of(updates: Sequence[NDArrays], weights: Sequence[float]) -> NDArrays:
+    """The mean of ``updates`` weighted by ``weights`` (the unweighted mean if they sum to 0)."""
+    w = np.asarray(weights, dtype=np.float64)
+    total = float(w.sum())
+    if not total > 0:
+        return _mean_of(updates)
+    return _layerwise(updates, lambda stack: (w @ stack) / total)
 
 
 class BulyanRule:
@@ -241,7 +277,7 @@ class BulyanRule:
     def start(self, server_round: int, reference: NDArrays, weight: Callable[[int], float]) -> Fold:
         return _BufferFold(self._reduce)
 
-    def _reduce(self, cids: list[str], updates: list[NDArrays]) -> NDArrays:
+    def _reduce(self, cids: list[str], updates: list[NDArrays], weights: list[float]) -> NDArrays:
         n = len(updates)
         _check_krum_size("Bulyan", n, self.f, 4 * self.f + 3)
         chosen = self._select(cids, updates, n - 2 * self.f)
