@@ -12,8 +12,8 @@ from fedhive.server.strategy.aggregate import WeightedMean, check_update
 from fedhive.server.strategy.base import Aggregator, BufferingAggregator, Strategy
 from fedhive.server.strategy.byzantine import Bulyan, FedMedian, FedTrimmedAvg, Krum, MultiKrum
 from fedhive.server.strategy.composed import ComposedStrategy
-from fedhive.server.strategy.fedasync import FedAsync
 from fedhive.server.strategy.fault_tolerant_fedavg import FaultTolerantFedAvg
+from fedhive.server.strategy.fedasync import FedAsync
 from fedhive.server.strategy.fedavg import FedAvg
 from fedhive.server.strategy.fedbuff import FedBuff
 from fedhive.server.strategy.fednova import FedNova
