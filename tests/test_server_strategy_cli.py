@@ -146,9 +146,10 @@ def test_a_fedadam_server_takes_adam_steps(tmp_path):
     assert "strategy fedadam (eta = 0.01, beta_1 = 0.9, beta_2 = 0.99, tau = 0.001)" in stderr
     assert history["config"]["strategy"]["eta"] == 0.01
     assert "proximal_mu" not in history["rounds"][-1]["fit"]["metrics"]
-    # Reddi et al. 2021 from m = 0, v = tau^2 with the mean update 1: one step of
-    # eta (1 - beta_1) / (sqrt(beta_2 tau^2 + 1 - beta_2) + tau), not FedAvg's 1
-    expected = 0.01 * 0.1 / (np.sqrt(0.99 * 1e-6 + 0.01) + 1e-3)
+    # Flower's FedAdam (the default under its name) from m = v = 0 with the mean update 1:
+    # m = 1 - beta_1, v = 1 - beta_2 and a bias-corrected step of
+    # eta sqrt(1 - beta_2^2) / (1 - beta_1^2) m / (sqrt(v) + tau), not FedAvg's 1
+    expected = 0.01 * np.sqrt(1 - 0.99**2) / (1 - 0.9**2) * 0.1 / (np.sqrt(0.01) + 1e-3)
     for step in _model_step(tmp_path):
         np.testing.assert_allclose(step, expected, rtol=1e-4)
 

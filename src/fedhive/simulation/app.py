@@ -219,6 +219,10 @@ def start_simulation(
     )
     try:
         transport = chosen.start(setup)
+        if isinstance(client_manager, SimpleClientManager) and client_manager.num_available() == 0:
+            # an empty manager (a Flower Server's): the virtual clients register with it
+            for cid in ids:
+                client_manager.register(cid)
         manager = client_manager or (
             PopulationClientManager(len(ids), seed=seed)
             if isinstance(ids, PopulationIds)
