@@ -14,11 +14,14 @@ order of arrival time. On other clocks a slot is simply delivered when filled.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import queue
 import threading
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from fedhive.common.clock import Arrival, Clock, SystemClock, VirtualClock
 from fedhive.common.errors import ConfigError
@@ -33,6 +36,8 @@ _Item = tuple[Message, Release | None]
 #: Default of the server's ``max_staged_bytes`` and ``spill_bytes``: uploads in memory at
 #: once (beyond the first), and the size from which an upload is staged on disk.
 DEFAULT_STAGED_BYTES = 64 << 20
+_LEN_PREFIX = 8  # the wire encoding's length prefix of its meta part
+_CONTENT_CACHE = 4  # task contents whose encoded length a transport remembers
 
 
 class Replies:
@@ -210,9 +215,23 @@ class Transport(ABC):
         message that has no encoding (arrays of strings: no wire would carry it, and its
         reply is refused later) counts 0."""
         from fedhive.common.errors import SerdeError
-        from fedhive.transport.codec import encode_wire
+        from fedhive.transport.codec import encode_content, encode_meta
 
         try:
-            return sum(len(piece) for piece in encode_wire(message))
+            # A round's tasks share one content object: its length is computed once.
+            content = message.content
+            cache: dict[int, tuple[weakref.ref[Any], int]]
+            cache = self.__dict__.setdefault("_content_bytes", {})
+            hit = cache.get(id(content))
+            if hit is not None and hit[0]() is content:
+                body = hit[1]
+            else:
+                body = sum(len(piece) for piece in encode_content(content))
+                if message.metadata.reply_to == "" and content is not None:  # a task
+                    if len(cache) >= _CONTENT_CACHE:
+                        cache.clear()
+                    with contextlib.suppress(TypeError):  # weakly: it keeps no model alive
+                        cache[id(content)] = (weakref.ref(content), body)
+            return _LEN_PREFIX + len(encode_meta(message)) + body
         except SerdeError:
             return 0
