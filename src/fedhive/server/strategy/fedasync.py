@@ -85,13 +85,7 @@ class FedAsync(AsynchronousStrategy):
         return RecordDict(config_records={"fedasync": {"version": self.ledger.version}})
 
     def load_state_dict(self, state: RecordDict) -> None:
-        meta = state.config_records.get("fedasync")
-        if meta is not None:
-            version = meta.get("version")
-            if isinstance(version, bool) or not isinstance(version, int) or version < 0:
-                raise ConfigError(f"a FedAsync checkpoint needs a version >= 0, got {meta!r}")
-            self.ledger.version = version
-        self.ledger.clear_in_flight()
+        self.ledger.restore(state.config_records.get("fedasync"), "FedAsync")
         self._published = None
 
 

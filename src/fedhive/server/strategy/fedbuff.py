@@ -163,13 +163,7 @@ class FedBuff(AsynchronousStrategy):
         return state
 
     def load_state_dict(self, state: RecordDict) -> None:
-        meta = state.config_records.get("fedbuff")
-        if meta is not None:
-            version = meta.get("version")
-            if isinstance(version, bool) or not isinstance(version, int) or version < 0:
-                raise CheckpointError(f"a FedBuff checkpoint needs a version >= 0, got {meta!r}")
-            self.ledger.version = version
-        self.ledger.clear_in_flight()
+        self.ledger.restore(state.config_records.get("fedbuff"), "FedBuff")
         self._published = None
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state)

@@ -25,10 +25,11 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from fedhive.common.errors import ConfigError
+from fedhive.common.errors import CheckpointError, ConfigError
 from fedhive.common.records import NDArrays
 
 __all__ = ["STALENESS_KINDS", "StalenessFunction", "VersionLedger"]
@@ -116,3 +117,15 @@ class VersionLedger:
         """Tasks sent before a restart will not be folded (their run id is stale)."""
         self.bases.clear()
         self._prune()
+
+    def restore(self, meta: Mapping[str, object] | None, strategy: str) -> None:
+        """Resume from the checkpoint record ``meta`` (``{"version": n}``, or none kept)
+        of ``strategy``: the version counter comes back, tasks in flight do not."""
+        if meta is not None:
+            version = meta.get("version")
+            if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+                raise CheckpointError(
+                    f"a {strategy} checkpoint needs a version >= 0, got {dict(meta)!r}"
+                )
+            self.version = version
+        self.clear_in_flight()
