@@ -37,7 +37,10 @@ _Item = tuple[Message, Release | None]
 #: once (beyond the first), and the size from which an upload is staged on disk.
 DEFAULT_STAGED_BYTES = 64 << 20
 _LEN_PREFIX = 8  # the wire encoding's length prefix of its meta part
-_CONTENT_CACHE = 4  # task contents whose encoded length a transport remembers
+_CONTENT_CACHE = 4  # task contents whose encoded length is remembered
+# id(content) -> (weak reference to it, its encoded length): the length of an encoding
+# depends on the content alone, so every transport may share it.
+_CONTENT_BYTES: dict[int, tuple[weakref.ref[Any], int]] = {}
 
 
 class Replies:
@@ -220,8 +223,7 @@ class Transport(ABC):
         try:
             # A round's tasks share one content object: its length is computed once.
             content = message.content
-            cache: dict[int, tuple[weakref.ref[Any], int]]
-            cache = self.__dict__.setdefault("_content_bytes", {})
+            cache = _CONTENT_BYTES
             hit = cache.get(id(content))
             if hit is not None and hit[0]() is content:
                 body = hit[1]
