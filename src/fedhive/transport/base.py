@@ -218,7 +218,7 @@ class Transport(ABC):
         message that has no encoding (arrays of strings: no wire would carry it, and its
         reply is refused later) counts 0."""
         from fedhive.common.errors import SerdeError
-        from fedhive.transport.codec import encode_content, encode_meta
+        from fedhive.transport.codec import content_size, meta_size
 
         try:
             # A round's tasks share one content object: its length is computed once.
@@ -228,12 +228,12 @@ class Transport(ABC):
             if hit is not None and hit[0]() is content:
                 body = hit[1]
             else:
-                body = sum(len(piece) for piece in encode_content(content))
+                body = content_size(content)
                 if message.metadata.reply_to == "" and content is not None:  # a task
                     if len(cache) >= _CONTENT_CACHE:
                         cache.clear()
                     with contextlib.suppress(TypeError):  # weakly: it keeps no model alive
                         cache[id(content)] = (weakref.ref(content), body)
-            return _LEN_PREFIX + len(encode_meta(message)) + body
+            return _LEN_PREFIX + meta_size(message) + body
         except SerdeError:
             return 0

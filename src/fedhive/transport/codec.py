@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from json.encoder import encode_basestring_ascii as _quote
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from fedhive.common.errors import SerdeError
 from fedhive.common.message import Message, Metadata
@@ -39,6 +42,14 @@ from fedhive.common.records import (
     Status,
     check_scalar_mapping,
 )
+from fedhive.common.wire_size import (
+    Unsized,
+    framed,
+    record_dict_layout,
+    record_dict_size,
+    scalar_list_size,
+    scalars_size,
+)
 
 if TYPE_CHECKING:
     from fedhive.common.serde import HeaderLimits, Pieces
@@ -46,9 +57,11 @@ if TYPE_CHECKING:
 __all__ = [
     "decode_message",
     "decode_wire",
+    "content_size",
     "encode_content",
     "encode_message",
     "encode_meta",
+    "meta_size",
     "encode_wire",
 ]
 
@@ -236,10 +249,123 @@ def encode_content(content: Any) -> Pieces:
 def encode_meta(message: Message) -> bytes:
     from fedhive.common.serde import encode_scalars
 
+    return encode_scalars(_meta(message))
+
+
+def _meta(message: Message) -> dict[str, Scalar]:
     meta: dict[str, Scalar] = {k: getattr(message.metadata, k) for k in _META_FIELDS}
     if message.error is not None:
         meta["error"] = message.error
-    return encode_scalars(meta)
+    return meta
+
+
+def content_size(content: Any) -> int:
+    """``sum(map(len, encode_content(content)))``, computed without encoding where the
+    length model covers the content (:mod:`fedhive.common.wire_size`)."""
+    try:
+        if type(content) in (FitRes, EvaluateRes):
+            return _reply_size(content)
+        rd = RecordDict()
+        rd.config_records["kind"] = {"kind": _encode_content(content, rd)}
+        return record_dict_size(rd)
+    except Unsized:
+        return sum(len(piece) for piece in encode_content(content))
+
+
+# (reply type, (dtype, shape) of each array) -> (JSON header length, data section length)
+# of such a reply with no metrics, 0 examples, status OK "" and loss 0.0: a round's replies
+# share their layout and differ in these values only.
+_SKELETONS: dict[tuple[Any, ...], tuple[int, int]] = {}
+_SKELETON_CACHE = 16
+
+
+def _reply_size(res: FitRes | EvaluateRes) -> int:
+    """The encoded length of a reply: its layout's skeleton (computed once per layout)
+    plus the lengths its values add. Raises ``Unsized`` where not modelled."""
+    extras = res.extras
+    status = res.status
+    message = status.message
+    if (
+        type(extras) is not RecordDict
+        or extras.array_records
+        or extras.config_records
+        or extras.metric_records
+        or type(res.num_examples) is not int
+        or type(message) is not str
+    ):
+        raise Unsized
+    fit = type(res) is FitRes
+    arrays = res.parameters.arrays if fit else ()  # type: ignore[union-attr]
+    if any(type(a) is not np.ndarray for a in arrays):
+        raise Unsized
+    key = (fit, *[(a.dtype, a.shape) for a in arrays])
+    layout = _SKELETONS.get(key)
+    if layout is None:
+        if fit:
+            skeleton: Any = FitRes(Status(Code.OK, ""), res.parameters, 0, {})  # type: ignore[union-attr]
+        else:
+            skeleton = EvaluateRes(Status(Code.OK, ""), 0.0, 0, {})
+        rd = RecordDict()
+        rd.config_records["kind"] = {"kind": _encode_content(skeleton, rd)}
+        layout = record_dict_layout(rd)
+        if len(_SKELETONS) >= _SKELETON_CACHE:
+            _SKELETONS.clear()
+        _SKELETONS[key] = layout
+    header, end = layout
+    # the values' lengths beyond the skeleton's: 0x0 (3), "" (2), [] (2) and 0.0 (5)
+    header += (
+        len(hex(res.num_examples))
+        + len(hex(int(status.code)))
+        + len(_quote(message))
+        + scalar_list_size(res.metrics)
+        - 10
+    )
+    if not fit:
+        loss = float(res.loss)  # type: ignore[union-attr]
+        header += len(repr(loss)) - 3
+    return framed(header) + end
+
+
+def _meta_fixed() -> int:
+    """The length of a meta payload less its values: prefix, punctuation, keys and tags."""
+    blank = {k: (0 if kind is int else "") for k, kind in _META_FIELDS.items()}
+    values = sum(len(hex(0)) if kind is int else 2 for kind in _META_FIELDS.values())
+    return scalars_size(blank) - values
+
+
+_META_FIXED = _meta_fixed()
+_ERROR_ITEM = len(',["error","str",]')
+
+
+def meta_size(message: Message) -> int:
+    """``len(encode_meta(message))``, computed without encoding where it can be: the
+    fixed part plus each value's length (ints as hex strings, strings JSON-escaped)."""
+    m = message.metadata
+    error = message.error
+    if not (
+        type(m.run_id) is int
+        and type(m.server_round) is int
+        and type(m.model_version) is int
+        and type(m.seed) is int
+        and type(m.message_id) is str
+        and type(m.node_id) is str
+        and type(m.message_type) is str
+        and type(m.reply_to) is str
+        and (error is None or type(error) is str)
+    ):
+        return len(encode_meta(message))  # not modelled: measure the encoding
+    size = (
+        _META_FIXED
+        + len(hex(m.run_id))
+        + len(hex(m.server_round))
+        + len(hex(m.model_version))
+        + len(hex(m.seed))
+        + len(_quote(m.message_id))
+        + len(_quote(m.node_id))
+        + len(_quote(m.message_type))
+        + len(_quote(m.reply_to))
+    )
+    return size if error is None else size + _ERROR_ITEM + len(_quote(error))
 
 
 def encode_wire(message: Message, content: Pieces | None = None) -> Pieces:
