@@ -16,6 +16,7 @@ from pathlib import Path
 from fedhive.common.atomic import SECRET_MODE, atomic_write_bytes
 from fedhive.common.errors import SerdeError, StateError
 from fedhive.common.records import RecordDict
+from fedhive.common.serde import decode_record_dict, encode_record_dict
 
 # atomic_write_bytes lives in fedhive.common.atomic; kept importable here for compatibility
 __all__ = ["StateStore", "atomic_write_bytes"]
@@ -79,8 +80,6 @@ class StateStore:
 
     def get(self, node_id: str) -> RecordDict:
         """The stored state of ``node_id`` (a fresh empty one if it has none)."""
-        from fedhive.common.serde import decode_record_dict
-
         with self._lock:
             if node_id in self._memory:
                 return self._memory[node_id]
@@ -97,8 +96,6 @@ class StateStore:
 
     def put(self, node_id: str, state: RecordDict) -> None:
         """Store ``state`` for ``node_id``, on disk if its arrays are large."""
-        from fedhive.common.serde import encode_record_dict
-
         if state.is_empty():  # what get() gives anyway: a million clients stay free
             with self._lock:
                 if node_id in self._memory:
@@ -159,8 +156,6 @@ class StateStore:
 
     def dump(self, directory: Path) -> None:
         """Write every non-empty state into ``directory`` (for checkpoints)."""
-        from fedhive.common.serde import encode_record_dict
-
         directory.mkdir(parents=True, exist_ok=True)
         index = []
         for node_id in self.node_ids():
@@ -175,8 +170,6 @@ class StateStore:
 
     def load(self, directory: Path) -> None:
         """Replace the store's content with what :meth:`dump` wrote to ``directory``."""
-        from fedhive.common.serde import decode_record_dict
-
         index_path = directory / "index.tsv"
         if not index_path.exists():
             raise StateError(f"no client state index in {directory}")

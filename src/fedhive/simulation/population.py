@@ -23,6 +23,9 @@ from fedhive.server.client_manager import ClientProxy, Criterion
 __all__ = ["NodeConfigs", "PopulationClientManager", "PopulationIds", "sorted_id"]
 
 
+_LISTED = 1 << 16
+
+
 def _count_with_prefix(prefix: int, n: int) -> int:
     """How many of 1 .. n-1 have the decimal prefix ``prefix``."""
     count, low, high = 0, prefix, prefix + 1
@@ -107,6 +110,16 @@ class PopulationClientManager:
     def __init__(self, n: int, seed: int | None = None) -> None:
         self.n = n
         self._rng = np.random.default_rng(derive_seed(seed, 0, "", "sample"))
+        self._listed: list[str] | None = None
+
+    def _id(self, position: int) -> str:
+        """The id at ``position`` in text order; a population of up to ``_LISTED``
+        clients lists its ids once (a few MB at most), a larger one computes each."""
+        if self.n > _LISTED:
+            return sorted_id(position, self.n)
+        if self._listed is None:
+            self._listed = sorted(map(str, range(self.n)))
+        return self._listed[position]
 
     def set_sampling_seed(self, seed: int) -> None:
         self._rng = np.random.default_rng(seed)
@@ -130,7 +143,7 @@ class PopulationClientManager:
         if criterion is not None:
             ids = [
                 cid
-                for cid in (sorted_id(i, self.n) for i in range(self.n))
+                for cid in (self._id(i) for i in range(self.n))
                 if criterion.select(ClientProxy(cid))
             ]
             if num_clients <= 0 or len(ids) < needed:
@@ -140,4 +153,4 @@ class PopulationClientManager:
         if num_clients <= 0 or self.n < needed:
             return []
         picked = self._rng.choice(self.n, size=num_clients, replace=False)
-        return [ClientProxy(sorted_id(int(i), self.n)) for i in picked]
+        return [ClientProxy(self._id(i)) for i in picked.tolist()]

@@ -24,8 +24,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from fedhive.common.clock import Arrival, Clock, SystemClock, VirtualClock
-from fedhive.common.errors import ConfigError
+from fedhive.common.errors import ConfigError, SerdeError
 from fedhive.common.message import Message
+from fedhive.transport.codec import content_size, meta_size
 
 __all__ = ["DEFAULT_STAGED_BYTES", "Release", "Replies", "ReplySlot", "Transport"]
 
@@ -217,9 +218,6 @@ class Transport(ABC):
         computes the encoding's length (headers; array buffers are only viewed). A
         message that has no encoding (arrays of strings: no wire would carry it, and its
         reply is refused later) counts 0."""
-        from fedhive.common.errors import SerdeError
-        from fedhive.transport.codec import content_size, meta_size
-
         try:
             # A round's tasks share one content object: its length is computed once.
             content = message.content
