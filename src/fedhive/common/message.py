@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
@@ -94,14 +94,26 @@ class Message:
         )
         return cls(meta, content)
 
+    def _reply_metadata(self) -> Metadata:
+        m = self.metadata  # a reply keeps the task's fields and points back at it
+        return Metadata(
+            m.run_id,
+            m.message_id,
+            m.node_id,
+            m.server_round,
+            m.model_version,
+            m.message_type,
+            m.message_id,
+            m.seed,
+        )
+
     def reply(self, content: Any) -> Message:
         """A successful reply to this task."""
-        return Message(replace(self.metadata, reply_to=self.metadata.message_id), content)
+        return Message(self._reply_metadata(), content)
 
     def error_reply(self, reason: str) -> Message:
         """A reply saying that this task failed, and why."""
-        meta = replace(self.metadata, reply_to=self.metadata.message_id)
-        return Message(meta, None, error=reason)
+        return Message(self._reply_metadata(), None, error=reason)
 
     @property
     def has_error(self) -> bool:

@@ -76,6 +76,7 @@ _NUMERIC_KINDS = frozenset("biuf")
 FOLD_ELEMENTS = 1 << 15
 ACCUMULATORS = ("float64", "model")
 _OWN_PAGES_BYTES = 1 << 20
+_SMALL = 1 << 14  # elements
 
 
 def _finite(array: NDArray) -> bool:
@@ -96,6 +97,8 @@ def is_finite(array: NDArray) -> bool:
     """
     if array.dtype.kind != "f" or array.size == 0:
         return True
+    if array.size <= _SMALL:  # a small boolean temporary costs less than errstate + sum
+        return bool(np.isfinite(array).all())
     if page_dropper(array) is None:
         return _finite(array)
     flat = array.reshape(-1)
@@ -338,6 +341,11 @@ def _mapping(nbytes: int) -> mmap.mmap:
 def _fold(acc: NDArray, values: NDArray, weight: float, scratch: NDArray) -> None:
     """``acc += weight * values`` in float64, one cache-sized slice at a time (the pages
     of ``values`` staged on disk are dropped as they are read)."""
+    if values.size <= FOLD_ELEMENTS:  # one slice: too few pages to be worth dropping
+        product = scratch[: values.size]
+        np.multiply(values, weight, out=product, dtype=np.float64)
+        np.add(acc, product, out=acc)
+        return
     for start, stop in read_slices(values, FOLD_ELEMENTS):
         product = scratch[: stop - start]
         np.multiply(values[start:stop], weight, out=product, dtype=np.float64)
@@ -424,7 +432,7 @@ class WeightedMean:
             check_update(arrays, self.reference, client_id=client_id, server_round=server_round)
         elif [np.shape(a) for a in arrays] != [r.shape for r in self.reference]:
             raise InvalidUpdate(client_id, server_round, "fit", "arrays do not match the model")
-        if not np.isfinite(weight) or weight < 0:
+        if not math.isfinite(weight) or weight < 0:
             raise InvalidUpdate(client_id, server_round, "fit", f"invalid weight {weight!r}")
         total = self.total_weight + weight
         for acc, arr, ref, compact in zip(
