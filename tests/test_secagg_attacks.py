@@ -578,3 +578,76 @@ def test_two_neighbours_with_one_identity_key_are_refused(monkeypatch):
     workflow = SecAggPlusWorkflow(degree="complete", threshold=4, bits=16, clip=0.05)
     result = _run_against(OneIdentityTwice, monkeypatch, 6, workflow, SecAggPlusMod())
     _assert_refused(*result, check="same identity key")
+
+
+# -- 6. a neighbour graph the server chose ----------------------------------------------------
+
+SURROUND = tuple(str(i) for i in range(14, 20))  # six colluding sites of twenty
+
+
+def _surrounding_graph(peers: dict[int, Any], degree: int) -> dict[int, list[int]]:
+    """A Harary graph of the right shape whose cycle puts the target between the
+    colluders, so that every one of its neighbours is a colluder."""
+    from fedhive.secagg.config import neighbour_graph
+
+    by_cid = {peer.cid: sid for sid, peer in peers.items()}
+    colluders = [by_cid[c] for c in SURROUND]
+    rest = [sid for sid in sorted(peers) if sid not in colluders and sid != by_cid[TARGET]]
+    half = degree // 2
+    order = [*colluders[:half], by_cid[TARGET], *colluders[half:], *rest]
+
+    class Chosen:
+        def shuffle(self, ids: list[int]) -> None:
+            ids[:] = order
+
+    return neighbour_graph(sorted(peers), degree, Chosen())  # type: ignore[arg-type]
+
+
+class Surround(SplitViews):
+    """Draws the neighbour graph itself, with the target surrounded by colluders (within
+    every shape rule: the degree, distinct share indices, one identity each); the
+    colluders hand over their round secrets, so the server holds t shares of both of the
+    target's secrets."""
+
+    forged: ClassVar[tuple[str, ...]] = SURROUND
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        graph = _surrounding_graph(self.peers, self.degree)  # drawn when the round starts
+        for sid, peer in self.peers.items():
+            peer.neighbours = graph[sid]
+
+    def _neighbour_graph(self, *args: Any) -> dict[int, list[int]]:
+        return _surrounding_graph(self.peers, self.degree)
+
+    def read(self, stage, peer, content):
+        if stage == MessageType.FIT and peer.cid == TARGET:
+            seeds, keys = self.colluder_shares(peer.sid)
+            self.target_seed, self.target_key = self.combine(seeds), self.combine(keys)
+
+
+@pytest.mark.xfail(strict=True, reason="the server still draws the neighbour graph")
+def test_attack_6_a_graph_the_server_chose_is_refused(monkeypatch):
+    """corrupt_fraction 0.3 of 20 clients, degree 6, t = 6: a random graph gives the
+    target six colluding neighbours with probability 1/27132 (below the failure bound);
+    a server that draws the graph itself surrounds it with them. With the graph derived
+    from every client's committed randomness, the target refuses the announced one."""
+    Adversary.leaked = {}
+    n = 20
+    mods = _enrolled(n, colluders=SURROUND)
+    leaky = {node: Leaky() for node in SURROUND}
+    for node, mod in leaky.items():
+        mod.identity = Adversary.identities[node]
+
+    def per_node(message, context, call_next):
+        if context.node_id in leaky:
+            return leaky[context.node_id](message, context, call_next)
+        return mods(message, context, call_next)
+
+    config = SecAggConfig(
+        degree=6, threshold=6, bits=16, clip=0.05,
+        corrupt_fraction=0.3, failure_probability=0.01,
+    )  # fmt: skip
+    assert config.plan(n) == (6, 6)
+    result = _run_against(Surround, monkeypatch, n, SecAggPlusWorkflow(config), per_node)
+    _assert_refused(*result, check="graph check")
