@@ -60,18 +60,30 @@ from fedhive.common.records import (
 from fedhive.secagg import graph as g
 from fedhive.secagg import primitives as p
 from fedhive.secagg.config import THREAT_MODELS, SecAggConfig
+from fedhive.secagg.messages import (
+    MASK_KEY,
+    PARAMS,
+    SHARE_PREFIX,
+    STAGE_ADVERTISE,
+    STAGE_CONSISTENCY,
+    STAGE_GRAPH,
+    STAGE_SHARE,
+    STAGE_UNMASK,
+    advert_bytes,
+    pair_seed,
+    share_associated,
+    share_key,
+    survivors_bytes,
+)
+from fedhive.secagg.messages import field_bytes as _bytes
+from fedhive.secagg.messages import field_float as _float
+from fedhive.secagg.messages import field_int as _int
+from fedhive.secagg.messages import params_of as _params
+from fedhive.secagg.messages import records_of as _content
+from fedhive.secagg.messages import survivors_of as _survivors
 
 __all__ = ["SecAggPlusMod", "secaggplus_mod", "with_secagg_mod"]
 
-STAGE_ADVERTISE = "secagg.advertise"
-STAGE_GRAPH = "secagg.graph"
-STAGE_SHARE = "secagg.share_keys"
-STAGE_CONSISTENCY = "secagg.consistency"
-STAGE_UNMASK = "secagg.unmask"
-#: The fit config key that marks a masked-input fit; other ``secagg.`` keys carry shares.
-MASK_KEY = "secagg.stage"
-SHARE_PREFIX = "secagg.share."
-PARAMS = "secagg"
 _ROUND_STATE = "secagg.round"
 _PEERS = "secagg.peers"
 _INBOX = "secagg.inbox"
@@ -81,54 +93,9 @@ Handler = Callable[[Message, Context], Message]
 log = logging.getLogger("fedhive.secagg")
 
 
-def advert_bytes(
-    run: int, rnd: int, sid: int, node: str, c_pk: bytes, s_pk: bytes, commit: bytes = b""
-) -> bytes:
-    """What a client signs to bind its round keys and graph commitment to its identity."""
-    return b"advert|%d|%d|%d|%s|" % (run, rnd, sid, node.encode()) + c_pk + s_pk + commit
-
-
-def survivors_bytes(run: int, rnd: int, survivors: np.ndarray) -> bytes:
-    """What survivors sign in the consistency check."""
-    return b"survivors|%d|%d|" % (run, rnd) + np.sort(survivors).astype("<i8").tobytes()
-
-
-def share_associated(run: int, rnd: int, sender: int, receiver: int) -> bytes:
-    return b"share|%d|%d|%d|%d" % (run, rnd, sender, receiver)
-
-
-def pair_seed(secret: bytes | p.KeyPair, peer_public: bytes, run: int, rnd: int) -> bytes:
-    return p.agree(secret, peer_public, b"mask|%d|%d" % (run, rnd))
-
-
-def share_key(secret: bytes | p.KeyPair, peer_public: bytes, run: int, rnd: int) -> bytes:
-    return p.agree(secret, peer_public, b"share|%d|%d" % (run, rnd))
-
-
 def _neighbours(state: Mapping[str, Scalar]) -> set[int]:
     """The secure ids of this client's neighbours, as it derived them."""
     return set(np.frombuffer(_bytes(state, "neighbours"), "<i8").tolist())
-
-
-def _int(params: Mapping[str, Scalar], key: str) -> int:
-    value = params.get(key)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ProtocolError(f"secure aggregation parameter {key!r} missing or not an int")
-    return value
-
-
-def _float(params: Mapping[str, Scalar], key: str) -> float:
-    value = params.get(key)
-    if isinstance(value, bool) or not isinstance(value, float):
-        raise ProtocolError(f"secure aggregation parameter {key!r} missing or not a float")
-    return value
-
-
-def _bytes(params: Mapping[str, Scalar], key: str, size: int | None = None) -> bytes:
-    value = params.get(key)
-    if not isinstance(value, bytes) or (size is not None and len(value) != size):
-        raise ProtocolError(f"secure aggregation field {key!r} missing or malformed")
-    return value
 
 
 class SecAggPlusMod:
@@ -358,25 +325,6 @@ class SecAggPlusMod:
         self._time("graph", start)
         return RecordDict(config_records={PARAMS: {"reveal": _bytes(state, "value")}})
 
-    def _derive_neighbours(
-        self, meta: Any, state: dict[str, Scalar], params: Mapping[str, Scalar]
-    ) -> list[int]:
-        """This client's neighbours in the graph every client derives; the server's
-        announced list must be that one."""
-        n, me, k = _int(state, "n"), _int(state, "sid"), _int(state, "k")
-        if state.get("complete"):
-            derived = [j for j in range(1, n + 1) if j != me]
-        else:
-            sids, commits = _bytes(state, "sids"), _bytes(state, "commits")
-            reveals = _bytes(params, "reveals")
-            g.check_reveals(meta.run_id, meta.server_round, sids, commits, reveals)
-            seed = g.graph_seed(meta.run_id, meta.server_round, n, sids, reveals)
-            derived = g.derived_neighbours(n, k, seed, me)
-        announced = np.frombuffer(_bytes(params, "neighbours"), "<i8").tolist()
-        g.check_announced(announced, derived, n, me)
-        state["neighbours"] = np.asarray(derived, "<i8").tobytes()
-        return derived
-
     # -- 2. share keys -------------------------------------------------------------------
 
     def _check_peer(
@@ -419,7 +367,7 @@ class SecAggPlusMod:
         content = _content(message)
         me = _int(state, "sid")
         start = time.perf_counter()
-        allowed = set(self._derive_neighbours(meta, state, _params(message)))
+        allowed = set(g.client_neighbours(meta.run_id, meta.server_round, state, _params(message)))
         self._time("graph", start)
         listed = None
         if not state.get("complete"):
@@ -675,31 +623,6 @@ class SecAggPlusMod:
                 key_shares[sid_text] = plain[len(plain) // 2 :]
         self._time("key_agreement", start)
         return RecordDict(config_records={"seed_shares": seed_shares, "key_shares": key_shares})
-
-
-def _params(message: Message) -> dict[str, Scalar]:
-    content = _content(message)
-    params = content.config_records.get(PARAMS)
-    if params is None:
-        raise ProtocolError(f"{message.metadata.message_type} carries no secure aggregation record")
-    return dict(params)
-
-
-def _content(message: Message) -> RecordDict:
-    if not isinstance(message.content, RecordDict):
-        raise ProtocolError(
-            f"{message.metadata.message_type} content must be a RecordDict, got "
-            f"{type(message.content).__name__}"
-        )
-    return message.content
-
-
-def _survivors(message: Message, name: str) -> np.ndarray:
-    arrays = _content(message).array_records.get(PARAMS, {})
-    value = arrays.get(name)
-    if not isinstance(value, np.ndarray) or value.dtype.kind not in "iu" or value.ndim != 1:
-        raise ProtocolError(f"{message.metadata.message_type}: {name!r} must be a 1-D int array")
-    return value.astype(np.int64)
 
 
 #: The default instance: peers' identity keys are trusted as relayed.

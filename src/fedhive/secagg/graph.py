@@ -27,16 +27,20 @@ server is to abort after seeing the graph (a new round draws a new one).
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 
 import numpy as np
 
 from fedhive.common.errors import ProtocolError
+from fedhive.common.records import Scalar
+from fedhive.secagg.messages import field_bytes, field_int
 
 __all__ = [
     "VALUE_BYTES",
     "check_announced",
     "check_commitments",
     "check_reveals",
+    "client_neighbours",
     "commitment",
     "commitment_of",
     "derived_graph",
@@ -156,6 +160,25 @@ def check_announced(announced: list[int], derived: list[int], n: int, me: int) -
             f"derived from every client's committed randomness gives {derived}; refusing "
             "the round"
         )
+
+
+def client_neighbours(
+    run: int, rnd: int, state: dict[str, Scalar], params: Mapping[str, Scalar]
+) -> list[int]:
+    """A client's neighbours, from its round ``state`` (the commitments it kept) and the
+    share-keys ``params`` (every reveal, the announced neighbours); stored in the state."""
+    n, me, k = field_int(state, "n"), field_int(state, "sid"), field_int(state, "k")
+    if state.get("complete"):
+        derived = [j for j in range(1, n + 1) if j != me]
+    else:
+        sids, commits = field_bytes(state, "sids"), field_bytes(state, "commits")
+        reveals = field_bytes(params, "reveals")
+        check_reveals(run, rnd, sids, commits, reveals)
+        derived = derived_neighbours(n, k, graph_seed(run, rnd, n, sids, reveals), me)
+    announced = np.frombuffer(field_bytes(params, "neighbours"), _ID).tolist()
+    check_announced(announced, derived, n, me)
+    state["neighbours"] = np.asarray(derived, _ID).tobytes()
+    return derived
 
 
 def commitment_of(sids: bytes, commits: bytes, sid: int) -> bytes | None:

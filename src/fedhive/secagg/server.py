@@ -36,7 +36,8 @@ from fedhive.common.records import (
 )
 from fedhive.secagg import graph as g
 from fedhive.secagg import primitives as p
-from fedhive.secagg.client import (
+from fedhive.secagg.config import SecAggConfig
+from fedhive.secagg.messages import (
     MASK_KEY,
     PARAMS,
     SHARE_PREFIX,
@@ -48,7 +49,6 @@ from fedhive.secagg.client import (
     advert_bytes,
     pair_seed,
 )
-from fedhive.secagg.config import SecAggConfig
 from fedhive.server.client_manager import ClientProxy
 from fedhive.server.engine import RoundDriver, run_pipeline
 from fedhive.server.stages import MEAN, ExchangeStage, FitPipeline, FitSink
