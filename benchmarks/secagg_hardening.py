@@ -52,7 +52,7 @@ TARGET = 1.10  # hardened / unhardened, client and server
 # -- one run, in a worker process that imports one side's fedhive --------------------------
 
 
-def worker(n: int, params: int, drop: float, rounds: int) -> dict[str, Any]:
+def worker(n: int, params: int, drop: float, rounds: int, pinned: bool) -> dict[str, Any]:
     import random
 
     import numpy as np
@@ -60,6 +60,7 @@ def worker(n: int, params: int, drop: float, rounds: int) -> dict[str, Any]:
     from fedhive.client import NumPyClient
     from fedhive.common.records import ndarrays_to_parameters
     from fedhive.secagg import SecAggPlusMod, SecAggPlusWorkflow
+    from fedhive.secagg import primitives as p
     from fedhive.server.config import ServerConfig
     from fedhive.server.strategy import FedAvg
     from fedhive.simulation import start_simulation
@@ -93,6 +94,18 @@ def worker(n: int, params: int, drop: float, rounds: int) -> dict[str, Any]:
         return call_next(message, context)
 
     timings: dict[str, float] = {}
+    secagg: Any = SecAggPlusMod(timings=timings)
+    if pinned:  # every client pins every enrolled identity (the malicious-server model)
+        identities = {str(i): p.new_identity() for i in range(n)}
+        peers = {node: p.identity_public(secret) for node, secret in identities.items()}
+        mods = {
+            node: SecAggPlusMod(trusted_identities=peers, identity=secret, timings=timings)
+            for node, secret in identities.items()
+        }
+
+        def secagg(message, context, call_next):
+            return mods[context.node_id](message, context, call_next)
+
     parts: dict[int, dict[str, float]] = {}
     server_cpu: dict[int, float] = {}
     inner = SecAggPlusWorkflow(bits=12, clip=1.0)
@@ -129,7 +142,7 @@ def worker(n: int, params: int, drop: float, rounds: int) -> dict[str, Any]:
         backend="thread",
         num_workers=1,
         seed=0,
-        mods=[meter, dropout, SecAggPlusMod(timings=timings)],
+        mods=[meter, dropout, secagg],
         fit_workflow=workflow,
     )
     records = {int(r["round"]): r for r in history.rounds if r.get("round", 0) >= 1}
@@ -155,9 +168,12 @@ def worker(n: int, params: int, drop: float, rounds: int) -> dict[str, Any]:
 # -- the driver: interleaved sets ------------------------------------------------------------
 
 
-def run_side(src: str, n: int, params: int, drop: float, rounds: int) -> dict[str, Any]:
+def run_side(
+    src: str, n: int, params: int, drop: float, rounds: int, pinned: bool
+) -> dict[str, Any]:
     env = dict(os.environ, PYTHONPATH=str(Path(src).resolve()))
     cmd = [sys.executable, __file__, "--worker", str(n), str(params), str(drop), str(rounds)]
+    cmd.append("pinned" if pinned else "unpinned")
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"worker failed ({src}): {out.stderr[-2000:]}")
@@ -173,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     add("--rounds", type=int, default=2, help="timed rounds per run, after one warm-up")
     add("--sets", type=int, default=3, help="interleaved repeated sets of runs")
     add("--no-drop", action="store_true", help="only the row without dropouts")
+    add("--pinned", action="store_true", help="clients pin each other's identity keys")
     add("--out", help="write the table here as well")
     args = parser.parse_args(argv)
     sides = [tuple(s.split("=", 1)) for s in args.side]
@@ -190,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         for drop in drops:
             order = sides[s % len(sides) :] + sides[: s % len(sides)]
             for name, src in order:
-                res = run_side(src, args.clients, args.params, drop, args.rounds)
+                res = run_side(src, args.clients, args.params, drop, args.rounds, args.pinned)
                 results[(drop, name)].append(res)
                 print(
                     f"set {s + 1} drop {drop:.0%} {name}: client CPU "
@@ -203,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     load_end = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     say(
         f"SecAgg+ hardening cost: n={args.clients} x P={args.params:,} parameters, default "
-        f"degree, bits=12, clip=1.0; {args.sets} interleaved sets x {args.rounds} timed rounds"
+        f"degree, bits=12, clip=1.0; {args.sets} interleaved sets x {args.rounds} timed rounds; "
+        + ("identities pinned (malicious-server model)" if args.pinned else "identities not pinned")
     )
     say(f"machine: {os.cpu_count()} CPUs; load average {load_start} at start, {load_end} at end")
     say(
@@ -257,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        n, params, drop, rounds = sys.argv[2:6]
-        print(json.dumps(worker(int(n), int(params), float(drop), int(rounds))))
+        n, params, drop, rounds, *pins = sys.argv[2:7]
+        print(json.dumps(worker(int(n), int(params), float(drop), int(rounds), pins == ["pinned"])))
         sys.exit(0)
     sys.exit(main())

@@ -116,8 +116,10 @@ class SecAggPlusMod:
     the threshold it accepts is the safe bound for the larger of it and the server's.
     Whatever the server says, the client refuses (naming the check) a threshold below
     the safe bound for its degree, a degree other than the one its config implies, share
-    indices that are 0, repeated or its own, and two neighbours with one node id or one
-    identity key; it verifies every consistency signature it receives.
+    indices that are 0, repeated or its own, two neighbours with one node id or one
+    identity key, and neighbours other than those of the graph it derives from every
+    client's committed randomness (:mod:`fedhive.secagg.graph`); it verifies every
+    consistency signature it receives.
     """
 
     def __init__(

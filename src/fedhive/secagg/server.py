@@ -1,7 +1,7 @@
 """The server side of SecAgg+: a fit workflow that learns only the sum of the updates.
 
 ``SecAggPlusWorkflow`` replaces the engine's fit round (``fit_workflow=``): it samples
-clients through the strategy as usual, runs the five stages described in
+clients through the strategy as usual, runs the six stages described in
 :mod:`fedhive.secagg.client`, and hands the strategy the mean it unmasked, as if every
 survivor had sent that mean. Protocol: Bell et al. 2020, "Secure Single-Server
 Aggregation with (Poly)Logarithmic Overhead" (SecAgg+), with Bonawitz et al. 2017,
