@@ -303,3 +303,21 @@ def test_a_server_that_cheats_around_the_graph_stage_is_refused(monkeypatch, lia
     result = _run_against(liar, monkeypatch, 8, SecAggPlusWorkflow(**WORKFLOW), _enrolled(8))
     _assert_refused(*result, check=check)
     assert "graph check" in result[2]
+
+
+@pytest.mark.parametrize("n", [31, 33, 51, 101, 999])
+def test_the_default_degree_for_an_odd_round_is_the_degree_of_its_graph(n):
+    """A Harary graph on an odd number of clients needs an even degree; the planned
+    degree, whose threshold the clients check, must be the one the graph has."""
+    config = SecAggConfig(max_clients=1000)
+    k, t = config.plan(n)
+    assert config.implied_degree(n) == k
+    assert len(g.derived_neighbours(n, k, secrets.token_bytes(32), 1)) == k
+    assert t >= config.safe_threshold(k, n)
+
+
+def test_a_default_round_with_an_odd_number_of_clients_goes_through():
+    hist, _ = run(31, SecAggPlusWorkflow(bits=16, clip=0.05), num_workers=1)
+    fit = hist.rounds[-1]["fit"]
+    assert fit["updated"], fit.get("note")
+    assert fit["secagg"]["degree"] % 2 == 0

@@ -111,7 +111,8 @@ def _plan(n: int, corrupt: float, dropout: float, failure: float) -> tuple[int, 
 
     For each k the threshold is :func:`safe_threshold` (the smallest a lying server with
     colluders cannot open; a larger one only makes the dropout event likelier); the first
-    k whose clients keep t live neighbours with high probability wins.
+    k whose clients keep t live neighbours with high probability wins. With odd n only
+    even k are tried: that is the degree the graph will have, and t is checked for it.
     """
     if n <= 1:
         return max(n - 1, 0), 1
@@ -119,6 +120,8 @@ def _plan(n: int, corrupt: float, dropout: float, failure: float) -> tuple[int, 
     dropped = math.ceil(dropout * n - 1e-9)
     start = max(2, 2 * math.ceil(math.log2(n)))
     for k in range(start, n - 1):
+        if k % 2 and n % 2:
+            continue  # a Harary graph on an odd number of clients has an even degree
         t = safe_threshold(k, n, corrupt, failure)
         if t > k:
             continue
