@@ -35,8 +35,9 @@ n=1000 x 1M, where one SecAgg+ round takes ~1.5 min, and 3 elsewhere):
   the round's wall time minus the client-app time (server work not overlapped with
   client work, plus the in-process transport), for both runs.
 - **client s/update**: ``SecAggPlusMod(timings=...)`` seconds (key agreement = X25519 +
-  HKDF + AES-GCM of shares; shamir; quantize; mask expansion; consistency = signing the
-  survivor set and checking t neighbours' signatures)
+  HKDF + AES-GCM of shares; graph = checking the commitments and reveals and deriving
+  the neighbours; shamir; quantize; mask expansion; consistency = signing the
+  survivor set and checking every neighbour's signature)
   summed over all clients, divided by the number of masked updates received (the
   survivors). "handler delta" cross-checks it: the time inside the client app (all
   mods, ``client_fn``, ``fit``) of the SecAgg+ run minus that of the plain run, per
@@ -98,9 +99,10 @@ TARGET_CLIENT_S = 0.1  # s per update
 TARGET_SERVER = 3.0  # x plain aggregation, no dropouts
 TARGET_SERVER_DROP = 5.0  # x plain aggregation, 10% dropouts
 TARGET_COMPLETE = 3.0  # whole round x plain round, complete graph, n = 100
-CLIENT_PARTS = ("key_agreement", "shamir", "quantize", "mask_expansion", "consistency")
+CLIENT_PARTS = ("key_agreement", "graph", "shamir", "quantize", "mask_expansion", "consistency")
 STAGES = (
     "secagg.advertise",
+    "secagg.graph",
     "secagg.share_keys",
     MessageType.FIT,
     "secagg.consistency",
@@ -516,6 +518,7 @@ def split_table(rows: Sequence[Row]) -> str:
     headers = [
         "config",
         "client ms/update: key agr",
+        "graph",
         "shamir",
         "quantize",
         "mask exp",
@@ -552,7 +555,7 @@ def bytes_table(rows: Sequence[Row]) -> str:
         "SecAgg+ down/client",
         "up x",
         "up+down x",
-        "SecAgg+ up by stage (adv/share/fit/cons/unmask)",
+        "SecAgg+ up by stage (adv/graph/share/fit/cons/unmask)",
     ]
     body = []
     for row in rows:

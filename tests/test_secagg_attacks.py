@@ -297,16 +297,13 @@ class ZeroIndex(Adversary):
     fakes: ClassVar[list[int]] = [0]
 
     def tamper(self, stage, contents):
-        if stage == STAGE_ADVERTISE:
+        if stage == STAGE_SHARE:
+            self.fake_c = {}
             for sid, content in contents.items():
                 if self.peers[sid].cid == TARGET:
                     params = content.config_records["secagg"]
                     ids = np.frombuffer(params["neighbours"], "<i8").tolist() + self.fakes
                     params["neighbours"] = np.asarray(ids, "<i8").tobytes()
-        if stage == STAGE_SHARE:
-            self.fake_c = {}
-            for sid, content in contents.items():
-                if self.peers[sid].cid == TARGET:
                     for fake in self.fakes:
                         advert, c = self.fake_advert(fake, COLLUDER, self.identities[COLLUDER])
                         content.config_records[f"peer.{fake}"] = advert
@@ -513,46 +510,58 @@ def test_the_malicious_model_with_a_peers_file_runs_and_the_server_checks_enroll
     assert "unsigned" in record["failures"][0]["reason"]
 
 
-def _params(n, neighbours, threshold, degree=-1):
+def _params(n, threshold, degree=-1):
     return {
         "n": n,
         "degree": degree,
         "corrupt_fraction": 0.1,
         "dropout_fraction": 0.1,
         "failure_probability": 1e-6,
-        "neighbours": np.asarray(neighbours, "<i8").tobytes(),
     }
 
 
 @pytest.mark.parametrize(
-    "n, sid, neighbours, threshold, degree, check",
+    "n, threshold, degree",
     [
-        (6, 1, [2, 3, 4, 5, 6], 3, -1, "threshold check"),  # safe bound 4 at k = 5
-        (6, 1, [2, 3, 4, 5, 6], 6, -1, "threshold check"),  # above k
-        (6, 1, [0, 2, 3, 4, 5], 4, -1, "share index check"),
-        (6, 1, [1, 2, 3, 4, 5], 4, -1, "share index check"),  # its own index
-        (6, 1, [2, 2, 3, 4, 5], 4, -1, "share index check"),
-        (6, 1, [2, 3, 4, 5, 9], 4, -1, "share index check"),  # beyond n
-        (10, 1, [2, 3, 4, 5], 5, 6, "degree check"),  # degree 6 implied, 4 given
-        (32, 1, list(range(2, 33)), 16, -1, "threshold check"),  # the old default
+        (6, 3, -1),  # safe bound 4 at k = 5
+        (6, 6, -1),  # above k
+        (32, 16, -1),  # the old default
     ],
 )
-def test_each_client_check_refuses_and_names_itself(n, sid, neighbours, threshold, degree, check):
+def test_the_threshold_check_refuses_and_names_itself(n, threshold, degree):
     from fedhive.common.errors import ProtocolError
 
     mod = SecAggPlusMod()
+    with pytest.raises(ProtocolError, match="threshold check"):
+        mod._check_plan(_params(n, threshold, degree), 1, threshold)
+    k = n - 1  # the same round with an honest threshold passes
+    assert mod._check_plan(_params(n, threshold, degree), 1, (2 * k) // 3 + 1) == k
+
+
+@pytest.mark.parametrize(
+    "n, announced, derived, check",
+    [
+        (6, [0, 2, 3, 4, 5], [2, 3, 4, 5, 6], "share index check"),
+        (6, [1, 2, 3, 4, 5], [2, 3, 4, 5, 6], "share index check"),  # its own index
+        (6, [2, 2, 3, 4, 5], [2, 3, 4, 5, 6], "share index check"),
+        (6, [2, 3, 4, 5, 9], [2, 3, 4, 5, 6], "share index check"),  # beyond n
+        (10, [2, 3, 4, 5], [2, 3, 4, 5, 6, 7], "degree check"),  # degree 6 implied, 4 given
+        (10, [2, 3, 4, 5, 6, 8], [2, 3, 4, 5, 6, 7], "graph check"),  # not the derived one
+    ],
+)
+def test_each_neighbour_check_refuses_and_names_itself(n, announced, derived, check):
+    from fedhive.common.errors import ProtocolError
+    from fedhive.secagg.graph import check_announced
+
     with pytest.raises(ProtocolError, match=check):
-        mod._check_plan(_params(n, neighbours, threshold, degree), sid, threshold)
-    ok = list(range(2, n + 1)) if degree == -1 else None
-    if ok is not None:  # the same round with honest parameters passes
-        k = n - 1
-        mod._check_plan(_params(n, ok, threshold, degree), sid, (2 * k) // 3 + 1)
+        check_announced(announced, derived, n, 1)
+    check_announced(derived[::-1], derived, n, 1)  # the derived list, in any order, passes
 
 
 def test_a_client_with_its_own_corrupt_fraction_asks_for_more():
     from fedhive.common.errors import ProtocolError
 
-    params = _params(100, list(range(2, 35)), 23, degree=33)
+    params = _params(100, 23, degree=33)
     SecAggPlusMod()._check_plan(params, 1, 23)
     with pytest.raises(ProtocolError, match="threshold check"):
         SecAggPlusMod(corrupt_fraction=0.4)._check_plan(params, 1, 23)

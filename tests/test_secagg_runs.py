@@ -139,3 +139,36 @@ def test_grpc_digits_run_with_secagg_reaches_the_plain_accuracy():
     assert plain > 0.85
     assert abs(secure - plain) <= 0.01, (plain, secure)
     assert all(r["fit"]["updated"] for r in secure_hist.rounds[1:])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_grpc_round_on_a_derived_graph_with_a_client_dying_mid_round():
+    """Eight clients over gRPC (five processes, one of them with three sessions) on a
+    degree-4 graph that every client derives in the secagg.graph stage; one process dies
+    while training, after sharing its keys, and the others' mean goes through."""
+    server = ServerThread(
+        config=ServerConfig(num_rounds=1, round_timeout=90),
+        strategy=FedAvg(
+            min_fit_clients=8,
+            min_available_clients=8,
+            fraction_evaluate=0.0,
+            initial_parameters=ndarrays_to_parameters([np.zeros(4, np.float32)]),
+            evaluate_fn=lambda rnd, params, cfg: (float(params[0].mean()), {}),
+        ),
+        secure_aggregation={"degree": 4, "threshold": 3, "bits": 16, "clip": 8.0},
+        wait_timeout=60,
+    ).start()
+    procs = [client_process(server.address, "--pid", str(i)) for i in range(4)]
+    procs.append(client_process(server.address, "--sessions", "3", "--node-id", "s"))
+    procs.append(client_process(server.address, "--pid", "9", "--mode", "die"))
+    history = server.join(timeout=200)
+    finish(procs)
+    first = history.rounds[1]
+    assert first["fit"]["updated"], first["fit"]
+    secagg = first["fit"]["secagg"]
+    assert secagg["graph"] == "derived" and secagg["degree"] == 4
+    assert secagg["after_graph"] == 8 and secagg["dropped_after_sharing"] == 1
+    # pids 0..3 and 0, 1, 2 survive: deltas 1 + pid weighted 1 + pid, 44 / 16 = 2.75
+    step = 2 * 8.0 / (2**16 - 1)
+    assert abs(history.losses_centralized[1][1] - 2.75) <= step

@@ -6,13 +6,18 @@ and masked, which is the order clip -> noise -> quantize -> mask.
 
 Stages (message types), for round r of run R:
 
-1. ``secagg.advertise``: check the threshold against the safe bound, the degree and the
-   share indices (:meth:`SecAggPlusMod._check_plan`); make two X25519 key pairs (share
-   encryption, mask agreement) and a self-mask seed; reply with the public keys, signed
-   with the client's long-term Ed25519 identity key (kept in its state) so they are
-   bound to the client.
-2. ``secagg.share_keys``: check the neighbours' signed keys, and that no node id or
-   identity key appears twice among them; Shamir-share the self-mask seed and the mask
+1. ``secagg.advertise``: check the threshold against the safe bound for the degree
+   (:meth:`SecAggPlusMod._check_plan`); make two X25519 key pairs (share encryption,
+   mask agreement), a self-mask seed and, unless the graph is complete, a commitment to
+   a random value for the neighbour graph; reply with the public keys and the
+   commitment, signed with the client's long-term Ed25519 identity key (kept in its
+   state) so they are bound to the client.
+1b. ``secagg.graph`` (not with the complete graph): check that the list of commitments
+   holds this client's own, keep it, and reveal the value (:mod:`fedhive.secagg.graph`).
+2. ``secagg.share_keys``: check every reveal against the kept commitments, derive the
+   graph from them and refuse neighbours the server announces that differ from it;
+   check the neighbours' signed keys (which cover their commitments), and that no node
+   id or identity key appears twice among them; Shamir-share the self-mask seed and the mask
    secret key among them; each pair of shares travels AES-GCM encrypted under a key only
    the two of them can derive.
 3. ``fit`` (with ``secagg.*`` config keys): train through the mods inside, then clip,
@@ -52,19 +57,33 @@ from fedhive.common.records import (
     ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
+from fedhive.secagg import graph as g
 from fedhive.secagg import primitives as p
 from fedhive.secagg.config import THREAT_MODELS, SecAggConfig
+from fedhive.secagg.messages import (
+    MASK_KEY,
+    PARAMS,
+    SHARE_PREFIX,
+    STAGE_ADVERTISE,
+    STAGE_CONSISTENCY,
+    STAGE_GRAPH,
+    STAGE_SHARE,
+    STAGE_UNMASK,
+    advert_bytes,
+    pair_seed,
+    share_associated,
+    share_key,
+    survivors_bytes,
+)
+from fedhive.secagg.messages import field_bytes as _bytes
+from fedhive.secagg.messages import field_float as _float
+from fedhive.secagg.messages import field_int as _int
+from fedhive.secagg.messages import params_of as _params
+from fedhive.secagg.messages import records_of as _content
+from fedhive.secagg.messages import survivors_of as _survivors
 
 __all__ = ["SecAggPlusMod", "secaggplus_mod", "with_secagg_mod"]
 
-STAGE_ADVERTISE = "secagg.advertise"
-STAGE_SHARE = "secagg.share_keys"
-STAGE_CONSISTENCY = "secagg.consistency"
-STAGE_UNMASK = "secagg.unmask"
-#: The fit config key that marks a masked-input fit; other ``secagg.`` keys carry shares.
-MASK_KEY = "secagg.stage"
-SHARE_PREFIX = "secagg.share."
-PARAMS = "secagg"
 _ROUND_STATE = "secagg.round"
 _PEERS = "secagg.peers"
 _INBOX = "secagg.inbox"
@@ -74,52 +93,9 @@ Handler = Callable[[Message, Context], Message]
 log = logging.getLogger("fedhive.secagg")
 
 
-def advert_bytes(run: int, rnd: int, sid: int, node: str, c_pk: bytes, s_pk: bytes) -> bytes:
-    """What a client signs to bind its round keys to its identity."""
-    return b"advert|%d|%d|%d|%s|" % (run, rnd, sid, node.encode()) + c_pk + s_pk
-
-
-def survivors_bytes(run: int, rnd: int, survivors: np.ndarray) -> bytes:
-    """What survivors sign in the consistency check."""
-    return b"survivors|%d|%d|" % (run, rnd) + np.sort(survivors).astype("<i8").tobytes()
-
-
-def share_associated(run: int, rnd: int, sender: int, receiver: int) -> bytes:
-    return b"share|%d|%d|%d|%d" % (run, rnd, sender, receiver)
-
-
-def pair_seed(secret: bytes | p.KeyPair, peer_public: bytes, run: int, rnd: int) -> bytes:
-    return p.agree(secret, peer_public, b"mask|%d|%d" % (run, rnd))
-
-
-def share_key(secret: bytes | p.KeyPair, peer_public: bytes, run: int, rnd: int) -> bytes:
-    return p.agree(secret, peer_public, b"share|%d|%d" % (run, rnd))
-
-
 def _neighbours(state: Mapping[str, Scalar]) -> set[int]:
-    """The secure ids of this client's neighbours, as the server assigned them."""
+    """The secure ids of this client's neighbours, as it derived them."""
     return set(np.frombuffer(_bytes(state, "neighbours"), "<i8").tolist())
-
-
-def _int(params: Mapping[str, Scalar], key: str) -> int:
-    value = params.get(key)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ProtocolError(f"secure aggregation parameter {key!r} missing or not an int")
-    return value
-
-
-def _float(params: Mapping[str, Scalar], key: str) -> float:
-    value = params.get(key)
-    if isinstance(value, bool) or not isinstance(value, float):
-        raise ProtocolError(f"secure aggregation parameter {key!r} missing or not a float")
-    return value
-
-
-def _bytes(params: Mapping[str, Scalar], key: str, size: int | None = None) -> bytes:
-    value = params.get(key)
-    if not isinstance(value, bytes) or (size is not None and len(value) != size):
-        raise ProtocolError(f"secure aggregation field {key!r} missing or malformed")
-    return value
 
 
 class SecAggPlusMod:
@@ -140,8 +116,10 @@ class SecAggPlusMod:
     the threshold it accepts is the safe bound for the larger of it and the server's.
     Whatever the server says, the client refuses (naming the check) a threshold below
     the safe bound for its degree, a degree other than the one its config implies, share
-    indices that are 0, repeated or its own, and two neighbours with one node id or one
-    identity key; it verifies every consistency signature it receives.
+    indices that are 0, repeated or its own, two neighbours with one node id or one
+    identity key, and neighbours other than those of the graph it derives from every
+    client's committed randomness (:mod:`fedhive.secagg.graph`); it verifies every
+    consistency signature it receives.
     """
 
     def __init__(
@@ -189,6 +167,8 @@ class SecAggPlusMod:
         mtype = message.metadata.message_type
         if mtype == STAGE_ADVERTISE:
             return message.reply(self._advertise(message, context))
+        if mtype == STAGE_GRAPH:
+            return message.reply(self._graph(message, context))
         if mtype == STAGE_SHARE:
             return message.reply(self._share_keys(message, context))
         if mtype == MessageType.FIT and isinstance(message.content, FitIns):
@@ -255,7 +235,7 @@ class SecAggPlusMod:
             raise ProtocolError("secure aggregation parameter 'clip' must be a positive float")
         if ring not in (32, 64) or not 1 <= bits < ring or threshold < 1 or sid < 1:
             raise ProtocolError(f"invalid secure aggregation parameters {dict(params)!r}")
-        self._check_plan(params, sid, threshold)
+        degree = self._check_plan(params, sid, threshold)
         if not self._warned and self.threat_model != "malicious":
             self._warned = True
             log.warning(
@@ -266,6 +246,9 @@ class SecAggPlusMod:
         self._wipe(context)
         c_pair, s_pair = p.KeyPair(), p.KeyPair()
         identity = self._identity(context)
+        complete = degree >= _int(params, "n") - 1
+        value = b"" if complete else secrets.token_bytes(g.VALUE_BYTES)
+        commit = b"" if complete else g.commitment(meta.run_id, meta.server_round, sid, value)
         context.state.config_records[_ROUND_STATE] = {
             **params,
             "run": meta.run_id,
@@ -274,21 +257,33 @@ class SecAggPlusMod:
             "c_sk": c_pair.secret,
             "s_sk": s_pair.secret,
             "seed": secrets.token_bytes(p.SECRET_BYTES),
+            "k": degree,
+            "complete": complete,
+            "value": value,
+            "commit": commit,
         }
         signed = advert_bytes(
-            meta.run_id, meta.server_round, sid, context.node_id, c_pair.public, s_pair.public
+            meta.run_id,
+            meta.server_round,
+            sid,
+            context.node_id,
+            c_pair.public,
+            s_pair.public,
+            commit,
         )
-        reply = {
+        reply: dict[str, Scalar] = {
             "c_pk": c_pair.public,
             "s_pk": s_pair.public,
             "id_pk": p.identity_public(identity),
             "sig": p.sign(identity, signed),
         }
+        if commit:
+            reply["commit"] = commit
         self._time("key_agreement", start)
         return RecordDict(config_records={PARAMS: reply})
 
-    def _check_plan(self, params: Mapping[str, Scalar], sid: int, threshold: int) -> None:
-        """The threshold check and the neighbour-list checks of the advertise stage."""
+    def _check_plan(self, params: Mapping[str, Scalar], sid: int, threshold: int) -> int:
+        """The threshold check of the advertise stage; the degree the config implies."""
         n = _int(params, "n")
         option = _int(params, "degree")  # 0: from n, -1: complete
         degree: int | str | None = {0: None, -1: "complete"}.get(option, option)
@@ -314,22 +309,28 @@ class SecAggPlusMod:
                 f"neighbours ({n} clients, corrupt fraction {config.corrupt_fraction}) it "
                 f"must be at least the safe bound {safe} and at most {k}; refusing the round"
             )
-        ids = np.frombuffer(_bytes(params, "neighbours"), "<i8").tolist()
-        if any(j < 1 or j > n for j in ids) or sid in ids or len(set(ids)) != len(ids):
-            raise ProtocolError(
-                "share index check: neighbour ids must be distinct, in 1.."
-                f"{n} and never this client's own ({sid}); got {sorted(ids)}"
-            )
-        if len(ids) != k:
-            raise ProtocolError(
-                f"degree check: the server assigned {len(ids)} neighbours, the config "
-                f"implies {k} with {n} clients; refusing the round"
-            )
+        return k
+
+    # -- 1b. the neighbour graph ---------------------------------------------------------
+
+    def _graph(self, message: Message, context: Context) -> RecordDict:
+        state = self._round_state(message, context, STAGE_GRAPH)
+        self._advance(state, STAGE_ADVERTISE, STAGE_GRAPH)
+        if state.get("complete"):
+            raise ProtocolError("graph check: a graph stage in a round with the complete graph")
+        start = time.perf_counter()
+        params = _params(message)
+        sids, commits = _bytes(params, "sids"), _bytes(params, "commits")
+        n, me = _int(state, "n"), _int(state, "sid")
+        g.check_commitments(sids, commits, n, me, _bytes(state, "commit"))
+        state["sids"], state["commits"] = sids, commits
+        self._time("graph", start)
+        return RecordDict(config_records={PARAMS: {"reveal": _bytes(state, "value")}})
 
     # -- 2. share keys -------------------------------------------------------------------
 
     def _check_peer(
-        self, meta: Any, sid: int, node: str, advert: Mapping[str, Scalar]
+        self, meta: Any, sid: int, node: str, advert: Mapping[str, Scalar], commit: bytes = b""
     ) -> tuple[bytes, bytes, bytes]:
         """The peer's (share key, mask key, identity key).
 
@@ -340,12 +341,17 @@ class SecAggPlusMod:
         """
         c_pk, s_pk = _bytes(advert, "c_pk", 32), _bytes(advert, "s_pk", 32)
         id_pk = _bytes(advert, "id_pk", 32)
+        if advert.get("commit", b"") != commit:
+            raise ProtocolError(
+                f"graph check: the commitment of neighbour {sid} in its keys is not the one "
+                "the server listed in the graph stage; refusing the round"
+            )
         if not self.trusted:
             return c_pk, s_pk, id_pk
         pinned = self.trusted.get(node)
         if pinned is None or pinned != id_pk:
             raise ProtocolError(f"client {node!r} presented an identity key that is not enrolled")
-        signed = advert_bytes(meta.run_id, meta.server_round, sid, node, c_pk, s_pk)
+        signed = advert_bytes(meta.run_id, meta.server_round, sid, node, c_pk, s_pk, commit)
         if not p.verify(id_pk, _bytes(advert, "sig"), signed):
             raise ProtocolError(f"the keys of client {node!r} carry no valid signature")
         return c_pk, s_pk, id_pk
@@ -353,10 +359,21 @@ class SecAggPlusMod:
     def _share_keys(self, message: Message, context: Context) -> RecordDict:
         meta = message.metadata
         state = self._round_state(message, context, STAGE_SHARE)
-        self._advance(state, STAGE_ADVERTISE, STAGE_SHARE)
+        if not state.get("complete") and state.get("stage") == STAGE_ADVERTISE:
+            raise ProtocolError(
+                "graph check: the server skipped the graph stage; this client derives its "
+                "neighbours from every client's committed randomness and refuses a graph "
+                "it cannot check"
+            )
+        self._advance(state, STAGE_ADVERTISE if state.get("complete") else STAGE_GRAPH, STAGE_SHARE)
         content = _content(message)
         me = _int(state, "sid")
-        allowed = _neighbours(state)
+        start = time.perf_counter()
+        allowed = set(g.client_neighbours(meta.run_id, meta.server_round, state, _params(message)))
+        self._time("graph", start)
+        listed = None
+        if not state.get("complete"):
+            listed = (_bytes(state, "sids"), _bytes(state, "commits"))
         peers: dict[str, Scalar] = {}
         seen: set[bytes] = set()
         nodes: set[str] = {context.node_id}
@@ -381,7 +398,8 @@ class SecAggPlusMod:
                     f"same node id {node!r}; refusing the round"
                 )
             nodes.add(node)
-            c_pk, s_pk, id_pk = self._check_peer(meta, sid, node, advert)
+            commit = g.commitment_of(*listed, sid) if listed else b""
+            c_pk, s_pk, id_pk = self._check_peer(meta, sid, node, advert, commit or b"")
             if id_pk in identities:
                 raise ProtocolError(
                     "duplicate neighbour check: two neighbours (or this client) have the "
@@ -607,31 +625,6 @@ class SecAggPlusMod:
                 key_shares[sid_text] = plain[len(plain) // 2 :]
         self._time("key_agreement", start)
         return RecordDict(config_records={"seed_shares": seed_shares, "key_shares": key_shares})
-
-
-def _params(message: Message) -> dict[str, Scalar]:
-    content = _content(message)
-    params = content.config_records.get(PARAMS)
-    if params is None:
-        raise ProtocolError(f"{message.metadata.message_type} carries no secure aggregation record")
-    return dict(params)
-
-
-def _content(message: Message) -> RecordDict:
-    if not isinstance(message.content, RecordDict):
-        raise ProtocolError(
-            f"{message.metadata.message_type} content must be a RecordDict, got "
-            f"{type(message.content).__name__}"
-        )
-    return message.content
-
-
-def _survivors(message: Message, name: str) -> np.ndarray:
-    arrays = _content(message).array_records.get(PARAMS, {})
-    value = arrays.get(name)
-    if not isinstance(value, np.ndarray) or value.dtype.kind not in "iu" or value.ndim != 1:
-        raise ProtocolError(f"{message.metadata.message_type}: {name!r} must be a 1-D int array")
-    return value.astype(np.int64)
 
 
 #: The default instance: peers' identity keys are trusted as relayed.

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from fedhive.common.errors import ConfigError
+from fedhive.secagg.graph import harary_graph
 
 #: The threat models of ``SecAggConfig.threat_model`` (docs/secure_aggregation.md).
 THREAT_MODELS = ("honest-but-curious", "malicious")
@@ -110,7 +111,8 @@ def _plan(n: int, corrupt: float, dropout: float, failure: float) -> tuple[int, 
 
     For each k the threshold is :func:`safe_threshold` (the smallest a lying server with
     colluders cannot open; a larger one only makes the dropout event likelier); the first
-    k whose clients keep t live neighbours with high probability wins.
+    k whose clients keep t live neighbours with high probability wins. With odd n only
+    even k are tried: that is the degree the graph will have, and t is checked for it.
     """
     if n <= 1:
         return max(n - 1, 0), 1
@@ -118,6 +120,8 @@ def _plan(n: int, corrupt: float, dropout: float, failure: float) -> tuple[int, 
     dropped = math.ceil(dropout * n - 1e-9)
     start = max(2, 2 * math.ceil(math.log2(n)))
     for k in range(start, n - 1):
+        if k % 2 and n % 2:
+            continue  # a Harary graph on an odd number of clients has an even degree
         t = safe_threshold(k, n, corrupt, failure)
         if t > k:
             continue
@@ -144,26 +148,13 @@ def neighbour_graph(ids: list[int], degree: int, rng: random.Random) -> dict[int
 
     Each client is joined to the k/2 clients on either side of it in a random cycle (for
     odd k and even n, also to the client opposite). ``degree >= len(ids) - 1`` gives the
-    complete graph. An odd k with an odd number of clients is raised to k + 1.
+    complete graph. An odd k with an odd number of clients is raised to k + 1. A round
+    derives its order from every client's randomness instead (:mod:`fedhive.secagg.graph`).
     """
-    n = len(ids)
-    if degree >= n - 1:
-        return {i: [j for j in ids if j != i] for i in ids}
-    if degree % 2 and n % 2:
-        degree += 1
     order = list(ids)
     rng.shuffle(order)
-    edges: dict[int, set[int]] = {i: set() for i in ids}
-    for pos, i in enumerate(order):
-        for step in range(1, degree // 2 + 1):
-            j = order[(pos + step) % n]
-            edges[i].add(j)
-            edges[j].add(i)
-        if degree % 2:
-            j = order[(pos + n // 2) % n]
-            edges[i].add(j)
-            edges[j].add(i)
-    return {i: sorted(edges[i]) for i in ids}
+    graph = harary_graph(order, degree)
+    return {i: graph[i] for i in ids}
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The server side of SecAgg+: a fit workflow that learns only the sum of the updates.
 
 ``SecAggPlusWorkflow`` replaces the engine's fit round (``fit_workflow=``): it samples
-clients through the strategy as usual, runs the five stages described in
+clients through the strategy as usual, runs the six stages described in
 :mod:`fedhive.secagg.client`, and hands the strategy the mean it unmasked, as if every
 survivor had sent that mean. Protocol: Bell et al. 2020, "Secure Single-Server
 Aggregation with (Poly)Logarithmic Overhead" (SecAgg+), with Bonawitz et al. 2017,
@@ -17,7 +17,6 @@ FedNova, SCAFFOLD) are refused at the first round with a clear message.
 from __future__ import annotations
 
 import logging
-import random
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -26,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from fedhive.common.errors import ClientFailure, ConfigError, ProtocolError
-from fedhive.common.message import MessageType, derive_seed
+from fedhive.common.message import MessageType
 from fedhive.common.records import (
     FitIns,
     FitRes,
@@ -35,19 +34,21 @@ from fedhive.common.records import (
     Scalar,
     parameters_to_ndarrays,
 )
+from fedhive.secagg import graph as g
 from fedhive.secagg import primitives as p
-from fedhive.secagg.client import (
+from fedhive.secagg.config import SecAggConfig
+from fedhive.secagg.messages import (
     MASK_KEY,
     PARAMS,
     SHARE_PREFIX,
     STAGE_ADVERTISE,
     STAGE_CONSISTENCY,
+    STAGE_GRAPH,
     STAGE_SHARE,
     STAGE_UNMASK,
     advert_bytes,
     pair_seed,
 )
-from fedhive.secagg.config import SecAggConfig, neighbour_graph
 from fedhive.server.client_manager import ClientProxy
 from fedhive.server.engine import RoundDriver, run_pipeline
 from fedhive.server.stages import MEAN, ExchangeStage, FitPipeline, FitSink
@@ -111,6 +112,7 @@ class _Peer:
     shares_out: dict[str, Scalar] = field(default_factory=dict)
     metrics: dict[str, Scalar] = field(default_factory=dict)
     s_pk: bytes = b""  # its mask public key, once its advertisement checked out
+    commit: bytes = b""  # its commitment to its share of the graph's randomness
     signature: bytes = b""
     revealed: dict[str, dict[str, Scalar]] = field(default_factory=dict)
 
@@ -215,13 +217,16 @@ class _SecureRound:
                 self._unusable = str(exc)
         if self._unusable:
             return
-        rng = random.Random(derive_seed(driver.engine.seed, self.rnd, "", "secagg-graph"))
-        graph = neighbour_graph(list(range(1, n + 1)), self.degree, rng)
+        # The graph comes from every client's committed randomness (secagg.graph), unless
+        # it is complete: then there is nothing to choose.
+        self.complete = self.degree >= n - 1
+        self.reveals = b""
         self.peers = {
-            sid: _Peer(client.cid, sid, ins, graph[sid])
+            sid: _Peer(client.cid, sid, ins, [j for j in range(1, n + 1) if j != sid])
             for sid, (client, ins) in enumerate(instructions, start=1)
         }
-        self.stats.update(degree=len(graph[1]), threshold=self.threshold)
+        self.stats.update(degree=self.degree, threshold=self.threshold)
+        self.stats["graph"] = "complete" if self.complete else "derived"
         self.stats["ring_bits"], self.stats["bits"] = config.ring, config.bits
         self.reference = parameters_to_ndarrays(driver.engine.parameters)
         self.length = sum(int(r.size) for r in self.reference) + 1
@@ -278,6 +283,8 @@ class _SecureRound:
             raise RoundAborted(self._unusable)
         try:
             u1 = self._need(self._advertise(), STAGE_ADVERTISE)
+            if not self.complete:
+                u1 = self._need(self._graph(u1), STAGE_GRAPH)
             u2 = self._need(self._share_keys(u1), STAGE_SHARE)
             total, u3 = self._masked_input(u2)
             u3 = self._need(u3, "masked_input")
@@ -316,16 +323,7 @@ class _SecureRound:
         if self.dp_bound is not None:
             common["dp_norm_bound"] = self.dp_bound
         contents = {
-            sid: RecordDict(
-                config_records={
-                    PARAMS: {
-                        **common,
-                        "sid": sid,
-                        "neighbours": np.asarray(peer.neighbours, "<i8").tobytes(),
-                    }
-                }
-            )
-            for sid, peer in self.peers.items()
+            sid: RecordDict(config_records={PARAMS: {**common, "sid": sid}}) for sid in self.peers
         }
         alive = []
         for peer, content in self._exchange(STAGE_ADVERTISE, contents):
@@ -335,23 +333,67 @@ class _SecureRound:
                 self._fail(peer, STAGE_ADVERTISE, "malformed or unsigned key advertisement")
                 continue
             peer.advert, peer.s_pk = dict(advert), s_pk
+            peer.commit = _commit(advert)
             alive.append(peer)
         return alive
+
+    def _graph(self, u1: list[_Peer]) -> list[_Peer]:
+        """Commit, then reveal: every client that advertised must reveal its value; the
+        graph is derived from all of them (a missing one would let colluders choose
+        between graphs by withholding theirs), so a missing reveal ends the round."""
+        committed = sorted(u1, key=lambda peer: peer.sid)
+        sids = np.asarray([peer.sid for peer in committed], "<i8").tobytes()
+        commits = b"".join(peer.commit for peer in committed)
+        contents = {
+            peer.sid: RecordDict(config_records={PARAMS: {"sids": sids, "commits": commits}})
+            for peer in committed
+        }
+        values: dict[int, bytes] = {}
+        for peer, content in self._exchange(STAGE_GRAPH, contents):
+            value = (_record(content, PARAMS) or {}).get("reveal")
+            if not isinstance(value, bytes) or (
+                g.commitment(self.run_id, self.rnd, peer.sid, value) != peer.commit
+            ):
+                self._fail(peer, STAGE_GRAPH, "no reveal, or not the committed value")
+                continue
+            values[peer.sid] = value
+        missing = [peer.cid for peer in committed if peer.sid not in values]
+        if missing:
+            raise RoundAborted(
+                f"{len(missing)} clients committed to the neighbour graph and did not reveal "
+                f"(first: {missing[0]!r}); the graph needs every committed value, so the round "
+                "stops before any secret is shared"
+            )
+        start = time.perf_counter()
+        self.reveals = b"".join(values[peer.sid] for peer in committed)
+        seed = g.graph_seed(self.run_id, self.rnd, len(self.peers), sids, self.reveals)
+        self.stats["graph_seed"] = seed.hex()  # public: every reveal is relayed
+        graph = self._neighbour_graph(seed)
+        for sid, peer in self.peers.items():
+            peer.neighbours = graph[sid]
+        self._timed("graph", start)
+        return committed
+
+    def _neighbour_graph(self, seed: bytes) -> dict[int, list[int]]:
+        """The graph every client derives from the seed of the reveals."""
+        return g.derived_graph(len(self.peers), self.degree, seed)
 
     def _mask_key(self, peer: _Peer, advert: Mapping[str, Scalar]) -> bytes | None:
         """The mask public key of a well-formed advertisement signed by its identity key."""
         c_pk, s_pk, id_pk, sig = (advert.get(k) for k in ("c_pk", "s_pk", "id_pk", "sig"))
+        commit = _commit(advert)
         if not (
             isinstance(c_pk, bytes)
             and isinstance(s_pk, bytes)
             and isinstance(id_pk, bytes)
             and isinstance(sig, bytes)
             and len(c_pk) == len(s_pk) == len(id_pk) == 32
+            and len(commit) == (0 if self.complete else g.VALUE_BYTES)
         ):
             return None
         if self.enrolled is not None and self.enrolled.get(peer.cid) != id_pk:
             return None  # not enrolled, or not under the key in the peers file
-        signed = advert_bytes(self.run_id, self.rnd, peer.sid, peer.cid, c_pk, s_pk)
+        signed = advert_bytes(self.run_id, self.rnd, peer.sid, peer.cid, c_pk, s_pk, commit)
         return s_pk if p.verify(id_pk, sig, signed) else None
 
     def _share_keys(self, u1: list[_Peer]) -> list[_Peer]:
@@ -366,8 +408,12 @@ class _SecureRound:
                     f"{len(live)} neighbours advertised keys, fewer than the threshold",
                 )
                 continue
-            records = {
+            records: dict[str, dict[str, Scalar]] = {
                 f"peer.{j}": {**self.peers[j].advert, "node": self.peers[j].cid} for j in live
+            }
+            records[PARAMS] = {
+                "neighbours": np.asarray(peer.neighbours, "<i8").tobytes(),
+                "reveals": self.reveals,
             }
             contents[peer.sid] = RecordDict(config_records=records)
             sent[peer.sid] = {str(j) for j in live}
@@ -550,6 +596,12 @@ def _degree_option(degree: int | str | None) -> int:
     if degree == "complete":
         return -1
     return int(degree)
+
+
+def _commit(advert: Mapping[str, Scalar]) -> bytes:
+    """The graph commitment in an advertisement (none with the complete graph)."""
+    value = advert.get("commit", b"")
+    return value if isinstance(value, bytes) else b"\x00"
 
 
 def _record(content: Any, name: str) -> dict[str, Scalar] | None:
