@@ -114,3 +114,25 @@ def test_checkpoint_and_spilled_client_state_are_owner_only(tmp_path):
     assert store.is_on_disk("n1")
     (spilled,) = [f for f in (tmp_path / "spill").iterdir() if f.is_file()]
     assert stat.S_IMODE(spilled.stat().st_mode) == 0o600
+
+
+def test_saving_a_round_again_never_writes_over_the_checkpoint_latest_names(tmp_path):
+    """A policy may save the same round twice (an open asynchronous buffer): the second
+    save goes under a name of its own, so no moment passes with LATEST naming nothing."""
+    from fedhive.server import Checkpointer
+
+    class Keep(RoundCallback):
+        def on_run_end(self, engine, history):
+            self.engine = engine
+
+    keep = Keep()
+    go(tmp_path / "run", 2, callbacks=[keep])
+    checkpointer = Checkpointer(tmp_path / "again")
+    first = checkpointer.save(keep.engine)
+    second = checkpointer.save(keep.engine)
+    assert (first.name, second.name) == ("round-000002", "round-000002-again")
+    assert (tmp_path / "again" / "LATEST").read_text() == "round-000002-again"
+    assert (first / "meta.json").exists()  # the one LATEST named was left alone
+    third = checkpointer.save(keep.engine)
+    assert third.name == "round-000002"
+    assert sorted(p.name for p in (tmp_path / "again").glob("round-*")) == ["round-000002"]
