@@ -19,7 +19,8 @@ Each round is saved twice. When its new model exists, *before* evaluation sends 
 or shows it to an evaluation function, :meth:`Checkpointer.release` saves it with the
 strategy's state, whose privacy ledger has charged it: the model, its release and its
 accounting are one durable step. After evaluation :meth:`Checkpointer.save` saves the
-finished round (the model file is a hard link to the release's, not written again) and
+finished round (the model file, and the strategy state if evaluation left it unchanged,
+are hard links to the release's, not written again) and
 the release, now superseded, is removed. Resuming from a release evaluates that round
 and goes on; the round is never run again, so a released model is never replaced by
 another with fresh noise, and never charged twice or not at all. A crash before the
@@ -34,6 +35,7 @@ seed alone replays it (secure DP noise is never replayed: it is drawn fresh).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -97,7 +99,9 @@ class Checkpointer:
         self.state_store = state_store
         self.keep = max(1, keep)
         self._best_loss = math.inf
-        self._released: tuple[int, int, Path] | None = None
+        # this version's release: (round, model version, folder, digest of strategy.fhv)
+        self._released: tuple[int, int, Path, bytes] | None = None
+        self._strategy_digest = b""
 
     def __call__(self, engine: Engine) -> None:
         self.save(engine)
@@ -109,7 +113,7 @@ class Checkpointer:
         evaluates that version; it never runs its round again."""
         name = f"round-{engine.current_round:06d}-released"
         path = self._write(engine, name, {"pending": _jsonable(pending)})
-        self._released = (engine.current_round, engine.model_version, path)
+        self._released = (engine.current_round, engine.model_version, path, self._strategy_digest)
         return path
 
     def save(self, engine: Engine) -> Path:
@@ -132,12 +136,16 @@ class Checkpointer:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True, mode=0o700)
         # a checkpoint may hold client state with SecAgg+ round secrets: owner only
-        if not self._link_released_model(engine, tmp / "parameters.fhv"):
+        if not self._link_released(engine, "parameters.fhv", tmp):
             atomic_write_bytes(
                 tmp / "parameters.fhv", encode_parameters(engine.parameters), SECRET_MODE
             )
         strategy_state = encode_record_dict(engine.strategy.state_dict())
-        atomic_write_bytes(tmp / "strategy.fhv", strategy_state, SECRET_MODE)
+        self._strategy_digest = hashlib.blake2b(strategy_state, digest_size=32).digest()
+        # unchanged since the release (evaluation rarely touches it): linked, not rewritten
+        if not self._link_released(engine, "strategy.fhv", tmp, self._strategy_digest):
+            atomic_write_bytes(tmp / "strategy.fhv", strategy_state, SECRET_MODE)
+        del strategy_state
         if self.state_store is not None:
             self.state_store.dump(tmp / "clients")
             fsync_directory(tmp / "clients")
@@ -164,16 +172,21 @@ class Checkpointer:
         self._prune(name)
         return final
 
-    def _link_released_model(self, engine: Engine, target: Path) -> bool:
-        """Hard-link the model of this version's release checkpoint into ``target``
-        instead of writing it again; False if there is none (or links are refused)."""
+    def _link_released(
+        self, engine: Engine, name: str, folder: Path, digest: bytes | None = None
+    ) -> bool:
+        """Hard-link file ``name`` of this version's release checkpoint into ``folder``
+        instead of writing it again (the model; the strategy state when its ``digest``
+        is the release's); False if there is no such release, or links are refused."""
         if self._released is None:
             return False
-        rnd, version, path = self._released
+        rnd, version, path, released_digest = self._released
         if (rnd, version) != (engine.current_round, engine.model_version):
             return False
+        if digest is not None and digest != released_digest:
+            return False
         try:
-            os.link(path / "parameters.fhv", target)
+            os.link(path / name, folder / name)
         except OSError:
             return False
         return True
@@ -234,7 +247,8 @@ class Checkpointer:
             if meta.get("format") != FORMAT:
                 raise CheckpointError(f"checkpoint format {meta.get('format')!r} is not {FORMAT}")
             parameters = decode_parameters(bytearray((path / "parameters.fhv").read_bytes()))
-            strategy_state = decode_record_dict(bytearray((path / "strategy.fhv").read_bytes()))
+            strategy_bytes = (path / "strategy.fhv").read_bytes()
+            strategy_state = decode_record_dict(bytearray(strategy_bytes))
             if self.state_store is not None and (path / "clients").exists():
                 self.state_store.load(path / "clients")
         except (OSError, ValueError, KeyError, SerdeError, StateError) as exc:
@@ -260,7 +274,8 @@ class Checkpointer:
         engine.resume_at(float(meta["elapsed_s"]))
         if "pending" in meta:  # released, not evaluated: the run evaluates it first
             engine.resume_released(_unjsonable(meta["pending"]))
-            self._released = (engine.current_round, engine.model_version, path)
+            digest = hashlib.blake2b(strategy_bytes, digest_size=32).digest()
+            self._released = (engine.current_round, engine.model_version, path, digest)
         for record in engine.history.rounds:
             loss = (record.get("centralized") or {}).get("loss")
             if loss is None:
