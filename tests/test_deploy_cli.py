@@ -360,3 +360,30 @@ def test_every_app_form_answers_a_task(attr):
     )
     reply = ClientApp(fn, mods).handle(task, Context(node_id="n"))
     assert reply.error is None and reply.content.num_examples == 3
+
+
+@pytest.mark.slow  # a server and two client processes
+def test_a_site_whose_every_task_failed_exits_with_status_1(tmp_path):
+    import numpy as np
+
+    from fedhive.common import ndarrays_to_parameters
+    from fedhive.server import ServerConfig
+    from fedhive.server.strategy import FedAvg
+    from grpc_helpers import ServerThread
+
+    strategy = FedAvg(
+        min_fit_clients=2, min_evaluate_clients=2, min_available_clients=2,
+        initial_parameters=ndarrays_to_parameters([np.zeros(4, np.float32)]),
+    )  # fmt: skip
+    server = ServerThread(
+        config=ServerConfig(num_rounds=1, round_timeout=60), strategy=strategy
+    ).start()
+    base = ["client", "--server", server.address, "--insecure", "--app-dir", str(APPS)]
+    broken = fedhive(tmp_path, "broken", *base, "--app", "deploy_app:broken_client_fn")
+    partial = fedhive(tmp_path, "partial", *base, "--app", "deploy_app:no_evaluate_client_fn")
+    history = server.join(timeout=120)
+    assert broken.wait() == 1, broken.stderr
+    assert "every one of this site's 2 tasks failed" in broken.stderr
+    assert "the site's data is unreadable" in broken.stderr  # the reasons came first
+    assert partial.wait() == 0, partial.stderr  # its fit succeeded
+    assert history.rounds[-1]["fit"]["num_results"] == 1
