@@ -53,3 +53,10 @@ def test_the_old_import_place_still_works():
     from fedhive.client.state import atomic_write_bytes as old
 
     assert old is atomic_write_bytes
+
+
+def test_fsync_directory_syncs_a_folder_and_ignores_what_cannot_be_opened(tmp_path):
+    from fedhive.common.atomic import fsync_directory
+
+    fsync_directory(tmp_path)  # no error
+    fsync_directory(tmp_path / "missing")  # nothing to sync: nothing done

@@ -30,3 +30,16 @@ def test_benchmark_quick_run(script: str, columns: tuple[str, ...]) -> None:
     headers = [line for line in proc.stdout.splitlines() if line.startswith("path ")]
     assert any(all(c in line for c in columns) for line in headers), proc.stdout
     assert "Reproduce:" in proc.stdout
+
+
+def test_checkpoint_release_benchmark_quick_run() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-W", "error", str(BENCHMARKS / "checkpoint_release.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "release+save wall" in proc.stdout and "FedAdam" in proc.stdout
+    assert "reproduce:" in proc.stdout

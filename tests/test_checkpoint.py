@@ -114,3 +114,50 @@ def test_checkpoint_and_spilled_client_state_are_owner_only(tmp_path):
     assert store.is_on_disk("n1")
     (spilled,) = [f for f in (tmp_path / "spill").iterdir() if f.is_file()]
     assert stat.S_IMODE(spilled.stat().st_mode) == 0o600
+
+
+def test_saving_a_round_again_never_writes_over_the_checkpoint_latest_names(tmp_path):
+    """A policy may save the same round twice (an open asynchronous buffer): the second
+    save goes under a name of its own, so no moment passes with LATEST naming nothing."""
+    from fedhive.server import Checkpointer
+
+    class Keep(RoundCallback):
+        def on_run_end(self, engine, history):
+            self.engine = engine
+
+    keep = Keep()
+    go(tmp_path / "run", 2, callbacks=[keep])
+    checkpointer = Checkpointer(tmp_path / "again")
+    first = checkpointer.save(keep.engine)
+    second = checkpointer.save(keep.engine)
+    assert (first.name, second.name) == ("round-000002", "round-000002-again")
+    assert (tmp_path / "again" / "LATEST").read_text() == "round-000002-again"
+    assert (first / "meta.json").exists()  # the one LATEST named was left alone
+    third = checkpointer.save(keep.engine)
+    assert third.name == "round-000002"
+    assert sorted(p.name for p in (tmp_path / "again").glob("round-*")) == ["round-000002"]
+
+
+def test_a_finished_round_links_the_files_its_release_already_wrote(tmp_path, monkeypatch):
+    import fedhive.server.checkpoint as checkpoint_module
+
+    written = []
+    write = checkpoint_module.atomic_write_bytes
+
+    def spy(path, data, *args, **kwargs):
+        written.append((path.parent.name, path.name))
+        return write(path, data, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module, "atomic_write_bytes", spy)
+    go(tmp_path, 2)
+    # the model and the strategy state (unchanged by evaluation) are written once per
+    # round, in the release, and hard-linked into the finished round
+    for rnd in (1, 2):
+        assert (f".round-00000{rnd}-released.tmp", "parameters.fhv") in written
+        assert (f".round-00000{rnd}-released.tmp", "strategy.fhv") in written
+        assert (f".round-00000{rnd}.tmp", "parameters.fhv") not in written
+        assert (f".round-00000{rnd}.tmp", "strategy.fhv") not in written
+        assert (f".round-00000{rnd}.tmp", "meta.json") in written
+    assert load_npz(tmp_path / "final_model.npz")[0].shape == (6,)
+    assert not (tmp_path / "round-000002-released").exists()  # superseded, pruned
+    assert (tmp_path / "round-000002" / "parameters.fhv").stat().st_nlink == 1

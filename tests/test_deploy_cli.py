@@ -38,15 +38,47 @@ def test_server_refuses_to_start_without_tls_or_insecure(tmp_path):
 def test_server_tls_contradictions_are_clear(tmp_path):
     pem = tmp_path / "x.pem"
     pem.write_text("x")
-    result = invoke("server", "--insecure", "--cert", str(pem), "--key", str(pem))
-    assert result.exit_code == 2 and "--insecure contradicts" in result.output
-    assert "tls.cert" in result.output
     result = invoke("server", "--insecure", "--require-client-auth")
     assert result.exit_code == 2 and "needs TLS" in result.output
     result = invoke("server", "--cert", str(pem), "--key", str(pem), "--require-client-auth")
     assert result.exit_code == 2 and "--ca" in result.output
+    result = invoke("server", "--insecure", "--cert", str(pem))
+    assert result.exit_code == 2 and "requires TLS" in result.output  # a key is missing
     result = invoke("server", "--cert", str(tmp_path / "missing.pem"), "--key", str(pem))
     assert result.exit_code == 2 and "cannot read server certificate" in result.output
+
+
+def test_server_refuses_to_start_without_client_authentication_unless_insecure(tmp_path):
+    certs = make_certificates(tmp_path)
+    tls = ["--cert", str(certs["server"]), "--key", str(certs["server_key"])]
+    out = tmp_path / "out"
+    result = invoke("server", *tls, "--rounds", "1", "--out", str(out))
+    assert result.exit_code == 2
+    assert "requires client authentication" in result.output
+    for flag in ("--tokens", "--require-client-auth", "--insecure"):
+        assert flag in result.output
+    assert not out.exists()  # nothing was started or written
+
+
+@pytest.mark.slow  # two short server runs
+def test_server_with_tls_serves_enrolled_clients_or_anyone_with_insecure(tmp_path):
+    certs = make_certificates(tmp_path)
+    tls = ["--cert", str(certs["server"]), "--key", str(certs["server_key"])]
+    out = tmp_path / "out"
+    # --insecure with TLS: TLS, and anyone may join (said in the listening line); nobody
+    # joins this one-round run within its wait
+    config = tmp_path / "server.toml"
+    config.write_text(TINY_SERVER.format(rounds=1))
+    quick = [str(config), "--address", "127.0.0.1:0", "--set", "wait_timeout=0.1"]
+    result = invoke("server", *quick, *tls, "--insecure", "--out", str(out))
+    assert result.exit_code == 0, result.output
+    assert "(TLS, NO CLIENT AUTHENTICATION)" in result.output
+    # enrolled clients (tokens) are client authentication
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text('site-0 = "a-long-secret"\n')
+    result = invoke("server", *quick, *tls, "--tokens", str(tokens), "--out", str(tmp_path / "t"))
+    assert result.exit_code == 0, result.output
+    assert "listening on 127.0.0.1" in result.output and "(TLS)" in result.output
 
 
 def test_client_refuses_to_start_without_tls_or_insecure():
@@ -328,3 +360,30 @@ def test_every_app_form_answers_a_task(attr):
     )
     reply = ClientApp(fn, mods).handle(task, Context(node_id="n"))
     assert reply.error is None and reply.content.num_examples == 3
+
+
+@pytest.mark.slow  # a server and two client processes
+def test_a_site_whose_every_task_failed_exits_with_status_1(tmp_path):
+    import numpy as np
+
+    from fedhive.common import ndarrays_to_parameters
+    from fedhive.server import ServerConfig
+    from fedhive.server.strategy import FedAvg
+    from grpc_helpers import ServerThread
+
+    strategy = FedAvg(
+        min_fit_clients=2, min_evaluate_clients=2, min_available_clients=2,
+        initial_parameters=ndarrays_to_parameters([np.zeros(4, np.float32)]),
+    )  # fmt: skip
+    server = ServerThread(
+        config=ServerConfig(num_rounds=1, round_timeout=60), strategy=strategy
+    ).start()
+    base = ["client", "--server", server.address, "--insecure", "--app-dir", str(APPS)]
+    broken = fedhive(tmp_path, "broken", *base, "--app", "deploy_app:broken_client_fn")
+    partial = fedhive(tmp_path, "partial", *base, "--app", "deploy_app:no_evaluate_client_fn")
+    history = server.join(timeout=120)
+    assert broken.wait() == 1, broken.stderr
+    assert "every one of this site's 2 tasks failed" in broken.stderr
+    assert "the site's data is unreadable" in broken.stderr  # the reasons came first
+    assert partial.wait() == 0, partial.stderr  # its fit succeeded
+    assert history.rounds[-1]["fit"]["num_results"] == 1

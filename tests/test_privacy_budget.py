@@ -119,3 +119,47 @@ def test_progress_bar_shows_epsilon():
     console = Console(record=True, width=160, force_terminal=False)
     run(fixed(), 2, callbacks=[ProgressBar(2, console=console)])
     assert f"eps {eps(2):.3g}" in console.export_text()
+
+
+class _Crash(BaseException):
+    """Stands for the process dying (nothing catches it)."""
+
+
+def _released_strategy(seen, crash_at):
+    """Secure noise; the evaluation function logs every model it is shown and, once,
+    dies while evaluating round ``crash_at`` (``crash_at`` is a one-item list)."""
+
+    def evaluate_fn(rnd, params, cfg):
+        seen.setdefault(rnd, []).append(np.concatenate([p.ravel() for p in params]).tobytes())
+        if crash_at and rnd == crash_at[0]:
+            crash_at.clear()
+            raise _Crash
+        return float(np.abs(params[0]).sum()), {}
+
+    strategy = FedAvg(
+        fraction_fit=0.5, fraction_evaluate=0.5, initial_parameters=initial((6,)),
+        evaluate_fn=evaluate_fn,
+    )  # fmt: skip
+    return DifferentialPrivacyServerSideFixedClipping(
+        strategy, Z, 0.5, M, accounting=Accounting(delta=DELTA)
+    )
+
+
+def test_a_crash_during_evaluation_resumes_the_released_model_charged_once(tmp_path):
+    seen: dict[int, list[bytes]] = {}
+    crash_at = [2]
+    with pytest.raises(_Crash):
+        run(_released_strategy(seen, crash_at), 3, tmp_path)
+    # the model was saved, with the ledger that charged it, before it was evaluated
+    assert (tmp_path / "LATEST").read_text() == "round-000002-released"
+    history = run(_released_strategy(seen, crash_at), 3, tmp_path, resume=True)
+    assert [r["round"] for r in history.rounds] == [0, 1, 2, 3]
+    assert len(set(seen[2])) == 1 and len(seen[2]) == 2  # evaluated again, never re-drawn
+    fit = [r["fit"]["metrics"] for r in history.rounds[1:]]
+    assert [m["dp_rounds"] for m in fit] == [1, 2, 3]
+    assert [m["epsilon"] for m in fit] == pytest.approx([eps(1), eps(2), eps(3)])
+    final = np.concatenate([a.ravel() for a in load_npz(tmp_path / "final_model.npz")])
+    assert final.tobytes() == seen[3][-1]
+    # the finished round superseded its release; the previous round is kept as a fallback
+    assert (tmp_path / "LATEST").read_text() == "round-000003"
+    assert sorted(p.name for p in tmp_path.glob("round-*")) == ["round-000002", "round-000003"]

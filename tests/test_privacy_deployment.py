@@ -25,3 +25,19 @@ def test_start_server_accounts_without_amplification_unless_told_otherwise():
     explicit = wrapper(Accounting(sampling="fixed"))
     ServerThread(config=ServerConfig(num_rounds=0), strategy=explicit).start().join()
     assert explicit.accounting.sampling == "fixed"
+
+
+def test_the_first_round_waits_for_clients_that_are_still_connecting():
+    import threading
+
+    from fedhive.server import SimpleClientManager
+
+    manager = SimpleClientManager(wait_timeout=10.0)
+    strategy = DifferentialPrivacyServerSideFixedClipping(
+        FedAvg(min_fit_clients=2, min_available_clients=2), 1.0, 1.0, 2
+    )
+    threading.Timer(0.2, lambda: [manager.register(f"n{i}") for i in range(2)]).start()
+    params = ndarrays_to_parameters([np.zeros(3, np.float32)])
+    instructions = strategy.configure_fit(1, params, manager)  # nobody is there yet
+    assert sorted(client.cid for client, _ in instructions) == ["n0", "n1"]
+    assert strategy.accountant.rounds == 1

@@ -300,3 +300,46 @@ def test_async_on_a_virtual_clock_is_bit_reproducible_on_any_number_of_workers()
     assert versions[-1]["elapsed_s"] > 0
     folded = [s["client_id"] for r in versions for s in r["staleness"]]
     assert "5" not in folded[:6]  # the straggler held up no version
+
+
+class _Crash(BaseException):
+    """Stands for the process dying (nothing catches it)."""
+
+
+def test_async_crash_while_evaluating_a_version_resumes_it_released(tmp_path):
+    seen: dict[int, list[tuple[bytes, float]]] = {}
+    crash = [2]
+
+    def evaluate_fn(rnd, params, cfg):
+        seen.setdefault(rnd, []).append((params[0].tobytes(), float(np.mean(params[0]))))
+        if crash and rnd == crash[0]:
+            crash.clear()
+            raise _Crash
+        return float(np.mean(params[0])), {}
+
+    def strategy():
+        return FedAvg(
+            fraction_fit=0.5, fraction_evaluate=0.5, initial_parameters=initial((3,)),
+            evaluate_fn=evaluate_fn,
+        )  # fmt: skip
+
+    policy = BufferedAsync(buffer_size=2, concurrency=2)
+    checkpointer = Checkpointer(tmp_path)
+    first, t, s = _engine(policy, workers=1, checkpointer=checkpointer, strategy=strategy())
+    with pytest.raises(_Crash):
+        _run(first, t, s, num_rounds=4)
+    assert (tmp_path / "LATEST").read_text() == "round-000002-released"
+
+    calls = Versions()
+    checkpointer = Checkpointer(tmp_path)
+    second, t, s = _engine(
+        BufferedAsync(buffer_size=2, concurrency=2), workers=1, checkpointer=checkpointer,
+        callbacks=[calls], strategy=strategy(),
+    )  # fmt: skip
+    assert checkpointer.restore(second)
+    assert second.current_round == 2 and second.model_version == 2
+    history = _run(second, t, s, num_rounds=4)
+    assert calls.ended == [2, 3, 4]  # version 2 is evaluated, never aggregated again
+    assert [r["round"] for r in history.rounds] == [0, 1, 2, 3, 4]
+    assert seen[2][0] == seen[2][1]
+    assert history.rounds[2]["centralized"]["loss"] == seen[2][0][1]

@@ -28,6 +28,31 @@ def legacy_client_fn(cid):
     return SiteClient()
 
 
+class BrokenClient(SiteClient):
+    """Fails every task it is given."""
+
+    def fit(self, parameters, config):
+        raise RuntimeError("the site's data is unreadable")
+
+    def evaluate(self, parameters, config):
+        raise RuntimeError("the site's data is unreadable")
+
+
+class NoEvaluateClient(SiteClient):
+    """Trains, but fails every evaluation."""
+
+    def evaluate(self, parameters, config):
+        raise RuntimeError("no test split here")
+
+
+def broken_client_fn(context: fl.client.Context) -> BrokenClient:
+    return BrokenClient()
+
+
+def no_evaluate_client_fn(context: fl.client.Context) -> NoEvaluateClient:
+    return NoEvaluateClient()
+
+
 client = SiteClient()
 app = fl.client.ClientApp(client_fn)
 not_a_client = 42

@@ -24,6 +24,29 @@ _CLIENT_NEEDS_TLS = (
 )
 
 
+class _Tally:
+    """A client mod that counts this site's tasks and those that failed (an exception,
+    or an error reply), so that a site none of whose tasks succeeded exits non-zero."""
+
+    def __init__(self) -> None:
+        self.tasks = 0
+        self.failed = 0
+
+    def __call__(self, message: Any, context: Any, call_next: Any) -> Any:
+        self.tasks += 1
+        try:
+            reply = call_next(message, context)
+        except Exception:
+            self.failed += 1
+            raise
+        if getattr(reply, "error", None) is not None:
+            self.failed += 1
+        return reply
+
+    def all_failed(self) -> bool:
+        return self.tasks > 0 and self.failed == self.tasks
+
+
 def load_app(spec: str, app_dir: str) -> Any:
     """``module:attr`` (attr may be dotted) imported with ``app_dir`` on ``sys.path``."""
     module_name, sep, attr = spec.partition(":")
@@ -186,8 +209,10 @@ def client(
 
     Runs your client (--app MODULE:ATTR) or the built-in demo client (--demo), which
     trains a reference model on its own partition of a built-in data set. Requires TLS
-    (--root-certificates CA.pem) unless --insecure is given.
+    (--root-certificates CA.pem) unless --insecure is given. Exits 1 if every task it
+    received failed, 2 on a refusal or a connection that could not be (re)made.
     """
+    tally = _Tally()
     try:
         if demo == (app is not None):
             raise ConfigError("give exactly one of --app MODULE:ATTR or --demo")
@@ -221,6 +246,7 @@ def client(
             # The demo client does not know the server's strategy: it installs the mods
             # every registered strategy requires (each acts on its own rounds only).
             mods.extend(required_client_mods())
+        mods.insert(0, tally)  # before the site's mods: it sees their failures too
         tls: dict[str, Any] = {}
         if cert is not None and key is not None:
             tls = {
@@ -258,4 +284,11 @@ def client(
     except KeyboardInterrupt:
         err.print("\ninterrupted", highlight=False, markup=False)
         raise typer.Exit(130) from None
+    if tally.all_failed():
+        err.print(
+            f"[bold red]error:[/] every one of this site's {tally.tasks} tasks failed "
+            "(the reasons are above)",
+            highlight=False,
+        )
+        raise typer.Exit(1)
     raise typer.Exit(0)

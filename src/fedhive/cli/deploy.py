@@ -9,7 +9,8 @@ set, and writes history.json, metrics.csv, accuracy.png,
 config.toml and final_model.npz to its output folder. ``fedhive client`` connects one
 site: your own client (``--app module:attr``) or the built-in demo client (``--demo``),
 which trains on its own partition of the same built-in data set. Both refuse to run
-without TLS unless ``--insecure`` is given. See docs/deployment.md.
+without TLS unless ``--insecure`` is given, and the server also refuses to run without
+client authentication (tokens or mutual TLS). See docs/deployment.md.
 
 The server config is a TOML file; every key is optional::
 

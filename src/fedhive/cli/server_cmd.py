@@ -22,6 +22,7 @@ from fedhive.cli.initial_model import describe_model, initial_parameters
 from fedhive.cli.overrides import merged_config
 from fedhive.cli.server_config import (
     DeployConfig,
+    check_client_auth,
     load_tokens,
     server_certificates,
     validate_server_config,
@@ -125,7 +126,12 @@ def server(
     ] = None,
     out: Annotated[str | None, typer.Option(help="output folder")] = None,
     insecure: Annotated[
-        bool, typer.Option("--insecure", help="serve WITHOUT TLS (tests on one machine only)")
+        bool,
+        typer.Option(
+            "--insecure",
+            help="serve WITHOUT TLS and let any client join (tests only); with --cert/--key: "
+            "TLS, but without client authentication",
+        ),
     ] = False,
     ca: Annotated[
         str | None, typer.Option(help="CA certificate (PEM), for --require-client-auth")
@@ -169,7 +175,8 @@ def server(
     on its test split. Synchronous rounds by default; [policy] name = "buffered-async"
     publishes a model every buffer_size results while concurrency sites train.
 
-    Requires TLS (--cert/--key, or the [tls] table of the config) unless --insecure is
+    Requires TLS (--cert/--key, or the [tls] table of the config) and client
+    authentication (--tokens, or --require-client-auth with --ca) unless --insecure is
     given. Writes history.json, metrics.csv, accuracy.png, config.toml and
     final_model.npz to the output folder, and a checkpoint after every round (continue
     with --resume). Exits 1 if no client's fit ever succeeded.
@@ -268,6 +275,7 @@ def _serve(
 
     cfg = _resolve(config_file, flags, sets)
     certificates = server_certificates(cfg, insecure)
+    check_client_auth(cfg, insecure)
     auth_tokens = load_tokens(cfg.tokens) if cfg.tokens else None
     set_log_level(log_level)
     if auth_tokens is not None and certificates is None:
@@ -288,6 +296,8 @@ def _serve(
     outputs = _Outputs(out_dir, resolved, cfg.rounds)
     host = cfg.address.rsplit(":", 1)[0]
     mode = "mutual TLS" if cfg.require_client_auth else "TLS" if certificates else "INSECURE"
+    if not (cfg.require_client_auth or auth_tokens):
+        mode += ", NO CLIENT AUTHENTICATION"
 
     def started(grpc_server: Any) -> None:
         err.print(

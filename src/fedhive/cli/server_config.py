@@ -55,6 +55,7 @@ __all__ = [
     "DeployStrategyConfig",
     "DeployTrainConfig",
     "MemoryConfig",
+    "check_client_auth",
     "load_tokens",
     "server_certificates",
     "validate_server_config",
@@ -264,6 +265,23 @@ def load_tokens(path: str | Path) -> dict[str, str]:
     return dict(data)
 
 
+_NO_CLIENT_AUTH = (
+    "fedhive server requires client authentication: without it any process that reaches "
+    "the port joins under any node id, as often as it likes (and counts as that many "
+    "secure aggregation peers). Enroll the sites with --tokens TOKENS.toml (tokens), or "
+    "--require-client-auth with --ca CA.pem (mutual TLS; each site's node id is then bound "
+    "to its certificate), or the same in the config; pass --insecure to let anyone join "
+    "(for tests only)"
+)
+
+
+def check_client_auth(cfg: DeployConfig, insecure: bool) -> None:
+    """Refuse a server that authenticates no client (no tokens, no mutual TLS) unless
+    ``insecure``: enrollment is what keeps out Sybil identities and node-id squatters."""
+    if not insecure and not cfg.tokens and not cfg.require_client_auth:
+        raise ConfigError(_NO_CLIENT_AUTH)
+
+
 _SERVER_NEEDS_TLS = (
     "fedhive server requires TLS: give --cert SERVER.pem --key SERVER_KEY.pem (and --ca "
     "CA.pem with --require-client-auth), or the same in the [tls] table of the config; "
@@ -272,22 +290,23 @@ _SERVER_NEEDS_TLS = (
 
 
 def server_certificates(cfg: DeployConfig, insecure: bool) -> tuple[bytes, bytes, bytes] | None:
-    """``(ca, cert, key)`` for ``start_server``, or ``None`` with ``--insecure``.
+    """``(ca, cert, key)`` for ``start_server``, or ``None`` with ``--insecure`` and no
+    TLS settings.
 
-    Refuses to serve without TLS unless ``insecure``, and refuses contradictions (TLS
-    files with ``--insecure``; mutual TLS without a CA).
+    Refuses to serve without TLS unless ``insecure``, and refuses contradictions (mutual
+    TLS without TLS, or without a CA). ``--insecure`` with TLS settings serves TLS; it
+    then only waives client authentication (:func:`check_client_auth`).
     """
     tls = cfg.tls
-    given = [f"tls.{k} = {v!r}" for k, v in tls.model_dump().items() if v]
-    if insecure:
-        if given:
-            raise ConfigError(
-                f"--insecure contradicts the TLS settings given ({', '.join(given)}); "
-                "drop one or the other"
-            )
-        if cfg.require_client_auth:
-            raise ConfigError("--require-client-auth needs TLS; it cannot be used with --insecure")
-        return None
+    if not (tls.cert or tls.key or tls.ca):
+        if insecure:
+            if cfg.require_client_auth:
+                raise ConfigError(
+                    "--require-client-auth needs TLS; it cannot be used with --insecure alone "
+                    "(give --ca, --cert and --key)"
+                )
+            return None
+        raise ConfigError(_SERVER_NEEDS_TLS)
     if not (tls.cert and tls.key):
         raise ConfigError(_SERVER_NEEDS_TLS)
     if cfg.require_client_auth and not tls.ca:

@@ -8,6 +8,9 @@ target as it was::
     atomic_write_bytes(path, b"...")
     with atomic_open(path) as fh:  # for writers that stream (np.savez)
         np.savez(fh, weights=w)
+
+The rename itself is durable once the folder is synced (:func:`fsync_directory`), which
+checkpoints do after each step that must survive a power cut.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["SECRET_MODE", "atomic_open", "atomic_write_bytes"]
+__all__ = ["SECRET_MODE", "atomic_open", "atomic_write_bytes", "fsync_directory"]
 
 #: The mode of files that hold secrets (client state, checkpoints, keys): owner only.
 SECRET_MODE = 0o600
@@ -52,3 +55,20 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, mode: int = 0o
     """Write ``data`` to ``path`` so that readers see the old or the new file, never half."""
     with atomic_open(path, mode) as fh:
         fh.write(data)
+
+
+def fsync_directory(path: str | os.PathLike[str]) -> None:
+    """Flush a folder's entries (files created, renamed or removed in it) to disk.
+
+    Where folders cannot be opened for syncing (Windows), it does nothing.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on a folder; the rename is still atomic
+    finally:
+        os.close(fd)

@@ -318,19 +318,11 @@ class _DpStrategy(Strategy, ABC):
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
         self._parameters = parameters
-        available = client_manager.num_available()
-        if available < 1:
-            return []
-        if not self._warned_delta and self.accounting.delta >= 1.0 / available:
-            self._warned_delta = True
-            log.warning(
-                "delta=%g is not below 1/N = %g for N=%d clients: a mechanism that publishes "
-                "one user's data at random would meet it; choose delta << 1/N",
-                self.accounting.delta,
-                1.0 / available,
-                available,
-            )
         if self.accounting.sampling == "poisson":
+            available = client_manager.num_available()
+            if available < 1:
+                return []
+            self._warn_delta(available)
             release = self._release(available, 0)
             if not self._check_budget(server_round, release):
                 return []
@@ -342,9 +334,12 @@ class _DpStrategy(Strategy, ABC):
             # The sampling happened, so the round is charged even if the cohort is empty.
             self.accountant.record(release)
         else:
+            # the inner strategy samples (and, in a deployment, waits for its clients)
             instructions = self.strategy.configure_fit(server_round, parameters, client_manager)
             if not instructions:
                 return []
+            available = max(client_manager.num_available(), len(instructions))
+            self._warn_delta(available)
             release = self._release(available, len(instructions))
             if not self._check_budget(server_round, release):
                 return []
@@ -360,6 +355,17 @@ class _DpStrategy(Strategy, ABC):
         if self.clip_on_client:
             instructions = self._send_clipping_norm(instructions)
         return instructions
+
+    def _warn_delta(self, available: int) -> None:
+        if not self._warned_delta and self.accounting.delta >= 1.0 / available:
+            self._warned_delta = True
+            log.warning(
+                "delta=%g is not below 1/N = %g for N=%d clients: a mechanism that publishes "
+                "one user's data at random would meet it; choose delta << 1/N",
+                self.accounting.delta,
+                1.0 / available,
+                available,
+            )
 
     def _send_clipping_norm(
         self, instructions: list[tuple[ClientProxy, FitIns]]

@@ -1,38 +1,55 @@
-"""Atomic checkpoints after every round, and resume.
+"""Atomic, durable checkpoints of every new model and every round, and resume.
 
 Layout of a checkpoint directory::
 
     LATEST                  name of the newest complete checkpoint (replaced atomically)
-    round-000007/
+    round-000007-released/  round 7's new model, saved before anything outside saw it
+    round-000007/           round 7 finished (evaluated)
         meta.json           round, model version, run id, seed, elapsed time, history
+                            (a release also holds the round's fit record: "pending")
         parameters.fhv      global model (fedhive array format)
-        strategy.fhv        strategy state (server optimizer moments, ...)
+        strategy.fhv        strategy state (server optimizer moments, privacy ledger, ...)
         clients/            per-client persistent state (index.tsv + one file per client)
     best_model.npz          model with the lowest loss so far (centralized, else distributed)
     final_model.npz         model after the last round
 
 (the two models go to ``model_dir`` when one is given).
 
-A checkpoint directory is written in full under a temporary name, then renamed, then
-``LATEST`` is switched to it: a crash at any point leaves the previous checkpoint intact.
-Randomness needs no saved generator state: every draw uses a seed derived from (run seed,
-round, client, purpose), so the seed alone replays it.
+Each round is saved twice. When its new model exists, *before* evaluation sends it out
+or shows it to an evaluation function, :meth:`Checkpointer.release` saves it with the
+strategy's state, whose privacy ledger has charged it: the model, its release and its
+accounting are one durable step. After evaluation :meth:`Checkpointer.save` saves the
+finished round (the model file, and the strategy state if evaluation left it unchanged,
+are hard links to the release's, not written again) and
+the release, now superseded, is removed. Resuming from a release evaluates that round
+and goes on; the round is never run again, so a released model is never replaced by
+another with fresh noise, and never charged twice or not at all. A crash before the
+release saved loses a model nobody saw; that round runs again.
+
+A checkpoint directory is written in full under a temporary name, fsynced, renamed, then
+``LATEST`` is switched to it (and the folder fsynced): a crash or power cut at any point
+leaves ``LATEST`` naming a complete checkpoint. Randomness needs no saved generator
+state: every draw uses a seed derived from (run seed, round, client, purpose), so the
+seed alone replays it (secure DP noise is never replayed: it is drawn fresh).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from fedhive.common.atomic import SECRET_MODE, atomic_open, atomic_write_bytes
+from fedhive.common.atomic import SECRET_MODE, atomic_open, atomic_write_bytes, fsync_directory
 from fedhive.common.errors import CheckpointError, SerdeError, StateError
 from fedhive.common.records import NDArrays
-from fedhive.server.history import History
+from fedhive.server.history import History, _jsonable, _unjsonable
 
 if TYPE_CHECKING:
     from fedhive.server.engine import Engine
@@ -40,6 +57,7 @@ if TYPE_CHECKING:
 __all__ = ["Checkpointer", "ClientStates", "save_npz", "load_npz"]
 
 FORMAT = 1
+_FINISHED = re.compile(r"round-\d{6}")  # a finished round's checkpoint
 
 
 class ClientStates(Protocol):
@@ -81,26 +99,56 @@ class Checkpointer:
         self.state_store = state_store
         self.keep = max(1, keep)
         self._best_loss = math.inf
+        # this version's release: (round, model version, folder, digest of strategy.fhv)
+        self._released: tuple[int, int, Path, bytes] | None = None
+        self._strategy_digest = b""
 
     def __call__(self, engine: Engine) -> None:
         self.save(engine)
 
+    def release(self, engine: Engine, pending: dict[str, Any]) -> Path:
+        """Save a new model before anything outside the server sees it (``LATEST`` names
+        ``round-NNNNNN-released``): with the strategy's state, and so the privacy ledger
+        that charged it, and ``pending`` (the version's fit record). Resuming from it
+        evaluates that version; it never runs its round again."""
+        name = f"round-{engine.current_round:06d}-released"
+        path = self._write(engine, name, {"pending": _jsonable(pending)})
+        self._released = (engine.current_round, engine.model_version, path, self._strategy_digest)
+        return path
+
     def save(self, engine: Engine) -> Path:
+        """Save the engine after a finished round (``LATEST`` names ``round-NNNNNN``)."""
+        name = f"round-{engine.current_round:06d}"
+        if name == self._latest_name():  # saved again within the round: never over LATEST
+            name += "-again"
+        path = self._write(engine, name, {})
+        self._save_best(engine)
+        return path
+
+    def _write(self, engine: Engine, name: str, extra: dict[str, Any]) -> Path:
+        """Write checkpoint ``name`` in full under a temporary name, fsync it, rename it,
+        then switch ``LATEST`` to it (fsynced): a crash at any point leaves ``LATEST``
+        naming a complete checkpoint, the old one or this."""
         from fedhive.common.serde import encode_parameters, encode_record_dict
 
-        name = f"round-{engine.current_round:06d}"
         final = self.directory / name
         tmp = self.directory / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True, mode=0o700)
         # a checkpoint may hold client state with SecAgg+ round secrets: owner only
-        atomic_write_bytes(
-            tmp / "parameters.fhv", encode_parameters(engine.parameters), SECRET_MODE
-        )
+        if not self._link_released(engine, "parameters.fhv", tmp):
+            atomic_write_bytes(
+                tmp / "parameters.fhv", encode_parameters(engine.parameters), SECRET_MODE
+            )
         strategy_state = encode_record_dict(engine.strategy.state_dict())
-        atomic_write_bytes(tmp / "strategy.fhv", strategy_state, SECRET_MODE)
+        self._strategy_digest = hashlib.blake2b(strategy_state, digest_size=32).digest()
+        # unchanged since the release (evaluation rarely touches it): linked, not rewritten
+        if not self._link_released(engine, "strategy.fhv", tmp, self._strategy_digest):
+            atomic_write_bytes(tmp / "strategy.fhv", strategy_state, SECRET_MODE)
+        del strategy_state
         if self.state_store is not None:
             self.state_store.dump(tmp / "clients")
+            fsync_directory(tmp / "clients")
         meta = {
             "format": FORMAT,
             "round": engine.current_round,
@@ -110,16 +158,44 @@ class Checkpointer:
             "elapsed_s": engine.elapsed(),
             "history": engine.history.to_dict(),
             "policy": {"name": engine.policy.name, "state": engine.policy.state_dict()},
+            **extra,
         }
         atomic_write_bytes(
             tmp / "meta.json", json.dumps(meta, allow_nan=False).encode(), SECRET_MODE
         )
-        shutil.rmtree(final, ignore_errors=True)
+        fsync_directory(tmp)
+        shutil.rmtree(final, ignore_errors=True)  # never LATEST's: a stale, unfinished one
         tmp.rename(final)
+        fsync_directory(self.directory)
         atomic_write_bytes(self.directory / "LATEST", name.encode())
-        self._save_best(engine)
+        fsync_directory(self.directory)
         self._prune(name)
         return final
+
+    def _link_released(
+        self, engine: Engine, name: str, folder: Path, digest: bytes | None = None
+    ) -> bool:
+        """Hard-link file ``name`` of this version's release checkpoint into ``folder``
+        instead of writing it again (the model; the strategy state when its ``digest``
+        is the release's); False if there is no such release, or links are refused."""
+        if self._released is None:
+            return False
+        rnd, version, path, released_digest = self._released
+        if (rnd, version) != (engine.current_round, engine.model_version):
+            return False
+        if digest is not None and digest != released_digest:
+            return False
+        try:
+            os.link(path / name, folder / name)
+        except OSError:
+            return False
+        return True
+
+    def _latest_name(self) -> str | None:
+        try:
+            return (self.directory / "LATEST").read_text().strip()
+        except OSError:
+            return None
 
     def _save_best(self, engine: Engine) -> None:
         record = engine.history.rounds[-1] if engine.history.rounds else {}
@@ -136,10 +212,19 @@ class Checkpointer:
         return path
 
     def _prune(self, newest: str) -> None:
-        rounds = sorted(p for p in self.directory.glob("round-*") if p.is_dir())
-        for old in rounds[: -self.keep]:
-            if old.name != newest:
-                shutil.rmtree(old, ignore_errors=True)
+        """Keep ``newest`` and the ``keep - 1`` latest finished rounds before it; a release
+        or repeated save that ``LATEST`` no longer names is superseded and goes."""
+        finished = []
+        for path in self.directory.glob("round-*"):
+            if path.name == newest or not path.is_dir():
+                continue
+            if _FINISHED.fullmatch(path.name):
+                finished.append(path)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+        finished.sort()
+        for old in finished[: max(0, len(finished) - (self.keep - 1))]:
+            shutil.rmtree(old, ignore_errors=True)
 
     def latest(self) -> Path | None:
         pointer = self.directory / "LATEST"
@@ -162,7 +247,8 @@ class Checkpointer:
             if meta.get("format") != FORMAT:
                 raise CheckpointError(f"checkpoint format {meta.get('format')!r} is not {FORMAT}")
             parameters = decode_parameters(bytearray((path / "parameters.fhv").read_bytes()))
-            strategy_state = decode_record_dict(bytearray((path / "strategy.fhv").read_bytes()))
+            strategy_bytes = (path / "strategy.fhv").read_bytes()
+            strategy_state = decode_record_dict(bytearray(strategy_bytes))
             if self.state_store is not None and (path / "clients").exists():
                 self.state_store.load(path / "clients")
         except (OSError, ValueError, KeyError, SerdeError, StateError) as exc:
@@ -186,6 +272,10 @@ class Checkpointer:
         engine.run_id = int(meta["run_id"])
         engine.history = History.from_dict(meta["history"])
         engine.resume_at(float(meta["elapsed_s"]))
+        if "pending" in meta:  # released, not evaluated: the run evaluates it first
+            engine.resume_released(_unjsonable(meta["pending"]))
+            digest = hashlib.blake2b(strategy_bytes, digest_size=32).digest()
+            self._released = (engine.current_round, engine.model_version, path, digest)
         for record in engine.history.rounds:
             loss = (record.get("centralized") or {}).get("loss")
             if loss is None:

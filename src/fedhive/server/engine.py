@@ -135,7 +135,9 @@ class Engine:
     ``seed`` makes sampling and per-task seeds reproducible; with ``ordered=True`` results
     are folded in sampled order whatever order they arrive in, so a seeded run gives the
     same history on any number of workers. ``checkpointer`` (if given) is called after
-    every round with the engine, so state can be saved atomically.
+    every round with the engine, so state can be saved atomically; one with a
+    ``release(engine, pending)`` method (:class:`~fedhive.server.checkpoint.Checkpointer`)
+    is also called with each new model before it is evaluated (:meth:`finish_round`).
 
     ``policy`` runs the loop (:class:`~fedhive.server.policy.SyncRounds` by default, or
     the one an asynchronous strategy asks for: :func:`~fedhive.server.policy.default_policy`;
@@ -192,6 +194,7 @@ class Engine:
         self._wire: dict[str, list[int]] = {}  # client id -> [bytes up, bytes down] this round
         self._elapsed_before = 0.0
         self._run_start: float | None = None
+        self._released: dict[str, Any] | None = None
         self.policy.check(self)
 
     # -- state -----------------------------------------------------------------------------
@@ -368,6 +371,11 @@ class Engine:
         for cb in self.callbacks:
             cb.on_run_start(self)
         try:
+            if self._released is not None:  # resumed after a release, before its evaluation
+                pending, self._released = self._released, None
+                self._refused = list(pending.get("refused", []))
+                self._wire = {cid: list(c) for cid, c in pending.get("wire", {}).items()}
+                self._complete_round(pending["record"])
             self.policy.drive(self, until)
         finally:
             for cb in self.callbacks:
@@ -403,10 +411,37 @@ class Engine:
         client_manager: ClientManager | None = None,
         route: SharedMailbox | None = None,
     ) -> dict[str, Any]:
-        """Finish model version ``record["round"]``: centralized and federated evaluation
-        (sampling from ``client_manager``, default the engine's; answering into
-        ``route``'s mailbox if given), refusals, the model version and time; then history,
-        checkpoint and callbacks. Every policy ends each version here."""
+        """Finish model version ``record["round"]``: release it, then centralized and
+        federated evaluation (sampling from ``client_manager``, default the engine's;
+        answering into ``route``'s mailbox if given), refusals, the model version and
+        time; then history, checkpoint and callbacks. Every policy ends each version here.
+
+        The release comes first and is durable: the new model, the strategy's state (a
+        privacy ledger that has charged this version) and the fit record are saved
+        (``checkpointer.release``) before evaluation lets anything outside the server see
+        the model. A server killed after that point resumes with this version released
+        and charged once, and only evaluates it again; killed before, it never let the
+        model out, and runs the round again."""
+        server_round = int(record["round"])
+        self.current_round = server_round
+        release = getattr(self.checkpointer, "release", None)
+        if callable(release):
+            pending = {"record": record, "refused": list(self._refused), "wire": self._wire}
+            release(self, pending)
+        return self._complete_round(record, client_manager, route)
+
+    def resume_released(self, pending: dict[str, Any]) -> None:
+        """Resume a version that was released (and charged) but not evaluated: ``run``
+        evaluates it first (``pending`` is what :meth:`finish_round` saved)."""
+        self._released = pending
+        self._started = True
+
+    def _complete_round(
+        self,
+        record: dict[str, Any],
+        client_manager: ClientManager | None = None,
+        route: SharedMailbox | None = None,
+    ) -> dict[str, Any]:
         server_round = int(record["round"])
         central = self.strategy.evaluate(server_round, self.parameters)
         if central is not None:
@@ -423,7 +458,6 @@ class Engine:
         if isinstance(self.clock, VirtualClock):  # simulated time: part of the results
             record["virtual_time_s"] = record["elapsed_s"]
         self._elapsed_before = record["elapsed_s"]
-        self.current_round = server_round
         self.history.add_round(record)
         if self.checkpointer is not None:
             self.checkpointer(self)
