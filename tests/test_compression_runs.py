@@ -321,7 +321,7 @@ def test_compression_table_and_bad_values():
     from fedhive.compression import Compression as C
 
     got = C.from_table(
-        {"uplink": "topk", "ratio": 0.01, "bits": 4, "error_feedback": True, "downlink": "none"}
+        {"uplink": "topk", "ratio": 0.01, "error_feedback": True, "downlink": "none"}
     )
     assert got.uplink == TopK(ratio=0.01, error_feedback=True) and got.downlink is None
     assert C.from_table({"uplink": "qsgd", "bits": 2, "downlink": "bf16"}).uplink == QSGD(bits=2)

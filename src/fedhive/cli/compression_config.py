@@ -3,7 +3,7 @@
     [compression]
     uplink = "topk"          # none | fp16 | bf16 | qsgd | topk | randomk | sign | eden
     ratio = 0.01             # topk/randomk
-    bits = 4                 # qsgd/eden
+    # bits = 4               # qsgd/eden (a key the uplink codec does not take is refused)
     error_feedback = true
     downlink = "none"        # none | fp16 | bf16 | qsgd
 
@@ -43,7 +43,7 @@ class CompressionConfig(BaseModel):
         """The :class:`fedhive.compression.Compression` this table describes."""
         from fedhive.compression.config import Compression
 
-        return Compression.from_table(self.model_dump())
+        return Compression.from_table(self.model_dump(exclude_unset=True))
 
 
 def check_compression_secure(compression: CompressionConfig | None, secure: object) -> None:
