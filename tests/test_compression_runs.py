@@ -242,6 +242,19 @@ def test_downlink_and_server_error_feedback():
     assert all(r["fit"]["num_results"] == 2 for r in history.rounds if r["round"] > 0)
 
 
+def test_resume_keeps_the_server_side_downlink_residual(tmp_path):
+    """The broadcast's error-feedback residual is in the checkpoint: a resumed run is the
+    uninterrupted one, bit for bit."""
+    coarse = Compression(downlink=QSGD(bits=2, min_size=0), server_error_feedback=True)
+    full = run(rounds=4, compression=coarse)
+    ckpt = tmp_path / "ckpt"
+    run(rounds=2, compression=coarse, checkpoint_dir=ckpt)
+    resumed = run(rounds=4, compression=coarse, checkpoint_dir=ckpt, resume=True)
+    assert resumed.without_timings()["rounds"] == full.without_timings()["rounds"]
+    cold = run(rounds=4, compression=coarse, checkpoint_dir=tmp_path / "none")
+    assert cold.without_timings()["rounds"] == full.without_timings()["rounds"]
+
+
 class Recorder(ReplyStage):
     """Records each decoded update (the stage after the compression stage sees them)."""
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedhive.common.errors import InvalidUpdate, SerdeError
+from fedhive.common.errors import CheckpointError, InvalidUpdate, SerdeError
 from fedhive.common.message import MessageType, derive_seed
 from fedhive.common.records import (
     FitIns,
@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 
 __all__ = ["CompressionStage"]
 
+_RESIDUAL = "downlink_residual"
+
 
 def _merge(extras: RecordDict, more: RecordDict) -> RecordDict:
     return RecordDict(
@@ -71,6 +73,24 @@ class CompressionStage(ReplyStage):
 
     def __repr__(self) -> str:
         return f"CompressionStage({self.compression!r})"
+
+    def state_dict(self) -> RecordDict:
+        """The server-side error-feedback residual of the last broadcast (if any)."""
+        if self._downlink_residual is None:
+            return RecordDict()
+        arrays = {str(i): r for i, r in enumerate(self._downlink_residual)}
+        return RecordDict({_RESIDUAL: arrays})
+
+    def load_state_dict(self, state: RecordDict) -> None:
+        arrays = state.array_records.get(_RESIDUAL)
+        if arrays is None or set(state.array_records) != {_RESIDUAL}:
+            raise CheckpointError(
+                f"a compression stage's checkpoint holds {sorted(state.array_records)}, "
+                f"expected [{_RESIDUAL!r}]"
+            )
+        if list(arrays) != [str(i) for i in range(len(arrays))]:
+            raise CheckpointError("the downlink residual's arrays are not numbered 0, 1, ...")
+        self._downlink_residual = [np.asarray(a, np.float32) for a in arrays.values()]
 
     def instruct(
         self, driver: RoundDriver, instructions: list[tuple[ClientProxy, FitIns]]
