@@ -20,6 +20,7 @@ from fedhive.compression import (
     RandomK,
     Sign,
     TopK,
+    _frame,
     compression_mod,
 )
 from fedhive.compression.payload import PAYLOAD_RECORD
@@ -213,9 +214,12 @@ def test_a_garbled_payload_is_refused_with_its_reason():
         reply = call_next(message, context)
         res = reply.content
         if isinstance(res, FitRes) and context.node_id == "1":
-            arrays = dict(res.extras.array_records[PAYLOAD_RECORD])
+            codec_id, arrays, info = _frame.unpack(
+                res.extras.array_records[PAYLOAD_RECORD]["frame"]
+            )
             arrays["index"] = np.full(arrays["index"].size, 255, arrays["index"].dtype)
-            extras = RecordDict({PAYLOAD_RECORD: arrays}, res.extras.config_records)
+            frame = _frame.pack(codec_id, arrays, info)
+            extras = RecordDict({PAYLOAD_RECORD: {"frame": frame}}, res.extras.config_records)
             res = FitRes(res.status, res.parameters, res.num_examples, res.metrics, extras)
             return Message(reply.metadata, res)
         return reply

@@ -31,7 +31,6 @@ from fedhive.common.records import (
 )
 from fedhive.compression.config import Compression
 from fedhive.compression.payload import (
-    INFO_RECORD,
     PAYLOAD_RECORD,
     TASK_RECORD,
     Layout,
@@ -137,7 +136,7 @@ class CompressionStage(ReplyStage):
     def transform(self, driver: RoundDriver, client_id: str, result: FitRes) -> FitRes:
         codec = self.compression.uplink
         extras = result.extras
-        encoded = PAYLOAD_RECORD in extras.array_records or INFO_RECORD in extras.config_records
+        encoded = PAYLOAD_RECORD in extras.array_records
         if codec is None or not encoded:
             return result
         reference = parameters_to_ndarrays(driver.engine.parameters)
@@ -159,7 +158,7 @@ class CompressionStage(ReplyStage):
         ]
         rest = RecordDict(
             {k: v for k, v in extras.array_records.items() if k != PAYLOAD_RECORD},
-            {k: v for k, v in extras.config_records.items() if k != INFO_RECORD},
+            extras.config_records,
             extras.metric_records,
         )
         return replace(result, parameters=ndarrays_to_parameters(model), extras=rest)
