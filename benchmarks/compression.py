@@ -57,6 +57,7 @@ def codecs(error_feedback: bool) -> list[Codec]:
         RandomK(ratio=0.1, **ef),
         Sign(**ef),
         EDEN(bits=1, **ef),
+        EDEN(bits=1, ratio=0.45, **ef),  # EDEN below one bit: 0.45 bits per coordinate
     ]
 
 
@@ -65,9 +66,11 @@ def label(codec: Codec | None) -> str:
         return "none"
     params = {k: v for k, v in codec.params().items() if k not in ("error_feedback", "min_size")}
     inner = ",".join(f"{k}={v}" for k, v in params.items())
-    return f"{codec.id}({inner}){' +EF' if codec.error_feedback else ''}".replace(
-        ",shared_seed=False", ""
-    )
+    return (
+        f"{codec.id}({inner}){' +EF' if codec.error_feedback else ''}".replace(
+            ",shared_seed=False", ""
+        )
+    ).replace(",ratio=1.0", "")
 
 
 def experiment(seed: int, args: argparse.Namespace) -> Any:

@@ -5,7 +5,7 @@ Chosen in Python (``compression=TopK(ratio=0.01, error_feedback=True)``, or a
 
     [compression]
     uplink = "topk"          # none | fp16 | bf16 | qsgd | topk | randomk | sign | eden
-    ratio = 0.01             # topk/randomk
+    ratio = 0.01             # topk/randomk (eden: share of rotated coordinates kept)
     # bits = 4               # qsgd/eden (a key the uplink codec does not take is refused)
     error_feedback = true
     downlink = "none"        # none | fp16 | bf16 | qsgd

@@ -24,6 +24,7 @@ from fedhive.compression._base import (
     Encoded,
     _check_bits,
     _check_block,
+    _check_ratio,
     _expect,
     _finite_scales,
     _starts,
@@ -326,10 +327,17 @@ class EDEN(Codec):
     the nearest of the ``2**bits`` Lloyd-Max centroids of that Gaussian, and the block's
     scale ``||x||^2 / <Rx, c>`` makes the decode unbiased over the rotation (with
     ``bits=1`` this is DRIVE's ``||x||^2 / ||Rx||_1`` times the sign).
+
+    ``ratio`` below 1 is EDEN's regime of fewer than one bit per coordinate: after the
+    rotation each coordinate is kept with probability ``ratio`` (drawn from the seed, so
+    the decoder knows which, and nothing about them travels), the block's scale is taken
+    over the kept ones, and the decoder divides by ``ratio``; ``bits * ratio`` bits per
+    coordinate.
     """
 
     bits: int = 1
     block: int = 1 << 12
+    ratio: float = 1.0
 
     id: ClassVar[str] = "eden"
     unbiased: ClassVar[bool] = True
@@ -338,6 +346,16 @@ class EDEN(Codec):
         super().__post_init__()
         _check_bits(self.bits, 1, 8)
         _check_block(self.block, power_of_two=True)
+        _check_ratio(self.ratio)
+
+    @property
+    def _threshold(self) -> int:
+        """Keep a coordinate when its 16-bit draw is below this (ratio < 1)."""
+        return max(1, round(self.ratio * 65536))
+
+    def _keep(self, bitgen: np.random.BitGenerator, m: int) -> NDArray:
+        words = np.asarray(bitgen.random_raw(-(-m // 4)), "<u8")
+        return words.view(np.uint16)[:m] < self._threshold
 
     def _step(self) -> int:
         """Elements per chunk: whole blocks, a multiple of 64 (whole sign draws)."""
@@ -353,7 +371,9 @@ class EDEN(Codec):
         padded = count * self.block
         step = min(self._step(), padded) if padded else 1
         centroids, boundaries = gaussian_centroids(self.bits)
-        codes = np.empty(_bits.packed_nbytes(padded, self.bits), np.uint8)
+        sparse = self.ratio < 1
+        codes = np.empty(0 if sparse else _bits.packed_nbytes(padded, self.bits), np.uint8)
+        parts: list[NDArray] = []
         scales = np.empty(count, np.float32)
         src, rot, tmp = (np.empty(step, np.float32) for _ in range(3))
         mask, code = np.empty(step, np.uint32), np.empty(step, np.uint8)
@@ -369,6 +389,10 @@ class EDEN(Codec):
                 flip_signs(s, signs, mask)
             hadamard_into(s, self.block, r, tmp)
             grid = r.reshape(-1, self.block)
+            if sparse:  # dropped coordinates count for nothing below
+                keep = self._keep(bitgen, m)
+                r *= keep
+                kept = keep.reshape(grid.shape).sum(axis=1)
             norms2 = np.einsum("ij,ij->i", grid, grid).astype(np.float64)
             if self.bits == 1:  # boundary 0, centroids -c and c: <Rx, c> = c * ||Rx||_1
                 c = np.greater(r, 0, out=flag[:m])
@@ -376,9 +400,10 @@ class EDEN(Codec):
                 dots = float(centroids[1]) * l1.astype(np.float64)
             else:
                 norms = np.sqrt(norms2)
-                unit = np.divide(
-                    np.sqrt(self.block), norms, out=np.zeros_like(norms), where=norms > 0
-                ).astype(np.float32)
+                dims = np.sqrt(kept) if sparse else np.sqrt(self.block)
+                unit = np.divide(dims, norms, out=np.zeros_like(norms), where=norms > 0).astype(
+                    np.float32
+                )
                 v = np.multiply(grid, unit[:, None], out=tmp[:m].reshape(grid.shape))
                 c = _nearest(v.reshape(-1), boundaries, code[:m], flag[:m])
                 chosen = np.take(centroids, c, out=tmp[:m]).reshape(grid.shape)
@@ -387,7 +412,12 @@ class EDEN(Codec):
             scales[b0 : b0 + grid.shape[0]] = np.divide(
                 norms2, dots, out=np.zeros_like(norms2), where=dots > 0
             )
-            _packed(codes, self.bits, lo, hi)[...] = _bits.pack(c, self.bits)
+            if sparse:
+                parts.append(_bits.pack(c[keep], self.bits))
+            else:
+                _packed(codes, self.bits, lo, hi)[...] = _bits.pack(c, self.bits)
+        if sparse:
+            codes = np.concatenate(parts) if parts else codes
         return {"codes": codes, "scales": scales, "seed": np.asarray([own], np.uint64)}, {}
 
     def decode(
@@ -400,14 +430,17 @@ class EDEN(Codec):
         size = sum(segments)
         count = -(-size // self.block)
         padded = count * self.block
+        sparse = self.ratio < 1
         _expect(
             arrays,
             {
-                "codes": ("uint8", _bits.packed_nbytes(padded, self.bits)),
+                "codes": ("uint8", None if sparse else _bits.packed_nbytes(padded, self.bits)),
                 "scales": ("float32", count),
                 "seed": ("uint64", 1),
             },
         )
+        if sparse:
+            return self._decode_sparse(arrays, size, count)
         scales = _finite_scales(arrays["scales"])
         bitgen = np.random.PCG64(int(arrays["seed"][0]))
         centroids, _ = gaussian_centroids(self.bits)
@@ -433,4 +466,41 @@ class EDEN(Codec):
             hadamard_into(g.reshape(-1), self.block, r, tmp)  # H is its own inverse
             have = max(0, min(hi, size) - lo)
             flip_signs(r[:have], sign_bits(bitgen, m)[:have], mask, out=out[lo : lo + have])
+        return out
+
+    def _decode_sparse(self, arrays: Mapping[str, NDArray], size: int, count: int) -> NDArray:
+        """:meth:`decode` with ``ratio < 1``: the kept coordinates' codes, chunk by chunk
+        (each chunk's packed codes start on a byte)."""
+        scales = _finite_scales(arrays["scales"]) / np.float32(self._threshold / 65536)
+        bitgen = np.random.PCG64(int(arrays["seed"][0]))
+        centroids, _ = gaussian_centroids(self.bits)
+        packed = arrays["codes"]
+        out = np.empty(size, np.float32)
+        padded = count * self.block
+        step = min(self._step(), padded) if padded else 1
+        grid_buf, rot, tmp = (np.empty(step, np.float32) for _ in range(3))
+        mask = np.empty(step, np.uint32)
+        at = 0
+        for lo, hi in chunks(padded, step):
+            m = hi - lo
+            signs = sign_bits(bitgen, m)  # the encoder's order: signs, then the kept mask
+            keep = self._keep(bitgen, m)
+            kept = int(np.count_nonzero(keep))
+            nbytes = _bits.packed_nbytes(kept, self.bits)
+            if at + nbytes > packed.size:
+                raise SerdeError(f"eden codes: {packed.size} bytes, the kept coordinates need more")
+            c = _bits.unpack(packed[at : at + nbytes], self.bits, kept)
+            at += nbytes
+            g = grid_buf[:m]
+            g.fill(0.0)
+            g[keep] = np.take(centroids, c)
+            grid = g.reshape(-1, self.block)
+            b0 = lo // self.block
+            grid *= scales[b0 : b0 + grid.shape[0], None]
+            r = rot[:m]
+            hadamard_into(g, self.block, r, tmp)
+            have = max(0, min(hi, size) - lo)
+            flip_signs(r[:have], signs[:have], mask, out=out[lo : lo + have])
+        if at != packed.size:
+            raise SerdeError(f"eden codes: {packed.size} bytes, the kept coordinates take {at}")
         return out
