@@ -17,7 +17,8 @@ randomk  k values rescaled by d/k (+ indices unless    yes                  shar
          the seed is shared)
 sign     1 bit; a float32 scale (mean abs) per block   no (error feedback)  no
 eden     b bits after a random rotation; a scale per   yes (over rotations) no
-         rotation block and an 8-byte seed
+         rotation block and an 8-byte seed (b x ratio
+         bits with ratio < 1: a seeded share is sent)
 ======== ============================================= ==================== =========
 
 Example::
