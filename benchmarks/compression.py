@@ -138,7 +138,7 @@ def accuracy_table(args: argparse.Namespace) -> list[str]:
     base_acc = statistics.mean(r["acc"][-1] for r in base)
     base_up = statistics.mean(sum(r["up"]) for r in base)
     lines = [
-        f"{'setting':28} {'final acc':>9} {'gap (pt)':>8} {'uplink MB':>10} {'x fewer':>8} "
+        f"{'setting':40} {'final acc':>9} {'gap (pt)':>8} {'uplink MB':>10} {'x fewer':>8} "
         f"{'MB to base acc':>14}"
     ]
     for name, runs in results.items():
@@ -148,7 +148,7 @@ def accuracy_table(args: argparse.Namespace) -> list[str]:
         hit = [x for x in reach if x is not None]
         to = f"{statistics.mean(hit) / 1e6:.3f} ({len(hit)}/{len(runs)})" if hit else "-"
         lines.append(
-            f"{name:28} {acc:9.4f} {100 * (acc - base_acc):+8.2f} {up / 1e6:10.3f} "
+            f"{name:40} {acc:9.4f} {100 * (acc - base_acc):+8.2f} {up / 1e6:10.3f} "
             f"{base_up / up:8.1f} {to:>14}"
         )
     return lines
