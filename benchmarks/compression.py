@@ -7,8 +7,11 @@
    counted on the wire (History ``bytes_up``: fit and evaluate replies), the ratio of the
    uncompressed run's uplink bytes to this one's, and the uplink bytes until the run first
    reached the uncompressed run's final accuracy ("-" if never).
-2. Throughput: encode and decode of a 100 MB float32 update (MB/s), next to
-   ``numpy.copy`` of the same array in the same run (best of 3).
+2. Throughput: encode and decode of a 100 MB float32 update (MB/s, single thread, CPU
+   time), each next to a ``numpy.copy`` of the same array: interleaved (copy, encode,
+   decode) triples, medians. ``--baseline-src DIR`` runs this part a second time with
+   the package imported from another source tree (an older commit), alternating, so
+   the two implementations are compared side by side on the same machine state.
 3. Round time on a bandwidth-limited link: the in-process transport with a simulated
    cap (each message waits ``bytes / bandwidth``), a plain round next to a compressed
    one, same clients and seed.
@@ -21,9 +24,15 @@ Run::
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # single-thread throughput (EDEN's matmuls)
+
 import argparse
+import json
 import shlex
 import statistics
+import subprocess
 import sys
 import time
 from typing import Any
@@ -48,6 +57,7 @@ def codecs(error_feedback: bool) -> list[Codec]:
         RandomK(ratio=0.1, **ef),
         Sign(**ef),
         EDEN(bits=1, **ef),
+        EDEN(bits=1, ratio=0.45, **ef),  # EDEN below one bit: 0.45 bits per coordinate
     ]
 
 
@@ -56,9 +66,11 @@ def label(codec: Codec | None) -> str:
         return "none"
     params = {k: v for k, v in codec.params().items() if k not in ("error_feedback", "min_size")}
     inner = ",".join(f"{k}={v}" for k, v in params.items())
-    return f"{codec.id}({inner}){' +EF' if codec.error_feedback else ''}".replace(
-        ",shared_seed=False", ""
-    )
+    return (
+        f"{codec.id}({inner}){' +EF' if codec.error_feedback else ''}".replace(
+            ",shared_seed=False", ""
+        )
+    ).replace(",ratio=1.0", "")
 
 
 def experiment(seed: int, args: argparse.Namespace) -> Any:
@@ -126,7 +138,7 @@ def accuracy_table(args: argparse.Namespace) -> list[str]:
     base_acc = statistics.mean(r["acc"][-1] for r in base)
     base_up = statistics.mean(sum(r["up"]) for r in base)
     lines = [
-        f"{'setting':28} {'final acc':>9} {'gap (pt)':>8} {'uplink MB':>10} {'x fewer':>8} "
+        f"{'setting':40} {'final acc':>9} {'gap (pt)':>8} {'uplink MB':>10} {'x fewer':>8} "
         f"{'MB to base acc':>14}"
     ]
     for name, runs in results.items():
@@ -136,58 +148,119 @@ def accuracy_table(args: argparse.Namespace) -> list[str]:
         hit = [x for x in reach if x is not None]
         to = f"{statistics.mean(hit) / 1e6:.3f} ({len(hit)}/{len(runs)})" if hit else "-"
         lines.append(
-            f"{name:28} {acc:9.4f} {100 * (acc - base_acc):+8.2f} {up / 1e6:10.3f} "
+            f"{name:40} {acc:9.4f} {100 * (acc - base_acc):+8.2f} {up / 1e6:10.3f} "
             f"{base_up / up:8.1f} {to:>14}"
         )
     return lines
 
 
-def best_of(fn: Any, repeat: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+def cpu_seconds(fn: Any) -> float:
+    """CPU time (user + system, this process) of one call: steadier than wall time on a
+    shared machine."""
+    start = time.process_time()
+    fn()
+    return time.process_time() - start
 
 
-def throughput_table(megabytes: int) -> list[str]:
-    n = megabytes * (1 << 20) // 4
-    x = np.random.default_rng(0).normal(scale=0.01, size=n).astype(np.float32)
-    mb = x.nbytes / 1e6
-    copy = best_of(lambda: np.copy(x))
-    lines = [
-        f"numpy.copy of {mb:.0f} MB: {mb / copy:.0f} MB/s",
-        f"{'codec':22} {'encode MB/s':>11} {'x copy':>7} {'decode MB/s':>11} {'x copy':>7} "
-        f"{'wire ratio':>10}",
-    ]
-    for codec in [
+def throughput_codecs() -> list[Codec]:
+    return [
         FP16(),
         BF16(),
         QSGD(bits=4),
         QSGD(bits=4, block=4096),
+        QSGD(bits=8, scale=0.05),
         Sign(),
         EDEN(bits=1),
+        EDEN(bits=2),
         EDEN(bits=4),
         TopK(ratio=0.01),
         RandomK(ratio=0.01),
         RandomK(ratio=0.01, shared_seed=True),
-    ]:
-        rng = np.random.default_rng(1)
-        box: dict[str, Any] = {}
+    ]
 
-        def enc(codec: Codec = codec, rng: Any = rng, box: dict[str, Any] = box) -> None:
-            box["e"] = codec.encode(x, [n], rng, 3)
 
-        te = best_of(enc, 2)
-        arrays, info = box["e"]
-        td = best_of(lambda c=codec, a=arrays, i=info: c.decode(a, i, [n], 3), 2)
-        size = sum(a.nbytes for a in arrays.values())
+def throughput_samples(megabytes: int, repeat: int) -> dict[str, Any]:
+    """Encode and decode of one ``megabytes`` float32 update, each timed next to a
+    ``numpy.copy`` of the same array: ``repeat`` interleaved (copy, encode, decode)
+    triples per codec. CPU seconds and per-triple ratios to the copy, by codec label."""
+    n = megabytes * (1 << 20) // 4
+    x = np.random.default_rng(0).normal(scale=0.01, size=n).astype(np.float32)
+    out: dict[str, Any] = {"mb": x.nbytes / 1e6, "copy": [], "codecs": {}}
+    for codec in throughput_codecs():
+        row: dict[str, list[float]] = {"enc": [], "dec": [], "enc_x": [], "dec_x": [], "wire": []}
+        for i in range(repeat):
+            rng = np.random.default_rng(i)
+            box: dict[str, Any] = {}
+            c = cpu_seconds(lambda: np.copy(x))
+            te = cpu_seconds(
+                lambda c=codec, r=rng, b=box: b.setdefault("e", c.encode(x, [n], r, 3))
+            )
+            arrays, info = box.pop("e")
+            td = cpu_seconds(lambda c=codec, a=arrays, i=info: c.decode(a, i, [n], 3))
+            row["wire"].append(x.nbytes / sum(a.nbytes for a in arrays.values()))
+            del arrays
+            out["copy"].append(c)
+            row["enc"].append(te)
+            row["dec"].append(td)
+            row["enc_x"].append(c / te)
+            row["dec_x"].append(c / td)
+        out["codecs"][label(codec)] = row
+    return out
+
+
+def throughput_table(samples: dict[str, Any]) -> list[str]:
+    med = statistics.median
+    mb = samples["mb"]
+    lines = [
+        f"numpy.copy of {mb:.0f} MB: {mb / med(samples['copy']):.0f} MB/s (median of "
+        f"{len(samples['copy'])}, CPU time); 'x copy': median of the per-triple ratios",
+        f"{'codec':36} {'encode MB/s':>11} {'x copy':>7} {'decode MB/s':>11} {'x copy':>7} "
+        f"{'wire ratio':>10}",
+    ]
+    for name, row in samples["codecs"].items():
         lines.append(
-            f"{label(codec):22} {mb / te:11.0f} {copy / te:7.2f} {mb / td:11.0f} "
-            f"{copy / td:7.2f} {x.nbytes / size:10.1f}"
+            f"{name:36} {mb / med(row['enc']):11.0f} {med(row['enc_x']):7.2f} "
+            f"{mb / med(row['dec']):11.0f} {med(row['dec_x']):7.2f} {med(row['wire']):10.1f}"
         )
-        del box["e"]
+    return lines
+
+
+def _merge_samples(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {"mb": runs[0]["mb"], "copy": [], "codecs": {}}
+    for run in runs:
+        out["copy"] += run["copy"]
+        for name, row in run["codecs"].items():
+            into = out["codecs"].setdefault(name, {k: [] for k in row})
+            for k, v in row.items():
+                into[k] += v
+    return out
+
+
+def throughput_before_after(args: argparse.Namespace) -> list[str]:
+    """Part 2 for the package at ``args.baseline_src`` and for this one, in alternating
+    child processes (``rounds`` each), then both tables and the after/before ratios."""
+    runs: dict[str, list[dict[str, Any]]] = {"before": [], "after": []}
+    here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
+    for _ in range(args.rounds_ab):
+        for name, src in (("before", args.baseline_src), ("after", here)):
+            env = {**os.environ, "PYTHONPATH": os.path.abspath(src)}
+            cmd = [sys.executable, os.path.abspath(__file__), "--parts", "2", "--emit-json"]
+            cmd += ["--megabytes", str(args.megabytes), "--repeat", str(args.repeat)]
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+            runs[name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+    before, after = _merge_samples(runs["before"]), _merge_samples(runs["after"])
+    med = statistics.median
+    lines = [f"before: the package from {args.baseline_src}", *throughput_table(before), ""]
+    lines += ["after: this tree", *throughput_table(after), ""]
+    lines.append(f"{'codec':36} {'encode after/before':>19} {'decode after/before':>19}")
+    for name, row in after["codecs"].items():
+        old = before["codecs"].get(name)
+        if old is None:
+            continue
+        lines.append(
+            f"{name:36} {med(old['enc']) / med(row['enc']):19.2f} "
+            f"{med(old['dec']) / med(row['dec']):19.2f}"
+        )
     return lines
 
 
@@ -259,6 +332,12 @@ def main() -> int:
     parser.add_argument("--fraction", type=float, default=0.25)
     parser.add_argument("--samples", type=int, default=6000)
     parser.add_argument("--megabytes", type=int, default=100)
+    parser.add_argument("--repeat", type=int, default=5, help="throughput triples per codec")
+    parser.add_argument(
+        "--baseline-src", default="", help="part 2 also for the package in this source tree"
+    )
+    parser.add_argument("--rounds-ab", type=int, default=2, help="alternations with --baseline-src")
+    parser.add_argument("--emit-json", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--bandwidth", type=float, default=0.1, help="MB/s per client link")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch", type=int, default=10)
@@ -270,6 +349,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.rounds, args.clients, args.samples, args.megabytes = 1, 2, 8, 1000, 8
+        args.repeat = 2
         args.subset = True
     out = ["fedhive compression benchmark", "command: " + shlex.join(["python", *sys.argv]), ""]
     parts = set(args.parts.split(","))
@@ -281,8 +361,15 @@ def main() -> int:
             "min_size=0 (every array compressed)"
         )
         out += accuracy_table(args)
+    if "2" in parts and args.emit_json:
+        print(json.dumps(throughput_samples(args.megabytes, args.repeat)))
+        return 0
     if "2" in parts:
-        out += ["", "2. throughput (single thread)", *throughput_table(args.megabytes)]
+        out += ["", "2. throughput (single thread)"]
+        if args.baseline_src:
+            out += throughput_before_after(args)
+        else:
+            out += throughput_table(throughput_samples(args.megabytes, args.repeat))
     if "3" in parts:
         out += ["", "3. round time on a bandwidth-limited in-process link"]
         out += round_time_table(args)

@@ -20,7 +20,6 @@ TABLE = """\
 [compression]
 uplink = "topk"
 ratio = 0.05
-bits = 4
 error_feedback = true
 downlink = "fp16"
 """
@@ -46,7 +45,6 @@ def test_the_table_builds_the_codecs():
             "compression": {
                 "uplink": "topk",
                 "ratio": 0.01,
-                "bits": 4,
                 "error_feedback": True,
                 "downlink": "fp16",
             }
@@ -67,6 +65,10 @@ def test_the_table_builds_the_codecs():
         ({"uplink": "topk", "levels": 3}, r"unknown key 'compression\.levels'"),
         ({"downlink": "topk"}, r"compression\.downlink = 'topk'"),
         ({"error_feedback": True}, r"needs an uplink codec"),
+        ({"uplink": "topk", "bits": 4}, r"bits = 4 is not a parameter of uplink = 'topk', which"),
+        ({"uplink": "qsgd", "ratio": 0.1}, r"ratio = 0\.1 is not .* 'qsgd', which takes bits"),
+        ({"uplink": "fp16", "bits": 8}, r"bits = 8 is not .* 'fp16', which takes neither"),
+        ({"downlink": "qsgd", "bits": 8}, r"bits = 8 is not .* uplink = 'none' \(ratio and"),
     ],
 )
 def test_bad_compression_keys_are_refused(table, pattern):
@@ -115,3 +117,13 @@ def test_compression_benchmark_smoke():
 
     out = run_benchmark("compression.py", "--quick", timeout=300)
     assert "topk(ratio=0.01) +EF" in out and "numpy.copy" in out and "speed-up" in out
+
+
+@pytest.mark.parametrize(
+    "table", [{"uplink": "topk", "bits": 4}, {"uplink": "sign", "ratio": 0.5}, {"bits": 2}]
+)
+def test_python_compression_tables_refuse_keys_their_codec_does_not_take(table):
+    from fedhive.compression import as_compression
+
+    with pytest.raises(ConfigError, match="is not a parameter of uplink"):
+        as_compression(table)

@@ -7,10 +7,9 @@ import pytest
 
 from fedhive.common.errors import ConfigError, SerdeError
 from fedhive.common.records import RecordDict
-from fedhive.compression import BF16, EDEN, FP16, QSGD, Codec, RandomK, Sign, TopK, _bits
+from fedhive.compression import BF16, EDEN, FP16, QSGD, Codec, RandomK, Sign, TopK, _bits, _frame
 from fedhive.compression.codecs import codec_from_params, gaussian_centroids
 from fedhive.compression.payload import (
-    INFO_RECORD,
     PAYLOAD_RECORD,
     Layout,
     codec_from_task,
@@ -35,6 +34,8 @@ ALL: list[Codec] = [
     Sign(block=64),
     EDEN(bits=1, block=256),
     EDEN(bits=3, block=256),
+    EDEN(bits=1, block=256, ratio=0.5),
+    EDEN(bits=2, block=1024, ratio=0.3),
 ]
 
 
@@ -60,7 +61,9 @@ def test_round_trip_shapes_dtypes_and_error(codec):
     rel = np.linalg.norm(decoded - x) / np.linalg.norm(x)
     bound = {"fp16": 1e-3, "bf16": 1e-2, "qsgd": 0.5, "eden": 0.8, "sign": 0.7}
     if codec.id in bound:
-        assert rel < bound[codec.id]
+        ratio = getattr(codec, "ratio", 1.0) if codec.id == "eden" else 1.0
+        # unbiased sparsification keeping a share p: (1 + e^2) / p - 1 in square
+        assert rel < (bound[codec.id] if ratio == 1 else np.sqrt(1.9 / ratio - 1))
     # decoding again from the raw arrays gives the same vector (nothing hidden in state)
     again = codec.decode(arrays, info, segments, seed=7)
     np.testing.assert_array_equal(again, decoded)
@@ -119,6 +122,7 @@ def test_gaussian_centroids_are_lloyd_max():
         (RandomK(ratio=0.25), 64),
         (EDEN(bits=1, block=256), 256),
         (EDEN(bits=2, block=256), 256),
+        (EDEN(bits=1, block=256, ratio=0.5), 256),
     ],
     ids=repr,
 )
@@ -188,16 +192,32 @@ def test_update_records_round_trip_with_small_arrays_raw():
 
 
 def corrupt(rd: RecordDict, name: str, value) -> RecordDict:
-    arrays = dict(rd.array_records[PAYLOAD_RECORD])
+    codec_id, arrays, info = _frame.unpack(rd.array_records[PAYLOAD_RECORD]["frame"])
     if value is None:
         arrays.pop(name)
     else:
         arrays[name] = value
-    return RecordDict({PAYLOAD_RECORD: arrays}, rd.config_records)
+    return RecordDict({PAYLOAD_RECORD: {"frame": _frame.pack(codec_id, arrays, info)}})
 
 
 def with_info(rd: RecordDict, **info) -> RecordDict:
-    return RecordDict(rd.array_records, {INFO_RECORD: {**rd.config_records[INFO_RECORD], **info}})
+    codec_id, arrays, old = _frame.unpack(rd.array_records[PAYLOAD_RECORD]["frame"])
+    codec_id = info.pop("id", codec_id)
+    frame = _frame.pack(codec_id, arrays, {**old, **info})
+    return RecordDict({PAYLOAD_RECORD: {"frame": frame}})
+
+
+def with_frame(rd: RecordDict, edit) -> RecordDict:
+    frame = rd.array_records[PAYLOAD_RECORD]["frame"]
+    return RecordDict({PAYLOAD_RECORD: {"frame": edit(frame.copy())}})
+
+
+def set_byte(at: int, value: int):
+    def edit(frame):
+        frame[at] = value
+        return frame
+
+    return edit
 
 
 CASES = [
@@ -216,14 +236,23 @@ CASES = [
     (QSGD(bits=4), lambda rd: corrupt(rd, "scales", np.full(2, -1, np.float32)), "finite"),
     (QSGD(bits=4), lambda rd: corrupt(rd, "levels", None), "expected payload arrays"),
     (QSGD(bits=4), lambda rd: corrupt(rd, "levels", np.zeros(7, np.uint8)), "levels"),
-    (QSGD(bits=4), lambda rd: corrupt(rd, "levels", np.zeros(1300, np.int8)), "uint8"),
+    (QSGD(bits=4), lambda rd: corrupt(rd, "levels", np.zeros(1300, np.uint16)), "uint8"),
     (Sign(), lambda rd: corrupt(rd, "signs", np.zeros(5, np.uint8)), "signs"),
     (EDEN(), lambda rd: corrupt(rd, "seed", np.zeros(2, np.uint64)), "seed"),
+    (EDEN(ratio=0.5), lambda rd: corrupt(rd, "codes", np.zeros(3, np.uint8)), "need more"),
+    (EDEN(ratio=0.5), lambda rd: corrupt(rd, "codes", np.zeros(999, np.uint8)), "take"),
     (FP16(), lambda rd: corrupt(rd, "values", np.full(2600, np.inf, np.float16)), "NaN"),
     (FP16(), lambda rd: corrupt(rd, "raw", np.zeros(3, np.float32)), "raw"),
     (FP16(), lambda rd: corrupt(rd, "raw", np.full(50, np.nan, np.float32)), "raw"),
     (FP16(), lambda rd: corrupt(rd, "extra", np.zeros(3, np.float32)), "expected payload"),
-    (FP16(), lambda rd: RecordDict(), "carries the records"),
+    (FP16(), lambda rd: RecordDict(), "carries the array record"),
+    (FP16(), lambda rd: with_frame(rd, lambda f: f[:-8]), "past the end"),
+    (FP16(), lambda rd: with_frame(rd, lambda f: f[:9]), "truncated"),
+    (FP16(), lambda rd: with_frame(rd, lambda f: np.append(f, np.zeros(8, np.uint8))), "past"),
+    (FP16(), lambda rd: with_frame(rd, set_byte(0, 7)), "version"),
+    (FP16(), lambda rd: with_frame(rd, set_byte(2, 0xFF)), "not ASCII"),
+    (FP16(), lambda rd: with_frame(rd, lambda f: f.view(np.int8)), "uint8"),
+    (FP16(), lambda rd: with_frame(rd, lambda f: np.zeros(0, np.uint8)), "version"),
 ]
 
 

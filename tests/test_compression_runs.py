@@ -20,6 +20,7 @@ from fedhive.compression import (
     RandomK,
     Sign,
     TopK,
+    _frame,
     compression_mod,
 )
 from fedhive.compression.payload import PAYLOAD_RECORD
@@ -213,9 +214,12 @@ def test_a_garbled_payload_is_refused_with_its_reason():
         reply = call_next(message, context)
         res = reply.content
         if isinstance(res, FitRes) and context.node_id == "1":
-            arrays = dict(res.extras.array_records[PAYLOAD_RECORD])
+            codec_id, arrays, info = _frame.unpack(
+                res.extras.array_records[PAYLOAD_RECORD]["frame"]
+            )
             arrays["index"] = np.full(arrays["index"].size, 255, arrays["index"].dtype)
-            extras = RecordDict({PAYLOAD_RECORD: arrays}, res.extras.config_records)
+            frame = _frame.pack(codec_id, arrays, info)
+            extras = RecordDict({PAYLOAD_RECORD: {"frame": frame}}, res.extras.config_records)
             res = FitRes(res.status, res.parameters, res.num_examples, res.metrics, extras)
             return Message(reply.metadata, res)
         return reply
@@ -240,6 +244,19 @@ def test_downlink_and_server_error_feedback():
     plain_down = [r["bytes_down"] for r in plain.rounds if r["round"] > 0]
     assert sum(down) < 0.7 * sum(plain_down)
     assert all(r["fit"]["num_results"] == 2 for r in history.rounds if r["round"] > 0)
+
+
+def test_resume_keeps_the_server_side_downlink_residual(tmp_path):
+    """The broadcast's error-feedback residual is in the checkpoint: a resumed run is the
+    uninterrupted one, bit for bit."""
+    coarse = Compression(downlink=QSGD(bits=2, min_size=0), server_error_feedback=True)
+    full = run(rounds=4, compression=coarse)
+    ckpt = tmp_path / "ckpt"
+    run(rounds=2, compression=coarse, checkpoint_dir=ckpt)
+    resumed = run(rounds=4, compression=coarse, checkpoint_dir=ckpt, resume=True)
+    assert resumed.without_timings()["rounds"] == full.without_timings()["rounds"]
+    cold = run(rounds=4, compression=coarse, checkpoint_dir=tmp_path / "none")
+    assert cold.without_timings()["rounds"] == full.without_timings()["rounds"]
 
 
 class Recorder(ReplyStage):
@@ -321,7 +338,7 @@ def test_compression_table_and_bad_values():
     from fedhive.compression import Compression as C
 
     got = C.from_table(
-        {"uplink": "topk", "ratio": 0.01, "bits": 4, "error_feedback": True, "downlink": "none"}
+        {"uplink": "topk", "ratio": 0.01, "error_feedback": True, "downlink": "none"}
     )
     assert got.uplink == TopK(ratio=0.01, error_feedback=True) and got.downlink is None
     assert C.from_table({"uplink": "qsgd", "bits": 2, "downlink": "bf16"}).uplink == QSGD(bits=2)

@@ -2,8 +2,8 @@
 
     [compression]
     uplink = "topk"          # none | fp16 | bf16 | qsgd | topk | randomk | sign | eden
-    ratio = 0.01             # topk/randomk
-    bits = 4                 # qsgd/eden
+    ratio = 0.01             # topk/randomk (eden: share of rotated coordinates kept)
+    # bits = 4               # qsgd/eden (a key the uplink codec does not take is refused)
     error_feedback = true
     downlink = "none"        # none | fp16 | bf16 | qsgd
 
@@ -26,7 +26,12 @@ class CompressionConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     uplink: Literal["none", "fp16", "bf16", "qsgd", "topk", "randomk", "sign", "eden"] = "none"
-    ratio: float = Field(0.01, gt=0, le=1, description="topk/randomk: share of elements sent")
+    ratio: float = Field(
+        0.01,
+        gt=0,
+        le=1,
+        description="topk/randomk: share of elements sent; eden: of coordinates kept",
+    )
     bits: int = Field(4, ge=1, le=8, description="qsgd/eden: bits per element (qsgd: + sign)")
     error_feedback: bool = False
     downlink: Literal["none", "fp16", "bf16", "qsgd"] = "none"
@@ -43,7 +48,7 @@ class CompressionConfig(BaseModel):
         """The :class:`fedhive.compression.Compression` this table describes."""
         from fedhive.compression.config import Compression
 
-        return Compression.from_table(self.model_dump())
+        return Compression.from_table(self.model_dump(exclude_unset=True))
 
 
 def check_compression_secure(compression: CompressionConfig | None, secure: object) -> None:

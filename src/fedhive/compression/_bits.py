@@ -29,17 +29,7 @@ def pack(values: NDArray, width: int) -> NDArray:
     if width == 1:
         return np.packbits(flat.astype(np.bool_, copy=False), bitorder="little")
     if width in (2, 4):
-        per = 8 // width
-        count = flat.size
-        padded = -(-count // per) * per
-        v = flat.astype(np.uint8, copy=False)
-        if padded != count:
-            v = np.concatenate([v, np.zeros(padded - count, np.uint8)])
-        grid = v.reshape(-1, per)
-        out = grid[:, 0].copy()
-        for j in range(1, per):
-            out |= grid[:, j] << np.uint8(j * width)
-        return out
+        return _pack_small(flat.astype(np.uint8, copy=False), width)
     if 1 <= width <= 16:
         planes = (flat.astype(np.uint16)[:, None] >> np.arange(width, dtype=np.uint16)) & 1
         return np.packbits(planes.astype(np.uint8).reshape(-1), bitorder="little")
@@ -63,14 +53,38 @@ def unpack(data: NDArray, width: int, count: int) -> NDArray:
     if width == 1:
         return np.unpackbits(data, count=count, bitorder="little")
     if width in (2, 4):
-        per = 8 // width
-        mask = np.uint8((1 << width) - 1)
-        out = np.empty((data.size, per), np.uint8)
-        for j in range(per):
-            np.bitwise_and(data >> np.uint8(j * width), mask, out=out[:, j])
-        return out.reshape(-1)[:count]
+        return _unpack_small(data, width, count)
     if 1 <= width <= 16:
         bits = np.unpackbits(data, count=count * width, bitorder="little").reshape(count, width)
         weights = (1 << np.arange(width, dtype=np.uint16)).astype(np.uint16)
         return (bits.astype(np.uint16) * weights).sum(axis=1, dtype=np.uint16)
     raise SerdeError(f"bit width must be 1..16, got {width}")
+
+
+def _pack_small(v: NDArray, width: int) -> NDArray:
+    """2- or 4-bit values (uint8) packed: the values of each output byte, read as one
+    little-endian word, are folded into its low byte by shifts (``v | v >> 4`` for two
+    nibbles), a few passes over words instead of one per value in a byte."""
+    per = 8 // width
+    if v.size % per:
+        v = np.concatenate([v, np.zeros(per - v.size % per, np.uint8)])
+    word = v.view("<u2" if width == 4 else "<u4")
+    folded = np.bitwise_or(word, np.right_shift(word, 8 - width))
+    if width == 2:
+        folded |= np.right_shift(folded, 12)
+    return folded.astype(np.uint8)
+
+
+def _unpack_small(data: NDArray, width: int, count: int) -> NDArray:
+    """The inverse of :func:`_pack_small`: each byte spread over a word, one value per
+    byte, masked."""
+    if width == 4:
+        word = data.astype("<u2")
+        word |= word << 4
+        word &= np.uint16(0x0F0F)
+    else:
+        word = data.astype("<u4")
+        word |= word << 12
+        word |= word << 6
+        word &= np.uint32(0x03030303)
+    return word.view(np.uint8)[:count]

@@ -5,8 +5,8 @@ Chosen in Python (``compression=TopK(ratio=0.01, error_feedback=True)``, or a
 
     [compression]
     uplink = "topk"          # none | fp16 | bf16 | qsgd | topk | randomk | sign | eden
-    ratio = 0.01             # topk/randomk
-    bits = 4                 # qsgd/eden
+    ratio = 0.01             # topk/randomk (eden: share of rotated coordinates kept)
+    # bits = 4               # qsgd/eden (a key the uplink codec does not take is refused)
     error_feedback = true
     downlink = "none"        # none | fp16 | bf16 | qsgd
 """
@@ -80,11 +80,12 @@ class Compression:
             raise ConfigError(
                 f"[compression] error_feedback must be true or false, got {feedback!r}"
             )
+        _check_applies(table, uplink)
         up = None
         if uplink != "none":
             options: dict[str, Any] = {"error_feedback": feedback}
             takes = CODECS[uplink].__dataclass_fields__
-            for key in ("ratio", "bits"):
+            for key in _CODEC_KEYS:
                 if key in table and key in takes:
                     options[key] = table[key]
             try:
@@ -95,6 +96,27 @@ class Compression:
             raise ConfigError("[compression] error_feedback = true needs an uplink codec")
         down = None if downlink == "none" else downlink_codec(downlink)
         return cls(uplink=up, downlink=down)
+
+
+_CODEC_KEYS = ("ratio", "bits")
+
+
+def _check_applies(table: Mapping[str, Any], uplink: str) -> None:
+    """Refuse ``ratio``/``bits`` where the uplink codec has no such parameter (they would
+    otherwise be ignored without a word)."""
+    takes = () if uplink == "none" else CODECS[uplink].__dataclass_fields__
+    own = [k for k in _CODEC_KEYS if k in takes]
+    for key in _CODEC_KEYS:
+        if key not in table or key in takes:
+            continue
+        where = f"{key} = {table[key]!r} is not a parameter of uplink = {uplink!r}"
+        if uplink == "none":
+            raise ConfigError(
+                f"[compression] {where} (ratio and bits configure the uplink codec; "
+                'downlink = "qsgd" always sends 8 bits per weight): set uplink or drop it'
+            )
+        which = f"takes {' and '.join(own)}" if own else "takes neither ratio nor bits"
+        raise ConfigError(f"[compression] {where}, which {which}: drop {key}")
 
 
 def downlink_codec(name: str) -> Codec:

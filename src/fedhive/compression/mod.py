@@ -34,7 +34,6 @@ from fedhive.common.records import (
     ndarrays_to_parameters,
 )
 from fedhive.compression.payload import (
-    INFO_RECORD,
     MODEL_RECORD,
     PAYLOAD_RECORD,
     TASK_RECORD,
@@ -108,9 +107,10 @@ def compression_mod(message: Message, context: Context, call_next: Handler) -> M
         return message.error_reply(
             "compression: a partial model reply cannot be encoded; compress full models only"
         )
-    for name in (PAYLOAD_RECORD, INFO_RECORD):
-        if name in res.extras.array_records or name in res.extras.config_records:
-            return message.error_reply(f"compression: the reply already has a record {name!r}")
+    if PAYLOAD_RECORD in res.extras.array_records or PAYLOAD_RECORD in res.extras.config_records:
+        return message.error_reply(
+            f"compression: the reply already has a record {PAYLOAD_RECORD!r}"
+        )
     layout = Layout.of(model, codec.min_size)
     compressed, raw = layout.split(_update(model, res.parameters.arrays))
     if codec.error_feedback:

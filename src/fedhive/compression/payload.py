@@ -11,9 +11,10 @@ Records (``"codec"`` is reserved for this, see
 - ``FitIns.extras.config_records["codec.task"]``: what the server asks for (codec id and
   parameters, ``error_feedback``, ``min_size``, the round's shared ``seed``, and the
   ``downlink`` codec when the model itself is encoded);
-- ``FitRes.extras.array_records["codec"]``: the codec's raw arrays plus ``"raw"`` (the
-  small arrays); ``config_records["codec.info"]``: the codec id and what the encoder chose
-  (index coding);
+- ``FitRes.extras.array_records["codec"]``: one uint8 array ``"frame"`` holding the
+  codec id, what the encoder chose (index coding), the codec's arrays and ``"raw"`` (the
+  small arrays), in one compact frame (:mod:`fedhive.compression._frame`: a few bytes of
+  header instead of a JSON entry per array in the message);
 - an encoded model (downlink): ``FitIns.extras.array_records["codec.model"]`` and
   ``config_records["codec.model"]`` with the codec and each array's dtype and shape;
   ``FitIns.parameters`` is then empty.
@@ -28,10 +29,10 @@ import numpy as np
 
 from fedhive.common.errors import SerdeError
 from fedhive.common.records import NDArray, NDArrays, RecordDict, Scalar
+from fedhive.compression import _frame
 from fedhive.compression.codecs import Codec, codec_from_params
 
 __all__ = [
-    "INFO_RECORD",
     "MODEL_RECORD",
     "PAYLOAD_RECORD",
     "TASK_RECORD",
@@ -46,9 +47,9 @@ __all__ = [
 
 TASK_RECORD = "codec.task"
 PAYLOAD_RECORD = "codec"
-INFO_RECORD = "codec.info"
 MODEL_RECORD = "codec.model"
 _RAW = "raw"
+_FRAME = "frame"
 
 
 @dataclass(frozen=True)
@@ -142,29 +143,41 @@ def codec_from_task(record: Mapping[str, Scalar]) -> tuple[Codec | None, int, Co
 def encode_update(
     codec: Codec, layout: Layout, compressed: NDArray, raw: NDArray, encoded: tuple
 ) -> RecordDict:
-    """The reply records of an already encoded update (see :func:`Codec.encode`)."""
+    """The reply records of an already encoded update (see :func:`Codec.encode`): one
+    frame (:mod:`fedhive.compression._frame`) holding the codec's arrays, what the encoder
+    chose, and the raw small arrays."""
     fields_, info = encoded
     if _RAW in fields_:
         raise SerdeError(f"a codec may not name a payload array {_RAW!r}")
     arrays = {**fields_, _RAW: np.ascontiguousarray(raw, np.float32)}
-    return RecordDict({PAYLOAD_RECORD: arrays}, {INFO_RECORD: {"id": codec.id, **info}})
+    return RecordDict({PAYLOAD_RECORD: {_FRAME: _frame.pack(codec.id, arrays, info)}})
 
 
 def decode_update(codec: Codec, layout: Layout, extras: RecordDict, seed: int) -> NDArrays:
     """The update behind a reply's records, as float32 arrays of the model's shapes;
     :class:`SerdeError` naming what is wrong (nothing is returned in part)."""
-    arrays = extras.array_records.get(PAYLOAD_RECORD)
-    info = extras.config_records.get(INFO_RECORD)
-    if arrays is None or info is None:
+    record = extras.array_records.get(PAYLOAD_RECORD)
+    if record is None or set(record) != {_FRAME}:
         raise SerdeError(
-            f"a compressed reply carries the records {PAYLOAD_RECORD!r} (arrays) and "
-            f"{INFO_RECORD!r} (config); this one has {extras!r}"
+            f"a compressed reply carries the array record {PAYLOAD_RECORD!r} with one "
+            f"array {_FRAME!r}; this one has {extras!r}"
         )
-    if info.get("id") != codec.id:
+    codec_id, fields_, info = _frame.unpack(record[_FRAME])
+    return _decode_fields(codec, layout, codec_id, fields_, info, seed)
+
+
+def _decode_fields(
+    codec: Codec,
+    layout: Layout,
+    codec_id: object,
+    fields_: dict[str, NDArray],
+    info: Mapping[str, Scalar],
+    seed: int,
+) -> NDArrays:
+    if codec_id != codec.id:
         raise SerdeError(
-            f"the reply is encoded with {info.get('id')!r}, the round asked for {codec.id!r}"
+            f"the reply is encoded with {codec_id!r}, the round asked for {codec.id!r}"
         )
-    fields_ = dict(arrays)
     raw = fields_.pop(_RAW, None)
     if not isinstance(raw, np.ndarray) or raw.dtype != np.float32 or raw.ndim != 1:
         raise SerdeError(f"payload array {_RAW!r} must be 1-D float32")
@@ -174,8 +187,7 @@ def decode_update(codec: Codec, layout: Layout, extras: RecordDict, seed: int) -
         )
     if not np.isfinite(raw).all():
         raise SerdeError(f"payload array {_RAW!r} holds NaN or Inf")
-    rest = {k: v for k, v in info.items() if k != "id"}
-    compressed = codec.decode(fields_, rest, layout.segments, seed)
+    compressed = codec.decode(fields_, info, layout.segments, seed)
     if not np.isfinite(compressed).all():
         raise SerdeError("the decoded update holds NaN or Inf")
     return layout.join(compressed, raw)
@@ -238,10 +250,5 @@ def decode_model(codec: Codec, extras: RecordDict) -> NDArrays:
     dtypes, shapes = _layout_from(record)
     layout = Layout.of([np.empty(s, np.uint8) for s in shapes], codec.min_size)
     info = extras.config_records.get(f"{MODEL_RECORD}.info", {})
-    flat = decode_update(
-        codec,
-        layout,
-        RecordDict({PAYLOAD_RECORD: arrays}, {INFO_RECORD: {**info, "id": codec.id}}),
-        0,
-    )
+    flat = _decode_fields(codec, layout, codec.id, dict(arrays), info, 0)
     return [a.astype(dt, copy=False) for a, dt in zip(flat, dtypes, strict=True)]

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedhive.common.errors import InvalidUpdate, SerdeError
+from fedhive.common.errors import CheckpointError, InvalidUpdate, SerdeError
 from fedhive.common.message import MessageType, derive_seed
 from fedhive.common.records import (
     FitIns,
@@ -31,7 +31,6 @@ from fedhive.common.records import (
 )
 from fedhive.compression.config import Compression
 from fedhive.compression.payload import (
-    INFO_RECORD,
     PAYLOAD_RECORD,
     TASK_RECORD,
     Layout,
@@ -46,6 +45,8 @@ if TYPE_CHECKING:
     from fedhive.server.engine import RoundDriver
 
 __all__ = ["CompressionStage"]
+
+_RESIDUAL = "downlink_residual"
 
 
 def _merge(extras: RecordDict, more: RecordDict) -> RecordDict:
@@ -71,6 +72,24 @@ class CompressionStage(ReplyStage):
 
     def __repr__(self) -> str:
         return f"CompressionStage({self.compression!r})"
+
+    def state_dict(self) -> RecordDict:
+        """The server-side error-feedback residual of the last broadcast (if any)."""
+        if self._downlink_residual is None:
+            return RecordDict()
+        arrays = {str(i): r for i, r in enumerate(self._downlink_residual)}
+        return RecordDict({_RESIDUAL: arrays})
+
+    def load_state_dict(self, state: RecordDict) -> None:
+        arrays = state.array_records.get(_RESIDUAL)
+        if arrays is None or set(state.array_records) != {_RESIDUAL}:
+            raise CheckpointError(
+                f"a compression stage's checkpoint holds {sorted(state.array_records)}, "
+                f"expected [{_RESIDUAL!r}]"
+            )
+        if list(arrays) != [str(i) for i in range(len(arrays))]:
+            raise CheckpointError("the downlink residual's arrays are not numbered 0, 1, ...")
+        self._downlink_residual = [np.asarray(a, np.float32) for a in arrays.values()]
 
     def instruct(
         self, driver: RoundDriver, instructions: list[tuple[ClientProxy, FitIns]]
@@ -117,7 +136,7 @@ class CompressionStage(ReplyStage):
     def transform(self, driver: RoundDriver, client_id: str, result: FitRes) -> FitRes:
         codec = self.compression.uplink
         extras = result.extras
-        encoded = PAYLOAD_RECORD in extras.array_records or INFO_RECORD in extras.config_records
+        encoded = PAYLOAD_RECORD in extras.array_records
         if codec is None or not encoded:
             return result
         reference = parameters_to_ndarrays(driver.engine.parameters)
@@ -139,7 +158,7 @@ class CompressionStage(ReplyStage):
         ]
         rest = RecordDict(
             {k: v for k, v in extras.array_records.items() if k != PAYLOAD_RECORD},
-            {k: v for k, v in extras.config_records.items() if k != INFO_RECORD},
+            extras.config_records,
             extras.metric_records,
         )
         return replace(result, parameters=ndarrays_to_parameters(model), extras=rest)

@@ -9,6 +9,7 @@ Layout of a checkpoint directory::
                             (a release also holds the round's fit record: "pending")
         parameters.fhv      global model (fedhive array format)
         strategy.fhv        strategy state (server optimizer moments, privacy ledger, ...)
+        stage-NN-<name>.fhv a round stage's state, for stages that keep one (NN: its place)
         clients/            per-client persistent state (index.tsv + one file per client)
     best_model.npz          model with the lowest loss so far (centralized, else distributed)
     final_model.npz         model after the last round
@@ -84,6 +85,10 @@ def load_npz(path: str | Path) -> NDArrays:
         return [data[f"arr_{i}"] for i in range(len(data.files))]
 
 
+def _stage_file(index: int, name: str) -> str:
+    return f"stage-{index:02d}-{name}.fhv"
+
+
 class Checkpointer:
     """Saves the engine after every round; :meth:`restore` resumes from the newest save."""
 
@@ -149,6 +154,11 @@ class Checkpointer:
         if self.state_store is not None:
             self.state_store.dump(tmp / "clients")
             fsync_directory(tmp / "clients")
+        for i, stage in enumerate(engine.pipeline.stages):
+            state = stage.state_dict()
+            if state.array_records or state.config_records or state.metric_records:
+                path = tmp / _stage_file(i, stage.name)
+                atomic_write_bytes(path, encode_record_dict(state), SECRET_MODE)
         meta = {
             "format": FORMAT,
             "round": engine.current_round,
@@ -251,6 +261,11 @@ class Checkpointer:
             strategy_state = decode_record_dict(bytearray(strategy_bytes))
             if self.state_store is not None and (path / "clients").exists():
                 self.state_store.load(path / "clients")
+            stages = [
+                (stage, decode_record_dict(bytearray(file.read_bytes())))
+                for i, stage in enumerate(engine.pipeline.stages)
+                if (file := path / _stage_file(i, stage.name)).exists()
+            ]
         except (OSError, ValueError, KeyError, SerdeError, StateError) as exc:
             raise CheckpointError(f"cannot resume from {path}: {exc}") from exc
         if meta["seed"] != engine.seed:
@@ -266,6 +281,8 @@ class Checkpointer:
             )
         engine.policy.load_state_dict(policy["state"])
         engine.strategy.load_state_dict(strategy_state)
+        for stage, state in stages:
+            stage.load_state_dict(state)
         engine.parameters = parameters
         engine.model_version = int(meta["model_version"])
         engine.current_round = int(meta["round"])

@@ -38,9 +38,15 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from fedhive.common.errors import ClientFailure, ConfigError, InvalidUpdate
+from fedhive.common.errors import CheckpointError, ClientFailure, ConfigError, InvalidUpdate
 from fedhive.common.message import Message, MessageType
-from fedhive.common.records import FitIns, FitRes, NDArrays, parameters_to_ndarrays
+from fedhive.common.records import (
+    FitIns,
+    FitRes,
+    NDArrays,
+    RecordDict,
+    parameters_to_ndarrays,
+)
 from fedhive.server.client_manager import ClientProxy
 from fedhive.server.strategy.aggregate import check_fit_reply
 from fedhive.server.strategy.base import Aggregator, MeanClients, Strategy, fold_mean
@@ -86,6 +92,16 @@ class RoundStage(ABC):  # noqa: B024 - the three kinds below are the abstract on
         """The fit instructions as this stage wants them sent (default: unchanged); runs
         before the exchange, in stage order (a codec asks for encoded replies here)."""
         return instructions
+
+    def state_dict(self) -> RecordDict:
+        """What this stage carries from round to round, saved in checkpoints (default:
+        nothing; a server-side error-feedback residual, say)."""
+        return RecordDict()
+
+    def load_state_dict(self, state: RecordDict) -> None:
+        """Restore what :meth:`state_dict` returned (on resume)."""
+        if state.array_records or state.config_records or state.metric_records:
+            raise CheckpointError(f"the {self.name} stage keeps no state, the checkpoint has some")
 
 
 class RoundAborted(Exception):

@@ -1,0 +1,196 @@
+"""Chunked numpy kernels behind the quantizers: each pass over a large update works on a
+slice of :data:`CHUNK` elements, so its temporaries stay in the CPU cache and the update
+is read from memory once (or twice, where a scale must be known first).
+
+Scales belong to blocks (:class:`Blocks`: one per model array, or a fixed size); a chunk
+may straddle several. Random draws come from ``bit_generator.random_raw`` in order,
+chunk after chunk, so a chunked draw is the same stream as one bulk draw; seeded draws
+use ``PCG64.random_raw``, whose stream numpy keeps stable across versions, so a client
+and a server with different numpy versions draw the same signs and indices.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from functools import lru_cache
+
+import numpy as np
+
+from fedhive.common.records import NDArray
+
+__all__ = [
+    "CHUNK",
+    "Blocks",
+    "block_reduce",
+    "chunks",
+    "flip_signs",
+    "hadamard_into",
+    "negate_where",
+    "sample_indices",
+    "scale_into",
+    "sign_bits",
+    "uniform16",
+]
+
+#: Elements per chunk: 256 KiB of float32, a few such temporaries fit a core's L2.
+CHUNK = 1 << 16
+_SIGN = np.uint32(0x80000000)
+
+
+def chunks(size: int, step: int = CHUNK) -> Iterator[tuple[int, int]]:
+    """``(lo, hi)`` slices covering ``range(size)``, ``step`` elements each (the last
+    shorter)."""
+    for lo in range(0, size, step):
+        yield lo, min(lo + step, size)
+
+
+class Blocks:
+    """Consecutive scale blocks over a vector of ``size`` elements, starting at
+    ``starts`` (``starts[0] == 0``, increasing)."""
+
+    __slots__ = ("block", "size", "starts")
+
+    def __init__(self, starts: NDArray, size: int, block: int | None = None) -> None:
+        self.starts = np.asarray(starts, np.int64)
+        self.size = size
+        self.block = block  # fixed block length, when all blocks (but the last) have it
+
+    def __len__(self) -> int:
+        return int(self.starts.size)
+
+    def span(self, lo: int, hi: int) -> tuple[int, int, NDArray]:
+        """The blocks ``[i0, i1)`` that overlap ``[lo, hi)``, and where each begins
+        within that slice (the first at 0)."""
+        if self.block is not None:
+            i0, i1 = lo // self.block, -(-hi // self.block)
+            local = np.arange(i0, i1, dtype=np.int64) * self.block - lo
+        else:
+            i0 = int(np.searchsorted(self.starts, lo, "right")) - 1
+            i1 = int(np.searchsorted(self.starts, hi, "left"))
+            local = self.starts[i0:i1] - lo
+        local[0] = 0
+        return i0, i1, local
+
+    def step(self) -> int:
+        """A chunk length: a multiple of 64 (whole bytes of packed bits) and, for fixed
+        blocks shorter than a chunk, of the block (so a chunk holds whole blocks)."""
+        if self.block is None or self.block >= CHUNK:
+            return CHUNK
+        whole = math.lcm(self.block, 64)
+        return max(1, CHUNK // whole) * whole
+
+
+def block_reduce(x: NDArray, blocks: Blocks, op: np.ufunc, buf: NDArray) -> NDArray:
+    """``op`` (``np.add`` or ``np.maximum``) of ``|x|`` over each block, float64.
+
+    Sums within a chunk run in float32 (pairwise where the chunk lies in one block),
+    across chunks in float64.
+    """
+    out = np.zeros(len(blocks), np.float64)
+    step = blocks.step()
+    for lo, hi in chunks(x.size, step):
+        t = np.abs(x[lo:hi], out=buf[: hi - lo])
+        i0, i1, local = blocks.span(lo, hi)
+        part = op.reduce(t) if i1 - i0 == 1 else op.reduceat(t, local)
+        op(out[i0:i1], part, out=out[i0:i1])
+    return out
+
+
+def scale_into(t: NDArray, values: NDArray, blocks: Blocks, lo: int) -> None:
+    """``t`` (the slice ``[lo, lo + t.size)``) times each block's value, in place."""
+    hi = lo + t.size
+    i0, i1, local = blocks.span(lo, hi)
+    if i1 - i0 == 1:
+        t *= values[i0]
+    elif blocks.block is not None and lo % blocks.block == 0 and t.size % blocks.block == 0:
+        t.reshape(-1, blocks.block)[...] *= values[i0:i1, None]
+    else:
+        t *= np.repeat(values[i0:i1], np.diff(np.append(local, t.size)))
+
+
+def uniform16(bitgen: np.random.BitGenerator, count: int, out: NDArray) -> NDArray:
+    """``count`` uniforms in (0, 1) on the grid ``(k + 1/2) / 2**16`` (float32, into
+    ``out``): 16 random bits each. ``floor(y + u)`` rounds ``y`` up with probability
+    ``frac(y)`` to within ``2**-17``."""
+    words = np.asarray(bitgen.random_raw(-(-count // 4)), "<u8")
+    raw = words.view(np.uint16)[:count]
+    u = out[:count]
+    np.add(raw, np.float32(0.5), out=u, dtype=np.float32)
+    u *= np.float32(2.0**-16)
+    return u
+
+
+def sign_bits(bitgen: np.random.BitGenerator, count: int) -> NDArray:
+    """``count`` random bits (uint8 0/1), 64 from each raw draw, little-endian."""
+    words = np.asarray(bitgen.random_raw(-(-count // 64)), "<u8")
+    return np.unpackbits(words.view(np.uint8), count=count, bitorder="little")
+
+
+def flip_signs(t: NDArray, bits: NDArray, buf: NDArray, out: NDArray | None = None) -> None:
+    """The float32 values of ``t`` negated where ``bits`` (uint8 0/1) is 1, by flipping
+    the IEEE sign bit, into ``out`` (default: in place); ``buf``: uint32 scratch of at
+    least ``t.size``."""
+    mask = buf[: t.size]
+    np.left_shift(bits, np.uint32(31), out=mask, dtype=np.uint32)
+    dst = t if out is None else out
+    np.bitwise_xor(t.view(np.uint32), mask, out=dst.view(np.uint32))
+
+
+def negate_where(t: NDArray, negative: NDArray, buf: NDArray) -> None:
+    """:func:`flip_signs` in place with ``negative`` a bool array."""
+    flip_signs(t, negative.view(np.uint8), buf)
+
+
+@lru_cache(maxsize=32)
+def _scaled_hadamard(size: int) -> NDArray:
+    """The ``size x size`` Walsh-Hadamard matrix over ``sqrt(size)``, float32."""
+    h = np.ones((1, 1), np.float32)
+    while h.shape[0] < size:
+        h = np.block([[h, h], [h, -h]])
+    h = (h / np.sqrt(size)).astype(np.float32)
+    h.setflags(write=False)
+    return h
+
+
+def _factors(block: int) -> list[int]:
+    """``block`` (a power of two) as a product of 16s, the remainder first."""
+    m = block.bit_length() - 1
+    head = [1 << (m % 4)] if m % 4 else []
+    return head + [16] * (m // 4)
+
+
+def hadamard_into(src: NDArray, block: int, out: NDArray, tmp: NDArray) -> None:
+    """``H src / sqrt(block)`` for each block of the flat ``src`` (a whole number of
+    blocks), into ``out``. ``H`` of size ``16**k`` is the Kronecker product of ``k``
+    copies of ``H_16``, so a block reshaped to ``(16, ..., 16)`` is rotated by one small
+    matrix product along each axis: ``4 * k`` multiply-adds per element through BLAS
+    instead of ``log2(block)`` butterfly passes. ``tmp``: float32 scratch of
+    ``src.size``; ``src`` is left as it was."""
+    n = src.size
+    factors = _factors(block)
+    k = len(factors)
+    targets = [out[:n] if (k - 1 - i) % 2 == 0 else tmp[:n] for i in range(k)]
+    cur, inner = src, 1
+    for f, dst in zip(reversed(factors), targets, strict=True):
+        h = _scaled_hadamard(f)
+        if inner == 1:
+            np.matmul(cur.reshape(-1, f), h, out=dst.reshape(-1, f))
+        else:
+            np.matmul(h, cur.reshape(-1, f, inner), out=dst.reshape(-1, f, inner))
+        cur, inner = dst, inner * f
+
+
+def sample_indices(seed: int, size: int, k: int) -> NDArray:
+    """``k`` distinct indices in ``[0, size)``, sorted, drawn uniformly from ``seed``."""
+    bits = np.random.PCG64(seed)
+    if 4 * k > size:  # dense: rank random keys
+        keys = bits.random_raw(size)
+        return np.sort(np.argpartition(keys, k - 1)[:k]).astype(np.int64)
+    chosen = np.empty(0, np.int64)
+    while chosen.size < k:
+        draw = (np.asarray(bits.random_raw(2 * (k - chosen.size) + 16)) % size).astype(np.int64)
+        merged = np.concatenate([chosen, draw])
+        _, first = np.unique(merged, return_index=True)
+        chosen = merged[np.sort(first)]
+    return np.sort(chosen[:k])

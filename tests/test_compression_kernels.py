@@ -1,0 +1,132 @@
+"""The chunked kernels behind the quantizers agree with plain whole-array arithmetic,
+across chunk boundaries, blocks straddling chunks and odd sizes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from fedhive.common.errors import SerdeError
+from fedhive.compression import EDEN, FP16, QSGD, Sign, _bits, _kernels
+from fedhive.compression._kernels import CHUNK, Blocks, block_reduce, hadamard_into
+
+
+def walsh_hadamard(rows):
+    """Each row times the Sylvester Hadamard matrix over sqrt(n), by butterflies, float64."""
+    out = np.asarray(rows, np.float64)
+    n, size = out.shape
+    h = 1
+    while h < size:
+        pairs = out.reshape(n, -1, 2, h)
+        out = np.stack([pairs[:, :, 0] + pairs[:, :, 1], pairs[:, :, 0] - pairs[:, :, 1]], 2)
+        h *= 2
+    return out.reshape(n, size) / np.sqrt(size)
+
+
+def test_the_reference_is_the_sylvester_matrix():
+    h = np.ones((1, 1))
+    while h.shape[0] < 16:
+        h = np.block([[h, h], [h, -h]])
+    np.testing.assert_allclose(walsh_hadamard(np.eye(16)), h / 4, atol=1e-12)
+
+
+@pytest.mark.parametrize("block", [2, 8, 32, 256, 1024, 4096])
+def test_the_factored_hadamard_is_the_matrix(block):
+    x = np.random.default_rng(block).normal(size=3 * block).astype(np.float32)
+    out, tmp = np.empty_like(x), np.empty_like(x)
+    before = x.copy()
+    hadamard_into(x, block, out, tmp)
+    want = walsh_hadamard(x.reshape(-1, block))
+    np.testing.assert_allclose(out.reshape(-1, block), want, atol=2e-5)
+    np.testing.assert_array_equal(x, before)  # the source is left as it was
+
+
+@pytest.mark.parametrize("op", [np.add, np.maximum])
+def test_block_reduce_across_chunks(op):
+    size = 3 * CHUNK + 12_345
+    x = np.random.default_rng(0).normal(size=size).astype(np.float32)
+    starts = np.array([0, 5, CHUNK - 3, CHUNK + 100, 2 * CHUNK + 7, size - 1])
+    got = block_reduce(x, Blocks(starts, size), op, np.empty(CHUNK, np.float32))
+    want = op.reduceat(np.abs(x).astype(np.float64), starts)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_fp16_decodes_bit_for_bit_as_numpy_casts():
+    rng = np.random.default_rng(0)
+    parts = [rng.normal(scale=s, size=CHUNK + 77) for s in (1e-7, 1e-5, 1e-2, 1.0, 3e4)]
+    x = np.concatenate([*parts, [0.0, -0.0, 6e-8, -6e-8, 65504.0, -65504.0, 1e9, -1e9]])
+    x = x.astype(np.float32)
+    codec = FP16()
+    (arrays, info), decoded = codec.roundtrip(x, [x.size], rng)
+    want = np.clip(x, -65504, 65504).astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(decoded.view(np.uint32), want.view(np.uint32))
+    for bad in (np.inf, -np.inf, np.nan):
+        values = arrays["values"].copy()
+        values[CHUNK + 5] = bad
+        with pytest.raises(SerdeError, match="NaN or Inf"):
+            codec.decode({"values": values}, info, [x.size])
+
+
+def test_qsgd_across_chunks_and_blocks_stays_within_one_level():
+    size = 2 * CHUNK + 999
+    x = np.random.default_rng(1).normal(size=size).astype(np.float32)
+    segments = [CHUNK + 1, 17, size - CHUNK - 18]
+    for codec in (QSGD(bits=4), QSGD(bits=2, block=1000), QSGD(bits=5, block=4096)):
+        (arrays, _), decoded = codec.roundtrip(x, segments, np.random.default_rng(2))
+        starts = (
+            np.cumsum([0, *segments[:-1]])
+            if codec.block is None
+            else np.arange(0, size, codec.block)
+        )
+        scales = np.maximum.reduceat(np.abs(x), starts)
+        np.testing.assert_array_equal(arrays["scales"], scales)
+        step = np.repeat(scales / codec.levels, np.diff(np.append(starts, size)))
+        assert (np.abs(decoded - x) <= step * (1 + 1e-5)).all()
+        assert (np.sign(decoded)[decoded != 0] == np.sign(x)[decoded != 0]).all()
+
+
+def test_qsgd_refuses_an_update_with_nan():
+    x = np.ones(1000, np.float32)
+    x[3] = np.nan
+    for codec in (QSGD(bits=4), QSGD(bits=4, scale=1.0)):
+        with pytest.raises(SerdeError, match="NaN"):
+            codec.encode(x, [1000], np.random.default_rng(0))
+
+
+def test_sign_scales_are_each_arrays_mean_magnitude_across_chunks():
+    size = 2 * CHUNK + 5
+    x = np.random.default_rng(3).normal(size=size).astype(np.float32)
+    segments = [10, CHUNK + 3, size - CHUNK - 13]
+    (arrays, _), decoded = Sign().roundtrip(x, segments, np.random.default_rng(0))
+    starts = np.cumsum([0, *segments[:-1]])
+    want = np.add.reduceat(np.abs(x).astype(np.float64), starts) / segments
+    np.testing.assert_allclose(arrays["scales"], want, rtol=1e-6)
+    np.testing.assert_allclose(np.abs(decoded), np.repeat(want, segments), rtol=1e-6)
+    assert (np.signbit(decoded) == (x < 0)).all()
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4])
+def test_eden_over_several_chunks_matches_the_direct_formula(bits):
+    """Rotate with the explicit matrix and the same signs, quantize to the nearest
+    centroid, scale by ||x||^2 / <Rx, c>: what the chunked encoder sends."""
+    block = 1024
+    size = CHUNK + 3 * block + 100  # several chunks, the last block zero-padded
+    x = np.random.default_rng(4).normal(size=size).astype(np.float32)
+    codec = EDEN(bits=bits, block=block)
+    (arrays, _), decoded = codec.roundtrip(x, [size], np.random.default_rng(5))
+    count = -(-size // block)
+    padded = np.zeros(count * block)
+    padded[:size] = x
+    flips = _kernels.sign_bits(np.random.PCG64(int(arrays["seed"][0])), padded.size)
+    rotated = walsh_hadamard(np.where(flips == 1, -padded, padded).reshape(count, block))
+    from fedhive.compression.codecs import gaussian_centroids
+
+    centroids, boundaries = gaussian_centroids(bits)
+    unit = rotated * (np.sqrt(block) / np.linalg.norm(rotated, axis=1))[:, None]
+    codes = np.searchsorted(boundaries.astype(np.float64), unit)
+    got = _bits.unpack(arrays["codes"], bits, count * block).reshape(count, block)
+    assert (got != codes).mean() < 1e-4  # float32 vs float64 at a boundary
+    dots = (rotated * centroids[got]).sum(axis=1)
+    np.testing.assert_allclose(arrays["scales"], (rotated**2).sum(axis=1) / dots, rtol=1e-4)
+    assert decoded.shape == (size,)
+    assert np.linalg.norm(decoded - x) / np.linalg.norm(x) < {1: 0.8, 2: 0.5, 4: 0.15}[bits]
