@@ -44,12 +44,20 @@ from fedhive.cli.config import validate
 from fedhive.cli.experiment import build_experiment, run_experiment
 from fedhive.common.message import Message, MessageType
 from fedhive.common.records import FitIns
+from fedhive.transport.base import content_length
 
 RESULTS = Path(__file__).resolve().parent / "results" / "stragglers.txt"
 PER_ROUND = 10
 
 
-def _config(method: str, sigma: float, seed: int, rounds: int, system: bool = True) -> Any:
+def _config(
+    method: str,
+    sigma: float,
+    seed: int,
+    rounds: int,
+    system: bool = True,
+    params: dict[str, Any] | None = None,
+) -> Any:
     strategy: dict[str, Any] = {"fraction_evaluate": 0.0, "fraction_fit": PER_ROUND / 100}
     versions = rounds
     if method == "fedbuff":
@@ -57,6 +65,10 @@ def _config(method: str, sigma: float, seed: int, rounds: int, system: bool = Tr
         strategy |= {"staleness": "poly", "staleness_exponent": 0.5, "server_lr": 1.0}
     elif method == "fedasync":
         strategy |= {"name": "fedasync", "concurrency": 2 * PER_ROUND, "alpha": 0.6}
+    strategy |= params or {}
+    if method == "fedbuff":  # the same number of results for every method
+        versions = rounds * PER_ROUND // strategy["buffer_size"]
+    elif method == "fedasync":
         versions = rounds * PER_ROUND  # a version per result
     data = {
         "seed": seed,
@@ -81,8 +93,8 @@ def _config(method: str, sigma: float, seed: int, rounds: int, system: bool = Tr
     return validate(data)
 
 
-def _deadline(exp: Any, sigma: float, seed: int) -> float:
-    """The 80th percentile of the clients' fit durations under their simulated devices."""
+def _deadline(exp: Any, seed: int, percentile: float) -> float:
+    """A percentile of the clients' fit durations under their simulated devices."""
     sizes = {str(i): len(train) for i, (train, _) in enumerate(exp.client_fn.splits)}
     model = exp.cfg.system.build(sizes, seed)
     params = exp.strategy.initial_parameters  # read, not taken: the run still needs it
@@ -97,15 +109,27 @@ def _deadline(exp: Any, sigma: float, seed: int) -> float:
             content=FitIns(params, {"local_epochs": 1}),
             seed=0,
         )
-        durations.append(model.plan(task).duration_s)
-    return float(np.percentile(durations, 80))
+        # the upload counted as long as the download (the update is the model's size)
+        upload = model.upload_seconds(task, content_length(task))
+        durations.append(model.plan(task).duration_s + upload)
+    return float(np.percentile(durations, percentile))
 
 
-def run(method: str, sigma: float, seed: int, rounds: int, system: bool = True) -> dict[str, Any]:
-    cfg = _config(method if method != "fedavg+deadline" else "fedavg", sigma, seed, rounds, system)
+def run(
+    method: str,
+    sigma: float,
+    seed: int,
+    rounds: int,
+    system: bool = True,
+    params: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    params = dict(params or {})
+    percentile = params.pop("deadline_percentile", 80.0)
+    base = method if method != "fedavg+deadline" else "fedavg"
+    cfg = _config(base, sigma, seed, rounds, system, params)
     exp = build_experiment(cfg)
     if method == "fedavg+deadline":
-        deadline = _deadline(exp, sigma, seed)
+        deadline = _deadline(exp, seed, percentile)
         strategy = {**cfg.strategy.model_dump(exclude_unset=True), "name": "fedavg"}
         strategy |= {"over_selection": 0.3, "deadline_s": deadline}
         cfg = validate({**cfg.model_dump(), "strategy": strategy})
