@@ -8,30 +8,49 @@ centrally after every model version:
 
 - ``fedavg``: synchronous FedAvg, 10 clients a round (every round waits for its slowest);
 - ``fedavg+deadline``: FedAvg asking for 130% (13 clients) and keeping the first 10 to
-  arrive, with a round deadline at the 80th percentile of the clients' task durations;
-- ``fedasync``: FedAsync (Xie et al. 2019), alpha 0.6, polynomial staleness, 20 clients
-  training at once, a version per result;
-- ``fedbuff``: FedBuff (Nguyen et al. 2022), buffer 10, 20 clients training at once,
-  polynomial staleness (a = 0.5), server lr 1.
+  arrive, with a round deadline at a percentile of the clients' task durations;
+- ``fedasync``: FedAsync (Xie et al. 2019), polynomial staleness (a = 0.5), a version per
+  result, with its mixing ``alpha`` and clients training at once (``concurrency``);
+- ``fedbuff``: FedBuff (Nguyen et al. 2022), buffer 10, polynomial staleness (a = 0.5),
+  with its ``concurrency`` and server lr.
+
+The free settings (the deadline's percentile, FedAsync's alpha and concurrency, FedBuff's
+concurrency and server lr) are chosen by ``--tune`` (:data:`GRID`) on seeds of their own
+(:data:`TUNING_SEEDS`: other data, partitions, devices and initial models), by rules fixed
+in :func:`choose`; the kept ones are :data:`CHOSEN`, and FedBuff with the issue's example
+table (concurrency 20, server lr 1) is reported beside them at sigma 1.5. The settings
+are tuned at sigma 1.5 only and kept at sigma 0.5. Every tried setting is in
+``results/stragglers_tuning.txt``.
 
 Reported per sigma (median over 3 seeds): simulated seconds until the centralized test
-accuracy first reaches the target, the final accuracy (mean of the last 5 versions), and
-FedBuff's time as a fraction of the two synchronous ones. Targets (the issue): FedBuff
-reaches the target in at most 50% of the time of over-selected FedAvg and at most 10% of
-plain FedAvg, with at most 1 point lower final accuracy.
+accuracy first reaches the target, the final accuracy (mean of the last 5 versions), the
+accuracy each method had when FedBuff published its last version, and FedBuff's time as
+a fraction of the two synchronous ones (also at two other targets). Targets (the issue):
+FedBuff reaches the target in at most 50% of the time of over-selected FedAvg and at most
+10% of plain FedAvg, with at most 1 point lower final accuracy.
 
-Also: wall time of the simulator per client task, FedBuff on the virtual clock next to
-the same number of plain synchronous FedAvg tasks on the real clock (target: within 10%).
+Also: the simulator's own cost per client task, FedBuff on the virtual clock next to the
+same number of plain synchronous FedAvg tasks on the real clock (target: within 10%), as
+CPU time of the process in interleaved repeats.
 
 Run::
 
-    nice -n 10 .venv/bin/python benchmarks/stragglers.py            # 3 seeds, 100 rounds
+    nice -n 10 .venv/bin/python benchmarks/stragglers.py --target 0.35   # 3 seeds, 100 rounds
+    nice -n 10 .venv/bin/python benchmarks/stragglers.py --tune --target 0.35  # the sweep
     nice -n 10 .venv/bin/python benchmarks/stragglers.py --quick    # smoke run, seconds
+
+Simulated results do not depend on scheduling, so the runs may be made first in parallel
+processes (``--cache DIR --prefill fedbuff@1.5``, one per method and sigma, and
+``fedbuff-defaults@1.5``), then the report reads them (``--cache DIR``); the cost
+section is always measured in the reporting process.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import os
 import statistics
 import sys
 import time
@@ -44,12 +63,21 @@ from fedhive.cli.config import validate
 from fedhive.cli.experiment import build_experiment, run_experiment
 from fedhive.common.message import Message, MessageType
 from fedhive.common.records import FitIns
+from fedhive.transport.base import content_length
 
 RESULTS = Path(__file__).resolve().parent / "results" / "stragglers.txt"
+COST = RESULTS.with_name("stragglers_cost.txt")  # --wall-only
 PER_ROUND = 10
 
 
-def _config(method: str, sigma: float, seed: int, rounds: int, system: bool = True) -> Any:
+def _config(
+    method: str,
+    sigma: float,
+    seed: int,
+    rounds: int,
+    system: bool = True,
+    params: dict[str, Any] | None = None,
+) -> Any:
     strategy: dict[str, Any] = {"fraction_evaluate": 0.0, "fraction_fit": PER_ROUND / 100}
     versions = rounds
     if method == "fedbuff":
@@ -57,6 +85,10 @@ def _config(method: str, sigma: float, seed: int, rounds: int, system: bool = Tr
         strategy |= {"staleness": "poly", "staleness_exponent": 0.5, "server_lr": 1.0}
     elif method == "fedasync":
         strategy |= {"name": "fedasync", "concurrency": 2 * PER_ROUND, "alpha": 0.6}
+    strategy |= params or {}
+    if method == "fedbuff":  # the same number of results for every method
+        versions = rounds * PER_ROUND // strategy["buffer_size"]
+    elif method == "fedasync":
         versions = rounds * PER_ROUND  # a version per result
     data = {
         "seed": seed,
@@ -81,8 +113,8 @@ def _config(method: str, sigma: float, seed: int, rounds: int, system: bool = Tr
     return validate(data)
 
 
-def _deadline(exp: Any, sigma: float, seed: int) -> float:
-    """The 80th percentile of the clients' fit durations under their simulated devices."""
+def _deadline(exp: Any, seed: int, percentile: float) -> float:
+    """A percentile of the clients' fit durations under their simulated devices."""
     sizes = {str(i): len(train) for i, (train, _) in enumerate(exp.client_fn.splits)}
     model = exp.cfg.system.build(sizes, seed)
     params = exp.strategy.initial_parameters  # read, not taken: the run still needs it
@@ -97,22 +129,60 @@ def _deadline(exp: Any, sigma: float, seed: int) -> float:
             content=FitIns(params, {"local_epochs": 1}),
             seed=0,
         )
-        durations.append(model.plan(task).duration_s)
-    return float(np.percentile(durations, 80))
+        # the upload counted as long as the download (the update is the model's size)
+        upload = model.upload_seconds(task, content_length(task))
+        durations.append(model.plan(task).duration_s + upload)
+    return float(np.percentile(durations, percentile))
 
 
-def run(method: str, sigma: float, seed: int, rounds: int, system: bool = True) -> dict[str, Any]:
-    cfg = _config(method if method != "fedavg+deadline" else "fedavg", sigma, seed, rounds, system)
+#: Where --cache keeps finished runs (simulated results only: a seeded run's curve is
+#: the same however it is scheduled, so runs may be made in parallel processes first).
+CACHE: Path | None = None
+
+
+def run(
+    method: str,
+    sigma: float,
+    seed: int,
+    rounds: int,
+    system: bool = True,
+    params: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """One run's accuracy curve (simulated time, accuracy), its wall and CPU time and tasks."""
+    key = json.dumps([method, sigma, seed, rounds, system, params or {}], sort_keys=True)
+    path = None
+    if CACHE is not None:
+        path = CACHE / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".json")
+        if path.exists():
+            return dict(json.loads(path.read_text()))
+    result = _run(method, sigma, seed, rounds, system, params)
+    if path is not None:
+        path.write_text(json.dumps(result))
+    return result
+
+
+def _run(
+    method: str,
+    sigma: float,
+    seed: int,
+    rounds: int,
+    system: bool,
+    params: dict[str, Any] | None,
+) -> dict[str, Any]:
+    params = dict(params or {})
+    percentile = params.pop("deadline_percentile", 80.0)
+    base = method if method != "fedavg+deadline" else "fedavg"
+    cfg = _config(base, sigma, seed, rounds, system, params)
     exp = build_experiment(cfg)
     if method == "fedavg+deadline":
-        deadline = _deadline(exp, sigma, seed)
+        deadline = _deadline(exp, seed, percentile)
         strategy = {**cfg.strategy.model_dump(exclude_unset=True), "name": "fedavg"}
         strategy |= {"over_selection": 0.3, "deadline_s": deadline}
         cfg = validate({**cfg.model_dump(), "strategy": strategy})
         exp = build_experiment(cfg)
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     history = run_experiment(exp)
-    wall = time.perf_counter() - started
+    wall, cpu = time.perf_counter() - started, time.process_time() - cpu
     curve = [
         (r.get("virtual_time_s", 0.0), r["centralized"]["accuracy"])
         for r in history.rounds
@@ -123,7 +193,7 @@ def run(method: str, sigma: float, seed: int, rounds: int, system: bool = True) 
         for r in history.rounds
         if r["round"] > 0
     )
-    return {"curve": curve, "wall": wall, "tasks": tasks}
+    return {"curve": curve, "wall": wall, "cpu": cpu, "tasks": tasks}
 
 
 def time_to(curve: list[tuple[float, float]], target: float) -> float:
@@ -139,6 +209,162 @@ def final(curve: list[tuple[float, float]]) -> float:
 
 METHODS = ("fedavg", "fedavg+deadline", "fedasync", "fedbuff")
 
+#: Seeds of the tuning runs: their data, partition, devices and initial model differ from
+#: those of the reported seeds (0, 1, 2), which no setting is chosen on.
+TUNING_SEEDS = (100, 101)
+#: The settings tried per method (``--tune``); FedBuff's buffer stays at 10 results.
+GRID: dict[str, list[dict[str, Any]]] = {
+    "fedavg": [{}],
+    "fedavg+deadline": [{"deadline_percentile": p} for p in (50.0, 80.0, 95.0)],
+    "fedbuff": [{"concurrency": c, "server_lr": lr} for c in (10, 20, 40) for lr in (1.0, 2.0)],
+    "fedasync": [{"concurrency": c, "alpha": a} for c in (5, 20) for a in (0.6, 0.9)],
+}
+
+
+def choose(
+    method: str, rows: list[tuple[dict[str, Any], float, float]], fedavg_final: float
+) -> dict[str, Any]:
+    """The setting kept for ``method`` from its tuning ``rows`` of (setting, median time
+    to target, median final accuracy), by rules fixed before the runs: the fastest to
+    the target; for FedBuff the fastest of those within 1 point of FedAvg's final
+    accuracy, or, if none is, the most accurate."""
+    if method == "fedbuff":
+        within = [r for r in rows if r[2] >= fedavg_final - 0.01]
+        if not within:
+            return max(rows, key=lambda r: r[2])[0]
+        rows = within
+    return min(rows, key=lambda r: (r[1], -r[2]))[0]
+
+
+def tune(args: argparse.Namespace, say: Any) -> None:
+    """Every setting of :data:`GRID` on the tuning seeds, and the one each rule keeps."""
+    methods = [args.only] if args.only else list(METHODS)
+    for sigma in [args.sigma] if args.sigma else [1.5]:
+        say()
+        say(f"tuning, lognormal sigma = {sigma}, seeds {TUNING_SEEDS}, target {args.target}")
+        say(f"{'method':<18}{'setting':<40}{'s to target per seed':>26}{'median':>9}{'final':>8}")
+        fedavg_final = None
+        needs_fedavg = "fedbuff" in methods or "fedavg" in methods  # FedBuff's rule reads it
+        for method in ["fedavg"] * needs_fedavg + [m for m in methods if m != "fedavg"]:
+            rows = []
+            for params in GRID[method]:
+                runs = [
+                    run(method, sigma, seed, args.rounds, params=params) for seed in TUNING_SEEDS
+                ]
+                per_seed = [time_to(r["curve"], args.target) for r in runs]
+                t = statistics.median(per_seed)
+                acc = statistics.median(final(r["curve"]) for r in runs)
+                rows.append((params, t, acc))
+                setting = ", ".join(f"{k} = {v}" for k, v in params.items()) or "-"
+                seeds = ", ".join(f"{x:.2f}" for x in per_seed)
+                say(f"{method:<18}{setting:<40}{seeds:>26}{t:>9.2f}{acc:>8.4f}")
+            if method == "fedavg":
+                fedavg_final = rows[0][2]
+                continue
+            say(f"  kept for {method}: {choose(method, rows, fedavg_final or 0.0)}")
+
+
+#: The settings the tuning rules kept (``--tune``, saved in
+#: ``results/stragglers_tuning.txt``), per sigma; each method's others stay as in _config.
+CHOSEN: dict[float, dict[str, dict[str, Any]]] = {
+    1.5: {
+        "fedavg": {},
+        "fedavg+deadline": {},
+        "fedbuff": {"concurrency": 20, "server_lr": 2.0},
+        "fedasync": {},
+    },
+    0.5: {
+        "fedavg": {},
+        "fedavg+deadline": {},
+        "fedbuff": {"concurrency": 20, "server_lr": 2.0},
+        "fedasync": {},
+    },
+}
+#: The issue's example table (buffer 10, concurrency 20, server lr 1), reported beside
+#: the kept setting at sigma 1.5.
+DEFAULTS = {"concurrency": 20, "server_lr": 1.0}
+
+
+def accuracy_at(curve: list[tuple[float, float]], at: float) -> float:
+    """The accuracy of the last version published by simulated time ``at``."""
+    acc = 0.0
+    for when, value in curve:
+        if when > at:
+            break
+        acc = value
+    return acc
+
+
+def report(args: argparse.Namespace, sigma: float, say: Any) -> None:
+    """Every method with its kept setting (and FedBuff with the defaults) on seeds 0.."""
+    rows = [(m, CHOSEN[sigma][m]) for m in METHODS]
+    if sigma == 1.5 and {**DEFAULTS, **CHOSEN[sigma]["fedbuff"]} != DEFAULTS:
+        rows.append(("fedbuff", DEFAULTS))
+    seeds = range(args.seeds)
+    results = [[run(m, sigma, seed, args.rounds, params=p) for seed in seeds] for m, p in rows]
+    say()
+    say(f"lognormal sigma = {sigma}: median over seeds {list(seeds)}")
+    say(f"{'method':<18}{'setting':<34}{'s to target':>12}{'final':>8}"
+        f"{'at fedbuff end':>16}{'per seed (s)':>24}")  # fmt: skip
+    kept = results[METHODS.index("fedbuff")]
+    end = statistics.median(r["curve"][-1][0] for r in kept)  # FedBuff's last version
+    times: dict[int, float] = {}
+    finals: dict[int, float] = {}
+    for i, ((method, params), runs) in enumerate(zip(rows, results, strict=True)):
+        per_seed = [time_to(r["curve"], args.target) for r in runs]
+        times[i] = statistics.median(per_seed)
+        finals[i] = statistics.median(final(r["curve"]) for r in runs)
+        at_end = statistics.median(accuracy_at(r["curve"], end) for r in runs)
+        setting = ", ".join(f"{k} = {v}" for k, v in params.items()) or "-"
+        each = ", ".join(f"{t:.1f}" for t in per_seed)
+        say(f"{method:<18}{setting:<34}{times[i]:>12.2f}{finals[i]:>8.4f}{at_end:>16.4f}"
+            f"{each:>24}")  # fmt: skip
+    fb = METHODS.index("fedbuff")
+    for base in ("fedavg+deadline", "fedavg"):
+        b = METHODS.index(base)
+        ratio = times[fb] / times[b] if times[b] else float("nan")
+        say(f"fedbuff / {base}: time {ratio:.3f}, final accuracy "
+            f"{100 * (finals[fb] - finals[b]):+.2f} points")  # fmt: skip
+    for target in (0.30, 0.40):  # how the ratios move with the target
+        t = {i: statistics.median(time_to(r["curve"], target) for r in runs)
+             for i, runs in enumerate(results)}  # fmt: skip
+        parts = [f"/ {base} {t[fb] / t[METHODS.index(base)]:.3f}"
+                 for base in ("fedavg+deadline", "fedavg")]  # fmt: skip
+        say(f"  at target {target}: fedbuff {' '.join(parts)}")
+
+
+def simulator_cost(args: argparse.Namespace, say: Any) -> None:
+    """The simulator's own cost per client task: FedBuff on the virtual clock with
+    simulated devices next to plain synchronous FedAvg on the real clock (and FedAvg on
+    the virtual clock; FedBuff with the issue's example table), the same number of tasks
+    and of model versions, in interleaved
+    repeats; CPU time of the process (all its threads), which other jobs on the machine
+    change less than wall time."""
+    kinds = (
+        ("fedavg, real clock, no [system]", "fedavg", False, {}),
+        ("fedavg, virtual clock, [system]", "fedavg", True, {}),
+        ("fedbuff, virtual clock, [system]", "fedbuff", True, DEFAULTS),
+    )
+    cost: dict[str, list[tuple[float, float]]] = {label: [] for label, *_ in kinds}
+    for _ in range(args.repeats):
+        for label, method, system, params in kinds:  # never from the cache: timed here
+            r = _run(method, 1.5, 0, args.cost_rounds, system, params)
+            cost[label].append((r["cpu"] / r["tasks"], r["wall"] / r["tasks"]))
+    say()
+    say(f"simulator cost per client task (seed 0, sigma 1.5, {args.cost_rounds * PER_ROUND} tasks "
+        f"a run, {args.repeats} interleaved repeats; medians)")  # fmt: skip
+    say(f"{'run':<36}{'CPU ms/task':>12}{'wall ms/task':>14}{'CPU per repeat (ms)':>34}")
+    for label, values in cost.items():
+        cpu = statistics.median(c for c, _ in values)
+        wall = statistics.median(w for _, w in values)
+        each = ", ".join(f"{1e3 * c:.2f}" for c, _ in values)
+        say(f"{label:<36}{1e3 * cpu:>12.2f}{1e3 * wall:>14.2f}{each:>34}")
+    plain, fedbuff = cost[kinds[0][0]], cost[kinds[2][0]]
+    ratios = [b[0] / a[0] for a, b in zip(plain, fedbuff, strict=True)]
+    say(f"fedbuff on the virtual clock / plain synchronous, CPU per task: median "
+        f"{statistics.median(ratios):.3f} (per repeat: "
+        f"{', '.join(f'{r:.3f}' for r in ratios)}); target: within 10%")  # fmt: skip
+
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -147,51 +373,50 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--target", type=float, default=0.40)
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 rounds, 1 seed")
     parser.add_argument("--wall-only", action="store_true", help="only the wall time per task")
+    parser.add_argument("--repeats", type=int, default=3, help="simulator cost repeats")
+    parser.add_argument("--cost-rounds", type=int, default=50, help="simulator cost rounds")
+    parser.add_argument("--no-cost", action="store_true", help="skip the simulator cost")
+    parser.add_argument("--cache", type=Path, help="keep (and reuse) finished runs here")
+    parser.add_argument("--prefill", help="--cache: only make the runs of METHOD@SIGMA")
+    parser.add_argument("--tune", action="store_true", help="the settings sweep (GRID)")
+    parser.add_argument("--only", choices=METHODS, help="--tune: this method (and fedavg)")
+    parser.add_argument("--sigma", type=float, help="--tune: this sigma only")
     args = parser.parse_args(argv)
     if args.quick:
-        args.rounds, args.seeds = 3, 1
+        args.rounds, args.seeds, args.repeats, args.cost_rounds = 3, 1, 1, 3
+    global CACHE
+    if args.cache is not None:
+        args.cache.mkdir(parents=True, exist_ok=True)
+        CACHE = args.cache
+    if args.prefill:  # one method at one sigma, on the reported seeds, into the cache
+        method, _, sigma = args.prefill.partition("@")
+        params = CHOSEN[float(sigma)][method] if method in METHODS else DEFAULTS
+        for seed in range(args.seeds):
+            run(method.removesuffix("-defaults"), float(sigma), seed, args.rounds, params=params)
+        return 0
     lines: list[str] = []
 
     def say(text: str = "") -> None:
         print(text, flush=True)
         lines.append(text)
 
+    if args.tune:
+        say("command: nice -n 10 .venv/bin/python benchmarks/stragglers.py " + " ".join(argv))
+        tune(args, say)
+        return 0
+
     say(f"fedhive stragglers benchmark: {args.rounds} rounds x {PER_ROUND} results, "
         f"{args.seeds} seeds, target accuracy {args.target}")  # fmt: skip
     say("command: nice -n 10 .venv/bin/python benchmarks/stragglers.py " + " ".join(argv))
-    say("machine: 2 cores shared with other jobs (loaded); one worker; times are simulated")
+    say("machine: 2 cores shared with other jobs (loaded); one worker; times are simulated; "
+        f"load average at start {os.getloadavg()[0]:.1f}")  # fmt: skip
     for sigma in () if args.wall_only else (1.5, 0.5):
-        results = {m: [run(m, sigma, s, args.rounds) for s in range(args.seeds)] for m in METHODS}
-        say()
-        say(f"lognormal sigma = {sigma}: median over seeds")
-        say(f"{'method':<18}{'virtual s to target':>22}{'final accuracy':>16}{'per seed (s)':>40}")
-        times = {}
-        for m in METHODS:
-            per_seed = [time_to(r["curve"], args.target) for r in results[m]]
-            times[m] = statistics.median(per_seed)
-            acc = statistics.median(final(r["curve"]) for r in results[m])
-            seeds = ", ".join(f"{t:.1f}" for t in per_seed)
-            say(f"{m:<18}{times[m]:>22.2f}{acc:>16.4f}{seeds:>40}")
-        finals = {m: statistics.median(final(r["curve"]) for r in results[m]) for m in METHODS}
-        for base in ("fedavg+deadline", "fedavg"):
-            ratio = times["fedbuff"] / times[base] if times[base] else float("nan")
-            say(f"fedbuff / {base}: time {ratio:.3f}, final accuracy "
-                f"{100 * (finals['fedbuff'] - finals[base]):+.2f} points")  # fmt: skip
-    say()
-    say("simulator wall time per client task (seed 0, sigma 1.5)")
-    plain = run("fedavg", 1.5, 0, args.rounds, system=False)
-    simulated = run("fedbuff", 1.5, 0, args.rounds)
-    sync_sim = run("fedavg", 1.5, 0, args.rounds)
-    for label, r in (
-        ("fedavg, real clock, no [system]", plain),
-        ("fedavg, virtual clock, [system]", sync_sim),
-        ("fedbuff, virtual clock, [system]", simulated),
-    ):
-        say(f"{label:<36}{r['tasks']:>6} tasks {1e3 * r['wall'] / r['tasks']:>8.2f} ms/task")
-    ratio = (simulated["wall"] / simulated["tasks"]) / (plain["wall"] / plain["tasks"])
-    say(f"fedbuff on the virtual clock / plain synchronous: {ratio:.3f} per task")
-    if not (args.quick or args.wall_only):
-        RESULTS.write_text("\n".join(lines) + "\n")
+        report(args, sigma, say)
+    if not args.no_cost:
+        simulator_cost(args, say)
+    say(f"load average at the end {os.getloadavg()[0]:.1f}")
+    if not args.quick:
+        (COST if args.wall_only else RESULTS).write_text("\n".join(lines) + "\n")
     return 0
 
 

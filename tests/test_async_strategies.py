@@ -52,11 +52,21 @@ class Models(RoundCallback):
         self.models.append([a.copy() for a in engine.parameters.arrays])
 
 
-def _run(strategy, policy, num_clients=5, rounds=4, clock=None, checkpointer=None, cb=None):
+class EqualStep(Step):
+    """Step with the same example count everywhere (uniform and weighted means agree)."""
+
+    def fit(self, parameters, config):
+        new, _, metrics = super().fit(parameters, config)
+        return new, 4, metrics
+
+
+def _run(
+    strategy, policy, num_clients=5, rounds=4, clock=None, checkpointer=None, cb=None, client=Step
+):
     ids = [str(i) for i in range(num_clients)]
     store = StateStore()
     runner = VirtualClientRunner(
-        ClientApp(lambda cid: Step(int(cid))), store, {c: {} for c in ids}, {}
+        ClientApp(lambda cid: client(int(cid))), store, {c: {} for c in ids}, {}
     )
     transport = InProcessTransport(runner, num_workers=2)
     callback = cb or Models()
@@ -433,3 +443,41 @@ def test_dp_fedbuff_clips_each_delta_noises_each_version_and_accounts_participat
     assert noisy.traits.weighting == "uniform" and not noisy.traits.weighted_mean
     with pytest.raises(ConfigError, match="wraps a FedBuff"):
         DifferentialPrivacyFedBuff(FedAvg(), noise_multiplier=1.0, clipping_norm=1.0)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("optimizer", [{"server_momentum": 0.9}, {"server_optimizer": "adam"}])
+def test_dp_fedbuff_steps_the_server_optimizer_with_the_released_mean(optimizer):
+    """Without noise and clipping, DP-FedBuff with server momentum or Adam is FedBuff with
+    it (equal example counts: its uniform mean is FedBuff's weighted one); the optimizer's
+    state is part of the checkpoint."""
+    from fedhive.privacy.asynchronous import DifferentialPrivacyFedBuff
+
+    def fedbuff():
+        return FedBuff(
+            buffer_size=2,
+            concurrency=2,
+            server_lr=0.5,
+            fraction_evaluate=0.0,
+            initial_parameters=_shape(),
+            **optimizer,
+        )
+
+    policy = BufferedAsync(buffer_size=2, concurrency=2)
+    _, plain = _run(fedbuff(), policy, client=EqualStep)
+    dp = DifferentialPrivacyFedBuff(fedbuff(), noise_multiplier=0.0, clipping_norm=1e9)
+    _, private = _run(dp, BufferedAsync(buffer_size=2, concurrency=2), client=EqualStep)
+    assert len(plain.models) == len(private.models) == 4
+    for a, b in zip(plain.models, private.models, strict=True):
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7)
+    moved = [np.linalg.norm(m[0] - plain.models[0][0]) for m in plain.models[1:]]
+    assert max(moved) > 0
+    state = dp.state_dict()
+    again = DifferentialPrivacyFedBuff(fedbuff(), noise_multiplier=0.0, clipping_norm=1e9)
+    again.load_state_dict(state)
+    assert again.state_dict().array_records.keys() == state.array_records.keys()
+    saved = [k for k in state.array_records if k.startswith("server_optimizer")]
+    assert saved  # the momentum or Adam moments travel with the accountant's ledger
+    for key in saved:
+        for i, arr in state.array_records[key].items():
+            np.testing.assert_array_equal(again.state_dict().array_records[key][i], arr)

@@ -182,7 +182,7 @@ def test_server_config_builds_the_policy():
     policy = server_policy(cfg)
     assert isinstance(policy, BufferedAsync)
     assert (policy.buffer_size, policy.concurrency, policy.max_staleness) == (2, 3, 1)
-    assert cfg.model_dump()["policy"] == {**ASYNC, "max_staleness": 1}
+    assert cfg.model_dump()["policy"] == {**ASYNC, "max_staleness": 1, "checkpoint_every": None}
     text = error_of({"policy": {"name": "sync", "concurrency": 2}}, validate_server_config)
     assert "unknown key 'policy.concurrency' (value 2)" in text
 
@@ -203,7 +203,7 @@ def test_run_with_buffered_async_publishes_versions_with_staleness_and_resumes(t
     saved = tomllib.loads((out / "config.toml").read_text())
     assert saved["policy"] == ASYNC
     history = json.loads((out / "history.json").read_text())
-    assert history["config"]["policy"] == {**ASYNC, "max_staleness": None}
+    assert history["config"]["policy"] == {**ASYNC, "max_staleness": None, "checkpoint_every": None}
     versions = [r for r in history["rounds"] if r["round"] > 0]
     assert [r["model_version"] for r in versions] == [1, 2, 3]
     for record in versions:
@@ -262,6 +262,7 @@ def test_server_with_buffered_async_and_two_client_processes(tmp_path):
         "buffer_size": 2,
         "concurrency": 2,
         "max_staleness": None,
+        "checkpoint_every": None,
     }
     versions = [r for r in history["rounds"] if r["round"] > 0]
     assert [r["model_version"] for r in versions] == [1, 2, 3]

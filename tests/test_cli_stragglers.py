@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 from typer.testing import CliRunner
@@ -123,3 +124,67 @@ def test_the_strategy_table_picks_the_policy():
 def test_bad_straggler_configs_are_refused_by_key(data, message):
     with pytest.raises(ConfigError, match=message):
         validate(data)
+
+
+def test_fedbuff_checkpoint_every_saves_the_open_buffer_and_resume_folds_it(tmp_path):
+    """[strategy] checkpoint_every: `fedhive run` checkpoints inside a buffer, and a run
+    resumed from such a checkpoint publishes the next version with the results buffered
+    before it stopped."""
+    table = (
+        'name = "fedbuff"\nbuffer_size = 3\nconcurrency = 2\nstaleness = "poly"\n'
+        "checkpoint_every = 1"
+    )
+    history = _history(tmp_path, table, rounds=2)
+    versions = [r for r in history["rounds"] if r["round"] > 0]
+    assert [len(r["staleness"]) for r in versions] == [3, 3]
+    checkpoints = tmp_path / "run" / "checkpoints"
+    # results 4 and 5 were saved inside version 2's buffer, over version 1's checkpoint
+    meta = json.loads((checkpoints / "round-000001" / "meta.json").read_text())
+    opened = meta["policy"]["state"]["open"]
+    assert meta["round"] == 1 and opened["num_results"] == 2
+    assert opened["staleness"] == versions[1]["staleness"][:2]
+
+    # the run stops before version 2 is saved: its checkpoint never happened
+    shutil.rmtree(checkpoints / "round-000002")
+    (checkpoints / "LATEST").write_text("round-000001")
+    result = runner.invoke(
+        app, ["run", "--resume", str(tmp_path / "run"), "--no-progress"], catch_exceptions=False
+    )
+    assert result.exit_code == 0, result.output
+    resumed = json.loads((tmp_path / "run" / "history.json").read_text())
+    again = [r for r in resumed["rounds"] if r["round"] > 0]
+    assert again[0] == versions[0]  # kept from the checkpoint
+    assert again[1]["fit"]["num_results"] == 3
+    assert again[1]["staleness"][:2] == opened["staleness"]  # folded before the stop
+
+
+def test_checkpoint_every_reaches_the_policy_from_either_table():
+    fedbuff = validate(
+        _cfg({"name": "fedbuff", "buffer_size": 3, "concurrency": 5, "checkpoint_every": 2})
+    )
+    policy = run_policy(fedbuff.strategy, fedbuff.policy)
+    assert isinstance(policy, BufferedAsync)
+    assert (policy.buffer_size, policy.concurrency, policy.checkpoint_every) == (3, 5, 2)
+    assert "checkpoint_every" not in fedbuff.strategy.parameters()  # not FedBuff's argument
+    table = {"name": "buffered-async", "buffer_size": 2, "concurrency": 2, "checkpoint_every": 1}
+    cfg = validate(_cfg({}, policy=table))
+    built = run_policy(cfg.strategy, cfg.policy)
+    assert isinstance(built, BufferedAsync) and built.checkpoint_every == 1
+    with pytest.raises(ConfigError, match=r"strategy\.checkpoint_every = 0"):
+        validate(_cfg({"name": "fedbuff", "checkpoint_every": 0}))
+    with pytest.raises(ConfigError, match=r"not a parameter of strategy 'fedasync'.*fedbuff"):
+        validate(_cfg({"name": "fedasync", "checkpoint_every": 2}))
+
+
+def test_checkpoint_every_with_a_strategy_that_keeps_no_open_buffer_is_refused(tmp_path):
+    cfg = tmp_path / "exp.toml"
+    cfg.write_text(
+        run_toml(
+            tmp_path / "run",
+            tables='[policy]\nname = "buffered-async"\nbuffer_size = 2\nconcurrency = 2\n'
+            "checkpoint_every = 1\n",
+        )
+    )
+    result = runner.invoke(app, ["run", str(cfg), "--no-progress"])
+    assert result.exit_code != 0
+    assert "checkpoint_every saves the open buffer mid-version" in " ".join(result.output.split())

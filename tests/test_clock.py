@@ -26,6 +26,7 @@ from fedhive.server import ServerConfig
 from fedhive.server.strategy import FedAvg
 from fedhive.simulation import start_simulation
 from fedhive.transport import InProcessTransport, Replies
+from fedhive.transport.base import content_length, wire_length
 
 # -- the virtual clock alone ------------------------------------------------------------------
 
@@ -73,6 +74,26 @@ def test_an_arrival_at_the_deadline_is_in_time_and_time_never_goes_back():
     clock.advance(5.0)
     clock.schedule(mailbox, 21.0).put("in the past")
     assert clock.wait(mailbox, None) == "in the past" and clock.now() == 25.0
+
+
+def test_an_item_put_with_a_delay_arrives_that_much_later_in_time_order():
+    # announced times are lower bounds (a reply's upload is known once it is computed)
+    clock = VirtualClock()
+    mailbox: queue.SimpleQueue[str] = queue.SimpleQueue()
+    a, b, c = (clock.schedule(mailbox, at) for at in (1.0, 2.0, 2.0))
+    late = clock.schedule(mailbox, 7.0)
+    b.put("b", delay=4.0)  # 6.0
+    late.put("late", delay=10.0)  # 17.0
+    c.put("c")
+    a.put("a", delay=5.0)  # 6.0, announced before b: first of the tie
+    got = [(clock.wait(mailbox, None), clock.now()) for _ in range(3)]
+    assert got == [("c", 2.0), ("a", 6.0), ("b", 6.0)]
+    with pytest.raises(queue.Empty):  # announced for 7, but it comes at 17
+        clock.wait(mailbox, deadline=10.0)
+    assert clock.now() == 10.0
+    assert clock.wait(mailbox, None) == "late" and clock.now() == 17.0
+    with pytest.raises(ConfigError, match="finite number of seconds >= 0"):
+        clock.schedule(mailbox, 20.0).put("x", delay=-1.0)
 
 
 def test_withdrawn_arrivals_are_not_awaited_and_give_back_their_items():
@@ -203,6 +224,69 @@ def test_a_later_send_that_arrives_first_is_not_held_back_by_the_bound():
     finally:
         replies.cancel()
         transport.close()
+
+
+class _UploadLatency:
+    """Every task starts its upload at t = 1 + its number; the upload takes a second
+    per 100 bytes of its reply's content."""
+
+    def __init__(self):
+        self.sizes: dict[str, int] = {}
+
+    def __call__(self, task: Message) -> float:
+        return 1.0 + int(task.metadata.node_id[1:])
+
+    def upload_seconds(self, task: Message, reply_bytes: int) -> float:
+        self.sizes[task.metadata.node_id] = reply_bytes
+        return reply_bytes / 100.0
+
+
+def _sized_runner(seed: int):
+    jitter = _jittery_runner(seed)
+
+    def run(task: Message) -> Message:
+        jitter(task)
+        n = (int(task.metadata.node_id[1:]) * 7) % 5  # replies of different sizes
+        return task.reply(RecordDict(config_records={"pad": {"x": "p" * 300 * n}}))
+
+    return run
+
+
+def _upload_deliveries(workers: int, seed: int, max_pending: int | None = None):
+    clock = VirtualClock()
+    replies = Replies(clock)
+    latency = _UploadLatency()
+    transport = InProcessTransport(
+        _sized_runner(seed), num_workers=workers, latency=latency, max_pending=max_pending
+    )
+    try:
+        transport.send(_tasks([f"t{i}" for i in range(10)]), replies)
+        out = []
+        for _ in range(10):
+            reply = replies.get(None)
+            assert reply is not None
+            size = content_length(reply)
+            assert latency.sizes[reply.metadata.node_id] == size
+            # the engine's byte count is the size the upload was timed with, plus headers
+            assert transport.wire_bytes(reply) == wire_length(reply)
+            out.append((reply.metadata.node_id, clock.now(), size))
+        return out
+    finally:
+        replies.cancel()
+        transport.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_reply_arrives_after_its_upload_of_its_real_size():
+    expected = _upload_deliveries(1, seed=0)
+    for node, at, size in expected:
+        assert at == 1.0 + int(node[1:]) + size / 100.0
+    assert [at for _, at, _ in expected] == sorted(at for _, at, _ in expected)
+    assert [n for n, _, _ in expected] != [f"t{i}" for i in range(10)]  # uploads reorder
+    for workers, seed in [(1, 1), (3, 2), (4, 3)]:
+        assert _upload_deliveries(workers, seed) == expected
+    # held replies arrive later than announced: the bound still lets the awaited one start
+    assert _upload_deliveries(1, seed=4, max_pending=2) == expected
 
 
 def test_latency_needs_a_virtual_clock():

@@ -15,9 +15,11 @@ from fedhive.common.message import Message, MessageType
 from fedhive.common.records import FitIns, ndarrays_to_parameters
 from fedhive.server import ServerConfig
 from fedhive.server.deadline import DeadlineRounds
+from fedhive.server.history import WIRE_KEYS
 from fedhive.server.strategy import FedAvg, FedBuff
 from fedhive.simulation import SystemModel, start_simulation
 from fedhive.simulation.system import AvailableClients, read_trace
+from fedhive.transport.base import content_length, wire_length
 
 
 def _task(cid="0", epochs=2, seed=7, nbytes=4000):
@@ -35,13 +37,60 @@ def _task(cid="0", epochs=2, seed=7, nbytes=4000):
 
 def test_duration_is_compute_plus_transfer_both_ways():
     model = SystemModel(latency="constant", speed=50.0, bandwidth_mbps=1.0, num_examples={"0": 100})
-    plan = model.plan(_task(epochs=3, nbytes=4000))
+    task = _task(epochs=3, nbytes=4000)
+    plan = model.plan(task)
     compute = 100 * 3 / 50.0
-    transfer = 2 * 4000 * 8 / 1e6
+    down = content_length(task) * 8 / 1e6  # the content's encoding: arrays and headers
+    assert 4000 < content_length(task) < wire_length(task) < 5000
     assert plan.epochs == 3 and not plan.dropped
-    assert plan.duration_s == pytest.approx(compute + transfer, rel=1e-12)
+    assert plan.duration_s == pytest.approx(compute + down, rel=1e-12)  # until the upload
+    # the upload is the reply's own length, known once it is computed
+    assert model.upload_seconds(task, 500) == pytest.approx(500 * 8 / 1e6, rel=1e-12)
+    assert model.transport_latency()(task) == plan.duration_s
     # bytes count: a bigger model takes longer on the same link
     assert model.plan(_task(nbytes=400_000)).duration_s > model.plan(_task()).duration_s
+
+
+def test_the_upload_takes_the_recorded_bytes_of_each_reply():
+    """Every round's simulated time is computing plus the download and upload of the
+    bytes the engine records per client (headers aside): a compressed update (TopK)
+    uploads faster."""
+    examples = {str(i): 20 for i in range(4)}
+
+    def run(compression):
+        return start_simulation(
+            client_fn=noisy_client_fn,
+            num_clients=4,
+            config=ServerConfig(num_rounds=2),
+            strategy=FedAvg(
+                fraction_fit=1.0, fraction_evaluate=0.0, initial_parameters=initial((20_000,))
+            ),
+            system=SystemModel(
+                latency="constant", speed=100.0, bandwidth_mbps=2.0, num_examples=examples
+            ),
+            compression=compression,
+            seed=3,
+            num_workers=2,
+        )
+
+    times = {}
+    for name, compression in (("plain", None), ("topk", fl.compression.TopK(ratio=0.01))):
+        history = run(compression)
+        start = 0.0
+        rounds = [r for r in history.rounds if r["round"] > 0]
+        assert len(rounds) == 2
+        for record in rounds:
+            per_client = record["bytes_clients"]
+            assert len(per_client) == 4
+            transfer = max((b["up"] + b["down"]) * 8 / 2e6 for b in per_client.values())
+            # the message headers (< 500 bytes each way) do not count
+            took = record["virtual_time_s"] - start
+            assert 0.2 + transfer - 4e-3 < took < 0.2 + transfer
+            start = record["virtual_time_s"]
+        times[name] = rounds[0]["virtual_time_s"]
+        ups = [b["up"] for b in rounds[0]["bytes_clients"].values()]
+        assert (max(ups) > 80_000) == (compression is None)
+    assert times["topk"] < times["plain"] - 0.2  # 80 kB less at 2 Mbit/s: 0.32 s
 
 
 @pytest.mark.parametrize("kind", ["lognormal", "pareto", "halfnormal", "exponential"])
@@ -135,10 +184,20 @@ def _fedbuff_run(workers, rounds=6):
     )
 
 
+def _without_wire(value):
+    if isinstance(value, dict):
+        return {k: _without_wire(v) for k, v in value.items() if k not in WIRE_KEYS}
+    if isinstance(value, list):
+        return [_without_wire(v) for v in value]
+    return value
+
+
 def test_seeded_system_runs_are_bit_reproducible_on_one_and_two_workers():
     one = _fedbuff_run(1)
     two = _fedbuff_run(2)
-    assert one.to_dict() == two.to_dict()  # models, staleness, virtual times included
+    # models, staleness, virtual and elapsed times included; the byte counts hold message
+    # ids, which number a process's messages (WIRE_KEYS), and simulated time leaves them out
+    assert _without_wire(one.to_dict()) == _without_wire(two.to_dict())
     times = [r["virtual_time_s"] for r in one.rounds if "virtual_time_s" in r]
     assert len(times) == 6 and times == sorted(times) and times[-1] > 0
     assert any(s["staleness"] > 0 for r in one.rounds for s in r.get("staleness", []))

@@ -11,6 +11,7 @@ the registry, which ``fedhive run`` and ``fedhive server`` both read::
     buffer_size = 10          # results per model version
     concurrency = 20          # clients training at once
     max_staleness = 5         # optional: refuse results older than 5 versions
+    checkpoint_every = 2      # optional: also checkpoint every 2 results inside a buffer
 
 Under every policy ``rounds`` counts model versions. Adding a policy::
 
@@ -201,6 +202,13 @@ class BufferedAsyncConfig(PolicyConfig):
     concurrency: int = Field(ge=1, strict=True, examples=[20], description="clients training")
     max_staleness: int | None = Field(
         None, ge=0, strict=True, description="refuse results older than this many versions"
+    )
+    checkpoint_every: int | None = Field(
+        None,
+        ge=1,
+        strict=True,
+        description="also checkpoint every this many results inside a buffer (a strategy "
+        "that keeps its open buffer in its state)",
     )
 
     def results_per_version(self) -> int | None:

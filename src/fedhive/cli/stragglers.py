@@ -12,10 +12,11 @@ with it ``fedhive run`` uses the virtual clock and every round records ``virtual
 
 The policy a run takes follows from ``[strategy]`` and ``[policy]``
 (:func:`run_policy`): an asynchronous strategy (``fedbuff``, ``fedasync``) runs buffered
-asynchronous aggregation with its own ``buffer_size``, ``concurrency`` and
-``max_staleness``; a synchronous one with ``deadline_s``, ``over_selection`` or
-``partial_work`` runs :class:`~fedhive.server.deadline.DeadlineRounds`; otherwise
-``[policy]`` decides. Combinations that cannot work are refused in the config's terms
+asynchronous aggregation with its own ``buffer_size``, ``concurrency``,
+``max_staleness`` and (FedBuff) ``checkpoint_every``; a synchronous one with
+``deadline_s``, ``over_selection`` or ``partial_work`` runs
+:class:`~fedhive.server.deadline.DeadlineRounds`; otherwise ``[policy]`` decides.
+Combinations that cannot work are refused in the config's terms
 (:func:`check_strategy_policy`).
 """
 
@@ -28,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
 from fedhive.cli.policies import PolicyConfig
-from fedhive.cli.strategies import StrategyConfig
+from fedhive.cli.strategies import FedBuffConfig, StrategyConfig
 from fedhive.server.policy import RunPolicy
 
 if TYPE_CHECKING:
@@ -138,9 +139,21 @@ def check_strategy_policy(
 
 
 def run_policy(st: StrategyConfig, policy: PolicyConfig) -> RunPolicy | None:
-    """The run policy of a checked config; ``None``: the strategy's own (asynchronous)."""
+    """The run policy of a checked config; ``None``: the strategy's own (asynchronous),
+    unless the strategy table asks for mid-buffer checkpoints (FedBuff's
+    ``checkpoint_every``), which are the policy's: then that policy, built from the same
+    table."""
     if is_asynchronous(st):
-        return None
+        if not isinstance(st, FedBuffConfig) or st.checkpoint_every is None:
+            return None
+        from fedhive.server.asynchronous import BufferedAsync
+
+        return BufferedAsync(
+            buffer_size=st.buffer_size,
+            concurrency=st.concurrency,
+            max_staleness=st.max_staleness,
+            checkpoint_every=st.checkpoint_every,
+        )
     if _round_keys(st):
         from fedhive.server.deadline import DeadlineRounds
 

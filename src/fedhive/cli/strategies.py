@@ -596,6 +596,15 @@ class FedBuffConfig(_AsynchronousConfig):
     server_lr: float = Field(1.0, gt=0, allow_inf_nan=False, description="server step size")
     server_momentum: float = Field(0.0, ge=0, lt=1, description="server momentum")
     server_optimizer: Literal["sgd", "adam"] = Field("sgd", description="server optimizer")
+    # the policy's, not the strategy's: run_policy passes it to BufferedAsync
+    checkpoint_every: int | None = Field(
+        None, ge=1, strict=True, description="also checkpoint every this many buffered results"
+    )
+
+    def parameters(self) -> dict[str, Any]:
+        params = super().parameters()
+        params.pop("checkpoint_every", None)
+        return params
 
     def results_per_version(self) -> int:
         return self.buffer_size

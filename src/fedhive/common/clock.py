@@ -127,13 +127,17 @@ class Arrival(Generic[T]):
         self._state = _WAITING
         self.at = at
 
-    def put(self, item: T) -> bool:
-        """The item is ready. ``False`` (and the item is not taken) if the arrival was
-        withdrawn (:meth:`cancel`, :meth:`VirtualClock.cancel`)."""
+    def put(self, item: T, delay: float = 0.0) -> bool:
+        """The item is ready; it arrives ``delay`` simulated seconds after the announced
+        time (what only the item tells: the upload of a computed reply). ``False`` (and
+        the item is not taken) if the arrival was withdrawn (:meth:`cancel`,
+        :meth:`VirtualClock.cancel`)."""
+        delay = _check_seconds(delay)
         with self._clock._cond:
             if self._state != _WAITING:
                 return False
             self._item, self._state = item, _READY
+            self.at += delay
             self._clock._cond.notify_all()
         return True
 
@@ -159,8 +163,12 @@ class VirtualClock:
     that one reply has been computed, moves :meth:`now` to its time and returns it; if the
     earliest arrival is after the deadline (or nothing is announced), it moves :meth:`now`
     to the deadline and raises :class:`queue.Empty`. Arrivals at the same time come in the
-    order they were announced. So the order of delivery, and the time of each, depend
-    only on the announced times, never on which worker thread finished first.
+    order they were announced. An item may be put with a delay (:meth:`Arrival.put`): its
+    announced time was a lower bound (a reply's upload takes what its size needs, known
+    once it is computed), and it is delivered at the later time; the clock delivers an
+    arrival only when it is the earliest of those put and no arrival still being computed
+    was announced before its time. So the order of delivery, and the time of each, depend
+    only on the announced times and delays, never on which worker thread finished first.
 
     Items put straight into a mailbox, unannounced, are taken first, at the current time.
     Time never goes back: an arrival announced for a time already passed is taken at once.
@@ -247,7 +255,7 @@ class VirtualClock:
                         raise queue.Empty
                     self._cond.wait(self._poll)  # only an unannounced put can end this
                     continue
-                at, _, first = entry[1][0]
+                at, seq, first = entry[1][0]
                 if deadline is not None and at > deadline:
                     self._now = max(self._now, deadline)
                     raise queue.Empty
@@ -255,6 +263,13 @@ class VirtualClock:
                     # The earliest arrival's reply is still being computed: wait for it
                     # really (the poll only notices unannounced puts).
                     self._cond.wait(self._poll)
+                    continue
+                if first.at > at:
+                    # Put with a delay: it arrives later than announced. Every other
+                    # arrival comes at or after its announced time, so the earliest is
+                    # known once the heap's first is put without one; ties keep the
+                    # order of announcement.
+                    heapq.heapreplace(entry[1], (first.at, seq, first))
                     continue
                 heapq.heappop(entry[1])
                 if not entry[1]:

@@ -4,8 +4,11 @@ Each result's staleness-weighted delta against the model its client trained on i
 clipped to ``clipping_norm`` ``C`` on the server; a published version is the sum of its
 buffer's clipped deltas over the fixed ``buffer_size`` ``K``, plus Gaussian noise of
 standard deviation ``noise_multiplier * C / K`` on every coordinate (once per published
-version), times the server learning rate. The staleness weight is at most 1, so one
-result moves the mean by at most ``C / K``.
+version). The staleness weight is at most 1, so one result moves the mean by at most
+``C / K``. The server moves by ``server_lr`` times that noisy mean, or hands it to
+FedBuff's server optimizer (``server_momentum``, ``server_optimizer = "adam"``) as its
+pseudo-gradient: the optimizer sees only released values, so it is post-processing and
+costs no privacy (Dwork and Roth 2014, Proposition 2.1); its state is checkpointed.
 
 What the accountant is told is the real participation of each version: asynchronous
 clients are not sampled uniformly (who lands in a buffer depends on device speed), so
@@ -68,7 +71,7 @@ class DifferentialPrivacyFedBuff(AsynchronousStrategy):
     """FedBuff with server-side clipping and noise per published version (module doc).
 
     Takes the buffer size, concurrency, staleness function, ``max_staleness``, server
-    learning rate and sampling of ``strategy``. Memory: one float64 model-sized sum per
+    learning rate or optimizer and sampling of ``strategy``. Memory: one float64 model-sized sum per
     buffer plus the versions clients train on (as FedBuff).
     """
 
@@ -84,11 +87,6 @@ class DifferentialPrivacyFedBuff(AsynchronousStrategy):
         if not isinstance(strategy, FedBuff):
             raise ConfigError(
                 f"DifferentialPrivacyFedBuff wraps a FedBuff, got {type(strategy).__name__}"
-            )
-        if strategy.optimizer is not None:
-            raise ConfigError(
-                "DifferentialPrivacyFedBuff applies server_lr to the noisy mean; use FedBuff "
-                "without server momentum or Adam"
             )
         for name, value in (
             ("noise_multiplier", noise_multiplier),
@@ -106,6 +104,8 @@ class DifferentialPrivacyFedBuff(AsynchronousStrategy):
             max_staleness=strategy.max_staleness,
         )
         self.server_lr = strategy.server_lr
+        #: FedBuff's server optimizer (momentum or Adam), stepped with the noisy mean.
+        self.optimizer = strategy.optimizer
         self.noise_multiplier = float(noise_multiplier)
         self.clipping_norm = float(clipping_norm)
         self.delta = delta
@@ -134,10 +134,16 @@ class DifferentialPrivacyFedBuff(AsynchronousStrategy):
     def state_dict(self) -> RecordDict:
         state = self.accountant.state_dict()
         state.config_records[_RECORD] = {"version": self.ledger.version}
+        if self.optimizer is not None:
+            moments = self.optimizer.state_dict()
+            state.array_records.update(moments.array_records)
+            state.config_records.update(moments.config_records)
         return state
 
     def load_state_dict(self, state: RecordDict) -> None:
         self.accountant.load_state_dict(state)
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state)
         meta = state.config_records.get(_RECORD)
         if meta is not None:
             self.ledger.version = int(meta["version"])
@@ -179,12 +185,20 @@ class _DpBuffer:
         k = strategy.buffer_size
         stddev = strategy.noise_multiplier * strategy.clipping_norm / k
         noise = strategy.noise_source(strategy.ledger.version + 1)
-        new: list[Any] = []
-        for acc, x in zip(self.sum, self.reference, strict=True):
+        means: list[Any] = []
+        for acc in self.sum:
             mean = acc / k
             if stddev > 0:
                 mean += stddev * noise.standard_normal(mean.shape)
-            new.append(np.asarray(x, np.float64) + strategy.server_lr * mean)
+            means.append(mean)
+        new: list[Any]
+        if strategy.optimizer is not None:  # post-processing of the released mean
+            new = list(strategy.optimizer.step(self.reference, means))
+        else:
+            new = [
+                np.asarray(x, np.float64) + strategy.server_lr * mean
+                for x, mean in zip(self.reference, means, strict=True)
+            ]
         most = max(self.counts.values())
         strategy.accountant.record(Release(strategy.noise_multiplier / most))
         params = strategy.published(ndarrays_to_parameters(cast_like(new, self.reference)))

@@ -9,10 +9,16 @@ file, and turns each task into a simulated duration::
 
 ``examples`` is the client's training set size (``num_examples``, default
 ``default_examples``), ``epochs`` the task's ``config["local_epochs"]``; the bytes are
-those of the model the task carries (down) and, for a fit, of the model sent back (up);
-``jitter`` a per-task log-normal factor. A fit task is abandoned midway with probability
-``dropout`` (its client answers with an error at a uniformly drawn fraction of its
-duration). Clients outside their availability windows are not offered for sampling.
+the encoded lengths of the task's content (down) and of the reply its client computed
+(up) (:func:`~fedhive.transport.base.content_length`; the message headers, whose ids
+vary between runs, are left out), so a compressed model or update moves faster;
+``jitter`` a per-task log-normal factor. The reply's length is known only once it is
+computed: the transport announces the reply for when the upload starts
+(:meth:`SystemModel.task_seconds`) and adds the upload then
+(:meth:`SystemModel.upload_seconds`). A fit task is abandoned midway with probability
+``dropout`` (its client answers with an error, without uploading, at a uniformly drawn
+fraction of its computing and download time). Clients outside their availability
+windows are not offered for sampling.
 
 With ``start_simulation(system=...)`` the run uses the discrete-event
 :class:`~fedhive.common.clock.VirtualClock`: nothing sleeps, an hour of simulated
@@ -39,7 +45,8 @@ names, spread ``bandwidth_sigma``; default ``"constant"``).
 Partial work (FedProx, Li et al. 2020): a fit task whose config carries
 ``"deadline_s"`` (the deadline policy sends it with ``partial_work=True``) trains only
 the epochs that fit before it (at least one), so a straggler sends a smaller update in
-time instead of none.
+time instead of none. The client plans before it trains, so it counts its upload as long
+as its download.
 
 Example::
 
@@ -65,17 +72,19 @@ import numpy as np
 
 from fedhive.common.clock import Clock, VirtualClock
 from fedhive.common.context import Context, Handler
-from fedhive.common.errors import ConfigError, SerdeError
+from fedhive.common.errors import ConfigError
 from fedhive.common.message import Message, MessageType, derive_seed
-from fedhive.common.records import EvaluateIns, FitIns
+from fedhive.common.records import FitIns
 from fedhive.server.client_manager import ClientManager, ClientProxy, Criterion
 from fedhive.server.deadline import DEADLINE_KEY
+from fedhive.transport.base import content_length
 
 __all__ = [
     "DEADLINE_KEY",
     "DISTRIBUTIONS",
     "AvailableClients",
     "ClientProfile",
+    "SystemLatency",
     "SystemModel",
     "TaskPlan",
 ]
@@ -96,12 +105,15 @@ class ClientProfile:
 
 @dataclass(frozen=True)
 class TaskPlan:
-    """What a task costs its client: the epochs it trains, its simulated duration, and
-    whether it is abandoned (then ``duration_s`` is when the error arrives)."""
+    """What a task costs its client before its reply is uploaded: the epochs it trains,
+    the simulated seconds until its upload starts (download and computing), and whether
+    it is abandoned (then ``duration_s`` is when the error arrives); ``jitter`` is the
+    task's duration factor, which its upload shares."""
 
     epochs: int
     duration_s: float
     dropped: bool
+    jitter: float = 1.0
 
 
 def _positive(name: str, value: Any) -> float:
@@ -178,16 +190,6 @@ def read_trace(path: str | Path) -> dict[str, ClientProfile]:
     if not profiles:
         raise ConfigError(f"the system trace {path} has no client rows")
     return profiles
-
-
-def _fit_bytes(task: Message) -> int:
-    content = task.content
-    if isinstance(content, FitIns | EvaluateIns):
-        try:
-            return sum(a.nbytes for a in content.parameters.arrays)
-        except SerdeError:  # tensors only the strategy can read: count their bytes
-            return sum(len(t) for t in content.parameters.tensors)
-    return 0
 
 
 @dataclass(frozen=True)
@@ -295,29 +297,45 @@ class SystemModel:
 
     # -- tasks ---------------------------------------------------------------------------
 
-    def plan(self, task: Message) -> TaskPlan:
-        """Epochs, simulated duration and dropout of ``task`` (deterministic per task)."""
+    def _draws(self, task: Message) -> tuple[float, bool, float]:
+        """The task's own draws: (jitter factor, dropped, where it drops)."""
         meta = task.metadata
-        device = self.profile(meta.node_id)
         rng = np.random.default_rng(derive_seed(self.seed, 0, str(meta.seed), "system-task"))
         noise, drop, where = rng.standard_normal(), rng.random(), rng.random()
-        down = _fit_bytes(task)
+        factor = math.exp(self.jitter * noise) if self.jitter else 1.0
+        return factor, meta.message_type == MessageType.FIT and drop < self.dropout, where
+
+    def plan(self, task: Message) -> TaskPlan:
+        """Epochs, simulated seconds until the upload starts, and dropout of ``task``
+        (deterministic per task)."""
+        meta = task.metadata
+        device = self.profile(meta.node_id)
+        factor, dropped, where = self._draws(task)
+        size = content_length(task)
+        down = size * 8 / (device.down_mbps * 1e6)
         examples = self.num_examples.get(meta.node_id, self.default_examples)
         per_epoch = examples / device.speed
         epochs = 0
-        transfer = down * 8 / (device.down_mbps * 1e6)
         compute = 0.0
         if meta.message_type == MessageType.FIT and isinstance(task.content, FitIns):
-            transfer += down * 8 / (device.up_mbps * 1e6)  # the model goes back up
-            epochs = self._epochs(task.content.config, per_epoch, transfer)
+            # planned before training: the update is counted as long as the model
+            up = size * 8 / (device.up_mbps * 1e6)
+            epochs = self._epochs(task.content.config, per_epoch, down + up)
             compute = epochs * per_epoch
         elif meta.message_type == MessageType.EVALUATE:
             compute = per_epoch  # one pass over (at most) its data
-        duration = (compute + transfer) * (math.exp(self.jitter * noise) if self.jitter else 1.0)
-        dropped = meta.message_type == MessageType.FIT and drop < self.dropout
+        duration = (compute + down) * factor
         if dropped:
             duration *= where
-        return TaskPlan(epochs, duration, dropped)
+        return TaskPlan(epochs, duration, dropped, factor)
+
+    def upload_seconds(self, task: Message, reply_bytes: int) -> float:
+        """Simulated seconds the reply to ``task``, ``reply_bytes`` long on the wire, takes
+        to upload (0 for a dropped task: its client gave up)."""
+        factor, dropped, _ = self._draws(task)
+        if dropped:
+            return 0.0
+        return reply_bytes * 8 / (self.profile(task.metadata.node_id).up_mbps * 1e6) * factor
 
     def _epochs(self, config: Mapping[str, Any], per_epoch: float, transfer: float) -> int:
         epochs = config.get(self.epochs_key, 1)
@@ -331,8 +349,13 @@ class SystemModel:
         return max(epochs, 0)
 
     def task_seconds(self, task: Message) -> float:
-        """Simulated seconds until the task's reply arrives (``start_simulation(latency=)``)."""
+        """Simulated seconds until the task's reply starts to upload (its download and
+        computing); the upload is :meth:`upload_seconds`."""
         return self.plan(task).duration_s
+
+    def transport_latency(self) -> SystemLatency:
+        """The transport's latency for this model (:class:`SystemLatency`)."""
+        return SystemLatency(self)
 
     def mod(self) -> SystemMod:
         """The client mod that plays each task's dropout and partial work."""
@@ -349,7 +372,22 @@ class SystemModel:
             )
         if latency is not None:
             raise ConfigError("pass system= or latency=, not both (the system model gives latency)")
-        return clock or VirtualClock(), self.task_seconds, (self.mod(), *mods)
+        return clock or VirtualClock(), self.transport_latency(), (self.mod(), *mods)
+
+
+@dataclass(frozen=True)
+class SystemLatency:
+    """A :class:`SystemModel` as an in-process transport's latency
+    (:mod:`fedhive.transport.inprocess`): a task's seconds until its upload starts, when
+    it is sent; the upload of its real reply, once that is computed."""
+
+    model: SystemModel
+
+    def __call__(self, task: Message) -> float:
+        return self.model.task_seconds(task)
+
+    def upload_seconds(self, task: Message, reply_bytes: int) -> float:
+        return self.model.upload_seconds(task, reply_bytes)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,15 @@ from fedhive.common.errors import ConfigError, SerdeError
 from fedhive.common.message import Message
 from fedhive.transport.codec import content_size, meta_size
 
-__all__ = ["DEFAULT_STAGED_BYTES", "Release", "Replies", "ReplySlot", "Transport"]
+__all__ = [
+    "DEFAULT_STAGED_BYTES",
+    "Release",
+    "Replies",
+    "ReplySlot",
+    "Transport",
+    "content_length",
+    "wire_length",
+]
 
 #: Frees what a transport holds for one reply; runs once the consumer is done with it.
 Release = Callable[[], None]
@@ -186,11 +194,12 @@ class ReplySlot:
         self._replies = replies
         self._arrival = arrival
 
-    def put(self, reply: Message, release: Release | None = None) -> None:
-        """Deliver the reply (at its announced time); as :meth:`Replies.put` otherwise."""
+    def put(self, reply: Message, release: Release | None = None, delay: float = 0.0) -> None:
+        """Deliver the reply at its announced time, or ``delay`` simulated seconds after it
+        (its upload); as :meth:`Replies.put` otherwise (no simulated time: no delay)."""
         if self._arrival is None or self._replies.cancelled:
             self._replies.put(reply, release)
-        elif not self._arrival.put((reply, release)) and release is not None:
+        elif not self._arrival.put((reply, release), delay) and release is not None:
             release()  # withdrawn: the consumer has gone
 
     def cancel(self) -> None:
@@ -215,23 +224,44 @@ class Transport(ABC):
         """Bytes ``message`` takes on the wire: the length of its encoding
         (:func:`~fedhive.transport.codec.encode_wire`; a transport that sends bytes
         reports what it sent or received). In-process transports never encode, so this
-        computes the encoding's length (headers; array buffers are only viewed). A
-        message that has no encoding (arrays of strings: no wire would carry it, and its
-        reply is refused later) counts 0."""
-        try:
-            # A round's tasks share one content object: its length is computed once.
-            content = message.content
-            cache = _CONTENT_BYTES
-            hit = cache.get(id(content))
-            if hit is not None and hit[0]() is content:
-                body = hit[1]
-            else:
-                body = content_size(content)
-                if message.metadata.reply_to == "" and content is not None:  # a task
-                    if len(cache) >= _CONTENT_CACHE:
-                        cache.clear()
-                    with contextlib.suppress(TypeError):  # weakly: it keeps no model alive
-                        cache[id(content)] = (weakref.ref(content), body)
-            return _LEN_PREFIX + meta_size(message) + body
-        except SerdeError:
-            return 0
+        computes the encoding's length (:func:`wire_length`)."""
+        return wire_length(message)
+
+
+def wire_length(message: Message, content_bytes: int | None = None) -> int:
+    """The length of ``message``'s wire encoding (:func:`~fedhive.transport.codec.encode_wire`):
+    its header (:func:`~fedhive.transport.codec.encode_meta`) and its content
+    (:func:`content_length`, or ``content_bytes`` when known). A message that has no
+    encoding (arrays of strings: no wire would carry it, and its reply is refused later)
+    counts 0."""
+    try:
+        body = _content_length(message) if content_bytes is None else content_bytes
+        return _LEN_PREFIX + meta_size(message) + body
+    except SerdeError:
+        return 0
+
+
+def content_length(message: Message) -> int:
+    """The length of the encoding of ``message``'s content, its header left out (whose
+    message ids differ from run to run); 0 for a content that has no encoding. Array
+    buffers are only viewed, never copied."""
+    try:
+        return _content_length(message)
+    except SerdeError:
+        return 0
+
+
+def _content_length(message: Message) -> int:
+    # A round's tasks share one content object: its length is computed once.
+    content = message.content
+    cache = _CONTENT_BYTES
+    hit = cache.get(id(content))
+    if hit is not None and hit[0]() is content:
+        return hit[1]
+    body = content_size(content)
+    if message.metadata.reply_to == "" and content is not None:  # a task
+        if len(cache) >= _CONTENT_CACHE:
+            cache.clear()
+        with contextlib.suppress(TypeError):  # weakly: it keeps no model alive
+            cache[id(content)] = (weakref.ref(content), body)
+    return body

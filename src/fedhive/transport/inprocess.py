@@ -25,7 +25,13 @@ With ``latency`` (seconds of simulated time per task, e.g. drawn from the task's
 the engine must run on a :class:`~fedhive.common.clock.VirtualClock`: each task's reply
 is announced at send time to arrive at ``now + latency(task)``, workers run tasks in
 order of arrival, and the clock delivers them in that order, never sleeping for the
-simulated delays. Without it every reply arrives at the time its task was sent. The
+simulated delays. A latency with an ``upload_seconds(task, reply_bytes)`` method (a
+:class:`~fedhive.simulation.system.SystemModel`'s) gives at send time only what is known
+then (computing, downloading the task) and, once the reply is computed, the seconds its
+upload takes for its real encoded size (:func:`~fedhive.transport.base.content_length`:
+a compressed update uploads faster); the clock delivers it that much later, still in an
+order fixed by the simulated times alone. Without latency every reply arrives at the
+time its task was sent. The
 window then counts in arrival order; the engine still folds in sampled order, so its
 reorder buffer holds the replies that arrive before an earlier-sampled one.
 """
@@ -43,7 +49,14 @@ from fedhive.common.clock import VirtualClock
 from fedhive.common.errors import ConfigError, SerdeError
 from fedhive.common.message import Message
 from fedhive.common.records import FitRes, GetParametersRes, Parameters, RecordDict
-from fedhive.transport.base import DEFAULT_STAGED_BYTES, Replies, ReplySlot, Transport
+from fedhive.transport.base import (
+    DEFAULT_STAGED_BYTES,
+    Replies,
+    ReplySlot,
+    Transport,
+    content_length,
+    wire_length,
+)
 
 __all__ = ["DEFAULT_MAX_PENDING", "InProcessTransport", "Latency", "TaskRunner", "reply_nbytes"]
 
@@ -52,6 +65,9 @@ TaskRunner = Callable[[Message], Message]
 DEFAULT_MAX_PENDING = 64
 #: Simulated seconds from sending a task to its reply's arrival; deterministic per task.
 Latency = Callable[[Message], float]
+
+#: Wire lengths of replies kept for the engine's byte count (see InProcessTransport).
+_WIRE_MEMO = 1024
 
 # (arrival time, batch number, position in the batch's arrival order): the order in which
 # tasks start, and the order in which the virtual clock delivers their replies.
@@ -132,9 +148,20 @@ class _Batch:
     def key(self, pos: int) -> _Key:
         return (self.arrivals[self.order[pos]], self.number, pos)
 
-    def finish(self, pos: int, nbytes: int | None) -> None:
+    def finish(self, pos: int, nbytes: int | None, delay: float = 0.0) -> None:
         """Task ``pos`` has answered with ``nbytes``, or with a small reply put without
-        a release (``None``) (call with the lock held)."""
+        a release (``None``), ``delay`` seconds after its announced arrival (call with
+        the lock held)."""
+        if delay:
+            # It arrives later: its key moves, so that the task the clock waits for
+            # still comes before every reply held (see _Account.admits).
+            started = self.account.started
+            old = self.key(pos)
+            held = old in started
+            started.discard(old)
+            self.arrivals[self.order[pos]] += delay
+            if held:
+                started.add(self.key(pos))
         self.done[pos] = True
         if nbytes is None:
             self.account.started.discard(self.key(pos))
@@ -185,6 +212,12 @@ class InProcessTransport(Transport):
         self.num_workers = num_workers
         self.window = window if window is not None else 4 * num_workers
         self.latency = latency
+        self._upload: Callable[[Message, int], float] | None = getattr(
+            latency, "upload_seconds", None
+        )
+        # reply message id -> its content's length, computed for its upload, until the
+        # engine asks (wire_bytes); at most _WIRE_MEMO entries (replies nobody counts)
+        self._reply_wire: dict[str, int] = {}
         self.max_pending = (
             max_pending if max_pending is not None else max(DEFAULT_MAX_PENDING, self.window)
         )
@@ -325,13 +358,13 @@ class InProcessTransport(Transport):
                 self._cond.notify_all()
 
     def _work(self) -> None:
-        finished: tuple[_Batch, int, int | None] | None = None
+        finished: tuple[_Batch, int, int | None, float] | None = None
         while True:
             with self._cond:  # one lock per task: finish the last one, take the next
                 if finished is not None:
                     # counted after the put: a release may have come first
-                    batch, pos, size = finished
-                    batch.finish(pos, size)
+                    batch, pos, size, delay = finished
+                    batch.finish(pos, size, delay)
                     self._cond.notify_all()
                     finished = None
                 taken = self._take()
@@ -347,19 +380,48 @@ class InProcessTransport(Transport):
                 reply = self.run_task(task)
             except Exception as exc:  # the runner's own failure becomes this task's error
                 reply = task.error_reply(f"{type(exc).__name__}: {exc}")
+            delay = 0.0
+            if self._upload is not None:
+                try:
+                    delay = self._upload_delay(task, reply)
+                except Exception as exc:  # a bad latency fails the task, not the worker
+                    reply = task.error_reply(f"{type(exc).__name__}: {exc}")
             del task
             nbytes = reply_nbytes(reply)
             if batch.slots is None:
                 if nbytes <= self._plain_limit:
                     batch.replies.put(reply)  # small: counted, not released one by one
-                    finished = (batch, pos, None)
+                    finished = (batch, pos, None, 0.0)
                 else:
                     batch.replies.put(reply, partial(self._release, batch, pos))
-                    finished = (batch, pos, nbytes)
+                    finished = (batch, pos, nbytes, 0.0)
             else:
-                batch.slots[index].put(reply, partial(self._release, batch, pos))
-                finished = (batch, pos, nbytes)
+                batch.slots[index].put(reply, partial(self._release, batch, pos), delay)
+                finished = (batch, pos, nbytes, delay)
             del reply  # the mailbox holds it now; the engine frees it
+
+    def _upload_delay(self, task: Message, reply: Message) -> float:
+        """Simulated seconds ``reply`` takes to upload (its content's encoded length,
+        memoized for :meth:`wire_bytes`)."""
+        size = content_length(reply)
+        with self._cond:
+            memo = self._reply_wire
+            while len(memo) >= _WIRE_MEMO:
+                del memo[next(iter(memo))]
+            memo[reply.metadata.message_id] = size
+        upload = self._upload
+        delay = upload(task, size) if upload is not None else 0.0
+        if not (isinstance(delay, int | float) and math.isfinite(delay) and delay >= 0):
+            raise ConfigError(
+                f"upload_seconds must give a finite number of seconds >= 0; for the reply "
+                f"of {task.metadata.node_id!r} it gave {delay!r}"
+            )
+        return float(delay)
+
+    def wire_bytes(self, message: Message) -> int:
+        with self._cond:
+            size = self._reply_wire.pop(message.metadata.message_id, None)
+        return wire_length(message, size)
 
     def close(self) -> None:
         with self._cond:
