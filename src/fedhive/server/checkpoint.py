@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from fedhive.common.atomic import SECRET_MODE, atomic_open, atomic_write_bytes
+from fedhive.common.atomic import SECRET_MODE, atomic_open, atomic_write_bytes, fsync_dir
 from fedhive.common.errors import CheckpointError, SerdeError, StateError
 from fedhive.common.records import NDArrays
 from fedhive.server.history import History
@@ -116,6 +116,7 @@ class Checkpointer:
         )
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
+        fsync_dir(self.directory)  # the rename survives a crash before LATEST names it
         atomic_write_bytes(self.directory / "LATEST", name.encode())
         self._save_best(engine)
         self._prune(name)
