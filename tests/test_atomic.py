@@ -60,3 +60,57 @@ def test_fsync_directory_syncs_a_folder_and_ignores_what_cannot_be_opened(tmp_pa
 
     fsync_directory(tmp_path)  # no error
     fsync_directory(tmp_path / "missing")  # nothing to sync: nothing done
+
+
+def _record_syncs(monkeypatch):
+    """Spies on os.fsync and os.replace: ("fsync", "file" | inode of the folder) and
+    ("replace", name of the target), in order."""
+    events: list[tuple[str, object]] = []
+    fsync, replace = os.fsync, os.replace
+
+    def spy_fsync(fd):
+        info = os.fstat(fd)
+        events.append(("fsync", info.st_ino if stat.S_ISDIR(info.st_mode) else "file"))
+        fsync(fd)
+
+    def spy_replace(src, dst):
+        events.append(("replace", os.path.basename(dst)))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", spy_fsync)
+    monkeypatch.setattr(os, "replace", spy_replace)
+    return events
+
+
+def test_the_file_is_synced_before_the_rename_and_its_folder_after(monkeypatch, tmp_path):
+    events = _record_syncs(monkeypatch)
+    atomic_write_bytes(tmp_path / "f.bin", b"data")
+    folder = tmp_path.stat().st_ino
+    assert events == [("fsync", "file"), ("replace", "f.bin"), ("fsync", folder)]
+
+
+def test_state_store_dump_is_durable(monkeypatch, tmp_path):
+    """Every state file is synced before its rename; the folder is synced after all of
+    them and before index.tsv is renamed into place; then the index and its folder."""
+    from fedhive.client.state import StateStore
+    from fedhive.common.records import RecordDict
+
+    store = StateStore(tmp_path / "spill")
+    for node in ("a", "b", "c"):
+        store.put(node, RecordDict({"s": {"0": np.full(3, ord(node), np.float32)}}))
+    out = tmp_path / "ckpt" / "clients"
+    events = _record_syncs(monkeypatch)
+    store.dump(out)
+    folder, parent = out.stat().st_ino, out.parent.stat().st_ino
+    renames = [i for i, (kind, _) in enumerate(events) if kind == "replace"]
+    assert [events[i][1] for i in renames][-1] == "index.tsv" and len(renames) == 4
+    for i in renames:
+        assert events[i - 1] == ("fsync", "file")  # the data is on disk before the rename
+    index = renames[-1]
+    assert ("fsync", folder) in events[renames[-2] + 1 : index]  # states' names are durable
+    assert events[index + 1 :] == [("fsync", folder), ("fsync", parent)]
+    reloaded = StateStore(tmp_path / "other")
+    reloaded.load(out)
+    assert reloaded.node_ids() == ["a", "b", "c"]
+    store.close()
+    reloaded.close()

@@ -1,4 +1,9 @@
-"""A deployed FedPer client process: personal head kept in a state directory."""
+"""A deployed FedPer client process: personal head kept in a state directory.
+
+Run as a script (``--state-dir``: the client's own), or as ``fedhive client --app
+personal_client:client_fn --state-dir DIR`` (the state lives in ``context.state``, which
+``fedhive client`` keeps in DIR).
+"""
 
 from __future__ import annotations
 
@@ -23,6 +28,18 @@ def data(pid: int) -> tuple[np.ndarray, np.ndarray]:
     y = rng.choice([pid % 10, (pid + 3) % 10], size=120)
     x = (centres[y] + rng.normal(size=(120, 40))).astype(np.float32)
     return x, y
+
+
+def client_fn(context: fl.client.Context) -> fl.client.Client:
+    """Site 1's client, for ``fedhive client --app``."""
+    x, y = data(1)
+    return PersonalizedTorchClient(
+        model(),
+        CONFIG,
+        train=(x[:80], y[:80]),
+        val=(x[80:100], y[80:100]),
+        test=(x[100:], y[100:]),
+    ).to_client()
 
 
 def main() -> None:

@@ -118,6 +118,20 @@ def _check_tls_flags(
         raise ConfigError("mutual TLS needs both --cert and --key")
 
 
+def _state_node(state_dir: Path, node_id: str | None) -> str:
+    """This site's node id (``--node-id``, else the one kept in ``--state-dir``), after
+    checking that the state folder can be made and written."""
+    from fedhive.client.start import node_id_in
+
+    if state_dir.exists() and not state_dir.is_dir():
+        raise ConfigError(f"--state-dir {state_dir} is a file, not a folder")
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return node_id or node_id_in(state_dir)
+    except OSError as exc:
+        raise ConfigError(f"--state-dir {state_dir}: {exc.strerror or exc}") from exc
+
+
 def _secagg_mods(identity: Path | None, peers: Path | None, node_id: str | None) -> list[Any]:
     """The enrolled SecAgg+ mod, when --secagg-identity and --secagg-peers are given."""
     if identity is None and peers is None:
@@ -180,6 +194,14 @@ def client(
     persistent: Annotated[
         bool, typer.Option("--persistent", help="stay up after a run and join the next one")
     ] = False,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option(
+            help="keep this site's state (personal layers and models, error-feedback "
+            "residuals, SCAFFOLD's variate) in this folder across restarts, with its node "
+            "id unless --node-id is given"
+        ),
+    ] = None,
     max_retries: Annotated[
         int | None, typer.Option(help="reconnection attempts (default: unlimited)")
     ] = None,
@@ -218,6 +240,8 @@ def client(
             raise ConfigError("give exactly one of --app MODULE:ATTR or --demo")
         _check_tls_flags(insecure, root_certificates, cert, key)
         secret = _token(token, token_file)
+        if state_dir is not None:
+            node_id = _state_node(state_dir, node_id)
         mods: list[Any] = _secagg_mods(secagg_identity, secagg_peers, node_id)
         if policy is not None:
             from fedhive.client.policy import SitePolicy, policy_mod
@@ -275,6 +299,7 @@ def client(
             mods=mods,
             persistent=persistent,
             audit_log=audit_log,
+            state_dir=state_dir,
             **tls,
             **target,
         )

@@ -307,6 +307,7 @@ class _StateFile:
 
     def __init__(self, directory: str | Path, node: str) -> None:
         self.path = Path(directory) / f"state-{node}.fhv"
+        self._digest: bytes | None = None  # of what the file holds
 
     def load(self) -> RecordDict:
         from fedhive.common.serde import decode_record_dict
@@ -314,16 +315,31 @@ class _StateFile:
         if not self.path.exists():
             return RecordDict()
         try:
-            return decode_record_dict(bytearray(self.path.read_bytes()))
+            data = self.path.read_bytes()
+            state = decode_record_dict(bytearray(data))
         except (OSError, SerdeError) as exc:
             raise StateError(f"cannot load the client state {self.path}: {exc}") from exc
+        self._digest = _digest(data)
+        return state
 
     def save(self, state: RecordDict) -> None:
-        from fedhive.common.atomic import atomic_write_bytes
+        from fedhive.common.atomic import SECRET_MODE, atomic_write_bytes
         from fedhive.common.serde import encode_record_dict
 
+        data = encode_record_dict(state)
+        digest = _digest(data)
+        if digest == self._digest:  # an evaluation that changed nothing writes nothing
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.path, encode_record_dict(state))
+        # the state may hold secrets (SecAgg+ keys) and what was learnt from local data
+        atomic_write_bytes(self.path, data, mode=SECRET_MODE)
+        self._digest = digest
+
+
+def _digest(data: bytes) -> bytes:
+    import hashlib
+
+    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 def node_id_in(state_dir: str | Path) -> str:

@@ -13,7 +13,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from fedhive.common.atomic import SECRET_MODE, atomic_write_bytes
+from fedhive.common.atomic import SECRET_MODE, atomic_write_bytes, fsync_dir
 from fedhive.common.errors import SerdeError, StateError
 from fedhive.common.records import RecordDict
 from fedhive.common.serde import decode_record_dict, encode_record_dict
@@ -126,8 +126,12 @@ class StateStore:
         with self._lock:
             unchanged = node_id in self._on_disk and self._digests.get(node_id) == digest
         if not unchanged:
-            # client state holds secrets (SecAgg+ round keys, identity keys): owner only
-            atomic_write_bytes(self.directory / _file_name(node_id), data, mode=SECRET_MODE)
+            # client state holds secrets (SecAgg+ round keys, identity keys): owner only.
+            # A spilled state is a cache of this run (checkpoints hold the durable copy):
+            # its folder is not synced on every write.
+            atomic_write_bytes(
+                self.directory / _file_name(node_id), data, mode=SECRET_MODE, sync_dir=False
+            )
         with self._lock:
             if not unchanged:
                 self.disk_writes += 1
@@ -155,7 +159,10 @@ class StateStore:
             return node_id in self._on_disk
 
     def dump(self, directory: Path) -> None:
-        """Write every non-empty state into ``directory`` (for checkpoints)."""
+        """Write every non-empty state into ``directory`` (for checkpoints), durably: each
+        file is written to a temporary name, synced and renamed into place, the folder is
+        synced once they are all there, and only then is ``index.tsv`` written (the same
+        way), so an index on disk never names a state that a crash could have lost."""
         directory.mkdir(parents=True, exist_ok=True)
         index = []
         for node_id in self.node_ids():
@@ -163,10 +170,13 @@ class StateStore:
             if state.is_empty():
                 continue
             name = _file_name(node_id)
-            atomic_write_bytes(directory / name, encode_record_dict(state), mode=SECRET_MODE)
+            data = encode_record_dict(state)
+            atomic_write_bytes(directory / name, data, mode=SECRET_MODE, sync_dir=False)
             index.append(f"{name}\t{node_id}")
+        fsync_dir(directory)
         text = "\n".join(index) + ("\n" if index else "")
         atomic_write_bytes(directory / "index.tsv", text.encode(), mode=SECRET_MODE)
+        fsync_dir(directory.parent)
 
     def load(self, directory: Path) -> None:
         """Replace the store's content with what :meth:`dump` wrote to ``directory``."""

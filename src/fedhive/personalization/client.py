@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from fedhive.client.numpy_client import NumPyClient
-from fedhive.common.atomic import atomic_write_bytes
+from fedhive.common.atomic import SECRET_MODE, atomic_write_bytes
 from fedhive.common.errors import ConfigError, SerdeError, StateError
 from fedhive.common.records import Config, NDArrays, RecordDict, Scalar
 from fedhive.models.torch_models import evaluate_torch, get_weights, set_weights
@@ -173,7 +173,8 @@ class PersonalizedTorchClient(NumPyClient):
                 {STATE_RECORD: state.array_records[STATE_RECORD]},
                 {META_RECORD: state.config_records[META_RECORD]},
             )
-            atomic_write_bytes(path, encode_record_dict(mine))
+            # what was learnt from this site's data: owner only
+            atomic_write_bytes(path, encode_record_dict(mine), mode=SECRET_MODE)
 
     # -- the model ------------------------------------------------------------------------
 

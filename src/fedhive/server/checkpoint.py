@@ -176,7 +176,7 @@ class Checkpointer:
         fsync_directory(tmp)
         shutil.rmtree(final, ignore_errors=True)  # never LATEST's: a stale, unfinished one
         tmp.rename(final)
-        fsync_directory(self.directory)
+        fsync_directory(self.directory)  # the rename survives a crash before LATEST names it
         atomic_write_bytes(self.directory / "LATEST", name.encode())
         fsync_directory(self.directory)
         self._prune(name)
