@@ -263,11 +263,16 @@ def fedhive_side(workload: str, variant: str) -> dict[str, Any]:
 # -- the driver ----------------------------------------------------------------------------
 
 
-def _child(argv: list[str], env: dict[str, str]) -> dict[str, Any]:
-    done = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=HERE)
-    if done.returncode != 0:
-        raise RuntimeError(f"{shlex.join(argv)} failed:\n{done.stderr[-4000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+def _child(argv: list[str], env: dict[str, str], tries: int = 3) -> dict[str, Any]:
+    for _ in range(tries):
+        done = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=HERE)
+        if done.returncode == 0:
+            return json.loads(done.stdout.strip().splitlines()[-1])
+        # Ray gives its node 30 s to start (fixed in Ray); a loaded machine can miss it
+        if "timed out during startup" not in done.stderr:
+            break
+        print(f"(Ray's node did not start in time; again: {shlex.join(argv[1:3])})", flush=True)
+    raise RuntimeError(f"{shlex.join(argv)} failed:\n{done.stderr[-4000:]}")
 
 
 def _variants(workload: str) -> list[str]:
