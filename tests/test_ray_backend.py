@@ -273,3 +273,22 @@ def test_cheap_tasks_share_calls_and_a_crash_in_a_batch_fails_its_task_only(ray_
     assert sorted(failed) == [(rnd, n) for rnd in (1, 2, 3) for n in ("n17", "n30")]
     assert all("died during the task" in r.error for r in replies if r.error)
     assert sum(1 for r in replies if r.error is None) == 3 * 38
+
+
+def test_tasks_fail_rather_than_wait_once_no_feeder_is_left():
+    from fedhive.simulation.ray_feed import ActorFeed, FeedItem
+
+    class BrokenPool:
+        live = (object(),)
+
+        def checkout(self):
+            raise RuntimeError("no actor for you")
+
+    task = Message.task(
+        run_id=1, node_id="a", server_round=1, model_version=0,
+        message_type=MessageType.FIT, content=FitIns(ndarrays_to_parameters([]), {}),
+    )  # fmt: skip
+    context = Context(node_id="a", node_config={}, state=RecordDict(), run_config={})
+    feed = ActorFeed(None, BrokenPool(), task_timeout=None, start_timeout=1.0, tick=0.05)
+    item = feed.run(FeedItem(task, task, None, context, None))
+    assert item.reply is not None and "closed" in item.reply.error

@@ -107,6 +107,7 @@ class ActorFeed:
         self._queue: collections.deque[FeedItem] = collections.deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._stopped = 0
         self._threads = [
             threading.Thread(target=_Feeder(self).drive, name=f"fedhive-ray-feed-{i}", daemon=True)
             for i in range(len(pool.live))
@@ -184,6 +185,15 @@ class ActorFeed:
     def closed(self) -> bool:
         return self._closed
 
+    def feeder_stopped(self) -> None:
+        """A feeder thread ended on an unexpected error: once none is left, queued and
+        later tasks fail at once instead of waiting for an actor nobody feeds."""
+        with self._cond:
+            self._stopped += 1
+            if self._stopped < len(self._threads):
+                return
+        self.close()
+
     def close(self) -> None:
         with self._cond:
             self._closed = True
@@ -192,7 +202,8 @@ class ActorFeed:
         for item in left:
             item.fail("the Ray backend was closed before the task ran")
         for thread in self._threads:
-            thread.join(timeout=2 * self.tick)
+            if thread is not threading.current_thread():
+                thread.join(timeout=2 * self.tick)
 
 
 def _stopped(item: FeedItem) -> str:
@@ -227,6 +238,7 @@ class _Feeder:
         except Exception:  # never leave tasks waiting on a dead feeder
             log.exception("a Ray feeder stopped")
             self._requeue_inflight()
+            feed.feeder_stopped()
 
     def _started(self) -> bool:
         """Wait for a replacement actor's start (not counted in any task's timeout)."""
