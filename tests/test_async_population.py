@@ -107,3 +107,12 @@ def test_the_idle_sample_is_what_was_asked(busy_fraction):
     busy = {str(i) for i in range(int(busy_fraction * 1000))}
     picked = lazy.sample(500, criterion=Excluding(busy))
     assert len({c.cid for c in picked}) == 500 and not busy & {c.cid for c in picked}
+
+
+def test_min_num_clients_counts_the_allowed_ones():
+    lazy = PopulationClientManager(10, seed=0)
+    listing = SimpleClientManager([str(i) for i in range(10)], seed=0)
+    busy = {"0", "1", "2", "3", "4", "5"}
+    for manager in (lazy, listing):
+        assert manager.sample(3, min_num_clients=5, criterion=Excluding(busy)) == []
+        assert len(manager.sample(3, min_num_clients=4, criterion=Excluding(busy))) == 3

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeGuard
 
 import numpy as np
 
@@ -19,6 +19,7 @@ __all__ = [
     "Criterion",
     "Excluding",
     "SimpleClientManager",
+    "excluding_alone",
     "sample_excluding",
 ]
 
@@ -196,9 +197,8 @@ class SimpleClientManager:
         if self.wait_timeout > 0:
             self.wait_for(needed, self.wait_timeout)
         ids = sorted(self._nodes.node_ids())  # registration order must not change who is picked
-        if isinstance(criterion, Excluding) and criterion.inner is None:
-            if len(ids) < needed:
-                return []
+        if excluding_alone(criterion, num_clients, needed):
+            # [] when fewer than num_clients (== needed) are allowed, as below
             picked_ids = sample_excluding(
                 self._rng, len(ids), num_clients, ids.__getitem__, criterion.ids
             )
@@ -209,6 +209,14 @@ class SimpleClientManager:
             return []
         picked = self._rng.choice(len(ids), size=num_clients, replace=False)
         return [self._proxy(ids[i]) for i in picked]
+
+
+def excluding_alone(
+    criterion: Criterion | None, num_clients: int, needed: int
+) -> TypeGuard[Excluding]:
+    """Whether a sample may take the O(k) path: an :class:`Excluding` criterion alone, and
+    no ``min_num_clients`` above ``num_clients`` (that one counts the allowed clients)."""
+    return isinstance(criterion, Excluding) and criterion.inner is None and needed == num_clients
 
 
 def _cid_of(client: ClientProxy | str) -> str:

@@ -18,7 +18,12 @@ import numpy as np
 
 from fedhive.common.message import derive_seed
 from fedhive.common.records import Scalar
-from fedhive.server.client_manager import ClientProxy, Criterion, Excluding, sample_excluding
+from fedhive.server.client_manager import (
+    ClientProxy,
+    Criterion,
+    excluding_alone,
+    sample_excluding,
+)
 
 __all__ = ["NodeConfigs", "PopulationClientManager", "PopulationIds", "sorted_id"]
 
@@ -133,9 +138,8 @@ class PopulationClientManager:
         criterion: Criterion | None = None,
     ) -> list[ClientProxy]:
         needed = max(num_clients, min_num_clients or 0)
-        if isinstance(criterion, Excluding) and criterion.inner is None:
-            if self.n < needed:
-                return []
+        if excluding_alone(criterion, num_clients, needed):
+            # [] when fewer than num_clients (== needed) are allowed, as below
             ids = sample_excluding(self._rng, self.n, num_clients, self._id_at, criterion.ids)
             return [ClientProxy(cid) for cid in ids]
         if criterion is not None:
