@@ -42,10 +42,12 @@ Run::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import os
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -72,6 +74,7 @@ from _vs_common import (
     SECAGG_ROUNDS,
     RssSampler,
     client_rows,
+    descendants,
     mlp_init,
     mlp_train,
 )
@@ -263,16 +266,32 @@ def fedhive_side(workload: str, variant: str) -> dict[str, Any]:
 # -- the driver ----------------------------------------------------------------------------
 
 
-def _child(argv: list[str], env: dict[str, str], tries: int = 3) -> dict[str, Any]:
+def _child(argv: list[str], env: dict[str, str], timeout: float, tries: int = 2) -> dict[str, Any]:
+    """Run one side; again if Ray's node missed its start or the run hung (then its whole
+    process tree is stopped: a dead raylet leaves Flower's simulation waiting for ever)."""
+    why = ""
     for _ in range(tries):
-        done = subprocess.run(argv, capture_output=True, text=True, env=env, cwd=HERE)
-        if done.returncode == 0:
-            return json.loads(done.stdout.strip().splitlines()[-1])
+        proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=HERE
+        )
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for pid in sorted(descendants(proc.pid), reverse=True):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            why = f"no result within {timeout:g} s (stopped)"
+            print(f"({shlex.join(argv[1:3])}: {why}; again)", flush=True)
+            continue
+        if proc.returncode == 0:
+            return json.loads(out.strip().splitlines()[-1])
+        why = err[-4000:]
         # Ray gives its node 30 s to start (fixed in Ray); a loaded machine can miss it
-        if "timed out during startup" not in done.stderr:
+        if "timed out during startup" not in err:
             break
-        print(f"(Ray's node did not start in time; again: {shlex.join(argv[1:3])})", flush=True)
-    raise RuntimeError(f"{shlex.join(argv)} failed:\n{done.stderr[-4000:]}")
+        print(f"({shlex.join(argv[1:3])}: Ray's node did not start in time; again)", flush=True)
+    raise RuntimeError(f"{shlex.join(argv)} failed: {why}")
 
 
 def _variants(workload: str) -> list[str]:
@@ -327,6 +346,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--flower-python", default=".venv-flower/bin/python")
     parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per side's run")
     parser.add_argument("--side", help=argparse.SUPPRESS)  # fedhive child: workload
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -348,12 +368,18 @@ def main(argv: list[str] | None = None) -> None:
         env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
         for workload in args.workloads:
             ours = {
-                v: _child([sys.executable, __file__, "--side", workload, "--variant", v], env)
+                v: _child(
+                    [sys.executable, __file__, "--side", workload, "--variant", v],
+                    env,
+                    args.timeout,
+                )
                 for v in _variants(workload)
             }
             flower_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
             flower_env["PYTHONPATH"] = str(HERE)
-            flower = _child([flower_python, str(HERE / "_flower_side.py"), workload], flower_env)
+            flower = _child(
+                [flower_python, str(HERE / "_flower_side.py"), workload], flower_env, args.timeout
+            )
             lines += ["", f"[{workload}] (load average after: {_load()})"]
             lines += _rows(workload, flower, ours)
             print("\n".join(lines[-len(ours) - 2 :]), flush=True)
