@@ -21,7 +21,8 @@ smaller).
    inputs (this process, sampled every 5 ms). Flower: ``FedAvg.aggregate_fit`` with the
    results as Flower hands them to a strategy (serialized parameters); fedhive: its
    Flower-style ``aggregate_fit`` and the streaming aggregator its engine folds replies
-   into (``fit_aggregator``).
+   into (``fit_aggregator``), which sums in float64 by default, and with the opt-in
+   float32 accumulator (``accumulator = "model"``, ``streaming-f32``).
 4. ``grpc``: a 100 MB model over gRPC with 4 client processes on 127.0.0.1; 1 warm-up + 3
    measured rounds; median round and the server's peak RSS above its post-import RSS.
    fedhive: ``grpc_round.py``'s fedhive path (``start_server``); Flower: its
@@ -184,6 +185,8 @@ def fedhive_aggregate(mode: str) -> dict[str, Any]:
         for i in range(AGG_RESULTS)
     ]
     strategy = FedAvg()
+    if mode.endswith("-f32"):
+        strategy.accumulator = "model"  # sums in the model's float32, not float64
     initial = ndarrays_to_parameters([np.zeros(AGG_PARAMS, np.float32)])
     with RssSampler(tree=False, every=0.005) as memory:
         base = memory.now()
@@ -298,7 +301,7 @@ def _variants(workload: str) -> list[str]:
     return {
         "overhead": ["thread", "ray"],
         "mlp": ["thread", "ray"],
-        "aggregate": ["aggregate_fit", "streaming"],
+        "aggregate": ["aggregate_fit", "streaming", "streaming-f32"],
     }.get(workload, ["-"])
 
 
