@@ -11,7 +11,8 @@ smaller).
 1. ``overhead``: engine overhead per client-round and fixed start cost. A trivial client
    (returns the model it got, 10 float32), 100 clients all fit every round, 12 rounds,
    no evaluation. Per client-round = median round (rounds 2-12) / 100; fixed = the
-   whole call - the rounds (start, first connection, shutdown). fedhive: thread and Ray
+   whole call - 12 x the median round (start, a slow first round, shutdown: Flower starts
+   Ray while its first round waits, fedhive before its first round). fedhive: thread and Ray
    backends (2 workers); Flower: ``run_simulation`` (Ray, ``num_cpus=1`` per client).
 2. ``mlp``: 1,000 clients, 10% per round, the MNIST-1D MLP (40 -> 64 -> 10), one epoch
    (batch 8, lr 0.05) on 16 samples per client, in numpy on both sides (Flower's venv has
@@ -305,15 +306,21 @@ def _variants(workload: str) -> list[str]:
     }.get(workload, ["-"])
 
 
+def _fixed(run: dict[str, Any]) -> float:
+    """The call's time beyond its rounds at the steady rate: start, a slow first round
+    (Flower starts Ray while its first round waits), shutdown."""
+    return float(run["total_s"] - len(run["rounds"]) * statistics.median(run["rounds"][1:]))
+
+
 def _rows(workload: str, flower: dict[str, Any], ours: dict[str, dict[str, Any]]) -> list[str]:
     out = []
     if workload == "overhead":
         f_client = 1000 * statistics.median(flower["rounds"][1:]) / OVERHEAD_CLIENTS
-        f_fixed = flower["total_s"] - sum(flower["rounds"])
+        f_fixed = _fixed(flower)
         out.append(f"{'flower':22} {f_client:10.3f} ms/client-round {f_fixed:8.2f} s fixed")
         for name, r in ours.items():
             client = 1000 * statistics.median(r["rounds"][1:]) / OVERHEAD_CLIENTS
-            fixed = r["total_s"] - sum(r["rounds"])
+            fixed = _fixed(r)
             out.append(
                 f"{'fedhive ' + name:22} {client:10.3f} ms/client-round {fixed:8.2f} s fixed"
                 f"   ratios {f_client / client:6.1f}x {f_fixed / max(fixed, 1e-3):6.1f}x"
@@ -385,6 +392,8 @@ def main(argv: list[str] | None = None) -> None:
             )
             lines += ["", f"[{workload}] (load average after: {_load()})"]
             lines += _rows(workload, flower, ours)
+            raw = {"flower": flower, "fedhive": ours}
+            print(f"raw {workload}: {json.dumps(raw)}", file=sys.stderr, flush=True)
             print("\n".join(lines[-len(ours) - 2 :]), flush=True)
     lines += ["", f"load average at end {_load()}"]
     lines.append(f"reproduce: nice -n 10 .venv/bin/python {shlex.join(sys.argv)}")
