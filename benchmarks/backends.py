@@ -16,10 +16,22 @@ rounds of the measured run. The process
 pool starts lazily, so round 1 carries its one-off start cost (spawning the workers and
 importing torch in them): start cost = round 1 - median of the later rounds.
 
+``--overhead`` measures per-round overhead instead: 1,000 clients per round with a
+trivial client (it returns the model it got, 10 float32), so a round's time is the
+backend's and the engine's own cost. ``thread``, ``process`` and ``ray`` (2 workers each)
+run in turn, ``--repeats`` times interleaved (thread, process, ray, thread, ...), each run
+``--rounds`` rounds of which the first is dropped (it starts the workers). Ray's session
+is started once, before the runs, and joined by every run (Ray's own start is not a
+round's cost). Per round: wall time, the driver's CPU time (``time.process_time``) and the
+CPU time of the driver's whole process tree (worker processes, Ray's raylet, GCS and
+actors; ``/proc``); medians over all measured rounds. The target: Ray at most 2x the
+local (thread) backend.
+
 Run::
 
     .venv/bin/python benchmarks/backends.py          # 20 clients x 3 rounds
     .venv/bin/python benchmarks/backends.py --quick  # 6 clients x 1 round, small workloads
+    nice -n 10 .venv/bin/python benchmarks/backends.py --overhead --repeats 5
 """
 
 from __future__ import annotations
@@ -32,6 +44,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,6 +52,7 @@ import torch
 from fedhive.client import NumPyClient
 from fedhive.client.context import Context
 from fedhive.common.records import NDArrays, Scalar, ndarrays_to_parameters
+from fedhive.server import RoundCallback
 from fedhive.server.config import ServerConfig
 from fedhive.server.strategy import FedAvg
 from fedhive.simulation import start_simulation
@@ -177,6 +191,130 @@ def run(
     return [b - a for a, b in itertools.pairwise(elapsed)], total
 
 
+class Trivial(NumPyClient):
+    def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict]:
+        return parameters, 1, {}
+
+
+def trivial_client_fn(context: Context) -> NumPyClient:
+    return Trivial()
+
+
+def tree_cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and every live descendant (``/proc``)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parent: dict[int, int] = {}
+    used: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        parent[int(entry)] = int(fields[1])
+        used[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    mine = {os.getpid()}
+    grew = True
+    while grew:
+        grew = False
+        for pid, ppid in parent.items():
+            if ppid in mine and pid not in mine:
+                mine.add(pid)
+                grew = True
+    return sum(used.get(pid, 0.0) for pid in mine)
+
+
+class RoundCosts(RoundCallback):
+    """Per round: wall seconds, driver CPU seconds and process-tree CPU seconds."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[float, float, float]] = []
+        self._last = (0.0, 0.0, 0.0)
+
+    def _now(self) -> tuple[float, float, float]:
+        return time.perf_counter(), time.process_time(), tree_cpu_seconds()
+
+    def on_run_start(self, engine: Any) -> None:
+        self._last = self._now()
+
+    def on_round_end(self, engine: Any, record: dict[str, Any]) -> None:
+        now = self._now()
+        self.rows.append((now[0] - self._last[0], now[1] - self._last[1], now[2] - self._last[2]))
+        self._last = self._now()  # the tree scan itself is not the next round's cost
+
+
+def overhead_run(backend: str, clients: int, rounds: int) -> list[tuple[float, float, float]]:
+    costs = RoundCosts()
+    history = start_simulation(
+        client_fn=trivial_client_fn,
+        num_clients=clients,
+        config=ServerConfig(num_rounds=rounds),
+        strategy=FedAvg(
+            fraction_fit=1.0,
+            fraction_evaluate=0.0,
+            initial_parameters=ndarrays_to_parameters([np.zeros(10, np.float32)]),
+        ),
+        backend=backend,
+        num_workers=2,
+        seed=0,
+        callbacks=[costs],
+    )
+    fits = [(r["fit"]["num_results"], r["fit"]["num_failures"]) for r in history.rounds]
+    assert fits == [(clients, 0)] * rounds, f"{backend} incomplete: {fits}"
+    return costs.rows[1:]  # round 1 starts the workers
+
+
+def overhead(clients: int, rounds: int, repeats: int, backends: list[str]) -> None:
+    if "ray" in backends:
+        import ray
+
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    load_before = os.getloadavg()
+    rows: dict[str, list[tuple[float, float, float]]] = {b: [] for b in backends}
+    for _ in range(repeats):
+        for backend in backends:
+            rows[backend] += overhead_run(backend, clients, rounds)
+    load_after = os.getloadavg()
+    medians = {
+        b: tuple(statistics.median(r[i] for r in rows[b]) for i in range(3)) for b in backends
+    }
+    base = medians[backends[0]]
+    print(f"Per-round overhead: {clients} clients per round, trivial client (10 float32),")
+    print(f"2 workers; {repeats} interleaved runs x {rounds - 1} measured rounds per backend;")
+    print("medians; ratio = backend / " + backends[0])
+    print(f"{os.cpu_count()} cores; load average (1, 5, 15 min) before {_load(load_before)},")
+    print(f"after {_load(load_after)}")
+    print()
+    headers = ["backend", "rounds", "wall s/round", "ratio", "driver CPU s", "ratio"]
+    headers += ["tree CPU s", "ratio", "ms per client-round"]
+    out = []
+    for b in backends:
+        wall, cpu, tree = medians[b]
+        out.append(
+            [
+                b,
+                str(len(rows[b])),
+                f"{wall:.3f}",
+                f"{wall / base[0]:.2f}x",
+                f"{cpu:.3f}",
+                f"{cpu / base[1]:.2f}x",
+                f"{tree:.3f}",
+                f"{tree / base[2]:.2f}x",
+                f"{1000 * wall / clients:.3f}",
+            ]
+        )
+    print(table(headers, out))
+    print("\ntree CPU: the driver and all its descendant processes (Ray's daemons and actors,")
+    print("the process pool's workers), live at the end of each round")
+    print(f"\nReproduce: {shlex.join(['.venv/bin/python', *sys.argv])}")
+
+
+def _load(load: tuple[float, float, float]) -> str:
+    return ", ".join(f"{x:.1f}" for x in load)
+
+
 def table(headers: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
 
@@ -192,7 +330,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=None, help="default 20 (--quick: 6)")
     parser.add_argument("--rounds", type=int, default=None, help="default 3 (--quick: 1)")
     parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=None)
+    parser.add_argument("--overhead", action="store_true", help="per-round overhead, with Ray")
+    parser.add_argument("--repeats", type=int, default=3, help="--overhead: interleaved runs")
+    parser.add_argument(
+        "--backends", nargs="+", default=["thread", "process", "ray"], help="--overhead: these"
+    )
     args = parser.parse_args(argv)
+    if args.overhead:
+        overhead(args.clients or 1000, args.rounds or 6, args.repeats, args.backends)
+        return 0
     clients = args.clients or (6 if args.quick else 20)
     rounds = args.rounds or (1 if args.quick else 3)
     sizes = dict(QUICK if args.quick else FULL)

@@ -8,6 +8,8 @@ when the client is built (no partition table exists). The driver's RSS is read a
 every round (``/proc/self/status`` VmRSS; the Ray actors are other processes); growth =
 median RSS of the last 10% of rounds - median of rounds 2..(10% + 1) (round 1 warms up).
 
+The driver's RSS after every tenth round is printed below each backend's row.
+
 Run (niced; ``--backends thread,ray``, ``--rounds`` to shorten)::
 
     nice -n 10 .venv/bin/python benchmarks/million_clients.py --rounds 100
@@ -92,7 +94,7 @@ class RssPerRound:
         pass
 
 
-def run(backend: str, rounds: int) -> dict[str, float]:
+def run(backend: str, rounds: int) -> dict[str, Any]:
     before = rss_mb()
     meter = RssPerRound()
     strategy = FedAvg(
@@ -125,6 +127,7 @@ def run(backend: str, rounds: int) -> dict[str, float]:
         "growth_mb": statistics.median(late) - statistics.median(early),
         "round_s": statistics.median(meter.times[1:] or meter.times),
         "total_s": total,
+        "series": meter.rss,
     }
 
 
@@ -144,6 +147,10 @@ def main(argv: list[str] | None = None) -> None:
             f"{r['growth_mb']:>5.1f}MB {r['round_s']:>8.2f} {r['total_s']:>8.1f}",
             flush=True,
         )
+        every = max(1, args.rounds // 10)
+        series = r["series"]
+        marks = ", ".join(f"{i + 1}: {series[i]:.0f}" for i in range(0, len(series), every))
+        print(f"  driver RSS MB after round {marks}, {len(series)}: {series[-1]:.0f}", flush=True)
     print("target: driver RSS <= 2048 MB and no growth over the rounds")
     print("reproduce: nice -n 10 python", shlex.join([sys.argv[0], *sys.argv[1:]]))
 

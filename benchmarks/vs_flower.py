@@ -1,133 +1,407 @@
-"""fedhive side by side with Flower (``flwr[simulation]==1.42.0``), the same workload in one run.
+"""fedhive side by side with Flower (``flwr[simulation]==1.42.0``): five workloads, one script.
 
-Workload measured here: engine overhead per client-round and fixed start cost, with a
-trivial client (returns the model it got) and 100 clients, all of them fit every round, no
-evaluation. Each framework runs 2 and 12 rounds; per round = (t12 - t2) / 10, per
-client-round = per round / 100, fixed cost = t2 - 2 x per round. Flower runs its own
-simulation engine (``flwr.simulation.run_simulation``, Ray underneath) in a child process
-of a separate virtual environment, because ``flwr`` 1.42 pins ``protobuf<7`` and
-``packaging<26``, which conflict with this project's pins; ``--flower-python`` names its
-interpreter (``make flower-venv`` builds ``.venv-flower``). fedhive runs with the thread
-backend and with the Ray backend.
+Every workload runs once per framework (and fedhive backend), each in a fresh process, one
+after the other in this invocation; Flower runs in a child process of its own virtual
+environment (``--flower-python``; ``make flower-venv`` builds ``.venv-flower``), because
+``flwr`` 1.42 pins ``protobuf<7`` and ``packaging<26``, which conflict with this project's
+pins. Its side is ``_flower_side.py``; the sizes and the client training code both sides
+run are in ``_vs_common.py``. Ratios are Flower / fedhive (above 1: fedhive is faster or
+smaller).
+
+1. ``overhead``: engine overhead per client-round and fixed start cost. A trivial client
+   (returns the model it got, 10 float32), 100 clients all fit every round, 12 rounds,
+   no evaluation. Per client-round = median round (rounds 2-12) / 100; fixed = the
+   whole call - 12 x the median round (start, a slow first round, shutdown: Flower starts
+   Ray while its first round waits, fedhive before its first round). fedhive: thread and Ray
+   backends (2 workers); Flower: ``run_simulation`` (Ray, ``num_cpus=1`` per client).
+2. ``mlp``: 1,000 clients, 10% per round, the MNIST-1D MLP (40 -> 64 -> 10), one epoch
+   (batch 8, lr 0.05) on 16 samples per client, in numpy on both sides (Flower's venv has
+   no torch), 6 rounds: median round (rounds 2-6) and the peak RSS of the whole process
+   tree (the driver, Ray's daemons and actors), sampled every 0.1 s.
+3. ``aggregate``: FedAvg over 100 results of 1M float32: time and peak memory above the
+   inputs (this process, sampled every 5 ms). Flower: ``FedAvg.aggregate_fit`` with the
+   results as Flower hands them to a strategy (serialized parameters); fedhive: its
+   Flower-style ``aggregate_fit`` and the streaming aggregator its engine folds replies
+   into (``fit_aggregator``), which sums in float64 by default, and with the opt-in
+   float32 accumulator (``accumulator = "model"``, ``streaming-f32``).
+4. ``grpc``: a 100 MB model over gRPC with 4 client processes on 127.0.0.1; 1 warm-up + 3
+   measured rounds; median round and the server's peak RSS above its post-import RSS.
+   fedhive: ``grpc_round.py``'s fedhive path (``start_server``); Flower: its
+   ``start_server``/``start_client``.
+5. ``secagg``: SecAgg+ at n = 50, 1M parameters, trivial client; 1 warm-up + 2 measured
+   rounds. fedhive: ``secure_aggregation={"degree": "complete"}`` (every other client
+   holds a share; threshold from the threat model), thread backend; Flower:
+   ``SecAggPlusWorkflow(num_shares=50, reconstruction_threshold=33)`` in ``run_simulation``.
+   Each side keeps its own quantization defaults (fedhive 12 bits, clip 1; Flower 2^22
+   levels, clip 8).
 
 Run::
 
     nice -n 10 .venv/bin/python benchmarks/vs_flower.py --flower-python .venv-flower/bin/python
+    ... --workloads overhead aggregate    # a subset
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
+import os
 import shlex
+import signal
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-CLIENTS = 100
-SHORT, LONG = 2, 12
+from _vs_common import (
+    AGG_PARAMS,
+    AGG_RESULTS,
+    GRPC_CLIENTS,
+    GRPC_PARAMS,
+    GRPC_ROUNDS,
+    MLP_CLIENTS,
+    MLP_FRACTION,
+    MLP_ROUNDS,
+    OVERHEAD_CLIENTS,
+    OVERHEAD_ROUNDS,
+    SECAGG_CLIENTS,
+    SECAGG_PARAMS,
+    SECAGG_ROUNDS,
+    RssSampler,
+    client_rows,
+    descendants,
+    mlp_init,
+    mlp_train,
+)
+
+HERE = Path(__file__).resolve().parent
+MB = 1 << 20
+WORKLOADS = ("overhead", "mlp", "aggregate", "grpc", "secagg")
 
 
-def _fedhive_time(rounds: int, backend: str) -> float:
+# -- fedhive's side (each in a process of its own) -----------------------------------------
+
+
+def _simulate(backend: str, rounds: int, **kwargs: Any) -> dict[str, Any]:
+    from fedhive.simulation import start_simulation
+
+    begin = time.perf_counter()
+    with RssSampler(tree=True, every=0.1) as memory:
+        history = start_simulation(backend=backend, seed=0, num_workers=2, **kwargs)
+    total = time.perf_counter() - begin
+    fits = [(r["fit"]["num_results"], r["fit"]["num_failures"]) for r in history.rounds]
+    assert len(fits) == rounds and all(f == 0 for _, f in fits), fits
+    elapsed = [0.0] + [float(r["elapsed_s"]) for r in history.rounds]
+    per_round = [b - a for a, b in itertools.pairwise(elapsed)]
+    return {"rounds": per_round, "total_s": total, "peak": memory.peak}
+
+
+def fedhive_overhead(backend: str) -> dict[str, Any]:
     from fedhive.client import NumPyClient
     from fedhive.common.records import ndarrays_to_parameters
     from fedhive.server.config import ServerConfig
     from fedhive.server.strategy import FedAvg
-    from fedhive.simulation import start_simulation
 
     class Trivial(NumPyClient):
-        def fit(self, parameters, config):
+        def fit(self, parameters, config):  # type: ignore[no-untyped-def]
             return parameters, 1, {}
 
-    start = time.perf_counter()
-    start_simulation(
+    return _simulate(
+        backend,
+        OVERHEAD_ROUNDS,
         client_fn=lambda context: Trivial(),
-        num_clients=CLIENTS,
-        config=ServerConfig(num_rounds=rounds),
+        num_clients=OVERHEAD_CLIENTS,
+        config=ServerConfig(num_rounds=OVERHEAD_ROUNDS),
         strategy=FedAvg(
             fraction_fit=1.0,
             fraction_evaluate=0.0,
-            min_evaluate_clients=0,
             initial_parameters=ndarrays_to_parameters([np.zeros(10, np.float32)]),
         ),
-        seed=0,
-        backend=backend,
-        num_workers=2,
     )
-    return time.perf_counter() - start
 
 
-def _flower_time(rounds: int) -> float:  # runs in Flower's environment
-    from flwr.client import ClientApp, NumPyClient
-    from flwr.common import Context, ndarrays_to_parameters
-    from flwr.server import ServerApp, ServerAppComponents, ServerConfig
-    from flwr.server.strategy import FedAvg
-    from flwr.simulation import run_simulation
+_DATA: dict[str, np.ndarray] = {}  # the training set, loaded once per process
+
+
+def _mlp_client_fn(context: Any) -> Any:
+    from fedhive.client import NumPyClient
+
+    if not _DATA:
+        with np.load(os.environ["VS_FLOWER_MNIST1D"]) as data:
+            _DATA.update(x=data["x"], y=data["y"])
+    x_train, y_train = _DATA["x"], _DATA["y"]
+    pid = int(context.node_config["partition-id"])
+    rows = client_rows(pid, len(y_train))
+    x, y = x_train[rows], y_train[rows]
+
+    class Mlp(NumPyClient):
+        def fit(self, parameters, config):  # type: ignore[no-untyped-def]
+            return mlp_train(parameters, x, y, pid), len(y), {}
+
+    return Mlp()
+
+
+def fedhive_mlp(backend: str) -> dict[str, Any]:
+    from fedhive.common.records import ndarrays_to_parameters
+    from fedhive.server.config import ServerConfig
+    from fedhive.server.strategy import FedAvg
+
+    return _simulate(
+        backend,
+        MLP_ROUNDS,
+        client_fn=_mlp_client_fn,
+        num_clients=MLP_CLIENTS,
+        config=ServerConfig(num_rounds=MLP_ROUNDS),
+        strategy=FedAvg(
+            fraction_fit=MLP_FRACTION,
+            fraction_evaluate=0.0,
+            initial_parameters=ndarrays_to_parameters(mlp_init()),
+        ),
+    )
+
+
+def fedhive_aggregate(mode: str) -> dict[str, Any]:
+    from fedhive.common.records import Code, FitRes, Status, ndarrays_to_parameters
+    from fedhive.server.client_manager import ClientProxy
+    from fedhive.server.strategy import FedAvg
+
+    rng = np.random.default_rng(0)
+    results = [
+        (
+            ClientProxy(str(i)),
+            FitRes(
+                Status(Code.OK, ""),
+                ndarrays_to_parameters([rng.random(AGG_PARAMS, dtype=np.float32)]),
+                1 + i,
+                {},
+            ),
+        )
+        for i in range(AGG_RESULTS)
+    ]
+    strategy = FedAvg()
+    if mode.endswith("-f32"):
+        strategy.accumulator = "model"  # sums in the model's float32, not float64
+    initial = ndarrays_to_parameters([np.zeros(AGG_PARAMS, np.float32)])
+    with RssSampler(tree=False, every=0.005) as memory:
+        base = memory.now()
+        wall, cpu = time.perf_counter(), time.process_time()
+        if mode == "aggregate_fit":
+            params, _ = strategy.aggregate_fit(1, results, [])
+        else:
+            aggregator = strategy.fit_aggregator(1, initial)
+            for client, res in results:
+                aggregator.add(client, res)
+            params, _ = aggregator.finalize()
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    assert params is not None
+    return {"wall_s": wall, "cpu_s": cpu, "peak_above": memory.peak - base, "base": base}
+
+
+def fedhive_grpc() -> dict[str, Any]:
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(HERE / "grpc_round.py"),
+            "--mb",
+            str(GRPC_PARAMS * 4 / 1000000.0),
+            "--rounds",
+            str(GRPC_ROUNDS),
+            "--clients",
+            str(GRPC_CLIENTS),
+            "--path",
+            "fedhive",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return {"rounds": result["times"], "peak_above": result["peak_rss"]}
+
+
+def fedhive_secagg() -> dict[str, Any]:
+    from fedhive.client import NumPyClient
+    from fedhive.common.records import ndarrays_to_parameters
+    from fedhive.server.config import ServerConfig
+    from fedhive.server.strategy import FedAvg
 
     class Trivial(NumPyClient):
-        def fit(self, parameters, config):
+        def fit(self, parameters, config):  # type: ignore[no-untyped-def]
             return parameters, 1, {}
 
-    def client_fn(context: Context):
-        return Trivial().to_client()
-
-    def server_fn(context: Context):
-        strategy = FedAvg(
+    out = _simulate(
+        "thread",
+        1 + SECAGG_ROUNDS,
+        client_fn=lambda context: Trivial(),
+        num_clients=SECAGG_CLIENTS,
+        config=ServerConfig(num_rounds=1 + SECAGG_ROUNDS),
+        strategy=FedAvg(
             fraction_fit=1.0,
             fraction_evaluate=0.0,
-            min_evaluate_clients=0,
-            min_available_clients=CLIENTS,
-            initial_parameters=ndarrays_to_parameters([np.zeros(10, np.float32)]),
-        )
-        return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=rounds))
-
-    start = time.perf_counter()
-    run_simulation(
-        server_app=ServerApp(server_fn=server_fn),
-        client_app=ClientApp(client_fn=client_fn),
-        num_supernodes=CLIENTS,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
+            min_fit_clients=SECAGG_CLIENTS,
+            min_available_clients=SECAGG_CLIENTS,
+            initial_parameters=ndarrays_to_parameters([np.zeros(SECAGG_PARAMS, np.float32)]),
+        ),
+        secure_aggregation={"degree": "complete"},
     )
-    return time.perf_counter() - start
+    out["rounds"] = out["rounds"][1:]
+    return out
 
 
-def _derive(short: float, long: float) -> dict[str, float]:
-    per_round = (long - short) / (LONG - SHORT)
+def fedhive_side(workload: str, variant: str) -> dict[str, Any]:
+    if workload == "overhead":
+        return fedhive_overhead(variant)
+    if workload == "mlp":
+        return fedhive_mlp(variant)
+    if workload == "aggregate":
+        return fedhive_aggregate(variant)
+    if workload == "grpc":
+        return fedhive_grpc()
+    return fedhive_secagg()
+
+
+# -- the driver ----------------------------------------------------------------------------
+
+
+def _child(argv: list[str], env: dict[str, str], timeout: float, tries: int = 2) -> dict[str, Any]:
+    """Run one side; again if Ray's node missed its start or the run hung (then its whole
+    process tree is stopped: a dead raylet leaves Flower's simulation waiting for ever)."""
+    why = ""
+    for _ in range(tries):
+        proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=HERE
+        )
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for pid in sorted(descendants(proc.pid), reverse=True):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            why = f"no result within {timeout:g} s (stopped)"
+            print(f"({shlex.join(argv[1:3])}: {why}; again)", flush=True)
+            continue
+        if proc.returncode == 0:
+            return json.loads(out.strip().splitlines()[-1])
+        why = err[-4000:]
+        # Ray gives its node 30 s to start (fixed in Ray); a loaded machine can miss it
+        if "timed out during startup" not in err:
+            break
+        print(f"({shlex.join(argv[1:3])}: Ray's node did not start in time; again)", flush=True)
+    raise RuntimeError(f"{shlex.join(argv)} failed: {why}")
+
+
+def _variants(workload: str) -> list[str]:
     return {
-        "per_client_round_ms": 1000 * per_round / CLIENTS,
-        "fixed_s": short - SHORT * per_round,
-    }
+        "overhead": ["thread", "ray"],
+        "mlp": ["thread", "ray"],
+        "aggregate": ["aggregate_fit", "streaming", "streaming-f32"],
+    }.get(workload, ["-"])
+
+
+def _fixed(run: dict[str, Any]) -> float:
+    """The call's time beyond its rounds at the steady rate: start, a slow first round
+    (Flower starts Ray while its first round waits), shutdown."""
+    return float(run["total_s"] - len(run["rounds"]) * statistics.median(run["rounds"][1:]))
+
+
+def _rows(workload: str, flower: dict[str, Any], ours: dict[str, dict[str, Any]]) -> list[str]:
+    out = []
+    if workload == "overhead":
+        f_client = 1000 * statistics.median(flower["rounds"][1:]) / OVERHEAD_CLIENTS
+        f_fixed = _fixed(flower)
+        out.append(f"{'flower':22} {f_client:10.3f} ms/client-round {f_fixed:8.2f} s fixed")
+        for name, r in ours.items():
+            client = 1000 * statistics.median(r["rounds"][1:]) / OVERHEAD_CLIENTS
+            fixed = _fixed(r)
+            out.append(
+                f"{'fedhive ' + name:22} {client:10.3f} ms/client-round {fixed:8.2f} s fixed"
+                f"   ratios {f_client / client:6.1f}x {f_fixed / max(fixed, 1e-3):6.1f}x"
+            )
+    elif workload in ("mlp", "secagg", "grpc"):
+        key = "peak_above" if workload == "grpc" else "peak"
+        label = "server peak above start" if workload == "grpc" else "tree peak RSS"
+        f_round = statistics.median(flower["rounds"][1:] if workload == "mlp" else flower["rounds"])
+        f_peak = flower[key] if workload != "grpc" else flower["peak"] - flower["base"]
+        out.append(f"{'flower':22} {f_round:8.3f} s/round {f_peak / MB:8.0f} MB {label}")
+        for name, r in ours.items():
+            rnd = statistics.median(r["rounds"][1:] if workload == "mlp" else r["rounds"])
+            out.append(
+                f"{'fedhive ' + name:22} {rnd:8.3f} s/round {r[key] / MB:8.0f} MB {label}"
+                f"   ratios {f_round / rnd:6.1f}x {f_peak / max(r[key], 1):6.1f}x"
+            )
+    else:
+        out.append(
+            f"{'flower':22} {flower['wall_s']:8.3f} s wall {flower['cpu_s']:8.3f} s CPU "
+            f"{flower['peak_above'] / MB:8.0f} MB peak above inputs"
+        )
+        for name, r in ours.items():
+            out.append(
+                f"{'fedhive ' + name:22} {r['wall_s']:8.3f} s wall {r['cpu_s']:8.3f} s CPU "
+                f"{r['peak_above'] / MB:8.0f} MB peak above inputs   ratios "
+                f"{flower['wall_s'] / r['wall_s']:6.1f}x {flower['cpu_s'] / r['cpu_s']:6.1f}x "
+                f"{flower['peak_above'] / max(r['peak_above'], MB):6.1f}x"
+            )
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--flower-python", default=".venv-flower/bin/python")
-    parser.add_argument("--side", choices=["fedhive", "flower"], default="fedhive")
+    parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per side's run")
+    parser.add_argument("--side", help=argparse.SUPPRESS)  # fedhive child: workload
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.side == "flower":
-        print(json.dumps(_derive(_flower_time(SHORT), _flower_time(LONG))))
+    if args.side:
+        print(json.dumps(fedhive_side(args.side, args.variant)))
         return
-    rows = {b: _derive(_fedhive_time(SHORT, b), _fedhive_time(LONG, b)) for b in ("thread", "ray")}
-    done = subprocess.run(
-        [args.flower_python, __file__, "--side", "flower"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    flower = json.loads(done.stdout.strip().splitlines()[-1])
-    print(f"trivial client, {CLIENTS} clients/round, all fit; rounds {SHORT} and {LONG}")
-    print(f"{'':10} {'ms/client-round':>16} {'fixed s':>8} {'Flower/us':>10} {'fixed ratio':>12}")
-    print(f"{'flower':10} {flower['per_client_round_ms']:>16.3f} {flower['fixed_s']:>8.2f}")
-    for name, row in rows.items():
-        ratio = flower["per_client_round_ms"] / row["per_client_round_ms"]
-        fixed = flower["fixed_s"] / max(row["fixed_s"], 1e-3)
-        print(
-            f"{'fedhive-' + name:10} {row['per_client_round_ms']:>16.3f} {row['fixed_s']:>8.2f} "
-            f"{ratio:>9.1f}x {fixed:>11.1f}x"
-        )
-    print("reproduce: nice -n 10 python", shlex.join([sys.argv[0], *sys.argv[1:]]))
+    flower_python = os.path.abspath(args.flower_python)  # a venv's python: no symlinks resolved
+    env = dict(os.environ)
+    lines = [
+        "fedhive vs Flower 1.42.0 (flwr[simulation]); ratios = Flower / fedhive",
+        f"{os.cpu_count()} cores; load average at start {_load()}",
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        from fedhive.data import load_mnist1d
+
+        data = load_mnist1d(num_samples=4000, seed=0)
+        env["VS_FLOWER_MNIST1D"] = str(Path(tmp) / "mnist1d.npz")
+        np.savez(env["VS_FLOWER_MNIST1D"], x=data.x_train, y=data.y_train)
+        env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
+        for workload in args.workloads:
+            ours = {
+                v: _child(
+                    [sys.executable, __file__, "--side", workload, "--variant", v],
+                    env,
+                    args.timeout,
+                )
+                for v in _variants(workload)
+            }
+            flower_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+            flower_env["PYTHONPATH"] = str(HERE)
+            flower = _child(
+                [flower_python, str(HERE / "_flower_side.py"), workload], flower_env, args.timeout
+            )
+            lines += ["", f"[{workload}] (load average after: {_load()})"]
+            lines += _rows(workload, flower, ours)
+            raw = {"flower": flower, "fedhive": ours}
+            print(f"raw {workload}: {json.dumps(raw)}", file=sys.stderr, flush=True)
+            print("\n".join(lines[-len(ours) - 2 :]), flush=True)
+    lines += ["", f"load average at end {_load()}"]
+    lines.append(f"reproduce: nice -n 10 .venv/bin/python {shlex.join(sys.argv)}")
+    print("\n" + "\n".join(lines))
+
+
+def _load() -> str:
+    return ", ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
 if __name__ == "__main__":

@@ -206,7 +206,8 @@ def test_a_hung_client_meets_its_task_timeout(ray_session):
     backend = RayBackend(task_timeout=3.0)
     app = ClientApp(no_client, [Crashing({"a": "hang"})])
     start = time.monotonic()
-    replies = run_tasks(backend, app, list("abc"), rounds=2, timeout=60.0)
+    # 12 cheap tasks a round: in round 2 the hung one is in a batch, retried alone
+    replies = run_tasks(backend, app, list("abcdefghijkl"), rounds=2, timeout=60.0)
     assert time.monotonic() - start < 40
     errors = [r.error for r in replies if r.error]
     assert len(errors) == 2 and all("task_timeout=3 s" in e for e in errors)
@@ -231,3 +232,63 @@ def test_a_client_fn_ray_cannot_send_is_a_clear_error(ray_session):
     with pytest.raises(ConfigError, match=r"serializable by cloudpickle.*lock"):
         start_simulation(client_fn=client_fn, num_clients=4, backend="ray", num_workers=1)
     assert ray.is_initialized()
+
+
+def test_batches_follow_what_clients_cost():
+    from fedhive.simulation.ray_feed import ActorFeed
+
+    class NoActors:
+        live = ()
+
+    feed = ActorFeed(None, NoActors(), task_timeout=10.0, start_timeout=1.0, tick=0.1)
+    try:
+        assert feed.batch_size() == 1  # nothing known yet: one task per call
+        feed.learn(32, 32 * 1e-4, 32 * 100)  # cheap and small: a full batch
+        assert feed.batch_size() == 32
+        for _ in range(20):
+            feed.learn(4, 4 * 0.5, 4 * 100)  # half a second each: one per call
+        assert feed.batch_size() == 1 and feed.slack() == pytest.approx(5.1, rel=0.05)
+        for _ in range(20):
+            feed.learn(4, 4 * 1e-4, 4 * (4 << 20))  # cheap but 4 MiB replies: 8 MiB a call
+        assert feed.batch_size() == 2
+    finally:
+        feed.close()
+
+
+@pytest.mark.slow
+def test_cheap_tasks_share_calls_and_a_crash_in_a_batch_fails_its_task_only(ray_session):
+    nodes = [f"n{i}" for i in range(40)]
+    backend = RayBackend()
+    started = []
+    start = backend.start
+    backend.start = lambda setup: started.append(start(setup)) or started[-1]
+    replies = run_tasks(backend, ClientApp(no_client, [Crashing({})]), nodes, rounds=3)
+    assert all(r.error is None for r in replies) and len(replies) == 120
+    assert started[0].feed.calls <= 40  # after the first calls, dozens of tasks a call
+
+    # A crash in a batch: its tasks run again one a call; only the crashing one fails.
+    app = ClientApp(no_client, [Crashing({"n17": "exit", "n30": "segfault"})])
+    replies = run_tasks(RayBackend(task_timeout=30.0), app, nodes, rounds=3, timeout=120.0)
+    failed = [(r.metadata.server_round, r.metadata.node_id) for r in replies if r.error]
+    assert sorted(failed) == [(rnd, n) for rnd in (1, 2, 3) for n in ("n17", "n30")]
+    assert all("died during the task" in r.error for r in replies if r.error)
+    assert sum(1 for r in replies if r.error is None) == 3 * 38
+
+
+def test_tasks_fail_rather_than_wait_once_no_feeder_is_left():
+    from fedhive.simulation.ray_feed import ActorFeed, FeedItem
+
+    class BrokenPool:
+        live = (object(),)
+
+        def checkout(self):
+            raise RuntimeError("no actor for you")
+
+    task = Message.task(
+        run_id=1, node_id="a", server_round=1, model_version=0,
+        message_type=MessageType.FIT, content=FitIns(ndarrays_to_parameters([]), {}),
+    )  # fmt: skip
+    context = Context(node_id="a", node_config={}, state=RecordDict(), run_config={})
+    feed = ActorFeed(None, BrokenPool(), task_timeout=None, start_timeout=1.0, tick=0.05)
+    item = feed.run(FeedItem(task, task, None, context, None))
+    assert item.reply is not None and "closed" in item.reply.error

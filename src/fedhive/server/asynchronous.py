@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 
 from fedhive.common.errors import CheckpointError, ClientFailure, ConfigError
 from fedhive.common.message import Message, MessageType, derive_seed
-from fedhive.server.client_manager import ClientManager, ClientProxy, Criterion
+from fedhive.server.client_manager import ClientManager, ClientProxy, Criterion, Excluding
 from fedhive.server.engine import Engine, RoundDriver, SharedMailbox, failure_record
 from fedhive.server.history import History
 from fedhive.server.policy import RunPolicy
@@ -85,17 +85,9 @@ class _IdleClients:
         wanted = num_clients if self.slots is None else self.slots
         # min_num_clients counts connected clients, busy ones included; the policy
         # waited for those already, so only the idle ones limit the sample.
-        return self.manager.sample(min(wanted, idle), criterion=_Both(self.busy, criterion))
-
-
-class _Both:
-    def __init__(self, busy: set[str], criterion: Criterion | None) -> None:
-        self.busy, self.criterion = busy, criterion
-
-    def select(self, client: ClientProxy) -> bool:
-        if client.cid in self.busy:
-            return False
-        return self.criterion is None or self.criterion.select(client)
+        # Excluding without an inner criterion is sampled in O(k) draws by the managers
+        # here (no client is listed); a custom manager just calls its select.
+        return self.manager.sample(min(wanted, idle), criterion=Excluding(self.busy, criterion))
 
 
 @dataclass
@@ -120,6 +112,8 @@ class BufferedAsync(RunPolicy):
     contributions: dict[str, int] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
+    #: The sum of ``contributions`` (kept, so publishing costs O(buffer), not O(clients)).
+    folded: int = field(default=0, init=False, repr=False, compare=False)
     #: The open buffer's record, restored from a checkpoint taken mid-buffer.
     restored: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -196,6 +190,7 @@ class BufferedAsync(RunPolicy):
             raise CheckpointError(f"a buffered-async checkpoint has a bad open buffer: {opened!r}")
         self.dispatched = value
         self.contributions = {str(k): int(n) for k, n in counts.items()}
+        self.folded = sum(self.contributions.values())
         self.restored = opened
 
 
@@ -399,11 +394,13 @@ class _AsyncRun:
 
     def _contributions(self) -> list[dict[str, Any]]:
         """Each client folded into this version: its results here, and its share of all
-        results folded so far in the run (fast clients contribute more often)."""
+        results folded so far in the run (fast clients contribute more often). Memory:
+        one count per client that contributed in the run."""
         total = self.policy.contributions
         for cid, count in self.counts.items():
             total[cid] = total.get(cid, 0) + count
-        folded = sum(total.values())
+        self.policy.folded += sum(self.counts.values())
+        folded = self.policy.folded
         return [
             {"client_id": cid, "results": count, "share": total[cid] / folded}
             for cid, count in sorted(self.counts.items())

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeGuard
 
 import numpy as np
 
@@ -13,7 +13,15 @@ from fedhive.common.message import derive_seed
 from fedhive.common.records import Properties
 from fedhive.transport.membership import NodeSet
 
-__all__ = ["ClientProxy", "Criterion", "ClientManager", "SimpleClientManager"]
+__all__ = [
+    "ClientManager",
+    "ClientProxy",
+    "Criterion",
+    "Excluding",
+    "SimpleClientManager",
+    "excluding_alone",
+    "sample_excluding",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +47,64 @@ class Criterion(Protocol):
     subclass it and implement ``select``."""
 
     def select(self, client: ClientProxy) -> bool: ...
+
+
+class Excluding:
+    """A criterion that selects every client but those in ``ids`` (and, with ``inner``,
+    only those ``inner`` selects).
+
+    The managers here recognise it without ``inner`` and sample by drawing positions and
+    skipping excluded ones (:func:`sample_excluding`), so picking ``k`` idle clients costs
+    O(k) draws however many clients exist, not a test of each one. ``ids`` is held, not
+    copied: the asynchronous policy passes its live set of busy clients.
+    """
+
+    def __init__(self, ids: Collection[str], inner: Criterion | None = None) -> None:
+        self.ids = ids
+        self.inner = inner
+
+    def select(self, client: ClientProxy) -> bool:
+        if client.cid in self.ids:
+            return False
+        return self.inner is None or self.inner.select(client)
+
+
+def sample_excluding(
+    rng: np.random.Generator,
+    n: int,
+    k: int,
+    id_at: Callable[[int], str],
+    excluded: Collection[str],
+) -> list[str]:
+    """``k`` distinct ids, uniformly among positions ``0 .. n-1`` whose id is not excluded.
+
+    Positions are drawn with ``rng`` and those already drawn or excluded are skipped, so
+    each accepted id is uniform among the ones left: a uniformly random ordered sample
+    without replacement. While at most half the population is excluded or wanted this
+    takes fewer than ``2 k`` draws on average; otherwise the allowed ids are listed
+    (O(n)). Fewer than ``k`` allowed ids give ``[]``. The same ``rng`` state, ``n``,
+    ``id_at`` and exclusions give the same ids.
+    """
+    if k <= 0:
+        return []
+    if 2 * (len(excluded) + k) > n:
+        allowed = [cid for cid in (id_at(i) for i in range(n)) if cid not in excluded]
+        if len(allowed) < k:
+            return []
+        return [allowed[int(i)] for i in rng.choice(len(allowed), size=k, replace=False)]
+    picked: list[str] = []
+    seen: set[int] = set()
+    while len(picked) < k:
+        for position in rng.integers(0, n, size=2 * (k - len(picked))).tolist():
+            if position in seen:
+                continue
+            seen.add(position)
+            cid = id_at(position)
+            if cid not in excluded:
+                picked.append(cid)
+                if len(picked) == k:
+                    break
+    return picked
 
 
 class ClientManager(Protocol):
@@ -131,12 +197,26 @@ class SimpleClientManager:
         if self.wait_timeout > 0:
             self.wait_for(needed, self.wait_timeout)
         ids = sorted(self._nodes.node_ids())  # registration order must not change who is picked
+        if excluding_alone(criterion, num_clients, needed):
+            # [] when fewer than num_clients (== needed) are allowed, as below
+            picked_ids = sample_excluding(
+                self._rng, len(ids), num_clients, ids.__getitem__, criterion.ids
+            )
+            return [self._proxy(cid) for cid in picked_ids]
         if criterion is not None:
             ids = [cid for cid in ids if criterion.select(self._proxy(cid))]
         if num_clients <= 0 or len(ids) < needed:
             return []
         picked = self._rng.choice(len(ids), size=num_clients, replace=False)
         return [self._proxy(ids[i]) for i in picked]
+
+
+def excluding_alone(
+    criterion: Criterion | None, num_clients: int, needed: int
+) -> TypeGuard[Excluding]:
+    """Whether a sample may take the O(k) path: an :class:`Excluding` criterion alone, and
+    no ``min_num_clients`` above ``num_clients`` (that one counts the allowed clients)."""
+    return isinstance(criterion, Excluding) and criterion.inner is None and needed == num_clients
 
 
 def _cid_of(client: ClientProxy | str) -> str:

@@ -18,7 +18,12 @@ import numpy as np
 
 from fedhive.common.message import derive_seed
 from fedhive.common.records import Scalar
-from fedhive.server.client_manager import ClientProxy, Criterion
+from fedhive.server.client_manager import (
+    ClientProxy,
+    Criterion,
+    excluding_alone,
+    sample_excluding,
+)
 
 __all__ = ["NodeConfigs", "PopulationClientManager", "PopulationIds", "sorted_id"]
 
@@ -104,7 +109,10 @@ class PopulationClientManager:
     """Seeded sampling among ``n`` clients without listing them; see the module docstring.
 
     ``all()`` (Flower's interface) and sampling with a ``criterion`` do list them: that
-    costs what ``n`` ids cost, once per call.
+    costs what ``n`` ids cost, once per call. The exception is an
+    :class:`~fedhive.server.client_manager.Excluding` criterion (the busy clients of an
+    asynchronous run), sampled in O(k) draws by
+    :func:`~fedhive.server.client_manager.sample_excluding`.
     """
 
     def __init__(self, n: int, seed: int | None = None) -> None:
@@ -127,6 +135,9 @@ class PopulationClientManager:
     def num_available(self) -> int:
         return self.n
 
+    def _id_at(self, position: int) -> str:
+        return sorted_id(position, self.n)
+
     def wait_for(self, num_clients: int, timeout: float = 0.0) -> bool:
         return num_clients <= self.n
 
@@ -140,6 +151,10 @@ class PopulationClientManager:
         criterion: Criterion | None = None,
     ) -> list[ClientProxy]:
         needed = max(num_clients, min_num_clients or 0)
+        if excluding_alone(criterion, num_clients, needed):
+            # [] when fewer than num_clients (== needed) are allowed, as below
+            ids = sample_excluding(self._rng, self.n, num_clients, self._id_at, criterion.ids)
+            return [ClientProxy(cid) for cid in ids]
         if criterion is not None:
             ids = [
                 cid

@@ -3,9 +3,11 @@
 Each actor keeps the client app (``client_fn``, its mods and whatever they cache, such as
 a model and its optimizer buffers) between tasks; it is sent once, when the actor starts.
 Tasks are scheduled by the in-process transport's bounded loop (its window and pending
-bounds apply unchanged), one worker thread per actor: a thread hands its actor a task and
-waits on it with :func:`ray.wait` in short ticks, so each reply reaches the engine as
-soon as its client finishes, and no wait is without a deadline.
+bounds apply unchanged); each actor's feeder thread hands it the started tasks in
+batches sized to what clients cost (:mod:`fedhive.simulation.ray_feed`), so Ray's own
+cost per call is shared by many cheap clients while slow ones go one per call and their
+replies reach the engine as each client finishes. Every wait is in short ticks with a
+deadline.
 
 - The global model goes into Ray's object store once per model (once per round for a
   round's tasks, which share it) and tasks carry a reference to it: actors on this node
@@ -32,7 +34,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import sys
 import threading
 import time
@@ -48,6 +49,7 @@ from fedhive.common.message import Message
 from fedhive.common.records import EvaluateIns, FitIns, Parameters, RecordDict
 from fedhive.simulation.backends import Backend, ClientSetup
 from fedhive.simulation.limits import NodeLimits, cgroup_limits, node_limits, physical_memory
+from fedhive.simulation.ray_feed import DEPTH, ActorFeed, FeedItem
 from fedhive.simulation.runner import private_copy
 from fedhive.transport.base import Replies, Transport
 from fedhive.transport.inprocess import InProcessTransport
@@ -59,6 +61,7 @@ log = logging.getLogger("fedhive")
 #: ``client_resources`` keys, as Flower names them (``memory`` in bytes).
 RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory")
 _IGNORED = ("actor_type", "actor_kwargs")
+_MAX_WAITERS = 1024  # worker threads of the transport, whatever the pool's size
 
 
 def _import_ray() -> Any:
@@ -85,12 +88,27 @@ class _ClientActor:
         if not self.torch_ready and "torch" in sys.modules:  # a client has imported torch
             sys.modules["torch"].set_num_threads(self.threads)
             self.torch_ready = True
-        if model is not None:
-            parameters = model if isinstance(model, Parameters) else Parameters(arrays=model)
-            task = Message(task.metadata, replace(task.content, parameters=parameters))
-        # the object store's arrays are read-only and shared: each client gets a copy
-        reply = self.app.handle(private_copy(task), context)
-        return reply, context.state
+        try:
+            if model is not None:
+                parameters = model if isinstance(model, Parameters) else Parameters(arrays=model)
+                task = Message(task.metadata, replace(task.content, parameters=parameters))
+            # the object store's arrays are read-only and shared: each client gets a copy
+            task = private_copy(task)
+        except Exception as exc:  # a model a client cannot get fails that task only
+            return task.error_reply(f"{type(exc).__name__}: {exc}"), context.state
+        return self.app.handle(task, context), context.state
+
+    def run_batch(
+        self, specs: list[tuple[Message, int, Context]], *models: Any
+    ) -> tuple[list[tuple[Message, RecordDict]], float]:
+        """Run tasks in order; each spec names its model by index into ``models`` (-1:
+        none). Returns the replies with the clients' states, and the seconds taken."""
+        start = time.perf_counter()
+        out = [
+            self.run(task, None if index < 0 else models[index], context)
+            for task, index, context in specs
+        ]
+        return out, time.perf_counter() - start
 
 
 def _without_model(task: Message) -> Message:
@@ -122,11 +140,6 @@ class _ModelRefs:
 
     def clear(self) -> None:
         self._refs = []
-
-
-def _reason(exc: BaseException) -> str:
-    text = re.sub(r"\s+", " ", str(exc)).strip()
-    return text if len(text) <= 400 else text[:397] + "..."
 
 
 class _Pool:
@@ -207,6 +220,7 @@ class RayTransport(Transport):
         task_timeout: float | None = None,
         start_timeout: float = 120.0,
         tick: float = 0.25,
+        max_batch: int = 32,
     ) -> None:
         self.ray = ray
         self.start_timeout = start_timeout
@@ -217,10 +231,18 @@ class RayTransport(Transport):
         self._models = _ModelRefs(ray)
         self._lock = threading.Lock()
         self._tasks: dict[str, tuple[Replies, Any]] = {}
-        self._local = threading.local()
-        self._inner = InProcessTransport(
-            self._run, num_workers=len(pool.live), latency=setup.latency
+        self.feed = ActorFeed(
+            ray,
+            pool,
+            task_timeout=task_timeout,
+            start_timeout=start_timeout,
+            tick=tick,
+            max_batch=max_batch,
         )
+        # A thread per task an actor may hold (a full batch running, one queued behind):
+        # each waits for its task's outcome while the feeders batch them.
+        workers = min(_MAX_WAITERS, len(pool.live) * DEPTH * max_batch)
+        self._inner = InProcessTransport(self._run, num_workers=workers, latency=setup.latency)
 
     def send(self, messages: Sequence[Message], replies: Replies) -> None:
         tasks = list(messages)
@@ -230,29 +252,6 @@ class RayTransport(Transport):
             for task in tasks:
                 self._tasks[task.metadata.message_id] = (replies, self._models.ref(task.content))
         self._inner.send(tasks, replies)
-
-    def _actor(self) -> Any:
-        actor = getattr(self._local, "actor", None)
-        if actor is None:
-            actor = self._local.actor = self.pool.checkout()
-        return actor
-
-    def _lost(self, actor: Any) -> None:
-        self._local.actor = self.pool.replace(actor)
-        self._local.starting = True
-
-    def _started(self, node_id: str) -> str | None:
-        """Wait for a replacement actor's start (not counted in the task's timeout)."""
-        if not getattr(self._local, "starting", False):
-            return None
-        ready, _ = self.ray.wait([self._local.actor.ready.remote()], timeout=self.start_timeout)
-        if not ready:
-            return (
-                f"client {node_id!r} got no Ray actor: its replacement did not start "
-                f"within {self.start_timeout:g} s"
-            )
-        self._local.starting = False
-        return None
 
     def _run(self, task: Message) -> Message:
         node_id = task.metadata.node_id
@@ -268,64 +267,18 @@ class RayTransport(Transport):
             run_config=dict(self.setup.run_config),
             seed=task.metadata.seed,
         )
-        actor = self._actor()
-        late = self._started(node_id)
-        if late is not None:
-            return task.error_reply(late)
-        actor = self._local.actor
         sent = task if model is None else _without_model(task)
-        ref = actor.run.remote(sent, model, context)
+        item = self.feed.run(FeedItem(task, sent, model, context, replies))
         del sent, model, context
-        failure = self._wait(ref, replies, node_id)
-        if failure is not None:
-            self._lost(actor)
-            return task.error_reply(failure)
-        try:
-            reply, state = self.ray.get(ref, timeout=self.tick)
-        except self.ray.exceptions.OutOfMemoryError as exc:
-            self._lost(actor)
-            return task.error_reply(
-                f"client {node_id!r} was stopped by Ray's memory monitor (out of memory); "
-                f"its actor was replaced and the round goes on: {_reason(exc)}"
-            )
-        except self.ray.exceptions.RayActorError as exc:
-            self._lost(actor)
-            return task.error_reply(
-                f"the Ray actor running client {node_id!r} died during the task (killed, "
-                f"out of memory, or a crash in native code); it was replaced and the round "
-                f"goes on: {_reason(exc)}"
-            )
-        except self.ray.exceptions.RayError as exc:  # the task itself could not run
-            return task.error_reply(f"client {node_id!r} failed on Ray: {_reason(exc)}")
+        reply, state = item.reply, item.state
+        if reply is None:  # cannot happen: a finished item has a reply
+            return task.error_reply(f"client {node_id!r} got no reply from Ray")
         if isinstance(state, RecordDict):
             self.setup.store.put(node_id, state)
         return reply
 
-    def _wait(self, ref: Any, replies: Replies | None, node_id: str) -> str | None:
-        """Wait for ``ref``; why the actor must go when it cannot be waited for."""
-        start = time.monotonic()
-        while True:
-            left = (
-                None if self.task_timeout is None else start + self.task_timeout - time.monotonic()
-            )
-            ready, _ = self.ray.wait(
-                [ref], timeout=self.tick if left is None else max(0.0, min(self.tick, left))
-            )
-            if ready:
-                return None
-            if replies is not None and replies.cancelled:
-                return (
-                    f"client {node_id!r} was stopped: nobody waits for its reply any more "
-                    "(the round is over); its actor was replaced"
-                )
-            if left is not None and left <= 0:
-                return (
-                    f"client {node_id!r} did not answer within task_timeout="
-                    f"{self.task_timeout:g} s; its actor was stopped and replaced and the "
-                    "round goes on"
-                )
-
     def close(self) -> None:
+        self.feed.close()
         self._inner.close()
         with self._lock:
             self._tasks.clear()
@@ -369,16 +322,27 @@ class RayBackend(Backend):
     """Virtual clients in Ray actors (``"ray"``); see the module docstring.
 
     ``task_timeout`` bounds each client's task in seconds (``None``: only the round
-    timeout bounds it); ``start_timeout`` bounds the start of the actor pool.
+    timeout bounds it); ``start_timeout`` bounds the start of the actor pool;
+    ``max_batch`` caps the tasks one Ray call carries (1: a call per task;
+    :mod:`fedhive.simulation.ray_feed`).
     """
 
     name = "ray"
 
-    def __init__(self, *, task_timeout: float | None = None, start_timeout: float = 120.0) -> None:
+    def __init__(
+        self,
+        *,
+        task_timeout: float | None = None,
+        start_timeout: float = 120.0,
+        max_batch: int = 32,
+    ) -> None:
         if task_timeout is not None and not task_timeout > 0:
             raise ConfigError(f"task_timeout must be > 0 seconds or None, got {task_timeout!r}")
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ConfigError(f"max_batch must be an int >= 1, got {max_batch!r}")
         self.task_timeout = task_timeout
         self.start_timeout = start_timeout
+        self.max_batch = max_batch
         self.started_ray = False
         self.keep_initialised = False
         self.pool: _Pool | None = None
@@ -446,6 +410,7 @@ class RayBackend(Backend):
             setup,
             task_timeout=self.task_timeout,
             start_timeout=self.start_timeout,
+            max_batch=self.max_batch,
         )
         return self._transport
 
