@@ -29,6 +29,7 @@ import binascii
 import hmac
 import ipaddress
 import json
+import logging
 import math
 import ssl
 import threading
@@ -54,6 +55,8 @@ __all__ = ["Dashboard", "DashboardAccess", "LiveState", "dashboard_access", "par
 MAX_ROUNDS = 1000
 MAX_FAILURES = 200
 _REASON_CHARS = 500
+
+log = logging.getLogger("fedhive.server.dashboard")
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -299,6 +302,11 @@ class _HttpServer(ThreadingHTTPServer):
         super().__init__((host, port), _Handler)
         self.state = state
         self.access = access
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A request that broke off (a failed TLS handshake, a closed connection) is the
+        asker's problem: logged at debug level, no traceback on the server's console."""
+        log.debug("dashboard request from %s failed", client_address, exc_info=True)
 
 
 def _family(host: str) -> Any:
