@@ -6,6 +6,7 @@ Chromium, its driver or Selenium is not installed here (CI installs all three)."
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -75,8 +76,13 @@ def console_problems(driver: Any) -> list[str]:
 
 
 def full_page_screenshot(driver: Any, path: Path) -> Path:
-    """A screenshot of the whole page (the window grown to its height) at ``path``."""
+    """A screenshot of the whole page (the window grown to its height) at ``path``, and a
+    copy in ``$FEDHIVE_SCREENSHOT_DIR`` when that is set (to look at after the tests)."""
     height = driver.execute_script("return document.documentElement.scrollHeight")
     driver.set_window_size(1400, min(max(int(height) + 40, 600), 8000))
     driver.save_screenshot(str(path))
+    keep = os.environ.get("FEDHIVE_SCREENSHOT_DIR")
+    if keep:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, Path(keep) / path.name)
     return path

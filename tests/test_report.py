@@ -14,7 +14,7 @@ from fedhive.cli import app
 from fedhive.report import figures, load_runs, report_html, write_report
 from fedhive.report.runs import config_differences, summary
 from fedhive.report.svg import format_value, nice_ticks
-from report_helpers import three_runs
+from report_helpers import three_runs, write_run
 
 runner = CliRunner()
 
@@ -180,3 +180,32 @@ def test_the_page_renders_in_chromium_without_console_errors(run_dirs, tmp_path)
         assert rows == 1 + len(run_dirs)
         shot = full_page_screenshot(browser, tmp_path / "report.png")
     assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 50_000
+
+
+@pytest.mark.slow  # a personalized run on top of the module's three
+def test_a_personalized_run_shows_its_personal_and_global_accuracy(run_dirs, tmp_path):
+    personal = write_run(
+        tmp_path / "finetune",
+        {
+            "model": {"name": "mlp", "hidden": 16},
+            "personalization": {"method": "finetune", "finetune_epochs": 1},
+        },
+    )
+    runs = load_runs([*run_dirs, personal])
+    (boxes,) = [f.boxes for f in figures(runs) if f.key == "client-accuracy"]
+    mine = [b for b in boxes if b.run == 3]
+    assert [b.label for b in mine] == ["finetune\npersonal (test)", "finetune\nglobal (test)"]
+    last = [r for r in _history(personal) if r.get("personalized")][-1]
+    assert mine[0].values == tuple(c["accuracy"] for c in last["personalized"]["clients"])
+    assert mine[1].values == tuple(c["accuracy"] for c in last["global"]["clients"])
+    assert mine[1].hatched and not mine[0].hatched
+    assert not any(b.hatched for b in boxes if b.run != 3)  # no personal model to compare
+    differ, _ = config_differences(runs)
+    assert {"personalization.method", "model.name"} <= set(differ)
+    if missing() is None:
+        out = tmp_path / "report.html"
+        write_report(runs, out, png_dir=tmp_path / "png")
+        with chromium() as browser:
+            browser.get(out.resolve().as_uri())
+            assert console_problems(browser) == []
+            full_page_screenshot(browser, tmp_path / "report-personalized.png")
