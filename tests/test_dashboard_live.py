@@ -67,7 +67,7 @@ def _until(browser, check, timeout=60.0):
 
 @pytest.mark.skipif(missing() is not None, reason=str(missing()))
 def test_the_live_page_follows_a_real_federation_in_chromium(tmp_path):
-    (tmp_path / "server.toml").write_text(SERVER.format(rounds=8))
+    (tmp_path / "server.toml").write_text(SERVER.format(rounds=12))
     (tmp_path / "tokens.json").write_text(json.dumps(TOKENS))
     server = fedhive(
         tmp_path, "server", "server", "server.toml", "--insecure", "--address", "127.0.0.1:0",
@@ -98,13 +98,13 @@ def test_the_live_page_follows_a_real_federation_in_chromium(tmp_path):
             assert server.wait() == 0, server.stderr
             assert [s.wait() for s in sites] == [0, 0], [s.stderr for s in sites]
         assert problems == []
-        assert state["rounds_total"] == 8 and state["failures_total"] >= 2
+        assert state["rounds_total"] == 12 and state["failures_total"] >= 2
         assert state["bytes_up_total"] > 0 and state["bytes_down_total"] > 0
     finally:
         server.stop()
     assert (tmp_path / "dashboard.png").stat().st_size > 20_000
     rounds = json.loads((tmp_path / "out" / "history.json").read_text())["rounds"]
-    assert max(r["round"] for r in rounds) == 8
+    assert max(r["round"] for r in rounds) == 12
 
 
 def _fetch(url, context, user=None, token=None):

@@ -74,9 +74,11 @@ class _Frame:
     def __init__(self, x: Sequence[float], y: Sequence[float]) -> None:
         self.x_ticks = nice_ticks(min(x), max(x))
         self.y_ticks = nice_ticks(min(y), max(y))
+        #: The x range drawn (the outer ticks, unless set: bars are centred on rounds).
+        self.x_range = (self.x_ticks[0], self.x_ticks[-1])
 
     def px(self, value: float) -> float:
-        low, high = self.x_ticks[0], self.x_ticks[-1]
+        low, high = self.x_range
         span = (high - low) or 1.0
         return LEFT + (value - low) / span * (WIDTH - LEFT - RIGHT)
 
@@ -159,22 +161,16 @@ def _bars(figure: Figure) -> list[str]:
     frame = _Frame([rounds[0] - 0.5, rounds[-1] + 0.5], [0.0, max(max(counts), 1.0)])
     frame.y_ticks = [t for t in frame.y_ticks if t == int(t)]  # counts are whole
     frame.x_ticks = nice_ticks(rounds[0], rounds[-1]) if len(rounds) > 1 else [rounds[0]]
-    frame.x_ticks = [t for t in frame.x_ticks if rounds[0] - 0.5 <= t <= rounds[-1] + 0.5]
-    low, high = rounds[0] - 0.5, rounds[-1] + 0.5
-    plot_w = WIDTH - LEFT - RIGHT
-
-    def px(value: float) -> float:
-        return LEFT + (value - low) / (high - low) * plot_w
-
-    frame.px = px  # type: ignore[method-assign]  # bars are centred on their round
+    frame.x_range = (rounds[0] - 0.5, rounds[-1] + 0.5)
+    frame.x_ticks = [t for t in frame.x_ticks if frame.x_range[0] <= t <= frame.x_range[1]]
     parts = _axes(frame, figure)
-    slot = plot_w / len(rounds)
+    slot = (WIDTH - LEFT - RIGHT) / len(rounds)
     width = max(slot * 0.8 / max(len(figure.series), 1), 0.5)
     for index, series in enumerate(figure.series):
         for x, y in zip(series.x, series.y, strict=True):
             if y <= 0:
                 continue
-            left = px(x) - slot * 0.4 + index * width
+            left = frame.px(x) - slot * 0.4 + index * width
             top = frame.py(y)
             tip = f"{series.label}: round {x:g}, {y:g} failures"
             parts.append(
