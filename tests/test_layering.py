@@ -24,7 +24,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("fedhive.cli", "fedhive.testing"),
     # the entry points: they compose everything below (secure aggregation included)
-    ("fedhive.simulation", "fedhive.server.start", "fedhive.client.start"),
+    ("fedhive.simulation", "fedhive.server.start", "fedhive.client.start", "fedhive.report"),
     ("fedhive.privacy", "fedhive.secagg", "fedhive.compression", "fedhive.personalization"),
     ("fedhive.server", "fedhive.client"),
     # the strategy API, with the membership it samples from (Flower's ClientManager)

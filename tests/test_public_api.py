@@ -8,6 +8,7 @@ import sys
 import fedhive
 import fedhive.client
 import fedhive.common
+import fedhive.report
 import fedhive.secagg
 import fedhive.server
 import fedhive.server.strategy
@@ -15,6 +16,18 @@ import fedhive.simulation
 import fedhive.testing
 
 EXPECTED = {
+    fedhive.report: [
+        "Box",
+        "Figure",
+        "Run",
+        "Series",
+        "figures",
+        "load_run",
+        "load_runs",
+        "report_html",
+        "write_pngs",
+        "write_report",
+    ],
     fedhive.testing: ["DROP", "FakeReply", "FakeTransport", "ManualClock", "VirtualClock"],
     fedhive.client: [
         "Client",

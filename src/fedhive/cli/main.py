@@ -13,6 +13,7 @@ from rich.markup import escape
 from fedhive.cli import deploy
 from fedhive.cli.certs_cmd import certs
 from fedhive.cli.privacy import privacy_command
+from fedhive.cli.report_cmd import report
 from fedhive.cli.secagg_cmd import secagg_app
 from fedhive.common.errors import FedhiveError
 
@@ -241,6 +242,7 @@ def _run(
 
 app.command("privacy")(privacy_command)
 app.command("certs")(certs)
+app.command("report")(report)
 app.command("server")(deploy.server)
 app.command("client")(deploy.client)
 app.add_typer(secagg_app)

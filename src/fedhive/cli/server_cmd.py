@@ -31,6 +31,7 @@ from fedhive.client.app import Mod
 from fedhive.common.errors import ConfigError, FedhiveError
 from fedhive.common.records import Config
 from fedhive.data import Dataset
+from fedhive.server.client_manager import SimpleClientManager
 from fedhive.server.engine import Engine, RoundCallback
 from fedhive.server.history import History
 from fedhive.server.policy import RunPolicy
@@ -164,6 +165,13 @@ def server(
             "--overwrite", help="replace the run already in the output folder (and its checkpoints)"
         ),
     ] = False,
+    dashboard: Annotated[
+        str | None,
+        typer.Option(
+            help="serve a live read-only page on HOST:PORT (loopback; another address needs "
+            "--tokens, which viewers log in with)"
+        ),
+    ] = None,
 ) -> None:
     """Serve a federation over gRPC: rounds of the config's strategy (FedAvg by
     default; [strategy] name picks another, as in fedhive run).
@@ -179,7 +187,8 @@ def server(
     authentication (--tokens, or --require-client-auth with --ca) unless --insecure is
     given. Writes history.json, metrics.csv, accuracy.png, config.toml and
     final_model.npz to the output folder, and a checkpoint after every round (continue
-    with --resume). Exits 1 if no client's fit ever succeeded.
+    with --resume). --dashboard 127.0.0.1:8081 serves a live page of the run (clients,
+    rounds, failures, bytes, privacy). Exits 1 if no client's fit ever succeeded.
     """
     flags = {
         "address": ("--address", address),
@@ -194,7 +203,7 @@ def server(
         "resume": ("--resume", resume),
     }
     try:
-        code = _serve(config_file, flags, set_ or [], insecure, log_level, overwrite)
+        code = _serve(config_file, flags, set_ or [], insecure, log_level, overwrite, dashboard)
     except FedhiveError as exc:
         err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         raise typer.Exit(2) from None
@@ -265,6 +274,7 @@ def _serve(
     insecure: bool,
     log_level: str,
     overwrite: bool = False,
+    dashboard: str | None = None,
 ) -> int:
     from fedhive.cli.outdir import prepare_out_dir, resume_line
     from fedhive.cli.output import plot_title, write_config, write_plot
@@ -282,6 +292,16 @@ def _serve(
         err.print(
             "[yellow]warning:[/] client tokens travel in the clear without TLS", highlight=False
         )
+    manager = SimpleClientManager(seed=cfg.seed, wait_timeout=cfg.wait_timeout)
+    board = None
+    extra: list[RoundCallback] = []
+    if dashboard is not None:  # checked before anything is written or listens
+        from fedhive.cli.dashboard_cmd import prepare_dashboard
+
+        board, live = prepare_dashboard(
+            dashboard, cfg, auth_tokens, certificates is not None, manager
+        )
+        extra.append(live)
     out_dir = Path(cfg.out)
     checkpoints = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else out_dir / "checkpoints"
     if not cfg.resume:
@@ -323,9 +343,13 @@ def _serve(
             line = resume_line(checkpoints, cfg.rounds)
             err.print(f"fedhive server: {line}", highlight=False, markup=False)
 
+    if board is not None:
+        board.start()
+        err.print(f"fedhive server: dashboard on {board.url}", highlight=False, markup=False)
     try:
         history = start_server(
             server_address=cfg.address,
+            client_manager=manager,
             config=ServerConfig(num_rounds=cfg.rounds, round_timeout=cfg.round_timeout),
             strategy=strategy,
             certificates=certificates,
@@ -335,7 +359,7 @@ def _serve(
             seed=cfg.seed,
             checkpoint_dir=checkpoints,
             resume=cfg.resume,
-            callbacks=[outputs],
+            callbacks=[outputs, *extra],
             on_started=started,
             policy=policy,
             secure_aggregation=(
@@ -354,6 +378,9 @@ def _serve(
             markup=False,
         )
         return 130
+    finally:
+        if board is not None:
+            board.stop()
     outputs.write(history)
     if outputs.engine is not None:
         save_npz(out_dir / "final_model.npz", list(outputs.engine.parameters.arrays))
