@@ -30,6 +30,8 @@ A TOML file has up to seven tables, every key optional (defaults give the defaul
                  test_fraction (optional; see :mod:`fedhive.cli.personalization`)
     [compression] uplink, ratio, bits, error_feedback, downlink (update compression,
                  optional; :mod:`fedhive.cli.compression_config`)
+    [tracking]   tensorboard = { logdir, histograms }, mlflow = { tracking_uri,
+                 experiment, run_name } (optional; :mod:`fedhive.cli.tracking`)
 
 An unknown key or a bad value stops the run with a message naming the key, the value and
 what is allowed. So does a strategy parameter that the chosen strategy does not take
@@ -89,6 +91,7 @@ from fedhive.cli.strategies import (
     strategy_model,
     weighted_mean_strategies,
 )
+from fedhive.cli.tracking import TrackingConfig
 from fedhive.common.errors import ConfigError
 
 __all__ = [
@@ -351,6 +354,7 @@ class ExperimentConfig(_Section):
     system: SystemConfig | None = None
     personalization: PersonalizationSection | None = None
     compression: CompressionConfig | None = None
+    tracking: TrackingConfig | None = None
 
     @model_validator(mode="after")
     def _check_sample_size(self) -> Self:

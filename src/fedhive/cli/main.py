@@ -165,6 +165,7 @@ def _run(
         write_plot,
     )
     from fedhive.cli.progress import EveryRound, ProgressBar, summary_table
+    from fedhive.cli.tracking import tracking_callbacks
     from fedhive.data import format_partition_table
     from fedhive.server.history import History
 
@@ -194,6 +195,7 @@ def _run(
         err.print(prefix + escape(line), highlight=False)
 
     callbacks: list[Any] = [EveryRound(write_all), FailureLog(emit)]
+    callbacks += tracking_callbacks(cfg.tracking, out_dir, resolved)
     if progress:
         callbacks.append(ProgressBar(cfg.rounds, console=err))
     # the default policy is not named, so the line reads as it always has
