@@ -88,25 +88,25 @@ def test_a_numpy_project_passes_its_tests_and_runs(tmp_path, clean_imports):
 
 
 @pytest.mark.slow  # each project's tests and run in fresh processes: 20-60 s each
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("framework", sorted(FRAMEWORKS))
 def test_every_template_passes_its_tests_and_runs_out_of_the_box(tmp_path, framework):
     for module in NEEDS[framework]:
-        pytest.importorskip(module, reason=f"the {framework} template needs {module}")
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(f"the {framework} template needs {module}, which is not installed")
     folder = new(tmp_path, framework, name=f"my-{framework}")
-    code, output = run_in(folder, "-m", "pytest", "-p", "no:cacheprovider", "-W", "error")
+    code, output = run_in(folder, "-m", "pytest", "-p", "no:cacheprovider")
     assert code == 0, output
     assert "3 passed" in output
     code, output = run_in(folder, *FEDHIVE, "run", "fedhive.toml", "--rounds", "3", "--no-progress")
     assert code == 0, output
     history = json.loads((folder / "runs" / f"my-{framework}" / "history.json").read_text())
     assert history["rounds"][-1]["distributed"]["metrics"]["accuracy"] > 0.7
-    lint = subprocess.run(
-        [sys.executable, "-m", "ruff", "check", "--select", "E,F,W,I,B,UP", "."],
-        cwd=folder,
-        capture_output=True,
-        text=True,
-    )
-    assert lint.returncode == 0, lint.stdout
+    for command in (["check", "--select", "E,F,W,I,B,UP", "."], ["format", "--check", "."]):
+        lint = subprocess.run(
+            [sys.executable, "-m", "ruff", *command], cwd=folder, capture_output=True, text=True
+        )
+        assert lint.returncode == 0, lint.stdout  # the project's own ruff settings
 
 
 def test_new_refuses_bad_names_unknown_frameworks_and_full_folders(tmp_path):
