@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import fedhive
+import fedhive.callbacks
 import fedhive.client
 import fedhive.common
 import fedhive.secagg
@@ -15,6 +16,7 @@ import fedhive.simulation
 import fedhive.testing
 
 EXPECTED = {
+    fedhive.callbacks: ["MLflow", "TensorBoard", "client_values", "flat_params", "round_scalars"],
     fedhive.testing: ["DROP", "FakeReply", "FakeTransport", "ManualClock", "VirtualClock"],
     fedhive.client: [
         "Client",
