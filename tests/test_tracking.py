@@ -274,6 +274,7 @@ def test_an_unknown_tracking_key_names_the_allowed_ones(tmp_path):
 
 
 @pytest.mark.slow  # three processes, about 30 s
+@pytest.mark.timeout(600)
 def test_fedhive_server_logs_a_deployment_to_tensorboard_and_mlflow(tmp_path, file_store):
     pytest.importorskip("tensorboard", reason="pip install 'fedhive[tensorboard]'")
     from deploy_helpers import TINY_SERVER, demo_federation, stop_all
