@@ -131,7 +131,7 @@ def new_project(name: str, framework: str, parent: Path = Path(".")) -> Path:
 
 
 def new_command(
-    name: Annotated[str, typer.Argument(help="the project's name and folder")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="the project's name and folder")],
     framework: Annotated[
         str, typer.Option(help="the client's framework: " + " | ".join(FRAMEWORKS))
     ] = "numpy",
