@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedhive-installed
 
-.PHONY: setup run test lint bench clean proto flower-venv vs-flower
+.PHONY: setup run test lint docs bench clean proto flower-venv vs-flower
 
 setup: $(STAMP)
 
@@ -27,8 +27,12 @@ lint: setup
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
 
+# The documentation site (mkdocs.yml): a warning, such as a broken link, fails the build.
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build site *.egg-info
 
 # Regenerate the gRPC modules from src/fedhive/transport/proto/fleet.proto.
 proto: setup

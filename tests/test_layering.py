@@ -25,7 +25,13 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("fedhive.cli", "fedhive.testing"),
     # the entry points: they compose everything below (secure aggregation included)
     ("fedhive.simulation", "fedhive.server.start", "fedhive.client.start", "fedhive.report"),
-    ("fedhive.privacy", "fedhive.secagg", "fedhive.compression", "fedhive.personalization"),
+    (
+        "fedhive.privacy",
+        "fedhive.secagg",
+        "fedhive.compression",
+        "fedhive.personalization",
+        "fedhive.callbacks",
+    ),
     ("fedhive.server", "fedhive.client"),
     # the strategy API, with the membership it samples from (Flower's ClientManager)
     ("fedhive.server.strategy", "fedhive.server.client_manager"),

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import fedhive
+import fedhive.callbacks
 import fedhive.client
 import fedhive.common
 import fedhive.report
@@ -28,6 +29,7 @@ EXPECTED = {
         "write_pngs",
         "write_report",
     ],
+    fedhive.callbacks: ["MLflow", "TensorBoard", "client_values", "flat_params", "round_scalars"],
     fedhive.testing: ["DROP", "FakeReply", "FakeTransport", "ManualClock", "VirtualClock"],
     fedhive.client: [
         "Client",

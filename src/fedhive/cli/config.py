@@ -6,6 +6,7 @@ A TOML file has up to seven tables, every key optional (defaults give the defaul
     rounds = 100
     num_clients = 100
     out = "runs/default"
+    app = ""          # your own client, "MODULE:ATTR" (see below); default: the built-in one
 
     [data]       dataset, num_samples, path, partition, alpha, min_size, shards_per_client,
                  sigma, val_fraction
@@ -30,6 +31,15 @@ A TOML file has up to seven tables, every key optional (defaults give the defaul
                  test_fraction (optional; see :mod:`fedhive.cli.personalization`)
     [compression] uplink, ratio, bits, error_feedback, downlink (update compression,
                  optional; :mod:`fedhive.cli.compression_config`)
+    [tracking]   tensorboard = { logdir, histograms }, mlflow = { tracking_uri,
+                 experiment, run_name } (optional; :mod:`fedhive.cli.tracking`)
+
+``app = "client:app"`` simulates your own client instead of the built-in model and data:
+a ``ClientApp``, a ``client_fn`` (taking a ``Context``, whose ``node_config`` has
+``partition-id`` and ``num-partitions``) or a ``NumPyClient``, imported from ``app_dir``
+(default: the config file's folder). Each round's fit config carries ``[train]``'s
+values; the initial model comes from one client and evaluation is the clients' own.
+``[data]``, ``[model]``, ``[system]`` and ``[personalization]`` do not apply to it.
 
 An unknown key or a bad value stops the run with a message naming the key, the value and
 what is allowed. So does a strategy parameter that the chosen strategy does not take
@@ -89,6 +99,7 @@ from fedhive.cli.strategies import (
     strategy_model,
     weighted_mean_strategies,
 )
+from fedhive.cli.tracking import TrackingConfig
 from fedhive.common.errors import ConfigError
 
 __all__ = [
@@ -341,6 +352,8 @@ class ExperimentConfig(_Section):
     rounds: int = Field(100, ge=1, description="rounds (model versions under any policy)")
     num_clients: int = Field(100, ge=1)
     out: str = "runs/default"
+    app: str = Field("", description="your client, MODULE:ATTR (replaces [data] and [model])")
+    app_dir: str = Field("", description="folder app is imported from; default: the config's")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
@@ -351,10 +364,20 @@ class ExperimentConfig(_Section):
     system: SystemConfig | None = None
     personalization: PersonalizationSection | None = None
     compression: CompressionConfig | None = None
+    tracking: TrackingConfig | None = None
 
     @model_validator(mode="after")
     def _check_sample_size(self) -> Self:
         st = self.strategy
+        if self.app:
+            for section in ("system", "personalization"):
+                if getattr(self, section) is not None:
+                    raise PydanticCustomError(
+                        "config_parameter",
+                        "[{table}] needs the built-in client; with app = {value!r} your "
+                        "client does its own training: remove [{table}] or app",
+                        {"field": "app", "value": self.app, "table": section},
+                    )
         check_strategy_policy(
             st, self.policy, self.num_clients, self.secure_aggregation is not None
         )

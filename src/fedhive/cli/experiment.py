@@ -287,14 +287,25 @@ def weighted_average(metrics: list[tuple[int, dict[str, Scalar]]]) -> dict[str, 
 @dataclass
 class Experiment:
     cfg: ExperimentConfig
-    dataset: Dataset
-    partition: Partition
-    client_fn: ClientFactory | PersonalClientFactory
+    #: The built-in data and its partition; None for the user's own client (``app``).
+    dataset: Dataset | None
+    partition: Partition | None
+    client_fn: ClientFactory | PersonalClientFactory | Callable[..., Any]
     strategy: Strategy
     #: Client mods the strategy needs (``scaffold_mod`` for SCAFFOLD).
     mods: tuple[Mod, ...] = ()
     #: Round callbacks the experiment needs (personalization's per-client summaries).
     callbacks: tuple[RoundCallback, ...] = ()
+
+    def describe(self) -> str:
+        """``"digits (1437 train / 360 test), partition iid, model logreg"``, or the app."""
+        cfg, data = self.cfg, self.dataset
+        if data is None:
+            return f"your client {cfg.app}"
+        return (
+            f"{data.name} ({len(data.y_train)} train / {len(data.y_test)} test), "
+            f"partition {cfg.data.partition}, model {cfg.model.name}"
+        )
 
 
 #: ``[strategy] name`` -> the class it builds: a live view of the registry in
@@ -383,6 +394,10 @@ def _test_split_evaluation(
 
 
 def build_experiment(cfg: ExperimentConfig) -> Experiment:
+    if cfg.app:
+        from fedhive.cli.user_app import app_experiment
+
+        return app_experiment(cfg)
     dataset = load_data(cfg)
     partition = make_partition(cfg, dataset)
     spec = ModelSpec.for_data(cfg.model, dataset)
@@ -442,7 +457,8 @@ def run_experiment(
     sim = cfg.simulation
     system = None
     if cfg.system is not None:  # each client's training set size sets its compute time
-        sizes = {str(i): _train_size(split) for i, split in enumerate(exp.client_fn.splits)}
+        splits = exp.client_fn.splits  # type: ignore[union-attr]  # no [system] with an app
+        sizes = {str(i): _train_size(split) for i, split in enumerate(splits)}
         system = cfg.system.build(sizes, cfg.seed)
     return start_simulation(
         client_fn=exp.client_fn,

@@ -12,6 +12,7 @@ from rich.markup import escape
 
 from fedhive.cli import deploy
 from fedhive.cli.certs_cmd import certs
+from fedhive.cli.new_cmd import new_command
 from fedhive.cli.privacy import privacy_command
 from fedhive.cli.report_cmd import report
 from fedhive.cli.secagg_cmd import secagg_app
@@ -62,6 +63,7 @@ def _resolve(
 ) -> tuple[Any, Path]:
     from fedhive.cli.config import validate
     from fedhive.cli.overrides import merged_config
+    from fedhive.cli.user_app import with_app_dir
 
     if resume is not None:
         if not resume.is_dir():
@@ -74,7 +76,7 @@ def _resolve(
         config_file = saved
         flags = {**flags, "out": ("--resume", str(resume))}
     merged = merged_config(config_file, sets, flags)
-    cfg = validate(merged.data, merged.source, merged.sources)
+    cfg = with_app_dir(validate(merged.data, merged.source, merged.sources), config_file)
     return cfg, Path(cfg.out)
 
 
@@ -166,6 +168,7 @@ def _run(
         write_plot,
     )
     from fedhive.cli.progress import EveryRound, ProgressBar, summary_table
+    from fedhive.cli.tracking import tracking_callbacks
     from fedhive.data import format_partition_table
     from fedhive.server.history import History
 
@@ -176,13 +179,15 @@ def _run(
         prepare_out_dir(out_dir, checkpoints, overwrite=overwrite, resume_hint=hint)
     exp = build_experiment(cfg)
     if show_partition:
+        if exp.partition is None or exp.dataset is None:
+            raise FedhiveError("--show-partition shows the built-in data; with app, there is none")
         table = format_partition_table(exp.partition, exp.dataset.y_train, exp.dataset.num_classes)
         console.print(table, highlight=False, markup=False)
         return 0
     out_dir.mkdir(parents=True, exist_ok=True)
     resolved = cfg.model_dump()
     write_config(out_dir / "config.toml", resolved)
-    title = plot_title(exp.dataset.name, cfg.strategy.name, cfg.seed)
+    title = plot_title(exp.dataset.name if exp.dataset else None, cfg.strategy.name, cfg.seed)
     latest: list[History] = []
 
     def write_all(history: History) -> None:
@@ -195,14 +200,13 @@ def _run(
         err.print(prefix + escape(line), highlight=False)
 
     callbacks: list[Any] = [EveryRound(write_all), FailureLog(emit)]
+    callbacks += tracking_callbacks(cfg.tracking, out_dir, resolved)
     if progress:
         callbacks.append(ProgressBar(cfg.rounds, console=err))
     # the default policy is not named, so the line reads as it always has
     policy = "" if cfg.policy.name == "sync" else f", policy {cfg.policy.describe()}"
     err.print(
-        f"fedhive run: {cfg.num_clients} clients, {exp.dataset.name} "
-        f"({len(exp.dataset.y_train)} train / {len(exp.dataset.y_test)} test), "
-        f"partition {cfg.data.partition}, model {cfg.model.name}, {cfg.rounds} rounds"
+        f"fedhive run: {cfg.num_clients} clients, {exp.describe()}, {cfg.rounds} rounds"
         f"{policy} -> {out_dir}",
         highlight=False,
     )
@@ -243,6 +247,7 @@ def _run(
 app.command("privacy")(privacy_command)
 app.command("certs")(certs)
 app.command("report")(report)
+app.command("new")(new_command)
 app.command("server")(deploy.server)
 app.command("client")(deploy.client)
 app.add_typer(secagg_app)

@@ -279,6 +279,7 @@ def _serve(
     from fedhive.cli.outdir import prepare_out_dir, resume_line
     from fedhive.cli.output import plot_title, write_config, write_plot
     from fedhive.cli.progress import summary_table
+    from fedhive.cli.tracking import tracking_callbacks
     from fedhive.server.checkpoint import save_npz
     from fedhive.server.config import ServerConfig
     from fedhive.server.start import start_server
@@ -314,6 +315,7 @@ def _serve(
     resolved = cfg.model_dump()
     write_config(out_dir / "config.toml", resolved)
     outputs = _Outputs(out_dir, resolved, cfg.rounds)
+    tracking = tracking_callbacks(cfg.tracking, out_dir, resolved)
     host = cfg.address.rsplit(":", 1)[0]
     mode = "mutual TLS" if cfg.require_client_auth else "TLS" if certificates else "INSECURE"
     if not (cfg.require_client_auth or auth_tokens):
@@ -359,7 +361,7 @@ def _serve(
             seed=cfg.seed,
             checkpoint_dir=checkpoints,
             resume=cfg.resume,
-            callbacks=[outputs, *extra],
+            callbacks=[outputs, *extra, *tracking],
             on_started=started,
             policy=policy,
             secure_aggregation=(

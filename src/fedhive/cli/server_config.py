@@ -46,6 +46,7 @@ from fedhive.cli.config import (
 from fedhive.cli.deploy_common import read_file
 from fedhive.cli.policies import PolicyConfig, SyncConfig
 from fedhive.cli.stragglers import check_strategy_policy
+from fedhive.cli.tracking import TrackingConfig
 from fedhive.common.errors import ConfigError
 from fedhive.transport.base import DEFAULT_STAGED_BYTES
 
@@ -214,6 +215,7 @@ class DeployConfig(_Section):
     memory: MemoryConfig = MemoryConfig()
     policy: SerializeAsAny[PolicyConfig] = SyncConfig()
     compression: CompressionConfig | None = None
+    tracking: TrackingConfig | None = None
 
     @model_validator(mode="after")
     def _check_secure_strategy(self) -> Self:
