@@ -56,10 +56,10 @@ def test_the_old_import_place_still_works():
 
 
 def test_fsync_directory_syncs_a_folder_and_ignores_what_cannot_be_opened(tmp_path):
-    from fedhive.common.atomic import fsync_directory
+    from fedhive.common.atomic import fsync_dir
 
-    fsync_directory(tmp_path)  # no error
-    fsync_directory(tmp_path / "missing")  # nothing to sync: nothing done
+    fsync_dir(tmp_path)  # no error
+    fsync_dir(tmp_path / "missing")  # nothing to sync: nothing done
 
 
 def _record_syncs(monkeypatch):

@@ -27,7 +27,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from fedhive.common.errors import ConfigError
+from fedhive.common.errors import ConfigError, FedhiveError
 from fedhive.server.engine import Engine, RoundCallback
 from fedhive.server.history import History
 
@@ -237,23 +237,28 @@ class MLflow(RoundCallback):
         for record in engine.history.rounds:
             self._log(record)
 
+    def _run_id(self) -> str:
+        if self.run_id is None:
+            raise FedhiveError("MLflow callback used before on_run_start created its run")
+        return self.run_id
+
     def _log_params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
 
-        assert self.run_id is not None
+        run_id = self._run_id()
         items = [Param(k, v[:6000]) for k, v in sorted(params.items())]
         for start in range(0, len(items), 100):  # MLflow takes 100 params per batch
-            self.client.log_batch(self.run_id, params=items[start : start + 100])
+            self.client.log_batch(run_id, params=items[start : start + 100])
 
     def _log(self, record: Mapping[str, Any]) -> None:
         from mlflow.entities import Metric
 
-        assert self.run_id is not None
+        run_id = self._run_id()
         step = int(record["round"])
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, step) for k, v in round_scalars(record).items()]
         for start in range(0, len(metrics), 1000):  # MLflow's batch limit
-            self.client.log_batch(self.run_id, metrics=metrics[start : start + 1000])
+            self.client.log_batch(run_id, metrics=metrics[start : start + 1000])
 
     def on_round_end(self, engine: Engine, record: dict[str, Any]) -> None:
         self._log(record)

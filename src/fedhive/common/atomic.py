@@ -10,7 +10,7 @@ was::
     with atomic_open(path) as fh:  # for writers that stream (np.savez)
         np.savez(fh, weights=w)
 
-The rename itself is durable once the folder is synced (:func:`fsync_directory`), which
+The rename itself is durable once the folder is synced (:func:`fsync_dir`), which
 checkpoints do after each step that must survive a power cut.
 """
 
@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["SECRET_MODE", "atomic_open", "atomic_write_bytes", "fsync_dir", "fsync_directory"]
+__all__ = ["SECRET_MODE", "atomic_open", "atomic_write_bytes", "fsync_dir"]
 
 #: The mode of files that hold secrets (client state, checkpoints, keys): owner only.
 SECRET_MODE = 0o600
@@ -81,7 +81,3 @@ def atomic_write_bytes(
     and the new one once this returns, even after a crash (see :func:`atomic_open`)."""
     with atomic_open(path, mode, sync_dir=sync_dir) as fh:
         fh.write(data)
-
-
-#: The same function under the name the checkpoint code uses.
-fsync_directory = fsync_dir

@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from fedhive.common.atomic import SECRET_MODE, atomic_open, atomic_write_bytes, fsync_directory
+from fedhive.common.atomic import SECRET_MODE, atomic_open, atomic_write_bytes, fsync_dir
 from fedhive.common.errors import CheckpointError, SerdeError, StateError
 from fedhive.common.records import NDArrays
 from fedhive.server.history import History, _jsonable, _unjsonable
@@ -153,7 +153,7 @@ class Checkpointer:
         del strategy_state
         if self.state_store is not None:
             self.state_store.dump(tmp / "clients")
-            fsync_directory(tmp / "clients")
+            fsync_dir(tmp / "clients")
         for i, stage in enumerate(engine.pipeline.stages):
             state = stage.state_dict()
             if state.array_records or state.config_records or state.metric_records:
@@ -172,13 +172,11 @@ class Checkpointer:
         }
         atomic_write_bytes(
             tmp / "meta.json", json.dumps(meta, allow_nan=False).encode(), SECRET_MODE
-        )
-        fsync_directory(tmp)
+        )  # atomic_write_bytes syncs tmp's entries too
         shutil.rmtree(final, ignore_errors=True)  # never LATEST's: a stale, unfinished one
         tmp.rename(final)
-        fsync_directory(self.directory)  # the rename survives a crash before LATEST names it
-        atomic_write_bytes(self.directory / "LATEST", name.encode())
-        fsync_directory(self.directory)
+        fsync_dir(self.directory)  # the rename survives a crash before LATEST names it
+        atomic_write_bytes(self.directory / "LATEST", name.encode())  # synced with its folder
         self._prune(name)
         return final
 
