@@ -31,7 +31,6 @@ __all__ = [
     "record_dict_layout",
     "record_dict_size",
     "scalar_list_size",
-    "scalar_size",
     "scalars_size",
 ]
 
@@ -65,11 +64,6 @@ def _dtype_name(dtype: np.dtype[Any]) -> int | None:
 def _list(lengths: int, count: int) -> int:
     """Length of a JSON list of ``count`` items whose lengths add up to ``lengths``."""
     return 2 + lengths + max(count - 1, 0)
-
-
-def scalar_size(key: Any, value: Any) -> int:
-    """The JSON length of one ``[key, tag, value]`` scalar triple."""
-    return _scalar(key, value)
 
 
 def scalar_list_size(values: Any) -> int:
