@@ -426,6 +426,17 @@ def test_report_selects_on_validation_never_on_test():
     assert figures["selected"]["personalized"]["mean"] == 0.5
 
 
+def test_reported_validation_mean_skips_clients_without_a_validation_split():
+    rows = [
+        {"client_id": "0", "num_examples": 4, "accuracy": 0.5, "val_accuracy": 0.6},
+        {"client_id": "1", "num_examples": 4, "accuracy": 0.7, "val_accuracy": math.nan},
+    ]
+    summary = summarize(rows)
+    figures = report({"rounds": [{"round": 1, "personalized": summary, "global": summary}]})
+    assert figures["selected"]["personalized"]["val_mean"] == 0.6
+    assert figures["last"]["global"]["val_mean"] == 0.6
+
+
 def test_method_none_reports_the_global_model_as_personal():
     history, _, _ = _simulate(PersonalizationConfig(method="none"), rounds=1)
     record = history.rounds[-1]
@@ -623,6 +634,7 @@ def test_benchmark_quick_run():
         env=dict(os.environ, PYTHONPATH=str(root / "src")),
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
-    assert "sel. worst10%" in proc.stdout and "Reproduce:" in proc.stdout
+    assert "sel. w10%" in proc.stdout and "mean vs local" in proc.stdout
+    assert "Reproduce:" in proc.stdout
     for label in ("FedAvg (global)", "local only", "FedPer", "FedRep", "FedBN", "Ditto", "APFL"):
         assert label in proc.stdout

@@ -26,6 +26,8 @@ pattern or module type (:func:`select_personal`); a selection of none or all of 
 parameters is refused. Evaluation measures every client's personal model and the global
 one on the client's own test split and adds ``personalized`` and ``global`` summaries to
 each round record (:class:`PersonalizationReport`, :func:`report`).
+:class:`PersonalizedTorchClient` runs every method on torch modules,
+:class:`PersonalizedKerasClient` all but APFL on Keras 3 models.
 
 Example::
 
@@ -54,6 +56,8 @@ __all__ = [
     "SUMMARY_KEYS",
     "PersonalizationConfig",
     "PersonalizationReport",
+    "PersonalizedClient",
+    "PersonalizedKerasClient",
     "PersonalizedTorchClient",
     "SharedSplit",
     "report",
@@ -65,9 +69,13 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    # The torch client imports torch: only when it is asked for.
-    if name in ("PersonalizedTorchClient", "split_for"):
+    # The clients import torch or Keras: only when they are asked for.
+    if name in ("PersonalizedClient", "PersonalizedTorchClient", "split_for"):
         from fedhive.personalization import client
 
         return getattr(client, name)
+    if name == "PersonalizedKerasClient":
+        from fedhive.personalization import keras_client
+
+        return keras_client.PersonalizedKerasClient
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

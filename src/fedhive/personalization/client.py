@@ -1,4 +1,4 @@
-"""A NumPyClient that runs a personalization method on a torch model.
+"""A NumPyClient that runs a personalization method on a torch (or Keras) model.
 
 What leaves the client is only the shared part of the model (all of it for fine-tuning,
 Ditto and APFL, whose personal model is a second copy kept at home; the body for FedPer
@@ -33,20 +33,18 @@ from fedhive.client.numpy_client import NumPyClient
 from fedhive.common.atomic import SECRET_MODE, atomic_write_bytes
 from fedhive.common.errors import ConfigError, SerdeError, StateError
 from fedhive.common.records import Config, NDArrays, RecordDict, Scalar
-from fedhive.models.torch_models import evaluate_torch, get_weights, set_weights
 from fedhive.personalization.config import PersonalizationConfig
 from fedhive.personalization.evaluation import client_metrics
 from fedhive.personalization.layers import SharedSplit, select_personal
-from fedhive.personalization.torch_methods import (
-    TrainSettings,
-    mix,
-    train_apfl,
-    train_ditto_personal,
-    train_fedrep,
-    train_full,
-)
+from fedhive.personalization.training import Trainer, TrainSettings, mix
 
-__all__ = ["META_RECORD", "STATE_RECORD", "PersonalizedTorchClient", "split_for"]
+__all__ = [
+    "META_RECORD",
+    "STATE_RECORD",
+    "PersonalizedClient",
+    "PersonalizedTorchClient",
+    "split_for",
+]
 
 #: ``context.state.array_records[STATE_RECORD]``: the personal arrays ``"0"``, ``"1"``, ...
 STATE_RECORD = "personalization"
@@ -71,16 +69,19 @@ def split_for(model: Any, config: PersonalizationConfig) -> SharedSplit:
     return SharedSplit.whole([name for name, _ in _weight_names(model)])
 
 
-class PersonalizedTorchClient(NumPyClient):
-    """Runs ``config.method`` on a torch model (see the module docstring).
+class PersonalizedClient(NumPyClient):
+    """Runs ``config.method`` on a model through ``trainer`` (see the module docstring);
+    :class:`PersonalizedTorchClient` and
+    :class:`~fedhive.personalization.keras_client.PersonalizedKerasClient` choose it.
 
-    ``model`` is a module or a zero-argument callable returning one (its weights are
+    ``model`` is a model or a zero-argument callable returning one (its weights are
     always overwritten before use). ``train``, ``test`` and ``val`` are ``(x, y)``
     arrays: the client trains on ``train``, and evaluation reports both the personal
     and the global model on ``val`` and ``test``. ``initial`` is the full initial
     model (personal layers of a client that never trained start from it; the default is
     the model's current weights); ``split`` overrides the selection ``config`` makes.
-    ``state_dir``: where a deployed client keeps its personal state across restarts.
+    ``state_dir``: where a deployed client keeps its personal state across restarts
+    (``fedhive client --state-dir`` keeps the whole ``context.state`` instead).
 
     Fit config keys: ``local_epochs``, ``batch_size``, ``lr``, ``momentum``.
     """
@@ -93,6 +94,7 @@ class PersonalizedTorchClient(NumPyClient):
         test: Data,
         val: Data | None = None,
         *,
+        trainer: Trainer,
         initial: NDArrays | None = None,
         split: SharedSplit | None = None,
         state_dir: str | Path | None = None,
@@ -101,8 +103,14 @@ class PersonalizedTorchClient(NumPyClient):
             raise ConfigError(
                 f"config must be a PersonalizationConfig, got {type(config).__name__}"
             )
+        if config.method not in trainer.methods:
+            raise ConfigError(
+                f"personalization.method = {config.method!r} is not available for "
+                f"{type(self).__name__}; it runs {sorted(trainer.methods)}"
+            )
+        self.trainer = trainer
         self._model_fn: Callable[[], Any] = (
-            model if callable(model) and not hasattr(model, "state_dict") else (lambda: model)
+            model if callable(model) and not _is_model(model) else (lambda: model)
         )
         self.config = config
         self.train, self.test = train, test
@@ -110,7 +118,7 @@ class PersonalizedTorchClient(NumPyClient):
         if len(self.test[1]) == 0:
             raise ConfigError("this client has an empty test split; evaluation needs one")
         module = self._model_fn()
-        self.initial = [np.array(a, copy=True) for a in (initial or get_weights(module))]
+        self.initial = [np.array(a, copy=True) for a in (initial or trainer.weights(module))]
         self.split = split or split_for(module, config)
         if self.split.num_arrays != len(self.initial):
             raise ConfigError(
@@ -204,29 +212,29 @@ class PersonalizedTorchClient(NumPyClient):
     def fit(self, parameters: NDArrays, config: Config) -> tuple[NDArrays, int, dict[str, Scalar]]:
         method, settings, seed = self.config.method, TrainSettings.from_config(config), self._seed()
         full = self._full_global(parameters)
-        model = self._model_fn()
+        model, trainer = self._model_fn(), self.trainer
         kept, meta = self._load()
         x, y = self.train
         upload: NDArrays
         if method in ("none", "finetune"):
-            upload, info = train_full(model, full, x, y, settings, seed)
+            upload, info = trainer.train(model, full, x, y, settings, seed)
         elif method in ("fedper", "fedbn", "fedrep"):
             personal = kept if kept is not None else self.split.personal_part(self.initial)
             start = self.split.merge(parameters, personal)
             if method == "fedrep":
                 head = set(self.split.personal_names)
-                new, info = train_fedrep(
+                new, info = trainer.train_fedrep(
                     model, start, head, x, y, settings, seed, self.config.head_epochs
                 )
             else:
-                new, info = train_full(model, start, x, y, settings, seed)
+                new, info = trainer.train(model, start, x, y, settings, seed)
             self._save(self.split.personal_part(new), meta)
             upload = self.split.shared(new)
         elif method == "ditto":
-            upload, info = train_full(model, full, x, y, settings, seed)
+            upload, info = trainer.train(model, full, x, y, settings, seed)
             v = kept if kept is not None else full
             epochs = self.config.personal_epochs
-            v = train_ditto_personal(
+            v = trainer.train_ditto(
                 model,
                 v,
                 full,
@@ -241,7 +249,7 @@ class PersonalizedTorchClient(NumPyClient):
         else:  # apfl
             v = kept if kept is not None else full
             alpha = float(meta.get("alpha", self.config.alpha))
-            upload, v, alpha, info = train_apfl(
+            upload, v, alpha, info = trainer.train_apfl(
                 model, full, v, alpha, x, y, settings, seed, alpha_lr=self.config.alpha_lr
             )
             self._save(v, {**meta, "alpha": alpha})
@@ -262,7 +270,7 @@ class PersonalizedTorchClient(NumPyClient):
             settings = TrainSettings.from_config(config or {})
             if self.config.finetune_epochs == 0:
                 return full
-            tuned, _ = train_full(
+            tuned, _ = self.trainer.train(
                 self._model_fn(),
                 full,
                 *self.train,
@@ -290,12 +298,55 @@ class PersonalizedTorchClient(NumPyClient):
         return float(p["test_loss"]), len(self.test[1]), metrics
 
     def _measure(self, model: Any, arrays: NDArrays) -> dict[str, float]:
-        set_weights(model, arrays)
         out: dict[str, float] = {}
         for name, (x, y) in (("test", self.test), ("val", self.val)):
             if len(y) == 0:
                 out[f"{name}_loss"] = out[f"{name}_accuracy"] = float("nan")
                 continue
-            loss, acc = evaluate_torch(model, x, y)
+            loss, acc = self.trainer.evaluate(model, arrays, x, y)
             out[f"{name}_loss"], out[f"{name}_accuracy"] = loss, acc
         return out
+
+
+def _is_model(obj: Any) -> bool:
+    """A torch module or a Keras model (both callable), not a factory of one."""
+    return hasattr(obj, "state_dict") or (hasattr(obj, "get_weights") and hasattr(obj, "layers"))
+
+
+class PersonalizedTorchClient(PersonalizedClient):
+    """:class:`PersonalizedClient` for torch modules (every method); the same arguments
+    but ``trainer``.
+
+    Example::
+
+        client = PersonalizedTorchClient(
+            CNN1D(seed=0), PersonalizationConfig(method="ditto", lam=0.1),
+            train=(x_tr, y_tr), test=(x_te, y_te), val=(x_va, y_va),
+        )
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        config: PersonalizationConfig,
+        train: Data,
+        test: Data,
+        val: Data | None = None,
+        *,
+        initial: NDArrays | None = None,
+        split: SharedSplit | None = None,
+        state_dir: str | Path | None = None,
+    ) -> None:
+        from fedhive.personalization.torch_methods import TorchTrainer
+
+        super().__init__(
+            model,
+            config,
+            train,
+            test,
+            val,
+            trainer=TorchTrainer(),
+            initial=initial,
+            split=split,
+            state_dir=state_dir,
+        )

@@ -144,15 +144,19 @@ class PersonalizationReport(RoundCallback):
             hooks.append(summarize_round)
 
 
+def _val_mean(rows: Sequence[Mapping[str, Any]]) -> float:
+    """Mean validation accuracy over the clients that have a validation split (a client
+    with too few samples for one reports NaN); NaN if none has."""
+    clean = [v for v in (float(r["val_accuracy"]) for r in rows) if math.isfinite(v)]
+    return float(np.mean(clean)) if clean else math.nan
+
+
 def _figures(record: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"round": int(record["round"])}
     for name in ("personalized", "global"):
         summary = record[name]
         out[name] = {k: summary[k] for k in SUMMARY_KEYS if k != "clients"}
-        rows = summary["clients"]
-        out[name]["val_mean"] = (
-            float(np.mean([r["val_accuracy"] for r in rows])) if rows else float("nan")
-        )
+        out[name]["val_mean"] = _val_mean(summary["clients"])
     return out
 
 
@@ -170,9 +174,8 @@ def report(history: History | Mapping[str, Any]) -> dict[str, Any]:
         return {}
 
     def val_mean(record: Mapping[str, Any]) -> float:
-        values = [row["val_accuracy"] for row in record["personalized"]["clients"]]
-        clean = [v for v in values if math.isfinite(v)]
-        return float(np.mean(clean)) if clean else -math.inf
+        mean = _val_mean(record["personalized"]["clients"])
+        return mean if math.isfinite(mean) else -math.inf
 
     best = max(evaluated, key=lambda r: (val_mean(r), -int(r["round"])))
     return {

@@ -24,15 +24,15 @@ run is reproducible. The reference loop is :func:`fedhive.models.torch_models.tr
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Set
 from typing import Any
 
 import numpy as np
 
-from fedhive.common.errors import ConfigError, MissingDependency
-from fedhive.common.records import Config, NDArrays
-from fedhive.models.torch_models import get_weights, set_weights, train_torch
+from fedhive.common.errors import MissingDependency
+from fedhive.common.records import NDArrays
+from fedhive.models.torch_models import evaluate_torch, get_weights, set_weights, train_torch
+from fedhive.personalization.training import Info, TrainSettings, mix
 
 try:
     import torch
@@ -41,6 +41,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise MissingDependency("torch", "torch") from exc
 
 __all__ = [
+    "TorchTrainer",
     "TrainSettings",
     "mix",
     "train_apfl",
@@ -48,29 +49,6 @@ __all__ = [
     "train_fedrep",
     "train_full",
 ]
-
-
-@dataclass(frozen=True)
-class TrainSettings:
-    """Local SGD settings, read from a fit config (``local_epochs``, ``batch_size``,
-    ``lr``, ``momentum``; the defaults where a key is missing)."""
-
-    epochs: int = 1
-    batch_size: int = 10
-    lr: float = 0.05
-    momentum: float = 0.0
-
-    @classmethod
-    def from_config(cls, config: Config) -> TrainSettings:
-        try:
-            return cls(
-                epochs=int(config.get("local_epochs", cls.epochs)),
-                batch_size=int(config.get("batch_size", cls.batch_size)),
-                lr=float(config.get("lr", cls.lr)),
-                momentum=float(config.get("momentum", cls.momentum)),
-            )
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"bad local training settings in the fit config: {exc}") from exc
 
 
 def train_full(
@@ -82,7 +60,7 @@ def train_full(
     seed: int,
     *,
     epochs: int | None = None,
-) -> tuple[NDArrays, dict[str, float | int]]:
+) -> tuple[NDArrays, Info]:
     """Load ``arrays``, train every layer, return the new arrays and the loop's info."""
     set_weights(model, arrays)
     info = train_torch(
@@ -98,7 +76,7 @@ def train_full(
     return get_weights(model), info
 
 
-def _freeze(model: nn.Module, keys: set[str], frozen: bool) -> None:
+def _freeze(model: nn.Module, keys: Set[str], frozen: bool) -> None:
     for name, param in model.named_parameters():
         if name in keys:
             param.requires_grad_(not frozen)
@@ -107,13 +85,13 @@ def _freeze(model: nn.Module, keys: set[str], frozen: bool) -> None:
 def train_fedrep(
     model: nn.Module,
     arrays: NDArrays,
-    head: set[str],
+    head: Set[str],
     x: Any,
     y: Any,
     settings: TrainSettings,
     seed: int,
     head_epochs: int,
-) -> tuple[NDArrays, dict[str, float | int]]:
+) -> tuple[NDArrays, Info]:
     """FedRep's local update: ``head_epochs`` on the head (parameter names ``head``)
     with the body frozen, then ``settings.epochs`` on the body with the head frozen."""
     set_weights(model, arrays)
@@ -202,18 +180,6 @@ def train_ditto_personal(
     return get_weights(model)
 
 
-def mix(alpha: float, personal: NDArrays, global_arrays: NDArrays) -> NDArrays:
-    """APFL's personalised model ``alpha v + (1 - alpha) w``; non-float arrays (counters)
-    are taken from ``w``."""
-    out = []
-    for v, w in zip(personal, global_arrays, strict=True):
-        if np.asarray(w).dtype.kind != "f":
-            out.append(np.array(w, copy=True))
-            continue
-        out.append((alpha * np.asarray(v) + (1.0 - alpha) * np.asarray(w)).astype(w.dtype))
-    return out
-
-
 def train_apfl(
     model: nn.Module,
     local: NDArrays,
@@ -225,7 +191,7 @@ def train_apfl(
     seed: int,
     *,
     alpha_lr: float,
-) -> tuple[NDArrays, NDArrays, float, dict[str, float | int]]:
+) -> tuple[NDArrays, NDArrays, float, Info]:
     """One APFL local update: on each minibatch ``w -= lr grad F(w)``, then
     ``v -= lr alpha grad F(vbar)`` and ``alpha -= alpha_lr <v - w, grad F(vbar)>``
     (clipped to [0, 1]), ``vbar = alpha v + (1 - alpha) w``. Returns ``(w, v, alpha,
@@ -278,3 +244,76 @@ def train_apfl(
         "num_steps": steps,
     }
     return get_weights(model), new_v, float(a.detach()), info
+
+
+class TorchTrainer:
+    """The :class:`~fedhive.personalization.training.Trainer` of torch modules: the
+    functions above, every method."""
+
+    methods = frozenset({"none", "finetune", "fedper", "fedrep", "fedbn", "ditto", "apfl"})
+
+    def weights(self, model: nn.Module) -> NDArrays:
+        return get_weights(model)
+
+    def train(
+        self,
+        model: nn.Module,
+        arrays: NDArrays,
+        x: Any,
+        y: Any,
+        settings: TrainSettings,
+        seed: int,
+        *,
+        epochs: int | None = None,
+    ) -> tuple[NDArrays, Info]:
+        return train_full(model, arrays, x, y, settings, seed, epochs=epochs)
+
+    def train_fedrep(
+        self,
+        model: nn.Module,
+        arrays: NDArrays,
+        head: Set[str],
+        x: Any,
+        y: Any,
+        settings: TrainSettings,
+        seed: int,
+        head_epochs: int,
+    ) -> tuple[NDArrays, Info]:
+        return train_fedrep(model, arrays, head, x, y, settings, seed, head_epochs)
+
+    def train_ditto(
+        self,
+        model: nn.Module,
+        personal: NDArrays,
+        global_arrays: NDArrays,
+        x: Any,
+        y: Any,
+        settings: TrainSettings,
+        seed: int,
+        *,
+        lam: float,
+        epochs: int,
+    ) -> NDArrays:
+        return train_ditto_personal(
+            model, personal, global_arrays, x, y, settings, seed, lam=lam, epochs=epochs
+        )
+
+    def train_apfl(
+        self,
+        model: nn.Module,
+        local: NDArrays,
+        personal: NDArrays,
+        alpha: float,
+        x: Any,
+        y: Any,
+        settings: TrainSettings,
+        seed: int,
+        *,
+        alpha_lr: float,
+    ) -> tuple[NDArrays, NDArrays, float, Info]:
+        return train_apfl(model, local, personal, alpha, x, y, settings, seed, alpha_lr=alpha_lr)
+
+    def evaluate(self, model: nn.Module, arrays: NDArrays, x: Any, y: Any) -> tuple[float, float]:
+        set_weights(model, arrays)
+        loss, accuracy = evaluate_torch(model, x, y)
+        return float(loss), float(accuracy)
