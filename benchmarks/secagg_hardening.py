@@ -24,11 +24,16 @@ What is measured, per timed round:
   over clients, per update, and the part for the graph stage (``graph``) alone;
 - **server CPU/round**: CPU seconds of the server thread inside the fit round.
 
+The code before the hardening also predates the per-message byte accounting (``bytes_up``
+and ``bytes_down`` in History, which came with compression); the side ``src:no-bytes``
+runs today's code with that accounting switched off, so that against ``before`` only the
+hardening differs.
+
 Run (from the repository root; ``before`` is a checkout of the unhardened code)::
 
     git archive 5f7a2ad src | tar -x -C /some/dir/before
     nice -n 10 .venv/bin/python benchmarks/secagg_hardening.py \\
-        --side before=/some/dir/before/src --side after=src --sets 3
+        --side before=/some/dir/before/src --side after=src --side hardening=src:no-bytes
 """
 
 from __future__ import annotations
@@ -52,10 +57,17 @@ TARGET = 1.10  # hardened / unhardened, client and server
 # -- one run, in a worker process that imports one side's fedhive --------------------------
 
 
-def worker(n: int, params: int, drop: float, rounds: int, pinned: bool) -> dict[str, Any]:
+def worker(
+    n: int, params: int, drop: float, rounds: int, pinned: bool, count_bytes: bool = True
+) -> dict[str, Any]:
     import random
 
     import numpy as np
+
+    if not count_bytes:  # this side leaves out the byte accounting (see --side)
+        from fedhive.transport.inprocess import InProcessTransport
+
+        InProcessTransport.wire_bytes = lambda self, message: 0  # type: ignore[method-assign]
 
     from fedhive.client import NumPyClient
     from fedhive.common.records import ndarrays_to_parameters
@@ -171,9 +183,11 @@ def worker(n: int, params: int, drop: float, rounds: int, pinned: bool) -> dict[
 def run_side(
     src: str, n: int, params: int, drop: float, rounds: int, pinned: bool
 ) -> dict[str, Any]:
+    src, _, option = src.partition(":")
     env = dict(os.environ, PYTHONPATH=str(Path(src).resolve()))
     cmd = [sys.executable, __file__, "--worker", str(n), str(params), str(drop), str(rounds)]
     cmd.append("pinned" if pinned else "unpinned")
+    cmd.append("no-bytes" if option == "no-bytes" else "bytes")
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"worker failed ({src}): {out.stderr[-2000:]}")
@@ -183,7 +197,13 @@ def run_side(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
-    add("--side", action="append", required=True, help="NAME=SRC; the first is the baseline")
+    add(
+        "--side",
+        action="append",
+        required=True,
+        help="NAME=SRC[:no-bytes]; the first is the baseline; ':no-bytes' runs that side "
+        "without the per-message byte accounting, which the code before the hardening lacks",
+    )
     add("--clients", type=int, default=100)
     add("--params", type=int, default=1_000_000)
     add("--rounds", type=int, default=2, help="timed rounds per run, after one warm-up")
@@ -275,7 +295,9 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
-        n, params, drop, rounds, *pins = sys.argv[2:7]
-        print(json.dumps(worker(int(n), int(params), float(drop), int(rounds), pins == ["pinned"])))
+        n, params, drop, rounds, pins, count = sys.argv[2:8]
+        result = worker(int(n), int(params), float(drop), int(rounds), pins == "pinned",
+                        count_bytes=count != "no-bytes")  # fmt: skip
+        print(json.dumps(result))
         sys.exit(0)
     sys.exit(main())
