@@ -120,9 +120,10 @@ def test_errors_share_one_root():
 
 def test_import_is_light_and_fast():
     code = (
-        "import sys, time; t = time.perf_counter(); import fedhive; "
+        # CPU time, not wall time: other jobs on the machine do not lengthen it
+        "import sys, time; t = time.process_time(); import fedhive; "
         "import fedhive.client, fedhive.server, fedhive.simulation; "
-        "print(time.perf_counter() - t); "
+        "print(time.process_time() - t); "
         "print(sorted(m for m in ('torch', 'matplotlib', 'sklearn', 'mnist1d', 'grpc') "
         "if m in sys.modules))"
     )
