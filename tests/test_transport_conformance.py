@@ -212,7 +212,8 @@ def tasks(nodes, rnd=1):
     ]  # fmt: skip
 
 
-def drain(replies: Replies, count: int, timeout: float = 5.0) -> list[Message]:
+def drain(replies: Replies, count: int, timeout: float = 30.0) -> list[Message]:
+    # generous: worker processes start slowly on a loaded machine; a pass returns at once
     deadline = time.monotonic() + timeout
     out = []
     while len(out) < count:
