@@ -93,7 +93,11 @@ def test_client_without_the_ca_cannot_connect(tmp_path):
 
 def test_a_client_dying_mid_round_does_not_stop_the_round():
     server = ServerThread(
-        config=ServerConfig(num_rounds=1, round_timeout=30), strategy=strategy(3), wait_timeout=3
+        # the wait covers three client processes starting on a loaded machine; the
+        # evaluation then waits it out for the dead client once
+        config=ServerConfig(num_rounds=1, round_timeout=30),
+        strategy=strategy(3),
+        wait_timeout=10,
     ).start()
     procs = [
         client_process(server.address, "--pid", "0"),
