@@ -25,7 +25,7 @@ _FENCE = re.compile(r"^```(\w*)\n(.*?)^```", re.S | re.M)
 
 @dataclass(frozen=True)
 class Block:
-    """One fenced code block: its page, language, text, and the sentence before it."""
+    """One fenced code block: its page, language, text, and the paragraph before it."""
 
     page: Path
     lang: str
@@ -42,8 +42,9 @@ def blocks(page: Path, lang: str | None = None) -> list[Block]:
     text = page.read_text(encoding="utf-8")
     found = []
     for match in _FENCE.finditer(text):
-        before = [line for line in text[: match.start()].splitlines() if line.strip()]
-        block = Block(page, match.group(1), match.group(2), before[-1] if before else "")
+        paragraphs = text[: match.start()].strip().split("\n\n")
+        intro = " ".join(paragraphs[-1].split()) if paragraphs else ""
+        block = Block(page, match.group(1), match.group(2), intro)
         if lang is None or block.lang == lang:
             found.append(block)
     return found

@@ -13,7 +13,7 @@ import typer
 from docs_helpers import PAGES, Block, blocks, commands
 from fedhive.cli import app
 from fedhive.cli.config import validate
-from fedhive.cli.server_config import load_tokens, validate_server_config
+from fedhive.cli.server_config import DeployTrainConfig, load_tokens, validate_server_config
 from fedhive.client.policy import SitePolicy
 from fedhive.common import ConfigError
 
@@ -81,6 +81,10 @@ def test_the_parser_check_fails_on_a_wrong_command():
     parse(["client", "--server", "...", "--insecure", "..."])
 
 
+#: Pages whose config blocks are all of ``fedhive server``.
+SERVER_PAGES = frozenset({"deployment.md", "hospitals.md"})
+
+
 def _kind(block: Block, data: dict) -> str:
     """What a TOML block is, from the sentence before it (or its keys)."""
     intro = block.intro.lower()
@@ -88,6 +92,8 @@ def _kind(block: Block, data: dict) -> str:
         return "tokens"
     if "policy" in intro and "[policy]" not in block.text:
         return "policy"
+    if block.page.name in SERVER_PAGES:
+        return "server"
     if "fedhive server" in intro or "server.toml" in intro or "server config" in intro:
         return "server" if "fedhive run" not in intro else "both"
     if "fedhive run" in intro:
@@ -157,3 +163,19 @@ def test_every_python_block_compiles():
     for block in shown:
         # "f(a=1, ...)": the page leaves out the other arguments
         compile(block.text.replace(", ...)", ")"), block.where, "exec")
+
+
+def test_every_site_policy_shown_admits_what_the_default_server_sends():
+    """A policy copied from the pages must not refuse the [train] keys every fit of a
+    default ``fedhive server`` carries (else each of the site's tasks fails)."""
+    sent = set(DeployTrainConfig().model_dump())
+    policies = [
+        block
+        for page in PAGES
+        for block in blocks(page, "toml")
+        if _kind(block, tomllib.loads(block.text)) == "policy"
+    ]
+    assert len(policies) >= 2
+    for block in policies:
+        allowed = SitePolicy.from_dict(tomllib.loads(block.text)).allowed_config_keys
+        assert allowed is None or sent <= allowed, (block.where, sorted(sent - allowed))
