@@ -16,6 +16,7 @@ from fedhive.cli.config import validate
 from fedhive.cli.server_config import DeployTrainConfig, load_tokens, validate_server_config
 from fedhive.client.policy import SitePolicy
 from fedhive.common import ConfigError
+from fedhive.secagg.identity import load_peers, public_key_text, write_identity
 
 ROOT_COMMAND = typer.main.get_command(app)
 
@@ -90,6 +91,8 @@ def _kind(block: Block, data: dict) -> str:
     intro = block.intro.lower()
     if "token" in intro and all(isinstance(v, str) for v in data.values()):
         return "tokens"
+    if set(data) == {"identities"}:
+        return "peers"
     if "policy" in intro and "[policy]" not in block.text:
         return "policy"
     if block.page.name in SERVER_PAGES:
@@ -106,6 +109,11 @@ def _check(kind: str, data: dict, tmp_path) -> None:
         path = tmp_path / "tokens.toml"
         path.write_text("\n".join(f'"{k}" = "{v}"' for k, v in data.items()))
         load_tokens(path)
+    elif kind == "peers":  # the page's "..." stand for each site's public key
+        path = tmp_path / "peers.toml"
+        public = public_key_text(write_identity(tmp_path / "site.key", overwrite=True))
+        path.write_text(tomllib_text(data).replace('"..."', f'"{public}"'))
+        load_peers(path)
     elif kind == "policy":
         SitePolicy.from_dict(data)
     elif kind == "run":
@@ -124,6 +132,12 @@ def _check(kind: str, data: dict, tmp_path) -> None:
             except ConfigError as exc:
                 errors.append(str(exc))
         raise ConfigError("\n".join(errors))
+
+
+def tomllib_text(data: dict) -> str:
+    """A peers table back as TOML text (node ids quoted)."""
+    lines = ["[identities]", *(f'"{k}" = "{v}"' for k, v in data["identities"].items())]
+    return "\n".join(lines) + "\n"
 
 
 def _with_dirs(data: dict, tmp_path) -> dict:
