@@ -5,6 +5,7 @@ and every Python block compiles."""
 
 from __future__ import annotations
 
+import re
 import tomllib
 
 import pytest
@@ -193,3 +194,24 @@ def test_every_site_policy_shown_admits_what_the_default_server_sends():
     for block in policies:
         allowed = SitePolicy.from_dict(tomllib.loads(block.text)).allowed_config_keys
         assert allowed is None or sent <= allowed, (block.where, sorted(sent - allowed))
+
+
+def test_every_extra_named_exists():
+    """``pip install 'fedhive[...]'`` on the pages, in error messages and in the projects
+    ``fedhive new`` writes names extras that pyproject.toml defines."""
+    from deploy_helpers import ROOT
+    from fedhive.cli.new_cmd import FRAMEWORKS
+
+    defined = set(
+        tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    )
+    sources = [*PAGES, *(ROOT / "src" / "fedhive").rglob("*.py")]
+    named = {
+        extra
+        for path in sources
+        for group in re.findall(r"fedhive\[([a-z0-9_,-]+)\]", path.read_text(encoding="utf-8"))
+        for extra in group.split(",")
+    }
+    named |= {e for t in FRAMEWORKS.values() for e in t.extras.split(",")}
+    assert len(named) >= 8
+    assert named <= defined, sorted(named - defined)
