@@ -180,7 +180,8 @@ def start_server(
         # Round 1 is sized from the clients connected when it starts (as every round
         # is, by Flower's num_fit_clients), so it starts once min_available_clients are
         wanted = _min_available_clients(strategy)
-        if wanted and isinstance(manager, SimpleClientManager):
+        rounds_left = config.num_rounds > engine.current_round
+        if wanted and rounds_left and isinstance(manager, SimpleClientManager):
             manager.wait_for(wanted, wait_timeout)
         history = engine.run()
         if checkpointer is not None:
