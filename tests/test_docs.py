@@ -215,3 +215,22 @@ def test_every_extra_named_exists():
     named |= {e for t in FRAMEWORKS.values() for e in t.extras.split(",")}
     assert len(named) >= 8
     assert named <= defined, sorted(named - defined)
+
+
+def test_every_script_the_pages_run_exists():
+    """``python path/to/script.py`` on the pages names a file of the repository (or of
+    the project ``fedhive new`` writes, for its README)."""
+    from deploy_helpers import ROOT
+
+    shown = [
+        (block, argv[0])
+        for page in PAGES
+        for block in blocks(page, "bash")
+        for argv in commands(block, "python")
+        if argv and argv[0].endswith(".py")
+    ]
+    assert len(shown) >= 10
+    missing = [
+        f"{block.where}: {script}" for block, script in shown if not (ROOT / script).is_file()
+    ]
+    assert not missing, "\n".join(missing)
