@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 import urllib.error
 import urllib.request
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from browser_helpers import chromium, console_problems, full_page_screenshot, missing
 from fedhive.cli import app
 from fedhive.client import Context, NumPyClient
 from fedhive.common import ConfigError
@@ -170,3 +172,38 @@ def test_fedhive_server_refuses_an_exposed_dashboard_without_tokens(tmp_path):
     assert result.exit_code == 2
     assert "needs the clients' token enrolment" in " ".join(result.output.split())
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+@pytest.mark.skipif(missing() is not None, reason=str(missing()))
+def test_the_page_shows_privacy_bytes_and_failure_reasons_in_chromium(live_state, tmp_path):
+    """The finished DP run's page: epsilon and bytes in the cards and per round, each
+    failure's reason as text (the client's "<script>" is not run)."""
+    state, _ = live_state
+    snap = state.snapshot()
+    with Dashboard("127.0.0.1:0", state) as board, chromium() as browser:
+        browser.get(board.url)
+        deadline = time.monotonic() + 30
+        while browser.find_element("id", "status").text != "finished":
+            assert time.monotonic() < deadline, browser.find_element("id", "status").text
+            time.sleep(0.1)
+        shown = browser.execute_script(
+            "const t = id => document.getElementById(id).textContent;"
+            "const cells = Array.from(document.querySelectorAll('#rounds tbody tr'))"
+            "  .map(tr => Array.from(tr.cells).map(td => td.textContent));"
+            "return {epsilon: t('epsilon'), bytes: t('bytes'), rounds: cells,"
+            " reasons: Array.from(document.querySelectorAll('#failures tbody tr'))"
+            "   .map(tr => tr.cells[3].textContent), scripts: document.scripts.length};"
+        )
+        problems = console_problems(browser)
+        full_page_screenshot(browser, tmp_path / "dashboard-dp.png")
+    assert problems == []
+    assert shown["epsilon"] == f"{snap['epsilon']:.3f}" and float(shown["epsilon"]) > 0
+    up, down = shown["bytes"].split(" / ")
+    assert up.endswith("B") and down.endswith("B") and up != "0 B"
+    # round, version, accuracy, loss, fit results, evaluated, failures, up, down, epsilon
+    by_round = {int(cells[0]): cells for cells in shown["rounds"]}
+    for record in snap["rounds"]:
+        if record["round"] > 0:
+            assert by_round[record["round"]][9] == f"{record['epsilon']:.3f}"
+    assert len(shown["reasons"]) == 3 and all("disk full <script>" in r for r in shown["reasons"])
+    assert shown["scripts"] == 1  # only the page's own

@@ -387,3 +387,16 @@ def test_a_site_whose_every_task_failed_exits_with_status_1(tmp_path):
     assert "the site's data is unreadable" in broken.stderr  # the reasons came first
     assert partial.wait() == 0, partial.stderr  # its fit succeeded
     assert history.rounds[-1]["fit"]["num_results"] == 1
+
+
+def test_an_app_file_named_like_a_standard_module_is_named_as_shadowed(tmp_path):
+    """``--app site:app`` with a ``site.py`` in the app folder: Python's own ``site`` is
+    imported first; the error says so instead of "has no attribute 'app'"."""
+    from fedhive.cli.client_cmd import load_app
+
+    (tmp_path / "site.py").write_text("app = None\n")
+    with pytest.raises(ConfigError) as caught:
+        load_app("site:app", str(tmp_path))
+    message = " ".join(str(caught.value).split())
+    assert f"not {tmp_path.resolve() / 'site.py'}" in message
+    assert "rename" in message

@@ -9,7 +9,7 @@ import re
 import numpy as np
 import pytest
 
-from deploy_helpers import APPS, fedhive, script, stop_all
+from deploy_helpers import APPS, ROOT, fedhive, script, stop_all
 from fedhive.cli.deploy import validate_server_config
 from fedhive.cli.server_cmd import server_strategy
 from fedhive.common import ConfigError
@@ -200,7 +200,7 @@ def test_the_tutorial_keras_client_against_a_server_with_no_model(tmp_path):
         script(
             tmp_path,
             f"keras{i}",
-            APPS / "keras_note_client.py",
+            ROOT / "examples" / "keras" / "tutorial_client.py",
             address,
             str(i),
             "2",

@@ -143,3 +143,23 @@ def test_protocol_version_mismatch_is_clear_on_both_sides(caplog):
     finally:
         server.close()
     assert any("protocol version mismatch" in r.getMessage() for r in caplog.records)
+
+
+def test_round_one_starts_once_min_available_clients_are_connected():
+    """fraction_fit=1.0 sizes a round from the clients connected when it starts: the
+    first round waits for min_available_clients, so it asks all three, not the one (and
+    min_fit_clients) that had connected by then."""
+    import time
+
+    st = FedAvg(
+        fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=1, min_available_clients=3,
+        initial_parameters=ndarrays_to_parameters([np.zeros(4, np.float32)]),
+    )  # fmt: skip
+    server = ServerThread(config=ServerConfig(num_rounds=1), strategy=st).start()
+    procs = [client_process(server.address, "--pid", "0")]
+    time.sleep(3.0)  # the first one is connected well before the others
+    procs += [client_process(server.address, "--pid", str(i)) for i in (1, 2)]
+    history = server.join()
+    results = finish(procs)
+    assert [code for code, _ in results] == [0, 0, 0], results
+    assert history.rounds[-1]["fit"]["num_clients"] == 3

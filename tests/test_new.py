@@ -139,3 +139,30 @@ def test_an_app_that_does_not_import_names_the_module_and_folder(tmp_path):
     assert result.exit_code == 2
     assert "cannot import module 'nowhere'" in result.output
     assert str(tmp_path.resolve()) in result.output.replace("\n", "")
+
+
+@pytest.mark.slow  # a server and two client processes
+def test_the_projects_readme_deployment_runs(tmp_path):
+    """The generated README's deployment: `fedhive server server.toml --insecure` and two
+    `fedhive client --app client:app` (on a free port, for 2 rounds)."""
+    from deploy_helpers import fedhive
+
+    folder = new(tmp_path, "numpy")
+    readme = (folder / "README.md").read_text()
+    server_line = "fedhive server server.toml --insecure"
+    client_line = "fedhive client --app client:app --server 127.0.0.1:8080 --insecure"
+    assert server_line in readme and readme.count(client_line) == 2
+    server = fedhive(folder, "server", *server_line.split()[1:], "--address", "127.0.0.1:0",
+                     "--rounds", "2")  # fmt: skip
+    try:
+        address = f"127.0.0.1:{server.port()}"
+        argv = [w.replace("127.0.0.1:8080", address) for w in client_line.split()[1:]]
+        clients = [fedhive(folder, f"client{i}", *argv, "--max-retries", "5") for i in range(2)]
+        assert server.wait(120) == 0, server.stderr
+        assert [c.wait(60) for c in clients] == [0, 0], [c.stderr for c in clients]
+    finally:
+        server.stop()
+    history = json.loads((folder / "runs" / "proj-server" / "history.json").read_text())
+    last = history["rounds"][-1]
+    assert last["round"] == 2 and last["fit"]["num_results"] == 2 and not last["failures"]
+    assert last["distributed"]["metrics"]["accuracy"] > 0.7

@@ -207,7 +207,10 @@ def mlflow_runs(store, experiment):
 def test_fedhive_run_logs_every_history_field_to_mlflow(tmp_path, file_store):
     out = tmp_path / "run"
     cfg = tmp_path / "run.toml"
-    tables = f'[tracking.mlflow]\ntracking_uri = "{file_store.as_uri()}"\nexperiment = "digits"\n'
+    tables = (
+        '[system]\nlatency = "lognormal"\n'
+        f'[tracking.mlflow]\ntracking_uri = "{file_store.as_uri()}"\nexperiment = "digits"\n'
+    )
     cfg.write_text(run_toml(out, rounds=2, tables=tables))
     result = runner.invoke(app, ["run", str(cfg), "--no-progress"], catch_exceptions=False)
     assert result.exit_code == 0, result.output
@@ -218,6 +221,7 @@ def test_fedhive_run_logs_every_history_field_to_mlflow(tmp_path, file_store):
     assert run.data.params["model.name"] == "logreg"
     want = expected(rounds)
     assert set(run.data.metrics) == set(want)
+    assert {"bytes_up", "bytes_down", "virtual_time_s", "centralized/accuracy"} <= set(want)
     for key, values in want.items():
         history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
         assert history == pytest.approx(values, rel=1e-12), key

@@ -64,12 +64,26 @@ def load_app(spec: str, app_dir: str) -> Any:
             f"--app {spec}: cannot import module {module_name!r} (searched {folder} and "
             f"sys.path): {exc}"
         ) from exc
+    _check_not_shadowed(obj, module_name, Path(folder), spec)
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
         except AttributeError:
             raise ConfigError(f"--app {spec}: {module_name!r} has no attribute {attr!r}") from None
     return obj
+
+
+def _check_not_shadowed(module: Any, module_name: str, folder: Path, spec: str) -> None:
+    """A file in the app folder under the name of a module Python imported elsewhere
+    first (``site.py``, ``test.py``, an installed package) is not the one imported."""
+    top = module_name.split(".")[0]
+    mine = [p for p in (folder / f"{top}.py", folder / top / "__init__.py") if p.exists()]
+    loaded = getattr(sys.modules.get(top), "__file__", None)
+    if mine and loaded and Path(loaded).resolve() != mine[0].resolve():
+        raise ConfigError(
+            f"--app {spec}: {top!r} was imported from {loaded}, not {mine[0]}: Python or an "
+            f"installed package already has a module of that name; rename your file"
+        )
 
 
 def client_target(obj: Any, spec: str) -> tuple[dict[str, Any], tuple[Any, ...]]:

@@ -177,9 +177,27 @@ def start_server(
         if resume and checkpointer is not None and checkpointer.restore(engine):
             engine.run_id = secrets.randbits(62)  # results sent before the restart are stale
             log.info("resumed after round %d", engine.current_round)
+        # Round 1 is sized from the clients connected when it starts (as every round
+        # is, by Flower's num_fit_clients), so it starts once min_available_clients are
+        wanted = _min_available_clients(strategy)
+        rounds_left = config.num_rounds > engine.current_round
+        if wanted and rounds_left and isinstance(manager, SimpleClientManager):
+            manager.wait_for(wanted, wait_timeout)
         history = engine.run()
         if checkpointer is not None:
             checkpointer.save_final(engine)
         return history
     finally:
         grpc_server.finish_run()
+
+
+def _min_available_clients(strategy: Any) -> int:
+    """The ``min_available_clients`` of ``strategy`` or of the strategy it wraps (a DP
+    or composed wrapper's ``strategy``); 0 when none says."""
+    seen = 0
+    while strategy is not None and seen < 8:
+        wanted = getattr(strategy, "min_available_clients", None)
+        if isinstance(wanted, int) and not isinstance(wanted, bool):
+            return wanted
+        strategy, seen = getattr(strategy, "strategy", None), seen + 1
+    return 0

@@ -1,12 +1,15 @@
-"""A user's Keras client, as a tutorial writes it for Flower, with only the import changed.
+"""A Keras client as a Flower tutorial writes it, with only the import changed: a Flower
+user's existing client runs on fedhive as it is.
 
-    python keras_note_client.py HOST:PORT PARTITION_ID NUM_PARTITIONS INITIAL.npz
+    python examples/keras/tutorial_client.py HOST:PORT PARTITION_ID NUM_PARTITIONS INITIAL.npz
 
-The client class and the ``start_numpy_client`` call are the tutorial's (``import flwr
-as fl`` became ``import fedhive as fl``, and TensorFlow's Keras is Keras 3 on the
-PyTorch backend); around them: a model and this site's share of scikit-learn's digits,
-and the model's initial weights saved to INITIAL.npz so that a test can tell whether
-the federation improved it.
+against a server that holds no model (``fedhive server --insecure``, which takes the
+initial weights from a client's ``get_parameters``). The client class and the
+``start_numpy_client`` call are the tutorial's (``import flwr as fl`` became ``import
+fedhive as fl``, and TensorFlow's Keras is Keras 3 on the PyTorch backend); around them:
+a model, this site's share of scikit-learn's digits, and the model's initial weights
+saved to INITIAL.npz, so that one can tell how much the federation improved it. The
+class has no ``evaluate``: the client says so once, and the server counts it per round.
 """
 
 import os
@@ -28,7 +31,7 @@ x_train, y_train = data.x_train[mine], data.y_train[mine]
 model = tf.Sequential(
     [
         tf.Input(shape=(64,)),
-        tf.layers.Dense(32, activation="relu"),
+        tf.layers.Dense(64, activation="relu"),  # as examples/keras/client.py
         tf.layers.Dense(10, activation="softmax"),
     ]
 )
