@@ -417,6 +417,34 @@ def test_with_mutual_tls_and_no_tokens_the_node_id_is_the_certificates(tmp_path)
         server.close()
 
 
+def test_with_mutual_tls_and_tokens_the_certificate_and_token_name_the_same_node(tmp_path):
+    """One site's certificate with another site's token does not get in: under mutual TLS
+    the node id must be a name of the certificate, tokens or not."""
+    import grpc
+
+    from fedhive.transport.grpc_server import GrpcServer, ServerSecurity
+    from grpc_helpers import make_certificates
+
+    certs = {k: v.read_bytes() for k, v in make_certificates(tmp_path).items()}
+    tokens = {"client-0": "token-0", "site-b": "token-b"}
+    security = ServerSecurity((certs["ca"], certs["server"], certs["server_key"]), True, tokens)
+    server = GrpcServer("127.0.0.1:0", security=security).start()
+    creds = grpc.ssl_channel_credentials(certs["ca"], certs["client_key"], certs["client"])
+    try:
+        # certified as client-0, holding site-b's token
+        impostor = hostile.RawPeer(f"127.0.0.1:{server.port}", "site-b", "token-b",
+                                   credentials=creds)  # fmt: skip
+        outcome = impostor.welcome()
+        impostor.close()
+        assert outcome.startswith("UNAUTHENTICATED") and "certificate" in outcome, outcome
+        owner = hostile.RawPeer(f"127.0.0.1:{server.port}", "client-0", "token-0",
+                                credentials=creds)  # fmt: skip
+        assert owner.welcome() == "welcome"
+        owner.close()
+    finally:
+        server.close()
+
+
 def test_a_server_without_client_authentication_says_so_loudly(caplog):
     import fedhive as fl
     from fedhive.server import ServerConfig
