@@ -90,9 +90,12 @@ class ServerSecurity:
     ``certificates`` is Flower's triple ``(ca_cert, server_cert, server_key)`` (PEM bytes);
     ``require_client_auth`` turns on mutual TLS (clients present certificates signed by
     ``ca_cert``). ``tokens`` enrolls clients: ``node_id -> secret``; when given, a client
-    must present its node id and token in its HELLO. With mutual TLS and no tokens, a
-    client's node id must be one its certificate names (its common name or a subject
-    alternative name), so one certified site cannot claim another's id.
+    must present its node id and token in its HELLO. With mutual TLS, a client's node id
+    must be one its certificate names (its common name or a subject alternative name), so
+    one certified site cannot claim another's id, not even with that site's token; with
+    tokens, this holds for certificates that name an enrolled node (a per-site
+    certificate), while a certificate naming none (one shared by all members) proves
+    membership only and the token says which node.
     """
 
     certificates: tuple[bytes, bytes, bytes] | None = None
@@ -511,7 +514,11 @@ class GrpcServer(Transport):
                     grpc.StatusCode.UNAUTHENTICATED,
                     f"client {node_id!r} is not enrolled or its token is wrong",
                 )
-        if self.security.require_client_auth and tokens is None and node_id not in certified:
+        # Under mutual TLS a certificate that names a node binds it: without tokens any
+        # name it holds, with tokens an enrolled one (a certificate naming no enrolled node
+        # proves membership only, and the token says which node).
+        bound = tokens is None or any(name in tokens for name in certified)
+        if self.security.require_client_auth and bound and node_id not in certified:
             raise _Refusal(
                 grpc.StatusCode.UNAUTHENTICATED,
                 f"node id {node_id!r} is not a name in its client certificate "
