@@ -126,33 +126,46 @@ def test_bad_straggler_configs_are_refused_by_key(data, message):
         validate(data)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known defect after merging durable releases: a checkpoint inside an open buffer "
-    "no longer replaces the finished version's checkpoint that LATEST names, so the open "
-    "buffer is not saved",
-)
-def test_fedbuff_checkpoint_every_saves_the_open_buffer_and_resume_folds_it(tmp_path):
-    """[strategy] checkpoint_every: `fedhive run` checkpoints inside a buffer, and a run
-    resumed from such a checkpoint publishes the next version with the results buffered
-    before it stopped."""
+def test_fedbuff_checkpoint_every_saves_the_open_buffer_and_resume_folds_it(tmp_path, monkeypatch):
+    """[strategy] checkpoint_every: `fedhive run` checkpoints inside a buffer, under a name
+    of its own (never over a finished version's checkpoint), and a run resumed from such a
+    checkpoint publishes the next version with the results buffered before it stopped."""
+    from fedhive.server.checkpoint import Checkpointer
+
+    snapshots = tmp_path / "snapshots"  # the checkpoint folder as a stop would leave it
+    save = Checkpointer.save
+
+    def saved_then_copied(self, engine):
+        path = save(self, engine)
+        count = len(list(snapshots.glob("*"))) if snapshots.exists() else 0
+        shutil.copytree(self.directory, snapshots / f"{count:03d}-{path.name}")
+        return path
+
+    monkeypatch.setattr(Checkpointer, "save", saved_then_copied)
     table = (
         'name = "fedbuff"\nbuffer_size = 3\nconcurrency = 2\nstaleness = "poly"\n'
         "checkpoint_every = 1"
     )
     history = _history(tmp_path, table, rounds=2)
+    monkeypatch.undo()
     versions = [r for r in history["rounds"] if r["round"] > 0]
     assert [len(r["staleness"]) for r in versions] == [3, 3]
-    checkpoints = tmp_path / "run" / "checkpoints"
-    # results 4 and 5 were saved inside version 2's buffer, over version 1's checkpoint
-    meta = json.loads((checkpoints / "round-000001" / "meta.json").read_text())
+    # results 4 and 5 were saved inside version 2's buffer, each under its own name
+    saved = sorted(snapshots.iterdir())
+    names = [p.name.split("-", 1)[1] for p in saved]
+    assert "round-000001-open-000001" in names and "round-000001-open-000002" in names
+    stopped = saved[names.index("round-000001-open-000002")]
+    assert (stopped / "LATEST").read_text() == "round-000001-open-000002"
+    assert (stopped / "round-000001" / "meta.json").exists()  # version 1's, untouched
+    meta = json.loads((stopped / "round-000001-open-000002" / "meta.json").read_text())
     opened = meta["policy"]["state"]["open"]
     assert meta["round"] == 1 and opened["num_results"] == 2
     assert opened["staleness"] == versions[1]["staleness"][:2]
 
-    # the run stops before version 2 is saved: its checkpoint never happened
-    shutil.rmtree(checkpoints / "round-000002")
-    (checkpoints / "LATEST").write_text("round-000001")
+    # the run stops right after that save, before version 2
+    checkpoints = tmp_path / "run" / "checkpoints"
+    shutil.rmtree(checkpoints)
+    shutil.copytree(stopped, checkpoints)
     result = runner.invoke(
         app, ["run", "--resume", str(tmp_path / "run"), "--no-progress"], catch_exceptions=False
     )

@@ -4,7 +4,9 @@ Layout of a checkpoint directory::
 
     LATEST                  name of the newest complete checkpoint (replaced atomically)
     round-000007-released/  round 7's new model, saved before anything outside saw it
-    round-000007/           round 7 finished (evaluated)
+    round-000007-open-000004/  asynchronous runs with ``checkpoint_every``: version 7
+                            and 4 results buffered for version 8
+    round-000007/           round 7 finished (evaluated); each checkpoint holds:
         meta.json           round, model version, run id, seed, elapsed time, history
                             (a release also holds the round's fit record: "pending")
         parameters.fhv      global model (fedhive array format)
@@ -122,13 +124,22 @@ class Checkpointer:
         return path
 
     def save(self, engine: Engine) -> Path:
-        """Save the engine after a finished round (``LATEST`` names ``round-NNNNNN``)."""
+        """Save the engine after a finished round (``LATEST`` names ``round-NNNNNN``), or
+        inside an asynchronous version's open buffer (the policy's state has ``open``:
+        ``round-NNNNNN-open-KKKKKK``, version NNNNNN and KKKKKK results buffered for the
+        next), a name of its own, so it never writes over a finished round's checkpoint."""
         name = f"round-{engine.current_round:06d}"
-        if name == self._latest_name():  # saved again within the round: never over LATEST
-            name += "-again"
-        path = self._write(engine, name, {})
+        opened = engine.policy.state_dict().get("open")
+        if opened is not None:
+            name += f"-open-{int(opened['num_results']):06d}"
+        path = self._write(engine, self._not_latest(name), {})
         self._save_best(engine)
         return path
+
+    def _not_latest(self, name: str) -> str:
+        """``name``, or ``name-again`` when ``LATEST`` names it (saved twice in a row):
+        a checkpoint is never written over the one ``LATEST`` names."""
+        return name + "-again" if name == self._latest_name() else name
 
     def _write(self, engine: Engine, name: str, extra: dict[str, Any]) -> Path:
         """Write checkpoint ``name`` in full under a temporary name, fsync it, rename it,
