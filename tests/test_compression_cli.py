@@ -12,7 +12,7 @@ from fedhive.cli import app
 from fedhive.cli.config import validate
 from fedhive.cli.server_config import validate_server_config
 from fedhive.common import ConfigError
-from fedhive.compression import FP16, TopK
+from fedhive.compression import FP16, Compression, TopK
 
 runner = CliRunner()
 
@@ -127,3 +127,21 @@ def test_python_compression_tables_refuse_keys_their_codec_does_not_take(table):
 
     with pytest.raises(ConfigError, match="is not a parameter of uplink"):
         as_compression(table)
+
+
+def test_shared_scale_and_shared_seed_codecs_pass_with_secure_aggregation():
+    from fedhive.compression import QSGD, RandomK
+
+    for check in (validate, validate_server_config):
+        qsgd = {"uplink": "qsgd", "bits": 4, "scale": 0.5}
+        check({"compression": qsgd, "secure_aggregation": {}}, "x.toml")
+        randomk = {"uplink": "randomk", "ratio": 0.1, "shared_seed": True}
+        check({"compression": randomk, "secure_aggregation": {}}, "x.toml")
+        with pytest.raises(ConfigError, match="shared scale"):
+            check({"compression": {"uplink": "qsgd"}, "secure_aggregation": {}}, "x.toml")
+        with pytest.raises(ConfigError, match="scale"):
+            check({"compression": {"uplink": "topk", "scale": 0.5}}, "x.toml")
+    table = Compression.from_table({"uplink": "qsgd", "bits": 4, "scale": 0.5})
+    assert table.uplink == QSGD(bits=4, scale=0.5)
+    table = Compression.from_table({"uplink": "randomk", "shared_seed": True})
+    assert table.uplink == RandomK(shared_seed=True)

@@ -33,6 +33,12 @@ class CompressionConfig(BaseModel):
         description="topk/randomk: share of elements sent; eden: of coordinates kept",
     )
     bits: int = Field(4, ge=1, le=8, description="qsgd/eden: bits per element (qsgd: + sign)")
+    scale: float | None = Field(
+        None, gt=0, description="qsgd: one scale shared by every client (secure aggregation)"
+    )
+    shared_seed: bool = Field(
+        False, description="randomk: one support from the round's seed (secure aggregation)"
+    )
     error_feedback: bool = False
     downlink: Literal["none", "fp16", "bf16", "qsgd"] = "none"
 
