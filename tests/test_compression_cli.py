@@ -78,18 +78,17 @@ def test_bad_compression_keys_are_refused(table, pattern):
         validate_server_config({"compression": table}, "server.toml")
 
 
-def test_topk_with_secure_aggregation_and_async_are_refused():
+def test_topk_with_secure_aggregation_is_refused_and_async_is_accepted():
     for check in (validate, validate_server_config):
         with pytest.raises(ConfigError, match="top-k"):
             check({"compression": {"uplink": "topk"}, "secure_aggregation": {}}, "x.toml")
-        with pytest.raises(ConfigError, match="synchronous"):
-            check(
-                {
-                    "compression": {"uplink": "sign"},
-                    "policy": {"name": "buffered-async", "buffer_size": 2, "concurrency": 2},
-                },
-                "x.toml",
-            )
+        check(
+            {
+                "compression": {"uplink": "sign", "error_feedback": True},
+                "policy": {"name": "buffered-async", "buffer_size": 2, "concurrency": 2},
+            },
+            "x.toml",
+        )
 
 
 def test_progress_bar_and_summary_show_the_bytes(tmp_path):

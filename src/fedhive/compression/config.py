@@ -201,11 +201,12 @@ def compression_setup(
     The :class:`~fedhive.compression.CompressionStage` goes right after the exchange
     stage (first of the reply stages), the mod in front of the client's mods (so local DP
     mods after it clip and noise before it encodes). What ``start_simulation`` and
-    ``start_server`` call.
+    ``start_server`` call. ``policy`` is not restricted: the asynchronous policy runs
+    the stage's instructions at every dispatch and checks the stage itself.
     """
+    del policy
     from fedhive.compression.mod import with_compression_mod
     from fedhive.compression.stage import CompressionStage
-    from fedhive.server.policy import SyncRounds
     from fedhive.server.stages import ExchangeStage
 
     chosen = as_compression(compression)
@@ -216,11 +217,6 @@ def compression_setup(
 
         workflow = next((s for s in stages if isinstance(s, SecAggPlusWorkflow)), None)
         check_secure_aggregation(chosen, workflow)
-    if policy is not None and not isinstance(policy, SyncRounds):
-        raise ConfigError(
-            "compression runs with synchronous rounds (each round's task says which codec); "
-            f"the policy {type(policy).__name__} dispatches its own tasks: use the default"
-        )
     if secure:  # the SecAgg+ mod and workflow encode and decode
         return stages, mods, chosen
     at = 1 if stages and isinstance(stages[0], ExchangeStage) else 0
