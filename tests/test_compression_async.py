@@ -216,3 +216,43 @@ def test_a_downlink_codec_runs_under_the_asynchronous_policy():
         r["bytes_down"] for r in plain.rounds[1:]
     )
     np.testing.assert_allclose(coded_models[-1], models[-1], atol=0.05)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_fedbuff_over_grpc_with_compression_and_real_client_processes():
+    """start_server with FedBuff and fp16 uploads: three client processes and a slow one;
+    each upload (1 + pid added to every weight, exact in half precision) is decoded
+    against the model that client was sent."""
+    from grpc_helpers import ServerThread, client_process, finish
+
+    server = ServerThread(
+        config=ServerConfig(num_rounds=4, round_timeout=60),
+        strategy=FedBuff(
+            buffer_size=2,
+            concurrency=3,
+            staleness="constant",
+            min_available_clients=3,
+            fraction_evaluate=0.0,
+            initial_parameters=ndarrays_to_parameters([np.zeros(4, np.float32)]),
+            evaluate_fn=lambda rnd, params, cfg: (float(params[0].mean()), {}),
+        ),
+        compression=FP16(min_size=0),
+        seed=0,
+        wait_timeout=30,
+    ).start()
+    procs = [client_process(server.address, "--pid", str(i)) for i in range(3)]
+    procs.append(client_process(server.address, "--pid", "3", "--mode", "slow"))
+    history = server.join(timeout=120)
+    # a client whose session the server closes at the run's end without a goodbye sits
+    # in its reconnect backoff: stop waiting for it after a few seconds
+    finish(procs, timeout=8)
+    versions = history.rounds[1:]
+    assert [r["model_version"] for r in versions] == [1, 2, 3, 4]
+    for r in versions:  # each version's buffer filled with decoded updates
+        assert r["fit"]["num_results"] == 2 and r["bytes_up"] > 0 and r["bytes_down"] > 0, r
+    # every folded update is 1 + pid (pids 0..3, weights 1 + pid), whatever its base:
+    # each version moves the model by a weighted mean of those, between 1 and 4
+    losses = [0.0] + [loss for _, loss in history.losses_centralized[1:]]
+    steps = np.diff(losses)
+    assert np.all(steps >= 1.0) and np.all(steps <= 4.0), losses

@@ -144,3 +144,20 @@ def test_shared_scale_and_shared_seed_codecs_pass_with_secure_aggregation():
     assert table.uplink == QSGD(bits=4, scale=0.5)
     table = Compression.from_table({"uplink": "randomk", "shared_seed": True})
     assert table.uplink == RandomK(shared_seed=True)
+
+
+def test_run_with_secure_aggregation_and_shared_seed_random_k_from_toml(tmp_path):
+    cfg = tmp_path / "exp.toml"
+    cfg.write_text(
+        f'rounds = 2\nnum_clients = 10\nout = "{(tmp_path / "out").as_posix()}"\n'
+        "secure_aggregation = { threshold = 3, degree = 4, bits = 8, clip = 0.5 }\n"
+        '[data]\ndataset = "digits"\npartition = "iid"\n[model]\nname = "logreg"\n'
+        "[strategy]\nfraction_fit = 0.6\n"
+        '[compression]\nuplink = "randomk"\nratio = 0.25\nshared_seed = true\n'
+    )
+    result = runner.invoke(app, ["run", str(cfg)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    history = json.loads((tmp_path / "out" / "history.json").read_text())
+    fits = [r["fit"] for r in history["rounds"] if "fit" in r]
+    assert all(f["updated"] and f["secagg"]["codec"] == "randomk" for f in fits)
+    assert all(f["secagg"]["after_unmask"] == 6 for f in fits)
