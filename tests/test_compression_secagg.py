@@ -198,3 +198,31 @@ def test_grpc_secure_compressed_round_with_a_client_dying():
     assert first["bytes_up"] > 0
     # 30 / 10 = 3, within one step of the codec's grid (8 / 15)
     assert abs(history.losses_centralized[1][1] - 3.0) <= 8.0 / 15
+
+
+def test_a_secure_compressed_round_with_dp_clipping_is_refused_and_keeps_the_model():
+    from fedhive.privacy import Accounting
+    from fedhive.server.strategy import DifferentialPrivacyClientSideFixedClipping
+
+    strategy = DifferentialPrivacyClientSideFixedClipping(
+        FedAvg(
+            fraction_fit=1.0,
+            fraction_evaluate=0.0,
+            initial_parameters=ndarrays_to_parameters([np.zeros(SHAPE, np.float32)]),
+        ),
+        noise_multiplier=0.5,
+        clipping_norm=1.0,
+        num_sampled_clients=4,
+        accounting=Accounting(delta=1e-3),
+    )
+    history = start_simulation(
+        client_fn=lambda cid: GridClient(int(cid)),
+        num_clients=4,
+        config=ServerConfig(num_rounds=1),
+        strategy=strategy,
+        compression=CODECS[0],
+        secure_aggregation=SECURE,
+        seed=5,
+    )
+    fit = history.rounds[-1]["fit"]
+    assert not fit["updated"] and "DP clipping" in fit["note"]
