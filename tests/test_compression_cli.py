@@ -12,7 +12,7 @@ from fedhive.cli import app
 from fedhive.cli.config import validate
 from fedhive.cli.server_config import validate_server_config
 from fedhive.common import ConfigError
-from fedhive.compression import FP16, TopK
+from fedhive.compression import FP16, Compression, TopK
 
 runner = CliRunner()
 
@@ -78,18 +78,17 @@ def test_bad_compression_keys_are_refused(table, pattern):
         validate_server_config({"compression": table}, "server.toml")
 
 
-def test_topk_with_secure_aggregation_and_async_are_refused():
+def test_topk_with_secure_aggregation_is_refused_and_async_is_accepted():
     for check in (validate, validate_server_config):
         with pytest.raises(ConfigError, match="top-k"):
             check({"compression": {"uplink": "topk"}, "secure_aggregation": {}}, "x.toml")
-        with pytest.raises(ConfigError, match="synchronous"):
-            check(
-                {
-                    "compression": {"uplink": "sign"},
-                    "policy": {"name": "buffered-async", "buffer_size": 2, "concurrency": 2},
-                },
-                "x.toml",
-            )
+        check(
+            {
+                "compression": {"uplink": "sign", "error_feedback": True},
+                "policy": {"name": "buffered-async", "buffer_size": 2, "concurrency": 2},
+            },
+            "x.toml",
+        )
 
 
 def test_progress_bar_and_summary_show_the_bytes(tmp_path):
@@ -127,3 +126,38 @@ def test_python_compression_tables_refuse_keys_their_codec_does_not_take(table):
 
     with pytest.raises(ConfigError, match="is not a parameter of uplink"):
         as_compression(table)
+
+
+def test_shared_scale_and_shared_seed_codecs_pass_with_secure_aggregation():
+    from fedhive.compression import QSGD, RandomK
+
+    for check in (validate, validate_server_config):
+        qsgd = {"uplink": "qsgd", "bits": 4, "scale": 0.5}
+        check({"compression": qsgd, "secure_aggregation": {}}, "x.toml")
+        randomk = {"uplink": "randomk", "ratio": 0.1, "shared_seed": True}
+        check({"compression": randomk, "secure_aggregation": {}}, "x.toml")
+        with pytest.raises(ConfigError, match="shared scale"):
+            check({"compression": {"uplink": "qsgd"}, "secure_aggregation": {}}, "x.toml")
+        with pytest.raises(ConfigError, match="scale"):
+            check({"compression": {"uplink": "topk", "scale": 0.5}}, "x.toml")
+    table = Compression.from_table({"uplink": "qsgd", "bits": 4, "scale": 0.5})
+    assert table.uplink == QSGD(bits=4, scale=0.5)
+    table = Compression.from_table({"uplink": "randomk", "shared_seed": True})
+    assert table.uplink == RandomK(shared_seed=True)
+
+
+def test_run_with_secure_aggregation_and_shared_seed_random_k_from_toml(tmp_path):
+    cfg = tmp_path / "exp.toml"
+    cfg.write_text(
+        f'rounds = 2\nnum_clients = 10\nout = "{(tmp_path / "out").as_posix()}"\n'
+        "secure_aggregation = { threshold = 3, degree = 4, bits = 8, clip = 0.5 }\n"
+        '[data]\ndataset = "digits"\npartition = "iid"\n[model]\nname = "logreg"\n'
+        "[strategy]\nfraction_fit = 0.6\n"
+        '[compression]\nuplink = "randomk"\nratio = 0.25\nshared_seed = true\n'
+    )
+    result = runner.invoke(app, ["run", str(cfg)], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    history = json.loads((tmp_path / "out" / "history.json").read_text())
+    fits = [r["fit"] for r in history["rounds"] if "fit" in r]
+    assert all(f["updated"] and f["secagg"]["codec"] == "randomk" for f in fits)
+    assert all(f["secagg"]["after_unmask"] == 6 for f in fits)

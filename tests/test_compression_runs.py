@@ -350,5 +350,7 @@ def test_compression_table_and_bad_values():
         C.from_table({"downlink": "topk"})
     with pytest.raises(ConfigError, match="ratio"):
         C.from_table({"uplink": "topk", "ratio": 2.0})
-    with pytest.raises(ConfigError, match=r"asynchronous|policy"):
-        run(compression=TopK(), policy=fl.server.BufferedAsync(buffer_size=2, concurrency=2))
+    # the asynchronous policy takes compression (tests/test_compression_async.py)
+    policy = fl.server.BufferedAsync(buffer_size=2, concurrency=2)
+    history = run(rounds=2, compression=TopK(), policy=policy)
+    assert [r["model_version"] for r in history.rounds[1:]] == [1, 2]

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fedhive.common.errors import ConfigError
 
-__all__ = ["CompressionConfig", "check_compression_secure", "check_compression_policy"]
+__all__ = ["CompressionConfig", "check_compression_secure"]
 
 
 class CompressionConfig(BaseModel):
@@ -33,6 +33,12 @@ class CompressionConfig(BaseModel):
         description="topk/randomk: share of elements sent; eden: of coordinates kept",
     )
     bits: int = Field(4, ge=1, le=8, description="qsgd/eden: bits per element (qsgd: + sign)")
+    scale: float | None = Field(
+        None, gt=0, description="qsgd: one scale shared by every client (secure aggregation)"
+    )
+    shared_seed: bool = Field(
+        False, description="randomk: one support from the round's seed (secure aggregation)"
+    )
     error_feedback: bool = False
     downlink: Literal["none", "fp16", "bf16", "qsgd"] = "none"
 
@@ -61,14 +67,3 @@ def check_compression_secure(compression: CompressionConfig | None, secure: obje
         check_secure_aggregation(compression.build())
     except ConfigError as exc:
         raise ValueError(f"[compression] with secure_aggregation: {exc}") from None
-
-
-def check_compression_policy(compression: CompressionConfig | None, policy: Any) -> None:
-    """Compression needs synchronous rounds (each round's task names the codec)."""
-    if compression is None or compression.uplink == compression.downlink == "none":
-        return
-    if getattr(policy, "name", "sync") != "sync":
-        raise ValueError(
-            f'[compression] needs synchronous rounds; use name = "sync" under [policy] '
-            f"(got {policy.name!r}) or drop [compression]"
-        )

@@ -86,7 +86,6 @@ from pydantic_core import PydanticCustomError
 
 from fedhive.cli.compression_config import (
     CompressionConfig,
-    check_compression_policy,
     check_compression_secure,
 )
 from fedhive.cli.personalization import PersonalizationSection
@@ -384,7 +383,6 @@ class ExperimentConfig(_Section):
         check_secure_strategy(self.secure_aggregation, st)
         check_secure_policy(self.secure_aggregation, self.policy)
         check_compression_secure(self.compression, self.secure_aggregation)
-        check_compression_policy(self.compression, self.policy)
         concurrency = self.policy.clients_training()
         if concurrency is not None and concurrency > self.num_clients:
             raise PydanticCustomError(

@@ -29,7 +29,6 @@ from pydantic import (
 
 from fedhive.cli.compression_config import (
     CompressionConfig,
-    check_compression_policy,
     check_compression_secure,
 )
 from fedhive.cli.config import (
@@ -223,7 +222,6 @@ class DeployConfig(_Section):
         check_secure_strategy(self.secure_aggregation, self.strategy)
         check_secure_policy(self.secure_aggregation, self.policy)
         check_compression_secure(self.compression, self.secure_aggregation)
-        check_compression_policy(self.compression, self.policy)
         # the sampling check of [strategy] (min_available_clients) ran already; under an
         # asynchronous policy each version's results are buffer_size instead
         check_policy_round_size(self.strategy, self.policy)

@@ -7,6 +7,8 @@ Chosen in Python (``compression=TopK(ratio=0.01, error_feedback=True)``, or a
     uplink = "topk"          # none | fp16 | bf16 | qsgd | topk | randomk | sign | eden
     ratio = 0.01             # topk/randomk (eden: share of rotated coordinates kept)
     # bits = 4               # qsgd/eden (a key the uplink codec does not take is refused)
+    # scale = 0.5            # qsgd: one scale shared by every client (secure aggregation)
+    # shared_seed = true     # randomk: one support from the round's seed (secure aggregation)
     error_feedback = true
     downlink = "none"        # none | fp16 | bf16 | qsgd
 """
@@ -23,7 +25,7 @@ from fedhive.compression.codecs import BF16, CODECS, FP16, QSGD, Codec
 __all__ = ["DOWNLINK_CODECS", "TABLE_KEYS", "Compression", "as_compression"]
 
 #: The keys of the ``[compression]`` table.
-TABLE_KEYS = ("uplink", "ratio", "bits", "error_feedback", "downlink")
+TABLE_KEYS = ("uplink", "ratio", "bits", "scale", "shared_seed", "error_feedback", "downlink")
 #: Codecs the broadcast model may be sent with (by id).
 DOWNLINK_CODECS: dict[str, type[Codec]] = {"fp16": FP16, "bf16": BF16, "qsgd": QSGD}
 
@@ -98,12 +100,12 @@ class Compression:
         return cls(uplink=up, downlink=down)
 
 
-_CODEC_KEYS = ("ratio", "bits")
+_CODEC_KEYS = ("ratio", "bits", "scale", "shared_seed")
 
 
 def _check_applies(table: Mapping[str, Any], uplink: str) -> None:
-    """Refuse ``ratio``/``bits`` where the uplink codec has no such parameter (they would
-    otherwise be ignored without a word)."""
+    """Refuse ``ratio``/``bits``/``scale``/``shared_seed`` where the uplink codec has no
+    such parameter (they would otherwise be ignored without a word)."""
     takes = () if uplink == "none" else CODECS[uplink].__dataclass_fields__
     own = [k for k in _CODEC_KEYS if k in takes]
     for key in _CODEC_KEYS:
@@ -112,10 +114,15 @@ def _check_applies(table: Mapping[str, Any], uplink: str) -> None:
         where = f"{key} = {table[key]!r} is not a parameter of uplink = {uplink!r}"
         if uplink == "none":
             raise ConfigError(
-                f"[compression] {where} (ratio and bits configure the uplink codec; "
+                f"[compression] {where} (ratio and bits, like scale and shared_seed, "
+                "configure the uplink codec; "
                 'downlink = "qsgd" always sends 8 bits per weight): set uplink or drop it'
             )
-        which = f"takes {' and '.join(own)}" if own else "takes neither ratio nor bits"
+        which = (
+            f"takes {' and '.join(own)}"
+            if own
+            else ("takes neither ratio nor bits (nor scale, shared_seed)")
+        )
         raise ConfigError(f"[compression] {where}, which {which}: drop {key}")
 
 
@@ -151,14 +158,17 @@ def as_compression(value: object) -> Compression | None:
     )
 
 
-def check_secure_aggregation(compression: Compression) -> None:
-    """Refuse, with the reason, a codec whose encodings secure aggregation cannot add.
+def check_secure_aggregation(compression: Compression, workflow: Any = None) -> None:
+    """Refuse, with the reason, compression that secure aggregation cannot carry; with
+    ``workflow`` (a :class:`~fedhive.secagg.SecAggPlusWorkflow`) attach the codec to it.
 
     Per-client top-k, sign, EDEN and QSGD with per-client scales encode each update on
     its own support or scale: the masked sum of their encodings is not the encoding of
     the sum. Shared-scale QSGD and shared-seed random-k are linear over integers
-    (:mod:`fedhive.compression.secure`), but SecAgg+ rounds quantize and mask the update
-    themselves, so a run takes one or the other.
+    (:mod:`fedhive.compression.secure`): the SecAgg+ client encodes to ring integers
+    before masking and the server decodes the unmasked sum once. The ring must hold
+    every sum at ``max_clients`` x ``max_weight`` (checked now). Error feedback and a
+    downlink codec are not carried by a secure round.
     """
     codec = compression.uplink
     if codec is not None and codec.secagg_reason:
@@ -166,13 +176,21 @@ def check_secure_aggregation(compression: Compression) -> None:
             f"compression {codec.id!r} cannot be combined with secure aggregation: "
             f"{codec.secagg_reason}"
         )
-    if compression.active:
+    if compression.downlink is not None or compression.server_error_feedback:
         raise ConfigError(
-            "SecAgg+ quantizes and masks each update itself (shared scale "
-            "secure_aggregation.clip, secure_aggregation.bits per element): pass either "
-            "secure_aggregation or compression; the shared-scale encodings of "
-            "fedhive.compression.secure are what a codec-aware secure sum adds"
+            "a secure aggregation round sends the model as it is: drop the downlink codec "
+            '(downlink = "none") or secure_aggregation'
         )
+    if codec is None:
+        return
+    if codec.error_feedback:
+        raise ConfigError(
+            f"compression {codec.id!r} with error_feedback under secure aggregation: the "
+            "SecAgg+ client keeps no residual; use error_feedback=False (shared-scale QSGD "
+            "and shared-seed random-k are unbiased without it)"
+        )
+    if workflow is not None:
+        workflow.attach_codec(codec)
 
 
 def compression_setup(
@@ -183,23 +201,24 @@ def compression_setup(
     The :class:`~fedhive.compression.CompressionStage` goes right after the exchange
     stage (first of the reply stages), the mod in front of the client's mods (so local DP
     mods after it clip and noise before it encodes). What ``start_simulation`` and
-    ``start_server`` call.
+    ``start_server`` call. ``policy`` is not restricted: the asynchronous policy runs
+    the stage's instructions at every dispatch and checks the stage itself.
     """
+    del policy
     from fedhive.compression.mod import with_compression_mod
     from fedhive.compression.stage import CompressionStage
-    from fedhive.server.policy import SyncRounds
     from fedhive.server.stages import ExchangeStage
 
     chosen = as_compression(compression)
     if chosen is None:
         return stages, mods, None
     if secure:
-        check_secure_aggregation(chosen)
-    if policy is not None and not isinstance(policy, SyncRounds):
-        raise ConfigError(
-            "compression runs with synchronous rounds (each round's task says which codec); "
-            f"the policy {type(policy).__name__} dispatches its own tasks: use the default"
-        )
+        from fedhive.secagg.server import SecAggPlusWorkflow
+
+        workflow = next((s for s in stages if isinstance(s, SecAggPlusWorkflow)), None)
+        check_secure_aggregation(chosen, workflow)
+    if secure:  # the SecAgg+ mod and workflow encode and decode
+        return stages, mods, chosen
     at = 1 if stages and isinstance(stages[0], ExchangeStage) else 0
     out = [*stages[:at], CompressionStage(chosen), *stages[at:]]
     return out, with_compression_mod(mods), chosen

@@ -26,16 +26,22 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from fedhive.common.errors import ConfigError, SerdeError
-from fedhive.common.records import NDArray
+from fedhive.common.records import NDArray, Scalar
 from fedhive.compression.codecs import QSGD, Codec, RandomK
 
-__all__ = ["SecureEncoding", "ring_bits_needed"]
+__all__ = [
+    "SecureEncoding",
+    "codec_of_round",
+    "codec_round_params",
+    "ring_bits_needed",
+    "secure_encoding_for",
+]
 
 
 def ring_bits_needed(num_clients: int, bits: int, max_weight: int = 1) -> int:
@@ -100,6 +106,11 @@ class SecureEncoding:
     def _support(self, size: int, seed: int) -> NDArray | None:
         return self.codec.support(size, seed) if isinstance(self.codec, RandomK) else None
 
+    def count(self, size: int, seed: int = 0) -> int:
+        """How many ring integers encode a ``size``-element update (round seed ``seed``)."""
+        support = self._support(size, seed)
+        return size if support is None else int(support.size)
+
     def encode(
         self,
         x: NDArray,
@@ -141,3 +152,48 @@ class SecureEncoding:
         out = np.zeros(size, np.float32)
         out[support] = values * (size / count)
         return out
+
+
+# -- the codec hook of a SecAgg+ round ------------------------------------------------------
+
+CODEC_PREFIX = "codec."  # the codec's keys in the round parameters a SecAgg+ server sends
+
+
+def secure_encoding_for(
+    codec: Codec, *, bits: int, clip: float, num_clients: int, max_weight: int, ring_bits: int
+) -> SecureEncoding:
+    """The :class:`SecureEncoding` a SecAgg+ round uses for ``codec``, or a
+    :class:`ConfigError` with the reason (a codec secure aggregation cannot add, a ring
+    of ``ring_bits`` that ``num_clients`` encodings of weight up to ``max_weight`` could
+    overflow). Shared-scale QSGD keeps its own grid; shared-seed random-k puts its values
+    on the round's grid: ``bits`` levels over ``[-clip, clip]``."""
+    quantizer = None
+    if isinstance(codec, RandomK) and not codec.secagg_reason:
+        if bits > 15:
+            raise ConfigError(
+                "shared-seed random-k values go on the secure aggregation grid: "
+                f"secure_aggregation.bits must be at most 15, got {bits}"
+            )
+        quantizer = QSGD(bits=bits, scale=float(clip), min_size=0)
+    return SecureEncoding(codec, num_clients, max_weight, quantizer, ring_bits)
+
+
+def codec_round_params(codec: Codec, seed: int) -> dict[str, Scalar]:
+    """What a SecAgg+ server adds to its round parameters: the codec and the shared seed."""
+    from fedhive.compression.payload import task_record
+
+    return {CODEC_PREFIX + k: v for k, v in task_record(codec, seed).items()}
+
+
+def codec_of_round(params: Mapping[str, Scalar]) -> tuple[Codec | None, int]:
+    """The codec and shared seed in a SecAgg+ round's parameters (``None``: plain
+    SecAgg+); :class:`SerdeError` when they are malformed (what the client checks)."""
+    from fedhive.compression.payload import codec_from_task
+
+    record = {k[len(CODEC_PREFIX) :]: v for k, v in params.items() if k.startswith(CODEC_PREFIX)}
+    if not record:
+        return None, 0
+    codec, seed, downlink = codec_from_task(record)
+    if downlink is not None:
+        raise SerdeError("a secure round carries no downlink codec")
+    return codec, seed

@@ -10,6 +10,11 @@ never sees it). A plain reply (a client without the mod) is accepted as it is.
 
 Central DP composes: its noise is added to the aggregate, after every update was
 decoded. Strategies needing individual updates (median, Krum) get decoded ones.
+
+Under the asynchronous policy (:mod:`fedhive.server.asynchronous`) the stage instructs
+each dispatch and keeps, per client in flight, the model that client was sent and the
+seed its task named: a stale update is decoded against its own base model before it
+enters the buffer, so staleness weighting sees the same update as without compression.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from fedhive.common.records import (
     FitIns,
     FitRes,
     NDArrays,
+    Parameters,
     RecordDict,
     ndarrays_to_parameters,
     parameters_to_ndarrays,
@@ -69,6 +75,8 @@ class CompressionStage(ReplyStage):
         self.compression = compression
         self._seed = 0
         self._downlink_residual: NDArrays | None = None
+        #: client id -> (seed, model sent) of the task in flight (one per client)
+        self._sent: dict[str, tuple[int, Parameters]] = {}
 
     def __repr__(self) -> str:
         return f"CompressionStage({self.compression!r})"
@@ -95,6 +103,10 @@ class CompressionStage(ReplyStage):
         self, driver: RoundDriver, instructions: list[tuple[ClientProxy, FitIns]]
     ) -> list[tuple[ClientProxy, FitIns]]:
         """The fit instructions with the codec's task record (and the encoded model)."""
+        from fedhive.server.policy import SyncRounds
+
+        if isinstance(driver.engine.policy, SyncRounds):
+            self._sent.clear()  # one instruction per round: last round's notes go
         c = self.compression
         self._seed = derive_seed(driver.engine.seed, driver.server_round, "", "codec")
         record = RecordDict(
@@ -107,7 +119,21 @@ class CompressionStage(ReplyStage):
             if key not in encoded:
                 encoded[key] = self._encoded(driver, ins, record)
             out.append((client, encoded[key]))
+            self._sent[client.cid] = (self._seed, ins.parameters)
         return out
+
+    @property
+    def asynchronous_reason(self) -> str:
+        if not self.compression.server_error_feedback:
+            return ""
+        return (
+            "server-side error feedback carries one broadcast's error into the next, and "
+            "asynchronous dispatches send one version many times: drop server_error_feedback"
+        )
+
+    def in_flight(self, client_ids: set[str]) -> None:
+        for cid in [c for c in self._sent if c not in client_ids]:
+            del self._sent[cid]  # its task failed or timed out: no reply will be decoded
 
     def _encoded(self, driver: RoundDriver, ins: FitIns, record: RecordDict) -> FitIns:
         down = self.compression.downlink
@@ -139,7 +165,8 @@ class CompressionStage(ReplyStage):
         encoded = PAYLOAD_RECORD in extras.array_records
         if codec is None or not encoded:
             return result
-        reference = parameters_to_ndarrays(driver.engine.parameters)
+        seed, base = self._sent.pop(client_id, (self._seed, driver.engine.parameters))
+        reference = parameters_to_ndarrays(base)
         layout = Layout.of(reference, codec.min_size)
         if len(result.parameters) != 0:
             raise InvalidUpdate(
@@ -149,7 +176,7 @@ class CompressionStage(ReplyStage):
                 "a compressed reply carries its update in extras and no model arrays",
             )
         try:
-            update = decode_update(codec, layout, extras, self._seed)
+            update = decode_update(codec, layout, extras, seed)
         except SerdeError as exc:
             raise InvalidUpdate(client_id, driver.server_round, MessageType.FIT, str(exc)) from None
         model = [

@@ -59,6 +59,7 @@ from fedhive.common.records import (
 )
 from fedhive.secagg import graph as g
 from fedhive.secagg import primitives as p
+from fedhive.secagg.coded import client_codec
 from fedhive.secagg.config import THREAT_MODELS, SecAggConfig
 from fedhive.secagg.messages import (
     MASK_KEY,
@@ -236,6 +237,7 @@ class SecAggPlusMod:
         if ring not in (32, 64) or not 1 <= bits < ring or threshold < 1 or sid < 1:
             raise ProtocolError(f"invalid secure aggregation parameters {dict(params)!r}")
         degree = self._check_plan(params, sid, threshold)
+        client_codec(params)  # the codec the server asks for, checked before any key
         if not self._warned and self.threat_model != "malicious":
             self._warned = True
             log.warning(
@@ -513,6 +515,9 @@ class SecAggPlusMod:
                     f"{_int(state, 'max_weight')}; raise max_weight (and the ring) on the server"
                 )
         clip, bits, rng = _float(state, "clip"), _int(state, "bits"), np.random.default_rng()
+        codec = client_codec(state, size)
+        if codec is not None:  # the codec's ring integers instead of SecAgg+'s grid
+            return codec.encode(delta, weight, rng)
         bound = state.get("dp_norm_bound")
         if isinstance(bound, float):  # DP: what is released stays within C + beta
             q = p.conditional_quantize(delta, clip, bits, rng, bound)

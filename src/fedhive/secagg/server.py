@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from fedhive.common.errors import ClientFailure, ConfigError, ProtocolError
-from fedhive.common.message import MessageType
+from fedhive.common.message import MessageType, derive_seed
 from fedhive.common.records import (
     FitIns,
     FitRes,
@@ -142,6 +142,18 @@ class SecAggPlusWorkflow(ExchangeStage):
             self.config = config or SecAggConfig(**options)
         except TypeError as exc:
             raise ConfigError(f"unknown secure aggregation option: {exc}") from exc
+        self.codec: Any = None
+
+    def attach_codec(self, codec: Any) -> None:
+        """Encode each update with ``codec`` (shared-scale QSGD, shared-seed random-k) to
+        ring integers before masking and decode the unmasked sum once
+        (:mod:`fedhive.secagg.coded`); a codec the masked sum cannot add, or whose sums
+        could overflow the ring at ``max_clients`` x ``max_weight``, is a
+        :class:`ConfigError` now."""
+        from fedhive.secagg.coded import check_codec
+
+        check_codec(codec, self.config)
+        self.codec = codec
 
     def __repr__(self) -> str:
         return f"SecAggPlusWorkflow({self.config!r})"
@@ -160,7 +172,7 @@ class SecAggPlusWorkflow(ExchangeStage):
         self, driver: RoundDriver, instructions: list[tuple[ClientProxy, FitIns]], sink: FitSink
     ) -> None:
         weighting = check_secagg_compatible(driver.engine.strategy)
-        round_ = _SecureRound(self.config, driver, instructions, weighting)
+        round_ = _SecureRound(self.config, driver, instructions, weighting, self.codec)
         try:
             mean = round_.run()
         finally:
@@ -184,6 +196,7 @@ class _SecureRound:
         driver: RoundDriver,
         instructions: list[tuple[ClientProxy, FitIns]],
         weighting: str,
+        codec: Any = None,
     ) -> None:
         self.config = config
         self.driver = driver
@@ -231,6 +244,11 @@ class _SecureRound:
         self.reference = parameters_to_ndarrays(driver.engine.parameters)
         self.length = sum(int(r.size) for r in self.reference) + 1
         norm = instructions[0][1].config.get(CLIPPING_NORM_KEY)
+        self.codec: Any = None
+        if codec is not None:
+            self._use_codec(codec, n, has_dp=isinstance(norm, int | float) and norm > 0)
+            if self._unusable:
+                return
         if isinstance(norm, int | float) and not isinstance(norm, bool) and norm > 0:
             beta = p.rounding_bound(self.length - 1, config.clip, config.bits)
             self.stats["dp_rounding_bound"] = beta
@@ -245,6 +263,28 @@ class _SecureRound:
                 return
             self.dp_rounding = beta
             self.dp_bound = float(norm) + beta
+
+    def _use_codec(self, codec: Any, n: int, has_dp: bool) -> None:
+        """Encode with ``codec`` this round: its ring integers are what is masked."""
+        from fedhive.secagg.coded import server_codec
+
+        if has_dp:
+            self._unusable = (
+                "compression with secure aggregation and DP clipping: the rounding bound of "
+                "the codec's grid is not accounted; drop one of the three"
+            )
+            return
+        seed = derive_seed(self.driver.engine.seed, self.rnd, "", "codec")
+        weighted = self.weighting == "num_examples"
+        try:
+            self.codec, self.codec_params = server_codec(
+                codec, self.config, n, weighted, seed, self.length - 1
+            )
+        except ConfigError as exc:
+            self._unusable = str(exc)
+            return
+        self.length = self.codec.length
+        self.stats["codec"] = codec.id
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -322,6 +362,8 @@ class _SecureRound:
             common["max_num_examples"] = cap
         if self.dp_bound is not None:
             common["dp_norm_bound"] = self.dp_bound
+        if self.codec is not None:
+            common.update(self.codec_params)
         contents = {
             sid: RecordDict(config_records={PARAMS: {**common, "sid": sid}}) for sid in self.peers
         }
@@ -574,14 +616,21 @@ class _SecureRound:
         if (
             weight_sum <= 0
             or weight_sum > limit
-            or int(total[:-1].max(initial=0)) > levels * weight_sum
+            or not (
+                self.codec.in_range(total, weight_sum)
+                if self.codec is not None
+                else int(total[:-1].max(initial=0)) <= levels * weight_sum
+            )
         ):
             raise RoundAborted(
                 "the unmasked sum is out of range (total weight "
                 f"{weight_sum}): a client sent inconsistent masks or shares"
             )
         self.stats["total_weight"] = weight_sum
-        flat = p.dequantize(total[:-1], weight_sum, self.config.clip, self.config.bits)
+        if self.codec is not None:  # the codec's sum, decoded once
+            flat = self.codec.mean(total, weight_sum)
+        else:
+            flat = p.dequantize(total[:-1], weight_sum, self.config.clip, self.config.bits)
         out, at = [], 0
         for ref in self.reference:
             out.append(ref.astype(np.float64) + flat[at : at + ref.size].reshape(ref.shape))

@@ -144,6 +144,12 @@ class BufferedAsync(RunPolicy):
                 f"asynchronous aggregation sends one fit task per client; the exchange stage "
                 f"{exchange.name!r} needs a synchronous round (use the default policy)"
             )
+        for stage in engine.pipeline.stages[1:]:
+            if stage.asynchronous_reason:
+                raise ConfigError(
+                    f"asynchronous aggregation cannot run the stage {stage.name!r}: "
+                    f"{stage.asynchronous_reason}"
+                )
         if self.checkpoint_every is not None and not _checkpoints_open_buffer(engine.strategy):
             raise ConfigError(
                 f"checkpoint_every saves the open buffer mid-version, which "
@@ -247,6 +253,9 @@ class _AsyncRun:
         instructions = engine.strategy.configure_fit(
             engine.model_version + 1, engine.parameters, view
         )
+        for stage in engine.pipeline.stages[1:]:  # a codec asks for encoded replies
+            stage.in_flight(self.busy)
+            instructions = stage.instruct(self.driver, instructions)
         tasks = []
         timeout = engine.config.round_timeout
         for client, ins in instructions:
@@ -268,6 +277,7 @@ class _AsyncRun:
             tasks.append(task)
         if tasks:
             engine.transport.send(tasks, self.replies)
+            engine.count_sent(tasks)
 
     def step(self) -> None:
         if not self.pending:

@@ -250,8 +250,7 @@ class Engine:
         replies = Replies(self.clock) if route is None else route.replies
         deadline = self._deadline()
         self.transport.send(tasks, replies)
-        for task in tasks:
-            self._count_wire(task, 1)
+        self.count_sent(tasks)
         arriving = self._receive(pending, replies, deadline, route)
         try:
             if not self.ordered:
@@ -325,6 +324,11 @@ class Engine:
         del pending[meta.reply_to]
         self._count_wire(reply, 0)
         return reply
+
+    def count_sent(self, tasks: list[Message]) -> None:
+        """Add the bytes of ``tasks`` (just sent) to this round's download count."""
+        for task in tasks:
+            self._count_wire(task, 1)
 
     def _count_wire(self, message: Message, direction: int) -> None:
         """Add ``message``'s bytes on the wire to this round's count (0 up, 1 down)."""

@@ -93,6 +93,15 @@ class RoundStage(ABC):  # noqa: B024 - the three kinds below are the abstract on
         before the exchange, in stage order (a codec asks for encoded replies here)."""
         return instructions
 
+    @property
+    def asynchronous_reason(self) -> str:
+        """Why this stage cannot run under the asynchronous policy ("" when it can)."""
+        return ""
+
+    def in_flight(self, client_ids: set[str]) -> None:  # noqa: B027 - optional hook
+        """The asynchronous policy, before it dispatches: only ``client_ids`` still have
+        a task out (what a stage noted for any other client at :meth:`instruct` can go)."""
+
     def state_dict(self) -> RecordDict:
         """What this stage carries from round to round, saved in checkpoints (default:
         nothing; a server-side error-feedback residual, say)."""

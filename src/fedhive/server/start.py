@@ -94,7 +94,9 @@ def start_server(
     or :class:`~fedhive.server.asynchronous.BufferedAsync` (``config.num_rounds`` model
     versions, no round barrier). ``compression`` (a codec, a
     :class:`~fedhive.compression.Compression` or a ``[compression]`` mapping) asks every
-    fit task for an encoded update; clients started with ``start_client`` answer it.
+    fit task for an encoded update; clients started with ``start_client`` answer it. With
+    ``secure_aggregation`` the codec must be shared-scale QSGD or shared-seed random-k:
+    the SecAgg+ round encodes to ring integers before masking (docs/compression.md).
     ``server`` (Flower's :class:`~fedhive.server.Server`) gives the strategy and client
     manager when those are not passed.
     """

@@ -156,7 +156,9 @@ def start_simulation(
     ``virtual_time_s``. ``compression`` (a codec such as ``fedhive.compression.TopK(ratio=0.01,
     error_feedback=True)``, a :class:`~fedhive.compression.Compression` or a
     ``[compression]`` mapping) encodes each client's update (and, optionally, the
-    broadcast model); the client mod goes in front of ``mods``.
+    broadcast model); the client mod goes in front of ``mods``. With ``secure_aggregation``
+    the codec must be shared-scale QSGD or shared-seed random-k, encoded inside the SecAgg+
+    round (docs/compression.md).
 
     Flower's Ray arguments (``ray_init_args``, ``actor_type``, ``actor_kwargs``,
     ``actor_scheduling``, ``keep_initialised``) are handed to the backend; the local
