@@ -30,7 +30,7 @@ n=1000 x 1M, where one SecAgg+ round takes ~1.5 min, and 3 elsewhere):
   ``check_update`` and FedAvg's streaming fold of every update, then ``finalize``. The
   split: the round's ``secagg.server_seconds`` (wall seconds on the server thread: fold,
   shamir, mask_expansion; "unmask rest" = unmask - shamir - mask_expansion) plus
-  "hand-off" (``_SecureRound.hand_to_strategy``, timed by wrapping it in this process);
+  "hand-off" (``SecureRound.hand_to_strategy``, timed by wrapping it in this process);
   server CPU s minus their sum is messages, advert and signature checks. Also shown:
   the round's wall time minus the client-app time (server work not overlapped with
   client work, plus the in-process transport), for both runs.
@@ -248,8 +248,8 @@ _HANDOFF: dict[int, float] = defaultdict(float)
 
 @contextmanager
 def time_handoff() -> Iterator[None]:
-    """Time ``_SecureRound.hand_to_strategy`` (the mean handed to FedAvg) per round."""
-    cls = getattr(secagg_server, "_SecureRound", None)
+    """Time ``SecureRound.hand_to_strategy`` (the mean handed to FedAvg) per round."""
+    cls = getattr(secagg_server, "SecureRound", None) or getattr(secagg_server, "_SecureRound", None)
     original = getattr(cls, "hand_to_strategy", None)
     if cls is None or original is None:
         yield

@@ -28,10 +28,11 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     (
         "fedhive.privacy",
         "fedhive.secagg",
-        "fedhive.compression",
         "fedhive.personalization",
         "fedhive.callbacks",
     ),
+    # codecs: SecAgg+ encodes with them inside its round
+    ("fedhive.compression",),
     ("fedhive.server", "fedhive.client"),
     # the strategy API, with the membership it samples from (Flower's ClientManager)
     ("fedhive.server.strategy", "fedhive.server.client_manager"),

@@ -26,7 +26,7 @@ from fedhive.secagg import (
 from fedhive.secagg import primitives as p
 from fedhive.secagg.client import STAGE_ADVERTISE, STAGE_CONSISTENCY, STAGE_SHARE, STAGE_UNMASK
 from fedhive.secagg.config import neighbour_graph
-from fedhive.secagg.server import _SecureRound
+from fedhive.secagg.server_round import SecureRound
 from fedhive.server.strategy import FedAdam, FedAvg, FedMedian, Krum, Scaffold
 from fedhive.simulation import start_simulation
 from fedhive.transport.codec import encode_message
@@ -477,7 +477,7 @@ def test_relayed_messages_carry_no_secret_and_masked_inputs_look_uniform():
 # -- a server that lies -----------------------------------------------------------------------
 
 
-class SplitViews(_SecureRound):
+class SplitViews(SecureRound):
     """Announces a different survivor set to half of the clients."""
 
     def _consistency(self, u3):
@@ -497,7 +497,7 @@ class SplitViews(_SecureRound):
             self._exchange = original
 
 
-class BothShares(_SecureRound):
+class BothShares(SecureRound):
     """Claims every survivor also dropped, asking for both of its shares."""
 
     def _unmask(self, u2, u3, u4):
@@ -523,7 +523,7 @@ class BothShares(_SecureRound):
 def test_a_lying_server_is_caught_and_the_round_aborts(monkeypatch, liar, reason):
     import fedhive.secagg.server as server_module
 
-    monkeypatch.setattr(server_module, "_SecureRound", liar)
+    monkeypatch.setattr(server_module, "SecureRound", liar)
     workflow = SecAggPlusWorkflow(degree="complete", threshold=4, bits=12, clip=0.05)
     hist, capture = run(6, workflow)
     record = hist.rounds[-1]

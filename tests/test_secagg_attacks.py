@@ -2,7 +2,7 @@
 round: five ways to open the target's masked input, each of which every honest client
 must refuse (the round aborts, the model is kept, the failure names the check).
 
-Each adversary subclasses :class:`fedhive.secagg.server._SecureRound`, tampers with what
+Each adversary subclasses :class:`fedhive.secagg.server_round.SecureRound`, tampers with what
 it sends and reads what comes back. Whenever it holds the target's self-mask seed and
 mask key together with the target's masked input, it removes the masks and compares the
 result with the target's real update: ``recovered`` is then the largest error, which is
@@ -35,7 +35,7 @@ from fedhive.secagg.client import (
     share_key,
     survivors_bytes,
 )
-from fedhive.secagg.server import RoundAborted, _SecureRound
+from fedhive.secagg.server_round import RoundAborted, SecureRound
 from test_secagg import SHAPES, run, updates
 
 TARGET = "0"  # the node whose update the server is after
@@ -47,7 +47,7 @@ def _secret_of(share: bytes) -> bytes:
     return int.from_bytes(share, "big").to_bytes(p.SECRET_BYTES, "big")
 
 
-class Adversary(_SecureRound):
+class Adversary(SecureRound):
     """The project's server round, with hooks to tamper and to read."""
 
     last: ClassVar[Adversary | None] = None
@@ -154,7 +154,7 @@ class Adversary(_SecureRound):
 def _run_against(adversary, monkeypatch, n, workflow, mods):
     import fedhive.secagg.server as server_module
 
-    monkeypatch.setattr(server_module, "_SecureRound", adversary)
+    monkeypatch.setattr(server_module, "SecureRound", adversary)
     adversary.last = None
     hist, capture = run(n, workflow, secagg_mod=mods)
     record = hist.rounds[-1]

@@ -160,7 +160,8 @@ def as_compression(value: object) -> Compression | None:
 
 def check_secure_aggregation(compression: Compression, workflow: Any = None) -> None:
     """Refuse, with the reason, compression that secure aggregation cannot carry; with
-    ``workflow`` (a :class:`~fedhive.secagg.SecAggPlusWorkflow`) attach the codec to it.
+    ``workflow`` (an exchange stage that encodes updates itself, such as
+    :class:`~fedhive.secagg.SecAggPlusWorkflow`) attach the codec to it.
 
     Per-client top-k, sign, EDEN and QSGD with per-client scales encode each update on
     its own support or scale: the masked sum of their encodings is not the encoding of
@@ -213,9 +214,9 @@ def compression_setup(
     if chosen is None:
         return stages, mods, None
     if secure:
-        from fedhive.secagg.server import SecAggPlusWorkflow
-
-        workflow = next((s for s in stages if isinstance(s, SecAggPlusWorkflow)), None)
+        workflow = next(
+            (s for s in stages if isinstance(s, ExchangeStage) and s.encodes_updates), None
+        )
         check_secure_aggregation(chosen, workflow)
     if secure:  # the SecAgg+ mod and workflow encode and decode
         return stages, mods, chosen

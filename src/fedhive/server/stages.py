@@ -138,6 +138,15 @@ class ExchangeStage(RoundStage):
     def check(self, strategy: Strategy) -> None:
         """Raise :class:`ConfigError` if this exchange cannot serve ``strategy``."""
 
+    #: Whether this exchange encodes updates itself (:meth:`attach_codec`), so that no
+    #: decoding stage follows it: SecAgg+ encodes before masking and decodes the sum.
+    encodes_updates: ClassVar[bool] = False
+
+    def attach_codec(self, codec: Any) -> None:
+        """Encode each update with ``codec`` inside the exchange (only where
+        :attr:`encodes_updates`); raise :class:`ConfigError` for a codec it cannot carry."""
+        raise ConfigError(f"the {self.name} exchange does not encode updates")
+
 
 class ReplyStage(RoundStage):
     """Transforms each successful fit result before it is validated and folded.
