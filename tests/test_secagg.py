@@ -25,6 +25,7 @@ from fedhive.secagg import (
 )
 from fedhive.secagg import primitives as p
 from fedhive.secagg.client import STAGE_ADVERTISE, STAGE_CONSISTENCY, STAGE_SHARE, STAGE_UNMASK
+from fedhive.secagg.client_checks import check_peer
 from fedhive.secagg.config import neighbour_graph
 from fedhive.secagg.server_round import SecureRound
 from fedhive.server.strategy import FedAdam, FedAvg, FedMedian, Krum, Scaffold
@@ -626,16 +627,16 @@ def test_enrolled_identities_are_checked_against_the_relayed_keys():
         "id_pk": p.identity_public(identity),
         "sig": p.sign(identity, advert_bytes(7, 2, 3, "alice", c.public, s.public)),
     }
-    pinned = SecAggPlusMod(trusted_identities={"alice": p.identity_public(identity)})
-    assert pinned._check_peer(meta, 3, "alice", advert)[0] == c.public
+    trusted = {"alice": p.identity_public(identity)}
+    assert check_peer(trusted, meta, 3, "alice", advert)[0] == c.public
     with pytest.raises(ProtocolError, match="not enrolled"):
-        pinned._check_peer(meta, 3, "mallory", advert)
+        check_peer(trusted, meta, 3, "mallory", advert)
     with pytest.raises(ProtocolError, match="no valid signature"):
-        pinned._check_peer(meta, 4, "alice", advert)  # signed for another id
+        check_peer(trusted, meta, 4, "alice", advert)  # signed for another id
     other = p.new_identity()
     swapped = {**advert, "id_pk": p.identity_public(other)}
     with pytest.raises(ProtocolError, match="not enrolled"):
-        pinned._check_peer(meta, 3, "alice", swapped)
+        check_peer(trusted, meta, 3, "alice", swapped)
 
 
 def test_metrics_aggregation_sees_every_survivor():

@@ -35,6 +35,7 @@ from fedhive.secagg.client import (
     share_key,
     survivors_bytes,
 )
+from fedhive.secagg.client_checks import check_plan
 from fedhive.secagg.server_round import RoundAborted, SecureRound
 from test_secagg import SHAPES, run, updates
 
@@ -531,11 +532,10 @@ def _params(n, threshold, degree=-1):
 def test_the_threshold_check_refuses_and_names_itself(n, threshold, degree):
     from fedhive.common.errors import ProtocolError
 
-    mod = SecAggPlusMod()
     with pytest.raises(ProtocolError, match="threshold check"):
-        mod._check_plan(_params(n, threshold, degree), 1, threshold)
+        check_plan(_params(n, threshold, degree), 1, threshold, 0.0)
     k = n - 1  # the same round with an honest threshold passes
-    assert mod._check_plan(_params(n, threshold, degree), 1, (2 * k) // 3 + 1) == k
+    assert check_plan(_params(n, threshold, degree), 1, (2 * k) // 3 + 1, 0.0) == k
 
 
 @pytest.mark.parametrize(
@@ -562,9 +562,9 @@ def test_a_client_with_its_own_corrupt_fraction_asks_for_more():
     from fedhive.common.errors import ProtocolError
 
     params = _params(100, 23, degree=33)
-    SecAggPlusMod()._check_plan(params, 1, 23)
+    check_plan(params, 1, 23, SecAggPlusMod().corrupt_fraction)
     with pytest.raises(ProtocolError, match="threshold check"):
-        SecAggPlusMod(corrupt_fraction=0.4)._check_plan(params, 1, 23)
+        check_plan(params, 1, 23, SecAggPlusMod(corrupt_fraction=0.4).corrupt_fraction)
 
 
 class OneIdentityTwice(Adversary):

@@ -7,7 +7,7 @@ and masked, which is the order clip -> noise -> quantize -> mask.
 Stages (message types), for round r of run R:
 
 1. ``secagg.advertise``: check the threshold against the safe bound for the degree
-   (:meth:`SecAggPlusMod._check_plan`); make two X25519 key pairs (share encryption,
+   (:func:`fedhive.secagg.client_checks.check_plan`); make two X25519 key pairs (share encryption,
    mask agreement), a self-mask seed and, unless the graph is complete, a commitment to
    a random value for the neighbour graph; reply with the public keys and the
    commitment, signed with the client's long-term Ed25519 identity key (kept in its
@@ -40,7 +40,6 @@ import math
 import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
 
 import numpy as np
 
@@ -59,8 +58,9 @@ from fedhive.common.records import (
 )
 from fedhive.secagg import graph as g
 from fedhive.secagg import primitives as p
+from fedhive.secagg.client_checks import check_peer, check_plan
 from fedhive.secagg.coded import client_codec
-from fedhive.secagg.config import THREAT_MODELS, SecAggConfig
+from fedhive.secagg.config import THREAT_MODELS
 from fedhive.secagg.messages import (
     MASK_KEY,
     PARAMS,
@@ -236,7 +236,7 @@ class SecAggPlusMod:
             raise ProtocolError("secure aggregation parameter 'clip' must be a positive float")
         if ring not in (32, 64) or not 1 <= bits < ring or threshold < 1 or sid < 1:
             raise ProtocolError(f"invalid secure aggregation parameters {dict(params)!r}")
-        degree = self._check_plan(params, sid, threshold)
+        degree = check_plan(params, sid, threshold, self.corrupt_fraction)
         client_codec(params)  # the codec the server asks for, checked before any key
         if not self._warned and self.threat_model != "malicious":
             self._warned = True
@@ -284,35 +284,6 @@ class SecAggPlusMod:
         self._time("key_agreement", start)
         return RecordDict(config_records={PARAMS: reply})
 
-    def _check_plan(self, params: Mapping[str, Scalar], sid: int, threshold: int) -> int:
-        """The threshold check of the advertise stage; the degree the config implies."""
-        n = _int(params, "n")
-        option = _int(params, "degree")  # 0: from n, -1: complete
-        degree: int | str | None = {0: None, -1: "complete"}.get(option, option)
-        try:
-            config = SecAggConfig(
-                degree=degree,
-                max_clients=max(n, 2),
-                corrupt_fraction=max(_float(params, "corrupt_fraction"), self.corrupt_fraction),
-                dropout_fraction=_float(params, "dropout_fraction"),
-                failure_probability=_float(params, "failure_probability"),
-                max_weight=1,
-                bits=1,
-            )
-        except (ConfigError, TypeError, ValueError) as exc:
-            raise ProtocolError(f"invalid secure aggregation parameters: {exc}") from None
-        if n < 2 or sid > n:
-            raise ProtocolError(f"share index check: id {sid} is not in 1..{n}")
-        k = config.implied_degree(n)
-        safe = config.safe_threshold(k, n)
-        if not safe <= threshold <= k:
-            raise ProtocolError(
-                f"threshold check: the server sent threshold {threshold}, but with {k} "
-                f"neighbours ({n} clients, corrupt fraction {config.corrupt_fraction}) it "
-                f"must be at least the safe bound {safe} and at most {k}; refusing the round"
-            )
-        return k
-
     # -- 1b. the neighbour graph ---------------------------------------------------------
 
     def _graph(self, message: Message, context: Context) -> RecordDict:
@@ -330,33 +301,6 @@ class SecAggPlusMod:
         return RecordDict(config_records={PARAMS: {"reveal": _bytes(state, "value")}})
 
     # -- 2. share keys -------------------------------------------------------------------
-
-    def _check_peer(
-        self, meta: Any, sid: int, node: str, advert: Mapping[str, Scalar], commit: bytes = b""
-    ) -> tuple[bytes, bytes, bytes]:
-        """The peer's (share key, mask key, identity key).
-
-        With enrolled identities, the peer must be enrolled and its keys signed by its
-        identity key. Without them, the identity key comes from the server as well, so a
-        signature could not show anything the server did not choose; the server checks
-        it instead, and the client skips the cost.
-        """
-        c_pk, s_pk = _bytes(advert, "c_pk", 32), _bytes(advert, "s_pk", 32)
-        id_pk = _bytes(advert, "id_pk", 32)
-        if advert.get("commit", b"") != commit:
-            raise ProtocolError(
-                f"graph check: the commitment of neighbour {sid} in its keys is not the one "
-                "the server listed in the graph stage; refusing the round"
-            )
-        if not self.trusted:
-            return c_pk, s_pk, id_pk
-        pinned = self.trusted.get(node)
-        if pinned is None or pinned != id_pk:
-            raise ProtocolError(f"client {node!r} presented an identity key that is not enrolled")
-        signed = advert_bytes(meta.run_id, meta.server_round, sid, node, c_pk, s_pk, commit)
-        if not p.verify(id_pk, _bytes(advert, "sig"), signed):
-            raise ProtocolError(f"the keys of client {node!r} carry no valid signature")
-        return c_pk, s_pk, id_pk
 
     def _share_keys(self, message: Message, context: Context) -> RecordDict:
         meta = message.metadata
@@ -401,7 +345,7 @@ class SecAggPlusMod:
                 )
             nodes.add(node)
             commit = g.commitment_of(*listed, sid) if listed else b""
-            c_pk, s_pk, id_pk = self._check_peer(meta, sid, node, advert, commit or b"")
+            c_pk, s_pk, id_pk = check_peer(self.trusted, meta, sid, node, advert, commit or b"")
             if id_pk in identities:
                 raise ProtocolError(
                     "duplicate neighbour check: two neighbours (or this client) have the "
