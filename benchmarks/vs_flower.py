@@ -1,7 +1,8 @@
 """fedhive side by side with Flower (``flwr[simulation]==1.42.0``): five workloads, one script.
 
-Every workload runs once per framework (and fedhive backend), each in a fresh process, one
-after the other in this invocation; Flower runs in a child process of its own virtual
+Every workload runs ``--repeats`` times per framework (and fedhive backend), each run in a
+fresh process, interleaved (fedhive's variants, then Flower, again), and each figure is the
+median over the runs; Flower runs in a child process of its own virtual
 environment (``--flower-python``; ``make flower-venv`` builds ``.venv-flower``), because
 ``flwr`` 1.42 pins ``protobuf<7`` and ``packaging<26``, which conflict with this project's
 pins. Its side is ``_flower_side.py``; the sizes and the client training code both sides
@@ -14,6 +15,9 @@ smaller).
    whole call - 12 x the median round (start, a slow first round, shutdown: Flower starts
    Ray while its first round waits, fedhive before its first round). fedhive: thread and Ray
    backends (2 workers); Flower: ``run_simulation`` (Ray, ``num_cpus=1`` per client).
+   For fedhive on Ray, the child starts Ray itself (``ray.init``, which the backend joins)
+   and stops it after, timed apart: "fixed beyond Ray's start/stop" is the fixed cost
+   without them (Flower's column there is its whole fixed cost).
 2. ``mlp``: 1,000 clients, 10% per round, the MNIST-1D MLP (40 -> 64 -> 10), one epoch
    (batch 8, lr 0.05) on 16 samples per client, in numpy on both sides (Flower's venv has
    no torch), 6 rounds: median round (rounds 2-6) and the peak RSS of the whole process
@@ -39,6 +43,7 @@ Run::
 
     nice -n 10 .venv/bin/python benchmarks/vs_flower.py --flower-python .venv-flower/bin/python
     ... --workloads overhead aggregate    # a subset
+    ... --repeats 5                       # interleaved runs per side (default 3)
 """
 
 from __future__ import annotations
@@ -93,14 +98,24 @@ def _simulate(backend: str, rounds: int, **kwargs: Any) -> dict[str, Any]:
     from fedhive.simulation import start_simulation
 
     begin = time.perf_counter()
+    ray_s = 0.0
     with RssSampler(tree=True, every=0.1) as memory:
+        if backend == "ray":  # Ray's own start and stop, timed apart (as the backend would)
+            import ray
+
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            ray_s = time.perf_counter() - begin
         history = start_simulation(backend=backend, seed=0, num_workers=2, **kwargs)
+        if backend == "ray":
+            stop = time.perf_counter()
+            ray.shutdown()
+            ray_s += time.perf_counter() - stop
     total = time.perf_counter() - begin
     fits = [(r["fit"]["num_results"], r["fit"]["num_failures"]) for r in history.rounds]
     assert len(fits) == rounds and all(f == 0 for _, f in fits), fits
     elapsed = [0.0] + [float(r["elapsed_s"]) for r in history.rounds]
     per_round = [b - a for a, b in itertools.pairwise(elapsed)]
-    return {"rounds": per_round, "total_s": total, "peak": memory.peak}
+    return {"rounds": per_round, "total_s": total, "ray_s": ray_s, "peak": memory.peak}
 
 
 def fedhive_overhead(backend: str) -> dict[str, Any]:
@@ -312,43 +327,67 @@ def _fixed(run: dict[str, Any]) -> float:
     return float(run["total_s"] - len(run["rounds"]) * statistics.median(run["rounds"][1:]))
 
 
-def _rows(workload: str, flower: dict[str, Any], ours: dict[str, dict[str, Any]]) -> list[str]:
-    out = []
+#: Per workload: (key, label, format) of each figure of a row; smaller is better for all.
+METRICS: dict[str, list[tuple[str, str, str]]] = {
+    "overhead": [
+        ("client_ms", "ms/client-round", "10.3f"),
+        ("fixed_s", "s fixed", "8.2f"),
+        ("beyond_ray_s", "s fixed beyond Ray's start/stop", "8.2f"),
+    ],
+    "mlp": [("round_s", "s/round", "8.3f"), ("peak_mb", "MB tree peak RSS", "8.0f")],
+    "secagg": [("round_s", "s/round", "8.3f"), ("peak_mb", "MB tree peak RSS", "8.0f")],
+    "grpc": [("round_s", "s/round", "8.3f"), ("peak_mb", "MB server peak above start", "8.0f")],
+    "aggregate": [
+        ("wall_s", "s wall", "8.3f"),
+        ("cpu_s", "s CPU", "8.3f"),
+        ("peak_mb", "MB peak above inputs", "8.0f"),
+    ],
+}
+
+
+def _metrics(workload: str, run: dict[str, Any], flower: bool) -> dict[str, float]:
+    """One run's figures (smaller is better for each)."""
     if workload == "overhead":
-        f_client = 1000 * statistics.median(flower["rounds"][1:]) / OVERHEAD_CLIENTS
-        f_fixed = _fixed(flower)
-        out.append(f"{'flower':22} {f_client:10.3f} ms/client-round {f_fixed:8.2f} s fixed")
-        for name, r in ours.items():
-            client = 1000 * statistics.median(r["rounds"][1:]) / OVERHEAD_CLIENTS
-            fixed = _fixed(r)
-            out.append(
-                f"{'fedhive ' + name:22} {client:10.3f} ms/client-round {fixed:8.2f} s fixed"
-                f"   ratios {f_client / client:6.1f}x {f_fixed / max(fixed, 1e-3):6.1f}x"
-            )
-    elif workload in ("mlp", "secagg", "grpc"):
-        key = "peak_above" if workload == "grpc" else "peak"
-        label = "server peak above start" if workload == "grpc" else "tree peak RSS"
-        f_round = statistics.median(flower["rounds"][1:] if workload == "mlp" else flower["rounds"])
-        f_peak = flower[key] if workload != "grpc" else flower["peak"] - flower["base"]
-        out.append(f"{'flower':22} {f_round:8.3f} s/round {f_peak / MB:8.0f} MB {label}")
-        for name, r in ours.items():
-            rnd = statistics.median(r["rounds"][1:] if workload == "mlp" else r["rounds"])
-            out.append(
-                f"{'fedhive ' + name:22} {rnd:8.3f} s/round {r[key] / MB:8.0f} MB {label}"
-                f"   ratios {f_round / rnd:6.1f}x {f_peak / max(r[key], 1):6.1f}x"
-            )
+        client = 1000 * statistics.median(run["rounds"][1:]) / OVERHEAD_CLIENTS
+        fixed = max(_fixed(run), 1e-3)
+        # Flower starts Ray inside run_simulation: its figure stays the whole fixed cost
+        beyond = fixed if flower else max(fixed - run["ray_s"], 1e-3)
+        return {"client_ms": client, "fixed_s": fixed, "beyond_ray_s": beyond}
+    if workload == "aggregate":
+        peak = max(run["peak_above"], MB) / MB  # below 1 MB is sampling noise
+        return {"wall_s": run["wall_s"], "cpu_s": run["cpu_s"], "peak_mb": peak}
+    rounds = run["rounds"][1:] if workload == "mlp" else run["rounds"]
+    if workload == "grpc":
+        peak = run["peak"] - run["base"] if flower else run["peak_above"]
     else:
-        out.append(
-            f"{'flower':22} {flower['wall_s']:8.3f} s wall {flower['cpu_s']:8.3f} s CPU "
-            f"{flower['peak_above'] / MB:8.0f} MB peak above inputs"
-        )
-        for name, r in ours.items():
-            out.append(
-                f"{'fedhive ' + name:22} {r['wall_s']:8.3f} s wall {r['cpu_s']:8.3f} s CPU "
-                f"{r['peak_above'] / MB:8.0f} MB peak above inputs   ratios "
-                f"{flower['wall_s'] / r['wall_s']:6.1f}x {flower['cpu_s'] / r['cpu_s']:6.1f}x "
-                f"{flower['peak_above'] / max(r['peak_above'], MB):6.1f}x"
+        peak = run["peak"]
+    return {"round_s": statistics.median(rounds), "peak_mb": max(peak, MB) / MB}
+
+
+def _rows(workload: str, runs: dict[str, list[dict[str, float]]]) -> list[str]:
+    """One row per side: the median of each figure over the repeats (its range in
+    brackets when repeated), and for fedhive the ratios Flower / fedhive of the medians."""
+    metrics = METRICS[workload]
+    medians = {
+        side: {key: statistics.median(r[key] for r in rs) for key, _, _ in metrics}
+        for side, rs in runs.items()
+    }
+    out = []
+    for side, rs in runs.items():
+        cells = []
+        for key, label, fmt in metrics:
+            cell = f"{medians[side][key]:{fmt}} {label}"
+            if len(rs) > 1:
+                low, high = min(r[key] for r in rs), max(r[key] for r in rs)
+                cell += f" [{low:.3g}-{high:.3g}]"
+            cells.append(cell)
+        row = f"{side:22} " + "  ".join(cells)
+        if side != "flower":
+            ratios = " ".join(
+                f"{medians['flower'][key] / medians[side][key]:6.1f}x" for key, _, _ in metrics
             )
+            row += f"   ratios {ratios}"
+        out.append(row)
     return out
 
 
@@ -356,6 +395,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--flower-python", default=".venv-flower/bin/python")
     parser.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per side")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds per side's run")
     parser.add_argument("--side", help=argparse.SUPPRESS)  # fedhive child: workload
     parser.add_argument("--variant", help=argparse.SUPPRESS)
@@ -363,11 +403,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.side:
         print(json.dumps(fedhive_side(args.side, args.variant)))
         return
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     flower_python = os.path.abspath(args.flower_python)  # a venv's python: no symlinks resolved
     env = dict(os.environ)
     lines = [
-        "fedhive vs Flower 1.42.0 (flwr[simulation]); ratios = Flower / fedhive",
-        f"{os.cpu_count()} cores; load average at start {_load()}",
+        "fedhive vs Flower 1.42.0 (flwr[simulation]); ratios = Flower / fedhive of the medians",
+        f"{os.cpu_count()} cores; {args.repeats} interleaved runs per side (fedhive's variants,"
+        " then Flower, repeated); medians, [min-max] over the runs",
+        f"load average at start {_load()}",
     ]
     with tempfile.TemporaryDirectory() as tmp:
         from fedhive.data import load_mnist1d
@@ -376,25 +420,25 @@ def main(argv: list[str] | None = None) -> None:
         env["VS_FLOWER_MNIST1D"] = str(Path(tmp) / "mnist1d.npz")
         np.savez(env["VS_FLOWER_MNIST1D"], x=data.x_train, y=data.y_train)
         env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
+        flower_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+        flower_env["PYTHONPATH"] = str(HERE)
         for workload in args.workloads:
-            ours = {
-                v: _child(
-                    [sys.executable, __file__, "--side", workload, "--variant", v],
-                    env,
-                    args.timeout,
-                )
-                for v in _variants(workload)
-            }
-            flower_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
-            flower_env["PYTHONPATH"] = str(HERE)
-            flower = _child(
-                [flower_python, str(HERE / "_flower_side.py"), workload], flower_env, args.timeout
-            )
+            sides = ["fedhive " + v for v in _variants(workload)] + ["flower"]
+            runs: dict[str, list[dict[str, float]]] = {side: [] for side in sides}
+            for _ in range(args.repeats):
+                for side in sides:
+                    if side == "flower":
+                        argv_ = [flower_python, str(HERE / "_flower_side.py"), workload]
+                        raw = _child(argv_, flower_env, args.timeout)
+                    else:
+                        variant = side.split(" ", 1)[1]
+                        argv_ = [sys.executable, __file__, "--side", workload, "--variant", variant]
+                        raw = _child(argv_, env, args.timeout)
+                    print(f"raw {workload} {side}: {json.dumps(raw)}", file=sys.stderr, flush=True)
+                    runs[side].append(_metrics(workload, raw, side == "flower"))
             lines += ["", f"[{workload}] (load average after: {_load()})"]
-            lines += _rows(workload, flower, ours)
-            raw = {"flower": flower, "fedhive": ours}
-            print(f"raw {workload}: {json.dumps(raw)}", file=sys.stderr, flush=True)
-            print("\n".join(lines[-len(ours) - 2 :]), flush=True)
+            lines += _rows(workload, runs)
+            print("\n".join(lines[-len(sides) - 2 :]), flush=True)
     lines += ["", f"load average at end {_load()}"]
     lines.append(f"reproduce: nice -n 10 .venv/bin/python {shlex.join(sys.argv)}")
     print("\n" + "\n".join(lines))

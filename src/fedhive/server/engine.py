@@ -38,6 +38,7 @@ from fedhive.common.records import (
     Parameters,
     Scalar,
 )
+from fedhive.server.client_bytes import ClientBytes
 from fedhive.server.client_manager import ClientManager, ClientProxy, SimpleClientManager
 from fedhive.server.config import ServerConfig
 from fedhive.server.history import History
@@ -455,7 +456,7 @@ class Engine:
             record["refused"] = list(self._refused)
         record["bytes_up"] = sum(up for up, _ in self._wire.values())
         record["bytes_down"] = sum(down for _, down in self._wire.values())
-        record["bytes_clients"] = {cid: {"up": u, "down": d} for cid, (u, d) in self._wire.items()}
+        record["bytes_clients"] = ClientBytes(self._wire)  # packed: ~25 B per client
         self._wire = {}
         record["model_version"] = self.model_version
         record["elapsed_s"] = self.elapsed()
