@@ -249,7 +249,10 @@ _HANDOFF: dict[int, float] = defaultdict(float)
 @contextmanager
 def time_handoff() -> Iterator[None]:
     """Time ``SecureRound.hand_to_strategy`` (the mean handed to FedAvg) per round."""
-    cls = getattr(secagg_server, "SecureRound", None) or getattr(secagg_server, "_SecureRound", None)
+    # the round class: SecureRound, or _SecureRound in trees before the split
+    cls = getattr(secagg_server, "SecureRound", None) or getattr(
+        secagg_server, "_SecureRound", None
+    )
     original = getattr(cls, "hand_to_strategy", None)
     if cls is None or original is None:
         yield
