@@ -122,6 +122,8 @@ def test_gaussian_centroids_are_lloyd_max():
         (RandomK(ratio=0.25), 64),
         (EDEN(bits=1, block=256), 256),
         (EDEN(bits=2, block=256), 256),
+        (EDEN(bits=4, block=256), 256),
+        (EDEN(bits=3, block=256), 256),
         (EDEN(bits=1, block=256, ratio=0.5), 256),
     ],
     ids=repr,
