@@ -501,9 +501,8 @@ class EDEN(Codec):
                 c = _bits.unpack(packed, self.bits, m)
                 g = np.take(centroids, c, out=grid_buf[:m], mode="wrap")
             b0 = lo // self.block
-            g.reshape(-1, self.block)[...] *= scales[b0 : b0 + m // self.block, None]
-            r = rot[:m]
-            hadamard_into(g, self.block, r, tmp)  # H is its own inverse
+            r = rot[:m]  # H is its own inverse; the blocks' scales ride on its last product
+            hadamard_into(g, self.block, r, tmp, scales[b0 : b0 + m // self.block])
             have = max(0, min(hi, size) - lo)
             flip_signs(r[:have], sign_bits(bitgen, m)[:have], mask, out=out[lo : lo + have])
         return out
@@ -536,9 +535,8 @@ class EDEN(Codec):
             g[keep] = np.take(centroids, c)
             grid = g.reshape(-1, self.block)
             b0 = lo // self.block
-            grid *= scales[b0 : b0 + grid.shape[0], None]
             r = rot[:m]
-            hadamard_into(g, self.block, r, tmp)
+            hadamard_into(g, self.block, r, tmp, scales[b0 : b0 + grid.shape[0]])
             have = max(0, min(hi, size) - lo)
             flip_signs(r[:have], signs[:have], mask, out=out[lo : lo + have])
         if at != packed.size:
