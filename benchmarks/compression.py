@@ -125,6 +125,8 @@ def accuracy_table(args: argparse.Namespace) -> list[str]:
         settings = [c for c in settings if c is None or c.id in ("topk", "eden")]
     if args.ids:
         settings = [c for c in settings if c is None or c.id in args.ids.split(",")]
+    if args.settings:
+        settings = [c for c in settings if c is None or label(c) in args.settings.split(";")]
     results: dict[str, list[dict[str, Any]]] = {label(c): [] for c in settings}
     for seed in range(args.seeds):
         for codec in settings:
@@ -360,6 +362,7 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--subset", action="store_true", help="1-bit codecs and top-k only")
     parser.add_argument("--ids", default="", help="part 1 for these codec ids only (topk,eden)")
+    parser.add_argument("--settings", default="", help="part 1 for these labels only (a;b)")
     parser.add_argument(
         "--parts", default="1,2,3", help="which parts to run: 1 accuracy, 2 speed, 3 link"
     )

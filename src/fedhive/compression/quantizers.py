@@ -360,7 +360,12 @@ class EDEN(Codec):
     rotation each coordinate is kept with probability ``ratio`` (drawn from the seed, so
     the decoder knows which, and nothing about them travels), the block's scale is taken
     over the kept ones, and the decoder divides by ``ratio``; ``bits * ratio`` bits per
-    coordinate.
+    coordinate. With ``error_feedback`` the decoder does not divide: error feedback needs
+    a contraction, ``||C(x) - x|| < ||x||`` (Stich, Cordonnier, Jaggi. "Sparsified SGD
+    with Memory." NeurIPS 2018), and the unbiased estimate's error exceeds ``||x||``
+    below about half a bit (its variance grows as ``1 / ratio``), so its residual would
+    grow round after round; without the division the dropped coordinates are simply
+    left for the residual, as top-k leaves them.
     """
 
     bits: int = 1
@@ -510,7 +515,9 @@ class EDEN(Codec):
     def _decode_sparse(self, arrays: Mapping[str, NDArray], size: int, count: int) -> NDArray:
         """:meth:`decode` with ``ratio < 1``: the kept coordinates' codes, chunk by chunk
         (each chunk's packed codes start on a byte)."""
-        scales = _finite_scales(arrays["scales"]) / np.float32(self._threshold / 65536)
+        scales = _finite_scales(arrays["scales"])
+        if not self.error_feedback:  # unbiased: the kept coordinates stand for all
+            scales = scales / np.float32(self._threshold / 65536)
         bitgen = np.random.PCG64(int(arrays["seed"][0]))
         centroids, _ = gaussian_centroids(self.bits)
         packed = arrays["codes"]
