@@ -123,6 +123,10 @@ def accuracy_table(args: argparse.Namespace) -> list[str]:
     settings: list[Codec | None] = [None, *codecs(False), *codecs(True)]
     if args.subset:
         settings = [c for c in settings if c is None or c.id in ("topk", "eden")]
+    if args.ids:
+        settings = [c for c in settings if c is None or c.id in args.ids.split(",")]
+    if args.settings:
+        settings = [c for c in settings if c is None or label(c) in args.settings.split(";")]
     results: dict[str, list[dict[str, Any]]] = {label(c): [] for c in settings}
     for seed in range(args.seeds):
         for codec in settings:
@@ -279,24 +283,38 @@ def round_time_table(args: argparse.Namespace) -> list[str]:
 
     lines = [
         f"link {args.bandwidth} MB/s per client (download time of the task + upload of "
-        "the reply), 3 rounds"
+        "the reply), 3 rounds, one worker (clients in turn, so link times add up)",
+        "link s: time on the link per round; expected: the plain round with this link time "
+        "instead of its own; the rest (measured - expected) is the codec's own time "
+        "(encode, decode, error feedback)",
     ]
-    lines.append(f"{'setting':28} {'s per round':>11} {'speed-up':>8} {'up bytes/client':>15}")
-    base = None
-    for codec in [
-        None,
-        TopK(ratio=0.01, error_feedback=True, min_size=0),
-        EDEN(bits=1, error_feedback=True, min_size=0),
-        QSGD(bits=4, min_size=0),
-    ]:
+    lines.append(
+        f"{'setting':28} {'s per round':>11} {'speed-up':>8} {'up bytes/client':>15} "
+        f"{'link s':>7} {'expected':>8} {'codec s':>7}"
+    )
+    base: tuple[float, float] | None = None
+    for i, codec in enumerate(
+        [
+            None,  # a warm-up (first model, data and thread start), not reported
+            None,
+            TopK(ratio=0.01, error_feedback=True, min_size=0),
+            EDEN(bits=1, error_feedback=True, min_size=0),
+            QSGD(bits=4, min_size=0),
+        ]
+    ):
 
         class Slow:
             """Sleeps each reply's own upload time on top of the task's download."""
 
+            waited = 0.0
+
             def __call__(self, message: Any, context: Any, call_next: Any) -> Any:
-                time.sleep(link(message))
+                down = link(message)
+                time.sleep(down)
                 reply = call_next(message, context)
-                time.sleep(len(encode_message(reply)) / bandwidth)
+                up = len(encode_message(reply)) / bandwidth
+                time.sleep(up)
+                Slow.waited += down + up
                 return reply
 
         from fedhive.compression import compression_mod
@@ -314,11 +332,16 @@ def round_time_table(args: argparse.Namespace) -> list[str]:
             mods=[Slow(), compression_mod] if codec is not None else [Slow()],
         )
         per_round = (time.perf_counter() - start) / 3
-        base = base or per_round
+        on_link = Slow.waited / 3
+        if i == 0:
+            continue
+        base = base or (per_round, on_link)
+        expected = base[0] - base[1] + on_link
         rounds = [r for r in history.rounds if r["round"] > 0]
         per_client = statistics.mean(c["up"] for r in rounds for c in r["bytes_clients"].values())
         lines.append(
-            f"{label(codec):28} {per_round:11.2f} {base / per_round:8.2f} {per_client:15.0f}"
+            f"{label(codec):28} {per_round:11.2f} {base[0] / per_round:8.2f} {per_client:15.0f} "
+            f"{on_link:7.2f} {expected:8.2f} {per_round - expected:7.2f}"
         )
     return lines
 
@@ -343,6 +366,8 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=10)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--subset", action="store_true", help="1-bit codecs and top-k only")
+    parser.add_argument("--ids", default="", help="part 1 for these codec ids only (topk,eden)")
+    parser.add_argument("--settings", default="", help="part 1 for these labels only (a;b)")
     parser.add_argument(
         "--parts", default="1,2,3", help="which parts to run: 1 accuracy, 2 speed, 3 link"
     )

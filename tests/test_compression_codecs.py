@@ -122,6 +122,8 @@ def test_gaussian_centroids_are_lloyd_max():
         (RandomK(ratio=0.25), 64),
         (EDEN(bits=1, block=256), 256),
         (EDEN(bits=2, block=256), 256),
+        (EDEN(bits=4, block=256), 256),
+        (EDEN(bits=3, block=256), 256),
         (EDEN(bits=1, block=256, ratio=0.5), 256),
     ],
     ids=repr,
@@ -169,6 +171,26 @@ def test_error_feedback_sent_plus_residual_equals_inputs(codec):
         residual = u - decoded
         sent += decoded
     np.testing.assert_allclose(sent + residual, inputs, rtol=0, atol=2e-4)
+
+
+@pytest.mark.parametrize("ratio", [0.2, 0.45])
+def test_eden_below_one_bit_contracts_under_error_feedback(ratio):
+    """Error feedback needs ||C(x) - x|| < ||x||: without the 1 / ratio rescale the
+    sub-bit EDEN decode contracts, and error feedback's residual stays bounded."""
+    x = vector(8192, seed=7)
+    plain = EDEN(bits=1, ratio=ratio)
+    fed = EDEN(bits=1, ratio=ratio, error_feedback=True)
+    rng = np.random.default_rng(1)
+    unbiased = plain.roundtrip(x, [x.size], rng)[1]
+    assert np.linalg.norm(unbiased - x) > np.linalg.norm(x)  # why it cannot be fed back
+    contracted = fed.roundtrip(x, [x.size], rng)[1]
+    # dropped: (1 - ratio) ||x||^2; kept, 1-bit: (pi/2 - 1) of theirs; some slack
+    assert np.linalg.norm(contracted - x) < np.sqrt(1 - 0.35 * ratio) * np.linalg.norm(x)
+    residual = np.zeros_like(x)
+    for t in range(40):
+        u = vector(8192, seed=200 + t) + residual
+        residual = u - fed.roundtrip(u, [u.size], rng)[1]
+    assert np.linalg.norm(residual) < 10 * np.linalg.norm(x)
 
 
 def payload(codec, x, layout_arrays, seed=0):

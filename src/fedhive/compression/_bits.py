@@ -11,7 +11,10 @@ import numpy as np
 from fedhive.common.errors import SerdeError
 from fedhive.common.records import NDArray
 
-__all__ = ["pack", "packed_nbytes", "unpack"]
+__all__ = ["byte_table", "lookup", "pack", "packed_nbytes", "unpack"]
+
+#: Widths whose values never straddle a byte: :func:`lookup` maps their packed bytes.
+BYTE_WIDTHS = (1, 2, 4, 8)
 
 
 def packed_nbytes(count: int, width: int) -> int:
@@ -88,3 +91,31 @@ def _unpack_small(data: NDArray, width: int, count: int) -> NDArray:
         word |= word << 6
         word &= np.uint32(0x03030303)
     return word.view(np.uint8)[:count]
+
+
+def byte_table(values: NDArray, width: int) -> NDArray:
+    """For a width in :data:`BYTE_WIDTHS` and ``values`` (``2**width`` entries): row ``b``
+    holds ``values[v]`` for each of the ``8 // width`` values packed in byte ``b``, in
+    order (little-endian), so one row gather per byte decodes and looks up at once."""
+    if width not in BYTE_WIDTHS or values.shape != (1 << width,):
+        raise SerdeError(f"a byte table takes 2**width values, width in {BYTE_WIDTHS}")
+    per = 8 // width
+    shifts = np.arange(per) * width
+    codes = (np.arange(256)[:, None] >> shifts) & ((1 << width) - 1)
+    return np.ascontiguousarray(values[codes])
+
+
+def lookup(data: NDArray, table: NDArray, out: NDArray) -> NDArray:
+    """``values[v]`` for every value packed in the bytes ``data`` (:func:`byte_table`
+    ``table``), into the flat ``out`` of ``data.size * table.shape[1]`` elements.
+
+    The rows are gathered whole (an 8- to 32-byte move per byte), through an unsigned
+    integer view of the table where a row is one such word.
+    """
+    rows = table.shape[1] * table.itemsize
+    if rows in (1, 2, 4, 8):
+        words = table.view(f"<u{rows}").reshape(256)
+        np.take(words, data, out=out.view(f"<u{rows}"), mode="wrap")
+    else:
+        np.take(table, data, axis=0, out=out.reshape(data.size, -1), mode="wrap")
+    return out

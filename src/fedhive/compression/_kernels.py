@@ -160,25 +160,35 @@ def _factors(block: int) -> list[int]:
     return head + [16] * (m // 4)
 
 
-def hadamard_into(src: NDArray, block: int, out: NDArray, tmp: NDArray) -> None:
+def hadamard_into(
+    src: NDArray, block: int, out: NDArray, tmp: NDArray, scale: NDArray | None = None
+) -> None:
     """``H src / sqrt(block)`` for each block of the flat ``src`` (a whole number of
     blocks), into ``out``. ``H`` of size ``16**k`` is the Kronecker product of ``k``
     copies of ``H_16``, so a block reshaped to ``(16, ..., 16)`` is rotated by one small
     matrix product along each axis: ``4 * k`` multiply-adds per element through BLAS
     instead of ``log2(block)`` butterfly passes. ``tmp``: float32 scratch of
-    ``src.size``; ``src`` is left as it was."""
+    ``src.size``; ``src`` is left as it was.
+
+    ``scale`` (float32, one per block) multiplies each rotated block: the last product
+    runs block by block, so each block's matrix takes its factor at no extra pass.
+    """
     n = src.size
     factors = _factors(block)
     k = len(factors)
     targets = [out[:n] if (k - 1 - i) % 2 == 0 else tmp[:n] for i in range(k)]
     cur, inner = src, 1
-    for f, dst in zip(reversed(factors), targets, strict=True):
+    for i, (f, dst) in enumerate(zip(reversed(factors), targets, strict=True)):
         h = _scaled_hadamard(f)
+        if scale is not None and i == k - 1 and inner > 1:  # f * inner == block
+            h = h * scale[:, None, None]
         if inner == 1:
             np.matmul(cur.reshape(-1, f), h, out=dst.reshape(-1, f))
         else:
             np.matmul(h, cur.reshape(-1, f, inner), out=dst.reshape(-1, f, inner))
         cur, inner = dst, inner * f
+    if scale is not None and k == 1:  # one factor: the block is a row of the product
+        out[:n].reshape(-1, block)[...] *= scale[:, None]
 
 
 def sample_indices(seed: int, size: int, k: int) -> NDArray:

@@ -300,16 +300,44 @@ def gaussian_centroids(bits: int) -> tuple[NDArray, NDArray]:
     return np.asarray(c, np.float32), np.asarray(boundaries, np.float32)
 
 
-def _nearest(values: NDArray, boundaries: NDArray, out: NDArray, flag: NDArray) -> NDArray:
-    """The index of each value's cell among sorted ``boundaries`` (uint8): the count of
-    boundaries below it (comparisons for up to 15 boundaries, else a binary search)."""
-    if boundaries.size > 15:
-        out[...] = np.searchsorted(boundaries, values)
-        return out
+def _unit(dims: NDArray | float, norms2: NDArray) -> NDArray:
+    """``sqrt(dims) / norm`` per block (float64; 0 where the norm is 0)."""
+    norms = np.sqrt(norms2)
+    return np.divide(np.sqrt(dims), norms, out=np.zeros_like(norms), where=norms > 0)
+
+
+@lru_cache(maxsize=16)
+def _centroid_table(bits: int) -> NDArray:
+    """:func:`gaussian_centroids` of each code packed in a byte (``_bits.byte_table``)."""
+    return _bits.byte_table(gaussian_centroids(bits)[0], bits)
+
+
+def _cells(v: NDArray, boundaries: NDArray, out: NDArray, flag: NDArray, buf: NDArray) -> NDArray:
+    """The index of each value of the flat ``v`` among the sorted ``boundaries`` (uint8,
+    into ``out``): the count of boundaries below it.
+
+    The boundaries are symmetric about 0 (an odd count, the middle one 0). Up to three are
+    compared one by one; beyond, ``|v|`` is compared with the positive half only, and a
+    value in magnitude cell ``m`` gets ``half + m`` (positive) or ``half - 1 - m`` (not),
+    computed as ``half + (m XOR (positive - 1))`` in uint8. A value exactly on a boundary
+    may go to either side (the scale is computed from the codes sent, so the decode stays
+    unbiased either way).
+    """
     out.fill(0)
-    for edge in boundaries:
-        np.greater(values, edge, out=flag)
+    if boundaries.size <= 3:
+        for edge in boundaries:
+            np.greater(v, edge, out=flag)
+            out += flag.view(np.uint8)
+        return out
+    half = (boundaries.size + 1) // 2
+    a = np.abs(v, out=buf)
+    for edge in boundaries[half:]:
+        np.greater(a, edge, out=flag)
         out += flag.view(np.uint8)
+    positive = np.greater(v, 0, out=flag).view(np.uint8)
+    positive -= np.uint8(1)  # 0 where positive, 255 where not
+    out ^= positive
+    out += np.uint8(half)
     return out
 
 
@@ -332,7 +360,12 @@ class EDEN(Codec):
     rotation each coordinate is kept with probability ``ratio`` (drawn from the seed, so
     the decoder knows which, and nothing about them travels), the block's scale is taken
     over the kept ones, and the decoder divides by ``ratio``; ``bits * ratio`` bits per
-    coordinate.
+    coordinate. With ``error_feedback`` the decoder does not divide: error feedback needs
+    a contraction, ``||C(x) - x|| < ||x||`` (Stich, Cordonnier, Jaggi. "Sparsified SGD
+    with Memory." NeurIPS 2018), and the unbiased estimate's error exceeds ``||x||``
+    below about half a bit (its variance grows as ``1 / ratio``), so its residual would
+    grow round after round; without the division the dropped coordinates are simply
+    left for the residual, as top-k leaves them.
     """
 
     bits: int = 1
@@ -387,35 +420,51 @@ class EDEN(Codec):
                 s[:have] = x[lo : lo + have]
                 s[have:] = 0.0
                 flip_signs(s, signs, mask)
-            hadamard_into(s, self.block, r, tmp)
-            grid = r.reshape(-1, self.block)
+            blocks = s.reshape(-1, self.block)
+            unit = None  # per block: sqrt(dims) / ||Rx||, the centroids' unit
+            if self.bits > 1 and not sparse:  # rotate straight to that unit: ||Rx|| = ||x||
+                norms2 = np.einsum("ij,ij->i", blocks, blocks).astype(np.float64)
+                unit = _unit(self.block, norms2)
+                hadamard_into(s, self.block, r, tmp, unit.astype(np.float32))
+            else:
+                hadamard_into(s, self.block, r, tmp)
+            grid = r.reshape(blocks.shape)
             if sparse:  # dropped coordinates count for nothing below
                 keep = self._keep(bitgen, m)
                 r *= keep
                 kept = keep.reshape(grid.shape).sum(axis=1)
-            norms2 = np.einsum("ij,ij->i", grid, grid).astype(np.float64)
+            if unit is None:
+                norms2 = np.einsum("ij,ij->i", grid, grid).astype(np.float64)
             if self.bits == 1:  # boundary 0, centroids -c and c: <Rx, c> = c * ||Rx||_1
                 c = np.greater(r, 0, out=flag[:m])
                 l1 = np.abs(grid, out=tmp[:m].reshape(grid.shape)).sum(axis=1)  # pairwise, f32
                 dots = float(centroids[1]) * l1.astype(np.float64)
-            else:
-                norms = np.sqrt(norms2)
-                dims = np.sqrt(kept) if sparse else np.sqrt(self.block)
-                unit = np.divide(dims, norms, out=np.zeros_like(norms), where=norms > 0).astype(
-                    np.float32
-                )
-                v = np.multiply(grid, unit[:, None], out=tmp[:m].reshape(grid.shape))
-                c = _nearest(v.reshape(-1), boundaries, code[:m], flag[:m])
-                chosen = np.take(centroids, c, out=tmp[:m]).reshape(grid.shape)
-                dots = np.einsum("ij,ij->i", grid, chosen).astype(np.float64)
-            b0 = lo // self.block
-            scales[b0 : b0 + grid.shape[0]] = np.divide(
-                norms2, dots, out=np.zeros_like(norms2), where=dots > 0
-            )
+                scale = np.divide(norms2, dots, out=np.zeros_like(norms2), where=dots > 0)
+            else:  # v = unit * Rx: its cells, then <Rx, c> = <v, c> / unit
+                scratch = tmp if unit is not None else s
+                if unit is None:  # the kept coordinates' norm
+                    unit = _unit(kept, norms2)
+                    v = np.multiply(
+                        grid, unit.astype(np.float32)[:, None], out=tmp[:m].reshape(grid.shape)
+                    )
+                else:
+                    v = r
+                c = _cells(v.reshape(-1), boundaries, code[:m], flag[:m], scratch[:m])
             if sparse:
                 parts.append(_bits.pack(c[keep], self.bits))
             else:
-                _packed(codes, self.bits, lo, hi)[...] = _bits.pack(c, self.bits)
+                packed = _packed(codes, self.bits, lo, hi)
+                packed[...] = _bits.pack(c, self.bits)
+            if self.bits > 1:
+                if not sparse and self.bits in _bits.BYTE_WIDTHS and m % 8 == 0:
+                    chosen = _bits.lookup(packed, _centroid_table(self.bits), scratch[:m])
+                else:
+                    chosen = np.take(centroids, c, out=scratch[:m], mode="wrap")
+                dots = np.einsum("ij,ij->i", v.reshape(grid.shape), chosen.reshape(grid.shape))
+                dots = dots.astype(np.float64)
+                scale = np.divide(norms2 * unit, dots, out=np.zeros_like(norms2), where=dots > 0)
+            b0 = lo // self.block
+            scales[b0 : b0 + grid.shape[0]] = scale
         if sparse:
             codes = np.concatenate(parts) if parts else codes
         return {"codes": codes, "scales": scales, "seed": np.asarray([own], np.uint64)}, {}
@@ -450,20 +499,15 @@ class EDEN(Codec):
         mask = np.empty(step, np.uint32)
         for lo, hi in chunks(padded, step):
             m = hi - lo
-            c = _bits.unpack(_packed(arrays["codes"], self.bits, lo, hi), self.bits, m)
-            b0 = lo // self.block
-            scale = scales[b0 : b0 + m // self.block, None]
-            if self.bits == 1:  # centroids -c, c: code * 2cs - cs, no gather
-                g = grid_buf[:m].reshape(-1, self.block)
-                np.copyto(g, c.reshape(g.shape))
-                cs = scale * centroids[1]
-                g *= 2 * cs
-                g -= cs
+            packed = _packed(arrays["codes"], self.bits, lo, hi)
+            if self.bits in _bits.BYTE_WIDTHS and m % 8 == 0:  # unpack and look up at once
+                g = _bits.lookup(packed, _centroid_table(self.bits), grid_buf[:m])
             else:
-                g = np.take(centroids, c, out=grid_buf[:m]).reshape(-1, self.block)
-                g *= scale
-            r = rot[:m]
-            hadamard_into(g.reshape(-1), self.block, r, tmp)  # H is its own inverse
+                c = _bits.unpack(packed, self.bits, m)
+                g = np.take(centroids, c, out=grid_buf[:m], mode="wrap")
+            b0 = lo // self.block
+            r = rot[:m]  # H is its own inverse; the blocks' scales ride on its last product
+            hadamard_into(g, self.block, r, tmp, scales[b0 : b0 + m // self.block])
             have = max(0, min(hi, size) - lo)
             flip_signs(r[:have], sign_bits(bitgen, m)[:have], mask, out=out[lo : lo + have])
         return out
@@ -471,7 +515,9 @@ class EDEN(Codec):
     def _decode_sparse(self, arrays: Mapping[str, NDArray], size: int, count: int) -> NDArray:
         """:meth:`decode` with ``ratio < 1``: the kept coordinates' codes, chunk by chunk
         (each chunk's packed codes start on a byte)."""
-        scales = _finite_scales(arrays["scales"]) / np.float32(self._threshold / 65536)
+        scales = _finite_scales(arrays["scales"])
+        if not self.error_feedback:  # unbiased: the kept coordinates stand for all
+            scales = scales / np.float32(self._threshold / 65536)
         bitgen = np.random.PCG64(int(arrays["seed"][0]))
         centroids, _ = gaussian_centroids(self.bits)
         packed = arrays["codes"]
@@ -496,9 +542,8 @@ class EDEN(Codec):
             g[keep] = np.take(centroids, c)
             grid = g.reshape(-1, self.block)
             b0 = lo // self.block
-            grid *= scales[b0 : b0 + grid.shape[0], None]
             r = rot[:m]
-            hadamard_into(g, self.block, r, tmp)
+            hadamard_into(g, self.block, r, tmp, scales[b0 : b0 + grid.shape[0]])
             have = max(0, min(hi, size) - lo)
             flip_signs(r[:have], signs[:have], mask, out=out[lo : lo + have])
         if at != packed.size:
