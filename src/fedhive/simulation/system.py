@@ -271,6 +271,11 @@ class SystemModel:
             drawn = self._profiles[client_id] = ClientProfile(self.speed / m, link, link)
         return drawn
 
+    @property
+    def always_online(self) -> bool:
+        """Whether every client is always available (drawn devices have no windows)."""
+        return self.latency != "trace"
+
     def online(self, client_id: str, at: float) -> bool:
         """Whether the client is available at simulated time ``at``."""
         if self.latency != "trace":
@@ -436,9 +441,13 @@ class AvailableClients:
             setter(seed)
 
     def num_available(self) -> int:
+        if self.model.always_online:  # O(1): nobody to leave out
+            return self.manager.num_available()
         return len(self._online())
 
     def all(self) -> dict[str, ClientProxy]:
+        if self.model.always_online:
+            return self.manager.all()
         return {cid: ClientProxy(cid) for cid in self._online()}
 
     def sample(
@@ -447,6 +456,10 @@ class AvailableClients:
         min_num_clients: int | None = None,
         criterion: Criterion | None = None,
     ) -> list[ClientProxy]:
+        if self.model.always_online:
+            # the manager's own sampling, without listing every client per draw (the
+            # asynchronous policy's O(k) sampling of idle clients stays O(k))
+            return self.manager.sample(num_clients, min_num_clients, criterion)
         needed = max(num_clients, min_num_clients or 0)
         everyone = list(self.manager.all())
         for _ in range(10_000):
