@@ -405,8 +405,11 @@ def main(argv: list[str]) -> int:
         tune(args, say)
         return 0
 
-    say(f"fedhive stragglers benchmark: {args.rounds} rounds x {PER_ROUND} results, "
-        f"{args.seeds} seeds, target accuracy {args.target}")  # fmt: skip
+    if args.wall_only:
+        say("fedhive stragglers benchmark: simulator cost only")
+    else:
+        say(f"fedhive stragglers benchmark: {args.rounds} rounds x {PER_ROUND} results, "
+            f"{args.seeds} seeds, target accuracy {args.target}")  # fmt: skip
     say("command: nice -n 10 .venv/bin/python benchmarks/stragglers.py " + " ".join(argv))
     say("machine: 2 cores shared with other jobs (loaded); one worker; times are simulated; "
         f"load average at start {os.getloadavg()[0]:.1f}")  # fmt: skip
