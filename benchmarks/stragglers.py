@@ -271,13 +271,13 @@ CHOSEN: dict[float, dict[str, dict[str, Any]]] = {
         "fedavg": {},
         "fedavg+deadline": {},
         "fedbuff": {"concurrency": 20, "server_lr": 2.0},
-        "fedasync": {},
+        "fedasync": {"concurrency": 20, "alpha": 0.9},
     },
     0.5: {
         "fedavg": {},
         "fedavg+deadline": {},
         "fedbuff": {"concurrency": 20, "server_lr": 2.0},
-        "fedasync": {},
+        "fedasync": {"concurrency": 20, "alpha": 0.9},
     },
 }
 #: The issue's example table (buffer 10, concurrency 20, server lr 1), reported beside
