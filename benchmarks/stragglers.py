@@ -3,8 +3,8 @@
 MNIST-1D (``mnist1d``, 8000 samples), Dirichlet(0.3) over 100 clients, the CLI's MLP
 (hidden 64), one local epoch, batch 16, lr 0.05, momentum 0.9. Devices: ``[system]``
 lognormal compute speed with sigma 1.5 and 0.5 (median 1000 examples/s), 10 Mbit/s links.
-Every method folds the same number of client results (``rounds x 10``) and is evaluated
-centrally after every model version:
+Every method folds the same number of client results (``rounds x 10``, 1500 by default)
+and is evaluated centrally after every model version:
 
 - ``fedavg``: synchronous FedAvg, 10 clients a round (every round waits for its slowest);
 - ``fedavg+deadline``: FedAvg asking for 130% (13 clients) and keeping the first 10 to
@@ -35,8 +35,8 @@ CPU time of the process in interleaved repeats.
 
 Run::
 
-    nice -n 10 .venv/bin/python benchmarks/stragglers.py --target 0.35   # 3 seeds, 100 rounds
-    nice -n 10 .venv/bin/python benchmarks/stragglers.py --tune --target 0.35  # the sweep
+    nice -n 10 .venv/bin/python benchmarks/stragglers.py --rounds 150 --target 0.40  # 3 seeds
+    nice -n 10 .venv/bin/python benchmarks/stragglers.py --tune --rounds 150 --target 0.40  # sweep
     nice -n 10 .venv/bin/python benchmarks/stragglers.py --quick    # smoke run, seconds
 
 Simulated results do not depend on scheduling, so the runs may be made first in parallel
@@ -271,13 +271,13 @@ CHOSEN: dict[float, dict[str, dict[str, Any]]] = {
         "fedavg": {},
         "fedavg+deadline": {},
         "fedbuff": {"concurrency": 20, "server_lr": 2.0},
-        "fedasync": {},
+        "fedasync": {"concurrency": 20, "alpha": 0.9},
     },
     0.5: {
         "fedavg": {},
         "fedavg+deadline": {},
         "fedbuff": {"concurrency": 20, "server_lr": 2.0},
-        "fedasync": {},
+        "fedasync": {"concurrency": 20, "alpha": 0.9},
     },
 }
 #: The issue's example table (buffer 10, concurrency 20, server lr 1), reported beside
@@ -368,7 +368,7 @@ def simulator_cost(args: argparse.Namespace, say: Any) -> None:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=150)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--target", type=float, default=0.40)
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 rounds, 1 seed")
@@ -405,8 +405,11 @@ def main(argv: list[str]) -> int:
         tune(args, say)
         return 0
 
-    say(f"fedhive stragglers benchmark: {args.rounds} rounds x {PER_ROUND} results, "
-        f"{args.seeds} seeds, target accuracy {args.target}")  # fmt: skip
+    if args.wall_only:
+        say("fedhive stragglers benchmark: simulator cost only")
+    else:
+        say(f"fedhive stragglers benchmark: {args.rounds} rounds x {PER_ROUND} results, "
+            f"{args.seeds} seeds, target accuracy {args.target}")  # fmt: skip
     say("command: nice -n 10 .venv/bin/python benchmarks/stragglers.py " + " ".join(argv))
     say("machine: 2 cores shared with other jobs (loaded); one worker; times are simulated; "
         f"load average at start {os.getloadavg()[0]:.1f}")  # fmt: skip
