@@ -23,7 +23,10 @@ and FedRep keep the linear head personal, FedRep trains it 2 epochs first; Ditto
 0.1 with 2 personal epochs; APFL alpha starts at 0.25, learned with lr 0.001 (the
 library default; at 0.1 alpha reached 0 within a round). Other parameters of the same
 methods (``VARIANTS``) run only when named in ``--methods``; the best method is the
-one with the best mean *validation* accuracy.
+one with the best mean *validation* accuracy. Fine-tuning for 10 or 20 epochs
+(``FedAvg + fine-tuning (10 epochs)``, ``(20 epochs)``) gives the federated model the
+local training budget that local-only gets (up to 20 epochs, its count chosen on
+validation); which fine-tuning count wins is decided on validation accuracy too.
 
 Figures: mean, worst-10% (mean of the worst 10 clients) and std of the per-client test
 accuracy, at the last round and at the round (for local-only: the epoch count) chosen on
@@ -90,6 +93,8 @@ METHODS: tuple[tuple[str, str | None, dict[str, Any]], ...] = (
 #: tuning runs in the results file; a variant is chosen on validation accuracy).
 VARIANTS: tuple[tuple[str, str | None, dict[str, Any]], ...] = (
     ("FedAvg + fine-tuning (3 epochs)", "finetune", {"finetune_epochs": 3}),
+    ("FedAvg + fine-tuning (10 epochs)", "finetune", {"finetune_epochs": 10}),
+    ("FedAvg + fine-tuning (20 epochs)", "finetune", {"finetune_epochs": 20}),
     ("FedRep (head 5)", "fedrep", {"personal_layers": ("head",), "head_epochs": 5}),
     (
         "FedPer (head + last conv)",
