@@ -482,6 +482,23 @@ def test_fedper_with_secure_aggregation():
     assert record["personalized"]["clients"]
 
 
+def test_fedper_with_compression():
+    """Only the shared part is encoded and uploaded: the personal head stays home, and a
+    codec cuts the upload of what is shared."""
+    import fedhive as fl
+
+    config = PersonalizationConfig(method="fedper", personal_layers=("head",))
+    plain, split, _ = _simulate(config, rounds=2)
+    for codec in (fl.compression.FP16(), fl.compression.TopK(ratio=0.25, error_feedback=True)):
+        history, _, _ = _simulate(config, rounds=2, compression=codec)
+        record = history.rounds[-1]
+        assert record["fit"]["num_results"] == 3, record
+        assert not record["failures"], record["failures"]
+        assert len(_LAST["shared"]) == len(split.shared_indices)  # the model stays shared-only
+        assert record["bytes_up"] < plain.rounds[-1]["bytes_up"], codec
+        assert record["personalized"]["clients"]
+
+
 # --------------------------------------------------------------------------- fedhive run
 
 
