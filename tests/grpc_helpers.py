@@ -10,6 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -206,3 +207,33 @@ def message_frames(message_id: str, pieces, chunk_bytes: int = 1 << 20):
 
     for raw in message_frame_bytes(message_id, pieces, chunk_bytes):
         yield Frame.FromString(raw)
+
+
+def secure_mean_round(num_clients: int, secure_aggregation: dict, extra: list[list[str]] = (),
+                      timeout: float = 150, **server_kw):  # fmt: skip
+    """One SecAgg+ round over gRPC: a FedAvg server whose centralized loss is the new
+    model's mean, four client processes (``--pid 0..3``), the ``extra`` ones, and one that
+    dies while training; the history once every process has ended."""
+    from fedhive.common import ndarrays_to_parameters
+    from fedhive.server import ServerConfig
+    from fedhive.server.strategy import FedAvg
+
+    server_kw.setdefault("wait_timeout", 30)
+    server = ServerThread(
+        config=ServerConfig(num_rounds=1, round_timeout=server_kw.pop("round_timeout", 60)),
+        strategy=FedAvg(
+            min_fit_clients=num_clients,
+            min_available_clients=num_clients,
+            fraction_evaluate=0.0,
+            initial_parameters=ndarrays_to_parameters([np.zeros(4, np.float32)]),
+            evaluate_fn=lambda rnd, params, cfg: (float(params[0].mean()), {}),
+        ),
+        secure_aggregation=secure_aggregation,
+        **server_kw,
+    ).start()
+    procs = [client_process(server.address, "--pid", str(i)) for i in range(4)]
+    procs += [client_process(server.address, *args) for args in extra]
+    procs.append(client_process(server.address, "--pid", "9", "--mode", "die"))
+    history = server.join(timeout=timeout)
+    finish(procs)
+    return history

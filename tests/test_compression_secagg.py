@@ -15,7 +15,7 @@ from fedhive.secagg.coded import client_codec
 from fedhive.server import ServerConfig
 from fedhive.server.strategy import FedAvg
 from fedhive.simulation import start_simulation
-from grpc_helpers import ServerThread, client_process, finish
+from grpc_helpers import secure_mean_round
 
 SHAPE = (40, 30)  # 1200 elements: random-k at ratio 0.25 keeps exactly 300
 STEP = 2.0**-6  # one grid step: 15 levels over a scale of 15/64
@@ -174,23 +174,9 @@ def test_the_client_checks_the_codec_the_server_asks_for():
 @pytest.mark.timeout(180)
 def test_grpc_secure_compressed_round_with_a_client_dying():
     """Five client processes, one dies while training; deltas 1..4 weighted 1..4."""
-    server = ServerThread(
-        config=ServerConfig(num_rounds=1, round_timeout=60),
-        strategy=FedAvg(
-            min_fit_clients=5,
-            min_available_clients=5,
-            fraction_evaluate=0.0,
-            initial_parameters=ndarrays_to_parameters([np.zeros(4, np.float32)]),
-            evaluate_fn=lambda rnd, params, cfg: (float(params[0].mean()), {}),
-        ),
-        secure_aggregation={"threshold": 3, "bits": 8, "clip": 8.0},
-        compression=QSGD(bits=4, scale=8.0),
-        wait_timeout=30,
-    ).start()
-    procs = [client_process(server.address, "--pid", str(i)) for i in range(4)]
-    procs.append(client_process(server.address, "--pid", "9", "--mode", "die"))
-    history = server.join(timeout=150)
-    finish(procs)
+    history = secure_mean_round(
+        5, {"threshold": 3, "bits": 8, "clip": 8.0}, compression=QSGD(bits=4, scale=8.0)
+    )
     first = history.rounds[1]
     assert first["fit"]["updated"], first["fit"]
     assert first["fit"]["secagg"]["codec"] == "qsgd"

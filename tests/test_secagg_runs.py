@@ -13,7 +13,7 @@ from fedhive.models import numpy_lr
 from fedhive.server import ServerConfig
 from fedhive.server.strategy import FedAvg
 from fedhive.simulation import start_simulation
-from grpc_helpers import ROOT, ServerThread, client_process, finish
+from grpc_helpers import ROOT, ServerThread, finish, secure_mean_round
 
 NUM_CLIENTS = 20
 
@@ -62,22 +62,7 @@ def test_simulated_run_with_secagg_reaches_the_plain_accuracy():
 @pytest.mark.timeout(180)
 def test_grpc_run_with_secagg_and_a_client_dying_mid_round():
     """Five client processes, one dies while training: the others' mean goes through."""
-    server = ServerThread(
-        config=ServerConfig(num_rounds=1, round_timeout=60),
-        strategy=FedAvg(
-            min_fit_clients=5,
-            min_available_clients=5,
-            fraction_evaluate=0.0,
-            initial_parameters=ndarrays_to_parameters([np.zeros(4, np.float32)]),
-            evaluate_fn=lambda rnd, params, cfg: (float(params[0].mean()), {}),
-        ),
-        secure_aggregation={"threshold": 3, "bits": 16, "clip": 8.0},
-        wait_timeout=30,
-    ).start()
-    procs = [client_process(server.address, "--pid", str(i)) for i in range(4)]
-    procs.append(client_process(server.address, "--pid", "9", "--mode", "die"))
-    history = server.join(timeout=150)
-    finish(procs)
+    history = secure_mean_round(5, {"threshold": 3, "bits": 16, "clip": 8.0})
     first = history.rounds[1]
     assert first["fit"]["updated"], first["fit"]
     assert first["fit"]["secagg"]["dropped_after_sharing"] == 1
@@ -147,23 +132,14 @@ def test_grpc_round_on_a_derived_graph_with_a_client_dying_mid_round():
     """Eight clients over gRPC (five processes, one of them with three sessions) on a
     degree-4 graph that every client derives in the secagg.graph stage; one process dies
     while training, after sharing its keys, and the others' mean goes through."""
-    server = ServerThread(
-        config=ServerConfig(num_rounds=1, round_timeout=90),
-        strategy=FedAvg(
-            min_fit_clients=8,
-            min_available_clients=8,
-            fraction_evaluate=0.0,
-            initial_parameters=ndarrays_to_parameters([np.zeros(4, np.float32)]),
-            evaluate_fn=lambda rnd, params, cfg: (float(params[0].mean()), {}),
-        ),
-        secure_aggregation={"degree": 4, "threshold": 3, "bits": 16, "clip": 8.0},
+    history = secure_mean_round(
+        8,
+        {"degree": 4, "threshold": 3, "bits": 16, "clip": 8.0},
+        extra=[["--sessions", "3", "--node-id", "s"]],
+        timeout=200,
+        round_timeout=90,
         wait_timeout=60,
-    ).start()
-    procs = [client_process(server.address, "--pid", str(i)) for i in range(4)]
-    procs.append(client_process(server.address, "--sessions", "3", "--node-id", "s"))
-    procs.append(client_process(server.address, "--pid", "9", "--mode", "die"))
-    history = server.join(timeout=200)
-    finish(procs)
+    )
     first = history.rounds[1]
     assert first["fit"]["updated"], first["fit"]
     secagg = first["fit"]["secagg"]
