@@ -161,7 +161,8 @@ def engine_over_sessions(
     from fedhive.server.engine import Engine
     from fedhive.server.strategy import FedAvg
     from fedhive.transport.grpc_client import ClientSecurity, ClientSession
-    from fedhive.transport.grpc_server import GrpcServer, _Staging
+    from fedhive.transport.grpc_server import GrpcServer
+    from fedhive.transport.uploads import Staging as _Staging
 
     manager = SimpleClientManager(wait_timeout=20.0)
     server = GrpcServer(

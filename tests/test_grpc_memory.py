@@ -27,8 +27,8 @@ from fedhive.server.strategy import FedAvg, WeightedMean
 from fedhive.server.strategy.aggregate import FOLD_ELEMENTS
 from fedhive.transport import Replies, Transport
 from fedhive.transport.frames import Assembler, BufferPool
-from fedhive.transport.grpc_server import _Staging
 from fedhive.transport.proto.fleet_pb2 import Frame
+from fedhive.transport.uploads import Staging as _Staging
 from fedhive.transport.wire import message_frame_bytes, parse_frame
 from grpc_helpers import engine_over_sessions, message_frames
 

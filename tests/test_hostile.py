@@ -206,7 +206,7 @@ def test_total_spill_bytes_are_bounded(tmp_path, monkeypatch):
     from fedhive.common import Message
     from fedhive.common.records import FitRes, Status, ndarrays_to_parameters
     from fedhive.common.records import parameters_to_ndarrays as arrays_of
-    from fedhive.transport.grpc_server import _SpillBudget
+    from fedhive.transport.uploads import SpillBudget as _SpillBudget
     from grpc_helpers import engine_over_sessions
 
     on_disk: list[int] = []

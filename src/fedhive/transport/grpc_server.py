@@ -41,7 +41,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -57,12 +57,12 @@ from fedhive.transport.codec import decode_wire, encode_content, encode_wire
 from fedhive.transport.frames import (
     DEFAULT_CHUNK_BYTES,
     PROTOCOL_VERSION,
-    Assembler,
     BufferPool,
 )
 from fedhive.transport.limits import DEFAULT_MARGIN_BYTES, ReplyBound, reply_bound
 from fedhive.transport.membership import Membership, NodeSet
 from fedhive.transport.proto.fleet_pb2 import Frame
+from fedhive.transport.uploads import Free, SpillBudget, Staging, Uploads
 from fedhive.transport.wire import (
     SERVICE,
     WireFrame,
@@ -144,73 +144,6 @@ class _Connection:
     closed: asyncio.Event = field(default_factory=asyncio.Event)  # its stream has ended
     violations: int = 0  # frames refused so far
     abort: tuple[grpc.StatusCode, str] | None = None  # how its stream is to end
-
-
-class _Staging:
-    """Upload slots: at most ``count`` held and, beyond the first, ``budget`` bytes in all.
-
-    Waiters are served in arrival order. Lives on the event loop.
-    """
-
-    def __init__(self, count: int, budget: int | None) -> None:
-        self.count = count
-        self.budget = budget
-        self.held = 0
-        self.bytes = 0
-        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiters)
-
-    def _fits(self, nbytes: int) -> bool:
-        if self.held >= self.count:
-            return False
-        return self.held == 0 or self.budget is None or self.bytes + nbytes <= self.budget
-
-    def _take(self, nbytes: int) -> None:
-        self.held += 1
-        self.bytes += nbytes
-
-    async def acquire(self, nbytes: int) -> None:
-        if not self._waiters and self._fits(nbytes):
-            self._take(nbytes)
-            return
-        entry = (nbytes, asyncio.get_running_loop().create_future())
-        self._waiters.append(entry)
-        try:
-            await entry[1]
-        except asyncio.CancelledError:
-            if entry[1].done() and not entry[1].cancelled():
-                self.release(nbytes)  # granted to a reader that is gone
-            elif entry in self._waiters:
-                self._waiters.remove(entry)
-                self._wake()
-            raise
-
-    def release(self, nbytes: int) -> None:
-        self.held -= 1
-        self.bytes -= nbytes
-        self._wake()
-
-    def _wake(self) -> None:
-        while self._waiters and self._fits(self._waiters[0][0]):
-            nbytes, future = self._waiters.popleft()
-            if not future.done():
-                self._take(nbytes)
-                future.set_result(None)
-
-
-class _SpillBudget(_Staging):
-    """Bytes of uploads staged on disk at once: any number of uploads, and beyond the
-    first only while their sizes add up to at most ``budget``."""
-
-    def __init__(self, budget: int | None) -> None:
-        super().__init__(1 << 62, budget)
-
-    def _take(self, nbytes: int) -> None:  # not a memory slot (tests count those)
-        self.held += 1
-        self.bytes += nbytes
 
 
 class GrpcServer(Transport):
@@ -301,7 +234,7 @@ class GrpcServer(Transport):
         self.reply_records = reply_records
         self.reply_margin_bytes = reply_margin_bytes
         self.max_spill_bytes = max_spill_bytes
-        self._spilling = _SpillBudget(max_spill_bytes)
+        self._spilling = SpillBudget(max_spill_bytes)
         self._bound: ReplyBound | None = None  # of a reply to the latest model sent
         # decoding a reply (its JSON header, its arrays' views) is kept off the event loop
         self._decoder = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fedhive-decode")
@@ -310,7 +243,7 @@ class GrpcServer(Transport):
         self.upload_window_bytes = upload_window_bytes
         self.spill_bytes = spill_bytes
         self.spill_dir = spill_dir
-        self._staging = _Staging(max_staged_uploads, max_staged_bytes)
+        self._staging = Staging(max_staged_uploads, max_staged_bytes)
         self._wire_sizes: dict[str, int] = {}  # message id -> bytes, until the engine asks
         self._buffers = BufferPool(max_free=max_staged_uploads, keep=self._uploads_queued)
         self.port: int | None = None
@@ -549,7 +482,7 @@ class GrpcServer(Transport):
             bound = pending.bound.widest(bound)
         return bound
 
-    async def _deliver(self, conn: _Connection, data: memoryview, free: _Free) -> None:
+    async def _deliver(self, conn: _Connection, data: memoryview, free: Free) -> None:
         """Hand a complete upload to the engine; ``free`` (its staging slot or spill
         budget) runs when the engine is done with it."""
         bound = self._upload_bound(conn)
@@ -584,7 +517,7 @@ class GrpcServer(Transport):
         """Whether an upload waits for a slot: a freed upload buffer is then worth keeping."""
         return self._staging.waiting > 0
 
-    def _free_from_engine(self, free: _Free) -> None:
+    def _free_from_engine(self, free: Free) -> None:
         loop = self._loop
         if loop is not None and loop.is_running():
             loop.call_soon_threadsafe(free)
@@ -698,101 +631,11 @@ def _bind_problem(address: str) -> str:
     return "gRPC could not bind it"
 
 
-_Free = Callable[[], None]  # gives back what one upload holds (a staging slot, spill budget)
-
-
-def _nothing() -> None:
-    """What an upload that holds nothing gives back."""
-
-
 class _Refusal(FedhiveError):
     def __init__(self, code: grpc.StatusCode, text: str) -> None:
         super().__init__(text)
         self.code = code
         self.text = text
-
-
-class _Uploads:
-    """One connection's uploads in progress, each holding a staging slot.
-
-    A complete upload hands its slot on with the reply: it is freed when the engine is
-    done with the reply, or at once if the reply is refused.
-    """
-
-    def __init__(self, server: GrpcServer, conn: _Connection) -> None:
-        self.server = server
-        self.conn = conn
-        self.assembler = Assembler(
-            server.max_message_bytes,
-            pool=server._buffers,
-            spill_bytes=server.spill_bytes,
-            spill_dir=server.spill_dir,
-        )
-        self.staged: dict[str, _Free] = {}
-        self.limit = server.max_message_bytes  # of the upload being opened
-
-    async def add(self, frame: WireFrame) -> None:
-        """Take one MESSAGE frame; a complete upload goes to the engine."""
-        server, conn, mid = self.server, self.conn, frame.message_id
-        if not self.assembler.is_open(mid):
-            if self.assembler.open_count >= len(conn.pending):
-                server._refuse(conn, "upload without a task waiting for it")
-                return
-            bound = server._upload_bound(conn)
-            self.limit = server.max_message_bytes
-            if bound is not None:
-                self.limit = min(self.limit, bound.max_bytes)
-            size = frame.total_size
-            if mid and size <= self.limit:
-                self.staged[mid] = await self._hold(size)  # backpressure
-        try:
-            done = self.assembler.add(frame, self.limit)
-        except SerdeError as exc:
-            self._abandon(mid)
-            server._refuse(conn, str(exc))
-            server._fail_only_task(conn, f"its reply was refused: {exc}")
-            return
-        if done is not None:
-            await server._deliver(conn, done[1], self.staged.pop(mid, _nothing))
-
-    async def _hold(self, size: int) -> _Free:
-        """Wait until an upload of ``size`` bytes may start: a staging slot in memory, or
-        room in the spill budget on disk; returns what gives it back."""
-        server = self.server
-        budget = server._spilling if self.assembler.spills(size) else server._staging
-        conn = self.conn
-        conn.waiting = True
-        try:
-            await budget.acquire(size)
-        finally:
-            conn.waiting = False
-            conn.last_seen = server.clock.now()
-        return _Once(functools.partial(budget.release, size))
-
-    def _abandon(self, mid: str) -> None:
-        if not self.assembler.is_open(mid) and mid in self.staged:
-            self.staged.pop(mid)()
-
-    def close(self) -> None:
-        """Free the slots of uploads the client will never finish."""
-        for free in self.staged.values():
-            free()
-        self.staged.clear()
-        self.assembler.clear()
-
-
-class _Once:
-    """Runs ``fn`` the first time it is called only (a slot is given back once)."""
-
-    __slots__ = ("fn",)
-
-    def __init__(self, fn: _Free) -> None:
-        self.fn: _Free | None = fn
-
-    def __call__(self) -> None:
-        fn, self.fn = self.fn, None
-        if fn is not None:
-            fn()
 
 
 class _Servicer:
@@ -858,7 +701,7 @@ class _Servicer:
 
     async def _read(self, conn: _Connection, context: aio.ServicerContext) -> None:
         server = self.server
-        uploads = _Uploads(server, conn)
+        uploads = Uploads(server, conn)
         try:
             while True:
                 frame = await context.read()

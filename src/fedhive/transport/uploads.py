@@ -1,0 +1,181 @@
+"""Uploads on the gRPC server: the staging slots and spill budget that bound what is held,
+and one connection's uploads in progress (:class:`Uploads`).
+
+An upload holds a slot (in memory, or spill budget on disk) from its first frame until the
+engine is done with its reply, so memory stays near model + aggregate + the cap while
+other uploads wait in gRPC flow control (docs/design.md, Deployment over gRPC).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections import deque
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from fedhive.common.errors import SerdeError
+from fedhive.transport.frames import Assembler
+
+if TYPE_CHECKING:
+    from fedhive.transport.grpc_server import GrpcServer, _Connection
+    from fedhive.transport.wire import WireFrame
+
+__all__ = ["Free", "Once", "SpillBudget", "Staging", "Uploads", "nothing"]
+
+
+Free = Callable[[], None]  # gives back what one upload holds (a staging slot, spill budget)
+
+
+def nothing() -> None:
+    """What an upload that holds nothing gives back."""
+
+
+class Staging:
+    """Upload slots: at most ``count`` held and, beyond the first, ``budget`` bytes in all.
+
+    Waiters are served in arrival order. Lives on the event loop.
+    """
+
+    def __init__(self, count: int, budget: int | None) -> None:
+        self.count = count
+        self.budget = budget
+        self.held = 0
+        self.bytes = 0
+        self._waiters: deque[tuple[int, asyncio.Future[None]]] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
+
+    def _fits(self, nbytes: int) -> bool:
+        if self.held >= self.count:
+            return False
+        return self.held == 0 or self.budget is None or self.bytes + nbytes <= self.budget
+
+    def _take(self, nbytes: int) -> None:
+        self.held += 1
+        self.bytes += nbytes
+
+    async def acquire(self, nbytes: int) -> None:
+        if not self._waiters and self._fits(nbytes):
+            self._take(nbytes)
+            return
+        entry = (nbytes, asyncio.get_running_loop().create_future())
+        self._waiters.append(entry)
+        try:
+            await entry[1]
+        except asyncio.CancelledError:
+            if entry[1].done() and not entry[1].cancelled():
+                self.release(nbytes)  # granted to a reader that is gone
+            elif entry in self._waiters:
+                self._waiters.remove(entry)
+                self._wake()
+            raise
+
+    def release(self, nbytes: int) -> None:
+        self.held -= 1
+        self.bytes -= nbytes
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self._fits(self._waiters[0][0]):
+            nbytes, future = self._waiters.popleft()
+            if not future.done():
+                self._take(nbytes)
+                future.set_result(None)
+
+
+class SpillBudget(Staging):
+    """Bytes of uploads staged on disk at once: any number of uploads, and beyond the
+    first only while their sizes add up to at most ``budget``."""
+
+    def __init__(self, budget: int | None) -> None:
+        super().__init__(1 << 62, budget)
+
+    def _take(self, nbytes: int) -> None:  # not a memory slot (tests count those)
+        self.held += 1
+        self.bytes += nbytes
+
+
+class Uploads:
+    """One connection's uploads in progress, each holding a staging slot.
+
+    A complete upload hands its slot on with the reply: it is freed when the engine is
+    done with the reply, or at once if the reply is refused.
+    """
+
+    def __init__(self, server: GrpcServer, conn: _Connection) -> None:
+        self.server = server
+        self.conn = conn
+        self.assembler = Assembler(
+            server.max_message_bytes,
+            pool=server._buffers,
+            spill_bytes=server.spill_bytes,
+            spill_dir=server.spill_dir,
+        )
+        self.staged: dict[str, Free] = {}
+        self.limit = server.max_message_bytes  # of the upload being opened
+
+    async def add(self, frame: WireFrame) -> None:
+        """Take one MESSAGE frame; a complete upload goes to the engine."""
+        server, conn, mid = self.server, self.conn, frame.message_id
+        if not self.assembler.is_open(mid):
+            if self.assembler.open_count >= len(conn.pending):
+                server._refuse(conn, "upload without a task waiting for it")
+                return
+            bound = server._upload_bound(conn)
+            self.limit = server.max_message_bytes
+            if bound is not None:
+                self.limit = min(self.limit, bound.max_bytes)
+            size = frame.total_size
+            if mid and size <= self.limit:
+                self.staged[mid] = await self._hold(size)  # backpressure
+        try:
+            done = self.assembler.add(frame, self.limit)
+        except SerdeError as exc:
+            self._abandon(mid)
+            server._refuse(conn, str(exc))
+            server._fail_only_task(conn, f"its reply was refused: {exc}")
+            return
+        if done is not None:
+            await server._deliver(conn, done[1], self.staged.pop(mid, nothing))
+
+    async def _hold(self, size: int) -> Free:
+        """Wait until an upload of ``size`` bytes may start: a staging slot in memory, or
+        room in the spill budget on disk; returns what gives it back."""
+        server = self.server
+        budget = server._spilling if self.assembler.spills(size) else server._staging
+        conn = self.conn
+        conn.waiting = True
+        try:
+            await budget.acquire(size)
+        finally:
+            conn.waiting = False
+            conn.last_seen = server.clock.now()
+        return Once(functools.partial(budget.release, size))
+
+    def _abandon(self, mid: str) -> None:
+        if not self.assembler.is_open(mid) and mid in self.staged:
+            self.staged.pop(mid)()
+
+    def close(self) -> None:
+        """Free the slots of uploads the client will never finish."""
+        for free in self.staged.values():
+            free()
+        self.staged.clear()
+        self.assembler.clear()
+
+
+class Once:
+    """Runs ``fn`` the first time it is called only (a slot is given back once)."""
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Free) -> None:
+        self.fn: Free | None = fn
+
+    def __call__(self) -> None:
+        fn, self.fn = self.fn, None
+        if fn is not None:
+            fn()
