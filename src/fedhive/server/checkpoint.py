@@ -129,10 +129,11 @@ class Checkpointer:
         ``round-NNNNNN-open-KKKKKK``, version NNNNNN and KKKKKK results buffered for the
         next), a name of its own, so it never writes over a finished round's checkpoint."""
         name = f"round-{engine.current_round:06d}"
-        opened = engine.policy.state_dict().get("open")
+        policy_state = engine.policy.state_dict()
+        opened = policy_state.get("open")
         if opened is not None:
             name += f"-open-{int(opened['num_results']):06d}"
-        path = self._write(engine, self._not_latest(name), {})
+        path = self._write(engine, self._not_latest(name), {}, policy_state)
         self._save_best(engine)
         return path
 
@@ -141,7 +142,13 @@ class Checkpointer:
         a checkpoint is never written over the one ``LATEST`` names."""
         return name + "-again" if name == self._latest_name() else name
 
-    def _write(self, engine: Engine, name: str, extra: dict[str, Any]) -> Path:
+    def _write(
+        self,
+        engine: Engine,
+        name: str,
+        extra: dict[str, Any],
+        policy_state: dict[str, Any] | None = None,
+    ) -> Path:
         """Write checkpoint ``name`` in full under a temporary name, fsync it, rename it,
         then switch ``LATEST`` to it (fsynced): a crash at any point leaves ``LATEST``
         naming a complete checkpoint, the old one or this."""
@@ -178,7 +185,10 @@ class Checkpointer:
             "seed": engine.seed,
             "elapsed_s": engine.elapsed(),
             "history": engine.history.to_dict(),
-            "policy": {"name": engine.policy.name, "state": engine.policy.state_dict()},
+            "policy": {
+                "name": engine.policy.name,
+                "state": engine.policy.state_dict() if policy_state is None else policy_state,
+            },
             **extra,
         }
         atomic_write_bytes(
