@@ -30,8 +30,10 @@ smaller).
    float32 accumulator (``accumulator = "model"``, ``streaming-f32``).
 4. ``grpc``: a 100 MB model over gRPC with 4 client processes on 127.0.0.1; 1 warm-up + 3
    measured rounds; median round and the server's peak RSS above its post-import RSS.
-   fedhive: ``grpc_round.py``'s fedhive path (``start_server``); Flower: its
-   ``start_server``/``start_client``.
+   fedhive: ``grpc_round.py``'s fedhive path (``start_server``), with the defaults and
+   "lean": the opt-in float32 accumulator (Flower's ``FedAvg`` also sums in the model's
+   float32) and 1 MiB upload windows (``start_server(upload_window_bytes=1 << 20)``);
+   Flower: its ``start_server``/``start_client``.
 5. ``secagg``: SecAgg+ at n = 50, 1M parameters, trivial client; 1 warm-up + 2 measured
    rounds. fedhive: ``secure_aggregation={"degree": "complete"}`` (every other client
    holds a share; threshold from the threat model), thread backend; Flower:
@@ -219,7 +221,7 @@ def fedhive_aggregate(mode: str) -> dict[str, Any]:
     return {"wall_s": wall, "cpu_s": cpu, "peak_above": memory.peak - base, "base": base}
 
 
-def fedhive_grpc() -> dict[str, Any]:
+def fedhive_grpc(variant: str) -> dict[str, Any]:
     done = subprocess.run(
         [
             sys.executable,
@@ -231,7 +233,7 @@ def fedhive_grpc() -> dict[str, Any]:
             "--clients",
             str(GRPC_CLIENTS),
             "--path",
-            "fedhive",
+            "lean" if variant == "lean" else "fedhive",
         ],
         capture_output=True,
         text=True,
@@ -278,7 +280,7 @@ def fedhive_side(workload: str, variant: str) -> dict[str, Any]:
     if workload == "aggregate":
         return fedhive_aggregate(variant)
     if workload == "grpc":
-        return fedhive_grpc()
+        return fedhive_grpc(variant)
     return fedhive_secagg()
 
 
@@ -318,6 +320,7 @@ def _variants(workload: str) -> list[str]:
         "overhead": ["thread", "ray"],
         "mlp": ["thread", "ray"],
         "aggregate": ["aggregate_fit", "streaming", "streaming-f32"],
+        "grpc": ["default", "lean"],
     }.get(workload, ["-"])
 
 
