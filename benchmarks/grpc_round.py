@@ -425,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{min(path.times):.3f}-{max(path.times):.3f}",
                 f"{moved / secs / MB:.0f}",
                 f"{median(path.cpu):.3f}",
+                f"{sum(r.get('cpu_s', 0.0) for r in path.clients) / (len(path.times) + 1):.3f}",
                 f"{ratio:.2f}x",
                 f"<= {TARGET_RATIO}x" if is_fed else "-",
                 status(ratio, TARGET_RATIO) if is_fed else "-",
@@ -450,11 +451,22 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"1 warm-up + {rounds} measured rounds per path, medians; {note}")
     print("(the machine is shared: absolute times vary, the same-run ratios are what to compare)\n")
-    headers = ["path", "s/round", "min-max s", "MB/s", "server CPU s", "ratio", "target", "status"]
+    headers = [
+        "path",
+        "s/round",
+        "min-max s",
+        "MB/s",
+        "server CPU s",
+        "clients CPU s",
+        "ratio",
+        "target",
+        "status",
+    ]
     print(table(headers, time_rows))
     print(
         f"\nMB/s = {2 * clients} x model moved per round / s; server CPU s = this process's CPU "
-        "seconds per round; ratio = s/round / plain grpcio s/round\n"
+        "seconds per round; clients CPU s = all client processes' CPU seconds over the path / its "
+        "rounds (warm-up included, their start too); ratio = s/round / plain grpcio s/round\n"
     )
     headers = [
         "path",
