@@ -232,7 +232,7 @@ def test_fedbuff_over_grpc_with_compression_and_real_client_processes():
             buffer_size=2,
             concurrency=3,
             staleness="constant",
-            min_available_clients=3,
+            min_available_clients=4,  # all four in before the run starts (it is short)
             fraction_evaluate=0.0,
             initial_parameters=ndarrays_to_parameters([np.zeros(4, np.float32)]),
             evaluate_fn=lambda rnd, params, cfg: (float(params[0].mean()), {}),
@@ -244,9 +244,10 @@ def test_fedbuff_over_grpc_with_compression_and_real_client_processes():
     procs = [client_process(server.address, "--pid", str(i)) for i in range(3)]
     procs.append(client_process(server.address, "--pid", "3", "--mode", "slow"))
     history = server.join(timeout=120)
-    # a client whose session the server closes at the run's end without a goodbye sits
-    # in its reconnect backoff: stop waiting for it after a few seconds
-    finish(procs, timeout=8)
+    # every client, the slow one too, is told the run ended and exits by itself (a client
+    # that comes after the server is gone retries, as Flower's does without max_retries)
+    ends = finish(procs, timeout=20)
+    assert [code for code, _ in ends] == [0, 0, 0, 0], [err[-2000:] for _, err in ends]
     versions = history.rounds[1:]
     assert [r["model_version"] for r in versions] == [1, 2, 3, 4]
     for r in versions:  # each version's buffer filled with decoded updates
@@ -255,4 +256,4 @@ def test_fedbuff_over_grpc_with_compression_and_real_client_processes():
     # each version moves the model by a weighted mean of those, between 1 and 4
     losses = [0.0] + [loss for _, loss in history.losses_centralized[1:]]
     steps = np.diff(losses)
-    assert np.all(steps >= 1.0) and np.all(steps <= 4.0), losses
+    assert np.all(steps >= 1.0 - 1e-5) and np.all(steps <= 4.0 + 1e-5), losses  # float32

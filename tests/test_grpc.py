@@ -163,3 +163,26 @@ def test_round_one_starts_once_min_available_clients_are_connected():
     results = finish(procs)
     assert [code for code, _ in results] == [0, 0, 0], results
     assert history.rounds[-1]["fit"]["num_clients"] == 3
+
+
+def test_fedbuff_starts_once_min_available_clients_are_connected():
+    """An asynchronous strategy's min_available_clients (on its FedAvg sampling) holds the
+    first dispatch too, not only its concurrency: with two in flight and three wanted, the
+    run waits for the third, so no client comes after the run and finds no server."""
+    import time
+
+    from fedhive.server.strategy import FedBuff
+
+    st = FedBuff(
+        buffer_size=2, concurrency=2, staleness="constant", min_available_clients=3,
+        fraction_evaluate=0.0, initial_parameters=ndarrays_to_parameters([np.zeros(4, np.float32)]),
+    )  # fmt: skip
+    server = ServerThread(config=ServerConfig(num_rounds=1), strategy=st).start()
+    procs = [client_process(server.address, "--pid", "0")]
+    time.sleep(3.0)  # the first one is connected well before the others
+    procs += [client_process(server.address, "--pid", str(i)) for i in (1, 2)]
+    history = server.join()
+    results = finish(procs, timeout=30)
+    assert [code for code, _ in results] == [0, 0, 0], results
+    contributions = history.rounds[-1]["contributions"]
+    assert [c["results"] for c in contributions] == [1, 1], contributions

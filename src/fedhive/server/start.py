@@ -195,11 +195,16 @@ def start_server(
 
 def _min_available_clients(strategy: Any) -> int:
     """The ``min_available_clients`` of ``strategy`` or of the strategy it wraps (a DP
-    or composed wrapper's ``strategy``); 0 when none says."""
+    or composed wrapper's ``strategy``, an asynchronous strategy's ``sampling``); 0 when
+    none says."""
     seen = 0
     while strategy is not None and seen < 8:
         wanted = getattr(strategy, "min_available_clients", None)
         if isinstance(wanted, int) and not isinstance(wanted, bool):
             return wanted
-        strategy, seen = getattr(strategy, "strategy", None), seen + 1
+        inner = getattr(strategy, "strategy", None)
+        strategy, seen = (
+            inner if inner is not None else getattr(strategy, "sampling", None),
+            seen + 1,
+        )
     return 0
