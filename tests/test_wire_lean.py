@@ -240,3 +240,30 @@ def test_the_packed_header_is_bounded_by_the_header_limit():
         decode_wire(data, HeaderLimits(max_header_bytes=400, max_arrays=4)).content.status
         == res.status
     )
+
+
+def test_eden_below_one_bit_is_over_32x_smaller_on_the_wire_than_the_plain_reply():
+    from fedhive.cli.experiment import ModelSpec
+    from fedhive.compression import EDEN
+    from fedhive.compression.payload import Layout, decode_update, encode_update
+
+    model = ModelSpec("cnn1d", in_dim=40, num_classes=10, hidden=0).initial(0)  # default CNN
+    rng = np.random.default_rng(0)
+    update = [rng.normal(scale=0.01, size=a.shape).astype(np.float32) for a in model]
+    codec = EDEN(bits=1, ratio=0.7, min_size=0)
+    layout = Layout.of(model, codec.min_size)
+    compressed, raw = layout.split(update)
+    encoded = codec.encode(compressed, layout.segments, rng, 7)
+    extras = encode_update(codec, layout, compressed, raw, encoded)
+    metrics = {"loss": 1.88, "num_steps": 34}
+    res = FitRes(Status(Code.OK, "Success"), Parameters(arrays=[]), 163, metrics, extras=extras)
+    plain = FitRes(Status(Code.OK, "Success"), Parameters(arrays=update), 163, metrics)
+    small, big = Message(META, res), Message(META, plain)
+    assert wire_length(small) == len(wire(small))
+    assert wire_length(big) == len(wire(big))
+    assert wire_length(big) / wire_length(small) > 32
+    decoded = decode_wire(wire(small)).content
+    got = decode_update(codec, layout, decoded.extras, 7)
+    want = layout.join(codec.decode(encoded[0], encoded[1], layout.segments, 7), raw)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
