@@ -85,20 +85,41 @@ def encode(message: Message) -> bytes:
     return bytes(out)
 
 
+def _int_len(value: object) -> int:
+    """Bytes of ``value``'s varint; -1 where it is not an int in range."""
+    if type(value) is not int or not _LO <= value <= _HI:
+        return -1
+    bits = (2 * value if value >= 0 else -2 * value - 1).bit_length()
+    return 1 if bits <= 7 else -(-bits // 7)
+
+
+def _text_len(value: object) -> int:
+    """Bytes of ``value``'s length and utf-8; -1 where it is not a str."""
+    if type(value) is not str:
+        return -1
+    n = len(value) if value.isascii() else len(_utf8(value))
+    return n + (1 if n < 0x80 else _varint_len(n))
+
+
 def size(message: Message) -> int:
-    """``len(encode(message))``, without building it."""
-    _check(message)
+    """``len(encode(message))``, without building it (on the byte-accounting path of
+    every message, so it reads each field once)."""
     m = message.metadata
-    total = len(MAGIC) + 1
-    for name in _INTS:
-        total += _varint_len(_zigzag(getattr(m, name)))
-    texts = [getattr(m, name) for name in _TEXTS]
-    if message.error is not None:
-        texts.append(message.error)
-    for text in texts:
-        n = len(text) if text.isascii() else len(_utf8(text))
-        total += _varint_len(n) + n
-    return total
+    error = message.error
+    lengths = (
+        _int_len(m.run_id),
+        _int_len(m.server_round),
+        _int_len(m.model_version),
+        _int_len(m.seed),
+        _text_len(m.message_id),
+        _text_len(m.node_id),
+        _text_len(m.message_type),
+        _text_len(m.reply_to),
+        0 if error is None else _text_len(error),
+    )
+    if -1 in lengths:
+        _check(message)  # raises, naming the field
+    return len(MAGIC) + 1 + sum(lengths)
 
 
 class _Reader:
