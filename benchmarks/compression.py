@@ -59,7 +59,8 @@ def codecs(error_feedback: bool) -> list[Codec]:
         RandomK(ratio=0.1, **ef),
         Sign(**ef),
         EDEN(bits=1, **ef),
-        EDEN(bits=1, ratio=0.45, **ef),  # EDEN below one bit: 0.45 bits per coordinate
+        EDEN(bits=1, ratio=0.7, **ef),  # EDEN below one bit: 0.7 bits per coordinate
+        EDEN(bits=1, ratio=0.45, **ef),
     ]
 
 
