@@ -6,7 +6,10 @@
    over the seeds, its gap to no compression at equal rounds (points), uplink bytes as
    counted on the wire (History ``bytes_up``: fit and evaluate replies), the ratio of the
    uncompressed run's uplink bytes to this one's, and the uplink bytes until the run first
-   reached the uncompressed run's final accuracy ("-" if never).
+   reached the uncompressed run's final accuracy ("-" if never). ``--runs`` names the
+   settings (each with its own client lr and FedAvgM server lr/momentum if wanted);
+   ``--split val`` scores on the clients' pooled held-out data instead of the test
+   split, to choose settings without looking at the test split.
 2. Throughput: encode and decode of a 100 MB float32 update (MB/s, single thread, CPU
    time), each next to a ``numpy.copy`` of the same array: interleaved (copy, encode,
    decode) triples, medians. ``--baseline-src DIR`` runs this part a second time with
