@@ -267,3 +267,12 @@ def test_eden_below_one_bit_is_over_32x_smaller_on_the_wire_than_the_plain_reply
     want = layout.join(codec.decode(encoded[0], encoded[1], layout.segments, 7), raw)
     for a, b in zip(got, want, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_lone_surrogates_round_trip_in_both_headers():
+    res = reply(np.zeros(3, np.uint8), metrics={"k\ud800": "v\udfff"}, message="m\ud83d")
+    message = Message(Metadata(0, "id\udc00", "n", 1, 0, "fit", "r"), res, "e\ud800")
+    out = decode_wire(wire(message))
+    assert out.metadata == message.metadata and out.error == message.error
+    assert out.content.metrics == res.metrics and out.content.status == res.status
+    assert wire_length(message) == len(wire(message))

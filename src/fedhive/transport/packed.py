@@ -169,7 +169,7 @@ class _Reader:
 
     def text(self, length: int, what: str) -> str:
         try:
-            return bytes(self.take(length)).decode("utf-8")
+            return bytes(self.take(length)).decode("utf-8", "surrogatepass")
         except UnicodeDecodeError:
             raise SerdeError(f"{what} in the packed reply is not utf-8") from None
 
