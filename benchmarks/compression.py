@@ -6,7 +6,10 @@
    over the seeds, its gap to no compression at equal rounds (points), uplink bytes as
    counted on the wire (History ``bytes_up``: fit and evaluate replies), the ratio of the
    uncompressed run's uplink bytes to this one's, and the uplink bytes until the run first
-   reached the uncompressed run's final accuracy ("-" if never).
+   reached the uncompressed run's final accuracy ("-" if never). ``--runs`` names the
+   settings (each with its own client lr and FedAvgM server lr/momentum if wanted);
+   ``--split val`` scores on the clients' pooled held-out data instead of the test
+   split, to choose settings without looking at the test split.
 2. Throughput: encode and decode of a 100 MB float32 update (MB/s, single thread, CPU
    time), each next to a ``numpy.copy`` of the same array: interleaved (copy, encode,
    decode) triples, medians. ``--baseline-src DIR`` runs this part a second time with
@@ -35,13 +38,15 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from fedhive.cli.config import validate
-from fedhive.cli.experiment import build_experiment
+from fedhive.cli.experiment import build_experiment, evaluate_params
 from fedhive.compression import BF16, EDEN, FP16, QSGD, Codec, RandomK, Sign, TopK
+from fedhive.compression.codecs import codec_from_params
 from fedhive.server.config import ServerConfig
 from fedhive.simulation import start_simulation
 from fedhive.transport.codec import encode_message
@@ -57,7 +62,8 @@ def codecs(error_feedback: bool) -> list[Codec]:
         RandomK(ratio=0.1, **ef),
         Sign(**ef),
         EDEN(bits=1, **ef),
-        EDEN(bits=1, ratio=0.45, **ef),  # EDEN below one bit: 0.45 bits per coordinate
+        EDEN(bits=1, ratio=0.7, **ef),  # EDEN below one bit: 0.7 bits per coordinate
+        EDEN(bits=1, ratio=0.45, **ef),
     ]
 
 
@@ -73,7 +79,69 @@ def label(codec: Codec | None) -> str:
     ).replace(",ratio=1.0", "")
 
 
-def experiment(seed: int, args: argparse.Namespace) -> Any:
+@dataclass(frozen=True)
+class Tune:
+    """A setting's own step sizes: the clients' lr (None: ``--lr``) and the server's
+    (FedAvgM's server lr and momentum; 1 and 0 are FedAvg)."""
+
+    lr: float | None = None
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
+
+    def suffix(self) -> str:
+        out = "" if self.lr is None else f" lr={self.lr:g}"
+        if self.server_lr != 1.0 or self.server_momentum != 0.0:
+            out += f" slr={self.server_lr:g} smom={self.server_momentum:g}"
+        return out
+
+
+Setting = tuple[Codec | None, Tune]
+
+
+def _number(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def parse_setting(spec: str) -> Setting:
+    """``CODEC[:key=value,...][+ef][@lr=..,slr=..,smom=..]`` (``none`` for no codec), e.g.
+    ``eden:bits=1,ratio=0.85+ef@lr=0.08``; every array compressed (``min_size=0``)."""
+    spec, _, tuning = spec.strip().partition("@")
+    ef = spec.endswith("+ef")
+    spec = spec.removesuffix("+ef")
+    codec_id, _, params = spec.partition(":")
+    kv = dict(item.split("=", 1) for item in params.split(",") if item)
+    tv = {k: float(v) for k, v in (item.split("=", 1) for item in tuning.split(",") if item)}
+    tune = Tune(tv.pop("lr", None), tv.pop("slr", 1.0), tv.pop("smom", 0.0))
+    if tv:
+        raise SystemExit(f"unknown tuning keys {sorted(tv)} in {spec!r}: lr, slr, smom")
+    if codec_id == "none":
+        return None, tune
+    params_ = {k: _number(v) for k, v in kv.items()}
+    return codec_from_params(codec_id, {**params_, "error_feedback": ef, "min_size": 0}), tune
+
+
+def setting_label(setting: Setting) -> str:
+    return label(setting[0]) + setting[1].suffix()
+
+
+def experiment(seed: int, args: argparse.Namespace, tune: Tune | None = None) -> Any:
+    """The run's experiment; ``tune`` overrides the client lr and sets FedAvgM's server lr
+    and momentum. With ``--split val`` the server scores the model on the clients' pooled
+    held-out data (``data.val_fraction`` of each client, never trained on) instead of the
+    test split: the split settings are chosen on."""
+    tune = tune or Tune()
+    strategy: dict[str, Any] = {"fraction_fit": args.fraction, "fraction_evaluate": 0.0}
+    if tune.server_lr != 1.0 or tune.server_momentum != 0.0:
+        strategy |= {
+            "name": "fedavgm",
+            "server_learning_rate": tune.server_lr,
+            "server_momentum": tune.server_momentum,
+        }
     cfg = validate(
         {
             "seed": seed,
@@ -84,13 +152,27 @@ def experiment(seed: int, args: argparse.Namespace) -> Any:
             "train": {
                 "local_epochs": args.epochs,
                 "batch_size": args.batch,
-                "lr": args.lr,
+                "lr": args.lr if tune.lr is None else tune.lr,
                 "momentum": 0.9,
             },
-            "strategy": {"fraction_fit": args.fraction, "fraction_evaluate": 0.0},
+            "strategy": strategy,
         }
     )
-    return build_experiment(cfg)
+    exp = build_experiment(cfg)
+    if args.split == "val":
+        held_out = np.concatenate([val for _, val in exp.client_fn.splits])
+        x, y, spec = (
+            exp.dataset.x_train[held_out],
+            exp.dataset.y_train[held_out],
+            exp.client_fn.spec,
+        )
+
+        def on_validation(rnd: int, params: Any, config: Any) -> tuple[float, dict[str, Any]]:
+            loss, acc = evaluate_params(spec, params, x, y)
+            return loss, {"accuracy": acc}
+
+        exp.strategy.evaluate_fn = on_validation
+    return exp
 
 
 def one_run(exp: Any, codec: Codec | None, seed: int, rounds: int) -> dict[str, Any]:
@@ -120,21 +202,25 @@ def bytes_to(acc: list[float], up: list[int], target: float) -> int | None:
 
 
 def accuracy_table(args: argparse.Namespace) -> list[str]:
-    settings: list[Codec | None] = [None, *codecs(False), *codecs(True)]
+    settings: list[Setting] = [(c, Tune()) for c in [None, *codecs(False), *codecs(True)]]
     if args.subset:
-        settings = [c for c in settings if c is None or c.id in ("topk", "eden")]
+        settings = [s for s in settings if s[0] is None or s[0].id in ("topk", "eden")]
     if args.ids:
-        settings = [c for c in settings if c is None or c.id in args.ids.split(",")]
+        settings = [s for s in settings if s[0] is None or s[0].id in args.ids.split(",")]
     if args.settings:
-        settings = [c for c in settings if c is None or label(c) in args.settings.split(";")]
-    results: dict[str, list[dict[str, Any]]] = {label(c): [] for c in settings}
-    for seed in range(args.seeds):
-        for codec in settings:
+        settings = [s for s in settings if s[0] is None or label(s[0]) in args.settings.split(";")]
+    if args.runs:  # the baseline "none" first, then these
+        settings = [(None, Tune()), *(parse_setting(x) for x in args.runs.split(";"))]
+    results: dict[str, list[dict[str, Any]]] = {setting_label(s): [] for s in settings}
+    for seed in range(args.seed0, args.seed0 + args.seeds):
+        for codec, tune in settings:
             start = time.perf_counter()
-            exp = experiment(seed, args)  # a fresh strategy: it hands its initial model out once
-            results[label(codec)].append(one_run(exp, codec, seed, args.rounds))
+            exp = experiment(seed, args, tune)  # a fresh strategy: it hands its model out once
+            name = setting_label((codec, tune))
+            results[name].append(one_run(exp, codec, seed, args.rounds))
             print(
-                f"  seed {seed} {label(codec)}: {time.perf_counter() - start:.1f} s",
+                f"  seed {seed} {name}: {time.perf_counter() - start:.1f} s, "
+                f"acc {results[name][-1]['acc'][-1]:.4f}",
                 file=sys.stderr,
                 flush=True,
             )
@@ -142,8 +228,8 @@ def accuracy_table(args: argparse.Namespace) -> list[str]:
     base_acc = statistics.mean(r["acc"][-1] for r in base)
     base_up = statistics.mean(sum(r["up"]) for r in base)
     lines = [
-        f"{'setting':40} {'final acc':>9} {'gap (pt)':>8} {'uplink MB':>10} {'x fewer':>8} "
-        f"{'MB to base acc':>14}"
+        f"{'setting':48} {'final acc':>9} {'gap (pt)':>8} {'uplink MB':>10} {'x fewer':>8} "
+        f"{'MB to base acc':>14}  gap per seed (pt)"
     ]
     for name, runs in results.items():
         acc = statistics.mean(r["acc"][-1] for r in runs)
@@ -151,9 +237,12 @@ def accuracy_table(args: argparse.Namespace) -> list[str]:
         reach = [bytes_to(r["acc"], r["up"], b["acc"][-1]) for r, b in zip(runs, base, strict=True)]
         hit = [x for x in reach if x is not None]
         to = f"{statistics.mean(hit) / 1e6:.3f} ({len(hit)}/{len(runs)})" if hit else "-"
+        per_seed = " ".join(
+            f"{100 * (r['acc'][-1] - b['acc'][-1]):+.2f}" for r, b in zip(runs, base, strict=True)
+        )
         lines.append(
-            f"{name:40} {acc:9.4f} {100 * (acc - base_acc):+8.2f} {up / 1e6:10.3f} "
-            f"{base_up / up:8.1f} {to:>14}"
+            f"{name:48} {acc:9.4f} {100 * (acc - base_acc):+8.2f} {up / 1e6:10.3f} "
+            f"{base_up / up:8.1f} {to:>14}  {per_seed}"
         )
     return lines
 
@@ -369,6 +458,21 @@ def main() -> int:
     parser.add_argument("--ids", default="", help="part 1 for these codec ids only (topk,eden)")
     parser.add_argument("--settings", default="", help="part 1 for these labels only (a;b)")
     parser.add_argument(
+        "--runs",
+        default="",
+        help="part 1 for 'none' and these settings (a;b), each "
+        "CODEC[:key=value,...][+ef][@lr=..,slr=..,smom=..], e.g. eden:bits=1,ratio=0.85+ef@lr=0.08",
+    )
+    parser.add_argument(
+        "--seed0", type=int, default=0, help="first seed (seeds seed0, seed0+1, ...)"
+    )
+    parser.add_argument(
+        "--split",
+        choices=("test", "val"),
+        default="test",
+        help="score on the test split, or on the clients' pooled held-out data (for tuning)",
+    )
+    parser.add_argument(
         "--parts", default="1,2,3", help="which parts to run: 1 accuracy, 2 speed, 3 link"
     )
     args = parser.parse_args()
@@ -382,8 +486,9 @@ def main() -> int:
         out.append(
             f"1. bytes to accuracy: MNIST-1D ({args.samples} samples), Dirichlet(0.5), "
             f"{args.clients} clients, {args.fraction} per round, CNN1D, {args.rounds} rounds, "
-            f"{args.seeds} seeds, local epochs {args.epochs}, batch {args.batch}, lr {args.lr}; "
-            "min_size=0 (every array compressed)"
+            f"{args.seeds} seeds from {args.seed0}, local epochs {args.epochs}, "
+            f"batch {args.batch}, lr {args.lr}; min_size=0 (every array compressed); scored on the "
+            f"{'test split' if args.split == 'test' else 'clients held-out data (validation)'}"
         )
         out += accuracy_table(args)
     if "2" in parts and args.emit_json:

@@ -118,6 +118,20 @@ def test_compression_benchmark_smoke():
     assert "topk(ratio=0.01) +EF" in out and "numpy.copy" in out and "speed-up" in out
 
 
+@pytest.mark.slow
+def test_compression_benchmark_runs_named_settings_on_the_validation_split():
+    from conftest import run_benchmark
+
+    out = run_benchmark(
+        "compression.py", "--parts", "1", "--seeds", "1", "--rounds", "1", "--samples",
+        "1000", "--clients", "8", "--fraction", "0.5", "--split", "val", "--runs",
+        "eden:bits=1,ratio=0.7@lr=0.04;topk:ratio=0.01+ef@slr=2,smom=0.5", timeout=300,
+    )  # fmt: skip
+    assert "scored on the clients held-out data (validation)" in out
+    assert "eden(bits=1,block=4096,ratio=0.7) lr=0.04" in out
+    assert "topk(ratio=0.01) +EF slr=2 smom=0.5" in out
+
+
 @pytest.mark.parametrize(
     "table", [{"uplink": "topk", "bits": 4}, {"uplink": "sign", "ratio": 0.5}, {"bits": 2}]
 )

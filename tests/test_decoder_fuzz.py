@@ -32,7 +32,11 @@ def _seeds() -> list[bytes]:
                         metric_records={"m": {"f": 0.5}})  # fmt: skip
     fit = task.reply(FitRes(Status(), ndarrays_to_parameters(MODEL), 10, {"acc": 0.9},
                             extras=extras))  # fmt: skip
-    return [b"".join(encode_wire(m)) for m in (task, fit, task.error_reply("boom"))]
+    frame = RecordDict({"codec": {"frame": np.arange(200, dtype=np.uint8)}})
+    packed = task.reply(FitRes(Status(), ndarrays_to_parameters([]), 10,
+                               {"loss": 0.5, "n": 3, "s": "x"}, extras=frame))  # fmt: skip
+    messages = (task, fit, packed, task.error_reply("boom"))
+    return [b"".join(encode_wire(m)) for m in messages]
 
 
 def _mutate(rng: random.Random, data: bytes) -> bytearray:

@@ -1,15 +1,17 @@
 """Messages as bytes (never pickle).
 
-Wire layout: ``[u64 LE length of meta][meta][content]``. ``meta`` is a fedhive scalar
-payload with the metadata and the error; ``content`` is a fedhive record payload whose
-config record ``"kind"`` names the content type, arrays in ``array_records`` and configs
-and metrics in ``config_records``. The named ``extras`` of ``FitIns``, ``FitRes``,
-``EvaluateIns`` and ``EvaluateRes`` travel as records of the same payload, their names
-prefixed with ``"x/"`` (so the message's size limit covers them as it covers the model),
-and the records of a ``RecordDict`` content with ``"c/"``. The content is encoded apart
-from the metadata, so a
-model sent to many clients is encoded once, and as pieces (see
-:func:`~fedhive.common.serde.encode_record_pieces`): the arrays are never copied into it.
+Wire layout: ``[u64 LE length of meta][meta][content]``. ``meta`` is a short binary
+header with the metadata and the error (:mod:`fedhive.transport.meta`); ``content`` is a
+fedhive record payload whose config record ``"kind"`` names the content type, arrays in
+``array_records`` and configs and metrics in ``config_records``; a fit reply that carries
+one byte buffer instead of a model (a compressed update) travels as a packed reply
+instead (:mod:`fedhive.transport.packed`). The named ``extras`` of ``FitIns``,
+``FitRes``, ``EvaluateIns`` and ``EvaluateRes`` travel as records of the same payload,
+their names prefixed with ``"x/"`` (so the message's size limit covers them as it covers
+the model), and the records of a ``RecordDict`` content with ``"c/"``. The content is
+encoded apart from the metadata, so a model sent to many clients is encoded once, and as
+pieces (see :func:`~fedhive.common.serde.encode_record_pieces`): the arrays are never
+copied into it.
 Decoding validates the kind and every field it reads; anything malformed raises
 :class:`~fedhive.common.errors.SerdeError`.
 """
@@ -24,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fedhive.common.errors import SerdeError
-from fedhive.common.message import Message, Metadata
+from fedhive.common.message import Message
 from fedhive.common.records import (
     Code,
     EvaluateIns,
@@ -48,8 +50,8 @@ from fedhive.common.wire_size import (
     record_dict_layout,
     record_dict_size,
     scalar_list_size,
-    scalars_size,
 )
+from fedhive.transport import meta, packed
 
 if TYPE_CHECKING:
     from fedhive.common.serde import HeaderLimits, Pieces
@@ -65,16 +67,6 @@ __all__ = [
     "encode_wire",
 ]
 
-_META_FIELDS: dict[str, type] = {
-    "run_id": int,
-    "message_id": str,
-    "node_id": str,
-    "server_round": int,
-    "model_version": int,
-    "message_type": str,
-    "reply_to": str,
-    "seed": int,
-}
 _CUSTOM_PREFIX = "c/"
 _EXTRAS_PREFIX = "x/"
 
@@ -241,28 +233,24 @@ def encode_content(content: Any) -> Pieces:
     """
     from fedhive.common.serde import encode_record_pieces
 
+    if packed.packable(content):
+        return packed.encode(content)
     rd = RecordDict()
     rd.config_records["kind"] = {"kind": _encode_content(content, rd)}
     return encode_record_pieces(rd)
 
 
 def encode_meta(message: Message) -> bytes:
-    from fedhive.common.serde import encode_scalars
-
-    return encode_scalars(_meta(message))
-
-
-def _meta(message: Message) -> dict[str, Scalar]:
-    meta: dict[str, Scalar] = {k: getattr(message.metadata, k) for k in _META_FIELDS}
-    if message.error is not None:
-        meta["error"] = message.error
-    return meta
+    """The meta part of ``message``'s encoding (:mod:`fedhive.transport.meta`)."""
+    return meta.encode(message)
 
 
 def content_size(content: Any) -> int:
     """``sum(map(len, encode_content(content)))``, computed without encoding where the
     length model covers the content (:mod:`fedhive.common.wire_size`)."""
     try:
+        if packed.packable(content):
+            return packed.size(content)
         if type(content) in (FitRes, EvaluateRes):
             return _reply_size(content)
         rd = RecordDict()
@@ -326,46 +314,9 @@ def _reply_size(res: FitRes | EvaluateRes) -> int:
     return framed(header) + end
 
 
-def _meta_fixed() -> int:
-    """The length of a meta payload less its values: prefix, punctuation, keys and tags."""
-    blank = {k: (0 if kind is int else "") for k, kind in _META_FIELDS.items()}
-    values = sum(len(hex(0)) if kind is int else 2 for kind in _META_FIELDS.values())
-    return scalars_size(blank) - values
-
-
-_META_FIXED = _meta_fixed()
-_ERROR_ITEM = len(',["error","str",]')
-
-
 def meta_size(message: Message) -> int:
-    """``len(encode_meta(message))``, computed without encoding where it can be: the
-    fixed part plus each value's length (ints as hex strings, strings JSON-escaped)."""
-    m = message.metadata
-    error = message.error
-    if not (
-        type(m.run_id) is int
-        and type(m.server_round) is int
-        and type(m.model_version) is int
-        and type(m.seed) is int
-        and type(m.message_id) is str
-        and type(m.node_id) is str
-        and type(m.message_type) is str
-        and type(m.reply_to) is str
-        and (error is None or type(error) is str)
-    ):
-        return len(encode_meta(message))  # not modelled: measure the encoding
-    size = (
-        _META_FIXED
-        + len(hex(m.run_id))
-        + len(hex(m.server_round))
-        + len(hex(m.model_version))
-        + len(hex(m.seed))
-        + len(_quote(m.message_id))
-        + len(_quote(m.node_id))
-        + len(_quote(m.message_type))
-        + len(_quote(m.reply_to))
-    )
-    return size if error is None else size + _ERROR_ITEM + len(_quote(error))
+    """``len(encode_meta(message))``, computed without encoding."""
+    return meta.size(message)
 
 
 def encode_wire(message: Message, content: Pieces | None = None) -> Pieces:
@@ -381,7 +332,7 @@ def decode_wire(data: bytearray | memoryview, limits: HeaderLimits | None = None
     ``limits`` bound the headers of the meta and content parts (how much JSON a peer can
     make this side parse, and how many arrays list).
     """
-    from fedhive.common.serde import decode_record_dict, decode_scalars
+    from fedhive.common.serde import decode_record_dict
 
     view = memoryview(data)
     if len(view) < _LEN.size:
@@ -389,19 +340,19 @@ def decode_wire(data: bytearray | memoryview, limits: HeaderLimits | None = None
     (meta_len,) = _LEN.unpack_from(view)
     if meta_len > len(view) - _LEN.size:
         raise SerdeError(f"meta part of {meta_len} bytes overruns a {len(view)}-byte message")
-    meta = decode_scalars(
-        view[_LEN.size : _LEN.size + meta_len], limits.max_header_bytes if limits else None
-    )
-    rd = decode_record_dict(view[_LEN.size + meta_len :], limits)
-    fields = {k: _field(meta, k, kind) for k, kind in _META_FIELDS.items()}
+    if limits is not None and meta_len > limits.max_header_bytes:
+        raise SerdeError(f"meta part of {meta_len} bytes exceeds {limits.max_header_bytes}")
+    metadata, error = meta.decode(bytes(view[_LEN.size : _LEN.size + meta_len]))
+    body = view[_LEN.size + meta_len :]
+    if bytes(body[: len(packed.MAGIC)]) == packed.MAGIC:
+        content = packed.decode(body, limits.max_header_bytes if limits else None)
+        return Message(metadata, content, error)
+    rd = decode_record_dict(body, limits)
     kind = _field(_config(rd, "kind"), "kind", str)
     decoder = _DECODERS.get(kind)
     if decoder is None:
         raise SerdeError(f"unknown content kind {kind!r}")
-    error = meta.get("error")
-    if error is not None and not isinstance(error, str):
-        raise SerdeError("field 'error' must be str")
-    return Message(Metadata(**fields), decoder(rd), error)
+    return Message(metadata, decoder(rd), error)
 
 
 def encode_message(message: Message) -> bytes:
