@@ -26,7 +26,7 @@ from fedhive.server.engine import Engine
 from fedhive.server.strategy import FedAvg, WeightedMean
 from fedhive.server.strategy.aggregate import FOLD_ELEMENTS
 from fedhive.transport import Replies, Transport
-from fedhive.transport.frames import Assembler, BufferPool
+from fedhive.transport.frames import PROTOCOL_VERSION, Assembler, BufferPool
 from fedhive.transport.proto.fleet_pb2 import Frame
 from fedhive.transport.uploads import Staging as _Staging
 from fedhive.transport.wire import message_frame_bytes, parse_frame
@@ -96,7 +96,9 @@ def test_parse_frame_skips_unknown_fields_and_never_raises() -> None:
     known = Frame(kind=Frame.MESSAGE, message_id="m").SerializeToString()
     assert parse_frame(b"\x58\x05" + known + b"\x62\x01z").message_id == "m"  # fields 11, 12
     rng = np.random.default_rng(7)
-    valid = Frame(kind=Frame.HELLO, node_id="n", token="t", protocol_version=1).SerializeToString()
+    valid = Frame(
+        kind=Frame.HELLO, node_id="n", token="t", protocol_version=PROTOCOL_VERSION
+    ).SerializeToString()
     for _ in range(500):
         raw = bytearray(valid)
         for _ in range(int(rng.integers(1, 4))):

@@ -21,7 +21,7 @@ __all__ = [
     "PROTOCOL_VERSION",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: binary message headers and packed compressed replies
 DEFAULT_CHUNK_BYTES = 1 << 20
 
 
