@@ -41,6 +41,20 @@ def test_the_factored_hadamard_is_the_matrix(block):
     np.testing.assert_array_equal(x, before)  # the source is left as it was
 
 
+@pytest.mark.parametrize(("block", "count"), [(16, 256), (16, 255), (4096, 1), (64, 3)])
+def test_the_first_pass_stacked_or_not_is_the_matrix(block, count):
+    # rows of 16 are multiplied in stacks of 256 where they divide evenly, else in one
+    # product: both shapes (with and without a scale) give the Walsh-Hadamard transform
+    x = np.random.default_rng(count).normal(size=count * block).astype(np.float32)
+    scale = np.random.default_rng(1).uniform(0.5, 2.0, size=count).astype(np.float32)
+    out, tmp = np.empty_like(x), np.empty_like(x)
+    want = walsh_hadamard(x.reshape(-1, block))
+    hadamard_into(x, block, out, tmp)
+    np.testing.assert_allclose(out.reshape(-1, block), want, atol=2e-5)
+    hadamard_into(x, block, out, tmp, scale)
+    np.testing.assert_allclose(out.reshape(-1, block), want * scale[:, None], atol=2e-5)
+
+
 @pytest.mark.parametrize("block", [2, 16, 256, 4096])
 def test_the_hadamard_scales_each_block(block):
     x = np.random.default_rng(block).normal(size=5 * block).astype(np.float32)
@@ -183,3 +197,14 @@ def test_eden_over_several_chunks_matches_the_direct_formula(bits, block, size):
     assert decoded.shape == (size,)
     bound = {1: 0.8, 2: 0.5, 3: 0.3, 4: 0.15, 8: 0.02}[bits] * (1 if block > 16 else 2)
     assert np.linalg.norm(decoded - x) / np.linalg.norm(x) < bound
+
+
+def test_row_dots_are_each_rows_dot_product():
+    from fedhive.compression.quantizers import _rowdots
+
+    rng = np.random.default_rng(3)
+    a, b = (rng.normal(size=(5, 4096)).astype(np.float32) for _ in range(2))
+    got = _rowdots(a, b)
+    assert got.dtype == np.float64 and got.shape == (5,)
+    want = (a.astype(np.float64) * b.astype(np.float64)).sum(axis=1)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)

@@ -36,6 +36,9 @@ __all__ = [
 #: Elements per chunk: 256 KiB of float32, a few such temporaries fit a core's L2.
 CHUNK = 1 << 16
 _SIGN = np.uint32(0x80000000)
+#: Rows per product in the Hadamard's first pass (OpenBLAS is about 3x slower on one
+#: tall ``(n, 16) @ (16, 16)`` product than on a stack of ``(256, 16)`` ones).
+_ROWS = 256
 
 
 def chunks(size: int, step: int = CHUNK) -> Iterator[tuple[int, int]]:
@@ -182,8 +185,9 @@ def hadamard_into(
         h = _scaled_hadamard(f)
         if scale is not None and i == k - 1 and inner > 1:  # f * inner == block
             h = h * scale[:, None, None]
-        if inner == 1:
-            np.matmul(cur.reshape(-1, f), h, out=dst.reshape(-1, f))
+        if inner == 1:  # rows of f: batched, a stack of (_ROWS, f) products is faster
+            rows = _ROWS if (n // f) % _ROWS == 0 else 1  # than one tall (n / f, f) one
+            np.matmul(cur.reshape(-1, rows, f), h, out=dst.reshape(-1, rows, f))
         else:
             np.matmul(h, cur.reshape(-1, f, inner), out=dst.reshape(-1, f, inner))
         cur, inner = dst, inner * f

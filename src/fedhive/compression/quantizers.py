@@ -306,6 +306,12 @@ def _unit(dims: NDArray | float, norms2: NDArray) -> NDArray:
     return np.divide(np.sqrt(dims), norms, out=np.zeros_like(norms), where=norms > 0)
 
 
+def _rowdots(a: NDArray, b: NDArray) -> NDArray:
+    """The dot product of each row of ``a`` with the same row of ``b`` (2-D float32),
+    float64: one stacked BLAS product, faster than ``einsum`` (float32 accumulation)."""
+    return np.matmul(a[:, None, :], b[:, :, None]).reshape(-1).astype(np.float64)
+
+
 @lru_cache(maxsize=16)
 def _centroid_table(bits: int) -> NDArray:
     """:func:`gaussian_centroids` of each code packed in a byte (``_bits.byte_table``)."""
@@ -423,7 +429,7 @@ class EDEN(Codec):
             blocks = s.reshape(-1, self.block)
             unit = None  # per block: sqrt(dims) / ||Rx||, the centroids' unit
             if self.bits > 1 and not sparse:  # rotate straight to that unit: ||Rx|| = ||x||
-                norms2 = np.einsum("ij,ij->i", blocks, blocks).astype(np.float64)
+                norms2 = _rowdots(blocks, blocks)
                 unit = _unit(self.block, norms2)
                 hadamard_into(s, self.block, r, tmp, unit.astype(np.float32))
             else:
@@ -434,7 +440,7 @@ class EDEN(Codec):
                 r *= keep
                 kept = keep.reshape(grid.shape).sum(axis=1)
             if unit is None:
-                norms2 = np.einsum("ij,ij->i", grid, grid).astype(np.float64)
+                norms2 = _rowdots(grid, grid)
             if self.bits == 1:  # boundary 0, centroids -c and c: <Rx, c> = c * ||Rx||_1
                 c = np.greater(r, 0, out=flag[:m])
                 l1 = np.abs(grid, out=tmp[:m].reshape(grid.shape)).sum(axis=1)  # pairwise, f32
@@ -460,8 +466,7 @@ class EDEN(Codec):
                     chosen = _bits.lookup(packed, _centroid_table(self.bits), scratch[:m])
                 else:
                     chosen = np.take(centroids, c, out=scratch[:m], mode="wrap")
-                dots = np.einsum("ij,ij->i", v.reshape(grid.shape), chosen.reshape(grid.shape))
-                dots = dots.astype(np.float64)
+                dots = _rowdots(v.reshape(grid.shape), chosen.reshape(grid.shape))
                 scale = np.divide(norms2 * unit, dots, out=np.zeros_like(norms2), where=dots > 0)
             b0 = lo // self.block
             scales[b0 : b0 + grid.shape[0]] = scale
