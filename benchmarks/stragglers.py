@@ -346,16 +346,13 @@ def simulator_cost(args: argparse.Namespace, say: Any) -> None:
         ("fedbuff, virtual clock, [system]", "fedbuff", True, DEFAULTS),
     )
     cost: dict[str, list[tuple[float, float]]] = {label: [] for label, *_ in kinds}
-    for _, method, system, params in kinds:  # warm-up, not timed (imports, caches)
-        _run(method, 1.5, 0, 2, system, params)
     for _ in range(args.repeats):
         for label, method, system, params in kinds:  # never from the cache: timed here
             r = _run(method, 1.5, 0, args.cost_rounds, system, params)
             cost[label].append((r["cpu"] / r["tasks"], r["wall"] / r["tasks"]))
     say()
     say(f"simulator cost per client task (seed 0, sigma 1.5, {args.cost_rounds * PER_ROUND} tasks "
-        f"a run, {args.repeats} interleaved repeats after an untimed warm-up run of each; "
-        "medians)")  # fmt: skip
+        f"a run, {args.repeats} interleaved repeats; medians)")  # fmt: skip
     say(f"{'run':<36}{'CPU ms/task':>12}{'wall ms/task':>14}{'CPU per repeat (ms)':>34}")
     for label, values in cost.items():
         cpu = statistics.median(c for c, _ in values)

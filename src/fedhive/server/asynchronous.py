@@ -36,7 +36,6 @@ from typing import Any, ClassVar
 
 from fedhive.common.errors import CheckpointError, ClientFailure, ConfigError
 from fedhive.common.message import Message, MessageType, derive_seed
-from fedhive.common.records import FitIns
 from fedhive.server.client_manager import ClientManager, ClientProxy, Criterion, Excluding
 from fedhive.server.engine import Engine, RoundDriver, SharedMailbox, failure_record
 from fedhive.server.history import History
@@ -220,7 +219,6 @@ class _AsyncRun:
         self.stash: list[Message] = []  # fit replies that came during an evaluation
         self.failed_in_a_row = 0
         self.freed = 0  # slots freed at this instant, refilled together
-        self._last_ins: FitIns | None = None  # shared by the dispatches that equal it
         self._new_buffer()
         self._dispatch(policy.concurrency)
 
@@ -263,7 +261,6 @@ class _AsyncRun:
         for client, ins in instructions:
             if client.cid in self.busy:
                 continue  # a strategy that ignored the view; never two tasks at one client
-            ins = self._shared(ins)
             task = Message.task(
                 run_id=engine.run_id,
                 node_id=client.cid,
@@ -281,18 +278,6 @@ class _AsyncRun:
         if tasks:
             engine.transport.send(tasks, self.replies)
             engine.count_sent(tasks)
-
-    def _shared(self, ins: Any) -> Any:
-        """``ins``, or the earlier instruction it equals (the same model object, config
-        and no extras): as a synchronous round's tasks do, a version's dispatches then
-        share one content, whose wire size is computed once."""
-        last = self._last_ins
-        if type(ins) is not FitIns or _has_extras(ins):
-            return ins
-        if last is not None and last.parameters is ins.parameters and last.config == ins.config:
-            return last
-        self._last_ins = ins
-        return ins
 
     def step(self) -> None:
         if not self.pending:
@@ -430,8 +415,3 @@ class _AsyncRun:
             {"client_id": cid, "results": count, "share": total[cid] / folded}
             for cid, count in sorted(self.counts.items())
         ]
-
-
-def _has_extras(ins: FitIns) -> bool:
-    extras = ins.extras
-    return bool(extras.array_records or extras.config_records or extras.metric_records)

@@ -90,7 +90,6 @@ __all__ = [
 ]
 
 DISTRIBUTIONS = ("lognormal", "pareto", "halfnormal", "exponential", "constant")
-_KEPT_DRAWS = 4096  # tasks whose draws wait for their upload (more: forgotten, redrawn)
 
 
 @dataclass(frozen=True)
@@ -219,10 +218,6 @@ class SystemModel:
     _profiles: dict[str, ClientProfile] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
-    #: Each task's draws, from its plan until its upload is timed (bounded).
-    _task_draws: dict[str, tuple[float, bool, float]] = field(
-        default_factory=dict, init=False, repr=False, compare=False
-    )
 
     def __post_init__(self) -> None:
         if self.latency not in (*DISTRIBUTIONS, "trace"):
@@ -307,29 +302,20 @@ class SystemModel:
 
     # -- tasks ---------------------------------------------------------------------------
 
-    def _draws(self, task: Message, keep: bool = False) -> tuple[float, bool, float]:
-        """The task's own draws: (jitter factor, dropped, where it drops). ``keep`` holds
-        them for the task's next call (its plan, then its upload: drawn once)."""
+    def _draws(self, task: Message) -> tuple[float, bool, float]:
+        """The task's own draws: (jitter factor, dropped, where it drops)."""
         meta = task.metadata
-        kept = self._task_draws.pop(meta.message_id, None)
-        if kept is not None:
-            return kept
         rng = np.random.default_rng(derive_seed(self.seed, 0, str(meta.seed), "system-task"))
         noise, drop, where = rng.standard_normal(), rng.random(), rng.random()
         factor = math.exp(self.jitter * noise) if self.jitter else 1.0
-        draws = factor, meta.message_type == MessageType.FIT and drop < self.dropout, where
-        if keep:
-            if len(self._task_draws) >= _KEPT_DRAWS:
-                self._task_draws.clear()  # tasks never uploaded (dropped, evaluated)
-            self._task_draws[meta.message_id] = draws
-        return draws
+        return factor, meta.message_type == MessageType.FIT and drop < self.dropout, where
 
     def plan(self, task: Message) -> TaskPlan:
         """Epochs, simulated seconds until the upload starts, and dropout of ``task``
         (deterministic per task)."""
         meta = task.metadata
         device = self.profile(meta.node_id)
-        factor, dropped, where = self._draws(task, keep=meta.message_type == MessageType.FIT)
+        factor, dropped, where = self._draws(task)
         size = content_length(task)
         down = size * 8 / (device.down_mbps * 1e6)
         examples = self.num_examples.get(meta.node_id, self.default_examples)
