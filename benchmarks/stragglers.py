@@ -369,6 +369,13 @@ def simulator_cost(args: argparse.Namespace, say: Any) -> None:
         f"{', '.join(f'{r:.3f}' for r in ratios)}); target: within 10%")  # fmt: skip
 
 
+def _command(argv: list[str]) -> str:
+    """The command line as run (with this process's niceness)."""
+    return f"command: nice -n {os.nice(0)} .venv/bin/python benchmarks/stragglers.py " + " ".join(
+        argv
+    )
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=150)
@@ -404,7 +411,7 @@ def main(argv: list[str]) -> int:
         lines.append(text)
 
     if args.tune:
-        say("command: nice -n 10 .venv/bin/python benchmarks/stragglers.py " + " ".join(argv))
+        say(_command(argv))
         tune(args, say)
         return 0
 
@@ -413,7 +420,7 @@ def main(argv: list[str]) -> int:
     else:
         say(f"fedhive stragglers benchmark: {args.rounds} rounds x {PER_ROUND} results, "
             f"{args.seeds} seeds, target accuracy {args.target}")  # fmt: skip
-    say("command: nice -n 10 .venv/bin/python benchmarks/stragglers.py " + " ".join(argv))
+    say(_command(argv))
     say("machine: 2 cores shared with other jobs (loaded); one worker; times are simulated; "
         f"load average at start {os.getloadavg()[0]:.1f}")  # fmt: skip
     for sigma in () if args.wall_only else (1.5, 0.5):
