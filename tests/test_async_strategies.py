@@ -166,6 +166,32 @@ def test_fedbuff_server_lr_scales_the_step_and_a_stale_delta_counts_against_its_
         agg.add(ClientProxy("a"), FitRes(Status(Code.OK, ""), y, 4, {}))
 
 
+def test_dispatches_of_one_version_share_one_task_content():
+    # as a synchronous round's clients share one FitIns (its sizing and encoding done
+    # once), a version's dispatches do; a new model or config gives a new content
+    configs = iter([{"e": 1}, {"e": 1}, {"e": 2}, {"e": 2}, {"e": 2}])
+    s = FedBuff(
+        buffer_size=2,
+        concurrency=2,
+        min_fit_clients=1,
+        min_available_clients=1,
+        initial_parameters=initial((3,)),
+        on_fit_config_fn=lambda _: next(configs),
+    )
+    manager = SimpleClientManager(["a", "b", "c"], seed=0)
+    x0 = s.initialize_parameters(manager)
+    assert x0 is not None
+    first = s.configure_fit(1, x0, manager)[0][1]
+    again = s.configure_fit(1, x0, manager)[0][1]
+    assert again is first and again.config == {"e": 1}
+    other = s.configure_fit(1, x0, manager)[0][1]  # the config changed
+    assert other is not first and other.config == {"e": 2}
+    x1 = ndarrays_to_parameters([np.full(3, 2.0, np.float32)])
+    newer = s.configure_fit(2, x1, manager)[0][1]  # another model
+    assert newer is not other and newer.parameters is x1
+    assert s.configure_fit(2, x1, manager)[0][1] is newer
+
+
 def _fake_async(strategy, delays, rounds):
     """FakeTransport clients: each returns the model + 1 after ``delays[cid]`` seconds."""
 

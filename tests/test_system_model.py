@@ -275,3 +275,27 @@ def test_deadline_cuts_stragglers_and_partial_work_brings_them_in():
         DeadlineRounds(partial_work=True)
     with pytest.raises(ConfigError, match="over_selection"):
         DeadlineRounds(over_selection=-0.1)
+
+
+def test_a_tasks_draws_are_kept_and_give_what_fresh_draws_give(monkeypatch):
+    # a task is planned when sent and by the client's mod, and its upload timed later:
+    # its jitter and dropout are drawn once, and equal those of a model that never saw it
+    import fedhive.simulation.system as system
+
+    monkeypatch.setattr(system, "_DRAWS_KEPT", 8)
+    kept = SystemModel(sigma=1.0, dropout=0.3, jitter=0.4, num_examples={"0": 100})
+    tasks = [_task(seed=s) for s in range(20)]
+    kept.profile("0")  # the device's own draw, once per client
+    made = []
+    real = np.random.default_rng
+    monkeypatch.setattr(system.np.random, "default_rng", lambda *a: made.append(a) or real(*a))
+    for task in tasks:
+        first = kept.plan(task)
+        assert kept.plan(task) == first
+        kept.upload_seconds(task, 500)
+    assert len(made) == len(tasks)  # one generator per task, not three
+    assert len(kept._task_draws) <= 8  # bounded
+    for task in tasks:  # earlier tasks, drawn again after the store was cleared
+        fresh = SystemModel(sigma=1.0, dropout=0.3, jitter=0.4, num_examples={"0": 100})
+        assert kept.plan(task) == fresh.plan(task)
+        assert kept.upload_seconds(task, 500) == fresh.upload_seconds(task, 500)

@@ -192,6 +192,10 @@ def read_trace(path: str | Path) -> dict[str, ClientProfile]:
     return profiles
 
 
+#: Task draws a :class:`SystemModel` keeps (tasks in flight; cleared when full).
+_DRAWS_KEPT = 4096
+
+
 @dataclass(frozen=True)
 class SystemModel:
     """Per-client compute speed and bandwidth, availability and dropout (module docstring).
@@ -216,6 +220,11 @@ class SystemModel:
     seed: int = 0
     epochs_key: str = "local_epochs"
     _profiles: dict[str, ClientProfile] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    #: Each task's draws, by its seed: a task is planned when sent and again by the
+    #: client's mod, and its upload timed once its reply exists (one generator, not three).
+    _task_draws: dict[int, tuple[float, float, float]] = field(
         default_factory=dict, init=False, repr=False, compare=False
     )
 
@@ -305,8 +314,14 @@ class SystemModel:
     def _draws(self, task: Message) -> tuple[float, bool, float]:
         """The task's own draws: (jitter factor, dropped, where it drops)."""
         meta = task.metadata
-        rng = np.random.default_rng(derive_seed(self.seed, 0, str(meta.seed), "system-task"))
-        noise, drop, where = rng.standard_normal(), rng.random(), rng.random()
+        draws = self._task_draws.get(meta.seed)
+        if draws is None:
+            rng = np.random.default_rng(derive_seed(self.seed, 0, str(meta.seed), "system-task"))
+            draws = (float(rng.standard_normal()), float(rng.random()), float(rng.random()))
+            if len(self._task_draws) >= _DRAWS_KEPT:
+                self._task_draws.clear()
+            self._task_draws[meta.seed] = draws
+        noise, drop, where = draws
         factor = math.exp(self.jitter * noise) if self.jitter else 1.0
         return factor, meta.message_type == MessageType.FIT and drop < self.dropout, where
 

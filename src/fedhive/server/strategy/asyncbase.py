@@ -88,6 +88,9 @@ class AsynchronousStrategy(Strategy):
         self.max_staleness = max_staleness
         self.ledger = VersionLedger()
         self._published: Parameters | None = None
+        #: The last dispatch's task content: reused while the model and config are the
+        #: same, so a version's tasks share one content (and its sizing), as a round's do.
+        self._content: FitIns | None = None
 
     @property
     def traits(self) -> StrategyTraits:
@@ -114,12 +117,30 @@ class AsynchronousStrategy(Strategy):
             self.ledger.current = parameters_to_ndarrays(parameters)
             self._published = parameters
         instructions = self.sampling.configure_fit(server_round, parameters, client_manager)
+        instructions = [(client, self._shared(ins)) for client, ins in instructions]
         current = self.ledger.current
         if current is None:  # pragma: no cover - set just above
             raise ConfigError("no current model")
         for client, _ in instructions:
             self.ledger.dispatched(client.cid, current)
         return instructions
+
+    def _shared(self, ins: FitIns) -> FitIns:
+        """``ins``, or the previous dispatch's content when that is equal to it (the
+        same parameters object, an equal config, no extras): dispatches of one version then
+        send one content object, sized and encoded once."""
+        last = self._content
+        if (
+            last is not None
+            and type(ins) is FitIns
+            and ins.parameters is last.parameters
+            and ins.config == last.config
+            and not _has_extras(ins)
+            and not _has_extras(last)
+        ):
+            return last
+        self._content = ins
+        return ins
 
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
@@ -198,3 +219,8 @@ class AsynchronousStrategy(Strategy):
     def fit_metrics(self, pairs: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
         fn = self.sampling.fit_metrics_aggregation_fn
         return {} if fn is None else dict(fn(pairs))
+
+
+def _has_extras(ins: FitIns) -> bool:
+    extras = ins.extras
+    return bool(extras.array_records or extras.config_records or extras.metric_records)

@@ -179,6 +179,7 @@ class _Buffer:
         self.reference = reference
         self.a = [np.zeros(r.shape, np.float64) for r in reference]  # sum n s y
         self.c = [np.zeros(r.shape, np.float64) for r in reference]  # sum n s (x - x_b)
+        self.scratch = [np.empty(r.shape, np.float64) for r in reference]
         self.s = 0.0  # sum n s
         self.n = 0.0  # sum n
         self.count = 0
@@ -194,11 +195,17 @@ class _Buffer:
         staleness, weight, base = strategy.arrived(client, self.server_round)
         n = float(strategy.sampling.weight(result.num_examples))
         ns = n * weight
-        for acc, y in zip(self.a, parameters_to_ndarrays(result.parameters), strict=True):
-            acc += np.multiply(y, ns, dtype=np.float64)
+        # in place, through one float64 scratch per layer (no temporaries per result)
+        for acc, y, tmp in zip(
+            self.a, parameters_to_ndarrays(result.parameters), self.scratch, strict=True
+        ):
+            np.multiply(y, ns, out=tmp, dtype=np.float64)
+            acc += tmp
         if staleness > 0:
-            for acc, x, b in zip(self.c, self.reference, base, strict=True):
-                acc += ns * (np.asarray(x, np.float64) - np.asarray(b, np.float64))
+            for acc, x, b, tmp in zip(self.c, self.reference, base, self.scratch, strict=True):
+                np.subtract(x, b, out=tmp, dtype=np.float64)
+                tmp *= ns
+                acc += tmp
         self.s += ns
         self.n += n
         self.count += 1
