@@ -87,3 +87,20 @@ def test_the_toml_table_takes_the_head_first_keys():
     )
     with pytest.raises(ValueError, match="go together"):
         PersonalizationSection(method="finetune", finetune_head_epochs=2)
+
+
+def test_the_benchmark_refuses_a_fine_tuning_longer_than_local_only():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / "personalization.py"), "--quick",
+         "--methods", "local only,FedAvg + LP-FT (5 head + 15 epochs)"],
+        capture_output=True, text=True, timeout=120, check=False,
+        env=dict(os.environ, PYTHONPATH=str(root / "src")),
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "same local budget" in proc.stderr and "LP-FT" in proc.stderr
