@@ -27,6 +27,9 @@ one with the best mean *validation* accuracy. Fine-tuning for 10 or 20 epochs
 (``FedAvg + fine-tuning (10 epochs)``, ``(20 epochs)``) gives the federated model the
 local training budget that local-only gets (up to 20 epochs, its count chosen on
 validation); which fine-tuning count wins is decided on validation accuracy too.
+``FedAvg + LP-FT (5 head + 15 epochs)`` fine-tunes the head alone first (Kumar et al.
+2022), 20 epochs in all. A fine-tuning longer than local-only's largest epoch count is
+refused: both get the same local budget (``--local-epochs``).
 
 Figures: mean, worst-10% (mean of the worst 10 clients) and std of the per-client test
 accuracy, at the last round and at the round (for local-only: the epoch count) chosen on
@@ -95,6 +98,11 @@ VARIANTS: tuple[tuple[str, str | None, dict[str, Any]], ...] = (
     ("FedAvg + fine-tuning (3 epochs)", "finetune", {"finetune_epochs": 3}),
     ("FedAvg + fine-tuning (10 epochs)", "finetune", {"finetune_epochs": 10}),
     ("FedAvg + fine-tuning (20 epochs)", "finetune", {"finetune_epochs": 20}),
+    (
+        "FedAvg + LP-FT (5 head + 15 epochs)",
+        "finetune",
+        {"finetune_epochs": 15, "finetune_head": ("head",), "finetune_head_epochs": 5},
+    ),
     ("FedRep (head 5)", "fedrep", {"personal_layers": ("head",), "head_epochs": 5}),
     (
         "FedPer (head + last conv)",
@@ -275,6 +283,12 @@ def main(argv: Sequence[str]) -> int:
     if unknown:
         ap.error(f"unknown --methods {unknown}; known: {list(known)}")
     methods = [known[w] for w in wanted] if wanted else list(METHODS)
+    over = [m[0] for m in methods if _finetune_budget(m[2]) > setup.local_epochs]
+    if over:
+        ap.error(
+            f"{over} fine-tune longer than local-only's {setup.local_epochs} epochs; "
+            "raise --local-epochs so that both get the same local budget"
+        )
     partitions = ("shards", "dirichlet") if args.partition == "both" else (args.partition,)
     dataset = load_dataset("mnist1d", num_samples=num_samples, seed=0)
     data = (dataset.x_train, dataset.y_train)
@@ -303,6 +317,11 @@ def main(argv: Sequence[str]) -> int:
     out(f"\nTotal {time.perf_counter() - started:.0f} s; {_load()}.")
     out.finish(argv)
     return 0
+
+
+def _finetune_budget(params: dict[str, Any]) -> int:
+    """The local epochs a fine-tuning spends after federation (both LP-FT stages)."""
+    return int(params.get("finetune_epochs", 0)) + int(params.get("finetune_head_epochs", 0))
 
 
 def _header(num_samples: int, setup: Setup, seeds: Sequence[int]) -> str:

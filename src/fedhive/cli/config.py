@@ -27,6 +27,7 @@ A TOML file has up to seven tables, every key optional (defaults give the defaul
                  the keys and defaults of ``fedhive.secagg.SecAggConfig``)
     [personalization] method ("none" | "finetune" | "fedper" | "fedrep" | "fedbn" |
                  "ditto" | "apfl"), personal_layers, personal_types, lam, finetune_epochs,
+                 finetune_head, finetune_head_epochs,
                  head_epochs, personal_epochs, alpha, alpha_lr, eval_clients,
                  test_fraction (optional; see :mod:`fedhive.cli.personalization`)
     [compression] uplink, ratio, bits, error_feedback, downlink (update compression,

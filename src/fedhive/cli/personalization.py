@@ -56,6 +56,10 @@ class PersonalizationSection(BaseModel):
     personal_types: list[str] = Field(default_factory=list)
     lam: float = Field(1.0, ge=0, description="Ditto's lambda (inf: the global model)")
     finetune_epochs: int = Field(1, ge=0)
+    finetune_head: list[str] = Field(
+        default_factory=list, description="layers fine-tuned first, alone (LP-FT)"
+    )
+    finetune_head_epochs: int = Field(0, ge=0, description="epochs on finetune_head first")
     head_epochs: int = Field(2, ge=0, description="FedRep's epochs on the head")
     personal_epochs: int | None = Field(None, ge=0, description="Ditto's personal epochs")
     alpha: float = Field(0.5, ge=0, le=1, description="APFL's initial mixing weight")
@@ -75,6 +79,7 @@ class PersonalizationSection(BaseModel):
         data = self.model_dump()
         data["personal_layers"] = tuple(data["personal_layers"])
         data["personal_types"] = tuple(data["personal_types"])
+        data["finetune_head"] = tuple(data["finetune_head"])
         return PersonalizationConfig(**data)
 
 

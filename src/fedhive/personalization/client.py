@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,12 @@ class PersonalizedClient(NumPyClient):
             )
         self.state_dir = None if state_dir is None else Path(state_dir)
         self._own_state = RecordDict()
+        #: The layers fine-tuning trains first, alone (``finetune_head``; LP-FT).
+        self.finetune_head: frozenset[str] = frozenset(
+            select_personal(module, names=config.finetune_head).personal_names
+            if config.finetune_head
+            else ()
+        )
 
     # -- state ----------------------------------------------------------------------------
 
@@ -267,18 +274,7 @@ class PersonalizedClient(NumPyClient):
         if method == "none":
             return full
         if method == "finetune":
-            settings = TrainSettings.from_config(config or {})
-            if self.config.finetune_epochs == 0:
-                return full
-            tuned, _ = self.trainer.train(
-                self._model_fn(),
-                full,
-                *self.train,
-                settings,
-                self._seed() + 7,
-                epochs=self.config.finetune_epochs,
-            )
-            return tuned
+            return self._finetune(full, TrainSettings.from_config(config or {}))
         if kept is None:
             return full
         if self.config.partial:
@@ -286,6 +282,28 @@ class PersonalizedClient(NumPyClient):
         if method == "ditto":
             return kept
         return mix(float(meta.get("alpha", self.config.alpha)), kept, full)
+
+    def _finetune(self, full: NDArrays, settings: TrainSettings) -> NDArrays:
+        """Fine-tuning of the global model: the head alone first when asked (LP-FT,
+        ``finetune_head_epochs`` with the body frozen), then every layer for
+        ``finetune_epochs``."""
+        tuned, seed = full, self._seed() + 7
+        if self.finetune_head:
+            tuned, _ = self.trainer.train_fedrep(
+                self._model_fn(),
+                tuned,
+                self.finetune_head,
+                *self.train,
+                replace(settings, epochs=0),
+                seed + 1,
+                self.config.finetune_head_epochs,
+            )
+        if self.config.finetune_epochs > 0:
+            tuned, _ = self.trainer.train(
+                self._model_fn(), tuned, *self.train, settings, seed,
+                epochs=self.config.finetune_epochs,
+            )  # fmt: skip
+        return tuned
 
     def evaluate(
         self, parameters: NDArrays, config: Config

@@ -61,6 +61,11 @@ class PersonalizationConfig:
       take neither.
     - ``lam``: Ditto's lambda (``inf`` makes the personal model the global one).
     - ``finetune_epochs``: local epochs of fine-tuning before evaluation (``finetune``).
+    - ``finetune_head``, ``finetune_head_epochs``: fine-tuning in two stages (LP-FT,
+      Kumar et al. 2022, "Fine-Tuning can Distort Pretrained Features and Underperform
+      Out-of-Distribution"): first ``finetune_head_epochs`` on the layers matching the
+      name patterns ``finetune_head`` (e.g. ``["head"]``) with the rest frozen, then
+      ``finetune_epochs`` on every layer. Both or neither; ``finetune`` only.
     - ``head_epochs``: FedRep's epochs on the head (body frozen) before its body epochs.
     - ``personal_epochs``: Ditto's epochs on the personal model (default: the fit
       config's ``local_epochs``).
@@ -78,6 +83,8 @@ class PersonalizationConfig:
     personal_types: tuple[str, ...] = ()
     lam: float = 1.0
     finetune_epochs: int = 1
+    finetune_head: tuple[str, ...] = ()
+    finetune_head_epochs: int = 0
     head_epochs: int = 2
     personal_epochs: int | None = None
     alpha: float = 0.5
@@ -93,7 +100,7 @@ class PersonalizationConfig:
                 f"personalization.method = {self.method!r} is not known; use one of "
                 + ", ".join(repr(m) for m in METHODS)
             )
-        for name in ("personal_layers", "personal_types"):
+        for name in ("personal_layers", "personal_types", "finetune_head"):
             value = getattr(self, name)
             if isinstance(value, str) or not all(isinstance(v, str) and v for v in value):
                 raise ConfigError(
@@ -118,6 +125,18 @@ class PersonalizationConfig:
         object.__setattr__(self, "_types", types)
         _real("lam", self.lam, low=0.0)
         _count("finetune_epochs", self.finetune_epochs, 0)
+        _count("finetune_head_epochs", self.finetune_head_epochs, 0)
+        if (self.finetune_head or self.finetune_head_epochs) and self.method != "finetune":
+            raise ConfigError(
+                "personalization.finetune_head and finetune_head_epochs apply to method "
+                f"'finetune' only, not {self.method!r}"
+            )
+        if bool(self.finetune_head) != bool(self.finetune_head_epochs):
+            raise ConfigError(
+                "personalization.finetune_head (name patterns of the head) and "
+                "finetune_head_epochs (> 0) go together: set both for a head-first "
+                "fine-tuning, or neither"
+            )
         _count("head_epochs", self.head_epochs, 0)
         if self.personal_epochs is not None:
             _count("personal_epochs", self.personal_epochs, 0)
