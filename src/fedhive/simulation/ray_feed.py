@@ -30,6 +30,7 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,7 @@ log = logging.getLogger("fedhive")
 #: Calls queued on one actor at once: the running one and the next.
 DEPTH = 2
 _SMOOTHING = 0.3  # weight of the newest batch in the running estimates
+_FINISHING = threading.Lock()  # makes an item's outcome final
 
 
 @dataclass(eq=False)
@@ -61,10 +63,24 @@ class FeedItem:
     reply: Message | None = None
     state: RecordDict | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    #: called once with the finished item, on the thread that finished it
+    on_done: Callable[[FeedItem], None] | None = None
 
     def fail(self, reason: str) -> None:
-        self.reply = self.task.error_reply(reason)
-        self.done.set()
+        self.finish(self.task.error_reply(reason), None)
+
+    def finish(self, reply: Message, state: RecordDict | None) -> None:
+        """Set the outcome; only the first one counts (a late failure changes nothing)."""
+        with _FINISHING:
+            if self.done.is_set():
+                return
+            self.reply, self.state = reply, state
+            self.done.set()
+        if self.on_done is not None:
+            try:
+                self.on_done(self)
+            except Exception:  # a feeder must outlive what is done with a reply
+                log.exception("handling the reply of a Ray task failed")
 
     @property
     def abandoned(self) -> bool:
@@ -108,9 +124,10 @@ class ActorFeed:
         self._cond = threading.Condition()
         self._closed = False
         self._stopped = 0
+        self._feeders = [_Feeder(self) for _ in pool.live]
         self._threads = [
-            threading.Thread(target=_Feeder(self).drive, name=f"fedhive-ray-feed-{i}", daemon=True)
-            for i in range(len(pool.live))
+            threading.Thread(target=feeder.drive, name=f"fedhive-ray-feed-{i}", daemon=True)
+            for i, feeder in enumerate(self._feeders)
         ]
         for thread in self._threads:
             thread.start()
@@ -127,6 +144,16 @@ class ActorFeed:
             if self._closed:
                 item.fail("the Ray backend was closed before the task ran")
         return item
+
+    def submit(self, items: list[FeedItem]) -> None:
+        """Queue ``items`` without waiting: each one's ``on_done`` gets its outcome."""
+        with self._cond:
+            if not self._closed:
+                self._queue.extend(items)
+                self._cond.notify_all()
+                return
+        for item in items:
+            item.fail("the Ray backend is closed")
 
     def requeue(self, items: list[FeedItem], solo: bool) -> None:
         """Put ``items`` back at the front of the queue (alone in a call, if ``solo``)."""
@@ -204,6 +231,10 @@ class ActorFeed:
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(timeout=2 * self.tick)
+        for feeder in self._feeders:  # calls nobody settles any more
+            for call in list(feeder.inflight):
+                for item in call.items:
+                    item.fail("the Ray backend was closed before the task ran")
 
 
 def _stopped(item: FeedItem) -> str:
@@ -346,9 +377,8 @@ class _Feeder:
             return
         nbytes = 0
         for item, (reply, state) in zip(items, results, strict=True):
-            item.reply, item.state = reply, state
             nbytes += reply_nbytes(reply)
-            item.done.set()
+            item.finish(reply, state)
         self.feed.learn(len(items), float(seconds), nbytes)
 
     def _lost(self) -> None:
