@@ -112,8 +112,15 @@ class _ClientActor:
         return out, time.perf_counter() - start
 
 
-def _without_model(task: Message) -> Message:
-    return Message(task.metadata, replace(task.content, parameters=Parameters(arrays=[])))
+def _without_model(task: Message, stripped: dict[int, Any]) -> Message:
+    """``task`` without its model. Tasks that share a content share its stripped copy
+    (``stripped``, by the content's id), so a batch pickles it once."""
+    content = stripped.get(id(task.content))
+    if content is None:
+        content = stripped[id(task.content)] = replace(
+            task.content, parameters=Parameters(arrays=[])
+        )
+    return Message(task.metadata, content)
 
 
 class _ModelRefs:
@@ -260,6 +267,7 @@ class RayTransport(Transport):
     def _start(self, starts: list[tuple[Message, Callable[[Message], None]]]) -> None:
         """Queue tasks on the feeders without waiting; each reply goes to its callable."""
         items = []
+        stripped: dict[int, Any] = {}  # the tasks (and so their contents) outlive it
         configs = self.setup.node_configs
         for task, answer in starts:
             node_id = task.metadata.node_id
@@ -275,7 +283,7 @@ class RayTransport(Transport):
                 run_config=dict(self.setup.run_config),
                 seed=task.metadata.seed,
             )
-            sent = task if model is None else _without_model(task)
+            sent = task if model is None else _without_model(task, stripped)
             done = partial(self._finished, answer)
             items.append(FeedItem(task, sent, model, context, replies, on_done=done))
         self.feed.submit(items)
