@@ -100,15 +100,27 @@ class _ClientActor:
         return self.app.handle(task, context), context.state
 
     def run_batch(
-        self, specs: list[tuple[Message, int, Context]], *models: Any
-    ) -> tuple[list[tuple[Message, RecordDict]], float]:
-        """Run tasks in order; each spec names its model by index into ``models`` (-1:
-        none). Returns the replies with the clients' states, and the seconds taken."""
+        self,
+        specs: list[tuple[Message, int, dict[str, Any], RecordDict | None]],
+        run_config: dict[str, Any],
+        *models: Any,
+    ) -> tuple[list[tuple[Message, RecordDict | None]], float]:
+        """Run tasks in order; each spec is (task, its model's index into ``models`` or -1,
+        the client's node_config, its state or ``None`` for an empty one). Returns the
+        replies with the clients' states (``None``: empty before and after, nothing to
+        store), and the seconds taken."""
         start = time.perf_counter()
-        out = [
-            self.run(task, None if index < 0 else models[index], context)
-            for task, index, context in specs
-        ]
+        out: list[tuple[Message, RecordDict | None]] = []
+        for task, index, node_config, state in specs:
+            context = Context(
+                node_id=task.metadata.node_id,
+                node_config=node_config,
+                state=RecordDict() if state is None else state,
+                run_config=dict(run_config),
+                seed=task.metadata.seed,
+            )
+            reply, after = self.run(task, None if index < 0 else models[index], context)
+            out.append((reply, None if state is None and after.is_empty() else after))
         return out, time.perf_counter() - start
 
 
@@ -276,10 +288,15 @@ class RayTransport(Transport):
             if node_id not in configs:
                 answer(task.error_reply(f"no virtual client with id {node_id!r}"))
                 continue
+            try:
+                state = self.setup.store.get(node_id)
+            except Exception as exc:  # a state that cannot be read fails that task only
+                answer(task.error_reply(f"{type(exc).__name__}: {exc}"))
+                continue
             context = Context(
                 node_id=node_id,
                 node_config=dict(configs[node_id]),
-                state=self.setup.store.get(node_id),
+                state=state,
                 run_config=dict(self.setup.run_config),
                 seed=task.metadata.seed,
             )

@@ -305,9 +305,14 @@ class _Feeder:
                 if index < 0:
                     models.append(item.model)
                     index = len(models) - 1
-            specs.append((item.sent, index, item.context))
+            # the node id and seed travel in the task; an empty state as None
+            state = item.context.state
+            specs.append(
+                (item.sent, index, item.context.node_config, None if state.is_empty() else state)
+            )
         self.feed.calls += 1
-        call = _Call(self.actor.run_batch.remote(specs, *models), batch)
+        run_config = batch[0].context.run_config  # one transport's tasks share it
+        call = _Call(self.actor.run_batch.remote(specs, run_config, *models), batch)
         if not self.inflight:
             call.started = time.monotonic()
         return call

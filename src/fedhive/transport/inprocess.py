@@ -453,14 +453,14 @@ class InProcessTransport(Transport):
                     if self._closed:
                         return
                     self._cond.wait()
-            starts = [
+            starts: list[tuple[Message, Callable[[Message], None]]] = [
                 (batch.tasks[batch.order[pos]], partial(self._answered, batch, pos))
                 for batch, pos in taken
             ]
             del taken
             try:
                 starter(starts)
-            except Exception as exc:  # the starter's own failure fails the tasks it got
+            except Exception as exc:  # a starter must answer each task once, or raise first
                 for task, answer in starts:
                     answer(task.error_reply(f"{type(exc).__name__}: {exc}"))
             del starts
