@@ -280,6 +280,42 @@ def test_runner_failure_becomes_an_error_reply(make):
     assert got["a"].error is None and got["b"].error is None
 
 
+def test_start_tasks_keeps_at_most_num_workers_unanswered():
+    lock = threading.Lock()
+    given: list[list[tuple[Message, Callable[[Message], None]]]] = []
+    unanswered = [0]
+    peak = [0]
+
+    def start(starts):
+        with lock:
+            unanswered[0] += len(starts)
+            peak[0] = max(peak[0], unanswered[0])
+            given.append(starts)
+
+    transport = InProcessTransport(None, num_workers=3, start_tasks=start)
+    try:
+        replies = Replies()
+        transport.send(tasks([str(i) for i in range(10)]), replies)
+        answered = 0
+        deadline = time.monotonic() + 10
+        while answered < 10 and time.monotonic() < deadline:
+            with lock:
+                pending = [pair for starts in given for pair in starts]
+                given.clear()
+            for task, answer in pending:
+                with lock:
+                    unanswered[0] -= 1
+                answer(task.reply(RecordDict()))
+                answered += 1
+            time.sleep(0.01)
+        assert len(drain(replies, 10)) == 10
+        assert peak[0] == 3
+    finally:
+        transport.close()
+    with pytest.raises(ValueError, match="exactly one"):
+        InProcessTransport(None, num_workers=1)
+
+
 def test_several_sends_share_one_mailbox(make):
     transport = make()
     replies = Replies()
@@ -370,39 +406,3 @@ def test_on_a_virtual_clock_every_reply_arrives_at_once(make):
     assert [r.metadata.reply_to for r in got if r] == [t.metadata.message_id for t in sent]
     assert clock.now() == 100.0
     assert replies.get(clock.now() + 3600.0) is None and clock.now() == 3700.0
-
-
-def test_start_tasks_keeps_at_most_num_workers_unanswered():
-    lock = threading.Lock()
-    given: list[list[tuple[Message, Callable[[Message], None]]]] = []
-    unanswered = [0]
-    peak = [0]
-
-    def start(starts):
-        with lock:
-            unanswered[0] += len(starts)
-            peak[0] = max(peak[0], unanswered[0])
-            given.append(starts)
-
-    transport = InProcessTransport(None, num_workers=3, start_tasks=start)
-    try:
-        replies = Replies()
-        transport.send(tasks([str(i) for i in range(10)]), replies)
-        answered = 0
-        deadline = time.monotonic() + 10
-        while answered < 10 and time.monotonic() < deadline:
-            with lock:
-                pending = [pair for starts in given for pair in starts]
-                given.clear()
-            for task, answer in pending:
-                with lock:
-                    unanswered[0] -= 1
-                answer(task.reply(RecordDict()))
-                answered += 1
-            time.sleep(0.01)
-        assert len(drain(replies, 10)) == 10
-        assert peak[0] == 3
-    finally:
-        transport.close()
-    with pytest.raises(ValueError, match="exactly one"):
-        InProcessTransport(None, num_workers=1)
