@@ -195,7 +195,7 @@ def test_a_dead_actor_fails_its_task_only_and_is_replaced(ray_session):
     app = ClientApp(no_client, [Crashing({"b": "segfault", "d": "exit"})])
     replies = run_tasks(backend, app, list("abcdef"), rounds=2, timeout=90.0)
     failed = {r.metadata.node_id: r.error for r in replies if r.error}
-    assert set(failed) == {"b", "d"}
+    assert set(failed) == {"b", "d"}, failed
     for reason in failed.values():
         assert "died during the task" in reason and "replaced" in reason
     assert sum(1 for r in replies if r.error is None) == 8  # the rest of both rounds

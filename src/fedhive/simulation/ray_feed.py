@@ -10,9 +10,10 @@ or large clients go one per call and their replies stream as before.
 
 Faults keep their per-task meaning:
 
-- an actor that dies (killed, out of memory, a segfault) during a batch of several tasks
-  is replaced and those tasks are queued again *alone*; the task that kills its actor
-  when alone fails with the reason, the others succeed;
+- an actor that dies (killed, out of memory, a segfault) during a call is replaced and
+  the call's tasks are queued again *alone* (also a call of one task not yet retried:
+  a finished call's reply can be lost with its actor when the next call kills it); the
+  task that kills its actor when alone fails with the reason, the others succeed;
 - with ``task_timeout``, a batch of ``n`` tasks may run ``task_timeout`` plus ``n - 1``
   times a generous bound on a task's cost (ten times the running estimate plus a tenth
   of a second, at most ``task_timeout``); past that its actor is replaced and its tasks
@@ -172,7 +173,9 @@ class ActorFeed:
 
     def take(self, block: bool) -> list[FeedItem] | None:
         """The next batch; ``[]`` if none is queued and ``block`` is false; ``None`` once
-        closed. Tasks of a finished round are failed here, never sent."""
+        closed. Tasks of a finished round are failed here, never sent. A task to run alone
+        goes only to an idle actor (``block``): a call queued behind it, or one before it,
+        could kill the actor and leave it to blame."""
         with self._cond:
             while True:
                 if self._closed:
@@ -185,7 +188,7 @@ class ActorFeed:
                         self._queue.popleft()
                         item.fail(_stopped(item))
                         continue
-                    if item.solo and batch:
+                    if item.solo and (batch or not block):
                         break
                     batch.append(self._queue.popleft())
                     if item.solo:
@@ -286,7 +289,7 @@ class _Feeder:
         return False
 
     def _fill(self) -> bool:
-        while len(self.inflight) < DEPTH:
+        while len(self.inflight) < DEPTH and not any(c.items[0].solo for c in self.inflight):
             batch = self.feed.take(block=not self.inflight)
             if batch is None:
                 return False
@@ -356,7 +359,9 @@ class _Feeder:
         try:
             results, seconds = ray.get(call.ref, timeout=self.feed.tick)
         except (ray.exceptions.OutOfMemoryError, ray.exceptions.RayActorError) as exc:
-            if len(items) > 1:
+            # Not yet alone in a call: it may not be the task that killed its actor (a
+            # finished call's reply can be lost with the actor when a later call kills it)
+            if len(items) > 1 or not items[0].solo:
                 self.feed.requeue(items, solo=True)
             elif isinstance(exc, ray.exceptions.OutOfMemoryError):
                 items[0].fail(
