@@ -195,7 +195,7 @@ def test_a_dead_actor_fails_its_task_only_and_is_replaced(ray_session):
     app = ClientApp(no_client, [Crashing({"b": "segfault", "d": "exit"})])
     replies = run_tasks(backend, app, list("abcdef"), rounds=2, timeout=90.0)
     failed = {r.metadata.node_id: r.error for r in replies if r.error}
-    assert set(failed) == {"b", "d"}
+    assert set(failed) == {"b", "d"}, failed
     for reason in failed.values():
         assert "died during the task" in reason and "replaced" in reason
     assert sum(1 for r in replies if r.error is None) == 8  # the rest of both rounds
@@ -292,3 +292,23 @@ def test_tasks_fail_rather_than_wait_once_no_feeder_is_left():
     feed = ActorFeed(None, BrokenPool(), task_timeout=None, start_timeout=1.0, tick=0.05)
     item = feed.run(FeedItem(task, task, None, context, None))
     assert item.reply is not None and "closed" in item.reply.error
+
+
+class VisitsInState:
+    """A mod that counts a client's tasks in its persistent state and clears the count at 2."""
+
+    def __call__(self, message: Message, context: Context, call_next) -> Message:
+        visits = int(context.state.config_records.get("visits", {}).get("n", 0)) + 1
+        if visits == 2:
+            context.state.config_records.pop("visits")  # state empty again: must be stored
+        else:
+            context.state.config_records["visits"] = {"n": visits}
+        return message.reply(RecordDict(config_records={"seen": {"count": visits}}))
+
+
+def test_client_state_set_and_cleared_travels_with_batched_tasks(ray_session):
+    nodes = [f"n{i}" for i in range(30)]
+    app = ClientApp(no_client, [VisitsInState()])
+    replies = run_tasks(RayBackend(), app, nodes, rounds=4)
+    counts = [int(r.content.config_records["seen"]["count"]) for r in replies]
+    assert counts == [1] * 30 + [2] * 30 + [1] * 30 + [2] * 30

@@ -47,6 +47,25 @@ def make_in_process_single(runner: Callable[[Message], Message]) -> Transport:
     return InProcessTransport(runner, num_workers=1, window=1)
 
 
+def make_in_process_starting(runner: Callable[[Message], Message]) -> Transport:
+    """``start_tasks``: each list of tasks runs later on a thread of its own, which answers
+    them (the way the Ray feeders do), never on the transport's thread."""
+
+    def start(starts: list[tuple[Message, Callable[[Message], None]]]) -> None:
+        def run() -> None:
+            time.sleep(0.01)
+            for task, answer in starts:
+                try:
+                    reply = runner(task)
+                except Exception as exc:
+                    reply = task.error_reply(f"{type(exc).__name__}: {exc}")
+                answer(reply)
+
+        threading.Thread(target=run, daemon=True).start()
+
+    return InProcessTransport(None, num_workers=2, start_tasks=start)
+
+
 class GrpcLoopback(Transport):
     """A gRPC server on 127.0.0.1 with one client session (thread) per node in NODES."""
 
@@ -189,6 +208,7 @@ _RAY_MARKS = [
 TRANSPORTS = [
     make_in_process,
     make_in_process_single,
+    make_in_process_starting,
     *(
         pytest.param(_backend_factory(name), marks=_RAY_MARKS, id=f"backend_{name}")
         if name == "ray"
@@ -258,6 +278,42 @@ def test_runner_failure_becomes_an_error_reply(make):
     got = {r.metadata.node_id: r for r in drain(replies, 3)}
     assert got["boom"].error and "runner exploded" in got["boom"].error
     assert got["a"].error is None and got["b"].error is None
+
+
+def test_start_tasks_keeps_at_most_num_workers_unanswered():
+    lock = threading.Lock()
+    given: list[list[tuple[Message, Callable[[Message], None]]]] = []
+    unanswered = [0]
+    peak = [0]
+
+    def start(starts):
+        with lock:
+            unanswered[0] += len(starts)
+            peak[0] = max(peak[0], unanswered[0])
+            given.append(starts)
+
+    transport = InProcessTransport(None, num_workers=3, start_tasks=start)
+    try:
+        replies = Replies()
+        transport.send(tasks([str(i) for i in range(10)]), replies)
+        answered = 0
+        deadline = time.monotonic() + 10
+        while answered < 10 and time.monotonic() < deadline:
+            with lock:
+                pending = [pair for starts in given for pair in starts]
+                given.clear()
+            for task, answer in pending:
+                with lock:
+                    unanswered[0] -= 1
+                answer(task.reply(RecordDict()))
+                answered += 1
+            time.sleep(0.01)
+        assert len(drain(replies, 10)) == 10
+        assert peak[0] == 3
+    finally:
+        transport.close()
+    with pytest.raises(ValueError, match="exactly one"):
+        InProcessTransport(None, num_workers=1)
 
 
 def test_several_sends_share_one_mailbox(make):

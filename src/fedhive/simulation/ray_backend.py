@@ -38,8 +38,9 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
+from functools import partial
 from typing import Any, final
 
 from fedhive.client.app import ClientApp
@@ -61,7 +62,7 @@ log = logging.getLogger("fedhive")
 #: ``client_resources`` keys, as Flower names them (``memory`` in bytes).
 RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory")
 _IGNORED = ("actor_type", "actor_kwargs")
-_MAX_WAITERS = 1024  # worker threads of the transport, whatever the pool's size
+_MAX_INFLIGHT = 1024  # tasks on the actors at once, whatever the pool's size
 
 
 def _import_ray() -> Any:
@@ -99,20 +100,39 @@ class _ClientActor:
         return self.app.handle(task, context), context.state
 
     def run_batch(
-        self, specs: list[tuple[Message, int, Context]], *models: Any
-    ) -> tuple[list[tuple[Message, RecordDict]], float]:
-        """Run tasks in order; each spec names its model by index into ``models`` (-1:
-        none). Returns the replies with the clients' states, and the seconds taken."""
+        self,
+        specs: list[tuple[Message, int, dict[str, Any], RecordDict | None]],
+        run_config: dict[str, Any],
+        *models: Any,
+    ) -> tuple[list[tuple[Message, RecordDict | None]], float]:
+        """Run tasks in order; each spec is (task, its model's index into ``models`` or -1,
+        the client's node_config, its state or ``None`` for an empty one). Returns the
+        replies with the clients' states (``None``: empty before and after, nothing to
+        store), and the seconds taken."""
         start = time.perf_counter()
-        out = [
-            self.run(task, None if index < 0 else models[index], context)
-            for task, index, context in specs
-        ]
+        out: list[tuple[Message, RecordDict | None]] = []
+        for task, index, node_config, state in specs:
+            context = Context(
+                node_id=task.metadata.node_id,
+                node_config=node_config,
+                state=RecordDict() if state is None else state,
+                run_config=dict(run_config),
+                seed=task.metadata.seed,
+            )
+            reply, after = self.run(task, None if index < 0 else models[index], context)
+            out.append((reply, None if state is None and after.is_empty() else after))
         return out, time.perf_counter() - start
 
 
-def _without_model(task: Message) -> Message:
-    return Message(task.metadata, replace(task.content, parameters=Parameters(arrays=[])))
+def _without_model(task: Message, stripped: dict[int, Any]) -> Message:
+    """``task`` without its model. Tasks that share a content share its stripped copy
+    (``stripped``, by the content's id), so a batch pickles it once."""
+    content = stripped.get(id(task.content))
+    if content is None:
+        content = stripped[id(task.content)] = replace(
+            task.content, parameters=Parameters(arrays=[])
+        )
+    return Message(task.metadata, content)
 
 
 class _ModelRefs:
@@ -239,10 +259,13 @@ class RayTransport(Transport):
             tick=tick,
             max_batch=max_batch,
         )
-        # A thread per task an actor may hold (a full batch running, one queued behind):
-        # each waits for its task's outcome while the feeders batch them.
-        workers = min(_MAX_WAITERS, len(pool.live) * DEPTH * max_batch)
-        self._inner = InProcessTransport(self._run, num_workers=workers, latency=setup.latency)
+        # Tasks given to the feeders and not yet answered: what the actors may hold (a full
+        # batch running, one queued behind), at most _MAX_INFLIGHT. No thread waits on
+        # them: the feeders hand each reply to the mailbox.
+        inflight = min(_MAX_INFLIGHT, len(pool.live) * DEPTH * max_batch)
+        self._inner = InProcessTransport(
+            None, num_workers=inflight, latency=setup.latency, start_tasks=self._start
+        )
 
     def send(self, messages: Sequence[Message], replies: Replies) -> None:
         tasks = list(messages)
@@ -253,29 +276,42 @@ class RayTransport(Transport):
                 self._tasks[task.metadata.message_id] = (replies, self._models.ref(task.content))
         self._inner.send(tasks, replies)
 
-    def _run(self, task: Message) -> Message:
-        node_id = task.metadata.node_id
-        with self._lock:
-            replies, model = self._tasks.pop(task.metadata.message_id, (None, None))
+    def _start(self, starts: list[tuple[Message, Callable[[Message], None]]]) -> None:
+        """Queue tasks on the feeders without waiting; each reply goes to its callable."""
+        items = []
+        stripped: dict[int, Any] = {}  # the tasks (and so their contents) outlive it
         configs = self.setup.node_configs
-        if node_id not in configs:
-            return task.error_reply(f"no virtual client with id {node_id!r}")
-        context = Context(
-            node_id=node_id,
-            node_config=dict(configs[node_id]),
-            state=self.setup.store.get(node_id),
-            run_config=dict(self.setup.run_config),
-            seed=task.metadata.seed,
-        )
-        sent = task if model is None else _without_model(task)
-        item = self.feed.run(FeedItem(task, sent, model, context, replies))
-        del sent, model, context
+        for task, answer in starts:
+            node_id = task.metadata.node_id
+            with self._lock:
+                replies, model = self._tasks.pop(task.metadata.message_id, (None, None))
+            if node_id not in configs:
+                answer(task.error_reply(f"no virtual client with id {node_id!r}"))
+                continue
+            try:
+                state = self.setup.store.get(node_id)
+            except Exception as exc:  # a state that cannot be read fails that task only
+                answer(task.error_reply(f"{type(exc).__name__}: {exc}"))
+                continue
+            context = Context(
+                node_id=node_id,
+                node_config=dict(configs[node_id]),
+                state=state,
+                run_config=dict(self.setup.run_config),
+                seed=task.metadata.seed,
+            )
+            sent = task if model is None else _without_model(task, stripped)
+            done = partial(self._finished, answer)
+            items.append(FeedItem(task, sent, model, context, replies, on_done=done))
+        self.feed.submit(items)
+
+    def _finished(self, answer: Callable[[Message], None], item: FeedItem) -> None:
         reply, state = item.reply, item.state
         if reply is None:  # cannot happen: a finished item has a reply
-            return task.error_reply(f"client {node_id!r} got no reply from Ray")
+            reply = item.task.error_reply(f"client {item.task.metadata.node_id!r} got no reply")
         if isinstance(state, RecordDict):
-            self.setup.store.put(node_id, state)
-        return reply
+            self.setup.store.put(item.task.metadata.node_id, state)
+        answer(reply)
 
     def close(self) -> None:
         self.feed.close()

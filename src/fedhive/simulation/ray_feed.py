@@ -10,9 +10,10 @@ or large clients go one per call and their replies stream as before.
 
 Faults keep their per-task meaning:
 
-- an actor that dies (killed, out of memory, a segfault) during a batch of several tasks
-  is replaced and those tasks are queued again *alone*; the task that kills its actor
-  when alone fails with the reason, the others succeed;
+- an actor that dies (killed, out of memory, a segfault) during a call is replaced and
+  the call's tasks are queued again *alone* (also a call of one task not yet retried:
+  a finished call's reply can be lost with its actor when the next call kills it); the
+  task that kills its actor when alone fails with the reason, the others succeed;
 - with ``task_timeout``, a batch of ``n`` tasks may run ``task_timeout`` plus ``n - 1``
   times a generous bound on a task's cost (ten times the running estimate plus a tenth
   of a second, at most ``task_timeout``); past that its actor is replaced and its tasks
@@ -30,6 +31,7 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +48,7 @@ log = logging.getLogger("fedhive")
 #: Calls queued on one actor at once: the running one and the next.
 DEPTH = 2
 _SMOOTHING = 0.3  # weight of the newest batch in the running estimates
+_FINISHING = threading.Lock()  # makes an item's outcome final
 
 
 @dataclass(eq=False)
@@ -61,10 +64,24 @@ class FeedItem:
     reply: Message | None = None
     state: RecordDict | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    #: called once with the finished item, on the thread that finished it
+    on_done: Callable[[FeedItem], None] | None = None
 
     def fail(self, reason: str) -> None:
-        self.reply = self.task.error_reply(reason)
-        self.done.set()
+        self.finish(self.task.error_reply(reason), None)
+
+    def finish(self, reply: Message, state: RecordDict | None) -> None:
+        """Set the outcome; only the first one counts (a late failure changes nothing)."""
+        with _FINISHING:
+            if self.done.is_set():
+                return
+            self.reply, self.state = reply, state
+            self.done.set()
+        if self.on_done is not None:
+            try:
+                self.on_done(self)
+            except Exception:  # a feeder must outlive what is done with a reply
+                log.exception("handling the reply of a Ray task failed")
 
     @property
     def abandoned(self) -> bool:
@@ -108,9 +125,10 @@ class ActorFeed:
         self._cond = threading.Condition()
         self._closed = False
         self._stopped = 0
+        self._feeders = [_Feeder(self) for _ in pool.live]
         self._threads = [
-            threading.Thread(target=_Feeder(self).drive, name=f"fedhive-ray-feed-{i}", daemon=True)
-            for i in range(len(pool.live))
+            threading.Thread(target=feeder.drive, name=f"fedhive-ray-feed-{i}", daemon=True)
+            for i, feeder in enumerate(self._feeders)
         ]
         for thread in self._threads:
             thread.start()
@@ -127,6 +145,16 @@ class ActorFeed:
             if self._closed:
                 item.fail("the Ray backend was closed before the task ran")
         return item
+
+    def submit(self, items: list[FeedItem]) -> None:
+        """Queue ``items`` without waiting: each one's ``on_done`` gets its outcome."""
+        with self._cond:
+            if not self._closed:
+                self._queue.extend(items)
+                self._cond.notify_all()
+                return
+        for item in items:
+            item.fail("the Ray backend is closed")
 
     def requeue(self, items: list[FeedItem], solo: bool) -> None:
         """Put ``items`` back at the front of the queue (alone in a call, if ``solo``)."""
@@ -145,7 +173,9 @@ class ActorFeed:
 
     def take(self, block: bool) -> list[FeedItem] | None:
         """The next batch; ``[]`` if none is queued and ``block`` is false; ``None`` once
-        closed. Tasks of a finished round are failed here, never sent."""
+        closed. Tasks of a finished round are failed here, never sent. A task to run alone
+        goes only to an idle actor (``block``): a call queued behind it, or one before it,
+        could kill the actor and leave it to blame."""
         with self._cond:
             while True:
                 if self._closed:
@@ -158,7 +188,7 @@ class ActorFeed:
                         self._queue.popleft()
                         item.fail(_stopped(item))
                         continue
-                    if item.solo and batch:
+                    if item.solo and (batch or not block):
                         break
                     batch.append(self._queue.popleft())
                     if item.solo:
@@ -204,6 +234,10 @@ class ActorFeed:
         for thread in self._threads:
             if thread is not threading.current_thread():
                 thread.join(timeout=2 * self.tick)
+        for feeder in self._feeders:  # calls nobody settles any more
+            for call in list(feeder.inflight):
+                for item in call.items:
+                    item.fail("the Ray backend was closed before the task ran")
 
 
 def _stopped(item: FeedItem) -> str:
@@ -255,7 +289,7 @@ class _Feeder:
         return False
 
     def _fill(self) -> bool:
-        while len(self.inflight) < DEPTH:
+        while len(self.inflight) < DEPTH and not any(c.items[0].solo for c in self.inflight):
             batch = self.feed.take(block=not self.inflight)
             if batch is None:
                 return False
@@ -274,9 +308,14 @@ class _Feeder:
                 if index < 0:
                     models.append(item.model)
                     index = len(models) - 1
-            specs.append((item.sent, index, item.context))
+            # the node id and seed travel in the task; an empty state as None
+            state = item.context.state
+            specs.append(
+                (item.sent, index, item.context.node_config, None if state.is_empty() else state)
+            )
         self.feed.calls += 1
-        call = _Call(self.actor.run_batch.remote(specs, *models), batch)
+        run_config = batch[0].context.run_config  # one transport's tasks share it
+        call = _Call(self.actor.run_batch.remote(specs, run_config, *models), batch)
         if not self.inflight:
             call.started = time.monotonic()
         return call
@@ -320,7 +359,9 @@ class _Feeder:
         try:
             results, seconds = ray.get(call.ref, timeout=self.feed.tick)
         except (ray.exceptions.OutOfMemoryError, ray.exceptions.RayActorError) as exc:
-            if len(items) > 1:
+            # Not yet alone in a call: it may not be the task that killed its actor (a
+            # finished call's reply can be lost with the actor when a later call kills it)
+            if len(items) > 1 or not items[0].solo:
                 self.feed.requeue(items, solo=True)
             elif isinstance(exc, ray.exceptions.OutOfMemoryError):
                 items[0].fail(
@@ -346,9 +387,8 @@ class _Feeder:
             return
         nbytes = 0
         for item, (reply, state) in zip(items, results, strict=True):
-            item.reply, item.state = reply, state
             nbytes += reply_nbytes(reply)
-            item.done.set()
+            item.finish(reply, state)
         self.feed.learn(len(items), float(seconds), nbytes)
 
     def _lost(self) -> None:

@@ -58,9 +58,18 @@ from fedhive.transport.base import (
     wire_length,
 )
 
-__all__ = ["DEFAULT_MAX_PENDING", "InProcessTransport", "Latency", "TaskRunner", "reply_nbytes"]
+__all__ = [
+    "DEFAULT_MAX_PENDING",
+    "InProcessTransport",
+    "Latency",
+    "TaskRunner",
+    "TaskStarter",
+    "reply_nbytes",
+]
 
 TaskRunner = Callable[[Message], Message]
+#: Starts tasks without waiting for them: each comes with the callable its reply goes to.
+TaskStarter = Callable[[list[tuple[Message, Callable[[Message], None]]]], None]
 #: Default count of replies of one mailbox running or unreleased at once (at least ``window``).
 DEFAULT_MAX_PENDING = 64
 #: Simulated seconds from sending a task to its reply's arrival; deterministic per task.
@@ -186,6 +195,10 @@ class _Batch:
             self.account.nbytes -= self.sizes.pop(pos)
 
 
+def _unused(task: Message) -> Message:
+    raise RuntimeError("this transport starts its tasks with start_tasks")
+
+
 class InProcessTransport(Transport):
     """Runs tasks with ``num_workers`` threads; see the module docstring.
 
@@ -194,21 +207,31 @@ class InProcessTransport(Transport):
     ``max_pending`` (default :data:`DEFAULT_MAX_PENDING`, or ``window`` if larger) only
     caps the count of small replies: a lower one makes workers wait for the engine every
     few replies, which costs more than such replies weigh.
+
+    Instead of ``run_task``, ``start_tasks`` may take the tasks: one thread gives it each
+    list of tasks the bounds allow, with a callable per task that its reply goes to (once,
+    from any thread); ``num_workers`` then caps the tasks given and not yet answered. The
+    window, the pending bounds and the latency apply unchanged.
     """
 
     def __init__(
         self,
-        run_task: TaskRunner,
+        run_task: TaskRunner | None,
         num_workers: int = 1,
         window: int | None = None,
         *,
         latency: Latency | None = None,
         max_pending: int | None = None,
         max_pending_bytes: int = DEFAULT_STAGED_BYTES,
+        start_tasks: TaskStarter | None = None,
     ) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
-        self.run_task = run_task
+        if (run_task is None) == (start_tasks is None):
+            raise ValueError("give exactly one of run_task and start_tasks")
+        self.run_task: TaskRunner = run_task if run_task is not None else _unused
+        self.start_tasks = start_tasks
+        self._inflight = 0  # tasks given to start_tasks and not yet answered
         self.num_workers = num_workers
         self.window = window if window is not None else 4 * num_workers
         self.latency = latency
@@ -238,6 +261,11 @@ class InProcessTransport(Transport):
         self._threads: list[threading.Thread] = []
 
     def _start_workers(self) -> None:
+        if self.start_tasks is not None:
+            thread = threading.Thread(target=self._dispatch, name="fedhive-dispatch", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+            return
         for i in range(self.num_workers):
             thread = threading.Thread(target=self._work, name=f"fedhive-worker-{i}", daemon=True)
             thread.start()
@@ -363,8 +391,8 @@ class InProcessTransport(Transport):
             with self._cond:  # one lock per task: finish the last one, take the next
                 if finished is not None:
                     # counted after the put: a release may have come first
-                    batch, pos, size, delay = finished
-                    batch.finish(pos, size, delay)
+                    done, done_pos, size, delay = finished
+                    done.finish(done_pos, size, delay)
                     self._cond.notify_all()
                     finished = None
                 taken = self._take()
@@ -374,31 +402,81 @@ class InProcessTransport(Transport):
                     self._cond.wait()
                     taken = self._take()
             batch, pos = taken
-            index = batch.order[pos]
-            task = batch.tasks[index]
+            task = batch.tasks[batch.order[pos]]
             try:
                 reply = self.run_task(task)
             except Exception as exc:  # the runner's own failure becomes this task's error
                 reply = task.error_reply(f"{type(exc).__name__}: {exc}")
-            delay = 0.0
-            if self._upload is not None:
-                try:
-                    delay = self._upload_delay(task, reply)
-                except Exception as exc:  # a bad latency fails the task, not the worker
-                    reply = task.error_reply(f"{type(exc).__name__}: {exc}")
             del task
-            nbytes = reply_nbytes(reply)
-            if batch.slots is None:
-                if nbytes <= self._plain_limit:
-                    batch.replies.put(reply)  # small: counted, not released one by one
-                    finished = (batch, pos, None, 0.0)
-                else:
-                    batch.replies.put(reply, partial(self._release, batch, pos))
-                    finished = (batch, pos, nbytes, 0.0)
-            else:
-                batch.slots[index].put(reply, partial(self._release, batch, pos), delay)
-                finished = (batch, pos, nbytes, delay)
+            finished = self._deliver(batch, pos, reply)
             del reply  # the mailbox holds it now; the engine frees it
+
+    def _deliver(
+        self, batch: _Batch, pos: int, reply: Message
+    ) -> tuple[_Batch, int, int | None, float]:
+        """Put the reply of task ``pos`` into its mailbox (without the lock); returns what
+        :meth:`_Batch.finish` counts, to be called with the lock held."""
+        index = batch.order[pos]
+        delay = 0.0
+        if self._upload is not None:
+            try:
+                delay = self._upload_delay(batch.tasks[index], reply)
+            except Exception as exc:  # a bad latency fails the task, not the worker
+                reply = batch.tasks[index].error_reply(f"{type(exc).__name__}: {exc}")
+        nbytes = reply_nbytes(reply)
+        if batch.slots is None:
+            if nbytes <= self._plain_limit:
+                batch.replies.put(reply)  # small: counted, not released one by one
+                return (batch, pos, None, 0.0)
+            batch.replies.put(reply, partial(self._release, batch, pos))
+            return (batch, pos, nbytes, 0.0)
+        batch.slots[index].put(reply, partial(self._release, batch, pos), delay)
+        return (batch, pos, nbytes, delay)
+
+    def _dispatch(self) -> None:
+        """With ``start_tasks``: start every task the bounds allow (at most ``num_workers``
+        unanswered), as one list per wake-up; answers come back through :meth:`_answered`."""
+        starter = self.start_tasks
+        assert starter is not None
+        while True:
+            with self._cond:
+                taken: list[tuple[_Batch, int]] = []
+                while True:
+                    while self._inflight < self.num_workers:
+                        one = self._take()
+                        if one is None:
+                            break
+                        taken.append(one)
+                        self._inflight += 1
+                    if taken:
+                        break
+                    if self._closed:
+                        return
+                    self._cond.wait()
+            starts: list[tuple[Message, Callable[[Message], None]]] = [
+                (batch.tasks[batch.order[pos]], partial(self._answered, batch, pos))
+                for batch, pos in taken
+            ]
+            del taken
+            try:
+                starter(starts)
+            except Exception as exc:  # a starter must answer each task once, or raise first
+                for task, answer in starts:
+                    answer(task.error_reply(f"{type(exc).__name__}: {exc}"))
+            del starts
+
+    def _answered(self, batch: _Batch, pos: int, reply: Message) -> None:
+        """The answer to a task given to ``start_tasks`` (called once, on any thread)."""
+        finished: tuple[_Batch, int, int | None, float] | None = None
+        try:
+            finished = self._deliver(batch, pos, reply)
+        finally:
+            with self._cond:
+                self._inflight -= 1
+                if finished is not None:
+                    _, done_pos, size, delay = finished
+                    batch.finish(done_pos, size, delay)
+                self._cond.notify_all()
 
     def _upload_delay(self, task: Message, reply: Message) -> float:
         """Simulated seconds ``reply`` takes to upload (its content's encoded length,
