@@ -145,23 +145,30 @@ def test_protocol_version_mismatch_is_clear_on_both_sides(caplog):
     assert any("protocol version mismatch" in r.getMessage() for r in caplog.records)
 
 
+def _one_round_with_late_joiners(strategy):
+    """One round: one client connects well before two others; all three must end by
+    themselves (told the run ended)."""
+    import time
+
+    server = ServerThread(config=ServerConfig(num_rounds=1), strategy=strategy).start()
+    procs = [client_process(server.address, "--pid", "0")]
+    time.sleep(3.0)
+    procs += [client_process(server.address, "--pid", str(i)) for i in (1, 2)]
+    history = server.join()
+    results = finish(procs, timeout=30)
+    assert [code for code, _ in results] == [0, 0, 0], results
+    return history
+
+
 def test_round_one_starts_once_min_available_clients_are_connected():
     """fraction_fit=1.0 sizes a round from the clients connected when it starts: the
     first round waits for min_available_clients, so it asks all three, not the one (and
     min_fit_clients) that had connected by then."""
-    import time
-
     st = FedAvg(
         fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=1, min_available_clients=3,
         initial_parameters=ndarrays_to_parameters([np.zeros(4, np.float32)]),
     )  # fmt: skip
-    server = ServerThread(config=ServerConfig(num_rounds=1), strategy=st).start()
-    procs = [client_process(server.address, "--pid", "0")]
-    time.sleep(3.0)  # the first one is connected well before the others
-    procs += [client_process(server.address, "--pid", str(i)) for i in (1, 2)]
-    history = server.join()
-    results = finish(procs)
-    assert [code for code, _ in results] == [0, 0, 0], results
+    history = _one_round_with_late_joiners(st)
     assert history.rounds[-1]["fit"]["num_clients"] == 3
 
 
@@ -169,20 +176,12 @@ def test_fedbuff_starts_once_min_available_clients_are_connected():
     """An asynchronous strategy's min_available_clients (on its FedAvg sampling) holds the
     first dispatch too, not only its concurrency: with two in flight and three wanted, the
     run waits for the third, so no client comes after the run and finds no server."""
-    import time
-
     from fedhive.server.strategy import FedBuff
 
     st = FedBuff(
         buffer_size=2, concurrency=2, staleness="constant", min_available_clients=3,
         fraction_evaluate=0.0, initial_parameters=ndarrays_to_parameters([np.zeros(4, np.float32)]),
     )  # fmt: skip
-    server = ServerThread(config=ServerConfig(num_rounds=1), strategy=st).start()
-    procs = [client_process(server.address, "--pid", "0")]
-    time.sleep(3.0)  # the first one is connected well before the others
-    procs += [client_process(server.address, "--pid", str(i)) for i in (1, 2)]
-    history = server.join()
-    results = finish(procs, timeout=30)
-    assert [code for code, _ in results] == [0, 0, 0], results
+    history = _one_round_with_late_joiners(st)
     contributions = history.rounds[-1]["contributions"]
     assert [c["results"] for c in contributions] == [1, 1], contributions
