@@ -52,6 +52,7 @@ from fedhive.common.wire_size import (
     scalar_list_size,
 )
 from fedhive.transport import meta, packed
+from fedhive.transport.limits import MAX_NUM_EXAMPLES
 
 if TYPE_CHECKING:
     from fedhive.common.serde import HeaderLimits, Pieces
@@ -69,11 +70,6 @@ __all__ = [
 
 _CUSTOM_PREFIX = "c/"
 _EXTRAS_PREFIX = "x/"
-
-
-#: The largest ``num_examples`` a reply may carry: beyond 2**53 a count is no longer exact
-#: as a float weight, and no data set is that large.
-MAX_NUM_EXAMPLES = 1 << 53
 
 
 def _num_examples(res: dict[str, Scalar]) -> int:
@@ -233,8 +229,9 @@ def encode_content(content: Any) -> Pieces:
     """
     from fedhive.common.serde import encode_record_pieces
 
-    if packed.packable(content):
-        return packed.encode(content)
+    pieces = packed.encode(content)
+    if pieces is not None:
+        return pieces
     rd = RecordDict()
     rd.config_records["kind"] = {"kind": _encode_content(content, rd)}
     return encode_record_pieces(rd)
@@ -249,8 +246,9 @@ def content_size(content: Any) -> int:
     """``sum(map(len, encode_content(content)))``, computed without encoding where the
     length model covers the content (:mod:`fedhive.common.wire_size`)."""
     try:
-        if packed.packable(content):
-            return packed.size(content)
+        lean = packed.size(content)
+        if lean is not None:
+            return lean
         if type(content) in (FitRes, EvaluateRes):
             return _reply_size(content)
         rd = RecordDict()

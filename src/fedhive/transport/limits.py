@@ -20,8 +20,11 @@ import numpy as np
 
 from fedhive.common.serde import HeaderLimits
 
-__all__ = ["DEFAULT_MARGIN_BYTES", "ReplyBound", "reply_bound"]
+__all__ = ["DEFAULT_MARGIN_BYTES", "MAX_NUM_EXAMPLES", "ReplyBound", "reply_bound"]
 
+#: The largest ``num_examples`` a reply may carry: beyond 2**53 a count is no longer exact
+#: as a float weight, and no data set is that large.
+MAX_NUM_EXAMPLES = 1 << 53
 #: Room beside the model arrays in a reply (metrics, configs, ids, an error's text).
 DEFAULT_MARGIN_BYTES = 1 << 20
 _WIDEST = 8  # bytes of the widest real dtype

@@ -30,6 +30,7 @@ import numpy as np
 
 from fedhive.common.errors import SerdeError
 from fedhive.common.records import Code, FitRes, Parameters, RecordDict, Scalar, Status
+from fedhive.transport.limits import MAX_NUM_EXAMPLES
 
 __all__ = ["MAGIC", "decode", "encode", "packable", "size"]
 
@@ -39,7 +40,6 @@ _HEAD = struct.Struct("<8sBBQ")  # magic, version, status code, num_examples
 _U8, _U16, _U32 = struct.Struct("<B"), struct.Struct("<H"), struct.Struct("<I")
 _I64, _F64 = struct.Struct("<q"), struct.Struct("<d")
 _CODES = {int(c) for c in Code}
-_MAX_NUM_EXAMPLES = 1 << 53  # as transport.codec.MAX_NUM_EXAMPLES
 
 
 def _fixed_sizes(res: Any) -> tuple[int, ...] | None:
@@ -63,7 +63,7 @@ def _fixed_sizes(res: Any) -> tuple[int, ...] | None:
         return None
     n = res.num_examples
     message = res.status.message
-    if type(n) is not int or not 0 <= n <= _MAX_NUM_EXAMPLES or type(message) is not str:
+    if type(n) is not int or not 0 <= n <= MAX_NUM_EXAMPLES or type(message) is not str:
         return None
     if type(res.metrics) is not dict or len(res.metrics) > 255:
         return None
@@ -106,21 +106,23 @@ def packable(content: object) -> bool:
     return _fixed_sizes(content) is not None
 
 
-def size(res: FitRes) -> int:
-    """``len(encode(res))`` of a :func:`packable` reply, without encoding it."""
+def size(res: object) -> int | None:
+    """``len(encode(res))`` without encoding it; ``None`` if ``res`` is not
+    :func:`packable`."""
     lengths = _fixed_sizes(res)
-    if lengths is None:
-        raise SerdeError("not a packable reply")
+    if lengths is None or not isinstance(res, FitRes):
+        return None
     ((array,),) = (tuple(r.values()) for r in res.extras.array_records.values())
     metrics = len(res.metrics)
     # head, u16 message, u8 count, u8 per key and per tag, u8 per name, the buffer
     return _HEAD.size + 2 + 1 + 2 * metrics + 2 + sum(lengths) + array.nbytes
 
 
-def encode(res: FitRes) -> list[bytes | memoryview]:
-    """A :func:`packable` reply as pieces: the header, then a view of the buffer."""
-    if not packable(res):
-        raise SerdeError("not a packable reply")
+def encode(res: object) -> list[bytes | memoryview] | None:
+    """``res`` as pieces (the header, then a view of the buffer); ``None`` if it is not
+    :func:`packable`."""
+    if not isinstance(res, FitRes) or _fixed_sizes(res) is None:
+        return None
     ((rec_name, record),) = res.extras.array_records.items()
     ((name, array),) = record.items()
     out = bytearray(_HEAD.pack(MAGIC, VERSION, int(res.status.code), res.num_examples))
@@ -184,7 +186,7 @@ def decode(view: memoryview, max_header_bytes: int | None = None) -> FitRes:
         raise SerdeError(f"a packed reply starts with {MAGIC!r} and version {VERSION}")
     if code not in _CODES:
         raise SerdeError(f"unknown status code {code}")
-    if num_examples > _MAX_NUM_EXAMPLES:
+    if num_examples > MAX_NUM_EXAMPLES:
         raise SerdeError(f"num_examples must be in [0, 2**53], got {num_examples}")
     message = r.text(r.unpack(_U16), "the status message")
     metrics: dict[str, Scalar] = {}
