@@ -290,7 +290,9 @@ def test_tasks_fail_rather_than_wait_once_no_feeder_is_left():
     )  # fmt: skip
     context = Context(node_id="a", node_config={}, state=RecordDict(), run_config={})
     feed = ActorFeed(None, BrokenPool(), task_timeout=None, start_timeout=1.0, tick=0.05)
-    item = feed.run(FeedItem(task, task, None, context, None))
+    item = FeedItem(task, task, None, context, None)
+    feed.submit([item])
+    assert item.done.wait(10.0)
     assert item.reply is not None and "closed" in item.reply.error
 
 

@@ -203,8 +203,6 @@ def _min_available_clients(strategy: Any) -> int:
         if isinstance(wanted, int) and not isinstance(wanted, bool):
             return wanted
         inner = getattr(strategy, "strategy", None)
-        strategy, seen = (
-            inner if inner is not None else getattr(strategy, "sampling", None),
-            seen + 1,
-        )
+        strategy = inner if inner is not None else getattr(strategy, "sampling", None)
+        seen += 1
     return 0

@@ -133,19 +133,6 @@ class ActorFeed:
         for thread in self._threads:
             thread.start()
 
-    def run(self, item: FeedItem) -> FeedItem:
-        """Queue ``item`` and wait for its outcome."""
-        with self._cond:
-            if self._closed:
-                item.fail("the Ray backend is closed")
-                return item
-            self._queue.append(item)
-            self._cond.notify()
-        while not item.done.wait(self.tick):
-            if self._closed:
-                item.fail("the Ray backend was closed before the task ran")
-        return item
-
     def submit(self, items: list[FeedItem]) -> None:
         """Queue ``items`` without waiting: each one's ``on_done`` gets its outcome."""
         with self._cond:

@@ -262,7 +262,12 @@ class InProcessTransport(Transport):
 
     def _start_workers(self) -> None:
         if self.start_tasks is not None:
-            thread = threading.Thread(target=self._dispatch, name="fedhive-dispatch", daemon=True)
+            thread = threading.Thread(
+                target=self._dispatch,
+                args=(self.start_tasks,),
+                name="fedhive-dispatch",
+                daemon=True,
+            )
             thread.start()
             self._threads.append(thread)
             return
@@ -433,11 +438,10 @@ class InProcessTransport(Transport):
         batch.slots[index].put(reply, partial(self._release, batch, pos), delay)
         return (batch, pos, nbytes, delay)
 
-    def _dispatch(self) -> None:
-        """With ``start_tasks``: start every task the bounds allow (at most ``num_workers``
-        unanswered), as one list per wake-up; answers come back through :meth:`_answered`."""
-        starter = self.start_tasks
-        assert starter is not None
+    def _dispatch(self, starter: TaskStarter) -> None:
+        """With ``start_tasks`` (``starter``): start every task the bounds allow (at most
+        ``num_workers`` unanswered), as one list per wake-up; answers come back through
+        :meth:`_answered`."""
         while True:
             with self._cond:
                 taken: list[tuple[_Batch, int]] = []

@@ -135,8 +135,8 @@ class AsynchronousStrategy(Strategy):
             and type(ins) is FitIns
             and ins.parameters is last.parameters
             and ins.config == last.config
-            and not _has_extras(ins)
-            and not _has_extras(last)
+            and ins.extras.is_empty()
+            and last.extras.is_empty()
         ):
             return last
         self._content = ins
@@ -219,8 +219,3 @@ class AsynchronousStrategy(Strategy):
     def fit_metrics(self, pairs: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
         fn = self.sampling.fit_metrics_aggregation_fn
         return {} if fn is None else dict(fn(pairs))
-
-
-def _has_extras(ins: FitIns) -> bool:
-    extras = ins.extras
-    return bool(extras.array_records or extras.config_records or extras.metric_records)
