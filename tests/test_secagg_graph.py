@@ -100,7 +100,9 @@ def test_every_client_derives_its_part_of_one_regular_graph(n, k):
     assert all(len(v) == want and i not in v for i, v in graph.items())
     assert all(i in graph[j] for i, v in graph.items() for j in v)
     assert all(g.derived_neighbours(n, k, seed, i) == graph[i] for i in graph)
-    assert g.derived_graph(n, k, secrets.token_bytes(32)) != graph
+    # another seed gives another graph: with n = 7 only a few hundred graphs exist, so one
+    # fresh seed repeats this one now and then; five in a row practically never do
+    assert any(g.derived_graph(n, k, secrets.token_bytes(32)) != graph for _ in range(5))
 
 
 def test_a_clients_neighbours_are_a_uniform_subset_of_the_others():
