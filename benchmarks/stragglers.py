@@ -338,9 +338,9 @@ def simulator_cost(args: argparse.Namespace, say: Any) -> None:
     simulated devices next to plain synchronous FedAvg on the real clock (and FedAvg on
     the virtual clock; FedBuff with the issue's example table), the same number of tasks
     and of model versions, in interleaved repeats after an untimed warm-up run of each
-    (the first runs of a process also pay for imports and loading the data); CPU time of
-    the process (all its threads), which other jobs on the machine change less than wall
-    time."""
+    (the first runs of a process also pay for imports and loading the data); wall time
+    (the target's measure) and CPU time of the process (all its threads), which other
+    jobs on the machine change less."""
     kinds = (
         ("fedavg, real clock, no [system]", "fedavg", False, {}),
         ("fedavg, virtual clock, [system]", "fedavg", True, {}),
@@ -363,10 +363,12 @@ def simulator_cost(args: argparse.Namespace, say: Any) -> None:
         each = ", ".join(f"{1e3 * c:.2f}" for c, _ in values)
         say(f"{label:<36}{1e3 * cpu:>12.2f}{1e3 * wall:>14.2f}{each:>34}")
     plain, fedbuff = cost[kinds[0][0]], cost[kinds[2][0]]
-    ratios = [b[0] / a[0] for a, b in zip(plain, fedbuff, strict=True)]
-    say(f"fedbuff on the virtual clock / plain synchronous, CPU per task: median "
-        f"{statistics.median(ratios):.3f} (per repeat: "
-        f"{', '.join(f'{r:.3f}' for r in ratios)}); target: within 10%")  # fmt: skip
+    # the issue's target is on wall time; CPU time is printed too (less moved by load)
+    for name, k in (("wall per task", 1), ("CPU per task", 0)):
+        ratios = [b[k] / a[k] for a, b in zip(plain, fedbuff, strict=True)]
+        say(f"fedbuff on the virtual clock / plain synchronous, {name}: median "
+            f"{statistics.median(ratios):.3f} (per repeat: "
+            f"{', '.join(f'{r:.3f}' for r in ratios)}); target: within 10%")  # fmt: skip
 
 
 def _command(argv: list[str]) -> str:

@@ -13,7 +13,7 @@ from fedhive.client.numpy_client import NumPyClient
 from fedhive.client.state import StateStore
 from fedhive.common.clock import VirtualClock
 from fedhive.common.errors import ConfigError
-from fedhive.common.records import Code, FitRes, Status, ndarrays_to_parameters
+from fedhive.common.records import Code, FitRes, RecordDict, Status, ndarrays_to_parameters
 from fedhive.server import Engine, RoundCallback, ServerConfig, SimpleClientManager
 from fedhive.server.asynchronous import BufferedAsync
 from fedhive.server.checkpoint import Checkpointer
@@ -164,6 +164,42 @@ def test_fedbuff_server_lr_scales_the_step_and_a_stale_delta_counts_against_its_
 
     with pytest.raises(InvalidUpdate, match="no fit task"):
         agg.add(ClientProxy("a"), FitRes(Status(Code.OK, ""), y, 4, {}))
+
+
+def test_fedbuff_folds_stale_deltas_on_several_bases_as_the_formula_says():
+    """x3 = x2 + lr * sum n s(tau) (y - x_b) / sum n, with results on two older bases
+    (the correction is kept per base and expanded at publish time, also in a dump)."""
+    from fedhive.server.client_manager import ClientProxy
+
+    def fit_res(value: float, n: int) -> FitRes:
+        params = ndarrays_to_parameters([np.full(3, value, np.float32)])
+        return FitRes(Status(Code.OK, ""), params, n, {})
+
+    s = FedBuff(buffer_size=1, concurrency=3, server_lr=0.5, min_fit_clients=1,
+                min_available_clients=1, initial_parameters=initial((3,)))  # fmt: skip
+    x0 = s.initialize_parameters(SimpleClientManager(["a", "b", "c"]))
+    assert x0 is not None
+    s.configure_fit(1, x0, SimpleClientManager(["a", "b", "c"], seed=0))  # all on x0
+    agg = s.fit_aggregator(1, x0)
+    agg.add(ClientProxy("a"), fit_res(2.0, 4))
+    x1, _ = agg.finalize()
+    s.configure_fit(2, x1, SimpleClientManager(["a"], seed=0))  # a again, on x1
+    agg = s.fit_aggregator(2, x1)
+    agg.add(ClientProxy("b"), fit_res(-1.0, 2))  # on x0, one version late
+    x2, _ = agg.finalize()
+    agg = s.fit_aggregator(3, x2)
+    agg.add(ClientProxy("c"), fit_res(3.0, 5))  # on x0, two late
+    agg.add(ClientProxy("a"), fit_res(1.0, 3))  # on x1, one late
+    dumped = RecordDict()
+    agg.dump(dumped)
+    x3, metrics = agg.finalize()
+    b0, b1, b2 = (p.arrays[0].astype(np.float64) for p in (x0, x1, x2))
+    w = StalenessFunction("poly", 0.5, 4)
+    want = b2 + 0.5 * (5 * w(2) * (3.0 - b0) + 3 * w(1) * (1.0 - b1)) / 8
+    np.testing.assert_allclose(x3.arrays[0], want, rtol=1e-6)
+    assert metrics["staleness_max"] == 2
+    saved = dumped.array_records["fedbuff.buffer.c"]["0"]
+    np.testing.assert_allclose(saved, 5 * w(2) * (b2 - b0) + 3 * w(1) * (b2 - b1))
 
 
 def test_dispatches_of_one_version_share_one_task_content():

@@ -52,6 +52,26 @@ def test_the_earliest_arrival_is_awaited_until_computed():
     assert clock.wait(mailbox, None) == "late" and clock.now() == 2.0
 
 
+def test_next_at_tells_the_earliest_announced_time_without_waiting():
+    clock = VirtualClock()
+    mailbox: queue.SimpleQueue[str] = queue.SimpleQueue()
+    assert clock.next_at(mailbox) is None
+    late, early = clock.schedule(mailbox, 9.0), clock.schedule(mailbox, 4.0)
+    assert clock.next_at(mailbox) == 4.0  # announced, not yet computed: still a bound
+    early.put("early", delay=2.0)  # its upload makes it later than announced
+    late.put("late")
+    assert clock.next_at(mailbox) == 4.0  # a lower bound until the clock looks
+    assert clock.wait(mailbox, None) == "early" and clock.now() == 6.0
+    assert clock.next_at(mailbox) == 9.0
+    mailbox.put("unannounced")  # waiting in the mailbox: it enters now
+    assert clock.next_at(mailbox) == 6.0
+    replies = Replies(clock)
+    assert not replies.may_arrive_by(clock.now())
+    replies.expect(clock.now() + 1.0)
+    assert not replies.may_arrive_by(clock.now()) and replies.may_arrive_by(clock.now() + 1.0)
+    assert Replies(SystemClock()).may_arrive_by(0.0)  # only get() knows on a real clock
+
+
 def test_a_deadline_before_the_next_arrival_passes_at_once():
     clock = VirtualClock()
     mailbox: queue.SimpleQueue[str] = queue.SimpleQueue()

@@ -241,6 +241,16 @@ class VirtualClock:
             entry = self._pending.get(id(mailbox))
             return 0 if entry is None else len(entry[1])
 
+    def next_at(self, mailbox: queue.SimpleQueue[T]) -> float | None:
+        """The earliest time anything can enter ``mailbox``: now if an unannounced item
+        waits in it, else the earliest time announced for it (a lower bound: an item put
+        with a delay comes later), ``None`` if nothing is announced."""
+        with self._cond:
+            if not mailbox.empty():
+                return self._now
+            entry = self._pending.get(id(mailbox))
+            return None if entry is None else entry[1][0][0]
+
     def wait(self, mailbox: queue.SimpleQueue[T], deadline: float | None) -> T:
         with self._cond:
             while True:

@@ -298,7 +298,8 @@ class _AsyncRun:
             # published) before the freed slots are refilled, so they train on the
             # newest model: with equal latencies and buffer_size == concurrency this is
             # synchronous FedAvg.
-            reply = self.replies.get(now)
+            # (on the virtual clock the announced arrivals tell, without a wait)
+            reply = self.replies.get(now) if self.replies.may_arrive_by(now) else None
             if reply is None:
                 self._dispatch(self.freed)
                 self.freed = 0

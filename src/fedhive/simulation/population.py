@@ -153,7 +153,7 @@ class PopulationClientManager:
         needed = max(num_clients, min_num_clients or 0)
         if excluding_alone(criterion, num_clients, needed):
             # [] when fewer than num_clients (== needed) are allowed, as below
-            ids = sample_excluding(self._rng, self.n, num_clients, self._id_at, criterion.ids)
+            ids = sample_excluding(self._rng, self.n, num_clients, self._id, criterion.ids)
             return [ClientProxy(cid) for cid in ids]
         if criterion is not None:
             ids = [

@@ -314,6 +314,8 @@ class SystemModel:
     def _draws(self, task: Message) -> tuple[float, bool, float]:
         """The task's own draws: (jitter factor, dropped, where it drops)."""
         meta = task.metadata
+        if not self.jitter and not self.dropout:
+            return 1.0, False, 1.0  # nothing drawn would be used
         draws = self._task_draws.get(meta.seed)
         if draws is None:
             rng = np.random.default_rng(derive_seed(self.seed, 0, str(meta.seed), "system-task"))

@@ -133,6 +133,16 @@ class Replies:
                 self._current = release
         return reply
 
+    def may_arrive_by(self, at: float) -> bool:
+        """Whether a reply may arrive by clock time ``at``: on a
+        :class:`~fedhive.common.clock.VirtualClock`, whether one is waiting or announced
+        for ``at`` or earlier; on other clocks always ``True`` (only :meth:`get` knows)."""
+        clock = self.clock
+        if not isinstance(clock, VirtualClock):
+            return True
+        first = clock.next_at(self._mailbox)
+        return first is not None and first <= at
+
     def done(self) -> None:
         """The consumer is done with the reply it took last: release it now (before it
         waits on another mailbox, say) rather than at the next :meth:`get`."""

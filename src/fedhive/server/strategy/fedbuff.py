@@ -61,10 +61,12 @@ class FedBuff(AsynchronousStrategy):
     and FedBuff is FedAvg, bit for bit (tested).
 
     Memory: three float64 model-sized accumulators while a buffer fills (the weighted
-    sum of the models, the staleness correction ``sum n s (x - x_b)``, the current
-    model) plus one model per older version a client is still training on (at most
-    ``concurrency``). The open buffer is part of :meth:`state_dict`, so a checkpoint
-    taken mid-buffer resumes with it.
+    sum of the models, the staleness correction ``sum n s (x - x_b)`` of a restored
+    buffer, scratch) plus one model per older version a client is still training on (at
+    most ``concurrency``) or that a result in the open buffer trained on: the correction
+    is kept as one weight per base model and expanded when the version is published.
+    The open buffer is part of :meth:`state_dict`, so a checkpoint taken mid-buffer
+    resumes with it.
 
     Example::
 
@@ -178,7 +180,11 @@ class _Buffer:
         self.server_round = server_round
         self.reference = reference
         self.a = [np.zeros(r.shape, np.float64) for r in reference]  # sum n s y
-        self.c = [np.zeros(r.shape, np.float64) for r in reference]  # sum n s (x - x_b)
+        #: sum n s (x - x_b) of a restored buffer (else zeros); the results folded here add
+        #: theirs as one weight per base model (:attr:`bases`), expanded by :attr:`c`
+        self.c0 = [np.zeros(r.shape, np.float64) for r in reference]
+        #: id of a base model -> (that model, sum n s of the results trained on it)
+        self.bases: dict[int, tuple[NDArrays, float]] = {}
         self.scratch = [np.empty(r.shape, np.float64) for r in reference]
         self.s = 0.0  # sum n s
         self.n = 0.0  # sum n
@@ -201,16 +207,25 @@ class _Buffer:
         ):
             np.multiply(y, ns, out=tmp, dtype=np.float64)
             acc += tmp
-        if staleness > 0:
-            for acc, x, b, tmp in zip(self.c, self.reference, base, self.scratch, strict=True):
-                np.subtract(x, b, out=tmp, dtype=np.float64)
-                tmp *= ns
-                acc += tmp
+        if staleness > 0:  # results on one base share one (x - x_b), expanded once
+            _, total = self.bases.get(id(base), (base, 0.0))
+            self.bases[id(base)] = (base, total + ns)
         self.s += ns
         self.n += n
         self.count += 1
         self.staleness.append(staleness)
         self.metrics.append((result.num_examples, result.metrics))
+
+    @property
+    def c(self) -> list[NDArray]:
+        """``sum n s (x - x_b)`` over the results folded so far (new arrays)."""
+        out = [c.copy() for c in self.c0]
+        for base, weight in self.bases.values():
+            for acc, x, b, tmp in zip(out, self.reference, base, self.scratch, strict=True):
+                np.subtract(x, b, out=tmp, dtype=np.float64)
+                tmp *= weight
+                acc += tmp
+        return out
 
     def add_failure(self, failure: BaseException) -> None:
         self.strategy.failed(failure)
@@ -270,6 +285,6 @@ class _Buffer:
                 "the saved FedBuff buffer does not match the model's layer shapes; the "
                 "checkpoint belongs to another model"
             )
-        self.a, self.c = saved["a"], saved["c"]
+        self.a, self.c0, self.bases = saved["a"], saved["c"], {}
         self.s, self.n, self.count = saved["s"], saved["n"], saved["count"]
         self.staleness, self.metrics = saved["staleness"], saved["metrics"]
