@@ -89,8 +89,7 @@ def _int_len(value: object) -> int:
     """Bytes of ``value``'s varint; -1 where it is not an int in range."""
     if type(value) is not int or not _LO <= value <= _HI:
         return -1
-    bits = (2 * value if value >= 0 else -2 * value - 1).bit_length()
-    return 1 if bits <= 7 else -(-bits // 7)
+    return _varint_len(_zigzag(value))
 
 
 def _text_len(value: object) -> int:
