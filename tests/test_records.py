@@ -123,6 +123,23 @@ def test_extras_survive_pickling_as_the_process_backend_sends_them():
     assert back == res and same_records(back.extras, side_data())
 
 
+def test_messages_pickle_field_for_field_tasks_replies_and_errors():
+    """Metadata and Message pickle as tuples of their fields (what Ray and the process
+    backend send per task): every field comes back, and a reply keeps its link."""
+    ins = FitIns(ndarrays_to_parameters([np.ones(2)]), {"lr": 0.1})
+    task = Message.task(run_id=7, node_id="n-1", server_round=3, model_version=2,
+                        message_type=MessageType.FIT, seed=2**63 - 1, content=ins)  # fmt: skip
+    reply = task.reply(FitRes(Status(), ndarrays_to_parameters([np.zeros(2)]), 5, {"loss": 1.0}))
+    for message in (task, reply, task.error_reply("boom")):
+        back = pickle.loads(pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL))
+        assert type(back.metadata) is Metadata and back.metadata == message.metadata
+        assert dataclasses.astuple(back.metadata) == dataclasses.astuple(message.metadata)
+        assert back.error == message.error and back.content == message.content
+    assert pickle.loads(pickle.dumps(reply)).metadata.reply_to == task.metadata.message_id
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        pickle.loads(pickle.dumps(task)).metadata.seed = 0  # still frozen
+
+
 # -- SCAFFOLD's variates as a named record ----------------------------------------------------
 
 
