@@ -59,8 +59,8 @@ class Metadata:
 
     def __reduce__(self) -> tuple[type[Metadata], tuple[Any, ...]]:
         # as a tuple of its fields: a slots dataclass otherwise pickles through
-        # dataclasses.fields() per object, several times slower (a Ray batch pickles one
-        # per task, twice)
+        # dataclasses.fields() per object, about twice as slow (the process and Ray
+        # backends pickle one per task each way)
         return (
             Metadata,
             (
