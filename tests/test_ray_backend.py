@@ -135,6 +135,44 @@ def test_ray_gives_the_thread_history_and_leaves_a_session_it_did_not_start(ray_
     assert ray.is_initialized()  # joined, so not shut down
 
 
+def test_replies_come_with_their_wire_length_measured_by_the_actor(ray_session, monkeypatch):
+    from fedhive.simulation import ray_backend
+    from fedhive.transport.base import wire_length
+
+    driver_counts = []
+    monkeypatch.setattr(
+        ray_backend, "wire_length", lambda m: driver_counts.append(m) or wire_length(m)
+    )
+    store = StateStore()
+    nodes = list("abcde")
+    setup = ClientSetup(
+        app=ClientApp(no_client, [CountTasks()]), store=store,
+        node_configs={n: {} for n in nodes}, run_config={}, num_workers=2,
+    )  # fmt: skip
+    backend = RayBackend()
+    transport = backend.start(setup)
+    try:
+        tasks = [
+            Message.task(run_id=1, node_id=n, server_round=1, model_version=0,
+                         message_type=MessageType.FIT,
+                         content=FitIns(ndarrays_to_parameters([np.zeros(2)]), {}))
+            for n in nodes
+        ]  # fmt: skip
+        replies = Replies()
+        transport.send(tasks, replies)
+        deadline = time.monotonic() + 60.0
+        got = [replies.get(deadline) for _ in tasks]
+        assert all(r is not None and r.error is None for r in got)
+        sizes = [transport.wire_bytes(r) for r in got]
+        assert sizes == [wire_length(r) for r in got]
+        assert driver_counts == []  # every length came from an actor
+        assert transport.wire_bytes(tasks[0]) == wire_length(tasks[0])  # a task: computed
+        assert driver_counts == [tasks[0]]
+    finally:
+        backend.close()
+        store.close()
+
+
 @pytest.mark.slow
 def test_actors_keep_the_client_app_between_tasks(ray_session):
     backend = RayBackend()

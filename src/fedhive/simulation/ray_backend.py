@@ -52,7 +52,7 @@ from fedhive.simulation.backends import Backend, ClientSetup
 from fedhive.simulation.limits import NodeLimits, cgroup_limits, node_limits, physical_memory
 from fedhive.simulation.ray_feed import DEPTH, ActorFeed, FeedItem
 from fedhive.simulation.runner import private_copy
-from fedhive.transport.base import Replies, Transport
+from fedhive.transport.base import Replies, Transport, wire_length
 from fedhive.transport.inprocess import InProcessTransport
 
 __all__ = ["RayBackend", "RayTransport"]
@@ -63,6 +63,7 @@ log = logging.getLogger("fedhive")
 RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory")
 _IGNORED = ("actor_type", "actor_kwargs")
 _MAX_INFLIGHT = 1024  # tasks on the actors at once, whatever the pool's size
+_WIRE_MEMO = 4096  # replies' wire lengths kept until the engine counts them
 
 
 def _import_ray() -> Any:
@@ -104,13 +105,15 @@ class _ClientActor:
         specs: list[tuple[Message, int, dict[str, Any], RecordDict | None]],
         run_config: dict[str, Any],
         *models: Any,
-    ) -> tuple[list[tuple[Message, RecordDict | None]], float]:
+    ) -> tuple[list[tuple[Message, RecordDict | None, int]], float]:
         """Run tasks in order; each spec is (task, its model's index into ``models`` or -1,
         the client's node_config, its state or ``None`` for an empty one). Returns the
         replies with the clients' states (``None``: empty before and after, nothing to
-        store), and the seconds taken."""
+        store) and the replies' lengths on the wire (:func:`wire_length`, measured here
+        so that the driver, which every reply goes through, need not), and the seconds
+        taken."""
         start = time.perf_counter()
-        out: list[tuple[Message, RecordDict | None]] = []
+        out: list[tuple[Message, RecordDict | None, int]] = []
         for task, index, node_config, state in specs:
             context = Context(
                 node_id=task.metadata.node_id,
@@ -120,7 +123,8 @@ class _ClientActor:
                 seed=task.metadata.seed,
             )
             reply, after = self.run(task, None if index < 0 else models[index], context)
-            out.append((reply, None if state is None and after.is_empty() else after))
+            kept = None if state is None and after.is_empty() else after
+            out.append((reply, kept, wire_length(reply)))
         return out, time.perf_counter() - start
 
 
@@ -251,6 +255,8 @@ class RayTransport(Transport):
         self._models = _ModelRefs(ray)
         self._lock = threading.Lock()
         self._tasks: dict[str, tuple[Replies, Any]] = {}
+        # reply message id -> its wire length, as its actor measured it (wire_bytes)
+        self._wire: dict[str, int] = {}
         self.feed = ActorFeed(
             ray,
             pool,
@@ -311,7 +317,20 @@ class RayTransport(Transport):
             reply = item.task.error_reply(f"client {item.task.metadata.node_id!r} got no reply")
         if isinstance(state, RecordDict):
             self.setup.store.put(item.task.metadata.node_id, state)
+        if item.wire is not None:
+            with self._lock:
+                memo = self._wire
+                while len(memo) >= _WIRE_MEMO:
+                    del memo[next(iter(memo))]
+                memo[reply.metadata.message_id] = item.wire
         answer(reply)
+
+    def wire_bytes(self, message: Message) -> int:
+        """A reply's length as its actor measured it; otherwise (tasks, failures made
+        here) computed."""
+        with self._lock:
+            size = self._wire.pop(message.metadata.message_id, None)
+        return wire_length(message) if size is None else size
 
     def close(self) -> None:
         self.feed.close()
@@ -319,6 +338,7 @@ class RayTransport(Transport):
         with self._lock:
             self._tasks.clear()
         self._models.clear()
+        self._wire.clear()
 
 
 def _resources(client_resources: Mapping[str, float]) -> dict[str, float]:

@@ -53,7 +53,7 @@ _FINISHING = threading.Lock()  # makes an item's outcome final
 
 @dataclass(eq=False)
 class FeedItem:
-    """One task for an actor, and (once :attr:`done` is set) its outcome."""
+    """One task for an actor, and (once :attr:`finished`) its outcome."""
 
     task: Message  # as the engine sent it (failures reply to it)
     sent: Message  # what travels: without the model, which goes by reference
@@ -63,20 +63,35 @@ class FeedItem:
     solo: bool = False  # retried after a batch failed: runs in a call of its own
     reply: Message | None = None
     state: RecordDict | None = None
-    done: threading.Event = field(default_factory=threading.Event)
+    wire: int | None = None  # the reply's wire length, when its actor measured it
+    finished: bool = False
     #: called once with the finished item, on the thread that finished it
     on_done: Callable[[FeedItem], None] | None = None
+    # made only for a caller that waits (:attr:`done`): a round makes an item per task
+    _event: threading.Event | None = field(default=None, repr=False)
+
+    @property
+    def done(self) -> threading.Event:
+        """An event set once the item is finished."""
+        with _FINISHING:
+            if self._event is None:
+                self._event = threading.Event()
+                if self.finished:
+                    self._event.set()
+            return self._event
 
     def fail(self, reason: str) -> None:
         self.finish(self.task.error_reply(reason), None)
 
-    def finish(self, reply: Message, state: RecordDict | None) -> None:
+    def finish(self, reply: Message, state: RecordDict | None, wire: int | None = None) -> None:
         """Set the outcome; only the first one counts (a late failure changes nothing)."""
         with _FINISHING:
-            if self.done.is_set():
+            if self.finished:
                 return
-            self.reply, self.state = reply, state
-            self.done.set()
+            self.reply, self.state, self.wire = reply, state, wire
+            self.finished = True
+            if self._event is not None:
+                self._event.set()
         if self.on_done is not None:
             try:
                 self.on_done(self)
@@ -373,9 +388,9 @@ class _Feeder:
             )
             return
         nbytes = 0
-        for item, (reply, state) in zip(items, results, strict=True):
+        for item, (reply, state, wire) in zip(items, results, strict=True):
             nbytes += reply_nbytes(reply)
-            item.finish(reply, state)
+            item.finish(reply, state, wire)
         self.feed.learn(len(items), float(seconds), nbytes)
 
     def _lost(self) -> None:
