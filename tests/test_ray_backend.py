@@ -173,6 +173,26 @@ def test_replies_come_with_their_wire_length_measured_by_the_actor(ray_session, 
         store.close()
 
 
+class BigReply:
+    """A mod that answers with ``size`` float32 values of the node's number."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, message: Message, context: Context, call_next) -> Message:
+        value = float(ord(message.metadata.node_id))
+        records = {"big": {"x": np.full(self.size, value, np.float32)}}
+        return message.reply(RecordDict(array_records=records))
+
+
+@pytest.mark.parametrize("size", [16, 600_000])  # one pickle per batch / Ray's own, by size
+def test_small_and_large_replies_come_back_whole(ray_session, size):
+    replies = run_tasks(RayBackend(), ClientApp(no_client, [BigReply(size)]), list("abcd"))
+    for reply in replies:
+        x = reply.content.array_records["big"]["x"]
+        assert x.shape == (size,) and (x == ord(reply.metadata.node_id)).all()
+
+
 @pytest.mark.slow
 def test_actors_keep_the_client_app_between_tasks(ray_session):
     backend = RayBackend()

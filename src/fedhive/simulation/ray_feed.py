@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import pickle
 import re
 import threading
 import time
@@ -37,9 +38,9 @@ from typing import Any
 
 from fedhive.client.context import Context
 from fedhive.common.message import Message
-from fedhive.common.records import RecordDict
+from fedhive.common.records import Parameters, RecordDict
 from fedhive.transport.base import Replies
-from fedhive.transport.inprocess import reply_nbytes
+from fedhive.transport.inprocess import parameters_nbytes, reply_nbytes
 
 __all__ = ["ActorFeed", "FeedItem"]
 
@@ -48,6 +49,9 @@ log = logging.getLogger("fedhive")
 #: Calls queued on one actor at once: the running one and the next.
 DEPTH = 2
 _SMOOTHING = 0.3  # weight of the newest batch in the running estimates
+#: A batch whose arrays (models aside, which go by reference) take at most this many bytes
+#: travels to and from its actor as one plain pickle (see ``_ClientActor.run_batch``).
+INBAND_BYTES = 1 << 20
 _FINISHING = threading.Lock()  # makes an item's outcome final
 
 
@@ -317,7 +321,9 @@ class _Feeder:
             )
         self.feed.calls += 1
         run_config = batch[0].context.run_config  # one transport's tasks share it
-        call = _Call(self.actor.run_batch.remote(specs, run_config, *models), batch)
+        small = sum(message_nbytes(s[0]) + (0 if s[3] is None else s[3].nbytes()) for s in specs)
+        sent = pickle.dumps(specs, protocol=5) if small <= INBAND_BYTES else specs
+        call = _Call(self.actor.run_batch.remote(sent, run_config, *models), batch)
         if not self.inflight:
             call.started = time.monotonic()
         return call
@@ -387,6 +393,8 @@ class _Feeder:
                 f"client {items[0].task.metadata.node_id!r} failed on Ray: {_reason(exc)}"
             )
             return
+        if isinstance(results, bytes):
+            results = pickle.loads(results)
         nbytes = 0
         for item, (reply, state, wire) in zip(items, results, strict=True):
             nbytes += reply_nbytes(reply)
@@ -402,6 +410,17 @@ class _Feeder:
     def _requeue_inflight(self) -> None:
         calls, self.inflight = list(self.inflight), collections.deque()
         self.feed.requeue([item for call in calls for item in call.items], solo=False)
+
+
+def message_nbytes(message: Message) -> int:
+    """Bytes of the arrays a task or reply holds (its parameters, records and extras)."""
+    content = message.content
+    parameters = getattr(content, "parameters", None)
+    size = parameters_nbytes(parameters) if isinstance(parameters, Parameters) else 0
+    if isinstance(content, RecordDict):
+        size += content.nbytes()
+    extras = getattr(content, "extras", None)
+    return size + extras.nbytes() if isinstance(extras, RecordDict) else size
 
 
 def _reason(exc: BaseException) -> str:

@@ -64,6 +64,7 @@ __all__ = [
     "Latency",
     "TaskRunner",
     "TaskStarter",
+    "parameters_nbytes",
     "reply_nbytes",
 ]
 
@@ -83,7 +84,8 @@ _WIRE_MEMO = 1024
 _Key = tuple[float, int, int]
 
 
-def _parameters_nbytes(parameters: Parameters) -> int:
+def parameters_nbytes(parameters: Parameters) -> int:
+    """Bytes of the arrays (or tensors) ``parameters`` holds."""
     try:
         arrays = parameters.arrays
     except SerdeError:  # tensors of a type only the strategy understands
@@ -99,10 +101,10 @@ def reply_nbytes(reply: Message) -> int:
     content = reply.content
     if isinstance(content, FitRes):
         extras = content.extras
-        size = _parameters_nbytes(content.parameters)
+        size = parameters_nbytes(content.parameters)
         return size + extras.nbytes() if extras.array_records else size
     if isinstance(content, GetParametersRes):
-        return _parameters_nbytes(content.parameters)
+        return parameters_nbytes(content.parameters)
     if isinstance(content, RecordDict):
         return content.nbytes()
     return 0
