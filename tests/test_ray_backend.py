@@ -313,6 +313,34 @@ def test_batches_follow_what_clients_cost():
         feed.close()
 
 
+def test_a_call_queued_behind_a_running_one_takes_only_a_full_batch():
+    from fedhive.simulation.ray_feed import ActorFeed, FeedItem
+
+    class NoActors:
+        live = ()
+
+    def item(n: int) -> FeedItem:
+        task = Message.task(
+            run_id=1, node_id=str(n), server_round=1, model_version=0,
+            message_type=MessageType.FIT, content=FitIns(ndarrays_to_parameters([]), {}),
+        )  # fmt: skip
+        context = Context(node_id=str(n), node_config={}, state=RecordDict(), run_config={})
+        return FeedItem(task, task, None, context, None)
+
+    feed = ActorFeed(None, NoActors(), task_timeout=10.0, start_timeout=1.0, tick=0.1)
+    try:
+        feed.learn(8, 8 * 1e-4, 8 * 100)  # cheap: batches of max_batch (32)
+        feed.submit([item(n) for n in range(20)])
+        assert feed.take(block=False, full=True) == []  # 20 queued: wait for more
+        assert len(feed.take(block=False)) == 20  # an idle actor takes what there is
+        feed.submit([item(n) for n in range(40)])
+        assert len(feed.take(block=False, full=True)) == 32
+        assert feed.take(block=False, full=True) == []
+        assert len(feed.take(block=True, full=True)) == 8  # blocking: never waits for more
+    finally:
+        feed.close()
+
+
 @pytest.mark.slow
 def test_cheap_tasks_share_calls_and_a_crash_in_a_batch_fails_its_task_only(ray_session):
     nodes = [f"n{i}" for i in range(40)]

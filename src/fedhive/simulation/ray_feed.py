@@ -177,17 +177,20 @@ class ActorFeed:
         by_bytes = int(self.batch_bytes / max(self.reply_bytes, 1.0))
         return max(1, min(self.max_batch, by_time, by_bytes))
 
-    def take(self, block: bool) -> list[FeedItem] | None:
-        """The next batch; ``[]`` if none is queued and ``block`` is false; ``None`` once
-        closed. Tasks of a finished round are failed here, never sent. A task to run alone
-        goes only to an idle actor (``block``): a call queued behind it, or one before it,
-        could kill the actor and leave it to blame."""
+    def take(self, block: bool, full: bool = False) -> list[FeedItem] | None:
+        """The next batch; ``[]`` if none is queued and ``block`` is false (or, with
+        ``full``, fewer than a batch); ``None`` once closed. Tasks of a finished round are
+        failed here, never sent. A task to run alone goes only to an idle actor
+        (``block``): a call queued behind it, or one before it, could kill the actor and
+        leave it to blame."""
         with self._cond:
             while True:
                 if self._closed:
                     return None
                 batch: list[FeedItem] = []
                 size = self.batch_size()
+                if full and not block and len(self._queue) < size:
+                    return batch
                 while self._queue and len(batch) < size:
                     item = self._queue[0]
                     if item.abandoned:
@@ -296,7 +299,9 @@ class _Feeder:
 
     def _fill(self) -> bool:
         while len(self.inflight) < DEPTH and not any(c.items[0].solo for c in self.inflight):
-            batch = self.feed.take(block=not self.inflight)
+            # behind a running call only a full batch goes: a partial one would split the
+            # tasks that arrive meanwhile into many small calls
+            batch = self.feed.take(block=not self.inflight, full=bool(self.inflight))
             if batch is None:
                 return False
             if not batch:
