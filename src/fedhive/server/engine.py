@@ -29,6 +29,7 @@ from typing import Any, Protocol
 
 from fedhive.common.clock import Clock, SystemClock, VirtualClock
 from fedhive.common.errors import ClientFailure, ConfigError
+from fedhive.common.heap import gc_frozen
 from fedhive.common.message import Message, MessageType, derive_seed
 from fedhive.common.records import (
     EvaluateRes,
@@ -381,7 +382,8 @@ class Engine:
                 self._refused = list(pending.get("refused", []))
                 self._wire = {cid: list(c) for cid, c in pending.get("wire", {}).items()}
                 self._complete_round(pending["record"])
-            self.policy.drive(self, until)
+            with gc_frozen():
+                self.policy.drive(self, until)
         finally:
             for cb in self.callbacks:
                 cb.on_run_end(self, self.history)

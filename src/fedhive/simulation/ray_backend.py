@@ -31,6 +31,7 @@ deadline.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import os
@@ -82,6 +83,7 @@ class _ClientActor:
         self.app = app
         self.threads = threads
         self.torch_ready = False
+        self.frozen = False
         os.environ["OMP_NUM_THREADS"] = str(threads)
 
     def ready(self) -> int:
@@ -131,6 +133,9 @@ class _ClientActor:
             reply, after = self.run(task, None if index < 0 else models[index], context)
             kept = None if state is None and after.is_empty() else after
             out.append((reply, kept, wire_length(reply)))
+        if not self.frozen:  # what the app and its first tasks imported: see common.heap
+            self.frozen = True
+            gc.freeze()
         if sum(message_nbytes(r) + _state_nbytes(s) for r, s, _ in out) <= INBAND_BYTES:
             return pickle.dumps(out, protocol=5), time.perf_counter() - start
         return out, time.perf_counter() - start
