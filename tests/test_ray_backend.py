@@ -173,6 +173,39 @@ def test_replies_come_with_their_wire_length_measured_by_the_actor(ray_session, 
         store.close()
 
 
+def test_a_state_that_cannot_be_read_fails_its_task_only(ray_session):
+    class BrokenForB(StateStore):
+        def get(self, node_id):
+            if node_id == "b":
+                raise OSError("disk gone")
+            return super().get(node_id)
+
+    store = BrokenForB()
+    nodes = list("abc")
+    setup = ClientSetup(
+        app=ClientApp(no_client, [CountTasks()]), store=store,
+        node_configs={n: {} for n in nodes}, run_config={}, num_workers=2,
+    )  # fmt: skip
+    backend = RayBackend()
+    transport = backend.start(setup)
+    try:
+        tasks = [
+            Message.task(run_id=1, node_id=n, server_round=1, model_version=0,
+                         message_type=MessageType.FIT,
+                         content=FitIns(ndarrays_to_parameters([np.zeros(2)]), {}))
+            for n in nodes
+        ]  # fmt: skip
+        replies = Replies()
+        transport.send(tasks, replies)
+        deadline = time.monotonic() + 60.0
+        got = {r.metadata.node_id: r for r in (replies.get(deadline) for _ in tasks)}
+        assert got["b"].error == "OSError: disk gone"
+        assert got["a"].error is None and got["c"].error is None
+    finally:
+        backend.close()
+        store.close()
+
+
 class BigReply:
     """A mod that answers with ``size`` float32 values of the node's number."""
 
@@ -298,7 +331,7 @@ def test_batches_follow_what_clients_cost():
     class NoActors:
         live = ()
 
-    feed = ActorFeed(None, NoActors(), task_timeout=10.0, start_timeout=1.0, tick=0.1)
+    feed = ActorFeed(None, NoActors(), task_timeout=10.0, start_timeout=1.0, tick=0.1, max_batch=32)
     try:
         assert feed.batch_size() == 1  # nothing known yet: one task per call
         feed.learn(32, 32 * 1e-4, 32 * 100)  # cheap and small: a full batch
@@ -327,7 +360,7 @@ def test_a_call_queued_behind_a_running_one_takes_only_a_full_batch():
         context = Context(node_id=str(n), node_config={}, state=RecordDict(), run_config={})
         return FeedItem(task, task, None, context, None)
 
-    feed = ActorFeed(None, NoActors(), task_timeout=10.0, start_timeout=1.0, tick=0.1)
+    feed = ActorFeed(None, NoActors(), task_timeout=10.0, start_timeout=1.0, tick=0.1, max_batch=32)
     try:
         feed.learn(8, 8 * 1e-4, 8 * 100)  # cheap: batches of max_batch (32)
         feed.submit([item(n) for n in range(20)])

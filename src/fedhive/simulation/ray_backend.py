@@ -261,7 +261,7 @@ class RayTransport(Transport):
         task_timeout: float | None = None,
         start_timeout: float = 120.0,
         tick: float = 0.25,
-        max_batch: int = 32,
+        max_batch: int = 128,
     ) -> None:
         self.ray = ray
         self.start_timeout = start_timeout
@@ -311,22 +311,21 @@ class RayTransport(Transport):
             if node_id not in configs:
                 answer(task.error_reply(f"no virtual client with id {node_id!r}"))
                 continue
-            try:
-                state = self.setup.store.get(node_id)
-            except Exception as exc:  # a state that cannot be read fails that task only
-                answer(task.error_reply(f"{type(exc).__name__}: {exc}"))
-                continue
-            context = Context(
-                node_id=node_id,
-                node_config=dict(configs[node_id]),
-                state=state,
-                run_config=dict(self.setup.run_config),
-                seed=task.metadata.seed,
-            )
             sent = task if model is None else _without_model(task, stripped)
             done = partial(self._finished, answer)
-            items.append(FeedItem(task, sent, model, context, replies, on_done=done))
+            load = partial(self._context, task)  # its state is read when it is sent
+            items.append(FeedItem(task, sent, model, None, replies, on_done=done, load=load))
         self.feed.submit(items)
+
+    def _context(self, task: Message) -> Context:
+        node_id = task.metadata.node_id
+        return Context(
+            node_id=node_id,
+            node_config=dict(self.setup.node_configs[node_id]),
+            state=self.setup.store.get(node_id),
+            run_config=dict(self.setup.run_config),
+            seed=task.metadata.seed,
+        )
 
     def _finished(self, answer: Callable[[Message], None], item: FeedItem) -> None:
         reply, state = item.reply, item.state
@@ -407,7 +406,7 @@ class RayBackend(Backend):
         *,
         task_timeout: float | None = None,
         start_timeout: float = 120.0,
-        max_batch: int = 32,
+        max_batch: int = 128,
     ) -> None:
         if task_timeout is not None and not task_timeout > 0:
             raise ConfigError(f"task_timeout must be > 0 seconds or None, got {task_timeout!r}")

@@ -62,7 +62,7 @@ class FeedItem:
     task: Message  # as the engine sent it (failures reply to it)
     sent: Message  # what travels: without the model, which goes by reference
     model: Any  # the model's object-store reference, or None
-    context: Context
+    context: Context | None  # None: made by ``load`` when the task is sent
     replies: Replies | None
     solo: bool = False  # retried after a batch failed: runs in a call of its own
     reply: Message | None = None
@@ -71,6 +71,9 @@ class FeedItem:
     finished: bool = False
     #: called once with the finished item, on the thread that finished it
     on_done: Callable[[FeedItem], None] | None = None
+    #: makes the context (reads the client's state) when the task goes into a call, so a
+    #: queued task holds no state
+    load: Callable[[], Context] | None = None
     # made only for a caller that waits (:attr:`done`): a round makes an item per task
     _event: threading.Event | None = field(default=None, repr=False)
 
@@ -125,7 +128,7 @@ class ActorFeed:
         task_timeout: float | None,
         start_timeout: float,
         tick: float,
-        max_batch: int = 32,
+        max_batch: int = 128,
         batch_seconds: float = 0.05,
         batch_bytes: int = 8 << 20,
     ) -> None:
@@ -306,13 +309,29 @@ class _Feeder:
                 return False
             if not batch:
                 break
-            self.inflight.append(self._submit(batch))
+            call = self._submit(batch)
+            if call is not None:
+                self.inflight.append(call)
         return True
 
-    def _submit(self, batch: list[FeedItem]) -> _Call:
+    def _submit(self, batch: list[FeedItem]) -> _Call | None:
         models: list[Any] = []
         specs = []
+        sent: list[FeedItem] = []
+        run_config: dict[str, Any] = {}
         for item in batch:
+            context = item.context
+            if context is None:
+                try:
+                    if item.load is None:
+                        raise RuntimeError("the task has neither a context nor a loader")
+                    context = item.context = item.load()
+                except Exception as exc:  # a state that cannot be read fails that task only
+                    item.fail(f"{type(exc).__name__}: {exc}")
+                    continue
+            if not sent:
+                run_config = context.run_config  # one transport's tasks share it
+            sent.append(item)
             index = -1
             if item.model is not None:
                 index = next((i for i, m in enumerate(models) if m is item.model), -1)
@@ -320,15 +339,16 @@ class _Feeder:
                     models.append(item.model)
                     index = len(models) - 1
             # the node id and seed travel in the task; an empty state as None
-            state = item.context.state
+            state = context.state
             specs.append(
-                (item.sent, index, item.context.node_config, None if state.is_empty() else state)
+                (item.sent, index, context.node_config, None if state.is_empty() else state)
             )
+        if not sent:
+            return None
         self.feed.calls += 1
-        run_config = batch[0].context.run_config  # one transport's tasks share it
         small = sum(message_nbytes(s[0]) + (0 if s[3] is None else s[3].nbytes()) for s in specs)
-        sent = pickle.dumps(specs, protocol=5) if small <= INBAND_BYTES else specs
-        call = _Call(self.actor.run_batch.remote(sent, run_config, *models), batch)
+        payload = pickle.dumps(specs, protocol=5) if small <= INBAND_BYTES else specs
+        call = _Call(self.actor.run_batch.remote(payload, run_config, *models), sent)
         if not self.inflight:
             call.started = time.monotonic()
         return call
@@ -402,7 +422,7 @@ class _Feeder:
             results = pickle.loads(results)
         nbytes = 0
         for item, (reply, state, wire) in zip(items, results, strict=True):
-            nbytes += reply_nbytes(reply)
+            nbytes += reply_nbytes(reply) + (state.nbytes() if state is not None else 0)
             item.finish(reply, state, wire)
         self.feed.learn(len(items), float(seconds), nbytes)
 
