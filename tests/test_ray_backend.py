@@ -6,6 +6,7 @@ need a session of their own (``ray start --head``, the backend starting Ray) are
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -94,6 +95,15 @@ def no_client(context: Context):
     raise AssertionError("the mod answers every task")
 
 
+def fit_tasks(nodes, server_round=1):
+    return [
+        Message.task(run_id=1, node_id=n, server_round=server_round, model_version=0,
+                     message_type=MessageType.FIT,
+                     content=FitIns(ndarrays_to_parameters([np.zeros(2)]), {}))
+        for n in nodes
+    ]  # fmt: skip
+
+
 def run_tasks(backend, app, nodes, rounds=1, timeout=60.0):
     """Send one batch per round to ``nodes`` through ``backend``; the replies in order."""
     store = StateStore()
@@ -104,12 +114,7 @@ def run_tasks(backend, app, nodes, rounds=1, timeout=60.0):
         transport = backend.start(setup)
         out = []
         for rnd in range(1, rounds + 1):
-            tasks = [
-                Message.task(run_id=1, node_id=n, server_round=rnd, model_version=0,
-                             message_type=MessageType.FIT,
-                             content=FitIns(ndarrays_to_parameters([np.zeros(2)]), {}))
-                for n in nodes
-            ]  # fmt: skip
+            tasks = fit_tasks(nodes, rnd)
             replies = Replies()
             transport.send(tasks, replies)
             deadline = time.monotonic() + timeout
@@ -135,6 +140,27 @@ def test_ray_gives_the_thread_history_and_leaves_a_session_it_did_not_start(ray_
     assert ray.is_initialized()  # joined, so not shut down
 
 
+@contextlib.contextmanager
+def one_round(store, nodes, timeout=60.0):
+    """The Ray backend started over ``store``, one fit task sent to each of ``nodes``
+    (answered by ``CountTasks``): (transport, tasks, replies in arrival order)."""
+    setup = ClientSetup(
+        app=ClientApp(no_client, [CountTasks()]), store=store,
+        node_configs={n: {} for n in nodes}, run_config={}, num_workers=2,
+    )  # fmt: skip
+    backend = RayBackend()
+    transport = backend.start(setup)
+    try:
+        tasks = fit_tasks(nodes)
+        replies = Replies()
+        transport.send(tasks, replies)
+        deadline = time.monotonic() + timeout
+        yield transport, tasks, [replies.get(deadline) for _ in tasks]
+    finally:
+        backend.close()
+        store.close()
+
+
 def test_replies_come_with_their_wire_length_measured_by_the_actor(ray_session, monkeypatch):
     from fedhive.simulation import ray_backend
     from fedhive.transport.base import wire_length
@@ -144,33 +170,13 @@ def test_replies_come_with_their_wire_length_measured_by_the_actor(ray_session, 
         ray_backend, "wire_length", lambda m: driver_counts.append(m) or wire_length(m)
     )
     store = StateStore()
-    nodes = list("abcde")
-    setup = ClientSetup(
-        app=ClientApp(no_client, [CountTasks()]), store=store,
-        node_configs={n: {} for n in nodes}, run_config={}, num_workers=2,
-    )  # fmt: skip
-    backend = RayBackend()
-    transport = backend.start(setup)
-    try:
-        tasks = [
-            Message.task(run_id=1, node_id=n, server_round=1, model_version=0,
-                         message_type=MessageType.FIT,
-                         content=FitIns(ndarrays_to_parameters([np.zeros(2)]), {}))
-            for n in nodes
-        ]  # fmt: skip
-        replies = Replies()
-        transport.send(tasks, replies)
-        deadline = time.monotonic() + 60.0
-        got = [replies.get(deadline) for _ in tasks]
+    with one_round(store, list("abcde")) as (transport, tasks, got):
         assert all(r is not None and r.error is None for r in got)
         sizes = [transport.wire_bytes(r) for r in got]
         assert sizes == [wire_length(r) for r in got]
         assert driver_counts == []  # every length came from an actor
         assert transport.wire_bytes(tasks[0]) == wire_length(tasks[0])  # a task: computed
         assert driver_counts == [tasks[0]]
-    finally:
-        backend.close()
-        store.close()
 
 
 def test_a_state_that_cannot_be_read_fails_its_task_only(ray_session):
@@ -180,30 +186,10 @@ def test_a_state_that_cannot_be_read_fails_its_task_only(ray_session):
                 raise OSError("disk gone")
             return super().get(node_id)
 
-    store = BrokenForB()
-    nodes = list("abc")
-    setup = ClientSetup(
-        app=ClientApp(no_client, [CountTasks()]), store=store,
-        node_configs={n: {} for n in nodes}, run_config={}, num_workers=2,
-    )  # fmt: skip
-    backend = RayBackend()
-    transport = backend.start(setup)
-    try:
-        tasks = [
-            Message.task(run_id=1, node_id=n, server_round=1, model_version=0,
-                         message_type=MessageType.FIT,
-                         content=FitIns(ndarrays_to_parameters([np.zeros(2)]), {}))
-            for n in nodes
-        ]  # fmt: skip
-        replies = Replies()
-        transport.send(tasks, replies)
-        deadline = time.monotonic() + 60.0
-        got = {r.metadata.node_id: r for r in (replies.get(deadline) for _ in tasks)}
+    with one_round(BrokenForB(), list("abc")) as (_, _, replies):
+        got = {r.metadata.node_id: r for r in replies}
         assert got["b"].error == "OSError: disk gone"
         assert got["a"].error is None and got["c"].error is None
-    finally:
-        backend.close()
-        store.close()
 
 
 class BigReply:
