@@ -35,7 +35,6 @@ import gc
 import logging
 import math
 import os
-import pickle
 import sys
 import threading
 import time
@@ -52,9 +51,9 @@ from fedhive.common.message import Message
 from fedhive.common.records import EvaluateIns, FitIns, Parameters, RecordDict
 from fedhive.simulation.backends import Backend, ClientSetup
 from fedhive.simulation.limits import NodeLimits, cgroup_limits, node_limits, physical_memory
-from fedhive.simulation.ray_feed import DEPTH, INBAND_BYTES, ActorFeed, FeedItem, message_nbytes
+from fedhive.simulation.ray_feed import DEPTH, ActorFeed, FeedItem
 from fedhive.simulation.runner import private_copy
-from fedhive.transport.base import Replies, Transport, wire_length
+from fedhive.transport.base import Replies, Transport, content_length
 from fedhive.transport.inprocess import InProcessTransport
 
 __all__ = ["RayBackend", "RayTransport"]
@@ -65,7 +64,6 @@ log = logging.getLogger("fedhive")
 RESOURCE_KEYS = ("num_cpus", "num_gpus", "memory")
 _IGNORED = ("actor_type", "actor_kwargs")
 _MAX_INFLIGHT = 1024  # tasks on the actors at once, whatever the pool's size
-_WIRE_MEMO = 4096  # replies' wire lengths kept until the engine counts them
 
 
 def _import_ray() -> Any:
@@ -105,24 +103,19 @@ class _ClientActor:
 
     def run_batch(
         self,
-        specs: list[tuple[Message, int, dict[str, Any], RecordDict | None]] | bytes,
+        specs: list[tuple[Message, int, dict[str, Any], RecordDict | None]],
         run_config: dict[str, Any],
         *models: Any,
-    ) -> tuple[list[tuple[Message, RecordDict | None, int]] | bytes, float]:
+    ) -> tuple[list[tuple[Message, RecordDict | None, int]], float]:
         """Run tasks in order; each spec is (task, its model's index into ``models`` or -1,
         the client's node_config, its state or ``None`` for an empty one). Returns the
         replies with the clients' states (``None``: empty before and after, nothing to
-        store) and the replies' lengths on the wire (:func:`wire_length`, measured here
-        so that the driver, which every reply goes through, need not), and the seconds
-        taken.
-
-        Small batches travel as one pickle each way (:data:`INBAND_BYTES`): Ray's own
-        serialization, which keeps each array out of band for a zero-copy read, costs
-        about 1 ms a call for a batch of 30 small messages, a plain pickle a tenth."""
+        store) and the lengths of the replies' encoded contents (:func:`content_length`,
+        for the byte counts: measured here so that the driver, which every reply goes
+        through, need not), and the seconds taken."""
         start = time.perf_counter()
-        batch = pickle.loads(specs) if isinstance(specs, bytes) else specs
         out: list[tuple[Message, RecordDict | None, int]] = []
-        for task, index, node_config, state in batch:
+        for task, index, node_config, state in specs:
             context = Context(
                 node_id=task.metadata.node_id,
                 node_config=node_config,
@@ -132,17 +125,11 @@ class _ClientActor:
             )
             reply, after = self.run(task, None if index < 0 else models[index], context)
             kept = None if state is None and after.is_empty() else after
-            out.append((reply, kept, wire_length(reply)))
+            out.append((reply, kept, content_length(reply)))
         if not self.frozen:  # what the app and its first tasks imported: see common.heap
             self.frozen = True
             gc.freeze()
-        if sum(message_nbytes(r) + _state_nbytes(s) for r, s, _ in out) <= INBAND_BYTES:
-            return pickle.dumps(out, protocol=5), time.perf_counter() - start
         return out, time.perf_counter() - start
-
-
-def _state_nbytes(state: RecordDict | None) -> int:
-    return 0 if state is None else state.nbytes()
 
 
 def _without_model(task: Message, stripped: dict[int, Any]) -> Message:
@@ -272,8 +259,6 @@ class RayTransport(Transport):
         self._models = _ModelRefs(ray)
         self._lock = threading.Lock()
         self._tasks: dict[str, tuple[Replies, Any]] = {}
-        # reply message id -> its wire length, as its actor measured it (wire_bytes)
-        self._wire: dict[str, int] = {}
         self.feed = ActorFeed(
             ray,
             pool,
@@ -333,20 +318,12 @@ class RayTransport(Transport):
             reply = item.task.error_reply(f"client {item.task.metadata.node_id!r} got no reply")
         if isinstance(state, RecordDict):
             self.setup.store.put(item.task.metadata.node_id, state)
-        if item.wire is not None:
-            with self._lock:
-                memo = self._wire
-                while len(memo) >= _WIRE_MEMO:
-                    del memo[next(iter(memo))]
-                memo[reply.metadata.message_id] = item.wire
+        if item.content_bytes is not None:  # measured by the actor
+            self._inner.remember_content_length(reply, item.content_bytes)
         answer(reply)
 
     def wire_bytes(self, message: Message) -> int:
-        """A reply's length as its actor measured it; otherwise (tasks, failures made
-        here) computed."""
-        with self._lock:
-            size = self._wire.pop(message.metadata.message_id, None)
-        return wire_length(message) if size is None else size
+        return self._inner.wire_bytes(message)
 
     def close(self) -> None:
         self.feed.close()
@@ -354,7 +331,6 @@ class RayTransport(Transport):
         with self._lock:
             self._tasks.clear()
         self._models.clear()
-        self._wire.clear()
 
 
 def _resources(client_resources: Mapping[str, float]) -> dict[str, float]:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import pickle
 import re
 import threading
 import time
@@ -38,9 +37,9 @@ from typing import Any
 
 from fedhive.client.context import Context
 from fedhive.common.message import Message
-from fedhive.common.records import Parameters, RecordDict
+from fedhive.common.records import RecordDict
 from fedhive.transport.base import Replies
-from fedhive.transport.inprocess import parameters_nbytes, reply_nbytes
+from fedhive.transport.inprocess import reply_nbytes
 
 __all__ = ["ActorFeed", "FeedItem"]
 
@@ -49,9 +48,6 @@ log = logging.getLogger("fedhive")
 #: Calls queued on one actor at once: the running one and the next.
 DEPTH = 2
 _SMOOTHING = 0.3  # weight of the newest batch in the running estimates
-#: A batch whose arrays (models aside, which go by reference) take at most this many bytes
-#: travels to and from its actor as one plain pickle (see ``_ClientActor.run_batch``).
-INBAND_BYTES = 1 << 20
 _FINISHING = threading.Lock()  # makes an item's outcome final
 
 
@@ -67,7 +63,7 @@ class FeedItem:
     solo: bool = False  # retried after a batch failed: runs in a call of its own
     reply: Message | None = None
     state: RecordDict | None = None
-    wire: int | None = None  # the reply's wire length, when its actor measured it
+    content_bytes: int | None = None  # the reply's encoded content, as its actor measured
     finished: bool = False
     #: called once with the finished item, on the thread that finished it
     on_done: Callable[[FeedItem], None] | None = None
@@ -76,6 +72,14 @@ class FeedItem:
     load: Callable[[], Context] | None = None
     # made only for a caller that waits (:attr:`done`): a round makes an item per task
     _event: threading.Event | None = field(default=None, repr=False)
+
+    def ready_context(self) -> Context:
+        """The task's context, made by :attr:`load` the first time (which may raise)."""
+        if self.context is None:
+            if self.load is None:
+                raise RuntimeError("the task has neither a context nor a loader")
+            self.context = self.load()
+        return self.context
 
     @property
     def done(self) -> threading.Event:
@@ -90,12 +94,14 @@ class FeedItem:
     def fail(self, reason: str) -> None:
         self.finish(self.task.error_reply(reason), None)
 
-    def finish(self, reply: Message, state: RecordDict | None, wire: int | None = None) -> None:
+    def finish(
+        self, reply: Message, state: RecordDict | None, content_bytes: int | None = None
+    ) -> None:
         """Set the outcome; only the first one counts (a late failure changes nothing)."""
         with _FINISHING:
             if self.finished:
                 return
-            self.reply, self.state, self.wire = reply, state, wire
+            self.reply, self.state, self.content_bytes = reply, state, content_bytes
             self.finished = True
             if self._event is not None:
                 self._event.set()
@@ -320,15 +326,11 @@ class _Feeder:
         sent: list[FeedItem] = []
         run_config: dict[str, Any] = {}
         for item in batch:
-            context = item.context
-            if context is None:
-                try:
-                    if item.load is None:
-                        raise RuntimeError("the task has neither a context nor a loader")
-                    context = item.context = item.load()
-                except Exception as exc:  # a state that cannot be read fails that task only
-                    item.fail(f"{type(exc).__name__}: {exc}")
-                    continue
+            try:
+                context = item.ready_context()
+            except Exception as exc:  # a state that cannot be read fails that task only
+                item.fail(f"{type(exc).__name__}: {exc}")
+                continue
             if not sent:
                 run_config = context.run_config  # one transport's tasks share it
             sent.append(item)
@@ -346,9 +348,7 @@ class _Feeder:
         if not sent:
             return None
         self.feed.calls += 1
-        small = sum(message_nbytes(s[0]) + (0 if s[3] is None else s[3].nbytes()) for s in specs)
-        payload = pickle.dumps(specs, protocol=5) if small <= INBAND_BYTES else specs
-        call = _Call(self.actor.run_batch.remote(payload, run_config, *models), sent)
+        call = _Call(self.actor.run_batch.remote(specs, run_config, *models), sent)
         if not self.inflight:
             call.started = time.monotonic()
         return call
@@ -418,12 +418,10 @@ class _Feeder:
                 f"client {items[0].task.metadata.node_id!r} failed on Ray: {_reason(exc)}"
             )
             return
-        if isinstance(results, bytes):
-            results = pickle.loads(results)
         nbytes = 0
-        for item, (reply, state, wire) in zip(items, results, strict=True):
+        for item, (reply, state, content_bytes) in zip(items, results, strict=True):
             nbytes += reply_nbytes(reply) + (state.nbytes() if state is not None else 0)
-            item.finish(reply, state, wire)
+            item.finish(reply, state, content_bytes)
         self.feed.learn(len(items), float(seconds), nbytes)
 
     def _lost(self) -> None:
@@ -435,17 +433,6 @@ class _Feeder:
     def _requeue_inflight(self) -> None:
         calls, self.inflight = list(self.inflight), collections.deque()
         self.feed.requeue([item for call in calls for item in call.items], solo=False)
-
-
-def message_nbytes(message: Message) -> int:
-    """Bytes of the arrays a task or reply holds (its parameters, records and extras)."""
-    content = message.content
-    parameters = getattr(content, "parameters", None)
-    size = parameters_nbytes(parameters) if isinstance(parameters, Parameters) else 0
-    if isinstance(content, RecordDict):
-        size += content.nbytes()
-    extras = getattr(content, "extras", None)
-    return size + extras.nbytes() if isinstance(extras, RecordDict) else size
 
 
 def _reason(exc: BaseException) -> str:

@@ -64,7 +64,6 @@ __all__ = [
     "Latency",
     "TaskRunner",
     "TaskStarter",
-    "parameters_nbytes",
     "reply_nbytes",
 ]
 
@@ -84,8 +83,7 @@ _WIRE_MEMO = 1024
 _Key = tuple[float, int, int]
 
 
-def parameters_nbytes(parameters: Parameters) -> int:
-    """Bytes of the arrays (or tensors) ``parameters`` holds."""
+def _parameters_nbytes(parameters: Parameters) -> int:
     try:
         arrays = parameters.arrays
     except SerdeError:  # tensors of a type only the strategy understands
@@ -101,10 +99,10 @@ def reply_nbytes(reply: Message) -> int:
     content = reply.content
     if isinstance(content, FitRes):
         extras = content.extras
-        size = parameters_nbytes(content.parameters)
+        size = _parameters_nbytes(content.parameters)
         return size + extras.nbytes() if extras.array_records else size
     if isinstance(content, GetParametersRes):
-        return parameters_nbytes(content.parameters)
+        return _parameters_nbytes(content.parameters)
     if isinstance(content, RecordDict):
         return content.nbytes()
     return 0
@@ -240,8 +238,9 @@ class InProcessTransport(Transport):
         self._upload: Callable[[Message, int], float] | None = getattr(
             latency, "upload_seconds", None
         )
-        # reply message id -> its content's length, computed for its upload, until the
-        # engine asks (wire_bytes); at most _WIRE_MEMO entries (replies nobody counts)
+        # reply message id -> its content's length (computed for its upload, or measured
+        # where a starter's client ran) until the engine asks (wire_bytes); at most
+        # _WIRE_MEMO entries (replies nobody counts)
         self._reply_wire: dict[str, int] = {}
         self.max_pending = (
             max_pending if max_pending is not None else max(DEFAULT_MAX_PENDING, self.window)
@@ -487,12 +486,11 @@ class InProcessTransport(Transport):
     def _upload_delay(self, task: Message, reply: Message) -> float:
         """Simulated seconds ``reply`` takes to upload (its content's encoded length,
         memoized for :meth:`wire_bytes`)."""
-        size = content_length(reply)
         with self._cond:
-            memo = self._reply_wire
-            while len(memo) >= _WIRE_MEMO:
-                del memo[next(iter(memo))]
-            memo[reply.metadata.message_id] = size
+            size = self._reply_wire.get(reply.metadata.message_id)
+        if size is None:
+            size = content_length(reply)
+            self.remember_content_length(reply, size)
         upload = self._upload
         delay = upload(task, size) if upload is not None else 0.0
         if not (isinstance(delay, int | float) and math.isfinite(delay) and delay >= 0):
@@ -501,6 +499,15 @@ class InProcessTransport(Transport):
                 f"of {task.metadata.node_id!r} it gave {delay!r}"
             )
         return float(delay)
+
+    def remember_content_length(self, reply: Message, size: int) -> None:
+        """Keep ``size``, the length of ``reply``'s encoded content, for :meth:`wire_bytes`
+        (a starter whose clients measured it saves the engine computing it)."""
+        with self._cond:
+            memo = self._reply_wire
+            while len(memo) >= _WIRE_MEMO:
+                del memo[next(iter(memo))]
+            memo[reply.metadata.message_id] = size
 
     def wire_bytes(self, message: Message) -> int:
         with self._cond:
