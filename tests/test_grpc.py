@@ -183,5 +183,7 @@ def test_fedbuff_starts_once_min_available_clients_are_connected():
         fraction_evaluate=0.0, initial_parameters=ndarrays_to_parameters([np.zeros(4, np.float32)]),
     )  # fmt: skip
     history = _one_round_with_late_joiners(st)
+    # The late joiners all ended by themselves (checked above): the run was still on when
+    # they came. Which clients filled the buffer is a race (a fast client may give both).
     contributions = history.rounds[-1]["contributions"]
-    assert [c["results"] for c in contributions] == [1, 1], contributions
+    assert sum(c["results"] for c in contributions) == 2, contributions

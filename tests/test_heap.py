@@ -19,15 +19,17 @@ def test_objects_alive_before_are_frozen_during_and_thawed_after():
     assert gc.get_freeze_count() == 0
 
 
-def test_a_freeze_made_elsewhere_or_a_disabled_collector_is_left_alone():
-    gc.freeze()
-    try:
-        before = gc.get_freeze_count()
-        with gc_frozen():
-            pass
-        assert gc.get_freeze_count() == before  # not thawed by us
-    finally:
-        gc.unfreeze()
+def test_a_freeze_made_elsewhere_or_a_disabled_collector_is_left_alone(monkeypatch):
+    # The frozen count is not a fixed number (a frozen object that dies leaves it), so
+    # what is checked is that gc_frozen neither freezes again nor thaws the other freeze.
+    calls = []
+    monkeypatch.setattr(gc, "freeze", lambda: calls.append("freeze"))
+    monkeypatch.setattr(gc, "unfreeze", lambda: calls.append("unfreeze"))
+    monkeypatch.setattr(gc, "get_freeze_count", lambda: 1000)
+    with gc_frozen():
+        pass
+    assert calls == []
+    monkeypatch.undo()
     gc.disable()
     try:
         with gc_frozen():
