@@ -327,6 +327,11 @@ class SystemModel:
         factor = math.exp(self.jitter * noise) if self.jitter else 1.0
         return factor, meta.message_type == MessageType.FIT and drop < self.dropout, where
 
+    def dropped(self, task: Message) -> bool:
+        """Whether ``task`` is abandoned midway (its :meth:`plan`'s ``dropped``, without
+        the rest of the plan)."""
+        return self._draws(task)[1]
+
     def plan(self, task: Message) -> TaskPlan:
         """Epochs, simulated seconds until the upload starts, and dropout of ``task``
         (deterministic per task)."""
@@ -422,14 +427,14 @@ class SystemMod:
     def __call__(self, message: Message, context: Context, call_next: Handler) -> Message:
         if message.metadata.message_type != MessageType.FIT:
             return call_next(message, context)
-        plan = self.model.plan(message)
-        if plan.dropped:
+        if self.model.dropped(message):
             return message.error_reply(
                 f"the client dropped out mid-task (simulated: dropout = {self.model.dropout})"
             )
         content = message.content
         if isinstance(content, FitIns) and DEADLINE_KEY in content.config:
-            config = {**content.config, self.model.epochs_key: plan.epochs}
+            # only a deadline needs the whole plan (its transfer times: the task's size)
+            config = {**content.config, self.model.epochs_key: self.model.plan(message).epochs}
             message = Message(
                 message.metadata, FitIns(content.parameters, config, content.extras), None
             )
