@@ -246,6 +246,44 @@ def test_a_later_send_that_arrives_first_is_not_held_back_by_the_bound():
         transport.close()
 
 
+def test_one_task_sends_start_in_arrival_order_across_sends_and_skip_a_cancelled_mailbox():
+    # An asynchronous run sends one task per freed slot: many one-task sends at once.
+    # The worker starts them by announced arrival, whichever send came first; the tasks
+    # of a mailbox whose consumer has gone never start.
+    clock = VirtualClock()
+    replies, gone = Replies(clock), Replies(clock)
+    started: list[str] = []
+    gate = threading.Event()
+
+    def run(task: Message) -> Message:
+        gate.wait(5.0)
+        started.append(task.metadata.node_id)
+        return task.reply(RecordDict())
+
+    arrive = {f"c{i}": float((i * 7) % 20) for i in range(20)} | {"g0": 0.5, "g1": 1.5}
+    transport = InProcessTransport(
+        run, num_workers=1, window=64, latency=lambda t: arrive[t.metadata.node_id]
+    )
+    try:
+        transport.send(_tasks(["c0"]), replies)  # the worker takes it and waits
+        time.sleep(0.1)
+        for name in ("g0", "g1"):
+            transport.send(_tasks([name]), gone)
+        for i in range(1, 20):
+            transport.send(_tasks([f"c{i}"], rnd=i), replies)
+        gone.cancel()
+        gate.set()
+        got = [replies.get(deadline=None) for _ in range(20)]
+        assert [r.metadata.node_id for r in got if r is not None] == sorted(
+            arrive.keys() - {"g0", "g1"}, key=lambda n: arrive[n]
+        )
+        later = sorted((f"c{i}" for i in range(1, 20)), key=lambda n: arrive[n])
+        assert started == ["c0", *later]
+    finally:
+        replies.cancel()
+        transport.close()
+
+
 class _UploadLatency:
     """Every task starts its upload at t = 1 + its number; the upload takes a second
     per 100 bytes of its reply's content."""

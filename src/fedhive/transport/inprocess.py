@@ -38,6 +38,7 @@ reorder buffer holds the replies that arrive before an earlier-sampled one.
 
 from __future__ import annotations
 
+import heapq
 import math
 import threading
 from collections.abc import Callable, Sequence
@@ -254,7 +255,10 @@ class InProcessTransport(Transport):
         # Replies up to this size go without a release callback, bounded by count only:
         # together at most a quarter of max_pending_bytes.
         self._plain_limit = max_pending_bytes // (4 * self.max_pending)
-        self._batches: list[_Batch] = []
+        # each batch with tasks left to start, as (key of its next task, batch): a heap,
+        # so taking the next task costs O(log batches), not a scan of every batch (an
+        # asynchronous run sends a batch per freed slot: concurrency batches at once)
+        self._batches: list[tuple[_Key, _Batch]] = []
         self._accounts: WeakKeyDictionary[Replies, _Account] = WeakKeyDictionary()
         self._sent = 0
         self._cond = threading.Condition()
@@ -325,26 +329,26 @@ class InProcessTransport(Transport):
             self._sent += 1
             if not self._threads:
                 self._start_workers()
-            self._batches.append(batch)
+            if tasks:
+                heapq.heappush(self._batches, (batch.key(0), batch))
             self._cond.notify_all()
 
     def _take(self) -> tuple[_Batch, int] | None:
-        """The next task allowed to start (call with the lock held)."""
-        best: _Batch | None = None
-        best_key: _Key | None = None
-        batches = self._batches
+        """The next task allowed to start: the earliest key among the batches whose next
+        task the window and the pending bounds admit (call with the lock held)."""
+        heap = self._batches
         max_count, max_bytes = self.max_pending, self.max_pending_bytes
-        i = 0
-        while i < len(batches):
-            batch = batches[i]
+        held_back: list[tuple[_Key, _Batch]] = []
+        taken: tuple[_Batch, int] | None = None
+        while heap:
+            key, batch = heap[0]
+            if batch.replies.cancelled:
+                heapq.heappop(heap)
+                continue
             pos = batch.next_pos
-            if pos >= len(batch.tasks) or batch.replies.cancelled:
-                del batches[i]
-                continue
-            i += 1
             if pos >= batch.first_unfinished + self.window:
+                held_back.append(heapq.heappop(heap))
                 continue
-            key = (batch.arrivals[batch.order[pos]], batch.number, pos)
             account = batch.account
             started = account.started
             held = len(started) + account.plain_put - account.replies.consumed
@@ -353,15 +357,19 @@ class InProcessTransport(Transport):
                 key, max_count, max_bytes
             ):
                 self._wake_on_consumption(account)
+                held_back.append(heapq.heappop(heap))
                 continue
-            if best_key is None or key < best_key:
-                best, best_key = batch, key
-        if best is None or best_key is None:
-            return None
-        pos = best.next_pos
-        best.next_pos += 1
-        best.account.started.add(best_key)
-        return best, pos
+            batch.next_pos += 1
+            started.add(key)
+            if batch.next_pos < len(batch.tasks):
+                heapq.heapreplace(heap, (batch.key(batch.next_pos), batch))
+            else:
+                heapq.heappop(heap)
+            taken = batch, pos
+            break
+        for entry in held_back:
+            heapq.heappush(heap, entry)
+        return taken
 
     def _wake_on_consumption(self, account: _Account) -> None:
         """Held back by small replies: be woken once half the count bound is free again
@@ -519,7 +527,7 @@ class InProcessTransport(Transport):
             self._closed = True
             dropped = [
                 batch.slots[batch.order[pos]]
-                for batch in self._batches
+                for _, batch in self._batches
                 if batch.slots is not None
                 for pos in range(batch.next_pos, len(batch.tasks))
             ]
