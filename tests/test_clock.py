@@ -414,6 +414,20 @@ def test_seeded_simulation_with_latency_is_identical_timings_included():
     assert [r["elapsed_s"] for r in one.rounds] == times_one
 
 
+def test_a_seeded_runs_byte_counts_do_not_depend_on_the_messages_made_before(monkeypatch):
+    # Message ids come from a process-wide counter; a run made after many others (a long
+    # test session, a notebook) must still count the same bytes on the wire.
+    import itertools
+
+    import fedhive.common.message as message_module
+
+    monkeypatch.setattr(message_module, "_ids", itertools.count(1))
+    early, _ = _simulate(1)
+    monkeypatch.setattr(message_module, "_ids", itertools.count(10**9 - 20))
+    late, _ = _simulate(1)
+    assert early.to_dict() == late.to_dict()
+
+
 def test_worker_processes_give_the_same_simulated_history():
     processes, threads = _simulate(2, backend="process")[0], _simulate(1)[0]
 

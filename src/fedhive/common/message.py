@@ -23,6 +23,10 @@ __all__ = [
 ]
 
 _ids = itertools.count(1)
+#: A message id is ``{run_id}-{counter}``, the process-wide counter in hex of at least this
+#: width (2**40 messages): its length, and so every header's length on the wire, is the same
+#: however many messages the process made before (a seeded run's byte counts reproduce).
+_ID_DIGITS = 10
 
 
 class MessageType:
@@ -106,7 +110,7 @@ class Message:
     ) -> Message:
         meta = Metadata(
             run_id=run_id,
-            message_id=f"{run_id}-{next(_ids)}",
+            message_id=f"{run_id}-{next(_ids):0{_ID_DIGITS}x}",
             node_id=node_id,
             server_round=server_round,
             model_version=model_version,
