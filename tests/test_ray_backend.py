@@ -345,7 +345,7 @@ def test_a_call_queued_behind_a_running_one_takes_only_a_full_batch():
             message_type=MessageType.FIT, content=FitIns(ndarrays_to_parameters([]), {}),
         )  # fmt: skip
         context = Context(node_id=str(n), node_config={}, state=RecordDict(), run_config={})
-        return FeedItem(task, task, None, context, None)
+        return FeedItem(task, task, None, lambda: context, None)
 
     feed = ActorFeed(None, NoActors(), task_timeout=10.0, start_timeout=1.0, tick=0.1, max_batch=32)
     try:
@@ -396,7 +396,7 @@ def test_tasks_fail_rather_than_wait_once_no_feeder_is_left():
     )  # fmt: skip
     context = Context(node_id="a", node_config={}, state=RecordDict(), run_config={})
     feed = ActorFeed(None, BrokenPool(), task_timeout=None, start_timeout=1.0, tick=0.05)
-    item = FeedItem(task, task, None, context, None)
+    item = FeedItem(task, task, None, lambda: context, None)
     feed.submit([item])
     assert item.done.wait(10.0)
     assert item.reply is not None and "closed" in item.reply.error

@@ -299,7 +299,7 @@ class RayTransport(Transport):
             sent = task if model is None else _without_model(task, stripped)
             done = partial(self._finished, answer)
             load = partial(self._context, task)  # its state is read when it is sent
-            items.append(FeedItem(task, sent, model, None, replies, on_done=done, load=load))
+            items.append(FeedItem(task, sent, model, load, replies, on_done=done))
         self.feed.submit(items)
 
     def _context(self, task: Message) -> Context:

@@ -58,7 +58,9 @@ class FeedItem:
     task: Message  # as the engine sent it (failures reply to it)
     sent: Message  # what travels: without the model, which goes by reference
     model: Any  # the model's object-store reference, or None
-    context: Context | None  # None: made by ``load`` when the task is sent
+    #: makes the task's context (reads the client's state) when it goes into a call, so a
+    #: queued task holds no state; it may raise, which fails that task only
+    load: Callable[[], Context]
     replies: Replies | None
     solo: bool = False  # retried after a batch failed: runs in a call of its own
     reply: Message | None = None
@@ -67,19 +69,8 @@ class FeedItem:
     finished: bool = False
     #: called once with the finished item, on the thread that finished it
     on_done: Callable[[FeedItem], None] | None = None
-    #: makes the context (reads the client's state) when the task goes into a call, so a
-    #: queued task holds no state
-    load: Callable[[], Context] | None = None
     # made only for a caller that waits (:attr:`done`): a round makes an item per task
     _event: threading.Event | None = field(default=None, repr=False)
-
-    def ready_context(self) -> Context:
-        """The task's context, made by :attr:`load` the first time (which may raise)."""
-        if self.context is None:
-            if self.load is None:
-                raise RuntimeError("the task has neither a context nor a loader")
-            self.context = self.load()
-        return self.context
 
     @property
     def done(self) -> threading.Event:
@@ -327,7 +318,7 @@ class _Feeder:
         run_config: dict[str, Any] = {}
         for item in batch:
             try:
-                context = item.ready_context()
+                context = item.load()
             except Exception as exc:  # a state that cannot be read fails that task only
                 item.fail(f"{type(exc).__name__}: {exc}")
                 continue
