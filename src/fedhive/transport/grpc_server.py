@@ -39,18 +39,17 @@ import logging
 import os
 import socket
 import threading
-import time
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc import aio
 
 from fedhive.common.clock import Clock, SystemClock
-from fedhive.common.errors import FedhiveError, SerdeError, TransportError
+from fedhive.common.errors import SerdeError, TransportError
 from fedhive.common.message import Message
 from fedhive.transport.base import DEFAULT_STAGED_BYTES, Replies, Transport
 from fedhive.transport.codec import decode_wire, encode_content, encode_wire
@@ -59,10 +58,19 @@ from fedhive.transport.frames import (
     PROTOCOL_VERSION,
     BufferPool,
 )
+from fedhive.transport.grpc_stream import (
+    Connection,
+    LogBudget,
+    Outgoing,
+    Pending,
+    Refusal,
+    Servicer,
+    printable,
+)
 from fedhive.transport.limits import DEFAULT_MARGIN_BYTES, ReplyBound, reply_bound
 from fedhive.transport.membership import Membership, NodeSet
 from fedhive.transport.proto.fleet_pb2 import Frame
-from fedhive.transport.uploads import Free, SpillBudget, Staging, Uploads
+from fedhive.transport.uploads import Free, SpillBudget, Staging
 from fedhive.transport.wire import (
     SERVICE,
     WireFrame,
@@ -113,37 +121,6 @@ class ServerSecurity:
             root_certificates=ca if self.require_client_auth else None,
             require_client_auth=self.require_client_auth,
         )
-
-
-@dataclass
-class _Pending:
-    task: Message  # its metadata only: the model it carried is not kept alive
-    replies: Replies
-    bound: ReplyBound | None  # what its reply may hold (None: only max_message_bytes)
-
-
-class _Outgoing:
-    """A task's frames waiting in an outbox; ``frames`` is ``None`` once it was dropped
-    (the engine gave up on the task), so its model is not kept for it."""
-
-    __slots__ = ("frames", "message_id")
-
-    def __init__(self, message_id: str, frames: Iterable[bytes]) -> None:
-        self.message_id = message_id
-        self.frames: Iterable[bytes] | None = frames
-
-
-@dataclass
-class _Connection:
-    node_id: str
-    outbox: asyncio.Queue[Iterable[Frame | bytes] | _Outgoing | None]
-    pending: dict[str, _Pending] = field(default_factory=dict)
-    queued: dict[str, _Outgoing] = field(default_factory=dict)  # tasks not yet being sent
-    last_seen: float = 0.0
-    waiting: bool = False  # held back by the staging cap, not silent
-    closed: asyncio.Event = field(default_factory=asyncio.Event)  # its stream has ended
-    violations: int = 0  # frames refused so far
-    abort: tuple[grpc.StatusCode, str] | None = None  # how its stream is to end
 
 
 class GrpcServer(Transport):
@@ -230,7 +207,7 @@ class GrpcServer(Transport):
         self.max_connection_idle_s = max_connection_idle_s
         self.max_connection_age_s = max_connection_age_s
         self._handshakes = 0  # streams that have not said HELLO yet
-        self._log_budget = _LogBudget()
+        self._log_budget = LogBudget()
         self.reply_records = reply_records
         self.reply_margin_bytes = reply_margin_bytes
         self.max_spill_bytes = max_spill_bytes
@@ -247,7 +224,7 @@ class GrpcServer(Transport):
         self._wire_sizes: dict[str, int] = {}  # message id -> bytes, until the engine asks
         self._buffers = BufferPool(max_free=max_staged_uploads, keep=self._uploads_queued)
         self.port: int | None = None
-        self._connections: dict[str, _Connection] = {}
+        self._connections: dict[str, Connection] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: aio.Server | None = None
         self._thread: threading.Thread | None = None
@@ -309,7 +286,7 @@ class GrpcServer(Transport):
         server = aio.server(options=self._options())
         handlers = {
             "Join": grpc.stream_stream_rpc_method_handler(
-                _Servicer(self).Join,
+                Servicer(self).Join,
                 request_deserializer=parse_frame,
                 response_serializer=serialize_frame,
             )
@@ -406,8 +383,8 @@ class GrpcServer(Transport):
             if replies.cancelled:
                 continue  # given up on before it was routed
             mid = task.metadata.message_id
-            conn.pending[mid] = _Pending(task, replies, bound)
-            out = _Outgoing(mid, message_frame_bytes(mid, pieces, self.chunk_bytes))
+            conn.pending[mid] = Pending(task, replies, bound)
+            out = Outgoing(mid, message_frame_bytes(mid, pieces, self.chunk_bytes))
             conn.queued[mid] = out
             conn.outbox.put_nowait(out)
 
@@ -428,22 +405,22 @@ class GrpcServer(Transport):
         """The node id of an acceptable HELLO (``certified``: the names of the client's
         certificate, under mutual TLS), else raise with the reason."""
         if hello.kind != Frame.HELLO:
-            raise _Refusal(grpc.StatusCode.FAILED_PRECONDITION, "expected HELLO first")
+            raise Refusal(grpc.StatusCode.FAILED_PRECONDITION, "expected HELLO first")
         if hello.protocol_version != self.protocol_version:
-            raise _Refusal(
+            raise Refusal(
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"protocol version mismatch: the server speaks version {self.protocol_version}, "
                 f"the client version {hello.protocol_version}; upgrade the older side",
             )
         node_id = hello.node_id
         if not node_id:
-            raise _Refusal(grpc.StatusCode.INVALID_ARGUMENT, "HELLO without a node id")
+            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "HELLO without a node id")
         tokens = self.security.tokens
         if tokens is not None:
             expected = tokens.get(node_id)
             given = hello.token.encode("utf-8", "surrogatepass")
             if expected is None or not hmac.compare_digest(expected.encode("utf-8"), given):
-                raise _Refusal(
+                raise Refusal(
                     grpc.StatusCode.UNAUTHENTICATED,
                     f"client {node_id!r} is not enrolled or its token is wrong",
                 )
@@ -452,18 +429,18 @@ class GrpcServer(Transport):
         # proves membership only, and the token says which node).
         bound = tokens is None or any(name in tokens for name in certified)
         if self.security.require_client_auth and bound and node_id not in certified:
-            raise _Refusal(
+            raise Refusal(
                 grpc.StatusCode.UNAUTHENTICATED,
                 f"node id {node_id!r} is not a name in its client certificate "
                 f"({', '.join(map(repr, certified)) or 'none'}); connect as one of those",
             )
         if node_id in self._connections:
-            raise _Refusal(
+            raise Refusal(
                 grpc.StatusCode.ALREADY_EXISTS, f"client {node_id!r} is already connected"
             )
         return node_id
 
-    def _drop(self, conn: _Connection, reason: str) -> None:
+    def _drop(self, conn: Connection, reason: str) -> None:
         for pending in conn.pending.values():
             pending.replies.put(pending.task.error_reply(reason))
         conn.pending.clear()
@@ -472,7 +449,7 @@ class GrpcServer(Transport):
             self.client_manager.unregister(conn.node_id)
             log.info("client %s left: %s", printable(repr(conn.node_id)), reason)
 
-    def _upload_bound(self, conn: _Connection) -> ReplyBound | None:
+    def _upload_bound(self, conn: Connection) -> ReplyBound | None:
         """What one upload of ``conn`` may hold: the widest bound of its pending tasks
         (``None`` when one of them has none: then only ``max_message_bytes`` applies)."""
         bound: ReplyBound | None = None
@@ -482,7 +459,7 @@ class GrpcServer(Transport):
             bound = pending.bound.widest(bound)
         return bound
 
-    async def _deliver(self, conn: _Connection, data: memoryview, free: Free) -> None:
+    async def _deliver(self, conn: Connection, data: memoryview, free: Free) -> None:
         """Hand a complete upload to the engine; ``free`` (its staging slot or spill
         budget) runs when the engine is done with it."""
         bound = self._upload_bound(conn)
@@ -522,14 +499,14 @@ class GrpcServer(Transport):
         if loop is not None and loop.is_running():
             loop.call_soon_threadsafe(free)
 
-    def _fail_only_task(self, conn: _Connection, reason: str) -> None:
+    def _fail_only_task(self, conn: Connection, reason: str) -> None:
         """A refused reply answers the task when the client had only one."""
         if len(conn.pending) == 1:
             (mid,) = conn.pending
             pending = conn.pending.pop(mid)
             pending.replies.put(pending.task.error_reply(reason))
 
-    def _refuse(self, conn: _Connection, reason: str, stage: str = "upload") -> None:
+    def _refuse(self, conn: Connection, reason: str, stage: str = "upload") -> None:
         """Record a refused frame or upload of ``conn``; disconnect a repeat offender."""
         pending = next(iter(conn.pending.values()), None)
         rnd = pending.task.metadata.server_round if pending is not None else None
@@ -574,45 +551,6 @@ class GrpcServer(Transport):
         return sorted(self._connections)
 
 
-def printable(text: str, limit: int = 500) -> str:
-    """``text`` with control and other unprintable characters escaped, cut to ``limit``:
-    what a peer sent never forges a log line or a terminal escape."""
-    out = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text[: limit + 1])
-    return out if len(out) <= limit else out[:limit] + "..."
-
-
-class _LogBudget:
-    """At most ``per_second`` log lines a second (a token bucket of ``burst``)."""
-
-    def __init__(self, per_second: float = 10.0, burst: float = 20.0) -> None:
-        self.rate, self.burst = per_second, burst
-        self.tokens = burst
-        self.stamp = time.monotonic()
-        self.skipped = 0
-
-    def take(self) -> int | None:
-        """``None`` when this line is not to be logged, else how many were skipped before."""
-        now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens < 1:
-            self.skipped += 1
-            return None
-        self.tokens -= 1
-        skipped, self.skipped = self.skipped, 0
-        return skipped
-
-
-def _certificate_names(context: aio.ServicerContext) -> list[str]:
-    """The common name and subject alternative names of the peer's certificate."""
-    auth = context.auth_context()  # without TLS: no certificate, no names
-    names = []
-    for key in ("x509_common_name", "x509_subject_alternative_name"):
-        for raw in auth.get(key, ()):
-            names.append(raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw))
-    return names
-
-
 def _bind_problem(address: str) -> str:
     """Why ``address`` cannot be bound, in words ("address already in use", ...)."""
     host, _, port = address.rpartition(":")
@@ -629,94 +567,3 @@ def _bind_problem(address: str) -> str:
     except ValueError:
         return "not a host:port address"
     return "gRPC could not bind it"
-
-
-class _Refusal(FedhiveError):
-    def __init__(self, code: grpc.StatusCode, text: str) -> None:
-        super().__init__(text)
-        self.code = code
-        self.text = text
-
-
-class _Servicer:
-    def __init__(self, server: GrpcServer) -> None:
-        self.server = server
-
-    async def Join(self, request_iterator: Any, context: aio.ServicerContext) -> None:
-        server = self.server
-        if server._handshakes >= server.max_handshakes:
-            text = f"too many connections ({server.max_handshakes}) waiting to say HELLO"
-            server.record_refusal(None, None, "hello", text)
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, text)
-            return
-        server._handshakes += 1
-        try:
-            hello = await asyncio.wait_for(context.read(), server.hello_timeout)
-        except TimeoutError:
-            hello = None
-        finally:
-            server._handshakes -= 1
-        if hello is None:
-            text = f"no HELLO within {server.hello_timeout:g} s"
-            server.record_refusal(None, None, "hello", text)
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, text)
-            return
-        if hello is aio.EOF:
-            return
-        try:
-            node_id = server._admit(hello, _certificate_names(context))
-        except _Refusal as refusal:
-            server.record_refusal(hello.node_id or None, None, "hello", refusal.text)
-            await context.abort(refusal.code, printable(refusal.text))
-            return
-        loop = asyncio.get_running_loop()
-        conn = _Connection(node_id, asyncio.Queue(), last_seen=server.clock.now())
-        server._connections[node_id] = conn
-        await context.write(Frame(kind=Frame.WELCOME, protocol_version=server.protocol_version))
-        server.client_manager.register(node_id)
-        log.info("client %s joined", printable(repr(node_id)))
-        reader = loop.create_task(self._read(conn, context))
-        try:
-            while True:
-                item = await conn.outbox.get()
-                if item is None:
-                    break
-                if isinstance(item, _Outgoing):
-                    conn.queued.pop(item.message_id, None)
-                    frames, item.frames = item.frames, None
-                    if frames is None:
-                        continue  # dropped while it waited
-                else:
-                    frames = item
-                del item
-                for frame in frames:
-                    await context.write(frame)
-                del frames
-        finally:
-            reader.cancel()
-            server._drop(conn, "the client disconnected")
-            conn.closed.set()
-        if conn.abort is not None:
-            await context.abort(*conn.abort)
-
-    async def _read(self, conn: _Connection, context: aio.ServicerContext) -> None:
-        server = self.server
-        uploads = Uploads(server, conn)
-        try:
-            while True:
-                frame = await context.read()
-                if frame is aio.EOF:
-                    break
-                conn.last_seen = server.clock.now()
-                if frame.kind == Frame.HEARTBEAT:
-                    continue
-                if frame.kind != Frame.MESSAGE:
-                    server._refuse(conn, f"unexpected frame kind {frame.kind}", "frame")
-                    continue
-                await uploads.add(frame)
-        except (aio.AioRpcError, asyncio.CancelledError):
-            pass
-        finally:
-            uploads.close()
-        server._drop(conn, "the client disconnected")
-        conn.outbox.put_nowait(None)

@@ -18,7 +18,8 @@ from fedhive.common.errors import SerdeError
 from fedhive.transport.frames import Assembler
 
 if TYPE_CHECKING:
-    from fedhive.transport.grpc_server import GrpcServer, _Connection
+    from fedhive.transport.grpc_server import GrpcServer
+    from fedhive.transport.grpc_stream import Connection
     from fedhive.transport.wire import WireFrame
 
 __all__ = ["Free", "Once", "SpillBudget", "Staging", "Uploads", "nothing"]
@@ -105,7 +106,7 @@ class Uploads:
     done with the reply, or at once if the reply is refused.
     """
 
-    def __init__(self, server: GrpcServer, conn: _Connection) -> None:
+    def __init__(self, server: GrpcServer, conn: Connection) -> None:
         self.server = server
         self.conn = conn
         self.assembler = Assembler(
