@@ -14,7 +14,10 @@ processes (``_grpc_bench_client.py``):
   script: with the defaults, then "lean": FedAvg's opt-in float32 accumulator
   (``accumulator = "model"``) and a fixed 1 MiB gRPC flow-control window per client
   stream (``upload_window_bytes``) instead of gRPC's adaptive one, which on this busy
-  loopback grows to several MB per client while the server's CPU is taken.
+  loopback grows to several MB per client while the server's CPU is taken. Both use the
+  data plane (``transport/bulk.py``: the 100 MB model and replies move on a side socket,
+  the control on the gRPC stream); a third run, "stream only", passes
+  ``data_plane=False`` so every byte goes through gRPC as before the data plane.
 - plain grpcio: a minimal ``grpc.aio`` service (the server architecture fedhive uses) with
   raw-bytes (identity) serializers and one bidi stream per client: each round the server
   streams the model bytes to every client in 1 MiB chunks and each client streams them
@@ -131,6 +134,7 @@ def run_fedhive(
     start_rss: int,
     staged: int = 2,
     lean: bool = False,
+    stream: bool = False,
 ) -> PathResult:
     final = _Recorder()
     procs: list[ClientProcesses] = []
@@ -156,6 +160,7 @@ def run_fedhive(
             wait_timeout=120.0,
             max_staged_uploads=staged,
             upload_window_bytes=LEAN_WINDOW if lean else None,
+            data_plane=not stream,
             callbacks=[final],
             on_started=started,
         )
@@ -174,7 +179,11 @@ def run_fedhive(
     times = [b - a for a, b in itertools.pairwise(elapsed)]
     cpu = [b - a for a, b in itertools.pairwise(final.cpu)]
     name = (
-        "fedhive, float32 accumulator, 1 MiB windows" if lean else "fedhive start_server + FedAvg"
+        "fedhive, float32 accumulator, 1 MiB windows"
+        if lean
+        else "fedhive, stream only (data_plane=False)"
+        if stream
+        else "fedhive start_server + FedAvg"
     )
     return PathResult(name, times, cpu, start_rss, peak, reports)
 
@@ -385,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--staged", type=int, default=2, help="start_server's max_staged_uploads (default 2)"
     )
-    parser.add_argument("--path", choices=["fedhive", "lean"], help=argparse.SUPPRESS)
+    parser.add_argument("--path", choices=["fedhive", "lean", "stream"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     quiet_fedhive_logs()
     model_mb = args.mb or (10.0 if args.quick else 100.0)
@@ -399,14 +408,16 @@ def main(argv: list[str] | None = None) -> int:
         with RssSampler() as sampler:
             result = run_fedhive(
                 num_params, clients, rounds, sampler, sampler.reset(), args.staged,
-                lean=args.path == "lean",
+                lean=args.path == "lean", stream=args.path == "stream",
             )  # fmt: skip
         result.start_rss -= base
         result.peak_rss -= base
         print(json.dumps(dataclasses.asdict(result)))
         return 0
 
-    fed, lean = (fedhive_in_own_process(path, argv, base) for path in ("fedhive", "lean"))
+    fed, lean, stream = (
+        fedhive_in_own_process(path, argv, base) for path in ("fedhive", "lean", "stream")
+    )
     with RssSampler() as sampler:
         plain = run_grpcio(num_params, clients, rounds, sampler)
         tcp = run_tcp(num_params, clients, rounds, sampler)
@@ -414,8 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     grpc_s = median(plain.times)
     moved = 2 * clients * model_bytes
     time_rows, memory_rows = [], []
-    for path in (fed, lean, plain, tcp):
-        is_fed = path in (fed, lean)
+    for path in (fed, lean, stream, plain, tcp):
+        is_fed = path in (fed, lean, stream)
         secs = median(path.times)
         ratio = secs / grpc_s
         time_rows.append(
@@ -485,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"\nfedhive per-round s: {' '.join(f'{t:.3f}' for t in fed.times)}")
     print(f"fedhive lean per-round s: {' '.join(f'{t:.3f}' for t in lean.times)}")
+    print(f"fedhive stream-only per-round s: {' '.join(f'{t:.3f}' for t in stream.times)}")
     print(f"plain grpcio per-round s: {' '.join(f'{t:.3f}' for t in plain.times)}")
     print(f"raw TCP per-round s: {' '.join(f'{t:.3f}' for t in tcp.times)}")
     print(f"\nReproduce: {shlex.join(['.venv/bin/python', *sys.argv])}")

@@ -32,7 +32,8 @@ smaller).
    measured rounds; median round and the server's peak RSS above its post-import RSS.
    fedhive: ``grpc_round.py``'s fedhive path (``start_server``), with the defaults and
    "lean": the opt-in float32 accumulator (Flower's ``FedAvg`` also sums in the model's
-   float32) and 1 MiB upload windows (``start_server(upload_window_bytes=1 << 20)``);
+   float32) and 1 MiB upload windows (``start_server(upload_window_bytes=1 << 20)``), and
+   "stream": the defaults with ``data_plane=False`` (every byte through gRPC);
    Flower: its ``start_server``/``start_client``.
 5. ``secagg``: SecAgg+ at n = 50, 1M parameters, trivial client; 1 warm-up + 2 measured
    rounds. fedhive: ``secure_aggregation={"degree": "complete"}`` (every other client
@@ -233,7 +234,7 @@ def fedhive_grpc(variant: str) -> dict[str, Any]:
             "--clients",
             str(GRPC_CLIENTS),
             "--path",
-            "lean" if variant == "lean" else "fedhive",
+            variant if variant in ("lean", "stream") else "fedhive",
         ],
         capture_output=True,
         text=True,
@@ -320,7 +321,7 @@ def _variants(workload: str) -> list[str]:
         "overhead": ["thread", "ray"],
         "mlp": ["thread", "ray"],
         "aggregate": ["aggregate_fit", "streaming", "streaming-f32"],
-        "grpc": ["default", "lean"],
+        "grpc": ["default", "lean", "stream"],
     }.get(workload, ["-"])
 
 

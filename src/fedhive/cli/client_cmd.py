@@ -208,6 +208,14 @@ def client(
     persistent: Annotated[
         bool, typer.Option("--persistent", help="stay up after a run and join the next one")
     ] = False,
+    no_data_plane: Annotated[
+        bool,
+        typer.Option(
+            "--no-data-plane",
+            help="keep every message on the gRPC port (default: large ones use the server's "
+            "data port when it is reachable)",
+        ),
+    ] = False,
     state_dir: Annotated[
         Path | None,
         typer.Option(
@@ -314,6 +322,7 @@ def client(
             persistent=persistent,
             audit_log=audit_log,
             state_dir=state_dir,
+            data_plane=not no_data_plane,
             **tls,
             **target,
         )

@@ -125,6 +125,13 @@ def server(
         int | None,
         typer.Option(help="number of rounds (model versions under an asynchronous policy)"),
     ] = None,
+    data_port: Annotated[
+        int | None,
+        typer.Option(
+            help="port of the data plane for large messages, beside the gRPC port "
+            "(default: any free one; -1: none, everything on the gRPC stream)"
+        ),
+    ] = None,
     out: Annotated[str | None, typer.Option(help="output folder")] = None,
     insecure: Annotated[
         bool,
@@ -193,6 +200,7 @@ def server(
     flags = {
         "address": ("--address", address),
         "rounds": ("--rounds", rounds),
+        "data_port": ("--data-port", data_port),
         "out": ("--out", out),
         "tls.ca": ("--ca", ca),
         "tls.cert": ("--cert", cert),
@@ -330,6 +338,13 @@ def _serve(
             highlight=False,
             markup=False,
         )
+        if grpc_server.data_port:
+            err.print(
+                f"fedhive server: data plane on port {grpc_server.data_port} (large messages; "
+                "clients that cannot reach it use the gRPC port)",
+                highlight=False,
+                markup=False,
+            )
         err.print(
             f"fedhive server: strategy {describe_strategy(cfg, mods)}",
             highlight=False,
@@ -369,6 +384,8 @@ def _serve(
             ),
             compression=None if cfg.compression is None else cfg.compression.build(),
             **cfg.memory.server_options(),
+            data_plane=cfg.data_port >= 0,
+            data_port=max(cfg.data_port, 0),
         )
     except KeyboardInterrupt:
         if outputs.engine is not None:

@@ -205,6 +205,13 @@ class DeployConfig(_Section):
     resume: bool = False
     require_client_auth: bool = False
     tokens: str = ""
+    data_port: int = Field(
+        0,
+        ge=-1,
+        le=65535,
+        description="TCP port of the data plane that moves messages of 8 MiB or more beside "
+        "the gRPC stream (same TLS, one-use tickets); 0 = any free port, -1 = none",
+    )
     tls: TlsConfig = TlsConfig()
     strategy: SerializeAsAny[DeployStrategyConfig] = DeployStrategyConfig.model_validate({})
     model: DeployModelConfig = DeployModelConfig()

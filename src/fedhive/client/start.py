@@ -80,6 +80,7 @@ def start_client(
     clock: Clock | None = None,
     state_dir: str | Path | None = None,
     grpc_max_message_length: int | None = None,
+    data_plane: bool = True,
 ) -> None:
     """Connect to a fedhive server and answer its tasks until the run ends.
 
@@ -101,7 +102,10 @@ def start_client(
     compression mod likewise answers the rounds whose tasks ask for an encoded update.
     ``state_dir`` keeps the client's persistent state (``context.state``: error-feedback
     residuals, SCAFFOLD's variate) on disk across restarts, and the node id with it when
-    ``node_id`` is not given.
+    ``node_id`` is not given. ``data_plane`` lets large tasks and replies use the
+    server's data port when it offers one and this client reaches it (the same TLS and
+    checks; otherwise they go on the gRPC stream); ``False`` keeps everything on the
+    stream.
     """
     if (client is None) == (client_fn is None):
         raise ConfigError("start_client needs exactly one of client= or client_fn=")
@@ -122,6 +126,7 @@ def start_client(
         chunk_bytes=chunk_bytes or DEFAULT_CHUNK_BYTES,
         heartbeat_interval=heartbeat_interval,
         audit=AuditLog(audit_log) if audit_log is not None else None,
+        data_plane=data_plane,
     )
     clock = clock or SystemClock()
     backoff = _Backoff(max_retries, max_wait_time, clock)
@@ -175,6 +180,7 @@ def start_clients(
     chunk_bytes: int | None = None,
     max_workers: int | None = None,
     clock: Clock | None = None,
+    data_plane: bool = True,
 ) -> None:
     """Run many clients in this process, each a node of its own with its own session,
     until the run ends.
@@ -210,6 +216,7 @@ def start_clients(
         heartbeat_interval=heartbeat_interval,
         audit=AuditLog(audit_log) if audit_log is not None else None,
         buffers=BufferPool(max_free=workers),  # one idle buffer per worker, not per node
+        data_plane=data_plane,
     )
 
     async def run_all() -> None:

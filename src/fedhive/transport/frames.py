@@ -17,6 +17,8 @@ from fedhive.transport.wire import WireFrame
 __all__ = [
     "Assembler",
     "BufferPool",
+    "MemorySink",
+    "Sink",
     "DEFAULT_CHUNK_BYTES",
     "PROTOCOL_VERSION",
 ]
@@ -79,7 +81,7 @@ class BufferPool:
             return sum(b.size for b in self._free)
 
 
-class _MemorySink:
+class MemorySink:
     """A message being written into a buffer in memory (what :class:`SpillFile` is on disk)."""
 
     def __init__(self, buffer: np.ndarray) -> None:
@@ -96,6 +98,9 @@ class _MemorySink:
 
     def close(self) -> None:
         """Nothing to release: the buffer goes when nothing views it."""
+
+
+Sink = MemorySink | SpillFile  # a message being written, in memory or on disk
 
 
 class Assembler:
@@ -122,7 +127,7 @@ class Assembler:
         self.pool = pool or BufferPool(max_free=0)
         self.spill_bytes = spill_bytes
         self.spill_dir = spill_dir
-        self._open: dict[str, _MemorySink | SpillFile] = {}
+        self._open: dict[str, MemorySink | SpillFile] = {}
 
     def is_open(self, message_id: str) -> bool:
         return message_id in self._open
@@ -178,14 +183,17 @@ class Assembler:
             raise SerdeError(f"message {mid!r} declares {total} bytes, over the limit of {limit}")
         if len(self._open) >= self.max_open:
             raise SerdeError(f"more than {self.max_open} messages in progress at once")
+        self._open[mid] = self.sink(mid, total)
+
+    def sink(self, mid: str, total: int) -> Sink:
+        """Where a message of ``total`` bytes is written: a file or a buffer in memory."""
         if self.spills(total):
             try:
-                self._open[mid] = SpillFile(total, self.spill_dir)
+                return SpillFile(total, self.spill_dir)
             except OSError as exc:
                 raise SerdeError(f"message {mid!r}: cannot stage it on disk: {exc}") from None
-            return
         try:  # uninitialised: every byte is written before the message is complete
-            self._open[mid] = _MemorySink(self.pool.take(total))
+            return MemorySink(self.pool.take(total))
         except MemoryError:
             raise SerdeError(f"message {mid!r}: no memory for {total} bytes") from None
 

@@ -18,8 +18,10 @@ from concurrent.futures import Executor
 import grpc
 from grpc import aio
 
+from fedhive.common.message import Message
 from fedhive.transport.frames import Assembler
 from fedhive.transport.grpc_client import (
+    DATA_KINDS,
     Retryable,
     SessionEnd,
     SessionOptions,
@@ -51,6 +53,7 @@ class AsyncClientSession(SessionOptions):
 
     def _setup(self) -> None:
         self._write_lock = asyncio.Lock()
+        self._probe: asyncio.Future[bool] | None = None  # keeps the probe's task referenced
 
     async def run(self) -> SessionEnd:
         channel = self.security.aio_channel(self.address, self.channel_options())
@@ -96,12 +99,21 @@ class AsyncClientSession(SessionOptions):
         if first is None:
             raise Retryable(f"{self.address} closed the connection before WELCOME")
         check_welcome(first, self.address, self.node_id)
+        token = self.offered(first)
+        if token is not None and self.link is not None:
+            self._probe = asyncio.get_running_loop().run_in_executor(None, self.link.probe, token)
 
     async def _serve(self, call: aio.StreamStreamCall) -> SessionEnd:
         assembler = Assembler(self.max_message_bytes, pool=self._buffers)
         loop = asyncio.get_running_loop()
         while (frame := await self._read(call)) is not None:
-            task = read_task(frame, assembler)
+            task: Message | SessionEnd | None
+            if frame.kind == Frame.BULK:
+                task = await loop.run_in_executor(None, self.data_frame, frame)
+            elif frame.kind in DATA_KINDS:
+                task = self.data_frame(frame)
+            else:
+                task = read_task(frame, assembler)
             if isinstance(task, SessionEnd):
                 return task
             if task is None:
@@ -110,6 +122,11 @@ class AsyncClientSession(SessionOptions):
             del task  # the received model, unless the reply shares it
             # each frame is cut from the reply's arrays as it is written, so the arrays
             # are not copied whole and may change again once the last frame is written
-            await self._write(call, self.reply_frames(reply))
-            del reply
+            pieces = self.reply_pieces(reply)
+            if not (
+                self.wants_upload(reply, pieces)
+                and await loop.run_in_executor(None, self.upload, reply, pieces)
+            ):
+                await self._write(call, self.frames(reply, pieces))
+            del reply, pieces
         raise Retryable("the server closed the connection")

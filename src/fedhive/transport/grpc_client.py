@@ -18,6 +18,7 @@ import grpc.aio
 
 from fedhive.common.errors import AuthenticationError, SerdeError, TransportError
 from fedhive.common.message import Message
+from fedhive.transport.bulk import DataLink
 from fedhive.transport.codec import decode_wire, encode_wire
 from fedhive.transport.frames import DEFAULT_CHUNK_BYTES, PROTOCOL_VERSION, Assembler, BufferPool
 from fedhive.transport.proto.fleet_pb2 import Frame
@@ -121,6 +122,9 @@ class SessionOptions:
 
     ``buffers`` recycles the buffers of received messages; sessions of one process may
     share one (a session's own keeps one idle buffer of a model's size between rounds).
+    ``data_plane`` lets large messages use the server's data port when it offers one and
+    this client can reach it (:mod:`fedhive.transport.bulk`); ``False`` keeps them all on
+    the gRPC stream.
     """
 
     def __init__(
@@ -136,6 +140,7 @@ class SessionOptions:
         audit: AuditLog | None = None,
         protocol_version: int = PROTOCOL_VERSION,
         buffers: BufferPool | None = None,
+        data_plane: bool = True,
     ) -> None:
         self.address = address
         self.node_id = node_id
@@ -147,6 +152,8 @@ class SessionOptions:
         self.audit = audit
         self.protocol_version = protocol_version
         self._buffers = buffers or BufferPool(max_free=1)
+        self.data_plane = data_plane
+        self.link: DataLink | None = None  # the server's data plane, once offered
         self._setup()
 
     def _setup(self) -> None:
@@ -161,10 +168,57 @@ class SessionOptions:
     def reply_frames(self, reply: Message) -> Iterator[bytes]:
         """``reply``'s serialized frames, cut lazily from views of its arrays (recorded
         in the audit log first, when there is one)."""
+        return self.frames(reply, self.reply_pieces(reply))
+
+    def reply_pieces(self, reply: Message) -> list[bytes | memoryview]:
+        """``reply`` encoded (views of its arrays), recorded in the audit log if any."""
         pieces = encode_wire(reply)
         if self.audit is not None:
             self.audit.record(reply, pieces)
+        return pieces
+
+    def frames(self, reply: Message, pieces: list[bytes | memoryview]) -> Iterator[bytes]:
         return message_frame_bytes(reply.metadata.message_id, pieces, self.chunk_bytes)
+
+    def wants_upload(self, reply: Message, pieces: list[bytes | memoryview]) -> bool:
+        """Whether ``reply`` goes on the data plane: the server handed out a ticket for
+        it and it is more than one chunk."""
+        link = self.link
+        if link is None or reply.metadata.reply_to not in link.uploads:
+            return False
+        if sum(len(p) for p in pieces) <= self.chunk_bytes:
+            link.uploads.pop(reply.metadata.reply_to, None)
+            return False
+        return True
+
+    def upload(self, reply: Message, pieces: list[bytes | memoryview]) -> bool:
+        """Send a large reply on the data plane; ``False``: send it on the stream."""
+        if self.link is None or not self.wants_upload(reply, pieces):
+            return False
+        return self.link.upload(reply.metadata.reply_to, pieces)
+
+    def offered(self, welcome: Frame | WireFrame) -> str | None:
+        """Take the data plane a WELCOME offers; the probe ticket to redeem, if any."""
+        if not self.data_plane or not welcome.data_port or not welcome.token:
+            return None
+        self.link = DataLink(self.address, welcome.data_port, self.security)
+        return welcome.token
+
+    def data_frame(self, frame: Frame | WireFrame) -> Message | None:
+        """A TICKET (kept for the reply) or a BULK frame (its task, fetched: blocking)."""
+        link = self.link
+        if link is None:
+            log.warning("dropped a data-plane frame: this client was offered no data plane")
+            return None
+        if frame.kind == Frame.TICKET:
+            link.uploads[frame.message_id] = frame.token
+            return None
+        try:
+            view = link.fetch(frame.token, frame.total_size, self.max_message_bytes, self._buffers)
+            return decode_wire(view)
+        except (OSError, TransportError, SerdeError) as exc:
+            log.warning("could not fetch task %r from the data plane: %s", frame.message_id, exc)
+            return None
 
     def hello(self) -> Frame:
         return Frame(
@@ -236,12 +290,20 @@ class ClientSession(SessionOptions):
             self._requests_done.wait(timeout=2.0)
 
     def _welcome(self, responses: Any) -> None:
-        check_welcome(next(responses), self.address, self.node_id)
+        first = next(responses)
+        check_welcome(first, self.address, self.node_id)
+        token = self.offered(first)
+        if token is not None and self.link is not None:
+            threading.Thread(target=self.link.probe, args=(token,), daemon=True).start()
 
     def _serve(self, responses: Any) -> SessionEnd:
         assembler = Assembler(self.max_message_bytes, pool=self._buffers)
         for frame in responses:
-            task = read_task(frame, assembler)
+            task: Message | SessionEnd | None
+            if frame.kind in DATA_KINDS:
+                task = self.data_frame(frame)
+            else:
+                task = read_task(frame, assembler)
             if isinstance(task, SessionEnd):
                 return task
             if task is None:
@@ -259,10 +321,17 @@ class ClientSession(SessionOptions):
         they have all been serialized: only then may the client change those arrays.
         If the stream ends first, it returns at once; reading the stream tells why.
         """
+        pieces = self.reply_pieces(reply)
+        if self.upload(reply, pieces):
+            return
         sent = threading.Event()
-        self._outbox.put(_then_set(self.reply_frames(reply), sent))
+        self._outbox.put(_then_set(self.frames(reply, pieces), sent))
         while not sent.wait(0.5) and call.is_active():
             pass
+
+
+#: Frames of the data plane (transport/bulk.py) on the stream.
+DATA_KINDS = (Frame.BULK, Frame.TICKET)
 
 
 def check_welcome(first: Frame | WireFrame, address: str, node_id: str) -> None:

@@ -27,6 +27,12 @@ send ahead into its flow-control window. gRPC sizes that window to the link's
 bandwidth x delay (megabytes on a long link, more on loopback); ``upload_window_bytes``
 fixes it instead, which bounds that memory and caps one upload's speed at about the
 window per round trip.
+
+Data plane: a task or reply of ``bulk_bytes`` or more moves on a side socket instead of
+in stream chunks (:mod:`fedhive.transport.bulk`: the same TLS, one-use tickets handed out
+on the node's stream, the same bounds and staging), with clients that proved they can
+reach it; ``data_plane=False`` serves the stream only, ``data_port`` fixes its port
+(default: any free one, announced in WELCOME).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ import asyncio
 import errno
 import functools
 import hmac
+import itertools
 import logging
 import os
 import socket
@@ -52,10 +59,12 @@ from fedhive.common.clock import Clock, SystemClock
 from fedhive.common.errors import SerdeError, TransportError
 from fedhive.common.message import Message
 from fedhive.transport.base import DEFAULT_STAGED_BYTES, Replies, Transport
+from fedhive.transport.bulk import DEFAULT_BULK_BYTES, DOWNLOAD, UPLOAD, DataPlane, split_host
 from fedhive.transport.codec import decode_wire, encode_content, encode_wire
 from fedhive.transport.frames import (
     DEFAULT_CHUNK_BYTES,
     PROTOCOL_VERSION,
+    Assembler,
     BufferPool,
 )
 from fedhive.transport.grpc_stream import (
@@ -80,6 +89,8 @@ from fedhive.transport.wire import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from fedhive.common.serde import Pieces
 
 __all__ = ["DEFAULT_SPILL_TOTAL", "DEFAULT_STAGED_BYTES", "GrpcServer", "ServerSecurity"]
@@ -166,6 +177,9 @@ class GrpcServer(Transport):
         max_violations: int = 16,
         max_connection_idle_s: float = 300.0,
         max_connection_age_s: float | None = None,
+        data_plane: bool = True,
+        data_port: int = 0,
+        bulk_bytes: int = DEFAULT_BULK_BYTES,
     ) -> None:
         self.address = address
         # heartbeats are timed on it (a test moves a ManualClock past heartbeat_timeout)
@@ -201,6 +215,14 @@ class GrpcServer(Transport):
                 f"hello_timeout must be > 0, max_handshakes and max_violations >= 1; got "
                 f"{hello_timeout}, {max_handshakes}, {max_violations}"
             )
+        if bulk_bytes < 1 or not 0 <= data_port < 65536:
+            raise TransportError(
+                f"bulk_bytes must be >= 1 and data_port a port; got {bulk_bytes}, {data_port}"
+            )
+        self.data_plane = data_plane
+        self.data_port = data_port  # the bound port once started (0: none)
+        self.bulk_bytes = bulk_bytes
+        self._data: DataPlane | None = None
         self.hello_timeout = hello_timeout
         self.max_handshakes = max_handshakes
         self.max_violations = max_violations
@@ -223,6 +245,10 @@ class GrpcServer(Transport):
         self._staging = Staging(max_staged_uploads, max_staged_bytes)
         self._wire_sizes: dict[str, int] = {}  # message id -> bytes, until the engine asks
         self._buffers = BufferPool(max_free=max_staged_uploads, keep=self._uploads_queued)
+        # where the data plane's uploads are written (its own sink; open ones are not kept)
+        self._data_assembler = Assembler(
+            max_message_bytes, pool=self._buffers, spill_bytes=spill_bytes, spill_dir=spill_dir
+        )
         self.port: int | None = None
         self._connections: dict[str, Connection] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -302,6 +328,16 @@ class GrpcServer(Transport):
             port = 0
         if port == 0:
             raise TransportError(f"could not bind {self.address}: {_bind_problem(self.address)}")
+        if self.data_plane:
+            host = split_host(self.address)
+            try:
+                self._data = DataPlane(self, host, self.data_port, self.max_handshakes)
+            except OSError as exc:
+                await server.stop(None)
+                raise TransportError(
+                    f"could not bind the data port {host}:{self.data_port}: {exc.strerror or exc}"
+                ) from None
+            self.data_port = self._data.port
         await server.start()
         self._server = server
         self.port = port
@@ -315,6 +351,8 @@ class GrpcServer(Transport):
         loop.call_soon_threadsafe(loop.stop)
         if self._thread is not None:
             self._thread.join(timeout=5)
+        if self._data is not None:
+            self._data.close()
         self._decoder.shutdown(wait=False, cancel_futures=True)
 
     async def _shutdown(self, reason: str) -> None:
@@ -384,9 +422,48 @@ class GrpcServer(Transport):
                 continue  # given up on before it was routed
             mid = task.metadata.message_id
             conn.pending[mid] = Pending(task, replies, bound)
-            out = Outgoing(mid, message_frame_bytes(mid, pieces, self.chunk_bytes))
+            out = Outgoing(mid, self._frames(conn, mid, pieces, bound))
             conn.queued[mid] = out
             conn.outbox.put_nowait(out)
+
+    def _frames(
+        self, conn: Connection, mid: str, pieces: Pieces, bound: ReplyBound | None
+    ) -> Iterable[Frame | bytes]:
+        """What goes on ``conn``'s stream for a task: its chunks, or on the data plane a
+        BULK frame (the bytes wait there), after a TICKET frame when its reply may be large."""
+        chunks = message_frame_bytes(mid, pieces, self.chunk_bytes)
+        data = self._data
+        if data is None or not conn.bulk:
+            return chunks
+        head = []
+        if bound is None or bound.max_bytes >= self.bulk_bytes:
+            token = data.issue(UPLOAD, conn, mid)
+            head.append(Frame(kind=Frame.TICKET, message_id=mid, token=token))
+        size = sum(len(p) for p in pieces)
+        if size < self.bulk_bytes:
+            return itertools.chain(head, chunks)
+
+        def bulk() -> Iterable[Frame]:  # the ticket is made when the frame is written
+            token = data.issue(DOWNLOAD, conn, mid, pieces)
+            yield Frame(kind=Frame.BULK, message_id=mid, total_size=size, token=token)
+
+        return itertools.chain(head, bulk())
+
+    def _data_ready(self, conn: Connection) -> None:
+        """``conn``'s client reached the data plane: large messages may go there now."""
+        if self._connections.get(conn.node_id) is conn:
+            conn.bulk = True
+
+    def _refuse_data(self, conn: Connection | None, reason: str) -> None:
+        if conn is None:
+            self.record_refusal(None, None, "data", reason)
+        else:
+            self._refuse(conn, reason, "data")
+
+    def _fail_task(self, conn: Connection, mid: str, reason: str) -> None:
+        pending = conn.pending.pop(mid, None)
+        if pending is not None:
+            pending.replies.put(pending.task.error_reply(reason))
 
     def _drop_abandoned(self) -> None:
         """Forget tasks whose mailbox was cancelled (the engine gave up on them): they no
@@ -398,6 +475,8 @@ class GrpcServer(Transport):
                 out = conn.queued.pop(mid, None)
                 if out is not None:
                     out.frames = None
+        if self._data is not None:
+            self._data.sweep()
 
     # -- connections -------------------------------------------------------------------------
 
@@ -448,6 +527,8 @@ class GrpcServer(Transport):
             del self._connections[conn.node_id]
             self.client_manager.unregister(conn.node_id)
             log.info("client %s left: %s", printable(repr(conn.node_id)), reason)
+        if self._data is not None:
+            self._data.sweep()
 
     def _upload_bound(self, conn: Connection) -> ReplyBound | None:
         """What one upload of ``conn`` may hold: the widest bound of its pending tasks

@@ -21,6 +21,7 @@ from grpc import aio
 from fedhive.common.errors import FedhiveError
 from fedhive.common.message import Message
 from fedhive.transport.base import Replies
+from fedhive.transport.bulk import PROBE
 from fedhive.transport.limits import ReplyBound
 from fedhive.transport.proto.fleet_pb2 import Frame
 from fedhive.transport.uploads import Uploads
@@ -75,6 +76,7 @@ class Connection:
     closed: asyncio.Event = field(default_factory=asyncio.Event)  # its stream has ended
     violations: int = 0  # frames refused so far
     abort: tuple[grpc.StatusCode, str] | None = None  # how its stream is to end
+    bulk: bool = False  # its client reached the data plane (transport/bulk.py)
 
 
 def printable(text: str, limit: int = 500) -> str:
@@ -157,7 +159,11 @@ class Servicer:
         loop = asyncio.get_running_loop()
         conn = Connection(node_id, asyncio.Queue(), last_seen=server.clock.now())
         server._connections[node_id] = conn
-        await context.write(Frame(kind=Frame.WELCOME, protocol_version=server.protocol_version))
+        welcome = Frame(kind=Frame.WELCOME, protocol_version=server.protocol_version)
+        if server._data is not None:
+            welcome.data_port = server.data_port
+            welcome.token = server._data.issue(PROBE, conn)
+        await context.write(welcome)
         server.client_manager.register(node_id)
         log.info("client %s joined", printable(repr(node_id)))
         reader = loop.create_task(self._read(conn, context))

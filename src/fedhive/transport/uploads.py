@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from fedhive.transport.grpc_stream import Connection
     from fedhive.transport.wire import WireFrame
 
-__all__ = ["Free", "Once", "SpillBudget", "Staging", "Uploads", "nothing"]
+__all__ = ["Free", "Once", "SpillBudget", "Staging", "Uploads", "hold", "nothing"]
 
 
 Free = Callable[[], None]  # gives back what one upload holds (a staging slot, spill budget)
@@ -143,18 +143,7 @@ class Uploads:
             await server._deliver(conn, done[1], self.staged.pop(mid, nothing))
 
     async def _hold(self, size: int) -> Free:
-        """Wait until an upload of ``size`` bytes may start: a staging slot in memory, or
-        room in the spill budget on disk; returns what gives it back."""
-        server = self.server
-        budget = server._spilling if self.assembler.spills(size) else server._staging
-        conn = self.conn
-        conn.waiting = True
-        try:
-            await budget.acquire(size)
-        finally:
-            conn.waiting = False
-            conn.last_seen = server.clock.now()
-        return Once(functools.partial(budget.release, size))
+        return await hold(self.server, self.conn, size, self.assembler.spills(size))
 
     def _abandon(self, mid: str) -> None:
         if not self.assembler.is_open(mid) and mid in self.staged:
@@ -166,6 +155,19 @@ class Uploads:
             free()
         self.staged.clear()
         self.assembler.clear()
+
+
+async def hold(server: GrpcServer, conn: Connection, size: int, spills: bool) -> Free:
+    """Wait until an upload of ``size`` bytes may start: a staging slot in memory, or
+    room in the spill budget on disk (``spills``); returns what gives it back."""
+    budget = server._spilling if spills else server._staging
+    conn.waiting = True
+    try:
+        await budget.acquire(size)
+    finally:
+        conn.waiting = False
+        conn.last_seen = server.clock.now()
+    return Once(functools.partial(budget.release, size))
 
 
 class Once:

@@ -46,6 +46,7 @@ _FIELDS = {
     8: ("node_id", _LENGTH, _STR),
     9: ("token", _LENGTH, _STR),
     10: ("text", _LENGTH, _STR),
+    11: ("data_port", _VARINT, _UINT32),
 }
 
 
@@ -67,6 +68,7 @@ class WireFrame:
     node_id: str = ""
     token: str = ""
     text: str = ""
+    data_port: int = 0
 
 
 class _Malformed(ValueError):

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#fedhive/transport/proto/fleet.proto\x12\nfedhive.v1\"\xaf\x02\n\x05\x46rame\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.fedhive.v1.Frame.Kind\x12\x12\n\nmessage_id\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x0c\n\x04last\x18\x06 \x01(\x08\x12\x18\n\x10protocol_version\x18\x07 \x01(\r\x12\x0f\n\x07node_id\x18\x08 \x01(\t\x12\r\n\x05token\x18\t \x01(\t\x12\x0c\n\x04text\x18\n \x01(\t\"d\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\t\n\x05HELLO\x10\x01\x12\x0b\n\x07WELCOME\x10\x02\x12\x0b\n\x07MESSAGE\x10\x03\x12\r\n\tHEARTBEAT\x10\x04\x12\t\n\x05\x45RROR\x10\x05\x12\x07\n\x03\x42YE\x10\x06\x32\x39\n\x05\x46leet\x12\x30\n\x04Join\x12\x11.fedhive.v1.Frame\x1a\x11.fedhive.v1.Frame(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#fedhive/transport/proto/fleet.proto\x12\nfedhive.v1\"\xd8\x02\n\x05\x46rame\x12$\n\x04kind\x18\x01 \x01(\x0e\x32\x16.fedhive.v1.Frame.Kind\x12\x12\n\nmessage_id\x18\x02 \x01(\t\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x0c\n\x04last\x18\x06 \x01(\x08\x12\x18\n\x10protocol_version\x18\x07 \x01(\r\x12\x0f\n\x07node_id\x18\x08 \x01(\t\x12\r\n\x05token\x18\t \x01(\t\x12\x0c\n\x04text\x18\n \x01(\t\x12\x11\n\tdata_port\x18\x0b \x01(\r\"z\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\t\n\x05HELLO\x10\x01\x12\x0b\n\x07WELCOME\x10\x02\x12\x0b\n\x07MESSAGE\x10\x03\x12\r\n\tHEARTBEAT\x10\x04\x12\t\n\x05\x45RROR\x10\x05\x12\x07\n\x03\x42YE\x10\x06\x12\x08\n\x04\x42ULK\x10\x07\x12\n\n\x06TICKET\x10\x08\x32\x39\n\x05\x46leet\x12\x30\n\x04Join\x12\x11.fedhive.v1.Frame\x1a\x11.fedhive.v1.Frame(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,9 +32,9 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedhive.transport.proto.fle
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_FRAME']._serialized_start=52
-  _globals['_FRAME']._serialized_end=355
-  _globals['_FRAME_KIND']._serialized_start=255
-  _globals['_FRAME_KIND']._serialized_end=355
-  _globals['_FLEET']._serialized_start=357
-  _globals['_FLEET']._serialized_end=414
+  _globals['_FRAME']._serialized_end=396
+  _globals['_FRAME_KIND']._serialized_start=274
+  _globals['_FRAME_KIND']._serialized_end=396
+  _globals['_FLEET']._serialized_start=398
+  _globals['_FLEET']._serialized_end=455
 # @@protoc_insertion_point(module_scope)

@@ -6,7 +6,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Frame(_message.Message):
-    __slots__ = ("kind", "message_id", "total_size", "offset", "data", "last", "protocol_version", "node_id", "token", "text")
+    __slots__ = ("kind", "message_id", "total_size", "offset", "data", "last", "protocol_version", "node_id", "token", "text", "data_port")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         KIND_UNSPECIFIED: _ClassVar[Frame.Kind]
@@ -16,6 +16,8 @@ class Frame(_message.Message):
         HEARTBEAT: _ClassVar[Frame.Kind]
         ERROR: _ClassVar[Frame.Kind]
         BYE: _ClassVar[Frame.Kind]
+        BULK: _ClassVar[Frame.Kind]
+        TICKET: _ClassVar[Frame.Kind]
     KIND_UNSPECIFIED: Frame.Kind
     HELLO: Frame.Kind
     WELCOME: Frame.Kind
@@ -23,6 +25,8 @@ class Frame(_message.Message):
     HEARTBEAT: Frame.Kind
     ERROR: Frame.Kind
     BYE: Frame.Kind
+    BULK: Frame.Kind
+    TICKET: Frame.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +37,7 @@ class Frame(_message.Message):
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
+    DATA_PORT_FIELD_NUMBER: _ClassVar[int]
     kind: Frame.Kind
     message_id: str
     total_size: int
@@ -43,4 +48,5 @@ class Frame(_message.Message):
     node_id: str
     token: str
     text: str
-    def __init__(self, kind: _Optional[_Union[Frame.Kind, str]] = ..., message_id: _Optional[str] = ..., total_size: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., last: _Optional[bool] = ..., protocol_version: _Optional[int] = ..., node_id: _Optional[str] = ..., token: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
+    data_port: int
+    def __init__(self, kind: _Optional[_Union[Frame.Kind, str]] = ..., message_id: _Optional[str] = ..., total_size: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., last: _Optional[bool] = ..., protocol_version: _Optional[int] = ..., node_id: _Optional[str] = ..., token: _Optional[str] = ..., text: _Optional[str] = ..., data_port: _Optional[int] = ...) -> None: ...

@@ -1,0 +1,521 @@
+"""The data plane: large messages on a plain (or TLS) socket beside the ``Join`` stream.
+
+gRPC moves every byte through HTTP/2 frames and a few copies per chunk; a socket moves a
+100 MB model in about 0.6x grpcio's time (``benchmarks/grpc_round.py``). So the control
+stays on the stream and only the bytes of large messages move here, to and from whoever
+holds the ticket the stream handed out:
+
+- the server's WELCOME names the data port and carries a probe ticket; a client that
+  can reach the port redeems it (op ``P``), and only then does the server use the data
+  plane for it (a client behind a firewall that lets only gRPC through keeps the stream);
+- a task of ``bulk_bytes`` or more goes as a BULK frame (its size and a ticket) on the
+  stream, and the client fetches its bytes here (op ``D``, acknowledged once read);
+- a task whose reply may be that large comes after a TICKET frame, and the client
+  uploads such a reply here (op ``U``) instead of in chunks; if the data plane fails it
+  sends the reply on the stream, as before.
+
+One TCP connection per transfer::
+
+    client -> server   MAGIC (4) | op (1) | ticket id (16) | secret (32) [| size (8), op U]
+    server -> client   status (1: 0 ok, else 1 | length (2) | utf-8 reason)
+    op D               server -> client size (8) | bytes;  client -> server ack (1)
+    op U               once a staging slot is free: status; client -> server bytes;
+                       server -> client status when the reply is taken
+
+The socket speaks TLS whenever the gRPC server does, with the same certificate and, under
+mutual TLS, the same CA check of the client's certificate. A ticket is 48 random bytes,
+sent only on its node's authenticated stream; it is good for one transfer, for one task
+of one connection, and dies with the task or the connection. The server bounds
+everything else as on the stream: a peer must present a ticket within ``hello_timeout``,
+at most ``max_connections`` transfers run at once, an upload may be no larger than what
+a reply to its task can hold (:mod:`fedhive.transport.limits`), waits for a staging slot
+or spill budget like any other, and is decoded and checked by the same code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+import secrets
+import socket
+import ssl
+import struct
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from fedhive.common.errors import SerdeError, TransportError
+from fedhive.transport.frames import Assembler, BufferPool, MemorySink
+from fedhive.transport.uploads import hold
+
+if TYPE_CHECKING:
+    from fedhive.transport.grpc_client import ClientSecurity
+    from fedhive.transport.grpc_server import GrpcServer, ServerSecurity
+    from fedhive.transport.grpc_stream import Connection
+
+__all__ = [
+    "DEFAULT_BULK_BYTES",
+    "DataLink",
+    "DataPlane",
+    "client_tls",
+    "server_tls",
+]
+
+log = logging.getLogger("fedhive.transport")
+
+#: Messages of at least this many bytes use the data plane (when both sides have it).
+DEFAULT_BULK_BYTES = 8 << 20
+
+MAGIC = b"FHD1"
+PROBE, DOWNLOAD, UPLOAD = b"P", b"D", b"U"
+_HEAD = struct.Struct("<4sc16s32s")
+_SIZE = struct.Struct("<Q")
+_OK = b"\x00"
+_SCRATCH = 1 << 20  # what a spilled upload is received through
+
+
+class Refused(TransportError):
+    """The other side of a transfer refused it, with its reason."""
+
+
+class _NotAnswered(OSError):
+    """A transfer that ended before the server said anything: worth another try."""
+
+
+def _status(reason: str | None = None) -> bytes:
+    if reason is None:
+        return _OK
+    text = reason.encode("utf-8")[:4000]
+    return b"\x01" + struct.pack("<H", len(text)) + text
+
+
+def _recv_exact(sock: socket.socket, view: memoryview) -> None:
+    got = 0
+    while got < len(view):
+        n = sock.recv_into(view[got:])
+        if n == 0:
+            raise ConnectionError(f"the peer closed the connection at byte {got} of {len(view)}")
+        got += n
+
+
+def _recv(sock: socket.socket, nbytes: int) -> bytes:
+    buffer = bytearray(nbytes)
+    _recv_exact(sock, memoryview(buffer))
+    return bytes(buffer)
+
+
+def _read_status(sock: socket.socket) -> None:
+    if _recv(sock, 1) == _OK:
+        return
+    (length,) = struct.unpack("<H", _recv(sock, 2))
+    raise Refused(_recv(sock, length).decode("utf-8", "replace"))
+
+
+# -- TLS ------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _pem_paths(*pems: bytes) -> Iterator[list[str]]:
+    """Paths that read as ``pems`` for as long as the block runs: ``ssl`` loads keys only
+    from files, so a private key lives in an anonymous memory file (Linux) or a private
+    temporary directory that is removed at once, never in a named file left behind."""
+    with contextlib.ExitStack() as stack:
+        paths = []
+        memfd = getattr(os, "memfd_create", None)
+        folder = None
+        for i, pem in enumerate(pems):
+            if memfd is not None:
+                fd = memfd("fedhive-pem", os.MFD_CLOEXEC)
+                stack.callback(os.close, fd)
+                os.write(fd, pem)
+                paths.append(f"/proc/self/fd/{fd}")
+                continue
+            if folder is None:
+                folder = stack.enter_context(tempfile.TemporaryDirectory())
+            path = os.path.join(folder, f"{i}.pem")
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as fh:
+                fh.write(pem)
+            paths.append(path)
+        yield paths
+
+
+def server_tls(security: ServerSecurity) -> ssl.SSLContext | None:
+    """The data plane's TLS for a gRPC server with ``security`` (``None``: plaintext)."""
+    if security.certificates is None:
+        return None
+    ca, cert, key = security.certificates
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    with _pem_paths(cert, key) as (cert_path, key_path):
+        context.load_cert_chain(cert_path, key_path)
+    if security.require_client_auth:
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(cadata=ca.decode("ascii"))
+    return context
+
+
+def client_tls(security: ClientSecurity) -> ssl.SSLContext | None:
+    """The data plane's TLS for a client with ``security``: the server is checked as its
+    gRPC channel checks it (these roots, else the system's; the host name)."""
+    if security.insecure:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if security.root_certificates is not None:
+        context.load_verify_locations(cadata=security.root_certificates.decode("ascii"))
+    else:
+        context.load_default_certs()
+    if security.certificate_chain is not None and security.private_key is not None:
+        with _pem_paths(security.certificate_chain, security.private_key) as (cert, key):
+            context.load_cert_chain(cert, key)
+    return context
+
+
+def split_host(address: str) -> str:
+    """The host of a ``host:port`` address (brackets of an IPv6 literal removed)."""
+    host = address.rpartition(":")[0] if ":" in address else address
+    return host.strip("[]") or "0.0.0.0"
+
+
+# -- server ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Ticket:
+    op: bytes
+    secret: bytes
+    conn: Connection
+    message_id: str  # the task it is for ("" for a probe)
+    pieces: Sequence[bytes | memoryview] | None = None  # a download's bytes
+
+
+class DataPlane:
+    """The server's data socket: a listener thread, one thread per transfer (blocking
+    sockets: ``sendall`` of the model's own views, ``recv_into`` the staging buffer)."""
+
+    def __init__(self, server: GrpcServer, host: str, port: int, max_connections: int = 64) -> None:
+        self.server = server
+        self.tls = server_tls(server.security)
+        self._tickets: dict[bytes, Ticket] = {}
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._stop = threading.Event()
+        self._live: set[socket.socket] = set()
+        #: finished transfers by op ("probe", "download", "upload"), and bytes moved
+        self.transfers: Counter[str] = Counter()
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, where = infos[0]
+        listener = socket.socket(family, kind, proto)
+        try:
+            listener.bind(where)
+            listener.listen(128)
+        except OSError:
+            listener.close()
+            raise
+        listener.settimeout(0.25)  # so close() is seen without waking accept() some other way
+        self._listener = listener
+        self.port: int = listener.getsockname()[1]
+        self._thread = threading.Thread(target=self._accept, name="fedhive-data", daemon=True)
+        self._thread.start()
+
+    # tickets (the stream's side, on the event loop)
+
+    def issue(
+        self,
+        op: bytes,
+        conn: Connection,
+        message_id: str = "",
+        pieces: Sequence[bytes | memoryview] | None = None,
+    ) -> str:
+        key, secret = secrets.token_bytes(16), secrets.token_bytes(32)
+        with self._lock:
+            self._tickets[key] = Ticket(op, secret, conn, message_id, pieces)
+        return (key + secret).hex()
+
+    def sweep(self) -> None:
+        """Forget the tickets of connections that are gone and of tasks no longer waited for."""
+        live = self.server._connections
+        with self._lock:
+            for key, ticket in list(self._tickets.items()):
+                conn = ticket.conn
+                if live.get(conn.node_id) is not conn or (
+                    ticket.message_id and ticket.message_id not in conn.pending
+                ):
+                    del self._tickets[key]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self._listener.close()
+        with self._lock:
+            self._tickets.clear()
+            live = list(self._live)
+        for sock in live:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    # transfers (threads)
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                raw, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if not self._slots.acquire(blocking=False):
+                text = "too many data transfers at once"
+                self._on_loop(self.server.record_refusal, None, None, "data", text)
+                raw.close()
+                continue
+            threading.Thread(target=self._transfer, args=(raw,), daemon=True).start()
+
+    def _on_loop(self, fn: object, *args: object) -> None:
+        loop = self.server._loop
+        if loop is not None and loop.is_running():
+            loop.call_soon_threadsafe(fn, *args)  # type: ignore[arg-type]
+
+    def _transfer(self, raw: socket.socket) -> None:
+        sock = raw
+        with self._lock:
+            self._live.add(raw)
+        ticket: Ticket | None = None
+        try:
+            raw.settimeout(self.server.hello_timeout)
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.tls is not None:
+                sock = self.tls.wrap_socket(raw, server_side=True)
+            magic, op, key, secret = _HEAD.unpack(_recv(sock, _HEAD.size))
+            ticket = self._redeem(magic, op, key, secret)
+            sock.settimeout(self.server.heartbeat_timeout)
+            if op == PROBE:
+                self._on_loop(self.server._data_ready, ticket.conn)
+                sock.sendall(_OK)
+                self._count("probe", 0)
+            elif op == DOWNLOAD:
+                self._count("download", self._download(sock, ticket))
+            else:
+                self._count("upload", self._upload(sock, ticket))
+        except Refused as refusal:
+            conn = ticket.conn if ticket is not None else None
+            self._on_loop(self.server._refuse_data, conn, str(refusal))
+            with contextlib.suppress(OSError):
+                sock.sendall(_status(str(refusal)))
+        except (OSError, ssl.SSLError, struct.error) as exc:
+            if ticket is not None and ticket.op == DOWNLOAD:
+                reason = f"its task could not be sent on the data plane: {exc}"
+                self._on_loop(self.server._fail_task, ticket.conn, ticket.message_id, reason)
+            log.debug("data transfer ended: %s", exc)
+        finally:
+            with self._lock:
+                self._live.discard(raw)
+            sock.close()
+            self._slots.release()
+
+    def _count(self, op: str, nbytes: int) -> None:
+        with self._lock:
+            self.transfers[op] += 1
+            self.transfers[f"{op}_bytes"] += nbytes
+
+    def _redeem(self, magic: bytes, op: bytes, key: bytes, secret: bytes) -> Ticket:
+        if magic != MAGIC:
+            raise Refused("not a fedhive data-plane request")
+        with self._lock:
+            ticket = self._tickets.get(key)
+            if ticket is None or not hmac.compare_digest(ticket.secret, secret):
+                raise Refused("unknown or used ticket")
+            if ticket.op != op:
+                raise Refused(f"the ticket is for op {ticket.op!r}, not {op!r}")
+            del self._tickets[key]  # one transfer per ticket
+        conn = ticket.conn
+        if self.server._connections.get(conn.node_id) is not conn:
+            raise Refused("the ticket's connection is closed")
+        if ticket.message_id and ticket.message_id not in conn.pending:
+            raise Refused("no task waits for this transfer")
+        return ticket
+
+    def _download(self, sock: socket.socket, ticket: Ticket) -> int:
+        pieces, ticket.pieces = ticket.pieces or (), None
+        size = sum(len(p) for p in pieces)
+        sock.sendall(_OK + _SIZE.pack(size))
+        for piece in pieces:
+            sock.sendall(piece)
+        del pieces
+        if _recv(sock, 1) != _OK:
+            raise ConnectionError("the client did not acknowledge its task")
+        return size
+
+    def _upload(self, sock: socket.socket, ticket: Ticket) -> int:
+        server, conn = self.server, ticket.conn
+        (size,) = _SIZE.unpack(_recv(sock, _SIZE.size))
+        pending = conn.pending.get(ticket.message_id)
+        limit = server.max_message_bytes
+        if pending is not None and pending.bound is not None:
+            limit = min(limit, pending.bound.max_bytes)
+        if size > limit:
+            raise Refused(f"the upload declares {size} bytes, over the limit of {limit}")
+        loop = server._loop
+        assert loop is not None
+        assembler: Assembler = server._data_assembler
+        spills = assembler.spills(size)
+        free = asyncio.run_coroutine_threadsafe(hold(server, conn, size, spills), loop).result()
+        try:
+            sink = assembler.sink(ticket.message_id, size)
+        except SerdeError as exc:
+            loop.call_soon_threadsafe(free)
+            raise Refused(str(exc)) from None
+        try:
+            sock.sendall(_OK)
+            if isinstance(sink, MemorySink):
+                _recv_exact(sock, sink.view)
+            else:
+                scratch = memoryview(bytearray(min(_SCRATCH, max(size, 1))))
+                left = size
+                while left:
+                    n = sock.recv_into(scratch[: min(left, len(scratch))])
+                    if n == 0:
+                        raise ConnectionError(f"the upload ended {left} bytes short")
+                    sink.write(scratch[:n])
+                    left -= n
+            data = sink.finish()
+        except BaseException:
+            sink.close()
+            loop.call_soon_threadsafe(free)
+            raise
+        asyncio.run_coroutine_threadsafe(server._deliver(conn, data, free), loop).result()
+        del data
+        sock.sendall(_OK)
+        return size
+
+
+# -- client ---------------------------------------------------------------------------------
+
+
+class DataLink:
+    """A client's side of the data plane: where it is, how to speak TLS to it, and the
+    upload tickets the stream has handed out (task id -> ticket)."""
+
+    def __init__(
+        self,
+        address: str,
+        port: int,
+        security: ClientSecurity,
+        timeout: float = 60.0,
+        upload_wait: float = 600.0,
+    ) -> None:
+        self.host = split_host(address)
+        self.port = port
+        self.tls = client_tls(security)
+        self.timeout = timeout
+        self.upload_wait = upload_wait  # for a staging slot on a busy server
+        self.uploads: dict[str, str] = {}
+        self.ready = False
+
+    def _open(self, op: bytes, token: str, extra: bytes = b"") -> socket.socket:
+        """A connection to the data port that has asked for ``op`` with ``token``."""
+        try:
+            ticket = bytes.fromhex(token)
+        except ValueError:
+            ticket = b""
+        if len(ticket) != 48:
+            raise TransportError("the server sent a malformed data-plane ticket")
+        raw = socket.create_connection((self.host, self.port), timeout=self.timeout)
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock = raw
+            if self.tls is not None:
+                sock = self.tls.wrap_socket(raw, server_hostname=self.host)
+            sock.sendall(_HEAD.pack(MAGIC, op, ticket[:16], ticket[16:]) + extra)
+        except BaseException:
+            raw.close()
+            raise
+        return sock
+
+    @contextlib.contextmanager
+    def _connect(self, op: bytes, token: str, extra: bytes = b"") -> Iterator[socket.socket]:
+        with contextlib.closing(self._open(op, token, extra)) as sock:
+            yield sock
+
+    def probe(self, token: str) -> bool:
+        """Redeem the WELCOME's ticket: whether this client can use the data plane."""
+        try:
+            with self._connect(PROBE, token) as sock:
+                _read_status(sock)
+        except (OSError, TransportError, ssl.SSLError) as exc:
+            log.info(
+                "the server's data port %s:%d is not reachable (%s); large messages go on "
+                "the gRPC stream",
+                self.host,
+                self.port,
+                exc,
+            )
+            return False
+        self.ready = True
+        return True
+
+    def fetch(self, token: str, total_size: int, max_bytes: int, pool: BufferPool) -> memoryview:
+        """The bytes of a task announced by a BULK frame of ``total_size`` bytes; a
+        connection refused or cut before the server answered is tried again, twice."""
+        if total_size > max_bytes:
+            raise TransportError(f"a task of {total_size} bytes is over the limit of {max_bytes}")
+        for wait in (0.2, 1.0):
+            try:
+                return self._fetch(token, total_size, pool)
+            except _NotAnswered:
+                time.sleep(wait)
+        return self._fetch(token, total_size, pool)
+
+    def _fetch(self, token: str, total_size: int, pool: BufferPool) -> memoryview:
+        try:
+            sock = self._open(DOWNLOAD, token)
+        except (OSError, ssl.SSLError) as exc:
+            raise _NotAnswered(str(exc)) from None
+        with contextlib.closing(sock):
+            try:
+                first = sock.recv(1)
+            except (OSError, ssl.SSLError) as exc:
+                raise _NotAnswered(str(exc)) from None
+            if not first:
+                raise _NotAnswered("the data plane closed the connection (busy?)")
+            if first != _OK:
+                (length,) = struct.unpack("<H", _recv(sock, 2))
+                raise Refused(_recv(sock, length).decode("utf-8", "replace"))
+            (size,) = _SIZE.unpack(_recv(sock, _SIZE.size))
+            if size != total_size:
+                raise TransportError(f"the data plane sent {size} bytes, announced {total_size}")
+            view = memoryview(pool.take(size))  # type: ignore[arg-type]
+            _recv_exact(sock, view)
+            sock.sendall(_OK)
+        return view
+
+    def upload(self, reply_to: str, pieces: Sequence[bytes | memoryview]) -> bool:
+        """Send a reply here; ``False`` when it could not (send it on the stream then).
+        A reply the server refused counts as sent: the stream would refuse it too."""
+        token = self.uploads.pop(reply_to, None)
+        if token is None or not self.ready:
+            return False
+        size = sum(len(p) for p in pieces)
+        try:
+            with self._connect(UPLOAD, token, _SIZE.pack(size)) as sock:
+                sock.settimeout(self.upload_wait)
+                _read_status(sock)  # a staging slot is ours
+                sock.settimeout(self.timeout)
+                for piece in pieces:
+                    sock.sendall(piece)
+                sock.settimeout(self.upload_wait)
+                _read_status(sock)
+        except Refused as exc:
+            log.warning("the server refused this client's reply: %s", exc)
+            return True
+        except (OSError, TransportError, ssl.SSLError) as exc:
+            log.warning("the data plane failed (%s); the reply goes on the gRPC stream", exc)
+            return False
+        return True
