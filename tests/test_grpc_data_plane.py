@@ -401,6 +401,25 @@ def test_a_client_that_breaks_off_a_download_fails_only_its_own_task() -> None:
     assert any("data plane" in r for r in reasons), reasons
 
 
+def test_a_client_whose_probe_finds_the_data_plane_busy_tries_again() -> None:
+    server, manager = serve(1, max_handshakes=1, hello_timeout=3.0)
+    squatter = socket.create_connection(("127.0.0.1", server.data_port))  # the only slot
+    try:
+        wait_for(lambda: server._data is not None and server._data._slots._value == 0)
+        threads = in_thread(session(ClientSession, server, 4))
+        ready(server, 1)  # turned away while the squatter held the slot, then let in
+        _, exact = run(server, manager, 1, rounds=1, step=4.0)
+    finally:
+        squatter.close()
+        server.finish_run()
+    for thread in threads:
+        thread.join(10)
+    assert exact == {1: True}
+    counts = server._data.transfers if server._data else {}
+    assert (counts["probe"], counts["download"], counts["upload"]) == (1, 1, 1)
+    assert counts["busy"] >= 1
+
+
 def test_a_data_port_in_use_is_a_clear_error() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

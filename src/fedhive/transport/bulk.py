@@ -208,7 +208,8 @@ class DataPlane:
         self._slots = threading.BoundedSemaphore(max_connections)
         self._stop = threading.Event()
         self._live: set[socket.socket] = set()
-        #: finished transfers by op ("probe", "download", "upload"), and bytes moved
+        #: finished transfers by op ("probe", "download", "upload") and bytes moved, and
+        #: connections closed unserved because ``max_connections`` were running ("busy")
         self.transfers: Counter[str] = Counter()
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         family, kind, proto, _, where = infos[0]
@@ -272,8 +273,11 @@ class DataPlane:
             except OSError:
                 return
             if not self._slots.acquire(blocking=False):
-                text = "too many data transfers at once"
-                self._on_loop(self.server.record_refusal, None, None, "data", text)
+                # a burst of joins is not an offence: the client tries again, or keeps to
+                # the stream
+                log.debug("data plane busy: closed a connection")
+                with self._lock:
+                    self.transfers["busy"] += 1
                 raw.close()
                 continue
             threading.Thread(target=self._transfer, args=(raw,), daemon=True).start()
@@ -444,22 +448,32 @@ class DataLink:
         with contextlib.closing(self._open(op, token, extra)) as sock:
             yield sock
 
-    def probe(self, token: str) -> bool:
-        """Redeem the WELCOME's ticket: whether this client can use the data plane."""
-        try:
-            with self._connect(PROBE, token) as sock:
-                _read_status(sock)
-        except (OSError, TransportError, ssl.SSLError) as exc:
-            log.info(
-                "the server's data port %s:%d is not reachable (%s); large messages go on "
-                "the gRPC stream",
-                self.host,
-                self.port,
-                exc,
-            )
-            return False
-        self.ready = True
-        return True
+    def probe(self, token: str, waits: Sequence[float] = (0.5, 1.0, 2.0)) -> bool:
+        """Redeem the WELCOME's ticket: whether this client can use the data plane. A
+        server busy with a burst of joins closes some connections unanswered: tried
+        again after each of ``waits``."""
+        for wait in (*waits, None):
+            try:
+                with self._connect(PROBE, token) as sock:
+                    _read_status(sock)
+            except Refused as exc:
+                log.info("the server refused this client's data-plane probe: %s", exc)
+                return False
+            except (OSError, TransportError, ssl.SSLError) as exc:
+                if wait is not None:
+                    time.sleep(wait)
+                    continue
+                log.info(
+                    "the server's data port %s:%d is not reachable (%s); large messages go "
+                    "on the gRPC stream",
+                    self.host,
+                    self.port,
+                    exc,
+                )
+                return False
+            self.ready = True
+            return True
+        return False
 
     def fetch(self, token: str, total_size: int, max_bytes: int, pool: BufferPool) -> memoryview:
         """The bytes of a task announced by a BULK frame of ``total_size`` bytes; a
@@ -473,12 +487,17 @@ class DataLink:
                 time.sleep(wait)
         return self._fetch(token, total_size, pool)
 
-    def _fetch(self, token: str, total_size: int, pool: BufferPool) -> memoryview:
+    def _answered(self, op: bytes, token: str, extra: bytes = b"") -> socket.socket:
+        """A connection whose request the server has taken (its first status was ok);
+        :class:`_NotAnswered` when it closed without a word (busy), :class:`Refused`
+        with its reason."""
         try:
-            sock = self._open(DOWNLOAD, token)
+            sock = self._open(op, token, extra)
         except (OSError, ssl.SSLError) as exc:
             raise _NotAnswered(str(exc)) from None
-        with contextlib.closing(sock):
+        try:
+            if op == UPLOAD:
+                sock.settimeout(self.upload_wait)  # the server may wait for a staging slot
             try:
                 first = sock.recv(1)
             except (OSError, ssl.SSLError) as exc:
@@ -488,6 +507,21 @@ class DataLink:
             if first != _OK:
                 (length,) = struct.unpack("<H", _recv(sock, 2))
                 raise Refused(_recv(sock, length).decode("utf-8", "replace"))
+            sock.settimeout(self.timeout)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _upload(self, token: str, size: int, pieces: Sequence[bytes | memoryview]) -> None:
+        with contextlib.closing(self._answered(UPLOAD, token, _SIZE.pack(size))) as sock:
+            for piece in pieces:
+                sock.sendall(piece)
+            sock.settimeout(self.upload_wait)
+            _read_status(sock)
+
+    def _fetch(self, token: str, total_size: int, pool: BufferPool) -> memoryview:
+        with contextlib.closing(self._answered(DOWNLOAD, token)) as sock:
             (size,) = _SIZE.unpack(_recv(sock, _SIZE.size))
             if size != total_size:
                 raise TransportError(f"the data plane sent {size} bytes, announced {total_size}")
@@ -504,14 +538,14 @@ class DataLink:
             return False
         size = sum(len(p) for p in pieces)
         try:
-            with self._connect(UPLOAD, token, _SIZE.pack(size)) as sock:
-                sock.settimeout(self.upload_wait)
-                _read_status(sock)  # a staging slot is ours
-                sock.settimeout(self.timeout)
-                for piece in pieces:
-                    sock.sendall(piece)
-                sock.settimeout(self.upload_wait)
-                _read_status(sock)
+            for wait in (0.2, 1.0, None):
+                try:
+                    self._upload(token, size, pieces)
+                    break
+                except _NotAnswered:
+                    if wait is None:
+                        raise
+                    time.sleep(wait)
         except Refused as exc:
             log.warning("the server refused this client's reply: %s", exc)
             return True
