@@ -338,9 +338,19 @@ def _mapping(nbytes: int) -> mmap.mmap:
     return mmap.mmap(-1, nbytes)
 
 
-def _fold(acc: NDArray, values: NDArray, weight: float, scratch: NDArray) -> None:
+def _fold(
+    acc: NDArray, values: NDArray, weight: float, scratch: NDArray, first: bool = False
+) -> None:
     """``acc += weight * values`` in float64, one cache-sized slice at a time (the pages
-    of ``values`` staged on disk are dropped as they are read)."""
+    of ``values`` staged on disk are dropped as they are read). ``first``: ``acc`` is all
+    zeros, so the product is written straight into it (plus 0.0, which turns a -0.0 into
+    0.0 as adding it to zero would: the same bits, without reading the zeros)."""
+    if first:
+        for start, stop in read_slices(values, FOLD_ELEMENTS):
+            part = acc[start:stop]
+            np.multiply(values[start:stop], weight, out=part, dtype=np.float64)
+            np.add(part, 0.0, out=part)
+        return
     if values.size <= FOLD_ELEMENTS:  # one slice: too few pages to be worth dropping
         product = scratch[: values.size]
         np.multiply(values, weight, out=product, dtype=np.float64)
@@ -382,15 +392,48 @@ def _add_model(mean: NDArray, model: NDArray) -> NDArray:
 
 
 def _mean(acc: NDArray, total: float, dtype: np.dtype[Any]) -> NDArray:
-    """``acc / total`` rounded once to ``dtype``; divides in place when it is float64."""
+    """``acc / total`` rounded once to ``dtype``; divides in place when it is float64.
+
+    A narrower mean of an accumulator with a mapping of its own is written over the front
+    of that mapping, slice by slice (slice k of the mean ends at byte 4 e, before the
+    unread part of the accumulator, which starts at byte 8 e), and the rest of the
+    mapping is given back: no new memory for the mean, and no zeros written first.
+    """
     if dtype == np.float64:
         return np.divide(acc, total, out=acc)
-    out = _fresh(acc.shape, dtype)
-    flat_out, flat_acc = out.reshape(-1), acc.reshape(-1)
+    flat_acc = acc.reshape(-1)
+    mapping = _own_mapping(acc)
+    if mapping is None or dtype.itemsize > acc.itemsize:
+        out = _fresh(acc.shape, dtype)
+        flat_out = out.reshape(-1)
+        for start in range(0, acc.size, FOLD_ELEMENTS):
+            stop = start + FOLD_ELEMENTS
+            np.divide(flat_acc[start:stop], total, out=flat_out[start:stop], casting="same_kind")
+        return out
+    nbytes = acc.size * dtype.itemsize
+    flat_out = flat_acc.view(np.uint8)[:nbytes].view(dtype)
+    scratch = np.empty(min(FOLD_ELEMENTS, acc.size), dtype)
     for start in range(0, acc.size, FOLD_ELEMENTS):
-        stop = start + FOLD_ELEMENTS
-        np.divide(flat_acc[start:stop], total, out=flat_out[start:stop], casting="same_kind")
-    return out
+        stop = min(start + FOLD_ELEMENTS, acc.size)
+        part = scratch[: stop - start]
+        np.divide(flat_acc[start:stop], total, out=part, casting="same_kind")
+        flat_out[start:stop] = part
+    page = mmap.PAGESIZE
+    keep = -(-nbytes // page) * page
+    dontneed = getattr(mmap, "MADV_DONTNEED", None)
+    if dontneed is not None and keep < len(mapping):
+        mapping.madvise(dontneed, keep, len(mapping) - keep)
+    return flat_out.reshape(acc.shape)
+
+
+def _own_mapping(array: NDArray) -> mmap.mmap | None:
+    """The anonymous mapping ``array`` spans whole (from :func:`_fresh`), if any."""
+    base: Any = array
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if isinstance(base, mmap.mmap) and len(base) == array.nbytes:
+        return base
+    return None
 
 
 class WeightedMean:
@@ -440,7 +483,7 @@ class WeightedMean:
         ):
             values = np.asarray(arr).reshape(-1)
             if not compact:
-                _fold(acc.reshape(-1), values, weight, self._scratch)
+                _fold(acc.reshape(-1), values, weight, self._scratch, first=self.count == 0)
             elif weight > 0:
                 _fold_difference(
                     acc.reshape(-1), values, ref.reshape(-1), weight / total, self._scratch32
