@@ -90,6 +90,18 @@ def finish(procs, timeout: float = 60.0) -> list[tuple[int, str]]:
     return out
 
 
+def client_tls_args(certs: dict[str, Path]) -> list[str]:
+    """The test client program's flags for mutual TLS with :func:`make_certificates`'s."""
+    return [
+        "--ca",
+        str(certs["ca"]),
+        "--cert",
+        str(certs["client"]),
+        "--key",
+        str(certs["client_key"]),
+    ]
+
+
 def make_certificates(directory: Path) -> dict[str, Path]:
     """A CA, a server certificate for localhost/127.0.0.1 and a client certificate."""
     now = datetime.datetime.now(datetime.UTC)

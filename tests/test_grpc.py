@@ -10,7 +10,7 @@ import fedhive as fl
 from fedhive.common import ndarrays_to_parameters
 from fedhive.server import ServerConfig
 from fedhive.server.strategy import FedAvg
-from grpc_helpers import ServerThread, client_process, finish, make_certificates
+from grpc_helpers import ServerThread, client_process, client_tls_args, finish, make_certificates
 
 
 def strategy(n, **kwargs):
@@ -46,14 +46,7 @@ def test_tls_with_mutual_auth_and_tokens(tmp_path):
         require_client_auth=True,
         auth_tokens={"alice": "s3cret-a", "bob": "s3cret-b"},
     ).start()
-    tls = [
-        "--ca",
-        str(certs["ca"]),
-        "--cert",
-        str(certs["client"]),
-        "--key",
-        str(certs["client_key"]),
-    ]
+    tls = client_tls_args(certs)
     intruder = client_process(server.address, "--node-id", "mallory", "--token", "guess", *tls)
     ((intruder_code, intruder_err),) = finish([intruder])
     assert intruder_code == 2 and "AuthenticationError" in intruder_err

@@ -38,7 +38,7 @@ from fedhive.transport.frames import BufferPool
 from fedhive.transport.grpc_client import ClientSecurity, ClientSession
 from fedhive.transport.grpc_server import GrpcServer, ServerSecurity
 from fedhive.transport.proto.fleet_pb2 import Frame
-from grpc_helpers import finish, make_certificates
+from grpc_helpers import client_tls_args, finish, make_certificates
 
 NUM = 3_000_000  # 12 MB of float32
 
@@ -207,14 +207,7 @@ def test_mutual_tls_and_tokens_cover_the_data_plane(tmp_path: Path) -> None:
         tokens={"alice": "a-secret", "bob": "b-secret"},
     )
     server, manager = serve(2, security=security)
-    tls = [
-        "--ca",
-        str(certs["ca"]),
-        "--cert",
-        str(certs["client"]),
-        "--key",
-        str(certs["client_key"]),
-    ]
+    tls = client_tls_args(certs)
     procs = [
         spawn(
             f"127.0.0.1:{server.port}",
