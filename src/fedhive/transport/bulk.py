@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import itertools
 import logging
 import os
 import secrets
@@ -47,18 +48,21 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fedhive.common.errors import SerdeError, TransportError
 from fedhive.transport.frames import Assembler, BufferPool, MemorySink
+from fedhive.transport.proto.fleet_pb2 import Frame
 from fedhive.transport.uploads import hold
 
 if TYPE_CHECKING:
     from fedhive.transport.grpc_client import ClientSecurity
-    from fedhive.transport.grpc_server import GrpcServer, ServerSecurity
+    from fedhive.transport.grpc_server import GrpcServer
     from fedhive.transport.grpc_stream import Connection
+    from fedhive.transport.limits import ReplyBound
+    from fedhive.transport.security import ServerSecurity
 
 __all__ = [
     "DEFAULT_BULK_BYTES",
@@ -239,6 +243,32 @@ class DataPlane:
         with self._lock:
             self._tickets[key] = Ticket(op, secret, conn, message_id, pieces)
         return (key + secret).hex()
+
+    def frames(
+        self,
+        conn: Connection,
+        mid: str,
+        pieces: Sequence[bytes | memoryview],
+        bound: ReplyBound | None,
+        chunks: Iterable[bytes],
+    ) -> Iterable[Frame | bytes]:
+        """What goes on a data-plane client's stream for a task instead of its ``chunks``:
+        a BULK frame when it is ``bulk_bytes`` or more (its bytes wait here; the ticket is
+        made when the frame is written), after a TICKET frame when its reply may be."""
+        bulk_bytes = self.server.bulk_bytes
+        head = []
+        if bound is None or bound.max_bytes >= bulk_bytes:
+            token = self.issue(UPLOAD, conn, mid)
+            head.append(Frame(kind=Frame.TICKET, message_id=mid, token=token))
+        size = sum(len(p) for p in pieces)
+        if size < bulk_bytes:
+            return itertools.chain(head, chunks)
+
+        def bulk() -> Iterator[Frame]:
+            token = self.issue(DOWNLOAD, conn, mid, pieces)
+            yield Frame(kind=Frame.BULK, message_id=mid, total_size=size, token=token)
+
+        return itertools.chain(head, bulk())
 
     def sweep(self) -> None:
         """Forget the tickets of connections that are gone and of tasks no longer waited for."""

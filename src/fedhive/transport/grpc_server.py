@@ -28,11 +28,8 @@ bandwidth x delay (megabytes on a long link, more on loopback); ``upload_window_
 fixes it instead, which bounds that memory and caps one upload's speed at about the
 window per round trip.
 
-Data plane: a task or reply of ``bulk_bytes`` or more moves on a side socket instead of
-in stream chunks (:mod:`fedhive.transport.bulk`: the same TLS, one-use tickets handed out
-on the node's stream, the same bounds and staging), with clients that proved they can
-reach it; ``data_plane=False`` serves the stream only, ``data_port`` fixes its port
-(default: any free one, announced in WELCOME).
+Data plane: a task or reply of ``bulk_bytes`` or more moves on a side socket, with clients
+that reached it (:mod:`fedhive.transport.bulk`); ``data_plane=False`` keeps to the stream.
 """
 
 from __future__ import annotations
@@ -41,15 +38,13 @@ import asyncio
 import errno
 import functools
 import hmac
-import itertools
 import logging
 import os
 import socket
 import threading
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -59,7 +54,7 @@ from fedhive.common.clock import Clock, SystemClock
 from fedhive.common.errors import SerdeError, TransportError
 from fedhive.common.message import Message
 from fedhive.transport.base import DEFAULT_STAGED_BYTES, Replies, Transport
-from fedhive.transport.bulk import DEFAULT_BULK_BYTES, DOWNLOAD, UPLOAD, DataPlane, split_host
+from fedhive.transport.bulk import DEFAULT_BULK_BYTES, DataPlane, split_host
 from fedhive.transport.codec import decode_wire, encode_content, encode_wire
 from fedhive.transport.frames import (
     DEFAULT_CHUNK_BYTES,
@@ -79,6 +74,7 @@ from fedhive.transport.grpc_stream import (
 from fedhive.transport.limits import DEFAULT_MARGIN_BYTES, ReplyBound, reply_bound
 from fedhive.transport.membership import Membership, NodeSet
 from fedhive.transport.proto.fleet_pb2 import Frame
+from fedhive.transport.security import ServerSecurity
 from fedhive.transport.uploads import Free, SpillBudget, Staging
 from fedhive.transport.wire import (
     SERVICE,
@@ -100,38 +96,6 @@ DEFAULT_SPILL_TOTAL = 16 << 30
 
 
 log = logging.getLogger("fedhive.server")
-
-
-@dataclass(frozen=True)
-class ServerSecurity:
-    """TLS and client authentication for :class:`GrpcServer`.
-
-    ``certificates`` is Flower's triple ``(ca_cert, server_cert, server_key)`` (PEM bytes);
-    ``require_client_auth`` turns on mutual TLS (clients present certificates signed by
-    ``ca_cert``). ``tokens`` enrolls clients: ``node_id -> secret``; when given, a client
-    must present its node id and token in its HELLO. With mutual TLS, a client's node id
-    must be one its certificate names (its common name or a subject alternative name), so
-    one certified site cannot claim another's id, not even with that site's token; with
-    tokens, this holds for certificates that name an enrolled node (a per-site
-    certificate), while a certificate naming none (one shared by all members) proves
-    membership only and the token says which node.
-    """
-
-    certificates: tuple[bytes, bytes, bytes] | None = None
-    require_client_auth: bool = False
-    tokens: Mapping[str, str] | None = None
-
-    def credentials(self) -> grpc.ServerCredentials | None:
-        if self.certificates is None:
-            if self.require_client_auth:
-                raise TransportError("mutual TLS needs certificates=(ca, cert, key)")
-            return None
-        ca, cert, key = self.certificates
-        return grpc.ssl_server_credentials(
-            [(key, cert)],
-            root_certificates=ca if self.require_client_auth else None,
-            require_client_auth=self.require_client_auth,
-        )
 
 
 class GrpcServer(Transport):
@@ -429,25 +393,12 @@ class GrpcServer(Transport):
     def _frames(
         self, conn: Connection, mid: str, pieces: Pieces, bound: ReplyBound | None
     ) -> Iterable[Frame | bytes]:
-        """What goes on ``conn``'s stream for a task: its chunks, or on the data plane a
-        BULK frame (the bytes wait there), after a TICKET frame when its reply may be large."""
+        """What goes on ``conn``'s stream for a task: its chunks, or what the data plane
+        puts there instead (:meth:`DataPlane.frames`)."""
         chunks = message_frame_bytes(mid, pieces, self.chunk_bytes)
-        data = self._data
-        if data is None or not conn.bulk:
+        if self._data is None or not conn.bulk:
             return chunks
-        head = []
-        if bound is None or bound.max_bytes >= self.bulk_bytes:
-            token = data.issue(UPLOAD, conn, mid)
-            head.append(Frame(kind=Frame.TICKET, message_id=mid, token=token))
-        size = sum(len(p) for p in pieces)
-        if size < self.bulk_bytes:
-            return itertools.chain(head, chunks)
-
-        def bulk() -> Iterable[Frame]:  # the ticket is made when the frame is written
-            token = data.issue(DOWNLOAD, conn, mid, pieces)
-            yield Frame(kind=Frame.BULK, message_id=mid, total_size=size, token=token)
-
-        return itertools.chain(head, bulk())
+        return self._data.frames(conn, mid, pieces, bound, chunks)
 
     def _data_ready(self, conn: Connection) -> None:
         """``conn``'s client reached the data plane: large messages may go there now."""
@@ -455,10 +406,9 @@ class GrpcServer(Transport):
             conn.bulk = True
 
     def _refuse_data(self, conn: Connection | None, reason: str) -> None:
-        if conn is None:
-            self.record_refusal(None, None, "data", reason)
-        else:
-            self._refuse(conn, reason, "data")
+        if conn is None:  # before a ticket said whose it is
+            return self.record_refusal(None, None, "data", reason)
+        self._refuse(conn, reason, "data")
 
     def _fail_task(self, conn: Connection, mid: str, reason: str) -> None:
         pending = conn.pending.pop(mid, None)
