@@ -208,3 +208,30 @@ def test_row_dots_are_each_rows_dot_product():
     assert got.dtype == np.float64 and got.shape == (5,)
     want = (a.astype(np.float64) * b.astype(np.float64)).sum(axis=1)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda rng: rng.standard_normal(300_001).astype(np.float32),
+        # skewed: the strided sample sees only the small tail, so the fallback must run
+        lambda rng: np.concatenate(
+            [rng.standard_normal(1000).astype(np.float32) * 1e3, np.zeros(299_000, np.float32)]
+        ),
+        lambda rng: np.round(rng.standard_normal(300_000)).astype(np.float32),  # many ties
+    ],
+)
+@pytest.mark.parametrize("k", [1, 3_000, 40_000, 299_000])
+def test_largest_magnitudes_are_exactly_the_top_k(make, k: int) -> None:
+    x = make(np.random.default_rng(k))
+    top = _kernels.largest_magnitudes(x, k)
+    assert top.size == k and np.all(np.diff(top) > 0)
+    chosen = np.sort(np.abs(x[top]))
+    want = np.sort(np.abs(x))[-k:]
+    assert np.array_equal(chosen, want)  # the same magnitudes (ties may pick other indices)
+
+
+def test_largest_magnitudes_keep_a_nan_as_argpartition_does() -> None:
+    x = np.random.default_rng(0).standard_normal(200_000).astype(np.float32)
+    x[12_345] = np.nan
+    assert 12_345 in _kernels.largest_magnitudes(x, 100)

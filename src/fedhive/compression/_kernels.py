@@ -26,6 +26,7 @@ __all__ = [
     "chunks",
     "flip_signs",
     "hadamard_into",
+    "largest_magnitudes",
     "negate_where",
     "sample_indices",
     "scale_into",
@@ -193,6 +194,38 @@ def hadamard_into(
         cur, inner = dst, inner * f
     if scale is not None and k == 1:  # one factor: the block is a row of the product
         out[:n].reshape(-1, block)[...] *= scale[:, None]
+
+
+def largest_magnitudes(x: NDArray, k: int) -> NDArray:
+    """The sorted indices of ``k`` elements of ``x`` largest in magnitude (NaN counts as
+    largest, as ``argpartition`` ranks it, so a diverged update is not hidden).
+
+    Partitioning all of ``x`` with its indices costs about 7x a copy. Instead a strided
+    sample of 65,536 magnitudes gives a bound below which about ``2 k`` elements lie
+    above; only those are partitioned. Should fewer than ``k`` be above it (a sample
+    that misjudged a skewed update), every element is partitioned, so the result is
+    always exact; ties at the k-th magnitude go either way, as with ``argpartition``.
+    """
+    n = x.size
+    magnitudes = np.abs(x)
+    candidates: NDArray | None = None
+    if 8 * k < n:
+        sample = magnitudes[:: max(1, n // 65536)]
+        at = int((1.0 - 2.0 * k / n) * (sample.size - 1))
+        bound = np.partition(sample, at)[at]
+        below = np.less(magnitudes, bound)
+        np.logical_not(below, out=below)  # NaN is not below any bound
+        candidates = np.flatnonzero(below)
+        del below
+        if candidates.size < k:
+            candidates = None
+    if candidates is None:
+        top = np.argpartition(magnitudes, n - k)[n - k :]
+    else:
+        values = magnitudes[candidates]
+        top = candidates[np.argpartition(values, values.size - k)[values.size - k :]]
+    top.sort()
+    return top
 
 
 def sample_indices(seed: int, size: int, k: int) -> NDArray:

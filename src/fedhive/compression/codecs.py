@@ -243,8 +243,7 @@ class TopK(Codec):
             return {"values": np.zeros(0, np.float32), "index": np.zeros(0, np.uint8)}, {
                 "index": "delta"
             }
-        top = np.argpartition(np.abs(x), x.size - k)[x.size - k :]
-        top.sort()
+        top = _kernels.largest_magnitudes(x, k)
         index, mode = _encode_indices(top, x.size)
         return {"values": x[top].astype(np.float32), "index": index}, {"index": mode}
 
