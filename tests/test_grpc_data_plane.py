@@ -10,6 +10,7 @@ This file is also the client program: ``python test_grpc_data_plane.py --address
 from __future__ import annotations
 
 import argparse
+import contextlib
 import socket
 import ssl
 import struct
@@ -291,7 +292,9 @@ class Oversized(ClientSession):
         assert self.link is not None
         token = self.link.uploads.pop(reply.metadata.reply_to)
         try:
-            with self.link._connect(UPLOAD, token, struct.pack("<Q", 1 << 40)) as sock:
+            with contextlib.closing(
+                self.link._open(UPLOAD, token, struct.pack("<Q", 1 << 40))
+            ) as sock:
                 bulk._read_status(sock)
         except Refused as exc:
             self.refusal = str(exc)
@@ -371,7 +374,7 @@ class Quitter(ClientSession):
     def data_frame(self, frame: Any) -> Any:
         if frame.kind != Frame.BULK or self.link is None:
             return super().data_frame(frame)
-        with self.link._connect(DOWNLOAD, frame.token) as sock:
+        with contextlib.closing(self.link._open(DOWNLOAD, frame.token)) as sock:
             bulk._read_status(sock)
             sock.recv(1000)
         return None

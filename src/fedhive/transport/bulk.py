@@ -48,14 +48,14 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from fedhive.common.errors import SerdeError, TransportError
 from fedhive.transport.frames import Assembler, BufferPool, MemorySink
 from fedhive.transport.proto.fleet_pb2 import Frame
-from fedhive.transport.uploads import hold
+from fedhive.transport.uploads import Free, hold, upload_limit
 
 if TYPE_CHECKING:
     from fedhive.transport.grpc_client import ClientSecurity
@@ -73,6 +73,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("fedhive.transport")
+
+T = TypeVar("T")
 
 #: Messages of at least this many bytes use the data plane (when both sides have it).
 DEFAULT_BULK_BYTES = 8 << 20
@@ -116,8 +118,12 @@ def _recv(sock: socket.socket, nbytes: int) -> bytes:
 
 
 def _read_status(sock: socket.socket) -> None:
-    if _recv(sock, 1) == _OK:
-        return
+    if _recv(sock, 1) != _OK:
+        _raise_refusal(sock)
+
+
+def _raise_refusal(sock: socket.socket) -> None:
+    """Read the reason that follows a status that is not ok, and raise it."""
     (length,) = struct.unpack("<H", _recv(sock, 2))
     raise Refused(_recv(sock, length).decode("utf-8", "replace"))
 
@@ -376,6 +382,15 @@ class DataPlane:
             raise Refused("no task waits for this transfer")
         return ticket
 
+    async def _admit(self, conn: Connection, size: int) -> Free:
+        """On the event loop, where the connection's tasks live: refuse an upload larger
+        than a reply to them can be, else wait for its staging slot or spill budget."""
+        server = self.server
+        limit = upload_limit(server, conn)
+        if size > limit:
+            raise Refused(f"the upload declares {size} bytes, over the limit of {limit}")
+        return await hold(server, conn, size, server._data_assembler.spills(size))
+
     def _download(self, sock: socket.socket, ticket: Ticket) -> int:
         pieces, ticket.pieces = ticket.pieces or (), None
         size = sum(len(p) for p in pieces)
@@ -390,17 +405,11 @@ class DataPlane:
     def _upload(self, sock: socket.socket, ticket: Ticket) -> int:
         server, conn = self.server, ticket.conn
         (size,) = _SIZE.unpack(_recv(sock, _SIZE.size))
-        pending = conn.pending.get(ticket.message_id)
-        limit = server.max_message_bytes
-        if pending is not None and pending.bound is not None:
-            limit = min(limit, pending.bound.max_bytes)
-        if size > limit:
-            raise Refused(f"the upload declares {size} bytes, over the limit of {limit}")
         loop = server._loop
-        assert loop is not None
+        if loop is None:
+            raise ConnectionError("the server is not serving")
         assembler: Assembler = server._data_assembler
-        spills = assembler.spills(size)
-        free = asyncio.run_coroutine_threadsafe(hold(server, conn, size, spills), loop).result()
+        free = asyncio.run_coroutine_threadsafe(self._admit(conn, size), loop).result()
         try:
             sink = assembler.sink(ticket.message_id, size)
         except SerdeError as exc:
@@ -473,49 +482,42 @@ class DataLink:
             raise
         return sock
 
-    @contextlib.contextmanager
-    def _connect(self, op: bytes, token: str, extra: bytes = b"") -> Iterator[socket.socket]:
-        with contextlib.closing(self._open(op, token, extra)) as sock:
-            yield sock
-
     def probe(self, token: str, waits: Sequence[float] = (0.5, 1.0, 2.0)) -> bool:
-        """Redeem the WELCOME's ticket: whether this client can use the data plane. A
-        server busy with a burst of joins closes some connections unanswered: tried
-        again after each of ``waits``."""
-        for wait in (*waits, None):
-            try:
-                with self._connect(PROBE, token) as sock:
-                    _read_status(sock)
-            except Refused as exc:
-                log.info("the server refused this client's data-plane probe: %s", exc)
-                return False
-            except (OSError, TransportError, ssl.SSLError) as exc:
-                if wait is not None:
-                    time.sleep(wait)
-                    continue
-                log.info(
-                    "the server's data port %s:%d is not reachable (%s); large messages go "
-                    "on the gRPC stream",
-                    self.host,
-                    self.port,
-                    exc,
-                )
-                return False
-            self.ready = True
-            return True
-        return False
+        """Redeem the WELCOME's ticket: whether this client can use the data plane
+        (tried again after each of ``waits`` while a busy server turns it away)."""
+        try:
+            self._tried(lambda: self._answered(PROBE, token).close(), waits)
+        except Refused as exc:
+            log.info("the server refused this client's data-plane probe: %s", exc)
+            return False
+        except (OSError, TransportError, ssl.SSLError) as exc:
+            log.info(
+                "the server's data port %s:%d is not reachable (%s); large messages go on "
+                "the gRPC stream",
+                self.host,
+                self.port,
+                exc,
+            )
+            return False
+        self.ready = True
+        return True
 
     def fetch(self, token: str, total_size: int, max_bytes: int, pool: BufferPool) -> memoryview:
-        """The bytes of a task announced by a BULK frame of ``total_size`` bytes; a
-        connection refused or cut before the server answered is tried again, twice."""
+        """The bytes of a task announced by a BULK frame of ``total_size`` bytes."""
         if total_size > max_bytes:
             raise TransportError(f"a task of {total_size} bytes is over the limit of {max_bytes}")
-        for wait in (0.2, 1.0):
+        return self._tried(lambda: self._fetch(token, total_size, pool))
+
+    @staticmethod
+    def _tried(call: Callable[[], T], waits: Sequence[float] = (0.2, 1.0)) -> T:
+        """``call()``, tried again after each of ``waits`` while the server closes the
+        connection without an answer (busy: at most so many transfers at once)."""
+        for wait in waits:
             try:
-                return self._fetch(token, total_size, pool)
+                return call()
             except _NotAnswered:
                 time.sleep(wait)
-        return self._fetch(token, total_size, pool)
+        return call()
 
     def _answered(self, op: bytes, token: str, extra: bytes = b"") -> socket.socket:
         """A connection whose request the server has taken (its first status was ok);
@@ -535,8 +537,7 @@ class DataLink:
             if not first:
                 raise _NotAnswered("the data plane closed the connection (busy?)")
             if first != _OK:
-                (length,) = struct.unpack("<H", _recv(sock, 2))
-                raise Refused(_recv(sock, length).decode("utf-8", "replace"))
+                _raise_refusal(sock)
             sock.settimeout(self.timeout)
         except BaseException:
             sock.close()
@@ -568,14 +569,7 @@ class DataLink:
             return False
         size = sum(len(p) for p in pieces)
         try:
-            for wait in (0.2, 1.0, None):
-                try:
-                    self._upload(token, size, pieces)
-                    break
-                except _NotAnswered:
-                    if wait is None:
-                        raise
-                    time.sleep(wait)
+            self._tried(lambda: self._upload(token, size, pieces))
         except Refused as exc:
             log.warning("the server refused this client's reply: %s", exc)
             return True

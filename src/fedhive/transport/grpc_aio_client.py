@@ -124,8 +124,11 @@ class AsyncClientSession(SessionOptions):
             # are not copied whole and may change again once the last frame is written
             pieces = self.reply_pieces(reply)
             if not (
-                self.wants_upload(reply, pieces)
-                and await loop.run_in_executor(None, self.upload, reply, pieces)
+                self.link is not None
+                and self.wants_upload(reply, pieces)
+                and await loop.run_in_executor(
+                    None, self.link.upload, reply.metadata.reply_to, pieces
+                )
             ):
                 await self._write(call, self.frames(reply, pieces))
             del reply, pieces

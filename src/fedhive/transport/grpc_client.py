@@ -165,11 +165,6 @@ class SessionOptions:
             ("grpc.max_send_message_length", self.chunk_bytes + (1 << 16)),
         ]
 
-    def reply_frames(self, reply: Message) -> Iterator[bytes]:
-        """``reply``'s serialized frames, cut lazily from views of its arrays (recorded
-        in the audit log first, when there is one)."""
-        return self.frames(reply, self.reply_pieces(reply))
-
     def reply_pieces(self, reply: Message) -> list[bytes | memoryview]:
         """``reply`` encoded (views of its arrays), recorded in the audit log if any."""
         pieces = encode_wire(reply)
@@ -178,6 +173,7 @@ class SessionOptions:
         return pieces
 
     def frames(self, reply: Message, pieces: list[bytes | memoryview]) -> Iterator[bytes]:
+        """``reply``'s serialized frames, cut lazily from ``pieces``."""
         return message_frame_bytes(reply.metadata.message_id, pieces, self.chunk_bytes)
 
     def wants_upload(self, reply: Message, pieces: list[bytes | memoryview]) -> bool:
@@ -193,9 +189,11 @@ class SessionOptions:
 
     def upload(self, reply: Message, pieces: list[bytes | memoryview]) -> bool:
         """Send a large reply on the data plane; ``False``: send it on the stream."""
-        if self.link is None or not self.wants_upload(reply, pieces):
-            return False
-        return self.link.upload(reply.metadata.reply_to, pieces)
+        return (
+            self.link is not None
+            and self.wants_upload(reply, pieces)
+            and self.link.upload(reply.metadata.reply_to, pieces)
+        )
 
     def offered(self, welcome: Frame | WireFrame) -> str | None:
         """Take the data plane a WELCOME offers; the probe ticket to redeem, if any."""

@@ -407,8 +407,9 @@ class GrpcServer(Transport):
 
     def _refuse_data(self, conn: Connection | None, reason: str) -> None:
         if conn is None:  # before a ticket said whose it is
-            return self.record_refusal(None, None, "data", reason)
-        self._refuse(conn, reason, "data")
+            self.record_refusal(None, None, "data", reason)
+        else:
+            self._refuse(conn, reason, "data")
 
     def _fail_task(self, conn: Connection, mid: str, reason: str) -> None:
         pending = conn.pending.pop(mid, None)
@@ -477,8 +478,6 @@ class GrpcServer(Transport):
             del self._connections[conn.node_id]
             self.client_manager.unregister(conn.node_id)
             log.info("client %s left: %s", printable(repr(conn.node_id)), reason)
-        if self._data is not None:
-            self._data.sweep()
 
     def _upload_bound(self, conn: Connection) -> ReplyBound | None:
         """What one upload of ``conn`` may hold: the widest bound of its pending tasks
@@ -584,8 +583,7 @@ class GrpcServer(Transport):
 
 def _bind_problem(address: str) -> str:
     """Why ``address`` cannot be bound, in words ("address already in use", ...)."""
-    host, _, port = address.rpartition(":")
-    host = host.strip("[]") or "0.0.0.0"
+    host, port = split_host(address), address.rpartition(":")[2]
     try:
         infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
         family, kind, proto, _, where = infos[0]

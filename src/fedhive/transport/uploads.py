@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from fedhive.transport.grpc_stream import Connection
     from fedhive.transport.wire import WireFrame
 
-__all__ = ["Free", "Once", "SpillBudget", "Staging", "Uploads", "hold", "nothing"]
+__all__ = ["Free", "Once", "SpillBudget", "Staging", "Uploads", "hold", "nothing", "upload_limit"]
 
 
 Free = Callable[[], None]  # gives back what one upload holds (a staging slot, spill budget)
@@ -125,10 +125,7 @@ class Uploads:
             if self.assembler.open_count >= len(conn.pending):
                 server._refuse(conn, "upload without a task waiting for it")
                 return
-            bound = server._upload_bound(conn)
-            self.limit = server.max_message_bytes
-            if bound is not None:
-                self.limit = min(self.limit, bound.max_bytes)
+            self.limit = upload_limit(server, conn)
             size = frame.total_size
             if mid and size <= self.limit:
                 self.staged[mid] = await self._hold(size)  # backpressure
@@ -155,6 +152,14 @@ class Uploads:
             free()
         self.staged.clear()
         self.assembler.clear()
+
+
+def upload_limit(server: GrpcServer, conn: Connection) -> int:
+    """The most bytes an upload of ``conn`` may declare: what a reply to its pending tasks
+    can hold (their widest bound), and never more than ``max_message_bytes``."""
+    bound = server._upload_bound(conn)
+    limit = server.max_message_bytes
+    return limit if bound is None else min(limit, bound.max_bytes)
 
 
 async def hold(server: GrpcServer, conn: Connection, size: int, spills: bool) -> Free:
