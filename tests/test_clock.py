@@ -177,13 +177,15 @@ def _jittery_runner(seed: int):
     return run
 
 
-def _deliveries(workers: int, jitter_seed: int, deadline: float | None = None):
+def _deliveries(
+    workers: int, jitter_seed: int, deadline: float | None = None, inline: bool = False
+):
     clock = VirtualClock()
     replies = Replies(clock)
     latency = {str(i): float((i * 37) % 11) * 10.0 for i in range(24)}  # ties included
     transport = InProcessTransport(
         _jittery_runner(jitter_seed), num_workers=workers,
-        latency=lambda t: latency[t.metadata.node_id],
+        latency=lambda t: latency[t.metadata.node_id], inline=inline,
     )  # fmt: skip
     try:
         transport.send(_tasks([str(i) for i in range(24)]), replies)
@@ -206,6 +208,57 @@ def test_delivery_order_and_times_depend_only_on_simulated_latency():
         assert _deliveries(workers, seed)[0] == expected
     tied = [node for node, t in expected if t == times[0]]
     assert tied == sorted(tied, key=int)  # same time: the order the tasks were sent
+
+
+def test_inline_transport_runs_tasks_on_the_waiting_thread_in_the_same_order():
+    expected, _ = _deliveries(1, jitter_seed=0)
+    assert _deliveries(1, jitter_seed=5, inline=True)[0] == expected
+    on_time, end = _deliveries(1, jitter_seed=6, deadline=50.0, inline=True)
+    assert on_time == [d for d in expected if d[1] <= 50.0] and end == 50.0
+    # no worker thread: each task runs on the thread that waits for its reply
+    clock, ran_on = VirtualClock(), []
+    replies = Replies(clock)
+
+    def run(task: Message) -> Message:
+        ran_on.append(threading.get_ident())
+        if task.metadata.node_id == "bad":
+            raise ValueError("client broke")
+        return task.reply(RecordDict())
+
+    transport = InProcessTransport(run, latency=lambda t: 1.0, inline=True)
+    try:
+        transport.send(_tasks(["a", "bad", "b"]), replies)
+        got = [replies.get(None) for _ in range(3)]
+        assert not transport._threads and ran_on == [threading.get_ident()] * 3
+        assert got[1] is not None and "ValueError: client broke" in (got[1].error or "")
+    finally:
+        replies.cancel()
+        transport.close()
+    assert not clock._helpers  # closing stops the clock calling it
+    # more than one worker, or no virtual clock: worker threads as before
+    assert not InProcessTransport(run, num_workers=2, inline=True).inline
+
+
+def test_a_clock_helper_computes_what_the_waiting_thread_waits_for():
+    clock = VirtualClock()
+    mailbox: queue.SimpleQueue[str] = queue.SimpleQueue()
+    late, early = clock.schedule(mailbox, 9.0), clock.schedule(mailbox, 4.0)
+    todo = [(early, "early"), (late, "late")]
+
+    def helper() -> bool:
+        if not todo:
+            return False
+        arrival, item = todo.pop(0)
+        return arrival.put(item)
+
+    clock.assist(helper)
+    assert clock.wait(mailbox, None) == "early" and clock.now() == 4.0
+    assert clock.wait(mailbox, None) == "late" and clock.now() == 9.0
+    clock.unassist(helper)
+    clock.unassist(helper)  # unknown: ignored
+    pending = clock.schedule(mailbox, 12.0)
+    threading.Timer(0.05, pending.put, ("threaded",)).start()  # no helper: a real wait
+    assert clock.wait(mailbox, None) == "threaded"
 
 
 def test_late_tasks_time_out_at_the_simulated_deadline():

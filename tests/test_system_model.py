@@ -203,6 +203,27 @@ def test_seeded_system_runs_are_bit_reproducible_on_one_and_two_workers():
     assert any(s["staleness"] > 0 for r in one.rounds for s in r.get("staleness", []))
 
 
+def test_one_worker_on_the_virtual_clock_trains_on_the_engines_thread(monkeypatch):
+    import threading
+
+    from conftest import NoisyClient
+
+    threads: set[int] = set()
+    fit = NoisyClient.fit
+
+    def recording_fit(self, parameters, config):
+        threads.add(threading.get_ident())
+        return fit(self, parameters, config)
+
+    monkeypatch.setattr(NoisyClient, "fit", recording_fit)
+    one = _fedbuff_run(1)
+    assert threads == {threading.get_ident()}  # no worker thread, no hand-over per task
+    threads.clear()
+    two = _fedbuff_run(2)
+    assert threading.get_ident() not in threads  # two workers: threads, as before
+    assert _without_wire(one.to_dict()) == _without_wire(two.to_dict())
+
+
 def test_hours_of_simulated_stragglers_take_seconds():
     started = time.monotonic()
     history = start_simulation(

@@ -16,6 +16,7 @@ import math
 import queue
 import threading
 import time
+from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar, final
 
 from fedhive.common.errors import ConfigError
@@ -191,10 +192,35 @@ class VirtualClock:
         # so that its id is not reused while arrivals for it are pending
         self._pending: dict[int, tuple[queue.SimpleQueue[Any], list[_Entry]]] = {}
         self._poll = poll_interval
+        # work the waiting thread may do itself (assist): each returns whether it did some
+        self._helpers: list[Callable[[], bool]] = []
 
     def now(self) -> float:
         with self._cond:
             return self._now
+
+    def assist(self, helper: Callable[[], bool]) -> None:
+        """Let a thread that waits for an arrival still being computed call ``helper``
+        (outside the clock's lock) instead of waiting: a transport without worker
+        threads computes its next reply there. ``helper`` returns whether it did any
+        work; when none does, the thread waits as usual."""
+        with self._cond:
+            self._helpers.append(helper)
+
+    def unassist(self, helper: Callable[[], bool]) -> None:
+        """Stop calling ``helper`` (see :meth:`assist`); unknown helpers are ignored."""
+        with self._cond:
+            if helper in self._helpers:
+                self._helpers.remove(helper)
+
+    def _help(self) -> bool:
+        """Run the helpers once, without the lock (held once by the caller)."""
+        helpers = list(self._helpers)
+        self._cond.release()
+        try:
+            return any([helper() for helper in helpers])
+        finally:
+            self._cond.acquire()
 
     def advance(self, seconds: float) -> None:
         """Move simulated time forward by ``seconds``."""
@@ -270,9 +296,11 @@ class VirtualClock:
                     self._now = max(self._now, deadline)
                     raise queue.Empty
                 if first._state == _WAITING:
-                    # The earliest arrival's reply is still being computed: wait for it
-                    # really (the poll only notices unannounced puts).
-                    self._cond.wait(self._poll)
+                    # The earliest arrival's reply is still being computed: compute
+                    # something here if a helper can, else wait for it really (the poll
+                    # only notices unannounced puts).
+                    if not (self._helpers and self._help()):
+                        self._cond.wait(self._poll)
                     continue
                 if first.at > at:
                     # Put with a delay: it arrives later than announced. Every other

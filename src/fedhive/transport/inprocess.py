@@ -34,6 +34,14 @@ order fixed by the simulated times alone. Without latency every reply arrives at
 time its task was sent. The
 window then counts in arrival order; the engine still folds in sampled order, so its
 reorder buffer holds the replies that arrive before an earlier-sampled one.
+
+``inline=True`` with one worker on a virtual clock starts no thread at all: the engine's
+own thread runs the next task whenever it waits on the clock for a reply still to be
+computed (:meth:`~fedhive.common.clock.VirtualClock.assist`). Tasks start in the same
+order as on the one worker thread, so the history is the same, and a simulated
+asynchronous run no longer hands every task to a thread and back, nor trains beside
+the engine's folding and evaluation on the same interpreter lock. The thread backend
+asks for it; on other clocks, or with more workers, it changes nothing.
 """
 
 from __future__ import annotations
@@ -225,6 +233,7 @@ class InProcessTransport(Transport):
         max_pending: int | None = None,
         max_pending_bytes: int = DEFAULT_STAGED_BYTES,
         start_tasks: TaskStarter | None = None,
+        inline: bool = False,
     ) -> None:
         if num_workers < 1:
             raise ValueError(f"num_workers must be >= 1, got {num_workers}")
@@ -264,6 +273,10 @@ class InProcessTransport(Transport):
         self._cond = threading.Condition()
         self._closed = False
         self._threads: list[threading.Thread] = []
+        # One worker on a virtual clock: the engine's thread runs each task itself when
+        # it waits for a reply still to be computed (no worker thread, no hand-over).
+        self.inline = inline and run_task is not None and num_workers == 1
+        self._assisted: VirtualClock | None = None
 
     def _start_workers(self) -> None:
         if self.start_tasks is not None:
@@ -327,7 +340,11 @@ class InProcessTransport(Transport):
             batch = _Batch(self._sent, tasks, slots, times, order, replies, account)
             batch.done = [False] * len(tasks)
             self._sent += 1
-            if not self._threads:
+            if self.inline and isinstance(replies.clock, VirtualClock):
+                if self._assisted is None:
+                    self._assisted = replies.clock
+                    replies.clock.assist(self._run_inline)
+            elif not self._threads:
                 self._start_workers()
             if tasks:
                 heapq.heappush(self._batches, (batch.key(0), batch))
@@ -424,6 +441,27 @@ class InProcessTransport(Transport):
             del task
             finished = self._deliver(batch, pos, reply)
             del reply  # the mailbox holds it now; the engine frees it
+
+    def _run_inline(self) -> bool:
+        """Run the next task on the calling thread (the engine's, waiting on the
+        virtual clock for a reply still to be computed); whether there was one."""
+        with self._cond:
+            taken = None if self._closed else self._take()
+        if taken is None:
+            return False
+        batch, pos = taken
+        task = batch.tasks[batch.order[pos]]
+        try:
+            reply = self.run_task(task)
+        except Exception as exc:  # the runner's own failure becomes this task's error
+            reply = task.error_reply(f"{type(exc).__name__}: {exc}")
+        del task
+        _, done_pos, size, delay = self._deliver(batch, pos, reply)
+        del reply
+        with self._cond:
+            batch.finish(done_pos, size, delay)
+            self._cond.notify_all()
+        return True
 
     def _deliver(
         self, batch: _Batch, pos: int, reply: Message
@@ -533,6 +571,9 @@ class InProcessTransport(Transport):
             ]
             self._batches.clear()
             self._cond.notify_all()
+            assisted, self._assisted = self._assisted, None
+        if assisted is not None:
+            assisted.unassist(self._run_inline)
         for slot in dropped:  # nobody waits on the clock for tasks that will never run
             slot.cancel()
         for thread in self._threads:
