@@ -256,6 +256,23 @@ def test_a_clock_helper_computes_what_the_waiting_thread_waits_for():
     assert clock.wait(mailbox, None) == "late" and clock.now() == 9.0
     clock.unassist(helper)
     clock.unassist(helper)  # unknown: ignored
+
+    class Stop(BaseException):  # e.g. Ctrl-C while a client trains on the waiting thread
+        pass
+
+    def stopping() -> bool:
+        raise Stop
+
+    stuck = clock.schedule(mailbox, 10.0)
+    clock.assist(stopping)
+    with pytest.raises(Stop):
+        clock.wait(mailbox, None)
+    clock.unassist(stopping)
+    other = threading.Thread(target=stuck.put, args=("after",))
+    other.start()  # the clock's lock was given back: another thread can still use it
+    other.join(2.0)
+    assert not other.is_alive()
+    assert clock.wait(mailbox, None) == "after" and clock.now() == 10.0
     pending = clock.schedule(mailbox, 12.0)
     threading.Timer(0.05, pending.put, ("threaded",)).start()  # no helper: a real wait
     assert clock.wait(mailbox, None) == "threaded"
