@@ -235,6 +235,18 @@ def test_inline_transport_runs_tasks_on_the_waiting_thread_in_the_same_order():
         replies.cancel()
         transport.close()
     assert not clock._helpers  # closing stops the clock calling it
+    # mailboxes on a second virtual clock: a worker thread serves them
+    transport = InProcessTransport(run, latency=lambda t: 1.0, inline=True)
+    first, second = Replies(VirtualClock()), Replies(VirtualClock())
+    try:
+        transport.send(_tasks(["a"]), first)
+        transport.send(_tasks(["b"]), second)
+        assert second.get(None) is not None and first.get(None) is not None
+        assert len(transport._threads) == 1
+    finally:
+        first.cancel()
+        second.cancel()
+        transport.close()
     # more than one worker, or no virtual clock: worker threads as before
     assert not InProcessTransport(run, num_workers=2, inline=True).inline
 

@@ -340,11 +340,17 @@ class InProcessTransport(Transport):
             batch = _Batch(self._sent, tasks, slots, times, order, replies, account)
             batch.done = [False] * len(tasks)
             self._sent += 1
-            if self.inline and isinstance(replies.clock, VirtualClock):
+            clock = replies.clock
+            if (
+                self.inline
+                and isinstance(clock, VirtualClock)
+                and self._assisted in (None, clock)
+                and not self._threads
+            ):
                 if self._assisted is None:
-                    self._assisted = replies.clock
-                    replies.clock.assist(self._run_inline)
-            elif not self._threads:
+                    self._assisted = clock
+                    clock.assist(self._run_inline)
+            elif not self._threads:  # (mailboxes on another clock too: a worker thread)
                 self._start_workers()
             if tasks:
                 heapq.heappush(self._batches, (batch.key(0), batch))
