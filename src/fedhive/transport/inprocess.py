@@ -438,15 +438,18 @@ class InProcessTransport(Transport):
                         return
                     self._cond.wait()
                     taken = self._take()
-            batch, pos = taken
-            task = batch.tasks[batch.order[pos]]
-            try:
-                reply = self.run_task(task)
-            except Exception as exc:  # the runner's own failure becomes this task's error
-                reply = task.error_reply(f"{type(exc).__name__}: {exc}")
-            del task
-            finished = self._deliver(batch, pos, reply)
-            del reply  # the mailbox holds it now; the engine frees it
+            finished = self._run(*taken)
+
+    def _run(self, batch: _Batch, pos: int) -> tuple[_Batch, int, int | None, float]:
+        """Run task ``pos`` of ``batch`` and put its reply (without the lock); returns
+        what :meth:`_Batch.finish` counts."""
+        task = batch.tasks[batch.order[pos]]
+        try:
+            reply = self.run_task(task)
+        except Exception as exc:  # the runner's own failure becomes this task's error
+            reply = task.error_reply(f"{type(exc).__name__}: {exc}")
+        del task
+        return self._deliver(batch, pos, reply)  # the mailbox holds the reply now
 
     def _run_inline(self) -> bool:
         """Run the next task on the calling thread (the engine's, waiting on the
@@ -455,15 +458,7 @@ class InProcessTransport(Transport):
             taken = None if self._closed else self._take()
         if taken is None:
             return False
-        batch, pos = taken
-        task = batch.tasks[batch.order[pos]]
-        try:
-            reply = self.run_task(task)
-        except Exception as exc:  # the runner's own failure becomes this task's error
-            reply = task.error_reply(f"{type(exc).__name__}: {exc}")
-        del task
-        _, done_pos, size, delay = self._deliver(batch, pos, reply)
-        del reply
+        batch, done_pos, size, delay = self._run(*taken)
         with self._cond:
             batch.finish(done_pos, size, delay)
             self._cond.notify_all()
