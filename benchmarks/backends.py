@@ -266,6 +266,12 @@ def overhead_run(backend: str, clients: int, rounds: int) -> list[tuple[float, f
     return costs.rows[1:]  # round 1 starts the workers
 
 
+def _ratio(value: float, base: float) -> str:
+    """``value / base`` as ``1.23x``; ``n/a`` when the base measured nothing (a round
+    shorter than the kernel's 10 ms CPU tick reads as 0 s of process-tree CPU)."""
+    return f"{value / base:.2f}x" if base > 0 else "n/a"
+
+
 def overhead(clients: int, rounds: int, repeats: int, backends: list[str]) -> None:
     if "ray" in backends:
         import ray
@@ -297,11 +303,11 @@ def overhead(clients: int, rounds: int, repeats: int, backends: list[str]) -> No
                 b,
                 str(len(rows[b])),
                 f"{wall:.3f}",
-                f"{wall / base[0]:.2f}x",
+                _ratio(wall, base[0]),
                 f"{cpu:.3f}",
-                f"{cpu / base[1]:.2f}x",
+                _ratio(cpu, base[1]),
                 f"{tree:.3f}",
-                f"{tree / base[2]:.2f}x",
+                _ratio(tree, base[2]),
                 f"{1000 * wall / clients:.3f}",
             ]
         )
