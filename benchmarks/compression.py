@@ -45,7 +45,7 @@ import numpy as np
 
 from fedhive.cli.config import validate
 from fedhive.cli.experiment import build_experiment, evaluate_params
-from fedhive.compression import BF16, EDEN, FP16, QSGD, Codec, RandomK, Sign, TopK
+from fedhive.compression import BF16, EDEN, FP16, QSGD, Codec, Compression, RandomK, Sign, TopK
 from fedhive.compression.codecs import codec_from_params
 from fedhive.server.config import ServerConfig
 from fedhive.simulation import start_simulation
@@ -378,7 +378,8 @@ def round_time_table(args: argparse.Namespace) -> list[str]:
         "(encode, decode, error feedback)",
     ]
     lines.append(
-        f"{'setting':28} {'s per round':>11} {'speed-up':>8} {'up bytes/client':>15} "
+        f"{'setting':58} {'s per round':>11} {'speed-up':>8} {'up bytes/client':>15} "
+        f"{'down bytes/client':>17} "
         f"{'link s':>7} {'expected':>8} {'codec s':>7}"
     )
     base: tuple[float, float] | None = None
@@ -389,6 +390,17 @@ def round_time_table(args: argparse.Namespace) -> list[str]:
             TopK(ratio=0.01, error_feedback=True, min_size=0),
             EDEN(bits=1, error_feedback=True, min_size=0),
             QSGD(bits=4, min_size=0),
+            # the broadcast model compressed too: its download was most of the link time
+            Compression(
+                uplink=EDEN(bits=1, error_feedback=True, min_size=0),
+                downlink=QSGD(bits=8, min_size=0),
+                server_error_feedback=True,
+            ),
+            Compression(
+                uplink=EDEN(bits=1, error_feedback=True, min_size=0),
+                downlink=QSGD(bits=4, block=4096, min_size=0),
+                server_error_feedback=True,
+            ),
         ]
     ):
 
@@ -427,9 +439,15 @@ def round_time_table(args: argparse.Namespace) -> list[str]:
         base = base or (per_round, on_link)
         expected = base[0] - base[1] + on_link
         rounds = [r for r in history.rounds if r["round"] > 0]
-        per_client = statistics.mean(c["up"] for r in rounds for c in r["bytes_clients"].values())
+        clients = [c for r in rounds for c in r["bytes_clients"].values()]
+        per_client = statistics.mean(c["up"] for c in clients)
+        down = statistics.mean(c["down"] for c in clients)
+        name = label(codec) if not isinstance(codec, Compression) else label(codec.uplink)
+        if isinstance(codec, Compression) and codec.downlink is not None:
+            name += f", down {label(codec.downlink)}"
         lines.append(
-            f"{label(codec):28} {per_round:11.2f} {base[0] / per_round:8.2f} {per_client:15.0f} "
+            f"{name:58} {per_round:11.2f} {base[0] / per_round:8.2f} {per_client:15.0f} "
+            f"{down:17.0f} "
             f"{on_link:7.2f} {expected:8.2f} {per_round - expected:7.2f}"
         )
     return lines
