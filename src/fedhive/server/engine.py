@@ -390,9 +390,14 @@ class Engine:
         return self.history
 
     def resume_at(self, elapsed_s: float) -> None:
-        """Mark the engine as resumed (from a checkpoint) after ``elapsed_s`` seconds."""
+        """Mark the engine as resumed (from a checkpoint) after ``elapsed_s`` seconds. A
+        fresh virtual clock (still before that time) moves on to it, so simulated time
+        (arrivals, availability windows, deadlines) goes on from where it was, to the
+        last bit."""
         self._elapsed_before = elapsed_s
         self._started = True
+        if isinstance(self.clock, VirtualClock) and self.clock.now() < elapsed_s:
+            self.clock.advance(elapsed_s - self.clock.now())
 
     def elapsed(self) -> float:
         """Seconds on the engine's clock since the run began (across resumes)."""
