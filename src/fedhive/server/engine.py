@@ -33,20 +33,23 @@ from fedhive.common.heap import gc_frozen
 from fedhive.common.message import Message, MessageType, derive_seed
 from fedhive.common.records import (
     EvaluateRes,
-    FitIns,
     GetParametersIns,
     GetParametersRes,
     Parameters,
-    Scalar,
 )
 from fedhive.server.client_bytes import ClientBytes
 from fedhive.server.client_manager import ClientManager, ClientProxy, SimpleClientManager
 from fedhive.server.config import ServerConfig
+from fedhive.server.fit_round import (
+    begin_fit_round,
+    default_fit_workflow,
+    end_fit_round,
+    failure_record,
+    run_pipeline,
+)
 from fedhive.server.history import History
 from fedhive.server.policy import RunPolicy, default_policy
 from fedhive.server.stages import (
-    FitPipeline,
-    RoundAborted,
     RoundStage,
     build_pipeline,
     fold_fit_reply,
@@ -66,6 +69,7 @@ __all__ = [
     "end_fit_round",
     "failure_record",
     "fold_fit_reply",
+    "run_pipeline",
 ]
 
 log = logging.getLogger("fedhive")
@@ -530,84 +534,3 @@ class Engine:
         loss, metrics = aggregator.finalize()
         out["loss"], out["metrics"] = loss, dict(metrics)
         return out
-
-
-def failure_record(failure: ClientFailure) -> dict[str, Any]:
-    """A failure as it appears in the history (client id, round, stage, reason)."""
-    return {
-        "client_id": failure.client_id,
-        "round": failure.server_round,
-        "stage": failure.stage,
-        "reason": failure.reason,
-    }
-
-
-def begin_fit_round(
-    driver: RoundDriver,
-) -> tuple[list[tuple[ClientProxy, FitIns]], dict[str, Any]] | None:
-    """Flower's start of a fit round: the strategy's instructions and the round's ``fit``
-    record, or ``None`` (noted in the record) when ``configure_fit`` selected no client."""
-    engine, rnd = driver.engine, driver.server_round
-    engine.reseed_sampling(rnd, "fit")
-    instructions = engine.strategy.configure_fit(rnd, engine.parameters, engine.client_manager)
-    fit: dict[str, Any] = {"num_clients": len(instructions), "num_results": 0, "metrics": {}}
-    driver.record["fit"] = fit
-    if not instructions:
-        fit["updated"] = False
-        fit["note"] = "configure_fit selected no clients; the model is unchanged"
-        return None
-    return list(instructions), fit
-
-
-def end_fit_round(
-    driver: RoundDriver,
-    fit: dict[str, Any],
-    finalize: Callable[[], tuple[Parameters | None, dict[str, Scalar]]],
-    results: str = "successful fit results",
-) -> None:
-    """Flower's end of a fit round with ``fit["num_results"]`` results: too few keep the
-    model; otherwise ``finalize()`` (the strategy's aggregate) gives the next one."""
-    minimum = driver.engine.config.min_fit_results
-    if fit["num_results"] < max(1, minimum):
-        fit["updated"] = False
-        fit["note"] = (
-            f"{fit['num_results']} {results}, fewer than the minimum {minimum}; "
-            "the model is unchanged"
-        )
-        return
-    params, metrics = finalize()
-    fit["metrics"] = dict(metrics)
-    fit["updated"] = params is not None
-    if params is None:
-        fit["note"] = "the strategy returned no parameters; the model is unchanged"
-        return
-    driver.update_parameters(params)
-
-
-def run_pipeline(driver: RoundDriver, pipeline: FitPipeline) -> None:
-    """A fit round through ``pipeline``: the strategy's instructions, the exchange stage
-    into the (wrapped) aggregator, then Flower's end of round. An exchange that raises
-    :class:`~fedhive.server.stages.RoundAborted` keeps the model (the reason is noted)."""
-    begun = begin_fit_round(driver)
-    if begun is None:
-        return
-    instructions, fit = begun
-    for stage in pipeline.stages[1:]:
-        instructions = stage.instruct(driver, instructions)
-    aggregator, sink = pipeline.prepare(driver, fit)
-    try:
-        pipeline.exchange.run_exchange(driver, instructions, sink)
-    except RoundAborted as exc:
-        fit["updated"] = False
-        fit["note"] = f"{pipeline.exchange.name} aborted: {exc}; the model is unchanged"
-        log.warning("round %d: %s", driver.server_round, fit["note"])
-        return
-    finally:
-        driver.record["failures"] = [failure_record(f) for f in sink.failures]
-        fit["num_failures"] = len(sink.failures)
-    end_fit_round(driver, fit, aggregator.finalize, pipeline.exchange.results)
-
-
-def default_fit_workflow(driver: RoundDriver) -> None:
-    """Flower's fit round: one exchange, results streamed into the strategy's aggregator."""
-    run_pipeline(driver, FitPipeline())
