@@ -47,3 +47,16 @@ def test_the_mean_has_the_bits_of_the_plain_formula(sizes: tuple[int, ...]) -> N
     assert zero_first is not None
     want = plain_mean([updates[1], updates[0]], [0.0, 2.0])
     assert all(a.tobytes() == b.tobytes() for a, b in zip(zero_first, want, strict=True))
+
+
+def test_a_large_float32_mean_is_written_over_its_accumulator() -> None:
+    rng = np.random.default_rng(1)
+    reference = [np.zeros(1_000_003, np.float32)]
+    mean = WeightedMean(reference)
+    mean.add(
+        [rng.standard_normal(1_000_003).astype(np.float32)], 2.0, client_id="a", server_round=1
+    )
+    acc = mean._acc[0]
+    got = mean.result()
+    assert got is not None and got[0].dtype == np.float32
+    assert np.shares_memory(got[0], acc)  # no new memory for the mean

@@ -395,33 +395,26 @@ def _mean(acc: NDArray, total: float, dtype: np.dtype[Any]) -> NDArray:
     """``acc / total`` rounded once to ``dtype``; divides in place when it is float64.
 
     A narrower mean of an accumulator with a mapping of its own is written over the front
-    of that mapping, slice by slice (slice k of the mean ends at byte 4 e, before the
-    unread part of the accumulator, which starts at byte 8 e), and the rest of the
-    mapping is given back: no new memory for the mean, and no zeros written first.
+    of that mapping, slice by slice (from the second slice on, slice ``[s, e)`` of the
+    mean ends at byte 4 e <= 8 s, before the unread part of the accumulator; numpy
+    buffers the first, whose bytes overlap), and the rest of the mapping is given back:
+    no new memory for the mean, and no zeros written first.
     """
     if dtype == np.float64:
         return np.divide(acc, total, out=acc)
     flat_acc = acc.reshape(-1)
-    mapping = _own_mapping(acc)
-    if mapping is None or dtype.itemsize > acc.itemsize:
-        out = _fresh(acc.shape, dtype)
-        flat_out = out.reshape(-1)
-        for start in range(0, acc.size, FOLD_ELEMENTS):
-            stop = start + FOLD_ELEMENTS
-            np.divide(flat_acc[start:stop], total, out=flat_out[start:stop], casting="same_kind")
-        return out
     nbytes = acc.size * dtype.itemsize
-    flat_out = flat_acc.view(np.uint8)[:nbytes].view(dtype)
-    scratch = np.empty(min(FOLD_ELEMENTS, acc.size), dtype)
+    mapping = _own_mapping(acc) if dtype.itemsize <= acc.itemsize else None
+    if mapping is None:
+        flat_out = _fresh((acc.size,), dtype)
+    else:
+        flat_out = flat_acc.view(np.uint8)[:nbytes].view(dtype)
     for start in range(0, acc.size, FOLD_ELEMENTS):
-        stop = min(start + FOLD_ELEMENTS, acc.size)
-        part = scratch[: stop - start]
-        np.divide(flat_acc[start:stop], total, out=part, casting="same_kind")
-        flat_out[start:stop] = part
-    page = mmap.PAGESIZE
-    keep = -(-nbytes // page) * page
+        stop = start + FOLD_ELEMENTS
+        np.divide(flat_acc[start:stop], total, out=flat_out[start:stop], casting="same_kind")
     dontneed = getattr(mmap, "MADV_DONTNEED", None)
-    if dontneed is not None and keep < len(mapping):
+    keep = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
+    if mapping is not None and dontneed is not None and keep < len(mapping):
         mapping.madvise(dontneed, keep, len(mapping) - keep)
     return flat_out.reshape(acc.shape)
 
@@ -431,6 +424,8 @@ def _own_mapping(array: NDArray) -> mmap.mmap | None:
     base: Any = array
     while isinstance(base, np.ndarray):
         base = base.base
+    if isinstance(base, memoryview):  # np.frombuffer keeps the buffer through a memoryview
+        base = base.obj
     if isinstance(base, mmap.mmap) and len(base) == array.nbytes:
         return base
     return None
