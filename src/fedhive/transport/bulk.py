@@ -349,7 +349,7 @@ class DataPlane:
             self._on_loop(self.server._refuse_data, conn, str(refusal))
             with contextlib.suppress(OSError):
                 sock.sendall(_status(str(refusal)))
-        except (OSError, ssl.SSLError, struct.error) as exc:
+        except (OSError, struct.error) as exc:  # ssl.SSLError is an OSError
             if ticket is not None and ticket.op == DOWNLOAD:
                 reason = f"its task could not be sent on the data plane: {exc}"
                 self._on_loop(self.server._fail_task, ticket.conn, ticket.message_id, reason)
@@ -490,7 +490,7 @@ class DataLink:
         except Refused as exc:
             log.info("the server refused this client's data-plane probe: %s", exc)
             return False
-        except (OSError, TransportError, ssl.SSLError) as exc:
+        except (OSError, TransportError) as exc:
             log.info(
                 "the server's data port %s:%d is not reachable (%s); large messages go on "
                 "the gRPC stream",
@@ -525,14 +525,14 @@ class DataLink:
         with its reason."""
         try:
             sock = self._open(op, token, extra)
-        except (OSError, ssl.SSLError) as exc:
+        except OSError as exc:
             raise _NotAnswered(str(exc)) from None
         try:
             if op == UPLOAD:
                 sock.settimeout(self.upload_wait)  # the server may wait for a staging slot
             try:
                 first = sock.recv(1)
-            except (OSError, ssl.SSLError) as exc:
+            except OSError as exc:
                 raise _NotAnswered(str(exc)) from None
             if not first:
                 raise _NotAnswered("the data plane closed the connection (busy?)")
@@ -573,7 +573,7 @@ class DataLink:
         except Refused as exc:
             log.warning("the server refused this client's reply: %s", exc)
             return True
-        except (OSError, TransportError, ssl.SSLError) as exc:
+        except (OSError, TransportError) as exc:
             log.warning("the data plane failed (%s); the reply goes on the gRPC stream", exc)
             return False
         return True

@@ -99,9 +99,9 @@ class AsyncClientSession(SessionOptions):
         if first is None:
             raise Retryable(f"{self.address} closed the connection before WELCOME")
         check_welcome(first, self.address, self.node_id)
-        token = self.offered(first)
-        if token is not None and self.link is not None:
-            self._probe = asyncio.get_running_loop().run_in_executor(None, self.link.probe, token)
+        probe = self.offered(first)
+        if probe is not None:
+            self._probe = asyncio.get_running_loop().run_in_executor(None, probe)
 
     async def _serve(self, call: aio.StreamStreamCall) -> SessionEnd:
         assembler = Assembler(self.max_message_bytes, pool=self._buffers)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -195,12 +196,12 @@ class SessionOptions:
             and self.link.upload(reply.metadata.reply_to, pieces)
         )
 
-    def offered(self, welcome: Frame | WireFrame) -> str | None:
-        """Take the data plane a WELCOME offers; the probe ticket to redeem, if any."""
+    def offered(self, welcome: Frame | WireFrame) -> Callable[[], bool] | None:
+        """Take the data plane a WELCOME offers; the probe to run (blocking), if any."""
         if not self.data_plane or not welcome.data_port or not welcome.token:
             return None
         self.link = DataLink(self.address, welcome.data_port, self.security)
-        return welcome.token
+        return functools.partial(self.link.probe, welcome.token)
 
     def data_frame(self, frame: Frame | WireFrame) -> Message | None:
         """A TICKET (kept for the reply) or a BULK frame (its task, fetched: blocking)."""
@@ -290,9 +291,9 @@ class ClientSession(SessionOptions):
     def _welcome(self, responses: Any) -> None:
         first = next(responses)
         check_welcome(first, self.address, self.node_id)
-        token = self.offered(first)
-        if token is not None and self.link is not None:
-            threading.Thread(target=self.link.probe, args=(token,), daemon=True).start()
+        probe = self.offered(first)
+        if probe is not None:
+            threading.Thread(target=probe, daemon=True).start()
 
     def _serve(self, responses: Any) -> SessionEnd:
         assembler = Assembler(self.max_message_bytes, pool=self._buffers)

@@ -412,6 +412,7 @@ class GrpcServer(Transport):
             self._refuse(conn, reason, "data")
 
     def _fail_task(self, conn: Connection, mid: str, reason: str) -> None:
+        """Answer task ``mid`` of ``conn`` with an error reply (if it still waits)."""
         pending = conn.pending.pop(mid, None)
         if pending is not None:
             pending.replies.put(pending.task.error_reply(reason))
@@ -532,9 +533,7 @@ class GrpcServer(Transport):
     def _fail_only_task(self, conn: Connection, reason: str) -> None:
         """A refused reply answers the task when the client had only one."""
         if len(conn.pending) == 1:
-            (mid,) = conn.pending
-            pending = conn.pending.pop(mid)
-            pending.replies.put(pending.task.error_reply(reason))
+            self._fail_task(conn, next(iter(conn.pending)), reason)
 
     def _refuse(self, conn: Connection, reason: str, stage: str = "upload") -> None:
         """Record a refused frame or upload of ``conn``; disconnect a repeat offender."""

@@ -128,7 +128,8 @@ class Uploads:
             self.limit = upload_limit(server, conn)
             size = frame.total_size
             if mid and size <= self.limit:
-                self.staged[mid] = await self._hold(size)  # backpressure
+                spills = self.assembler.spills(size)
+                self.staged[mid] = await hold(server, self.conn, size, spills)  # backpressure
         try:
             done = self.assembler.add(frame, self.limit)
         except SerdeError as exc:
@@ -138,9 +139,6 @@ class Uploads:
             return
         if done is not None:
             await server._deliver(conn, done[1], self.staged.pop(mid, nothing))
-
-    async def _hold(self, size: int) -> Free:
-        return await hold(self.server, self.conn, size, self.assembler.spills(size))
 
     def _abandon(self, mid: str) -> None:
         if not self.assembler.is_open(mid) and mid in self.staged:
