@@ -218,11 +218,13 @@ GRID: dict[str, list[dict[str, Any]]] = {
     "fedavg": [{}],
     "fedavg+deadline": [{"deadline_percentile": p} for p in (30.0, 40.0, 50.0, 80.0, 95.0)],
     "fedbuff": [
-        {"concurrency": c, "server_lr": lr} for c in (10, 20, 40, 100) for lr in (1.0, 2.0, 3.0)
+        {"concurrency": c, "server_lr": lr}
+        for c in (10, 12, 15, 20, 40, 100)
+        for lr in (1.0, 2.0, 3.0)
     ]
     + [  # a smaller buffer (versions twice as often) with server momentum
         {"concurrency": c, "server_lr": lr, "buffer_size": 5, "server_momentum": 0.5}
-        for c in (20, 40)
+        for c in (10, 15, 20, 40)
         for lr in (1.0, 2.0)
     ],
     "fedasync": [{"concurrency": c, "alpha": a} for c in (5, 20) for a in (0.6, 0.9)],

@@ -124,6 +124,32 @@ def test_fp16_decodes_bit_for_bit_as_numpy_casts():
             codec.decode({"values": values}, info, [x.size])
 
 
+def test_half_bits_are_numpys_cast_bit_for_bit():
+    rng = np.random.default_rng(1)
+    words = rng.integers(0, 2**32, size=1 << 21, dtype=np.uint64).astype(np.uint32)
+    x = words.view(np.float32)
+    x = x[np.isfinite(x) & (np.abs(x) <= 65504)]  # every exponent, both signs
+    ties = np.arange(1 << 11, dtype=np.uint32) << 12 | np.uint32(0x1000)  # half-way cases
+    edges = [0.0, -0.0, 65504.0, -65504.0, 65519.99, 2**-14, 2**-24, 2**-25, 1.5 * 2**-24]
+    x = np.concatenate(
+        [x, *((ties + np.uint32(e << 23)).view(np.float32) for e in (0, 112, 127, 141)), edges]
+    ).astype(np.float32)
+    out = np.empty(x.size, np.uint16)
+    scratch, flag = np.empty((3, x.size), np.uint32), np.empty(x.size, np.bool_)
+    _kernels.half_bits(x, out, scratch, flag)
+    np.testing.assert_array_equal(out, x.astype(np.float16).view(np.uint16))
+
+
+def test_fp16_encode_keeps_nan_for_decode_to_refuse_and_clips_the_rest():
+    x = np.full(CHUNK + 10, 0.25, np.float32)
+    x[3], x[CHUNK + 4] = 1e6, np.nan
+    arrays, info = FP16().encode(x, [x.size], np.random.default_rng(0))
+    values = arrays["values"]
+    assert values[3] == 65504 and values[4] == 0.25 and np.isnan(values[CHUNK + 4])
+    with pytest.raises(SerdeError, match="NaN or Inf"):
+        FP16().decode(arrays, info, [x.size])
+
+
 def test_qsgd_across_chunks_and_blocks_stays_within_one_level():
     size = 2 * CHUNK + 999
     x = np.random.default_rng(1).normal(size=size).astype(np.float32)

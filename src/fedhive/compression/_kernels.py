@@ -24,8 +24,10 @@ __all__ = [
     "Blocks",
     "block_reduce",
     "chunks",
+    "Bounds",
     "flip_signs",
     "hadamard_into",
+    "half_bits",
     "largest_magnitudes",
     "negate_where",
     "sample_indices",
@@ -111,6 +113,64 @@ def scale_into(t: NDArray, values: NDArray, blocks: Blocks, lo: int) -> None:
         t.reshape(-1, blocks.block)[...] *= values[i0:i1, None]
     else:
         t *= np.repeat(values[i0:i1], np.diff(np.append(local, t.size)))
+
+
+class Bounds:
+    """``value`` as a float32 array of :data:`CHUNK` elements, for ``np.minimum`` and
+    ``np.maximum`` against a chunk: numpy's loop for a scalar operand is about 5x slower
+    than its loop over two arrays (0.3 against 0.06 ns an element here)."""
+
+    __slots__ = ("_full",)
+
+    def __init__(self, value: float) -> None:
+        self._full = np.full(CHUNK, value, np.float32)
+
+    def __getitem__(self, n: int) -> NDArray:
+        if n > self._full.size:
+            self._full = np.full(n, self._full[0], np.float32)
+        return self._full[:n]
+
+
+#: float32 bits: 2**-14 (the smallest normal half), and 0.5
+_HALF_NORMAL = np.uint32(113 << 23)
+_ONE_HALF = np.float32(0.5)
+_ONE_HALF_BITS = np.uint32(0x3F000000)
+#: (15 - 127) << 23 rebias the exponent (mod 2**32), plus 0xFFF: round half up below
+_REBIAS = np.uint32(0xC8000FFF)
+
+
+def half_bits(x: NDArray, out: NDArray, scratch: NDArray, flag: NDArray) -> NDArray:
+    """The IEEE binary16 bits of the float32 ``x`` rounded to nearest even (exactly what
+    ``x.astype(np.float16)`` gives), into the uint16 ``out``, for finite ``|x| <= 65504``
+    only; ``scratch``: uint32 ``(3, >= x.size)``, ``flag``: bool ``(>= x.size,)``.
+
+    numpy's own cast converts element by element (about 1.5 ns an element here); this is
+    fourteen integer passes over a chunk in cache (about 0.9 ns). A normal half is the
+    float32 word with its exponent rebiased and its mantissa rounded to 10 bits: add
+    ``0xFFF`` plus the lowest kept bit and shift, so that a tie rounds to even. Below
+    ``2**-14`` the half is subnormal, a multiple of ``2**-24``: adding 0.5 in float32
+    rounds ``|x|`` to that grid (to nearest even, in hardware) and leaves the multiple in
+    the word's low bits.
+    """
+    n = x.size
+    w = x.view(np.uint32)
+    a, t, d = scratch[0, :n], scratch[1, :n], scratch[2, :n]
+    small = flag[:n]
+    np.bitwise_and(w, np.uint32(0x7FFFFFFF), out=a)
+    np.right_shift(a, np.uint32(13), out=t)
+    np.bitwise_and(t, np.uint32(1), out=t)  # the lowest kept mantissa bit: ties to even
+    t += a
+    t += _REBIAS
+    t >>= np.uint32(13)
+    np.add(a.view(np.float32), _ONE_HALF, out=d.view(np.float32))
+    d -= _ONE_HALF_BITS
+    np.less(a, _HALF_NORMAL, out=small)
+    np.copyto(t, d, where=small)
+    np.right_shift(w, np.uint32(16), out=a)
+    np.bitwise_and(a, np.uint32(0x8000), out=a)
+    t |= a
+    np.copyto(out, t, casting="unsafe")
+    return out
 
 
 def uniform16(bitgen: np.random.BitGenerator, count: int, out: NDArray) -> NDArray:

@@ -87,11 +87,14 @@ class FP16(Codec):
     ) -> Encoded:
         x = _flat32(x)
         values = np.empty(x.size, np.float16)
+        step = min(_kernels.CHUNK, max(x.size, 1))
+        scratch, flag = np.empty((3, step), np.uint32), np.empty(step, np.bool_)
         for lo, hi in _kernels.chunks(x.size):
             part = x[lo:hi]
-            if part.max() > _F16_MAX or part.min() < -_F16_MAX:  # rare: clip this chunk
-                part = np.clip(part, -_F16_MAX, _F16_MAX)
-            values[lo:hi] = part
+            if part.min() >= -_F16_MAX and part.max() <= _F16_MAX:  # False for NaN too
+                _kernels.half_bits(part, values[lo:hi].view(np.uint16), scratch, flag)
+            else:  # rare: clip this chunk (NaN stays NaN, and decode refuses it)
+                values[lo:hi] = np.clip(part, -_F16_MAX, _F16_MAX)
         return {"values": values}, {}
 
     def decode(

@@ -32,6 +32,7 @@ from fedhive.compression._base import (
 from fedhive.compression._kernels import (
     CHUNK,
     Blocks,
+    Bounds,
     block_reduce,
     chunks,
     flip_signs,
@@ -134,17 +135,18 @@ class QSGD(Codec):
             uniform = np.empty(step, np.float32)
             level = np.empty(step, np.uint8 if self.bits <= 8 else np.uint16)
             negative = np.empty(step, np.bool_)
-            top = np.float32(self.levels)
+            top = Bounds(self.levels)
+            cap = Bounds(np.inf if self.scale is None else self.scale)
             for lo, hi in chunks(x.size, step):
                 m = hi - lo
                 t = np.abs(x[lo:hi], out=buf[:m])
                 if self.scale is not None:
                     if np.isnan(t).any():
                         raise SerdeError("qsgd: the update holds NaN")
-                    np.minimum(t, np.float32(self.scale), out=t)  # Inf goes to the scale
+                    np.minimum(t, cap[m], out=t)  # Inf goes to the scale
                 scale_into(t, inv, blocks, lo)
                 t += uniform16(rng.bit_generator, m, uniform)  # floor(y + u): up w.p. frac(y)
-                np.minimum(t, top, out=t)  # y <= top up to rounding: never top + 1
+                np.minimum(t, top[m], out=t)  # y <= top up to rounding: never top + 1
                 np.copyto(level[:m], t, casting="unsafe")  # truncation: floor, as t >= 0
                 yield lo, hi, level[:m], np.less(x[lo:hi], 0, out=negative[:m])
 
