@@ -45,7 +45,18 @@ import numpy as np
 
 from fedhive.cli.config import validate
 from fedhive.cli.experiment import build_experiment, evaluate_params
-from fedhive.compression import BF16, EDEN, FP16, QSGD, Codec, Compression, RandomK, Sign, TopK
+from fedhive.compression import (
+    BF16,
+    EDEN,
+    FP16,
+    QSGD,
+    Codec,
+    Compression,
+    RandomK,
+    Sign,
+    TopK,
+    _kernels,
+)
 from fedhive.compression.codecs import codec_from_params
 from fedhive.server.config import ServerConfig
 from fedhive.simulation import start_simulation
@@ -279,6 +290,8 @@ def throughput_samples(megabytes: int, repeat: int) -> dict[str, Any]:
     n = megabytes * (1 << 20) // 4
     x = np.random.default_rng(0).normal(scale=0.01, size=n).astype(np.float32)
     out: dict[str, Any] = {"mb": x.nbytes / 1e6, "copy": [], "codecs": {}}
+    built = getattr(_kernels, "compiled", lambda: False)()  # an older tree has no such test
+    out["kernels"] = "compiled (fedhive.compression._ckernels)" if built else "numpy"
     for codec in throughput_codecs():
         row: dict[str, list[float]] = {"enc": [], "dec": [], "enc_x": [], "dec_x": [], "wire": []}
         for i in range(repeat):
@@ -306,7 +319,8 @@ def throughput_table(samples: dict[str, Any]) -> list[str]:
     mb = samples["mb"]
     lines = [
         f"numpy.copy of {mb:.0f} MB: {mb / med(samples['copy']):.0f} MB/s (median of "
-        f"{len(samples['copy'])}, CPU time); 'x copy': median of the per-triple ratios",
+        f"{len(samples['copy'])}, CPU time); 'x copy': median of the per-triple ratios; "
+        f"kernels: {samples.get('kernels', 'numpy')}",
         f"{'codec':36} {'encode MB/s':>11} {'x copy':>7} {'decode MB/s':>11} {'x copy':>7} "
         f"{'wire ratio':>10}",
     ]
@@ -320,6 +334,7 @@ def throughput_table(samples: dict[str, Any]) -> list[str]:
 
 def _merge_samples(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {"mb": runs[0]["mb"], "copy": [], "codecs": {}}
+    out["kernels"] = runs[0].get("kernels", "numpy")
     for run in runs:
         out["copy"] += run["copy"]
         for name, row in run["codecs"].items():

@@ -3,12 +3,24 @@ across chunk boundaries, blocks straddling chunks and odd sizes."""
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
 from fedhive.common.errors import SerdeError
 from fedhive.compression import EDEN, FP16, QSGD, Sign, _bits, _kernels
 from fedhive.compression._kernels import CHUNK, Blocks, block_reduce, hadamard_into
+
+PATHS = ["numpy", "compiled"] if _kernels.compiled() else ["numpy"]
+
+
+@pytest.fixture(params=PATHS)
+def kernels(request, monkeypatch):
+    """Run the test on the numpy kernels, and again on the compiled ones where built."""
+    if request.param == "numpy":
+        monkeypatch.setattr(_kernels, "_compiled", None)
+    return request.param
 
 
 def walsh_hadamard(rows):
@@ -31,7 +43,7 @@ def test_the_reference_is_the_sylvester_matrix():
 
 
 @pytest.mark.parametrize("block", [2, 8, 32, 256, 1024, 4096])
-def test_the_factored_hadamard_is_the_matrix(block):
+def test_the_factored_hadamard_is_the_matrix(block, kernels):
     x = np.random.default_rng(block).normal(size=3 * block).astype(np.float32)
     out, tmp = np.empty_like(x), np.empty_like(x)
     before = x.copy()
@@ -42,7 +54,7 @@ def test_the_factored_hadamard_is_the_matrix(block):
 
 
 @pytest.mark.parametrize(("block", "count"), [(16, 256), (16, 255), (4096, 1), (64, 3)])
-def test_the_first_pass_stacked_or_not_is_the_matrix(block, count):
+def test_the_first_pass_stacked_or_not_is_the_matrix(block, count, kernels):
     # rows of 16 are multiplied in stacks of 256 where they divide evenly, else in one
     # product: both shapes (with and without a scale) give the Walsh-Hadamard transform
     x = np.random.default_rng(count).normal(size=count * block).astype(np.float32)
@@ -56,7 +68,7 @@ def test_the_first_pass_stacked_or_not_is_the_matrix(block, count):
 
 
 @pytest.mark.parametrize("block", [2, 16, 256, 4096])
-def test_the_hadamard_scales_each_block(block):
+def test_the_hadamard_scales_each_block(block, kernels):
     x = np.random.default_rng(block).normal(size=5 * block).astype(np.float32)
     scale = np.array([0.5, 0.0, 3.0, -1.0, 1e-3], np.float32)
     out, tmp = np.empty_like(x), np.empty_like(x)
@@ -84,15 +96,21 @@ def test_byte_table_refuses_other_widths():
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 6])
-def test_cells_count_the_boundaries_below(bits):
+def test_cells_count_the_boundaries_below(bits, kernels):
     """The symmetric shortcut gives each value the count of boundaries below it."""
     from fedhive.compression.quantizers import _cells, gaussian_centroids
 
-    _, boundaries = gaussian_centroids(bits)
+    centroids, boundaries = gaussian_centroids(bits)
     v = np.random.default_rng(bits).normal(scale=1.5, size=50_000).astype(np.float32)
     v[:3] = [0.0, -0.0, 40.0]
     out, flag, buf = np.empty(v.size, np.uint8), np.empty(v.size, np.bool_), np.empty_like(v)
-    got = _cells(v, boundaries, out, flag, buf)
+    if kernels == "compiled":  # the cells and each one's centroid in one pass
+        assert _kernels.cells_into(v, boundaries, centroids, out, buf)
+        got = out
+        np.testing.assert_array_equal(buf, centroids[got])
+    else:
+        assert not _kernels.cells_into(v, boundaries, centroids, out, buf)
+        got = _cells(v, boundaries, out, flag, buf)
     want = np.searchsorted(boundaries.astype(np.float64), v.astype(np.float64))
     assert (got != want).mean() < 1e-4  # only at a boundary (float32 asymmetry)
     assert got.max() <= boundaries.size
@@ -150,7 +168,7 @@ def test_fp16_encode_keeps_nan_for_decode_to_refuse_and_clips_the_rest():
         FP16().decode(arrays, info, [x.size])
 
 
-def test_qsgd_across_chunks_and_blocks_stays_within_one_level():
+def test_qsgd_across_chunks_and_blocks_stays_within_one_level(kernels):
     size = 2 * CHUNK + 999
     x = np.random.default_rng(1).normal(size=size).astype(np.float32)
     segments = [CHUNK + 1, 17, size - CHUNK - 18]
@@ -168,7 +186,7 @@ def test_qsgd_across_chunks_and_blocks_stays_within_one_level():
         assert (np.sign(decoded)[decoded != 0] == np.sign(x)[decoded != 0]).all()
 
 
-def test_qsgd_refuses_an_update_with_nan():
+def test_qsgd_refuses_an_update_with_nan(kernels):
     x = np.ones(1000, np.float32)
     x[3] = np.nan
     for codec in (QSGD(bits=4), QSGD(bits=4, scale=1.0)):
@@ -200,7 +218,7 @@ def test_sign_scales_are_each_arrays_mean_magnitude_across_chunks():
         (4, 2, CHUNK + 3),
     ],
 )
-def test_eden_over_several_chunks_matches_the_direct_formula(bits, block, size):
+def test_eden_over_several_chunks_matches_the_direct_formula(bits, block, size, kernels):
     """Rotate with the explicit matrix and the same signs, quantize to the nearest
     centroid, scale by ||x||^2 / <Rx, c>: what the chunked encoder sends."""
     x = np.random.default_rng(4).normal(size=size).astype(np.float32)
@@ -261,3 +279,131 @@ def test_largest_magnitudes_keep_a_nan_as_argpartition_does() -> None:
     x = np.random.default_rng(0).standard_normal(200_000).astype(np.float32)
     x[12_345] = np.nan
     assert 12_345 in _kernels.largest_magnitudes(x, 100)
+
+
+def test_the_compiled_kernels_are_built_where_a_c_compiler_is():
+    # setup.py builds them optionally: a failed build must not pass unnoticed here
+    if shutil.which("cc") or shutil.which("gcc"):
+        assert _kernels.compiled()
+
+
+def _both_paths(monkeypatch, fn):
+    """``fn()`` on the compiled kernels, then on the numpy ones."""
+    compiled = fn()
+    monkeypatch.setattr(_kernels, "_compiled", None)
+    plain = fn()
+    monkeypatch.undo()
+    return compiled, plain
+
+
+needs_compiled = pytest.mark.skipif(not _kernels.compiled(), reason="no compiled kernels")
+
+
+@needs_compiled
+@pytest.mark.parametrize(
+    "codec",
+    [
+        QSGD(bits=4),
+        QSGD(bits=2, block=1000),
+        QSGD(bits=8, block=4096),
+        QSGD(bits=12),
+        QSGD(bits=4, scale=0.5),
+    ],
+)
+def test_compiled_qsgd_sends_exactly_the_numpy_levels(codec, monkeypatch):
+    size = 2 * CHUNK + 999
+    x = np.random.default_rng(6).normal(scale=0.4, size=size).astype(np.float32)
+    x[5], x[CHUNK + 9] = 3.0, -2.5  # beyond a shared scale: clipped
+    if codec.scale is not None:
+        x[7], x[8] = np.inf, -np.inf  # a shared scale caps infinities
+    segments = [CHUNK + 1, 17, size - CHUNK - 18]
+
+    def encode():
+        return codec.encode(x, segments, np.random.default_rng(7))[0]
+
+    compiled, plain = _both_paths(monkeypatch, encode)
+    assert compiled.keys() == plain.keys()
+    for name in plain:
+        np.testing.assert_array_equal(compiled[name], plain[name], err_msg=name)
+
+
+@needs_compiled
+def test_compiled_qsgd_refuses_nan_under_a_shared_scale():
+    x = np.ones(CHUNK + 10, np.float32)
+    x[CHUNK + 3] = np.nan
+    with pytest.raises(SerdeError, match="NaN"):
+        QSGD(bits=4, scale=1.0).encode(x, [x.size], np.random.default_rng(0))
+
+
+@needs_compiled
+@pytest.mark.parametrize("codec", [EDEN(bits=1), EDEN(bits=2, block=256), EDEN(bits=4, block=16),
+                                   EDEN(bits=3, block=1024), EDEN(bits=1, ratio=0.7)])  # fmt: skip
+def test_compiled_and_numpy_eden_decode_each_others_payloads(codec, monkeypatch):
+    # the rotation's float rounding differs (butterflies against BLAS products), so codes
+    # may differ where a rotated value sits on a boundary; decodes agree to rounding
+    size = CHUNK + 5000
+    x = np.random.default_rng(8).normal(size=size).astype(np.float32)
+
+    def encode():
+        return codec.encode(x, [size], np.random.default_rng(9))
+
+    (a, info), (b, _) = _both_paths(monkeypatch, encode)
+    assert a["seed"] == b["seed"]
+    np.testing.assert_allclose(a["scales"], b["scales"], rtol=1e-3)
+    decoded = {}
+    for name, arrays in (("compiled", a), ("numpy", b)):
+        decoded[name] = _both_paths(
+            monkeypatch, lambda arrays=arrays: codec.decode(arrays, info, [size])
+        )
+        np.testing.assert_allclose(*decoded[name], rtol=1e-4, atol=1e-5)
+    gap = np.linalg.norm(decoded["compiled"][0] - decoded["numpy"][1])
+    assert gap / np.linalg.norm(decoded["numpy"][1]) < 1e-2
+
+
+@needs_compiled
+@pytest.mark.parametrize("size", [1, 63, 64, 65, CHUNK + 3])
+def test_flip_by_words_flips_where_the_packed_bits_say(size, monkeypatch):
+    x = np.random.default_rng(size).normal(size=size).astype(np.float32)
+    words = _kernels.sign_words(np.random.PCG64(3), size)
+    bits = _kernels.sign_bits(np.random.PCG64(3), size)
+    want = np.where(bits == 1, -x, x)
+    buf = np.empty(size, np.uint32)
+
+    def flip():
+        out = np.empty_like(x)
+        _kernels.flip_by_words(x, words, buf, out=out)
+        again = x.copy()
+        _kernels.flip_by_words(again, words, buf)  # in place
+        return out, again
+
+    for out, again in _both_paths(monkeypatch, flip):
+        np.testing.assert_array_equal(out, want)
+        np.testing.assert_array_equal(again, want)
+
+
+@needs_compiled
+def test_compiled_kernels_refuse_bad_buffers():
+    from fedhive.compression import _ckernels as c
+
+    x = np.zeros(64, np.float32)
+    with pytest.raises(TypeError, match="float32"):
+        c.fwht(np.zeros(64), 16)
+    for bad in ((x, 8), (x, 48), (np.zeros(40, np.float32), 16)):
+        with pytest.raises(ValueError, match="block"):
+            c.fwht(*bad)
+    with pytest.raises(ValueError, match="one value per block"):
+        c.fwht(x, 16, np.ones(3, np.float32))
+    with pytest.raises(ValueError, match="words"):
+        c.flip_signs(x, np.zeros(0, np.uint64), x)
+    level, negative = np.empty(64, np.uint8), np.empty(64, np.uint8)
+    raw, inv = np.zeros(64, np.uint16), np.ones(1, np.float32)
+    with pytest.raises(ValueError, match="raw"):
+        c.qsgd_levels(x, inv, np.zeros(1, np.int64), raw[:10], 15.0, np.inf, level, negative)
+    with pytest.raises(ValueError, match="starts"):
+        c.qsgd_levels(x, inv, np.ones(1, np.int64), raw, 15.0, np.inf, level, negative)
+    with pytest.raises(ValueError, match="level"):
+        c.qsgd_levels(x, inv, np.zeros(1, np.int64), raw, 15.0, np.inf, level[:5], negative)
+    with pytest.raises(ValueError, match="centroids"):
+        c.cells(x, np.ones(3, np.float32), np.ones(4, np.float32), level)
+    with pytest.raises(ValueError, match="contiguous"):
+        c.fwht(np.zeros(64, np.float32)[::2], 16)  # not contiguous

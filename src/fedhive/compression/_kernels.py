@@ -14,10 +14,17 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from functools import lru_cache
+from types import ModuleType
 
 import numpy as np
 
 from fedhive.common.records import NDArray
+
+_compiled: ModuleType | None
+try:  # built with the package where a C compiler was found (setup.py); optional
+    from fedhive.compression import _ckernels as _compiled
+except ImportError:  # pragma: no cover - exercised where the build was skipped
+    _compiled = None
 
 __all__ = [
     "CHUNK",
@@ -25,14 +32,19 @@ __all__ = [
     "block_reduce",
     "chunks",
     "Bounds",
+    "compiled",
+    "flip_by_words",
     "flip_signs",
     "hadamard_into",
     "half_bits",
     "largest_magnitudes",
     "negate_where",
+    "qsgd_round",
+    "raw16",
     "sample_indices",
     "scale_into",
     "sign_bits",
+    "sign_words",
     "uniform16",
 ]
 
@@ -173,22 +185,86 @@ def half_bits(x: NDArray, out: NDArray, scratch: NDArray, flag: NDArray) -> NDAr
     return out
 
 
+def raw16(bitgen: np.random.BitGenerator, count: int) -> NDArray:
+    """``count`` random 16-bit words (uint16), four from each raw draw."""
+    words = np.asarray(bitgen.random_raw(-(-count // 4)), "<u8")
+    return words.view(np.uint16)[:count]
+
+
+def qsgd_round(
+    t: NDArray,
+    inv: NDArray,
+    blocks: Blocks,
+    lo: int,
+    bitgen: np.random.BitGenerator,
+    top: float,
+    cap: float,
+    level: NDArray,
+    negative: NDArray,
+) -> int | None:
+    """QSGD's stochastic rounding of the chunk ``t`` (``[lo, lo + t.size)``), compiled:
+    ``level = floor(min(min(|t|, cap) * inv[block] + u, top))`` with ``u`` from
+    :func:`uniform16`'s draws, and ``negative = t < 0``, the same float32 operations as
+    the numpy kernel (so the same levels). Returns the count of NaN met, or None when
+    the compiled kernels are not built (nothing drawn)."""
+    if _compiled is None:
+        return None
+    i0, i1, local = blocks.span(lo, lo + t.size)
+    raw = raw16(bitgen, t.size)
+    flags = negative.view(np.uint8)
+    return int(_compiled.qsgd_levels(t, inv[i0:i1], local, raw, top, cap, level, flags))
+
+
+def cells_into(
+    v: NDArray, boundaries: NDArray, centroids: NDArray, code: NDArray, chosen: NDArray
+) -> bool:
+    """The cell of each value of ``v`` among ``boundaries`` (symmetric about 0, an odd
+    count, as EDEN's) into the uint8 ``code``, and its centroid into ``chosen``,
+    compiled; False (nothing written) when the compiled kernels are not built."""
+    if _compiled is None:
+        return False
+    edges = np.ascontiguousarray(boundaries[(boundaries.size + 1) // 2 :], np.float32)
+    _compiled.cells(v, edges, np.ascontiguousarray(centroids, np.float32), code, chosen)
+    return True
+
+
 def uniform16(bitgen: np.random.BitGenerator, count: int, out: NDArray) -> NDArray:
     """``count`` uniforms in (0, 1) on the grid ``(k + 1/2) / 2**16`` (float32, into
     ``out``): 16 random bits each. ``floor(y + u)`` rounds ``y`` up with probability
     ``frac(y)`` to within ``2**-17``."""
-    words = np.asarray(bitgen.random_raw(-(-count // 4)), "<u8")
-    raw = words.view(np.uint16)[:count]
+    raw = raw16(bitgen, count)
     u = out[:count]
     np.add(raw, np.float32(0.5), out=u, dtype=np.float32)
     u *= np.float32(2.0**-16)
     return u
 
 
+def compiled() -> bool:
+    """Whether the compiled kernels (``fedhive.compression._ckernels``) are in use."""
+    return _compiled is not None
+
+
+def sign_words(bitgen: np.random.BitGenerator, count: int) -> NDArray:
+    """The raw draws that hold ``count`` random bits, 64 each (little-endian uint64)."""
+    return np.asarray(bitgen.random_raw(-(-count // 64)), "<u8")
+
+
 def sign_bits(bitgen: np.random.BitGenerator, count: int) -> NDArray:
-    """``count`` random bits (uint8 0/1), 64 from each raw draw, little-endian."""
-    words = np.asarray(bitgen.random_raw(-(-count // 64)), "<u8")
-    return np.unpackbits(words.view(np.uint8), count=count, bitorder="little")
+    """``count`` random bits (uint8 0/1), 64 from each raw draw, little-endian: the bits
+    of :func:`sign_words`."""
+    return np.unpackbits(sign_words(bitgen, count).view(np.uint8), count=count, bitorder="little")
+
+
+def flip_by_words(t: NDArray, words: NDArray, buf: NDArray, out: NDArray | None = None) -> None:
+    """:func:`flip_signs` with the bits still packed in ``words`` (:func:`sign_words`):
+    bit ``i`` of the words flips element ``i``. Compiled, it is one pass with no bytes
+    unpacked."""
+    dst = t if out is None else out
+    if _compiled is not None and t.flags.c_contiguous and dst.flags.c_contiguous:
+        _compiled.flip_signs(t, words, dst)
+        return
+    bits = np.unpackbits(words.view(np.uint8), count=t.size, bitorder="little")
+    flip_signs(t, bits, buf, out)
 
 
 def flip_signs(t: NDArray, bits: NDArray, buf: NDArray, out: NDArray | None = None) -> None:
@@ -238,6 +314,13 @@ def hadamard_into(
     runs block by block, so each block's matrix takes its factor at no extra pass.
     """
     n = src.size
+    if _compiled is not None and block >= 16:  # butterflies, block by block in cache
+        dst = out[:n]
+        np.copyto(dst, src)
+        _compiled.fwht(
+            dst, block, None if scale is None else np.ascontiguousarray(scale, np.float32)
+        )
+        return
     factors = _factors(block)
     k = len(factors)
     targets = [out[:n] if (k - 1 - i) % 2 == 0 else tmp[:n] for i in range(k)]

@@ -34,11 +34,14 @@ from fedhive.compression._kernels import (
     Blocks,
     Bounds,
     block_reduce,
+    cells_into,
     chunks,
+    flip_by_words,
     flip_signs,
     hadamard_into,
+    qsgd_round,
     scale_into,
-    sign_bits,
+    sign_words,
     uniform16,
 )
 
@@ -137,8 +140,18 @@ class QSGD(Codec):
             negative = np.empty(step, np.bool_)
             top = Bounds(self.levels)
             cap = Bounds(np.inf if self.scale is None else self.scale)
+            limit = np.inf if self.scale is None else float(self.scale)
             for lo, hi in chunks(x.size, step):
                 m = hi - lo
+                nan = qsgd_round(
+                    x[lo:hi], inv, blocks, lo, rng.bit_generator, self.levels, limit,
+                    level[:m], negative[:m],
+                )  # fmt: skip
+                if nan is not None:  # compiled: the same levels, in one pass
+                    if nan and self.scale is not None:
+                        raise SerdeError("qsgd: the update holds NaN")
+                    yield lo, hi, level[:m], negative[:m]
+                    continue
                 t = np.abs(x[lo:hi], out=buf[:m])
                 if self.scale is not None:
                     if np.isnan(t).any():
@@ -421,13 +434,13 @@ class EDEN(Codec):
         flag = np.empty(step, np.bool_)
         for lo, hi in chunks(padded, step):
             m, have = hi - lo, max(0, min(hi, x.size) - lo)
-            s, r, signs = src[:m], rot[:m], sign_bits(bitgen, m)
+            s, r, signs = src[:m], rot[:m], sign_words(bitgen, m)
             if have == m:  # read straight from x, flipping signs on the way
-                flip_signs(x[lo:hi], signs, mask, out=s)
+                flip_by_words(x[lo:hi], signs, mask, out=s)
             else:
                 s[:have] = x[lo : lo + have]
                 s[have:] = 0.0
-                flip_signs(s, signs, mask)
+                flip_by_words(s, signs, mask)
             blocks = s.reshape(-1, self.block)
             unit = None  # per block: sqrt(dims) / ||Rx||, the centroids' unit
             if self.bits > 1 and not sparse:  # rotate straight to that unit: ||Rx|| = ||x||
@@ -457,16 +470,20 @@ class EDEN(Codec):
                     )
                 else:
                     v = r
-                c = _cells(v.reshape(-1), boundaries, code[:m], flag[:m], scratch[:m])
+                chosen: NDArray | None = None
+                if cells_into(v.reshape(-1), boundaries, centroids, code[:m], scratch[:m]):
+                    c, chosen = code[:m], scratch[:m]  # compiled: each one's centroid too
+                else:
+                    c = _cells(v.reshape(-1), boundaries, code[:m], flag[:m], scratch[:m])
             if sparse:
                 parts.append(_bits.pack(c[keep], self.bits))
             else:
                 packed = _packed(codes, self.bits, lo, hi)
                 packed[...] = _bits.pack(c, self.bits)
             if self.bits > 1:
-                if not sparse and self.bits in _bits.BYTE_WIDTHS and m % 8 == 0:
+                if chosen is None and not sparse and self.bits in _bits.BYTE_WIDTHS and m % 8 == 0:
                     chosen = _bits.lookup(packed, _centroid_table(self.bits), scratch[:m])
-                else:
+                elif chosen is None:
                     chosen = np.take(centroids, c, out=scratch[:m], mode="wrap")
                 dots = _rowdots(v.reshape(grid.shape), chosen.reshape(grid.shape))
                 scale = np.divide(norms2 * unit, dots, out=np.zeros_like(norms2), where=dots > 0)
@@ -516,7 +533,7 @@ class EDEN(Codec):
             r = rot[:m]  # H is its own inverse; the blocks' scales ride on its last product
             hadamard_into(g, self.block, r, tmp, scales[b0 : b0 + m // self.block])
             have = max(0, min(hi, size) - lo)
-            flip_signs(r[:have], sign_bits(bitgen, m)[:have], mask, out=out[lo : lo + have])
+            flip_by_words(r[:have], sign_words(bitgen, m), mask, out=out[lo : lo + have])
         return out
 
     def _decode_sparse(self, arrays: Mapping[str, NDArray], size: int, count: int) -> NDArray:
@@ -536,7 +553,7 @@ class EDEN(Codec):
         at = 0
         for lo, hi in chunks(padded, step):
             m = hi - lo
-            signs = sign_bits(bitgen, m)  # the encoder's order: signs, then the kept mask
+            signs = sign_words(bitgen, m)  # the encoder's order: signs, then the kept mask
             keep = self._keep(bitgen, m)
             kept = int(np.count_nonzero(keep))
             nbytes = _bits.packed_nbytes(kept, self.bits)
@@ -552,7 +569,7 @@ class EDEN(Codec):
             r = rot[:m]
             hadamard_into(g, self.block, r, tmp, scales[b0 : b0 + grid.shape[0]])
             have = max(0, min(hi, size) - lo)
-            flip_signs(r[:have], signs[:have], mask, out=out[lo : lo + have])
+            flip_by_words(r[:have], signs, mask, out=out[lo : lo + have])
         if at != packed.size:
             raise SerdeError(f"eden codes: {packed.size} bytes, the kept coordinates take {at}")
         return out
