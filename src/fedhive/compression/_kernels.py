@@ -11,6 +11,7 @@ and a server with different numpy versions draw the same signs and indices.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Iterator
 from functools import lru_cache
@@ -67,12 +68,15 @@ class Blocks:
     """Consecutive scale blocks over a vector of ``size`` elements, starting at
     ``starts`` (``starts[0] == 0``, increasing)."""
 
-    __slots__ = ("block", "size", "starts")
+    __slots__ = ("_starts", "block", "size", "starts")
 
     def __init__(self, starts: NDArray, size: int, block: int | None = None) -> None:
         self.starts = np.asarray(starts, np.int64)
         self.size = size
         self.block = block  # fixed block length, when all blocks (but the last) have it
+        # a Python list for bisect: per chunk, np.searchsorted's call costs more than the
+        # search (a few model arrays)
+        self._starts = self.starts.tolist() if block is None else []
 
     def __len__(self) -> int:
         return int(self.starts.size)
@@ -84,8 +88,8 @@ class Blocks:
             i0, i1 = lo // self.block, -(-hi // self.block)
             local = np.arange(i0, i1, dtype=np.int64) * self.block - lo
         else:
-            i0 = int(np.searchsorted(self.starts, lo, "right")) - 1
-            i1 = int(np.searchsorted(self.starts, hi, "left"))
+            i0 = bisect.bisect_right(self._starts, lo) - 1
+            i1 = bisect.bisect_left(self._starts, hi)
             local = self.starts[i0:i1] - lo
         local[0] = 0
         return i0, i1, local
