@@ -181,6 +181,77 @@ def test_abusive_frames_are_refused_and_everyone_else_is_served(spill_bytes):
     assert _open_fds() <= fds + 8  # no spill file left open (gRPC may keep a few)
 
 
+def _open_upload(outbox, mid: str, declared: int = 4000) -> None:
+    """The first 100 bytes of an upload of ``declared`` bytes, and then nothing more."""
+    outbox.put(Frame(kind=Frame.MESSAGE, message_id=mid, total_size=declared, data=b"\0" * 100))
+
+
+def test_stalled_uploads_give_their_slots_up_when_others_wait():
+    # two clients open uploads and stop: with the default two staging slots they held both
+    # for as long as they heartbeat, and every other client's reply waited behind them
+    server = GrpcServer("127.0.0.1:0", upload_grace_s=1.0).start()
+    address = f"127.0.0.1:{server.port}"
+    streams = []
+    try:
+        _good_session(address, "good")
+        streams = [raw_stream(address, f"slow{i}") for i in range(2)]
+        assert server.client_manager.wait_for(3, timeout=10)
+        slow = [Replies() for _ in streams]
+        for i, box in enumerate(slow):
+            server.send([_task(f"slow{i}")], box)
+        time.sleep(0.3)
+        for i, (outbox, _responses, _channel) in enumerate(streams):
+            _open_upload(outbox, f"s{i}")
+        deadline = time.monotonic() + 5
+        while server._staging.held < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server._staging.held == 2  # both slots held by uploads that do not move
+        replies = Replies()
+        server.send([_task("good")], replies)
+        reply = replies.get(time.monotonic() + 15)
+        assert reply is not None and reply.error is None  # served once the slots were freed
+        for box in slow:  # the slow tasks are answered with the reason, not left waiting
+            failed = box.get(time.monotonic() + 5)
+            assert failed is not None and "upload" in failed.error and "slow" in failed.error
+        reasons = " | ".join(server.refused)
+        assert "'slow0'" in reasons and "'slow1'" in reasons and "too slow" in reasons
+        for _outbox, responses, _channel in streams:  # and their streams are ended
+            with pytest.raises(Exception, match=r"RESOURCE_EXHAUSTED|too slow"):
+                for _ in responses:
+                    pass
+    finally:
+        for outbox, _responses, channel in streams:
+            outbox.put(None)
+            channel.close()
+        server.close()
+
+
+def test_a_slow_upload_keeps_its_slot_while_nobody_waits():
+    server = GrpcServer("127.0.0.1:0", upload_grace_s=0.5).start()
+    address = f"127.0.0.1:{server.port}"
+    outbox, _responses, channel = raw_stream(address, "slow")
+    try:
+        assert server.client_manager.wait_for(1, timeout=10)
+        box = Replies()
+        server.send([_task("slow")], box)
+        time.sleep(0.3)
+        _open_upload(outbox, "s0")
+        time.sleep(2.5)  # well past the grace, but no upload waits for the slot
+        assert server._staging.held == 1
+        assert not server.refused
+        assert box.get(time.monotonic() + 0.1) is None  # still waiting for the reply
+    finally:
+        outbox.put(None)
+        channel.close()
+        server.close()
+
+
+def test_upload_rate_settings_are_checked():
+    for bad in ({"upload_grace_s": 0}, {"min_upload_rate": -1.0}, {"upload_grace_s": float("nan")}):
+        with pytest.raises(fl.common.errors.TransportError):
+            GrpcServer("127.0.0.1:0", **bad)
+
+
 def _replace_node(message: Message, node: str) -> Message:
     from dataclasses import replace
 

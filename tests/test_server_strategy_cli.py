@@ -187,7 +187,14 @@ def test_the_memory_table_maps_onto_start_server(tmp_path):
         "max_staged_uploads": 2,
         "max_staged_bytes": 64 << 20,
         "upload_window_bytes": 1 << 20,
+        "min_upload_rate": 65536.0,
+        "upload_grace_s": 10.0,
     }
+    slow = validate_server_config({"memory": {"min_upload_rate": 1000, "upload_grace_s": 30}})
+    assert slow.memory.server_options()["min_upload_rate"] == 1000.0
+    for bad in ({"min_upload_rate": -1}, {"upload_grace_s": 0}, {"upload_grace_s": "inf"}):
+        with pytest.raises(ConfigError):
+            validate_server_config({"memory": bad})
     defaults = validate_server_config({}).memory.server_options()
     assert defaults["spill_bytes"] == 64 << 20 and defaults["upload_window_bytes"] is None
 

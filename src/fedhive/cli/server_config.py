@@ -47,7 +47,7 @@ from fedhive.cli.policies import PolicyConfig, SyncConfig
 from fedhive.cli.stragglers import check_strategy_policy
 from fedhive.cli.tracking import TrackingConfig
 from fedhive.common.errors import ConfigError
-from fedhive.transport.base import DEFAULT_STAGED_BYTES
+from fedhive.transport.base import DEFAULT_MIN_UPLOAD_RATE, DEFAULT_STAGED_BYTES
 
 __all__ = [
     "DeployConfig",
@@ -173,6 +173,15 @@ class MemoryConfig(_Section):
     upload_window_bytes: int = Field(
         0, ge=0, description="fixed gRPC flow-control window per client; 0 = gRPC's adaptive one"
     )
+    min_upload_rate: float = Field(
+        DEFAULT_MIN_UPLOAD_RATE,
+        ge=0,
+        allow_inf_nan=False,
+        description="bytes/s an upload holding a slot must average while others wait",
+    )
+    upload_grace_s: float = Field(
+        10.0, gt=0, allow_inf_nan=False, description="before that is checked, and most silence"
+    )
 
     @field_validator("spill_dir")
     @classmethod
@@ -189,6 +198,8 @@ class MemoryConfig(_Section):
             "max_staged_uploads": self.max_staged_uploads,
             "max_staged_bytes": self.max_staged_bytes,
             "upload_window_bytes": self.upload_window_bytes or None,
+            "min_upload_rate": self.min_upload_rate,
+            "upload_grace_s": self.upload_grace_s,
         }
 
 

@@ -20,7 +20,7 @@ from fedhive.server.server import Server, unpack_server
 from fedhive.server.stages import RoundStage, build_pipeline
 from fedhive.server.strategy import FedAvg, Strategy
 from fedhive.server.strategy.traits import traits_of
-from fedhive.transport.base import DEFAULT_STAGED_BYTES
+from fedhive.transport.base import DEFAULT_MIN_UPLOAD_RATE, DEFAULT_STAGED_BYTES
 
 __all__ = ["DEFAULT_ROUND_TIMEOUT", "start_server"]
 
@@ -62,6 +62,8 @@ def start_server(
     server: Server | None = None,
     data_plane: bool = True,
     data_port: int = 0,
+    min_upload_rate: float = DEFAULT_MIN_UPLOAD_RATE,
+    upload_grace_s: float = 10.0,
 ) -> History:
     """Serve a federation and run ``config.num_rounds`` rounds of ``strategy``.
 
@@ -83,7 +85,10 @@ def start_server(
     chunk until they are folded, and (beyond the first) their total size; more wait in
     flow control. ``upload_window_bytes`` fixes the gRPC
     flow-control window of each client's stream (default: gRPC's, sized to the link),
-    which bounds what a client waiting for a slot can send ahead. Uploads are folded as
+    which bounds what a client waiting for a slot can send ahead. While an upload waits for
+    a slot, one holding a slot that has sent nothing for ``upload_grace_s`` seconds or
+    averages under ``min_upload_rate`` bytes a second is refused and its client
+    disconnected (docs/hostile_inputs.md). Uploads are folded as
     they arrive (deployment does not promise bit-reproducible sums).
     ``on_started(server)`` runs once listening. A ``config`` without ``round_timeout``
     gets :data:`DEFAULT_ROUND_TIMEOUT` (600 s): in a deployment a client that takes a
@@ -162,6 +167,8 @@ def start_server(
         reply_records=max(2, 1 + len(traits_of(strategy).layout.extras)),
         data_plane=data_plane,
         data_port=data_port,
+        min_upload_rate=min_upload_rate,
+        upload_grace_s=upload_grace_s,
     ).start()
     log.info("fedhive server listening on port %s", grpc_server.port)
     if callable(on_started):

@@ -29,6 +29,7 @@ from fedhive.common.message import Message
 from fedhive.transport.codec import content_size, meta_size
 
 __all__ = [
+    "DEFAULT_MIN_UPLOAD_RATE",
     "DEFAULT_STAGED_BYTES",
     "Release",
     "Replies",
@@ -45,6 +46,9 @@ _Item = tuple[Message, Release | None]
 #: Default of the server's ``max_staged_bytes`` and ``spill_bytes``: uploads in memory at
 #: once (beyond the first), and the size from which an upload is staged on disk.
 DEFAULT_STAGED_BYTES = 64 << 20
+#: Bytes a second a gRPC upload holding a staging slot must average while another upload
+#: waits for one (64 KiB/s: a 0.5 Mbit/s link); see ``GrpcServer(min_upload_rate=)``.
+DEFAULT_MIN_UPLOAD_RATE = 64 * 1024.0
 _LEN_PREFIX = 8  # the wire encoding's length prefix of its meta part
 _CONTENT_CACHE = 4  # task contents whose encoded length is remembered
 # id(content) -> (weak reference to it, its encoded length): the length of an encoding

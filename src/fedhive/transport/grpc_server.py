@@ -39,6 +39,7 @@ import errno
 import functools
 import hmac
 import logging
+import math
 import os
 import socket
 import threading
@@ -53,7 +54,12 @@ from grpc import aio
 from fedhive.common.clock import Clock, SystemClock
 from fedhive.common.errors import SerdeError, TransportError
 from fedhive.common.message import Message
-from fedhive.transport.base import DEFAULT_STAGED_BYTES, Replies, Transport
+from fedhive.transport.base import (
+    DEFAULT_MIN_UPLOAD_RATE,
+    DEFAULT_STAGED_BYTES,
+    Replies,
+    Transport,
+)
 from fedhive.transport.bulk import DEFAULT_BULK_BYTES, DataPlane, split_host
 from fedhive.transport.codec import decode_wire, encode_content, encode_wire
 from fedhive.transport.frames import (
@@ -106,7 +112,12 @@ class GrpcServer(Transport):
     ``RESOURCE_EXHAUSTED``); a connection without streams is closed after
     ``max_connection_idle_s``, and any after ``max_connection_age_s`` when set (clients
     reconnect); a client whose frames are refused ``max_violations`` times is
-    disconnected. Refusals are logged escaped and rate-limited, and the latest
+    disconnected. While an upload waits for a staging slot (or spill budget), a stream
+    upload holding one that has sent nothing for ``upload_grace_s`` seconds, or less than
+    ``min_upload_rate`` bytes a second since it got its slot (once it has held it that
+    long), is refused and its client disconnected (it reconnects): two clients that open
+    uploads and stop cannot keep everyone else's replies waiting. With nobody waiting a
+    slow upload keeps its slot. Refusals are logged escaped and rate-limited, and the latest
     ``max_refused_kept`` are kept in :attr:`refused` (text) and :attr:`refusals`
     (``client_id``, ``round``, ``stage``, ``reason``). An upload may hold what a reply
     to its task can need (:func:`~fedhive.transport.limits.reply_bound`:
@@ -144,6 +155,8 @@ class GrpcServer(Transport):
         data_plane: bool = True,
         data_port: int = 0,
         bulk_bytes: int = DEFAULT_BULK_BYTES,
+        min_upload_rate: float = DEFAULT_MIN_UPLOAD_RATE,
+        upload_grace_s: float = 10.0,
     ) -> None:
         self.address = address
         # heartbeats are timed on it (a test moves a ManualClock past heartbeat_timeout)
@@ -179,10 +192,17 @@ class GrpcServer(Transport):
                 f"hello_timeout must be > 0, max_handshakes and max_violations >= 1; got "
                 f"{hello_timeout}, {max_handshakes}, {max_violations}"
             )
+        if not (min_upload_rate >= 0 and upload_grace_s > 0) or math.isinf(upload_grace_s):
+            raise TransportError(
+                f"min_upload_rate must be >= 0 and upload_grace_s a number > 0; got "
+                f"{min_upload_rate}, {upload_grace_s}"
+            )
         if bulk_bytes < 1 or not 0 <= data_port < 65536:
             raise TransportError(
                 f"bulk_bytes must be >= 1 and data_port a port; got {bulk_bytes}, {data_port}"
             )
+        self.min_upload_rate = float(min_upload_rate)
+        self.upload_grace_s = float(upload_grace_s)
         self.data_plane = data_plane
         self.data_port = data_port  # the bound port once started (0: none)
         self.bulk_bytes = bulk_bytes
@@ -564,12 +584,33 @@ class GrpcServer(Transport):
             more = f" ({skipped} more refusals were not logged)" if skipped else ""
             log.warning("%s [%s]%s", text, stage, more)
 
+    def _evict_slow_uploads(self, now: float) -> None:
+        """While an upload waits for room, disconnect clients whose uploads holding room
+        stall or crawl (:meth:`Uploads.too_slow`)."""
+        if not (self._staging.waiting or self._spilling.waiting):
+            return
+        for conn in list(self._connections.values()):
+            uploads = conn.uploads
+            reason = None if uploads is None else uploads.too_slow(
+                now, self.upload_grace_s, self.min_upload_rate
+            )  # fmt: skip
+            if reason is None or conn.abort is not None:
+                continue
+            pending = next(iter(conn.pending.values()), None)
+            rnd = pending.task.metadata.server_round if pending is not None else None
+            text = f"upload too slow while others waited: {reason}"
+            self.record_refusal(conn.node_id, rnd, "upload", text)
+            conn.abort = (grpc.StatusCode.RESOURCE_EXHAUSTED, text)
+            self._drop(conn, f"disconnected: {text}")  # its tasks fail with the reason
+            conn.outbox.put_nowait(None)  # the stream ends, and its uploads give room back
+
     async def _watch_heartbeats(self) -> None:
         while True:
             # the check runs in real time; what counts as silence is measured on the clock
-            await asyncio.sleep(min(1.0, self.heartbeat_timeout / 4))
+            await asyncio.sleep(min(1.0, self.heartbeat_timeout / 4, self.upload_grace_s / 4))
             self._drop_abandoned()
             now = self.clock.now()
+            self._evict_slow_uploads(now)
             for conn in list(self._connections.values()):
                 if not conn.waiting and now - conn.last_seen > self.heartbeat_timeout:
                     self._drop(conn, f"no heartbeat for {self.heartbeat_timeout:.0f} s")

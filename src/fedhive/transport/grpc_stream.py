@@ -77,6 +77,7 @@ class Connection:
     violations: int = 0  # frames refused so far
     abort: tuple[grpc.StatusCode, str] | None = None  # how its stream is to end
     bulk: bool = False  # its client reached the data plane (transport/bulk.py)
+    uploads: Uploads | None = None  # its stream uploads in progress, while it reads
 
 
 def printable(text: str, limit: int = 500) -> str:
@@ -192,7 +193,7 @@ class Servicer:
 
     async def _read(self, conn: Connection, context: aio.ServicerContext) -> None:
         server = self.server
-        uploads = Uploads(server, conn)
+        uploads = conn.uploads = Uploads(server, conn)
         try:
             while True:
                 frame = await context.read()

@@ -22,7 +22,16 @@ if TYPE_CHECKING:
     from fedhive.transport.grpc_stream import Connection
     from fedhive.transport.wire import WireFrame
 
-__all__ = ["Free", "Once", "SpillBudget", "Staging", "Uploads", "hold", "nothing", "upload_limit"]
+__all__ = [
+    "Free",
+    "Once",
+    "SpillBudget",
+    "Staging",
+    "Uploads",
+    "hold",
+    "nothing",
+    "upload_limit",
+]
 
 
 Free = Callable[[], None]  # gives back what one upload holds (a staging slot, spill budget)
@@ -116,6 +125,9 @@ class Uploads:
             spill_dir=server.spill_dir,
         )
         self.staged: dict[str, Free] = {}
+        # per upload holding room: [when it got it, its last frame, bytes since], on the
+        # server's clock
+        self.progress: dict[str, list[float]] = {}
         self.limit = server.max_message_bytes  # of the upload being opened
 
     async def add(self, frame: WireFrame) -> None:
@@ -130,6 +142,12 @@ class Uploads:
             if mid and size <= self.limit:
                 spills = self.assembler.spills(size)
                 self.staged[mid] = await hold(server, self.conn, size, spills)  # backpressure
+                now = server.clock.now()
+                self.progress[mid] = [now, now, 0.0]
+        track = self.progress.get(mid)
+        if track is not None:
+            track[1] = server.clock.now()
+            track[2] += len(frame.data)
         try:
             done = self.assembler.add(frame, self.limit)
         except SerdeError as exc:
@@ -138,17 +156,34 @@ class Uploads:
             server._fail_only_task(conn, f"its reply was refused: {exc}")
             return
         if done is not None:
+            self.progress.pop(mid, None)
             await server._deliver(conn, done[1], self.staged.pop(mid, nothing))
 
     def _abandon(self, mid: str) -> None:
         if not self.assembler.is_open(mid) and mid in self.staged:
+            self.progress.pop(mid, None)
             self.staged.pop(mid)()
+
+    def too_slow(self, now: float, grace: float, rate: float) -> str | None:
+        """Why an upload holding room is too slow (None if none is): it has held it for
+        ``grace`` seconds and sent nothing for ``grace`` seconds, or less than ``rate``
+        bytes a second on average."""
+        for granted, last, received in self.progress.values():
+            held = now - granted
+            if held < grace:
+                continue
+            if now - last >= grace:
+                return f"nothing sent for {now - last:.0f} s"
+            if received < rate * held:
+                return f"{received / held:.0f} bytes/s over {held:.0f} s, below {rate:.0f}"
+        return None
 
     def close(self) -> None:
         """Free the slots of uploads the client will never finish."""
         for free in self.staged.values():
             free()
         self.staged.clear()
+        self.progress.clear()
         self.assembler.clear()
 
 
