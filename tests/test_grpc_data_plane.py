@@ -27,6 +27,7 @@ import pytest
 import fedhive as fl
 from fedhive.client.start import _constant, _node_handler
 from fedhive.common import ndarrays_to_parameters
+from fedhive.common.errors import TransportError
 from fedhive.common.records import NDArrays, Scalar
 from fedhive.server import ServerConfig
 from fedhive.server.client_manager import SimpleClientManager
@@ -366,6 +367,75 @@ def test_hostile_data_plane_peers_are_refused_and_the_round_is_exact() -> None:
     data = [r["reason"] for r in server.refusals if r["stage"] == "data"]
     assert any("not a fedhive data-plane request" in r for r in data)
     assert any("over the limit" in r for r in data)
+
+
+class Slow(fl.client.NumPyClient):
+    """``Plus`` that trains for ``seconds`` first."""
+
+    def __init__(self, delta: float, seconds: float) -> None:
+        self.plus, self.seconds = Plus(delta), seconds
+
+    def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> Any:
+        time.sleep(self.seconds)
+        return self.plus.fit(parameters, config)
+
+
+class Trickler(ClientSession):
+    """Opens its data-plane upload at once, sends 1,000 bytes of it, and then only waits."""
+
+    ended: str = ""
+
+    def upload(self, reply: Any, pieces: Any) -> bool:
+        assert self.link is not None
+        token = self.link.uploads.pop(reply.metadata.reply_to)
+        size = sum(len(p) for p in pieces)
+        try:
+            with contextlib.closing(
+                self.link._answered(UPLOAD, token, struct.pack("<Q", size))
+            ) as sock:
+                sock.sendall(bytes(1000))
+                sock.settimeout(30.0)
+                bulk._read_status(sock)  # until the server ends the transfer
+        except (OSError, Refused) as exc:
+            self.ended = str(exc)
+        return True  # not on the stream either
+
+
+def test_a_stalled_data_plane_upload_gives_its_slot_up_when_another_waits() -> None:
+    # a client that opened its 12 MB upload and stopped held the staging slot, and the
+    # honest reply waited behind it until the round timed out
+    server, manager = serve(2, upload_grace_s=1.0, max_staged_uploads=1)
+    node = "honest-6"
+    handle = _node_handler(_constant(Slow(6.0, 1.5).to_client()), (), node)
+    honest = ClientSession(f"127.0.0.1:{server.port}", node, handle,
+                           security=ClientSecurity(insecure=True))  # fmt: skip
+    trickler = session(Trickler, server, 10.0)
+    dropped: list[str] = []
+
+    def trickle() -> None:
+        try:
+            trickler.run()
+        except TransportError as exc:  # disconnected, as it should be
+            dropped.append(str(exc))
+
+    threads = [*in_thread(honest), threading.Thread(target=trickle, daemon=True)]
+    threads[-1].start()
+    started = time.monotonic()
+    try:
+        ready(server, 2)
+        history, exact = run(server, manager, 2, rounds=1, step=6.0)
+    finally:
+        server.finish_run()
+    for thread in threads:
+        thread.join(10)
+    assert time.monotonic() - started < 30  # not the round timeout (60 s)
+    assert exact == {1: True}  # the honest reply, and only it, was folded
+    fit = history.rounds[-1]["fit"]
+    assert (fit["num_results"], fit["num_failures"]) == (1, 1)
+    reasons = [r["reason"] for r in server.refusals]
+    assert sum("too slow while others waited" in r for r in reasons) == 1, reasons
+    assert len(dropped) == 1 and "RESOURCE_EXHAUSTED" in dropped[0], dropped
+    assert "too slow" in trickler.ended  # told why on the data plane too
 
 
 class Quitter(ClientSession):

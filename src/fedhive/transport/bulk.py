@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, TypeVar
 from fedhive.common.errors import SerdeError, TransportError
 from fedhive.transport.frames import Assembler, BufferPool, MemorySink
 from fedhive.transport.proto.fleet_pb2 import Frame
-from fedhive.transport.uploads import Free, hold, upload_limit
+from fedhive.transport.uploads import Free, Pace, TooSlow, hold, upload_limit
 
 if TYPE_CHECKING:
     from fedhive.transport.grpc_client import ClientSecurity
@@ -109,6 +109,24 @@ def _recv_exact(sock: socket.socket, view: memoryview) -> None:
         if n == 0:
             raise ConnectionError(f"the peer closed the connection at byte {got} of {len(view)}")
         got += n
+
+
+def _recv_paced(sock: socket.socket, view: memoryview, pace: Pace, whole: bool = True) -> int:
+    """Receive into ``view`` (all of it, or with ``whole`` False at least a byte) on a
+    socket whose timeout is ``pace.poll``, telling ``pace`` of each receive and each
+    timeout (it raises when the upload is too slow or silent too long); the bytes read."""
+    got = 0
+    while got < len(view) and (whole or not got):
+        try:
+            n = sock.recv_into(view[got:])
+        except TimeoutError:  # socket.timeout
+            pace.silent()
+            continue
+        if n == 0:
+            raise ConnectionError(f"the upload ended at byte {got} of {len(view)}")
+        got += n
+        pace.got(n)
+    return got
 
 
 def _recv(sock: socket.socket, nbytes: int) -> bytes:
@@ -344,6 +362,11 @@ class DataPlane:
                 self._count("download", self._download(sock, ticket))
             else:
                 self._count("upload", self._upload(sock, ticket))
+        except TooSlow as slow:  # another upload waits for the room this one holds
+            if ticket is not None:
+                self._on_loop(self.server._evict, ticket.conn, str(slow), "data")
+            with contextlib.suppress(OSError):
+                sock.sendall(_status(str(slow)))
         except Refused as refusal:
             conn = ticket.conn if ticket is not None else None
             self._on_loop(self.server._refuse_data, conn, str(refusal))
@@ -417,15 +440,15 @@ class DataPlane:
             raise Refused(str(exc)) from None
         try:
             sock.sendall(_OK)
+            pace = Pace(server)
+            sock.settimeout(pace.poll)
             if isinstance(sink, MemorySink):
-                _recv_exact(sock, sink.view)
+                _recv_paced(sock, sink.view, pace)
             else:
                 scratch = memoryview(bytearray(min(_SCRATCH, max(size, 1))))
                 left = size
                 while left:
-                    n = sock.recv_into(scratch[: min(left, len(scratch))])
-                    if n == 0:
-                        raise ConnectionError(f"the upload ended {left} bytes short")
+                    n = _recv_paced(sock, scratch[: min(left, len(scratch))], pace, whole=False)
                     sink.write(scratch[:n])
                     left -= n
             data = sink.finish()

@@ -112,8 +112,9 @@ class GrpcServer(Transport):
     ``RESOURCE_EXHAUSTED``); a connection without streams is closed after
     ``max_connection_idle_s``, and any after ``max_connection_age_s`` when set (clients
     reconnect); a client whose frames are refused ``max_violations`` times is
-    disconnected. While an upload waits for a staging slot (or spill budget), a stream
-    upload holding one that has sent nothing for ``upload_grace_s`` seconds, or less than
+    disconnected. While an upload waits for a staging slot (or spill budget), an upload
+    (on the stream or the data plane) holding one that has sent nothing for
+    ``upload_grace_s`` seconds, or less than
     ``min_upload_rate`` bytes a second since it got its slot (once it has held it that
     long), is refused and its client disconnected (it reconnects): two clients that open
     uploads and stop cannot keep everyone else's replies waiting. With nobody waiting a
@@ -594,15 +595,20 @@ class GrpcServer(Transport):
             reason = None if uploads is None else uploads.too_slow(
                 now, self.upload_grace_s, self.min_upload_rate
             )  # fmt: skip
-            if reason is None or conn.abort is not None:
-                continue
-            pending = next(iter(conn.pending.values()), None)
-            rnd = pending.task.metadata.server_round if pending is not None else None
-            text = f"upload too slow while others waited: {reason}"
-            self.record_refusal(conn.node_id, rnd, "upload", text)
-            conn.abort = (grpc.StatusCode.RESOURCE_EXHAUSTED, text)
-            self._drop(conn, f"disconnected: {text}")  # its tasks fail with the reason
-            conn.outbox.put_nowait(None)  # the stream ends, and its uploads give room back
+            if reason is not None:
+                self._evict(conn, f"upload too slow while others waited: {reason}")
+
+    def _evict(self, conn: Connection, text: str, stage: str = "upload") -> None:
+        """Refuse ``conn``'s upload with ``text`` and disconnect it: its tasks fail with
+        the reason, its stream ends and its uploads give their room back."""
+        if conn.abort is not None:
+            return
+        pending = next(iter(conn.pending.values()), None)
+        rnd = pending.task.metadata.server_round if pending is not None else None
+        self.record_refusal(conn.node_id, rnd, stage, text)
+        conn.abort = (grpc.StatusCode.RESOURCE_EXHAUSTED, text)
+        self._drop(conn, f"disconnected: {text}")
+        conn.outbox.put_nowait(None)
 
     async def _watch_heartbeats(self) -> None:
         while True:

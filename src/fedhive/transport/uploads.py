@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from fedhive.common.errors import SerdeError
+from fedhive.common.errors import SerdeError, TransportError
 from fedhive.transport.frames import Assembler
 
 if TYPE_CHECKING:
@@ -25,11 +25,14 @@ if TYPE_CHECKING:
 __all__ = [
     "Free",
     "Once",
+    "Pace",
     "SpillBudget",
     "Staging",
+    "TooSlow",
     "Uploads",
     "hold",
     "nothing",
+    "slow_reason",
     "upload_limit",
 ]
 
@@ -165,17 +168,11 @@ class Uploads:
             self.staged.pop(mid)()
 
     def too_slow(self, now: float, grace: float, rate: float) -> str | None:
-        """Why an upload holding room is too slow (None if none is): it has held it for
-        ``grace`` seconds and sent nothing for ``grace`` seconds, or less than ``rate``
-        bytes a second on average."""
+        """Why an upload holding room is too slow (None if none is): :func:`slow_reason`."""
         for granted, last, received in self.progress.values():
-            held = now - granted
-            if held < grace:
-                continue
-            if now - last >= grace:
-                return f"nothing sent for {now - last:.0f} s"
-            if received < rate * held:
-                return f"{received / held:.0f} bytes/s over {held:.0f} s, below {rate:.0f}"
+            reason = slow_reason(now, granted, last, received, grace, rate)
+            if reason is not None:
+                return reason
         return None
 
     def close(self) -> None:
@@ -185,6 +182,60 @@ class Uploads:
         self.staged.clear()
         self.progress.clear()
         self.assembler.clear()
+
+
+def slow_reason(
+    now: float, granted: float, last: float, received: float, grace: float, rate: float
+) -> str | None:
+    """Why an upload that got its room at ``granted`` and has ``received`` bytes, the
+    last at ``last``, is too slow: once it has held the room ``grace`` seconds, nothing
+    sent for ``grace`` seconds, or under ``rate`` bytes a second on average."""
+    held = now - granted
+    if held < grace:
+        return None
+    if now - last >= grace:
+        return f"nothing sent for {now - last:.0f} s"
+    if received < rate * held:
+        return f"{received / held:.0f} bytes/s over {held:.0f} s, below {rate:.0f}"
+    return None
+
+
+class TooSlow(TransportError):
+    """A data-plane upload holding room moved too slowly while another waited for some."""
+
+
+class Pace:
+    """The progress of one data-plane upload holding room, checked by the thread that
+    receives it (the stream's uploads are checked by the server's watch loop)."""
+
+    def __init__(self, server: GrpcServer) -> None:
+        self.server = server
+        self.granted = self.last = server.clock.now()
+        self.received = 0.0
+        #: how long one receive may block before the check runs again
+        self.poll = max(0.05, min(server.upload_grace_s, server.heartbeat_timeout) / 2)
+
+    def got(self, nbytes: int) -> None:
+        self.last = self.server.clock.now()
+        self.received += nbytes
+        self._check(self.last)
+
+    def silent(self) -> None:
+        """A receive timed out: :class:`TooSlow` while others wait, ``TimeoutError``
+        past the heartbeat timeout."""
+        now = self.server.clock.now()
+        if now - self.last >= self.server.heartbeat_timeout:
+            raise TimeoutError(f"nothing received for {now - self.last:.0f} s")
+        self._check(now)
+
+    def _check(self, now: float) -> None:
+        server = self.server
+        if not (server._staging.waiting or server._spilling.waiting):
+            return
+        reason = slow_reason(now, self.granted, self.last, self.received,
+                             server.upload_grace_s, server.min_upload_rate)  # fmt: skip
+        if reason is not None:
+            raise TooSlow(f"upload too slow while others waited: {reason}")
 
 
 def upload_limit(server: GrpcServer, conn: Connection) -> int:
