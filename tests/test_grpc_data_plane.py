@@ -128,6 +128,20 @@ def session(cls: type[ClientSession], server: GrpcServer, delta: float, **kwargs
     return cls(f"127.0.0.1:{server.port}", node, handle, security=security, **kwargs)
 
 
+def one_round(
+    server: GrpcServer, manager: SimpleClientManager, n: int, step: float, threads: list[Any]
+) -> tuple[History, dict[int, bool]]:
+    """:func:`run` for one round once ``n`` clients reached the data plane; then the
+    server ends the run and the client ``threads`` are joined."""
+    try:
+        ready(server, n)
+        return run(server, manager, n, rounds=1, step=step)
+    finally:
+        server.finish_run()
+        for thread in threads:
+            thread.join(10)
+
+
 def in_thread(*sessions: Any) -> list[threading.Thread]:
     threads = [threading.Thread(target=s.run, daemon=True) for s in sessions]
     for thread in threads:
@@ -421,13 +435,7 @@ def test_a_stalled_data_plane_upload_gives_its_slot_up_when_another_waits() -> N
     threads = [*in_thread(honest), threading.Thread(target=trickle, daemon=True)]
     threads[-1].start()
     started = time.monotonic()
-    try:
-        ready(server, 2)
-        history, exact = run(server, manager, 2, rounds=1, step=6.0)
-    finally:
-        server.finish_run()
-    for thread in threads:
-        thread.join(10)
+    history, exact = one_round(server, manager, 2, 6.0, threads)
     assert time.monotonic() - started < 30  # not the round timeout (60 s)
     assert exact == {1: True}  # the honest reply, and only it, was folded
     fit = history.rounds[-1]["fit"]
@@ -453,14 +461,7 @@ class Quitter(ClientSession):
 def test_a_client_that_breaks_off_a_download_fails_only_its_own_task() -> None:
     server, manager = serve(2)
     sessions = [session(Quitter, server, 2), session(ClientSession, server, 6)]
-    threads = in_thread(*sessions)
-    try:
-        ready(server, 2)
-        history, _ = run(server, manager, 2, rounds=1, step=6.0)
-    finally:
-        server.finish_run()
-    for thread in threads:
-        thread.join(10)
+    history, _ = one_round(server, manager, 2, 6.0, in_thread(*sessions))
     fit = history.rounds[-1]["fit"]
     assert (fit["num_results"], fit["num_failures"]) == (1, 1)
     reasons = [str(f) for f in history.rounds[-1].get("failures", [])]
