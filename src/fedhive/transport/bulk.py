@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING, TypeVar
 from fedhive.common.errors import SerdeError, TransportError
 from fedhive.transport.frames import Assembler, BufferPool, MemorySink
 from fedhive.transport.proto.fleet_pb2 import Frame
-from fedhive.transport.uploads import Free, Pace, TooSlow, hold, upload_limit
+from fedhive.transport.uploads import Free, Progress, TooSlow, hold, upload_limit
 
 if TYPE_CHECKING:
     from fedhive.transport.grpc_client import ClientSecurity
@@ -111,21 +111,22 @@ def _recv_exact(sock: socket.socket, view: memoryview) -> None:
         got += n
 
 
-def _recv_paced(sock: socket.socket, view: memoryview, pace: Pace, whole: bool = True) -> int:
+def _recv_paced(sock: socket.socket, view: memoryview, pace: Progress, whole: bool = True) -> int:
     """Receive into ``view`` (all of it, or with ``whole`` False at least a byte) on a
-    socket whose timeout is ``pace.poll``, telling ``pace`` of each receive and each
+    socket whose timeout is ``pace.poll``, asking ``pace`` after each receive and each
     timeout (it raises when the upload is too slow or silent too long); the bytes read."""
     got = 0
     while got < len(view) and (whole or not got):
         try:
             n = sock.recv_into(view[got:])
         except TimeoutError:  # socket.timeout
-            pace.silent()
+            pace.check(silent=True)
             continue
         if n == 0:
             raise ConnectionError(f"the upload ended at byte {got} of {len(view)}")
         got += n
         pace.got(n)
+        pace.check()
     return got
 
 
@@ -440,7 +441,7 @@ class DataPlane:
             raise Refused(str(exc)) from None
         try:
             sock.sendall(_OK)
-            pace = Pace(server)
+            pace = Progress(server)
             sock.settimeout(pace.poll)
             if isinstance(sink, MemorySink):
                 _recv_paced(sock, sink.view, pace)

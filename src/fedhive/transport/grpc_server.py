@@ -542,6 +542,10 @@ class GrpcServer(Transport):
             return
         pending.replies.put(reply, release=functools.partial(self._free_from_engine, free))
 
+    def _room_wanted(self) -> bool:
+        """Whether an upload waits for a staging slot or spill budget."""
+        return bool(self._staging.waiting or self._spilling.waiting)
+
     def _uploads_queued(self) -> bool:
         """Whether an upload waits for a slot: a freed upload buffer is then worth keeping."""
         return self._staging.waiting > 0
@@ -558,16 +562,20 @@ class GrpcServer(Transport):
 
     def _refuse(self, conn: Connection, reason: str, stage: str = "upload") -> None:
         """Record a refused frame or upload of ``conn``; disconnect a repeat offender."""
-        pending = next(iter(conn.pending.values()), None)
-        rnd = pending.task.metadata.server_round if pending is not None else None
-        self.record_refusal(conn.node_id, rnd, stage, reason)
+        self.record_refusal(conn.node_id, _round_of(conn), stage, reason)
         conn.violations += 1
-        if conn.violations >= self.max_violations and conn.abort is None:
-            text = f"too many refused frames ({conn.violations})"
-            self.record_refusal(conn.node_id, rnd, "disconnect", text)
-            conn.abort = (grpc.StatusCode.RESOURCE_EXHAUSTED, text)
-            self._drop(conn, f"disconnected: {text}")
-            conn.outbox.put_nowait(None)
+        if conn.violations >= self.max_violations:
+            self._evict(conn, f"too many refused frames ({conn.violations})", "disconnect")
+
+    def _evict(self, conn: Connection, text: str, stage: str = "upload") -> None:
+        """Record ``text`` and disconnect ``conn`` (``RESOURCE_EXHAUSTED``, once): its
+        tasks fail with the reason, its stream ends and its uploads give their room back."""
+        if conn.abort is not None:
+            return
+        self.record_refusal(conn.node_id, _round_of(conn), stage, text)
+        conn.abort = (grpc.StatusCode.RESOURCE_EXHAUSTED, text)
+        self._drop(conn, f"disconnected: {text}")
+        conn.outbox.put_nowait(None)
 
     def record_refusal(
         self, client_id: str | None, server_round: int | None, stage: str, reason: str
@@ -586,29 +594,14 @@ class GrpcServer(Transport):
             log.warning("%s [%s]%s", text, stage, more)
 
     def _evict_slow_uploads(self, now: float) -> None:
-        """While an upload waits for room, disconnect clients whose uploads holding room
-        stall or crawl (:meth:`Uploads.too_slow`)."""
-        if not (self._staging.waiting or self._spilling.waiting):
+        """While an upload waits for room, disconnect clients whose stream uploads
+        holding room stall or crawl (:meth:`Uploads.too_slow`)."""
+        if not self._room_wanted():
             return
         for conn in list(self._connections.values()):
-            uploads = conn.uploads
-            reason = None if uploads is None else uploads.too_slow(
-                now, self.upload_grace_s, self.min_upload_rate
-            )  # fmt: skip
+            reason = None if conn.uploads is None else conn.uploads.too_slow(now)
             if reason is not None:
                 self._evict(conn, f"upload too slow while others waited: {reason}")
-
-    def _evict(self, conn: Connection, text: str, stage: str = "upload") -> None:
-        """Refuse ``conn``'s upload with ``text`` and disconnect it: its tasks fail with
-        the reason, its stream ends and its uploads give their room back."""
-        if conn.abort is not None:
-            return
-        pending = next(iter(conn.pending.values()), None)
-        rnd = pending.task.metadata.server_round if pending is not None else None
-        self.record_refusal(conn.node_id, rnd, stage, text)
-        conn.abort = (grpc.StatusCode.RESOURCE_EXHAUSTED, text)
-        self._drop(conn, f"disconnected: {text}")
-        conn.outbox.put_nowait(None)
 
     async def _watch_heartbeats(self) -> None:
         while True:
@@ -625,6 +618,12 @@ class GrpcServer(Transport):
     @property
     def connected(self) -> list[str]:
         return sorted(self._connections)
+
+
+def _round_of(conn: Connection) -> int | None:
+    """The round of ``conn``'s (first) pending task, for a refusal's record."""
+    pending = next(iter(conn.pending.values()), None)
+    return pending.task.metadata.server_round if pending is not None else None
 
 
 def _bind_problem(address: str) -> str:

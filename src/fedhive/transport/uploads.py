@@ -25,14 +25,13 @@ if TYPE_CHECKING:
 __all__ = [
     "Free",
     "Once",
-    "Pace",
+    "Progress",
     "SpillBudget",
     "Staging",
     "TooSlow",
     "Uploads",
     "hold",
     "nothing",
-    "slow_reason",
     "upload_limit",
 ]
 
@@ -128,9 +127,7 @@ class Uploads:
             spill_dir=server.spill_dir,
         )
         self.staged: dict[str, Free] = {}
-        # per upload holding room: [when it got it, its last frame, bytes since], on the
-        # server's clock
-        self.progress: dict[str, list[float]] = {}
+        self.progress: dict[str, Progress] = {}  # of each upload holding room
         self.limit = server.max_message_bytes  # of the upload being opened
 
     async def add(self, frame: WireFrame) -> None:
@@ -145,12 +142,9 @@ class Uploads:
             if mid and size <= self.limit:
                 spills = self.assembler.spills(size)
                 self.staged[mid] = await hold(server, self.conn, size, spills)  # backpressure
-                now = server.clock.now()
-                self.progress[mid] = [now, now, 0.0]
-        track = self.progress.get(mid)
-        if track is not None:
-            track[1] = server.clock.now()
-            track[2] += len(frame.data)
+                self.progress[mid] = Progress(server)
+        if mid in self.progress:
+            self.progress[mid].got(len(frame.data))
         try:
             done = self.assembler.add(frame, self.limit)
         except SerdeError as exc:
@@ -167,13 +161,9 @@ class Uploads:
             self.progress.pop(mid, None)
             self.staged.pop(mid)()
 
-    def too_slow(self, now: float, grace: float, rate: float) -> str | None:
-        """Why an upload holding room is too slow (None if none is): :func:`slow_reason`."""
-        for granted, last, received in self.progress.values():
-            reason = slow_reason(now, granted, last, received, grace, rate)
-            if reason is not None:
-                return reason
-        return None
+    def too_slow(self, now: float) -> str | None:
+        """Why one of the uploads holding room is too slow (:meth:`Progress.too_slow`)."""
+        return next(filter(None, (p.too_slow(now) for p in self.progress.values())), None)
 
     def close(self) -> None:
         """Free the slots of uploads the client will never finish."""
@@ -184,56 +174,49 @@ class Uploads:
         self.assembler.clear()
 
 
-def slow_reason(
-    now: float, granted: float, last: float, received: float, grace: float, rate: float
-) -> str | None:
-    """Why an upload that got its room at ``granted`` and has ``received`` bytes, the
-    last at ``last``, is too slow: once it has held the room ``grace`` seconds, nothing
-    sent for ``grace`` seconds, or under ``rate`` bytes a second on average."""
-    held = now - granted
-    if held < grace:
-        return None
-    if now - last >= grace:
-        return f"nothing sent for {now - last:.0f} s"
-    if received < rate * held:
-        return f"{received / held:.0f} bytes/s over {held:.0f} s, below {rate:.0f}"
-    return None
-
-
 class TooSlow(TransportError):
     """A data-plane upload holding room moved too slowly while another waited for some."""
 
 
-class Pace:
-    """The progress of one data-plane upload holding room, checked by the thread that
-    receives it (the stream's uploads are checked by the server's watch loop)."""
+class Progress:
+    """How fast one upload holding room moves, on the server's clock. The stream's are
+    asked by the server's watch loop (:meth:`Uploads.too_slow`); a data-plane transfer
+    thread asks its own at each receive and every :attr:`poll` seconds of silence."""
 
     def __init__(self, server: GrpcServer) -> None:
         self.server = server
         self.granted = self.last = server.clock.now()
         self.received = 0.0
-        #: how long one receive may block before the check runs again
+        #: how long one receive may block before the data plane asks again
         self.poll = max(0.05, min(server.upload_grace_s, server.heartbeat_timeout) / 2)
 
     def got(self, nbytes: int) -> None:
         self.last = self.server.clock.now()
         self.received += nbytes
-        self._check(self.last)
 
-    def silent(self) -> None:
-        """A receive timed out: :class:`TooSlow` while others wait, ``TimeoutError``
-        past the heartbeat timeout."""
-        now = self.server.clock.now()
-        if now - self.last >= self.server.heartbeat_timeout:
-            raise TimeoutError(f"nothing received for {now - self.last:.0f} s")
-        self._check(now)
-
-    def _check(self, now: float) -> None:
+    def too_slow(self, now: float) -> str | None:
+        """Why this upload is too slow, while another waits for room (else None): once
+        it has held its room ``upload_grace_s`` seconds, nothing sent for that long, or
+        under ``min_upload_rate`` bytes a second on average."""
         server = self.server
-        if not (server._staging.waiting or server._spilling.waiting):
-            return
-        reason = slow_reason(now, self.granted, self.last, self.received,
-                             server.upload_grace_s, server.min_upload_rate)  # fmt: skip
+        if not server._room_wanted():
+            return None
+        held, grace, rate = now - self.granted, server.upload_grace_s, server.min_upload_rate
+        if held < grace:
+            return None
+        if now - self.last >= grace:
+            return f"nothing sent for {now - self.last:.0f} s"
+        if self.received < rate * held:
+            return f"{self.received / held:.0f} bytes/s over {held:.0f} s, below {rate:.0f}"
+        return None
+
+    def check(self, silent: bool = False) -> None:
+        """:class:`TooSlow` when :meth:`too_slow`; after a receive that timed out
+        (``silent``), ``TimeoutError`` past the heartbeat timeout."""
+        now = self.server.clock.now()
+        if silent and now - self.last >= self.server.heartbeat_timeout:
+            raise TimeoutError(f"nothing received for {now - self.last:.0f} s")
+        reason = self.too_slow(now)
         if reason is not None:
             raise TooSlow(f"upload too slow while others waited: {reason}")
 
