@@ -32,7 +32,6 @@ from fedhive.compression._base import (
 from fedhive.compression._kernels import (
     CHUNK,
     Blocks,
-    Bounds,
     block_reduce,
     cells_into,
     chunks,
@@ -42,7 +41,6 @@ from fedhive.compression._kernels import (
     qsgd_round,
     scale_into,
     sign_words,
-    uniform16,
 )
 
 __all__ = ["EDEN", "QSGD", "Sign", "gaussian_centroids"]
@@ -135,33 +133,17 @@ class QSGD(Codec):
         )
 
         def levels() -> Iterator[tuple[int, int, NDArray, NDArray]]:
-            uniform = np.empty(step, np.float32)
+            scratch = np.empty((2, step), np.float32)
             level = np.empty(step, np.uint8 if self.bits <= 8 else np.uint16)
             negative = np.empty(step, np.bool_)
-            top = Bounds(self.levels)
-            cap = Bounds(np.inf if self.scale is None else self.scale)
-            limit = np.inf if self.scale is None else float(self.scale)
+            cap = np.inf if self.scale is None else float(self.scale)
             for lo, hi in chunks(x.size, step):
                 m = hi - lo
-                nan = qsgd_round(
-                    x[lo:hi], inv, blocks, lo, rng.bit_generator, self.levels, limit,
-                    level[:m], negative[:m],
-                )  # fmt: skip
-                if nan is not None:  # compiled: the same levels, in one pass
-                    if nan and self.scale is not None:
-                        raise SerdeError("qsgd: the update holds NaN")
-                    yield lo, hi, level[:m], negative[:m]
-                    continue
-                t = np.abs(x[lo:hi], out=buf[:m])
-                if self.scale is not None:
-                    if np.isnan(t).any():
-                        raise SerdeError("qsgd: the update holds NaN")
-                    np.minimum(t, cap[m], out=t)  # Inf goes to the scale
-                scale_into(t, inv, blocks, lo)
-                t += uniform16(rng.bit_generator, m, uniform)  # floor(y + u): up w.p. frac(y)
-                np.minimum(t, top[m], out=t)  # y <= top up to rounding: never top + 1
-                np.copyto(level[:m], t, casting="unsafe")  # truncation: floor, as t >= 0
-                yield lo, hi, level[:m], np.less(x[lo:hi], 0, out=negative[:m])
+                nan = qsgd_round(x[lo:hi], inv, blocks, lo, rng.bit_generator, self.levels,
+                                 cap, level[:m], negative[:m], scratch)  # fmt: skip
+                if nan:
+                    raise SerdeError("qsgd: the update holds NaN")
+                yield lo, hi, level[:m], negative[:m]
 
         return scales, levels()
 
@@ -470,9 +452,9 @@ class EDEN(Codec):
                     )
                 else:
                     v = r
-                chosen: NDArray | None = None
+                chosen: NDArray | None = None  # compiled: each one's centroid too
                 if cells_into(v.reshape(-1), boundaries, centroids, code[:m], scratch[:m]):
-                    c, chosen = code[:m], scratch[:m]  # compiled: each one's centroid too
+                    c, chosen = code[:m], scratch[:m]
                 else:
                     c = _cells(v.reshape(-1), boundaries, code[:m], flag[:m], scratch[:m])
             if sparse:
@@ -481,10 +463,11 @@ class EDEN(Codec):
                 packed = _packed(codes, self.bits, lo, hi)
                 packed[...] = _bits.pack(c, self.bits)
             if self.bits > 1:
-                if chosen is None and not sparse and self.bits in _bits.BYTE_WIDTHS and m % 8 == 0:
-                    chosen = _bits.lookup(packed, _centroid_table(self.bits), scratch[:m])
-                elif chosen is None:
-                    chosen = np.take(centroids, c, out=scratch[:m], mode="wrap")
+                if chosen is None:  # numpy: from the packed bytes where whole, else gathered
+                    if not sparse and self.bits in _bits.BYTE_WIDTHS and m % 8 == 0:
+                        chosen = _bits.lookup(packed, _centroid_table(self.bits), scratch[:m])
+                    else:
+                        chosen = np.take(centroids, c, out=scratch[:m], mode="wrap")
                 dots = _rowdots(v.reshape(grid.shape), chosen.reshape(grid.shape))
                 scale = np.divide(norms2 * unit, dots, out=np.zeros_like(norms2), where=dots > 0)
             b0 = lo // self.block
