@@ -35,7 +35,8 @@ from fedhive.server.engine import Engine
 from fedhive.server.history import History
 from fedhive.server.strategy import FedAvg
 from fedhive.transport import bulk
-from fedhive.transport.bulk import DOWNLOAD, MAGIC, UPLOAD, DataLink, Refused
+from fedhive.transport.bulk import DOWNLOAD, MAGIC, UPLOAD, Refused
+from fedhive.transport.data_link import DataLink
 from fedhive.transport.frames import BufferPool
 from fedhive.transport.grpc_client import ClientSecurity, ClientSession
 from fedhive.transport.grpc_server import GrpcServer, ServerSecurity

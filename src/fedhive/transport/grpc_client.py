@@ -19,8 +19,8 @@ import grpc.aio
 
 from fedhive.common.errors import AuthenticationError, SerdeError, TransportError
 from fedhive.common.message import Message
-from fedhive.transport.bulk import DataLink
 from fedhive.transport.codec import decode_wire, encode_wire
+from fedhive.transport.data_link import DataLink
 from fedhive.transport.frames import DEFAULT_CHUNK_BYTES, PROTOCOL_VERSION, Assembler, BufferPool
 from fedhive.transport.proto.fleet_pb2 import Frame
 from fedhive.transport.wire import (
